@@ -1,0 +1,124 @@
+"""TorchServe entry point for every Kiln model.
+
+The batch contract: handle() gets one entry per request in TorchServe's batch and returns
+exactly one JSON answer per request, in the same order. A bad request gets its own 400 and
+never spoils its neighbours; a model failure answers 500 and the worker lives on.
+
+TorchServe requires exactly one class in this file; the helpers sit beside it in the model
+folder and are imported by their flat names.
+"""
+
+import json
+import logging
+import os
+
+import kiln_backends
+import kiln_codecs
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# The `handler:` section of the archive's model-config.yaml, with its defaults.
+HANDLER_OPTIONS = {"top_k": 3, "intra_op_threads": 1, "require_gpu": False}
+SIGNATURE_FILE = "signature.json"
+JSON_CONTENT_TYPE = "application/json"
+# Reason phrases stay fixed: they go into the HTTP status line, where text taken from a
+# request (a feature name, say) does not belong. The details are in the JSON body.
+PHRASES = {400: "Bad Request", 500: "Internal Server Error"}
+
+
+def read_handler_options(model_yaml_config):
+    """The handler options from model-config.yaml; a typo fails the model load, loudly."""
+    given = (model_yaml_config or {}).get("handler") or {}
+    unknown = sorted(set(given) - set(HANDLER_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown handler option(s) {unknown} in model-config.yaml; "
+            f"known: {sorted(HANDLER_OPTIONS)}"
+        )
+    options = {**HANDLER_OPTIONS, **given}
+    for key in ("top_k", "intra_op_threads"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"handler.{key} must be a whole number >= 1, got {value!r}")
+    if not isinstance(options["require_gpu"], bool):
+        raise ValueError(
+            f"handler.require_gpu must be true or false, got {options['require_gpu']!r}"
+        )
+    return options
+
+
+def _error(context, idx, code, message):
+    context.set_response_status(code, PHRASES[code], idx)
+    return json.dumps(kiln_codecs.error_body(message, code))
+
+
+class KilnHandler:
+    """Decode each request, score all good ones in one model call, encode each answer."""
+
+    def __init__(self):
+        self.signature = None
+        self.backend = None
+        self.top_k = HANDLER_OPTIONS["top_k"]
+        self.initialized = False
+
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = properties["model_dir"]
+        gpu_id = properties.get("gpu_id")
+        self.signature = kiln_codecs.load_signature(os.path.join(model_dir, SIGNATURE_FILE))
+        options = read_handler_options(context.model_yaml_config)
+        self.top_k = options["top_k"]
+        serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
+        self.backend = kiln_backends.load_backend(
+            serialized,
+            gpu_id=gpu_id,
+            intra_op_threads=options["intra_op_threads"],
+            require_gpu=options["require_gpu"],
+        )
+        logger.info(
+            "model %s (%s -> %s) loaded: %s",
+            context.model_name,
+            self.signature["input"]["kind"],
+            self.signature["output"]["kind"],
+            self.backend.description,
+        )
+        self.initialized = True
+
+    def handle(self, data, context):
+        answers = [None] * len(data)
+        good, rows = [], []
+        for idx, request in enumerate(data):
+            context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+            try:
+                body = kiln_codecs.request_body(request)
+                rows.append(kiln_codecs.decode_request(body, self.signature))
+                good.append(idx)
+            except kiln_codecs.BadInput as err:
+                logger.info("request %d rejected: %s", idx, err)
+                answers[idx] = _error(context, idx, 400, str(err))
+            except Exception:  # a decoding bug must cost one request, not the batch
+                logger.exception("request %d: unexpected decoding failure", idx)
+                answers[idx] = _error(context, idx, 500, "the request could not be decoded")
+        if good:
+            self._score(np.stack(rows), good, answers, context)
+        return answers
+
+    def _score(self, batch, good, answers, context):
+        """Runs the model once on the batch and fills in the answers at the `good` indices."""
+        try:
+            probabilities = self.backend.run(batch)
+            if len(probabilities) != len(good):
+                raise ValueError(f"model returned {len(probabilities)} rows for {len(good)}")
+        except Exception:  # the worker must answer every request and survive
+            logger.exception("model call failed on a batch of %d", len(good))
+            for idx in good:
+                answers[idx] = _error(context, idx, 500, "the model failed on this batch")
+            return
+        for idx, row in zip(good, probabilities):
+            try:
+                answer = kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
+                answers[idx] = json.dumps(answer, allow_nan=False)
+            except ValueError as err:
+                logger.error("request %d: %s", idx, err)
+                answers[idx] = _error(context, idx, 500, "the model returned an invalid output")
