@@ -30,6 +30,8 @@ PHRASES = {400: "Bad Request", 500: "Internal Server Error"}
 def read_handler_options(model_yaml_config):
     """The handler options from model-config.yaml; a typo fails the model load, loudly."""
     given = (model_yaml_config or {}).get("handler") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"handler in model-config.yaml must be a mapping, got {given!r}")
     unknown = sorted(set(given) - set(HANDLER_OPTIONS))
     if unknown:
         raise ValueError(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln.console import setup_logging
 from training import data, registry
 from training.train import ARTIFACTS, git_sha, prepare
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln export", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         export(args.name, args.artifacts)
     except ParityError as err:

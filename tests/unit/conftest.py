@@ -1,8 +1,12 @@
 """Signatures and tiny fixed-weight models, exported the way `kiln export` exports."""
 
+import io
 import json
+import warnings
 
+import numpy as np
 import pytest
+from PIL import Image
 
 MEASURES = [
     "radius", "texture", "perimeter", "area", "smoothness",
@@ -52,6 +56,23 @@ def features_signature():
     return features_signature_dict()
 
 
+@pytest.fixture
+def feature_row(features_signature):
+    """Feature i is 2i + 1; with mean i and std 1 + 0.5i it standardises to (i + 1)/(1 + 0.5i)."""
+    names = features_signature["preprocess"]["feature_names"]
+    return {name: 2.0 * i + 1.0 for i, name in enumerate(names)}
+
+
+@pytest.fixture
+def light_square_png():
+    """A 28x28 light-on-dark 20x20 blob, off centre: framing must move it to rows/cols 4..23."""
+    pixels = np.zeros((28, 28), dtype=np.uint8)
+    pixels[1:21, 6:26] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _tiny_image_model(torch):
     linear = torch.nn.Linear(32 * 32, 10)
     with torch.no_grad():
@@ -74,17 +95,20 @@ def _export_model_dir(directory, model, example, signature):
     import torch
 
     directory.mkdir()
-    torch.onnx.export(
-        model,
-        (example,),
-        str(directory / "model.onnx"),
-        dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        input_names=["input"],
-        output_names=["probabilities"],
-        external_data=False,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # torch.export's own deprecation noise (LeafSpec), not something these tests can fix.
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(directory / "model.onnx"),
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            input_names=["input"],
+            output_names=["probabilities"],
+            external_data=False,
+            verbose=False,
+        )
     torch.jit.script(model).save(str(directory / "model.pt"))
     (directory / "signature.json").write_text(json.dumps(signature))
     return directory

@@ -19,13 +19,6 @@ def encode_image(img, fmt="PNG", **options):
     return buffer.getvalue()
 
 
-def light_square_png():
-    """A 28x28 light-on-dark 20x20 blob, off centre: framing must move it to rows/cols 4..23."""
-    pixels = np.zeros((28, 28), dtype=np.uint8)
-    pixels[1:21, 6:26] = 255
-    return encode_image(Image.fromarray(pixels))
-
-
 def framed_square():
     expected = np.zeros((28, 28))
     expected[4:24, 4:24] = 1.0
@@ -70,18 +63,11 @@ def with_pixel(row, col, value):
     return grid
 
 
-@pytest.fixture
-def feature_row(features_signature):
-    """Feature i is 2i + 1; with mean i and std 1 + 0.5i it standardises to (i + 1)/(1 + 0.5i)."""
-    names = features_signature["preprocess"]["feature_names"]
-    return {name: 2.0 * i + 1.0 for i, name in enumerate(names)}
-
-
 # --- images ----------------------------------------------------------------------------
 
 
-def test_light_digit_is_cropped_and_centred_exactly():
-    grey = kiln_codecs.grey_from_image_bytes(light_square_png())
+def test_light_digit_is_cropped_and_centred_exactly(light_square_png):
+    grey = kiln_codecs.grey_from_image_bytes(light_square_png)
     framed = kiln_codecs.frame_like_mnist(grey, [28, 28])
     np.testing.assert_array_equal(framed, framed_square())
 
@@ -123,8 +109,8 @@ def test_blank_image_becomes_plain_background(colour, image_signature):
     np.testing.assert_array_equal(x, np.full((1, 32, 32), BACKGROUND, dtype=np.float32))
 
 
-def test_image_request_is_padded_and_standardised(image_signature):
-    x = kiln_codecs.decode_request(light_square_png(), image_signature)
+def test_image_request_is_padded_and_standardised(light_square_png, image_signature):
+    x = kiln_codecs.decode_request(light_square_png, image_signature)
     expected = np.full((1, 32, 32), BACKGROUND, dtype=np.float32)
     expected[0, 6:26, 6:26] = FULL_INK  # rows/cols 4..23 of the frame, plus the pad of 2
     assert x.dtype == np.float32
@@ -340,7 +326,11 @@ FEATURES_BAD_INPUTS = [
         lambda row: [[1]] + [1.0] * 29,
         "value for 'mean radius' is an array, not a number: [1]",
     ),
-    ("image", lambda row: light_square_png(), "this model takes features, not an image"),
+    (
+        "image",
+        lambda row: kiln_codecs.PNG_MAGIC + b"the rest of a PNG",
+        "this model takes features, not an image",
+    ),
     (
         "text",
         lambda row: "5",

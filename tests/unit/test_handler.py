@@ -1,4 +1,3 @@
-import io
 import json
 import shutil
 
@@ -8,7 +7,6 @@ import kiln_handler
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
@@ -50,22 +48,8 @@ def serve(handler, context, requests):
     return handler.handle(requests, context)
 
 
-def light_square_png():
-    pixels = np.zeros((28, 28), dtype=np.uint8)
-    pixels[1:21, 6:26] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def diagonal_pixels():
     return [[255 if row == col else 0 for col in range(28)] for row in range(28)]
-
-
-@pytest.fixture
-def feature_row(features_signature):
-    names = features_signature["preprocess"]["feature_names"]
-    return {name: 2.0 * i + 1.0 for i, name in enumerate(names)}
 
 
 def direct_answers(backend, signature, bodies, top_k=3):
@@ -80,17 +64,23 @@ def test_handler_file_defines_exactly_one_class():
     assert [cls.__name__ for cls in classes] == ["KilnHandler"]
 
 
-def test_image_batch_answers_each_request_in_order(image_model_dir, image_signature):
+def test_image_batch_answers_each_request_in_order(
+    image_model_dir, image_signature, light_square_png
+):
     context = make_context(image_model_dir, "model.onnx")
     handler = loaded_handler(context)
-    requests = [{"body": light_square_png()}, {"body": b""}, {"data": diagonal_pixels()}]
+    requests = [{"body": light_square_png}, {"body": b""}, {"data": diagonal_pixels()}]
 
     answers = serve(handler, context, requests)
 
     backend = kiln_backends.load_backend(str(image_model_dir / "model.onnx"))
-    good = direct_answers(backend, image_signature, [light_square_png(), diagonal_pixels()])
+    good = direct_answers(backend, image_signature, [light_square_png, diagonal_pixels()])
     assert len(answers) == 3
-    assert [json.loads(a) for a in answers] == [good[0], {"error": "empty body", "code": 400}, good[1]]
+    assert [json.loads(a) for a in answers] == [
+        good[0],
+        {"error": "empty body", "code": 400},
+        good[1],
+    ]
     assert good[0] != good[1]
     assert [context.get_response_status(i) for i in range(3)] == [
         (200, None),
@@ -205,8 +195,12 @@ def test_handler_options_default(config):
         ),
         ({"top_k": 0}, "handler.top_k must be a whole number >= 1, got 0"),
         ({"top_k": True}, "handler.top_k must be a whole number >= 1, got True"),
-        ({"intra_op_threads": "2"}, "handler.intra_op_threads must be a whole number >= 1, got '2'"),
+        (
+            {"intra_op_threads": "2"},
+            "handler.intra_op_threads must be a whole number >= 1, got '2'",
+        ),
         ({"require_gpu": "yes"}, "handler.require_gpu must be true or false, got 'yes'"),
+        (["top_k"], "handler in model-config.yaml must be a mapping, got ['top_k']"),
     ],
 )
 def test_bad_handler_options_fail_the_model_load(handler_config, message, image_model_dir):

@@ -1,0 +1,1 @@
+"""TorchServe configuration and the logic that starts, waits for and stops it."""

@@ -1,0 +1,1 @@
+"""Kiln: from a PyTorch training script to a fast, observable TorchServe endpoint."""

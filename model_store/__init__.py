@@ -1,0 +1,1 @@
+"""Builds TorchServe model archives; the built .mar files live here too (git-ignored)."""

@@ -1,0 +1,171 @@
+"""Build model_store/NAME.mar: `kiln archive NAME` or `python -m model_store.archive NAME`.
+
+The archive is self-describing: Kiln's handler and its helper modules, the model file (the
+same one training imports), the exported graph, signature.json, index_to_name.json and a
+model-config.yaml with the worker and batching settings. It is built only from an export
+that passed the parity gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from kiln.console import setup_logging
+from training import registry
+from training.export import FORMS, MAX_ABS_DIFF
+from training.train import ARTIFACTS, REPO_ROOT
+
+log = logging.getLogger("kiln.archive")
+
+STORE = REPO_ROOT / "model_store"
+HANDLERS = REPO_ROOT / "handlers"
+HANDLER_FILE = HANDLERS / "kiln_handler.py"
+# Imported by flat name from the model's folder inside the worker.
+HANDLER_MODULES = [HANDLERS / "kiln_codecs.py", HANDLERS / "kiln_backends.py"]
+ARCHIVE_VERSION = "1.0"
+
+
+@dataclass
+class ServingConfig:
+    """What goes into the archive's model-config.yaml (TorchServe's per-model settings)."""
+
+    workers: int = 1
+    batch_size: int = 1
+    max_batch_delay_ms: int = 5
+    response_timeout_s: int = 30
+    top_k: int = 3
+    intra_op_threads: int = 1
+
+    def model_config(self) -> dict:
+        return {
+            "minWorkers": self.workers,
+            "maxWorkers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+            "handler": {"top_k": self.top_k, "intra_op_threads": self.intra_op_threads},
+        }
+
+
+class ArchiveError(RuntimeError):
+    pass
+
+
+def check_parity(signature: dict, backend: str) -> None:
+    """Refuse an export whose parity figures are missing or outside the gate."""
+    figures = signature.get("parity", {}).get(backend)
+    if not figures:
+        raise ArchiveError(f"signature has no parity figures for {backend}: run kiln export")
+    if figures["max_abs_diff"] > MAX_ABS_DIFF or figures["top1_agreement"] != 1.0:
+        raise ArchiveError(f"{backend} export failed the parity gate: {figures}")
+
+
+def archive_inputs(name: str, artifacts: Path, backend: str) -> list[Path]:
+    """Every file the archive is built from (also what decides whether it is stale)."""
+    spec = registry.get(name)
+    return [artifacts / FORMS[backend], artifacts / "signature.json", spec.model_file,
+            HANDLER_FILE, *HANDLER_MODULES]
+
+
+def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
+          artifacts: Path | None = None, store: Path = STORE) -> Path:
+    spec = registry.get(name)
+    config = config or ServingConfig()
+    artifacts = artifacts or ARTIFACTS / name
+    missing = [p for p in archive_inputs(name, artifacts, backend) if not p.exists()]
+    if missing:
+        raise ArchiveError(f"missing {', '.join(map(str, missing))}: run kiln export {name}")
+    signature = json.loads((artifacts / "signature.json").read_text())
+    check_parity(signature, backend)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"kiln-{name}-") as tmp:
+        staging = Path(tmp)
+        labels = signature["output"]["labels"]
+        (staging / "index_to_name.json").write_text(
+            json.dumps({str(i): label for i, label in enumerate(labels)}, indent=2))
+        (staging / "model-config.yaml").write_text(
+            yaml.safe_dump(config.model_config(), sort_keys=False))
+        extra = [artifacts / "signature.json", staging / "index_to_name.json", *HANDLER_MODULES]
+        cmd = [
+            str(Path(sys.executable).with_name("torch-model-archiver")),
+            "--model-name", name,
+            "--version", ARCHIVE_VERSION,
+            "--model-file", str(spec.model_file),
+            "--serialized-file", str(artifacts / FORMS[backend]),
+            "--handler", str(HANDLER_FILE),
+            "--extra-files", ",".join(str(p) for p in extra),
+            "--config-file", str(staging / "model-config.yaml"),
+            "--export-path", str(staging),
+            "--force",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
+        target = store / f"{name}.mar"
+        # Replace atomically: a running TorchServe or a reader never sees half an archive.
+        shutil.move(str(staging / f"{name}.mar"), str(store / f".{name}.mar.tmp"))
+        (store / f".{name}.mar.tmp").replace(target)
+    log.info("%s archived (%s backend, %s) -> %s", name, backend,
+             ", ".join(f"{k}={v}" for k, v in asdict(config).items()), target)
+    return target
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServingConfig()
+    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to archive")
+    parser.add_argument("--backend", choices=list(FORMS), default="onnx",
+                        help="exported form to serve: onnx (ONNX Runtime) or torchscript "
+                             "(default: onnx)")
+    parser.add_argument("--workers", type=int, default=d.workers,
+                        help=f"TorchServe workers for this model (default: {d.workers})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help=f"server-side batch size (default: {d.batch_size})")
+    parser.add_argument("--max-batch-delay", type=int, default=d.max_batch_delay_ms,
+                        help=f"ms to wait to fill a batch (default: {d.max_batch_delay_ms})")
+    parser.add_argument("--response-timeout", type=int, default=d.response_timeout_s,
+                        help=f"seconds before a worker is deemed stuck "
+                             f"(default: {d.response_timeout_s})")
+    parser.add_argument("--top-k", type=int, default=d.top_k,
+                        help=f"classes listed in a multi-class answer (default: {d.top_k})")
+    parser.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads,
+                        help=f"threads per worker inside the model (default: "
+                             f"{d.intra_op_threads})")
+    parser.add_argument("--artifacts", type=Path,
+                        help="folder with the exports (default: artifacts/NAME)")
+    parser.add_argument("--store", type=Path, default=STORE,
+                        help="where to write NAME.mar (default: model_store/)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServingConfig:
+    return ServingConfig(
+        workers=args.workers, batch_size=args.batch_size,
+        max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
+        top_k=args.top_k, intra_op_threads=args.intra_op_threads,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kiln archive", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        build(args.name, args.backend, config_from_args(args), args.artifacts, args.store)
+    except ArchiveError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
