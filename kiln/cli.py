@@ -1,0 +1,232 @@
+"""`kiln`: one thin command whose subcommands call into training/, model_store/ and deploy/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from deploy.server import HOST, Ports, Server, ServerError, ServerSettings
+from kiln import client as http
+from kiln.console import setup_logging
+from model_store import archive
+from training import export, registry, train
+
+log = logging.getLogger("kiln")
+RUN_DIR = train.REPO_ROOT / "run"
+FIXTURES = train.REPO_ROOT / "tests" / "fixtures"
+EXAMPLES = {
+    "lenet": FIXTURES / "digits" / "7.png",
+    "mlp": FIXTURES / "digits" / "3.png",
+    "rnn": FIXTURES / "digits" / "5.png",
+    "binary": FIXTURES / "breast_cancer" / "benign.json",
+}
+
+
+# -- train / export / archive: thin wrappers over the modules' own entry points ----------------
+def cmd_train(args) -> int:
+    train.train(train.config_from_args(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        export.export(args.name, args.artifacts)
+    except export.ParityError as err:
+        log.error("%s: parity gate failed, nothing exported: %s", args.name, err)
+        return 1
+    return 0
+
+
+def cmd_archive(args) -> int:
+    try:
+        archive.build(args.name, args.backend, archive.config_from_args(args), args.artifacts,
+                      args.store)
+    except archive.ArchiveError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+# -- serve / stop / predict ------------------------------------------------------------------
+def _server(args, models: list[str] | None = None) -> Server:
+    ports = Ports(args.inference_port, args.management_port, args.metrics_port,
+                  args.grpc_inference_port, args.grpc_management_port)
+    saved = args.run_dir / "ports.json"
+    if models is None and saved.exists():  # stop/status talk to what serve started
+        ports = Ports(**json.loads(saved.read_text()))
+    return Server(ServerSettings(run_dir=args.run_dir, model_store=args.store,
+                                 models=models or list(registry.REGISTRY), ports=ports,
+                                 enable_model_api=getattr(args, "enable_model_api", False)))
+
+
+def how_to_call(server: Server) -> str:
+    keys = server.keys()
+    url = server.url("inference")
+    lines = [
+        f"TorchServe is serving {', '.join(server.settings.models)} on {HOST}",
+        f"  inference   {url}/predictions/NAME   (token required)",
+        f"  management  {server.url('management')}/models        (management token)",
+        f"  metrics     {server.url('metrics')}/metrics          (Prometheus)",
+        f"  tokens      {server.key_file}",
+        "",
+        "Try:",
+    ]
+    auth = f'-H "Authorization: Bearer {keys["inference"]}"'
+    for name in server.settings.models:
+        example = EXAMPLES.get(name)
+        if example is None:
+            continue
+        body, ctype = http.encode_file(example)
+        rel = example.relative_to(train.REPO_ROOT)
+        lines.append(f'  curl -s {auth} -H "Content-Type: {ctype}" '
+                     f"--data-binary @{rel} {url}/predictions/{name}")
+    lines += ["", f"  kiln predict lenet {EXAMPLES['lenet'].relative_to(train.REPO_ROOT)}",
+              "", "Stop it with: make stop   (or: kiln stop)"]
+    return "\n".join(lines)
+
+
+def cmd_serve(args) -> int:
+    from kiln.pipeline import ensure_built
+
+    models = [registry.get(m).name for m in args.models] or list(registry.REGISTRY)
+    server = _server(args, models)
+    if server.pid() is not None:
+        saved = Ports(**json.loads((args.run_dir / "ports.json").read_text()))
+        server = Server(ServerSettings(args.run_dir, args.store, models, saved))
+        log.info("TorchServe is already running from %s", args.run_dir)
+        print(how_to_call(server))
+        return 0
+    if not args.no_build:
+        for name in models:
+            ensure_built(name, args.backend, args.store)
+    try:
+        server.start()
+        server.wait_ready(args.timeout)
+    except ServerError as err:
+        log.error("%s", err)
+        server.stop()
+        return 1
+    print(how_to_call(server))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    server = _server(args)
+    if server.stop():
+        log.info("TorchServe stopped (%s)", args.run_dir)
+    else:
+        log.info("no TorchServe running from %s", args.run_dir)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    url = args.url
+    if url is None:
+        saved = args.run_dir / "ports.json"
+        port = json.loads(saved.read_text())["inference"] if saved.exists() else Ports.inference
+        url = f"http://{HOST}:{port}"
+    token = args.token or http.read_token(args.run_dir)
+    answer = http.Client(url, token, args.timeout).predict_file(args.name, args.file)
+    if args.json or not answer.ok:
+        print(json.dumps(answer.body, indent=2))
+    else:
+        print(describe(args.name, answer.body))
+    if not answer.ok:
+        log.error("HTTP %d", answer.status)
+        return 1
+    if args.expect is not None and answer.body.get("label") != args.expect:
+        log.error("expected %r, got %r", args.expect, answer.body.get("label"))
+        return 2
+    return 0
+
+
+def describe(name: str, body: dict) -> str:
+    line = f"{name}: {body['label']}  (p={body['probability']:.4f})"
+    if "top_k" in body:
+        line += "   top-k: " + ", ".join(
+            f"{t['label']} {t['probability']:.4f}" for t in body["top_k"])
+    return line
+
+
+# -- the parser ---------------------------------------------------------------------------------
+def _server_arguments(p: argparse.ArgumentParser) -> None:
+    d = Ports()
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                   help="folder for config, logs, tokens and pid (default: run/)")
+    p.add_argument("--store", type=Path, default=archive.STORE,
+                   help="model store with the .mar files (default: model_store/)")
+    for field, default in vars(d).items():
+        flag = "--" + field.replace("_", "-") + "-port"
+        what = field.replace("_", " ")
+        p.add_argument(flag, type=int, default=default,
+                       help=f"{what} port on {HOST} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model", description=train.__doc__)
+    train.add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export to TorchScript and ONNX with the parity gate",
+                       description=export.__doc__)
+    export.add_arguments(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("archive", help="build model_store/NAME.mar", description=archive.__doc__)
+    archive.add_arguments(p)
+    p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("serve", help="build what is missing and start TorchServe on 127.0.0.1",
+                       description="Train, export and archive what is missing or stale, start "
+                                   "TorchServe, wait until every model has a ready worker, "
+                                   "and print how to call it.")
+    p.add_argument("models", nargs="*", metavar="NAME",
+                   help=f"models to serve: {', '.join(registry.REGISTRY)} (default: all)")
+    p.add_argument("--backend", choices=list(export.FORMS), default="onnx",
+                   help="exported form to archive when building (default: onnx)")
+    p.add_argument("--no-build", action="store_true",
+                   help="serve the archives as they are, build nothing (default: build)")
+    p.add_argument("--enable-model-api", action="store_true",
+                   help="allow model registration through the management API (default: off)")
+    p.add_argument("--timeout", type=float, default=180,
+                   help="seconds to wait for every model to be ready (default: 180)")
+    _server_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stop", help="stop the TorchServe that kiln serve started")
+    _server_arguments(p)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("predict", help="send one file to a served model",
+                       description="Send one file (.png, .jpg or .json) to a served model and "
+                                   "print the answer; exit 1 on an HTTP error, 2 when --expect "
+                                   "does not match.")
+    p.add_argument("name", choices=list(registry.REGISTRY), help="model to ask")
+    p.add_argument("file", type=Path, help="a PNG/JPEG image or a JSON file")
+    p.add_argument("--url", help="inference base URL (default: from run/ports.json, or "
+                                 f"http://{HOST}:{Ports.inference})")
+    p.add_argument("--token", help="inference token (default: from run/key_file.json)")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                   help="where kiln serve keeps its tokens and ports (default: run/)")
+    p.add_argument("--expect", help="label the answer must have, else exit 2 (default: none)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--timeout", type=float, default=30, help="seconds (default: 30)")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The HTTP client that `kiln predict` (and later the batch jobs and load tests) share.
+
+The payload encoding lives here and only here: a file becomes a request body by its suffix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".json": "application/json",
+}
+
+
+def encode_file(path: Path) -> tuple[bytes, str]:
+    """(body, content type) for a file a user wants scored."""
+    content_type = CONTENT_TYPES.get(path.suffix.lower())
+    if content_type is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; "
+                         f"use one of {', '.join(CONTENT_TYPES)}")
+    return path.read_bytes(), content_type
+
+
+def encode_json(value) -> tuple[bytes, str]:
+    return json.dumps(value).encode(), "application/json"
+
+
+def read_token(run_dir: Path, kind: str = "inference") -> str | None:
+    """The token a local TorchServe wrote into its run folder, if any."""
+    try:
+        return json.loads((run_dir / "key_file.json").read_text())[kind]["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict | list | str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30,
+                 session: requests.Session | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.session = session or requests.Session()
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def predict(self, name: str, body: bytes, content_type: str) -> Answer:
+        r = self.session.post(f"{self.base_url}/predictions/{name}", data=body,
+                              headers=self._headers(content_type), timeout=self.timeout)
+        try:
+            payload = r.json()
+        except ValueError:
+            payload = r.text
+        return Answer(r.status_code, payload)
+
+    def predict_file(self, name: str, path: Path) -> Answer:
+        return self.predict(name, *encode_file(path))
+
+    def predict_json(self, name: str, value) -> Answer:
+        return self.predict(name, *encode_json(value))
