@@ -1,0 +1,34 @@
+# The usual verbs. Each one installs what is missing first (scripts/bootstrap.sh).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export VENV
+
+.PHONY: install serve stop test test-unit test-integration lint clean
+
+install:
+	@scripts/bootstrap.sh
+
+## Train, export and archive what is missing, start TorchServe on 127.0.0.1, print how to call it.
+serve: install
+	$(BIN)/kiln serve
+
+## Stop the TorchServe that `make serve` started.
+stop:
+	@if [ -x $(BIN)/kiln ]; then $(BIN)/kiln stop; else echo "nothing to stop"; fi
+
+## The whole suite: unit tests, then integration tests against a real TorchServe.
+test: install
+	$(BIN)/pytest -ra
+
+test-unit: install
+	$(BIN)/pytest -ra tests/unit
+
+test-integration: install
+	$(BIN)/pytest -ra tests/integration
+
+lint: install
+	$(BIN)/ruff check .
+
+## Remove what the build made (weights, exports, archives, run folder); keeps the venv.
+clean:
+	rm -rf artifacts runs run model_store/*.mar

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what is missing, and nothing else: a Java runtime for TorchServe, the virtual
+# environment, and the project with its CPU and test extras. Safe to run again: it only
+# reinstalls Python packages when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+EXTRAS="${KILN_EXTRAS:-cpu,test}"
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if ! command -v java >/dev/null 2>&1; then
+    echo "bootstrap: no java on PATH, installing openjdk-17-jre-headless" >&2
+    as_root apt-get update
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y openjdk-17-jre-headless
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+
+stamp="$VENV/.kiln-installed"
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16) $EXTRAS"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "bootstrap: installing kiln[$EXTRAS] into $VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
+    echo "$want" > "$stamp"
+fi
