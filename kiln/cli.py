@@ -11,12 +11,16 @@ from pathlib import Path
 from deploy.server import HOST, Ports, Server, ServerError, ServerSettings
 from kiln import client as http
 from kiln.console import setup_logging
-from model_store import archive
-from training import export, registry, train
+from model_store import STORE
+from training import registry
 
 log = logging.getLogger("kiln")
-RUN_DIR = train.REPO_ROOT / "run"
-FIXTURES = train.REPO_ROOT / "tests" / "fixtures"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = REPO_ROOT / "run"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+# Commands that need torch get their modules imported only when they run, so that
+# `kiln predict` and `kiln stop` answer in a fraction of a second.
+BUILD_COMMANDS = ("train", "export", "archive", "serve")
 EXAMPLES = {
     "lenet": FIXTURES / "digits" / "7.png",
     "mlp": FIXTURES / "digits" / "3.png",
@@ -27,11 +31,15 @@ EXAMPLES = {
 
 # -- train / export / archive: thin wrappers over the modules' own entry points ----------------
 def cmd_train(args) -> int:
+    from training import train
+
     train.train(train.config_from_args(args))
     return 0
 
 
 def cmd_export(args) -> int:
+    from training import export
+
     try:
         export.export(args.name, args.artifacts)
     except export.ParityError as err:
@@ -41,6 +49,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_archive(args) -> int:
+    from model_store import archive
+
     try:
         archive.build(args.name, args.backend, archive.config_from_args(args), args.artifacts,
                       args.store)
@@ -80,10 +90,10 @@ def how_to_call(server: Server) -> str:
         if example is None:
             continue
         body, ctype = http.encode_file(example)
-        rel = example.relative_to(train.REPO_ROOT)
+        rel = example.relative_to(REPO_ROOT)
         lines.append(f'  curl -s {auth} -H "Content-Type: {ctype}" '
                      f"--data-binary @{rel} {url}/predictions/{name}")
-    lines += ["", f"  kiln predict lenet {EXAMPLES['lenet'].relative_to(train.REPO_ROOT)}",
+    lines += ["", f"  kiln predict lenet {EXAMPLES['lenet'].relative_to(REPO_ROOT)}",
               "", "Stop it with: make stop   (or: kiln stop)"]
     return "\n".join(lines)
 
@@ -129,7 +139,17 @@ def cmd_predict(args) -> int:
         port = json.loads(saved.read_text())["inference"] if saved.exists() else Ports.inference
         url = f"http://{HOST}:{port}"
     token = args.token or http.read_token(args.run_dir)
-    answer = http.Client(url, token, args.timeout).predict_file(args.name, args.file)
+    try:
+        body, content_type = http.encode_file(args.file)
+    except (OSError, ValueError) as err:
+        log.error("%s", err)
+        return 1
+    try:
+        answer = http.Client(url, token, args.timeout).predict(args.name, body, content_type)
+    except OSError as err:  # requests' connection errors are OSErrors
+        log.error("cannot reach %s (%s): is TorchServe running? make serve starts it",
+                  url, err.__class__.__name__)
+        return 1
     if args.json or not answer.ok:
         print(json.dumps(answer.body, indent=2))
     else:
@@ -156,7 +176,7 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
     d = Ports()
     p.add_argument("--run-dir", type=Path, default=RUN_DIR,
                    help="folder for config, logs, tokens and pid (default: run/)")
-    p.add_argument("--store", type=Path, default=archive.STORE,
+    p.add_argument("--store", type=Path, default=STORE,
                    help="model store with the .mar files (default: model_store/)")
     for field, default in vars(d).items():
         flag = "--" + field.replace("_", "-") + "-port"
@@ -165,22 +185,41 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{what} port on {HOST} (default: {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; the torch-heavy subcommands get their flags only when `command` is
+    theirs (or None: all of them)."""
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model", description=train.__doc__)
-    train.add_arguments(p)
+    p = sub.add_parser("train", help="train a model",
+                       description="Train a model; writes artifacts/NAME/state_dict.pt, "
+                                   "meta.json and a checkpoint, logs to TensorBoard.")
+    if wanted("train"):
+        from training import train
+
+        train.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export to TorchScript and ONNX with the parity gate",
-                       description=export.__doc__)
-    export.add_arguments(p)
+                       description="Export to TorchScript and ONNX; fails unless both match "
+                                   "eager PyTorch on the test split.")
+    if wanted("export"):
+        from training import export
+
+        export.add_arguments(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("archive", help="build model_store/NAME.mar", description=archive.__doc__)
-    archive.add_arguments(p)
+    p = sub.add_parser("archive", help="build model_store/NAME.mar",
+                       description="Build model_store/NAME.mar with Kiln's handler, the "
+                                   "signature and a model-config.yaml.")
+    if wanted("archive"):
+        from model_store import archive
+
+        archive.add_arguments(p)
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("serve", help="build what is missing and start TorchServe on 127.0.0.1",
@@ -189,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and print how to call it.")
     p.add_argument("models", nargs="*", metavar="NAME",
                    help=f"models to serve: {', '.join(registry.REGISTRY)} (default: all)")
-    p.add_argument("--backend", choices=list(export.FORMS), default="onnx",
+    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
                    help="exported form to archive when building (default: onnx)")
     p.add_argument("--no-build", action="store_true",
                    help="serve the archives as they are, build nothing (default: build)")
@@ -200,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     _server_arguments(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("stop", help="stop the TorchServe that kiln serve started")
+    p = sub.add_parser("stop", help="stop the TorchServe that kiln serve started",
+                       description="Stop the TorchServe that kiln serve started.")
     _server_arguments(p)
     p.set_defaults(func=cmd_stop)
 
@@ -223,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in BUILD_COMMANDS else "").parse_args(argv)
     setup_logging(args.verbose)
     return args.func(args)
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import yaml
 
 from kiln.console import setup_logging
+from model_store import STORE
 from training import registry
 from training.export import FORMS, MAX_ABS_DIFF
 from training.train import ARTIFACTS, REPO_ROOT
 
 log = logging.getLogger("kiln.archive")
 
-STORE = REPO_ROOT / "model_store"
 HANDLERS = REPO_ROOT / "handlers"
 HANDLER_FILE = HANDLERS / "kiln_handler.py"
 # Imported by flat name from the model's folder inside the worker.

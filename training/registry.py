@@ -7,8 +7,6 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import nn
-
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -37,10 +35,10 @@ class ModelSpec:
     def model_file(self) -> Path:
         return MODELS_DIR / f"{self.name}.py"
 
-    def model_class(self) -> type[nn.Module]:
+    def model_class(self) -> type["torch.nn.Module"]:
         return model_class_of(f"training.models.{self.name}")
 
-    def build(self) -> nn.Module:
+    def build(self) -> "torch.nn.Module":
         return self.model_class()()
 
 
@@ -74,8 +72,10 @@ def get(name: str) -> ModelSpec:
         raise SystemExit(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-def model_class_of(module_name: str) -> type[nn.Module]:
+def model_class_of(module_name: str) -> type["torch.nn.Module"]:
     """The single class a model file defines (TorchServe's --model-file rule, enforced here too)."""
+    from torch import nn  # here, not at the top: `kiln predict` should not pay for torch
+
     module = importlib.import_module(module_name)
     classes = [
         obj for _, obj in inspect.getmembers(module, inspect.isclass)

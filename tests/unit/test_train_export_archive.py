@@ -1,0 +1,149 @@
+"""Training --dry-run, --resume, the export parity gate and the archive, on real (tiny) runs."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+import yaml
+
+from model_store import archive
+from training import export, registry, train
+
+
+def run_train(name, out, log_dir, *extra):
+    parser = train.argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args([name, "--out", str(out), "--log-dir", str(log_dir), *extra])
+    return train.train(train.config_from_args(args))
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """A one-batch model each for an image and a features model: fixed weights (seed 0)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    for name in ("lenet", "binary"):
+        run_train(name, root / name, root / "runs", "--dry-run")
+    return root
+
+
+@pytest.mark.parametrize("name", ["lenet", "binary"])
+def test_dry_run_writes_loadable_weights_and_meta(dry_runs, name):
+    state = torch.load(dry_runs / name / "state_dict.pt", weights_only=True)
+    model = registry.get(name).build()
+    model.load_state_dict(state)  # strict: every key, every shape
+    meta = json.loads((dry_runs / name / "meta.json").read_text())
+    assert meta["name"] == name and meta["seed"] == 0
+    assert meta["hyperparameters"]["dry_run"] is True
+    assert len(meta["history"]) == 1
+    assert 0.0 <= meta["metrics"]["test_accuracy"] <= 1.0
+    assert meta["split_sizes"]["test"] == (1000 if name == "lenet" else 114)
+    assert list((dry_runs / "runs" / name).iterdir())  # TensorBoard wrote an event folder
+
+
+def test_training_is_reproducible_with_a_seed(tmp_path):
+    a = run_train("binary", tmp_path / "a", tmp_path / "runs", "--epochs", "2")
+    b = run_train("binary", tmp_path / "b", tmp_path / "runs", "--epochs", "2")
+    sa = torch.load(tmp_path / "a" / "state_dict.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "state_dict.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    flags = ["--epochs", "4", "--optimizer", "sgd", "--lr", "0.01"]
+    straight = run_train("binary", tmp_path / "straight", tmp_path / "runs", *flags)
+
+    real_save = torch.save
+
+    def save_then_crash_after_epoch_2(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if str(path).endswith("checkpoint.pt") and obj["epoch"] == 2:
+            raise KeyboardInterrupt  # the run dies right after its epoch-2 checkpoint
+
+    monkeypatch.setattr(train.torch, "save", save_then_crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train("binary", tmp_path / "crashed", tmp_path / "runs", *flags)
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert not (tmp_path / "crashed" / "state_dict.pt").exists()
+
+    resumed = run_train("binary", tmp_path / "crashed", tmp_path / "runs", *flags, "--resume")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    a = torch.load(tmp_path / "straight" / "state_dict.pt", weights_only=True)
+    b = torch.load(tmp_path / "crashed" / "state_dict.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed["metrics"]["test_accuracy"] == straight["metrics"]["test_accuracy"]
+
+
+@pytest.mark.parametrize("name", ["lenet", "binary"])
+def test_export_passes_parity_and_writes_the_signature(dry_runs, name):
+    sig = export.export(name, dry_runs / name)
+    spec = registry.get(name)
+    assert sig["input"] == {"name": "input", "dtype": "float32",
+                            "shape": [-1, *spec.input_shape],
+                            "kind": "image" if name == "lenet" else "features"}
+    assert sig["output"]["kind"] == spec.output_kind
+    for form in ("onnx", "torchscript"):
+        p = sig["parity"][form]
+        assert p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
+        assert p["samples"] == (1000 if name == "lenet" else 114)
+    assert (dry_runs / name / "model.onnx").stat().st_size > 0
+    assert not (dry_runs / name / "model.onnx.data").exists()  # weights inside the file
+    assert json.loads((dry_runs / name / "signature.json").read_text()) == sig
+
+
+def test_parity_gate_refuses_a_drifting_export(dry_runs, monkeypatch, tmp_path):
+    folder = tmp_path / "binary"
+    folder.mkdir()
+    for f in ("state_dict.pt", "meta.json"):
+        (folder / f).write_bytes((dry_runs / "binary" / f).read_bytes())
+    real = export.run_onnx
+    monkeypatch.setattr(export, "run_onnx", lambda path, x: real(path, x) + 2e-4)
+    with pytest.raises(export.ParityError, match=r"onnx: max \|diff\| 0\.0002"):
+        export.export("binary", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "state_dict.pt"]
+
+
+def test_compare_reports_exact_figures():
+    spec = registry.get("lenet")
+    ref = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).numpy()
+    cand = torch.tensor([[0.4, 0.6], [0.2, 0.8]]).numpy()
+    p = export.compare(spec, ref, cand)
+    assert (p.max_abs_diff, p.top1_agreement, p.samples) == (pytest.approx(0.5), 0.5, 2)
+    assert not p.passed
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_archive_is_self_describing(dry_runs, tmp_path, backend):
+    export.export("binary", dry_runs / "binary")
+    cfg = archive.ServingConfig(workers=2, batch_size=4, max_batch_delay_ms=7, top_k=2)
+    mar = archive.build("binary", backend, cfg, dry_runs / "binary", tmp_path)
+    assert mar == tmp_path / "binary.mar"
+    with zipfile.ZipFile(mar) as z:
+        names = set(z.namelist())
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        labels = json.loads(z.read("index_to_name.json"))
+    serialized = export.FORMS[backend]
+    assert {"kiln_handler.py", "kiln_codecs.py", "kiln_backends.py", "signature.json",
+            "binary.py", serialized, "model-config.yaml", "index_to_name.json"} <= names
+    assert manifest["model"]["serializedFile"] == serialized
+    assert manifest["model"]["handler"] == "kiln_handler.py"
+    assert manifest["model"]["modelFile"] == "binary.py"
+    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 7,
+                      "responseTimeout": 30, "handler": {"top_k": 2, "intra_op_threads": 1}}
+    assert labels == {"0": "malignant", "1": "benign"}
+
+
+def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
+    folder = tmp_path / "binary"
+    folder.mkdir()
+    for f in ("model.onnx", "signature.json"):
+        (folder / f).write_bytes((dry_runs / "binary" / f).read_bytes())
+    export.export("binary", dry_runs / "binary")
+    sig = json.loads((dry_runs / "binary" / "signature.json").read_text())
+    sig["parity"]["onnx"]["top1_agreement"] = 0.99
+    (folder / "signature.json").write_text(json.dumps(sig))
+    with pytest.raises(archive.ArchiveError, match="failed the parity gate"):
+        archive.build("binary", "onnx", artifacts=folder, store=tmp_path / "store")
+    assert not (tmp_path / "store" / "binary.mar").exists()
