@@ -16,8 +16,9 @@ serve: install
 stop:
 	@if [ -x $(BIN)/kiln ]; then $(BIN)/kiln stop; else echo "nothing to stop"; fi
 
-## The whole suite: unit tests, then integration tests against a real TorchServe.
+## The whole suite: lint, unit tests, then integration tests against a real TorchServe.
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/pytest -ra
 
 test-unit: install

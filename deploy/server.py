@@ -36,7 +36,7 @@ class Ports:
     grpc_management: int = 7071
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         """Five ports the OS says are free now (for tests and side-by-side servers)."""
         sockets = []
         try:

@@ -336,7 +336,7 @@ def features_from_json(value, signature):
             f"{len(names)} numbers, got {_json_type(value)}"
         )
     return np.array(
-        [finite_number(v, f"value for '{name}'") for name, v in zip(names, values)],
+        [finite_number(v, f"value for '{name}'") for name, v in zip(names, values, strict=False)],
         dtype=np.float64,
     )
 

@@ -117,7 +117,7 @@ class KilnHandler:
             for idx in good:
                 answers[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
-        for idx, row in zip(good, probabilities):
+        for idx, row in zip(good, probabilities, strict=False):
             try:
                 answer = kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
                 answers[idx] = json.dumps(answer, allow_nan=False)

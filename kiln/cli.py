@@ -89,7 +89,7 @@ def how_to_call(server: Server) -> str:
         example = EXAMPLES.get(name)
         if example is None:
             continue
-        body, ctype = http.encode_file(example)
+        ctype = http.CONTENT_TYPES[example.suffix]
         rel = example.relative_to(REPO_ROOT)
         lines.append(f'  curl -s {auth} -H "Content-Type: {ctype}" '
                      f"--data-binary @{rel} {url}/predictions/{name}")

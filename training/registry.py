@@ -1,4 +1,4 @@
-"""The one list of Kiln's models: a name here is the name of its model file, archive and endpoint."""
+"""The one list of Kiln's models: a name here names its model file, archive and endpoint."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -35,10 +39,10 @@ class ModelSpec:
     def model_file(self) -> Path:
         return MODELS_DIR / f"{self.name}.py"
 
-    def model_class(self) -> type["torch.nn.Module"]:
+    def model_class(self) -> type[torch.nn.Module]:
         return model_class_of(f"training.models.{self.name}")
 
-    def build(self) -> "torch.nn.Module":
+    def build(self) -> torch.nn.Module:
         return self.model_class()()
 
 
@@ -72,7 +76,7 @@ def get(name: str) -> ModelSpec:
         raise SystemExit(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-def model_class_of(module_name: str) -> type["torch.nn.Module"]:
+def model_class_of(module_name: str) -> type[torch.nn.Module]:
     """The single class a model file defines (TorchServe's --model-file rule, enforced here too)."""
     from torch import nn  # here, not at the top: `kiln predict` should not pay for torch
 

@@ -71,12 +71,12 @@ def prepare(spec: registry.ModelSpec, ds: data.Dataset):
     if spec.dataset == "mnist":
         mean, std = data.image_stats(ds.train)
         pre = {"image_size": [28, 28], "pad": spec.pad, "pixel_max": 255, "mean": mean, "std": std}
-        to_tensor = lambda x: data.image_tensor(x, spec.pad, mean, std)  # noqa: E731
+        to_tensor = lambda x: data.image_tensor(x, spec.pad, mean, std)
         background = (0.0 - mean) / std
     else:
         mean_v, std_v = data.feature_stats(ds.train)
         pre = {"feature_names": ds.feature_names, "mean": mean_v, "std": std_v}
-        to_tensor = lambda x: data.feature_tensor(x, mean_v, std_v)  # noqa: E731
+        to_tensor = lambda x: data.feature_tensor(x, mean_v, std_v)
         background = None
     splits = {
         part: (to_tensor(getattr(ds, part).x), torch.from_numpy(getattr(ds, part).y))
@@ -157,7 +157,7 @@ def train(cfg: TrainConfig) -> dict:
     augment = None
     if cfg.augment and background is not None:
         aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        augment = lambda x: data.random_affine(x, aug_gen, background)  # noqa: E731
+        augment = lambda x: data.random_affine(x, aug_gen, background)
 
     model = spec.build().to(device)
     optimizer = make_optimizer(cfg, model.parameters())

@@ -33,8 +33,8 @@ def test_dark_digit_on_paper_photo_is_classified(client, model):
 
 @pytest.mark.parametrize("model", IMAGE_MODELS)
 def test_json_pixel_array_gives_the_same_answer_as_the_png(client, model):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     pixels = np.asarray(Image.open(FIXTURES / "digits" / "4.png")).tolist()
     answer = client.predict_json(model, pixels)

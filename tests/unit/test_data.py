@@ -16,7 +16,7 @@ def test_split_sizes_are_fixed_and_disjoint(name, sizes):
     assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
     assert len(set(train) | set(val) | set(test)) == len(y)
     again = data.split_indices(y)
-    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=False))
 
 
 def test_mnist_test_split_is_stratified():

@@ -50,7 +50,8 @@ def test_mlp_and_binary_layer_sizes():
     mlp = {k: tuple(v.shape) for k, v in registry.get("mlp").build().state_dict().items()}
     assert mlp["fc1.weight"] == (128, 784) and mlp["fc2.weight"] == (10, 128)
     binary = registry.get("binary").build()
-    assert [tuple(v.shape) for v in binary.state_dict().values()] == [(16, 30), (16,), (1, 16), (1,)]
+    shapes = [tuple(v.shape) for v in binary.state_dict().values()]
+    assert shapes == [(16, 30), (16,), (1, 16), (1,)]
     out = binary(torch.randn(5, 30))
     assert bool(((out > 0) & (out < 1)).all())  # a sigmoid output, not logits
 
