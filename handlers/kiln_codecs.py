@@ -4,6 +4,8 @@ Pure functions over numpy, PIL and json: no TorchServe, no torch. The contract t
 implement is docs/signature.md.
 """
 
+import base64
+import binascii
 import io
 import json
 import logging
@@ -16,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+NPY_MAGIC = b"\x93NUMPY"
+# One request may carry several inputs; past this many, a client should send a batch job.
+MAX_INSTANCES = 512
 # Checked from the header, before any pixel is decoded: a 30 kB PNG can declare a
 # gigapixel image, and decoding it would take the worker's memory.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -141,8 +146,65 @@ def parse_json_text(text):
 
 
 def decode_request(body, signature):
-    """Turns one request body into a float32 array of input.shape without the batch dim."""
+    """Turns one single-input request body into a float32 array of input.shape[1:]."""
     kind, value = sniff_body(body)
+    return _decode_one(kind, value, signature)
+
+
+def decode_instances(body, signature):
+    """One request body as (rows, many): float32 [n, *input.shape[1:]], and whether the
+    client sent several inputs (then it gets a list of answers back, in order).
+
+    Several inputs come as {"instances": [...]}, as a JSON list of feature rows or of pixel
+    arrays, or as one .npy array with a leading batch dimension.
+    """
+    if isinstance(body, (bytes, bytearray)) and bytes(body[:6]) == NPY_MAGIC:
+        return decode_npy(bytes(body), signature)
+    kind, value = sniff_body(body)
+    items = _instances(value, signature) if kind == "json" else None
+    if items is None:
+        return _decode_one(kind, value, signature)[np.newaxis], False
+    if not items:
+        raise BadInput("no instances to score: the list is empty")
+    if len(items) > MAX_INSTANCES:
+        raise BadInput(f"{len(items)} instances in one request, more than {MAX_INSTANCES}")
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            rows.append(_decode_one(*_instance_kind(item), signature))
+        except BadInput as err:
+            raise BadInput(f"instance {i}: {err}") from None
+    return np.stack(rows), True
+
+
+def _instances(value, signature):
+    """The list of inputs in a multi-input JSON body, or None for a single input."""
+    if isinstance(value, dict) and list(value) == ["instances"]:
+        items = value["instances"]
+        if not isinstance(items, list):
+            raise BadInput(f'"instances" must be an array, got {_json_type(items)}')
+        return items
+    if not isinstance(value, list) or not value:
+        return None
+    if signature["input"]["kind"] == "features":
+        nested = isinstance(value[0], (list, dict))
+    else:  # one image is [H][W]; a list of images is three levels deep
+        nested = isinstance(value[0], list) and bool(value[0]) and isinstance(value[0][0], list)
+    return value if nested else None
+
+
+def _instance_kind(item):
+    """An instance is JSON, or an encoded image as {"b64": "<base64 PNG/JPEG>"}."""
+    if isinstance(item, dict) and list(item) == ["b64"]:
+        try:
+            raw = base64.b64decode(item["b64"], validate=True)
+        except (TypeError, ValueError, binascii.Error):
+            raise BadInput('"b64" is not valid base64') from None
+        return sniff_body(raw)
+    return "json", item
+
+
+def _decode_one(kind, value, signature):
     if signature["input"]["kind"] == "features":
         if kind == "image":
             raise BadInput("this model takes features, not an image")
@@ -153,6 +215,51 @@ def decode_request(body, signature):
     else:
         grey = pixels_from_json(value, pre["image_size"], pre["pixel_max"]) / pre["pixel_max"]
     return standardise_image(grey, signature)
+
+
+def decode_npy(raw, signature):
+    """A .npy body (no pickles): raw pixel values or raw features, one input or a batch.
+
+    The whole array is checked and standardised with vectorised numpy: no per-row Python.
+    """
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise BadInput(f"not a readable .npy array: {err}") from None
+    if array.dtype.kind not in "iuf":
+        raise BadInput(f".npy array has dtype {array.dtype}, expected integers or floats")
+    values = array.astype(np.float64)
+    if signature["input"]["kind"] == "features":
+        width = len(signature["preprocess"]["feature_names"])
+        if values.shape not in ((width,), values.shape[:1] + (width,)) or values.ndim > 2:
+            raise BadInput(f".npy array has shape {list(values.shape)}, "
+                           f"expected [{width}] or [N, {width}]")
+        many, values = values.ndim == 2, values.reshape(-1, width)
+        _check_finite_array(values, "feature")
+        rows = standardise_features(values, signature)
+    else:
+        pre = signature["preprocess"]
+        h, w = pre["image_size"]
+        if values.shape[-2:] != (h, w) or values.ndim not in (2, 3, 4) or (
+                values.ndim == 4 and values.shape[1] != 1):
+            raise BadInput(f".npy array has shape {list(values.shape)}, "
+                           f"expected [{h}, {w}], [N, {h}, {w}] or [N, 1, {h}, {w}]")
+        many, values = values.ndim > 2, values.reshape(-1, h, w)
+        _check_finite_array(values, "pixel")
+        check_pixel_range(values, pre["pixel_max"])
+        rows = standardise_image(values / pre["pixel_max"], signature)
+    if not len(rows):
+        raise BadInput("no instances to score: the array is empty")
+    if len(rows) > MAX_INSTANCES:
+        raise BadInput(f"{len(rows)} instances in one request, more than {MAX_INSTANCES}")
+    return rows, many
+
+
+def _check_finite_array(values, what):
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        at = [int(i) for i in bad[0]]
+        raise BadInput(f"{what} at {at} is not a finite number: {values[tuple(at)]}")
 
 
 # --- images ----------------------------------------------------------------------------
@@ -259,7 +366,9 @@ def _round_half_up(x):
 
 
 def pixels_from_json(value, image_size, pixel_max):
-    """A JSON pixel array ([H, W], [1, H, W] or {"pixels": ...}) as float64 [H, W]."""
+    """A JSON pixel array ([H, W] or {"pixels": [H, W]}) as float64 [H, W].
+
+    [1, H, W] is not taken as one image: three levels of lists are a list of images."""
     if isinstance(value, dict) and list(value) == ["pixels"]:
         value = value["pixels"]
     if not isinstance(value, list):
@@ -268,11 +377,10 @@ def pixels_from_json(value, image_size, pixel_max):
             f"got {_json_type(value)}"
         )
     height, width = image_size
-    allowed = ([height, width], [1, height, width])
     shape = _leading_shape(value)
-    if shape not in allowed:
+    if shape != [height, width]:
         shown = f"shape {shape}" if len(shape) <= 4 else f"{len(shape)} dimensions"
-        raise BadInput(f"pixel array has {shown}, expected {allowed[0]} or {allowed[1]}")
+        raise BadInput(f"pixel array has {shown}, expected [{height}, {width}]")
     pixels = numbers_array(value, shape, "pixel")
     check_pixel_range(pixels, pixel_max)
     return pixels.reshape(height, width)
@@ -373,18 +481,23 @@ def finite_number(value, what):
 
 
 def standardise_image(grey, signature):
-    """Pads a [0, 1] image with background, standardises it and shapes it for the model."""
+    """Pads [0, 1] images ([H, W] or [N, H, W]) with background, standardises them and shapes
+    them for the model ([N, ...] for a batch)."""
     pre = signature["preprocess"]
-    padded = np.pad(grey, pre["pad"], mode="constant", constant_values=0.0)
+    p = pre["pad"]
+    widths = [(0, 0)] * (grey.ndim - 2) + [(p, p), (p, p)]
+    padded = np.pad(grey, widths, mode="constant", constant_values=0.0)
     x = (padded - pre["mean"]) / pre["std"]
-    return x.reshape(signature["input"]["shape"][1:]).astype(np.float32)
+    shape = signature["input"]["shape"][1:]
+    return x.reshape(shape if grey.ndim == 2 else [-1, *shape]).astype(np.float32)
 
 
 def standardise_features(row, signature):
     """Standardises a feature row with the training split's mean and std."""
     pre = signature["preprocess"]
     x = (row - np.asarray(pre["mean"], dtype=np.float64)) / np.asarray(pre["std"], np.float64)
-    return x.reshape(signature["input"]["shape"][1:]).astype(np.float32)
+    shape = signature["input"]["shape"][1:]
+    return x.reshape(shape if row.ndim == 1 else [-1, *shape]).astype(np.float32)
 
 
 # --- answers ---------------------------------------------------------------------------

@@ -89,13 +89,14 @@ class KilnHandler:
 
     def handle(self, data, context):
         answers = [None] * len(data)
-        good, rows = [], []
+        good, parts = [], []  # good: (request index, rows it holds, whether it sent a list)
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             try:
                 body = kiln_codecs.request_body(request)
-                rows.append(kiln_codecs.decode_request(body, self.signature))
-                good.append(idx)
+                rows, many = kiln_codecs.decode_instances(body, self.signature)
+                parts.append(rows)
+                good.append((idx, len(rows), many))
             except kiln_codecs.BadInput as err:
                 logger.info("request %d rejected: %s", idx, err)
                 answers[idx] = _error(context, idx, 400, str(err))
@@ -103,24 +104,29 @@ class KilnHandler:
                 logger.exception("request %d: unexpected decoding failure", idx)
                 answers[idx] = _error(context, idx, 500, "the request could not be decoded")
         if good:
-            self._score(np.stack(rows), good, answers, context)
+            self._score(np.concatenate(parts), good, answers, context)
         return answers
 
     def _score(self, batch, good, answers, context):
-        """Runs the model once on the batch and fills in the answers at the `good` indices."""
+        """Runs the model once on every good row of the batch, then answers each request
+        with its own rows' answers (a list when it sent several inputs)."""
         try:
             probabilities = self.backend.run(batch)
-            if len(probabilities) != len(good):
-                raise ValueError(f"model returned {len(probabilities)} rows for {len(good)}")
+            if len(probabilities) != len(batch):
+                raise ValueError(f"model returned {len(probabilities)} rows for {len(batch)}")
         except Exception:  # the worker must answer every request and survive
-            logger.exception("model call failed on a batch of %d", len(good))
-            for idx in good:
+            logger.exception("model call failed on a batch of %d rows", len(batch))
+            for idx, _, _ in good:
                 answers[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
-        for idx, row in zip(good, probabilities, strict=False):
+        start = 0
+        for idx, count, many in good:
+            rows = probabilities[start:start + count]
+            start += count
             try:
-                answer = kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
-                answers[idx] = json.dumps(answer, allow_nan=False)
+                encoded = [kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
+                           for row in rows]
+                answers[idx] = json.dumps(encoded if many else encoded[0], allow_nan=False)
             except ValueError as err:
                 logger.error("request %d: %s", idx, err)
                 answers[idx] = _error(context, idx, 500, "the model returned an invalid output")

@@ -16,6 +16,7 @@ CONTENT_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
     ".json": "application/json",
+    ".npy": "application/x-npy",
 }
 
 

@@ -165,7 +165,7 @@ def test_model_failure_answers_500_and_the_handler_returns(
         failed,
         {"error": "not a PNG or JPEG image and not JSON", "code": 400},
         {
-            "error": "pixel array has shape [0], expected [28, 28] or [1, 28, 28]",
+            "error": "pixel array has shape [0], expected [28, 28]",
             "code": 400,
         },
     ]
