@@ -88,6 +88,8 @@ class ServerSettings:
             "disable_system_metrics": "false",
             "vmargs": f"-Xmx{self.java_heap} -XX:+UseContainerSupport",
         }
+        if not self.models:
+            del lines["load_models"]  # a server for models registered later (benchmarks)
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
@@ -193,6 +195,15 @@ class Server:
     def url(self, api: str = "inference") -> str:
         return f"http://{HOST}:{getattr(self.ports, api)}"
 
+    def _api_up(self) -> bool:
+        """The key file is complete and the management API answers with its token."""
+        try:
+            r = requests.get(f"{self.url('management')}/models", timeout=5,
+                             headers={"Authorization": f"Bearer {self.keys()['management']}"})
+        except (OSError, ValueError, KeyError):  # no or half-written key file, no socket yet
+            return False
+        return r.status_code == 200
+
     def model_status(self, name: str) -> list[dict]:
         r = requests.get(f"{self.url('management')}/models/{name}", timeout=5,
                          headers={"Authorization": f"Bearer {self.keys()['management']}"})
@@ -217,11 +228,11 @@ class Server:
         while time.monotonic() < deadline:
             if self.pid() is None:
                 raise ServerError(f"TorchServe exited during start-up:\n{self.log_tail()}")
-            state = self.ready() if self.key_file.exists() else {}
-            if state and all(state.values()):
+            state = self.ready() if self._api_up() else None
+            if state is not None and all(state.values()):
                 return
             if time.monotonic() - last_report > 10:
-                waiting = [m for m in self.settings.models if not state.get(m)]
+                waiting = [m for m in self.settings.models if not (state or {}).get(m)]
                 log.info("waiting for workers: %s", ", ".join(waiting))
                 last_report = time.monotonic()
             time.sleep(0.5)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 HANDLER_OPTIONS = {"top_k": 3, "intra_op_threads": 1, "require_gpu": False}
 SIGNATURE_FILE = "signature.json"
 JSON_CONTENT_TYPE = "application/json"
+BATCH_SIZE_HEADER = "Kiln-Batch-Size"
 # Reason phrases stay fixed: they go into the HTTP status line, where text taken from a
 # request (a feature name, say) does not belong. The details are in the JSON body.
 PHRASES = {400: "Bad Request", 500: "Internal Server Error"}
@@ -92,6 +93,8 @@ class KilnHandler:
         good, parts = [], []  # good: (request index, rows it holds, whether it sent a list)
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+            # Which server-side batch a request rode in: clients and tests can see batching.
+            context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
             try:
                 body = kiln_codecs.request_body(request)
                 rows, many = kiln_codecs.decode_instances(body, self.signature)

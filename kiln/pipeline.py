@@ -11,6 +11,8 @@ import logging
 import zipfile
 from pathlib import Path
 
+import yaml
+
 from model_store import archive
 from training import export, registry, train
 
@@ -24,14 +26,16 @@ def stale(target: Path, inputs: list[Path]) -> bool:
     return any(p.stat().st_mtime > built for p in inputs)
 
 
-def archived_backend(mar: Path) -> str | None:
-    """Which exported form an existing archive serves (from its manifest)."""
+def archive_manifest(mar: Path) -> tuple[str | None, dict | None]:
+    """(backend, model-config) of an existing archive, read back from inside it."""
     try:
         with zipfile.ZipFile(mar) as z:
             serialized = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-    return next((form for form, fname in export.FORMS.items() if fname == serialized), None)
+            config = yaml.safe_load(z.read("model-config.yaml"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError):
+        return None, None
+    backend = next((form for form, fname in export.FORMS.items() if fname == serialized), None)
+    return backend, config
 
 
 def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE) -> Path:
@@ -50,7 +54,8 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE) 
         export.export(name)
     mar = store / f"{name}.mar"
     inputs = archive.archive_inputs(name, folder, backend)
-    if stale(mar, inputs) or archived_backend(mar) != backend:
+    wanted = (backend, archive.ServingConfig().model_config())
+    if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
         archive.build(name, backend, store=store)
     else:

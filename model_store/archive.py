@@ -40,8 +40,11 @@ class ServingConfig:
     """What goes into the archive's model-config.yaml (TorchServe's per-model settings)."""
 
     workers: int = 1
-    batch_size: int = 1
-    max_batch_delay_ms: int = 5
+    # Measured with loadtests/batching.py on lenet, 2 cores, 16 closed-loop clients:
+    # batch 8 / 2 ms gave 2.4x the unbatched throughput and 0.39x its p99, for +2.4 ms p50
+    # at a single client. 8 / 5 ms gains more at load (3.0x) but costs twice that when idle.
+    batch_size: int = 8
+    max_batch_delay_ms: int = 2
     response_timeout_s: int = 30
     top_k: int = 3
     intra_op_threads: int = 1
