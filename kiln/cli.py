@@ -132,12 +132,25 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def _saved_port(run_dir: Path, api: str) -> int:
+    """The port kiln serve wrote into run/ports.json for `api`, else the default one."""
+    saved = run_dir / "ports.json"
+    return json.loads(saved.read_text())[api] if saved.exists() else getattr(Ports, api)
+
+
+def _predict_client(args, token: str | None):
+    """(address, client) for --grpc or HTTP. grpc and the generated stubs are imported only
+    for --grpc: plain `kiln predict` must stay fast."""
+    if not args.grpc:
+        url = args.url or f"http://{HOST}:{_saved_port(args.run_dir, 'inference')}"
+        return url, http.Client(url, token, args.timeout)
+    from kiln.grpc_client import GrpcClient
+
+    target = f"{HOST}:{args.grpc_port or _saved_port(args.run_dir, 'grpc_inference')}"
+    return target, GrpcClient(target, token, args.timeout)
+
+
 def cmd_predict(args) -> int:
-    url = args.url
-    if url is None:
-        saved = args.run_dir / "ports.json"
-        port = json.loads(saved.read_text())["inference"] if saved.exists() else Ports.inference
-        url = f"http://{HOST}:{port}"
     token = args.token or http.read_token(args.run_dir)
     try:
         body, content_type = http.encode_file(args.file)
@@ -145,10 +158,15 @@ def cmd_predict(args) -> int:
         log.error("%s", err)
         return 1
     try:
-        answer = http.Client(url, token, args.timeout).predict(args.name, body, content_type)
-    except OSError as err:  # requests' connection errors are OSErrors
+        address, client = _predict_client(args, token)
+    except (ImportError, RuntimeError) as err:  # no grpcio-tools, or protoc failed
+        log.error("cannot set up the gRPC client: %s", err)
+        return 1
+    try:
+        answer = client.predict(args.name, body, content_type)
+    except OSError as err:  # requests' connection errors are OSErrors; GrpcClient's too
         log.error("cannot reach %s (%s): is TorchServe running? make serve starts it",
-                  url, err.__class__.__name__)
+                  address, err.__class__.__name__)
         return 1
     if args.json or not answer.ok:
         print(json.dumps(answer.body, indent=2))
@@ -258,6 +276,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--expect", help="label the answer must have, else exit 2 (default: none)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.add_argument("--timeout", type=float, default=30, help="seconds (default: 30)")
+    p.add_argument("--grpc", action="store_true",
+                   help="ask through TorchServe's gRPC inference API instead of HTTP; --url "
+                        "is then unused (default: HTTP)")
+    p.add_argument("--grpc-port", type=int,
+                   help=f"gRPC inference port on {HOST} (default: from run/ports.json, or "
+                        f"{Ports.grpc_inference})")
     p.set_defaults(func=cmd_predict)
     return parser
 

@@ -129,27 +129,33 @@ def load_stubs(cache_root: Path | None = None):
 
 # -- answers ------------------------------------------------------------------------------------
 # The inverse of TorchServe's GRPCUtils.getGRPCStatusCode (HTTP status -> gRPC status), so
-# that a gRPC answer reads like the HTTP one.
+# that a gRPC answer reads like the HTTP one. It sends any other 4xx as FAILED_PRECONDITION.
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
     "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
     "ABORTED": 409,
-    "RESOURCE_EXHAUSTED": 429,
     "OUT_OF_RANGE": 416,
+    "RESOURCE_EXHAUSTED": 429,
     "CANCELLED": 499,
-    "FAILED_PRECONDITION": 400,
-    "INTERNAL": 500,
-    "UNKNOWN": 500,
     "UNIMPLEMENTED": 501,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
+# The frontend sends most of its own errors as INTERNAL, naming the Java exception; these
+# are the ones whose HTTP status says more than 500.
+EXCEPTION_STATUS = {
+    "ModelNotFoundException": 404,
+    "ModelVersionNotFoundException": 404,
+    "ServiceUnavailableException": 503,
+}
+JAVA_PACKAGE = "org.pytorch.serve."
 
 
-def parse_body(raw: bytes | str) -> dict | list | str:
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+def parse_body(raw: bytes) -> dict | list | str:
+    text = raw.decode(errors="replace")
     try:
         return json.loads(text)
     except ValueError:
@@ -161,14 +167,27 @@ def answer_from_reply(prediction: bytes) -> Answer:
     the status a handler sets per request. A Kiln handler's error body carries its code
     (docs/signature.md), so that is where the HTTP-like status comes from."""
     body = parse_body(prediction)
-    if isinstance(body, dict) and set(body) == {"error", "code"} and isinstance(body["code"], int):
+    if (isinstance(body, dict) and set(body) == {"error", "code"}
+            and isinstance(body["code"], int) and body["code"] >= 400):
         return Answer(body["code"], body)
     return Answer(200, body)
 
 
+def split_details(details: str | None) -> tuple[str, str | None]:
+    """(message, Java exception name or None): the frontend's own errors are a message, a
+    newline and the exception's class, e.g. org.pytorch.serve...ModelNotFoundException."""
+    message, _, last = (details or "").rpartition("\n")
+    if message and last.startswith(JAVA_PACKAGE):
+        return message, last.rsplit(".", 1)[-1]
+    return details or "", None
+
+
 def answer_from_error(code_name: str, details: str | None) -> Answer:
-    """An error the frontend raised itself (no token, unknown model, worker died)."""
-    return Answer(HTTP_STATUS.get(code_name, 500), parse_body(details or code_name))
+    """An error the frontend raised itself (bad token, unknown model, no worker), with a
+    body shaped like TorchServe's HTTP error body."""
+    message, exception = split_details(details)
+    status = EXCEPTION_STATUS.get(exception, HTTP_STATUS.get(code_name, 500))
+    return Answer(status, {"code": status, "type": exception or code_name, "message": message})
 
 
 # -- the client ---------------------------------------------------------------------------------
@@ -200,7 +219,12 @@ class GrpcClient:
             reply = self._stub.Predictions(request, metadata=self._metadata(),
                                            timeout=self.timeout)
         except self._rpc_error as err:
-            return answer_from_error(err.code().name, err.details())
+            code, details = err.code().name, err.details()
+            # UNAVAILABLE without a TorchServe exception in it is the transport's: nothing
+            # listens there. Raised as an OSError, as requests does, for the CLI's message.
+            if code == "UNAVAILABLE" and split_details(details)[1] is None:
+                raise ConnectionError(f"{self.target}: {details}") from err
+            return answer_from_error(code, details)
         return answer_from_reply(reply.prediction)
 
     def close(self) -> None:

@@ -1,0 +1,104 @@
+"""TorchServe's gRPC inference API gives the same answers as its HTTP one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.server import Ports
+from kiln.client import Answer, encode_file
+from kiln.grpc_client import GrpcClient
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+SEVEN = FIXTURES / "digits" / "7.png"
+TOKEN_REFUSED = {"code": 403, "type": "PERMISSION_DENIED",
+                 "message": "Token Authorization failed. Token either incorrect, expired, or "
+                            "not provided correctly"}
+
+
+@pytest.fixture(scope="session")
+def stub_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("grpc-stubs")
+
+
+@pytest.fixture(scope="session")
+def grpc_target(server):
+    return f"127.0.0.1:{server.ports.grpc_inference}"
+
+
+@pytest.fixture(scope="session")
+def rpc(server, grpc_target, stub_cache):
+    with GrpcClient(grpc_target, server.keys()["inference"], cache_root=stub_cache) as client:
+        yield client
+
+
+def test_digit_gets_the_same_answer_as_over_http(rpc, client):
+    answer = rpc.predict("lenet", *encode_file(SEVEN))
+    assert answer.status == 200, answer.body
+    assert answer.body["label"] == "7"
+    assert answer == client.predict_file("lenet", SEVEN)
+
+
+def test_named_features(rpc):
+    answer = rpc.predict("binary", *encode_file(FIXTURES / "breast_cancer" / "benign.json"))
+    assert answer.status == 200, answer.body
+    assert answer.body["label"] == "benign"
+    assert set(answer.body) == {"label", "probability"}
+
+
+def test_bad_input_gets_the_handlers_400(rpc, client):
+    answer = rpc.predict("lenet", b"hello", "application/octet-stream")
+    assert answer == Answer(400, {"error": "not a PNG or JPEG image and not JSON", "code": 400})
+    assert answer == client.predict("lenet", b"hello", "application/octet-stream")
+
+
+def test_the_worker_keeps_serving_after_a_bad_input(rpc):
+    assert rpc.predict("lenet", b"hello", "application/octet-stream").status == 400
+    assert rpc.predict("lenet", *encode_file(SEVEN)).body["label"] == "7"
+
+
+def test_unknown_model_reads_like_http(rpc, client):
+    expected = Answer(404, {"code": 404, "type": "ModelNotFoundException",
+                            "message": "Model not found: nope"})
+    assert rpc.predict("nope", *encode_file(SEVEN)) == expected
+    assert client.predict_file("nope", SEVEN) == expected
+
+
+@pytest.mark.parametrize("token", [None, "nope", "management"])
+def test_a_missing_or_wrong_token_is_refused(server, grpc_target, stub_cache, token):
+    token = server.keys()["management"] if token == "management" else token
+    with GrpcClient(grpc_target, token, cache_root=stub_cache) as refused:
+        assert refused.predict("lenet", *encode_file(SEVEN)) == Answer(403, TOKEN_REFUSED)
+
+
+def test_nothing_listening_is_a_connection_error(stub_cache):
+    closed = Ports.free().inference  # free a moment ago: nothing listens there
+    with GrpcClient(f"127.0.0.1:{closed}", "token", cache_root=stub_cache) as gone:
+        with pytest.raises(ConnectionError):
+            gone.predict("lenet", *encode_file(SEVEN))
+
+
+def kiln(*args, cache):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    return subprocess.run([sys.executable, "-m", "kiln.cli", "predict", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_kiln_predict_over_grpc(server, client, tmp_path):
+    grpc = ["--grpc", "--grpc-port", str(server.ports.grpc_inference), "--token", client.token]
+    done = kiln("lenet", str(SEVEN), *grpc, "--expect", "7", cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    over_http = kiln("lenet", str(SEVEN), "--url", server.url("inference"),
+                     "--token", client.token, cache=tmp_path)
+    assert done.stdout == over_http.stdout
+    assert done.stdout.startswith("lenet: 7  (p=")
+    wrong = kiln("lenet", str(SEVEN), *grpc, "--expect", "1", cache=tmp_path)
+    assert wrong.returncode == 2
+    assert "expected '1', got '7'" in wrong.stderr
+    bad = kiln("binary", str(SEVEN), *grpc, cache=tmp_path)
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout) == {"error": "this model takes features, not an image",
+                                      "code": 400}
