@@ -23,6 +23,7 @@ import requests
 log = logging.getLogger("kiln.serve")
 
 HOST = "127.0.0.1"
+LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ServerSettings:
     max_request_size: int = 4 * 1024 * 1024
     enable_model_api: bool = False
     java_heap: str = "1g"
+    access_log: bool = False
+    # None: TorchServe's stock log4j2.xml (only to measure what Kiln's saves).
+    log_config: Path | None = LOG_CONFIG
 
     def config_properties(self) -> str:
         store = self.model_store.resolve()
@@ -121,7 +125,8 @@ class Server:
         env = dict(os.environ)
         # TorchServe keeps its pid file in tempfile.gettempdir(): one per run folder.
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir),
-                   METRICS_LOCATION=str(self.log_dir))
+                   METRICS_LOCATION=str(self.log_dir),
+                   KILN_ACCESS_LOG="info" if self.settings.access_log else "off")
         # Workers must find the same Python (and its packages) as this process.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
@@ -161,8 +166,10 @@ class Server:
         self.key_file.unlink(missing_ok=True)
         self.config_file.write_text(self.settings.config_properties())
         (self.run_dir / "ports.json").write_text(json.dumps(vars(self.ports)))
+        log_config = self.settings.log_config
         code, output = self._torchserve(
             "--start", "--ncs", "--ts-config", str(self.config_file),
+            *(["--log-config", str(log_config)] if log_config else []),
             "--model-store", str(self.settings.model_store.resolve()), timeout=60)
         if code != 0:
             raise ServerError(f"torchserve --start failed:\n{output}")

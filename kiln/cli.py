@@ -69,7 +69,8 @@ def _server(args, models: list[str] | None = None) -> Server:
         ports = Ports(**json.loads(saved.read_text()))
     return Server(ServerSettings(run_dir=args.run_dir, model_store=args.store,
                                  models=models or list(registry.REGISTRY), ports=ports,
-                                 enable_model_api=getattr(args, "enable_model_api", False)))
+                                 enable_model_api=getattr(args, "enable_model_api", False),
+                                 access_log=getattr(args, "access_log", False)))
 
 
 def how_to_call(server: Server) -> str:
@@ -252,6 +253,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="serve the archives as they are, build nothing (default: build)")
     p.add_argument("--enable-model-api", action="store_true",
                    help="allow model registration through the management API (default: off)")
+    p.add_argument("--access-log", action="store_true",
+                   help="write run/logs/access_log.log, one line per request (default: off)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
     _server_arguments(p)

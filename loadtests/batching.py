@@ -134,8 +134,11 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
 
 
-def print_table(results: list[Result]) -> None:
-    base = {r.clients: r for r in results if r.batch_size == 1}
+def print_table(results: list[Result], base_rows: list[Result] | None = None) -> None:
+    """Each row with its ratios to the base row of the same concurrency (default: the
+    unbatched configuration)."""
+    base_rows = base_rows or [r for r in results if r.batch_size == 1]
+    base = {r.clients: r for r in base_rows}
     print(f"{'config':<18}{'clients':>8}{'req/s':>9}{'x b1':>7}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'x b1':>7}{'batch':>7}{'errors':>8}{'client CPU':>12}{'server CPU':>12}")
     for r in results:

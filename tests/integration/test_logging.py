@@ -1,0 +1,50 @@
+"""Kiln's log configuration: errors kept, nothing written twice, access log only on request."""
+
+import pytest
+
+from deploy.server import Ports, Server, ServerSettings
+from model_store import STORE
+
+
+def log_lines(srv, name):
+    path = srv.log_dir / name
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_frontend_lines_are_written_once_and_no_access_log_by_default(server, client):
+    assert client.predict("lenet/doesnotexist", b"{}", "application/json").status == 404
+    assert client.predict_json("lenet", [[0] * 28] * 28).status == 200
+    stamped = [line for line in log_lines(server, "ts_log.log") if line[:4].isdigit()]
+    assert stamped, "ts_log.log is written"
+    assert len(stamped) == len(set(stamped))  # stock TorchServe writes each line twice
+    assert not log_lines(server, "access_log.log")
+
+
+def test_per_request_worker_chatter_stays_out_of_the_log(server, client):
+    answer = client.predict("binary", b"hello", "text/plain")
+    assert answer.status == 400
+    # The handler logs each rejection at INFO; worker lines are kept from WARN up only.
+    assert "rejected" not in "\n".join(log_lines(server, "model_log.log"))
+
+
+@pytest.fixture(scope="module")
+def access_logged(archives, tmp_path_factory):
+    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("access"), model_store=STORE,
+                                models=["binary"], ports=Ports.free(), access_log=True))
+    srv.start()
+    try:
+        srv.wait_ready(timeout=120)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_access_log_when_asked_for(access_logged):
+    from kiln import client as http
+
+    c = http.Client(access_logged.url("inference"), access_logged.keys()["inference"])
+    for _ in range(3):
+        assert c.predict_json("binary", [0.0] * 30).status == 200
+    lines = [line for line in log_lines(access_logged, "access_log.log")
+             if "/predictions/binary" in line]
+    assert len(lines) == 3
