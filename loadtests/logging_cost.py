@@ -1,4 +1,4 @@
-"""What TorchServe's stock log configuration costs, beside Kiln's: `python -m loadtests.logging_cost`.
+"""What TorchServe's stock log configuration costs, beside Kiln's own.
 
 Runs the same closed-loop load against one model on a server with TorchServe's stock
 log4j2.xml and then on one with deploy/log4j2.xml, and prints both with their ratio.
