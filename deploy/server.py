@@ -15,10 +15,14 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import yaml
+
+from deploy import plugins
 
 log = logging.getLogger("kiln.serve")
 
@@ -91,6 +95,8 @@ class ServerSettings:
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "false",
             "vmargs": f"-Xmx{self.java_heap} -XX:+UseContainerSupport",
+            # The Open Inference Protocol (/v2) comes from Kiln's frontend plugin.
+            "plugins_path": plugins.PLUGINS_DIR,
         }
         if not self.models:
             del lines["load_models"]  # a server for models registered later (benchmarks)
@@ -126,10 +132,23 @@ class Server:
         # TorchServe keeps its pid file in tempfile.gettempdir(): one per run folder.
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir),
                    METRICS_LOCATION=str(self.log_dir),
-                   KILN_ACCESS_LOG="info" if self.settings.access_log else "off")
+                   KILN_ACCESS_LOG="info" if self.settings.access_log else "off",
+                   KILN_SERVED_WORKERS=str(self.served_workers()))
         # Workers must find the same Python (and its packages) as this process.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+    def served_workers(self) -> int:
+        """Workers of all served models together, from their archives' model-config.yaml
+        (handlers size their thread pools from it)."""
+        total = 0
+        for m in self.settings.models:
+            try:
+                with zipfile.ZipFile(self.settings.model_store / f"{m}.mar") as z:
+                    total += int(yaml.safe_load(z.read("model-config.yaml"))["minWorkers"])
+            except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+                total += 1
+        return max(1, total)
 
     def _torchserve(self, *args: str, timeout: float) -> tuple[int, str]:
         """Run the torchserve launcher; its output goes to a file, not a pipe, because the
@@ -161,6 +180,10 @@ class Server:
             if not (self.settings.model_store / f"{m}.mar").exists():
                 raise ServerError(f"no archive {m}.mar in {self.settings.model_store}: "
                                   f"run kiln archive {m}")
+        try:
+            plugins.ensure_built()
+        except plugins.PluginError as err:
+            raise ServerError(str(err)) from None
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.key_file.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ folder and are imported by their flat names.
 import json
 import logging
 import os
+import sys
 
 import kiln_backends
 import kiln_codecs
@@ -19,7 +20,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # The `handler:` section of the archive's model-config.yaml, with its defaults.
-HANDLER_OPTIONS = {"top_k": 3, "intra_op_threads": 1, "require_gpu": False}
+HANDLER_OPTIONS = {"top_k": 3, "intra_op_threads": "auto", "require_gpu": False}
+# Set by Kiln's server start-up: how many workers all served models have together.
+SERVED_WORKERS_ENV = "KILN_SERVED_WORKERS"
 SIGNATURE_FILE = "signature.json"
 JSON_CONTENT_TYPE = "application/json"
 BATCH_SIZE_HEADER = "Kiln-Batch-Size"
@@ -42,13 +45,49 @@ def read_handler_options(model_yaml_config):
     options = {**HANDLER_OPTIONS, **given}
     for key in ("top_k", "intra_op_threads"):
         value = options[key]
+        auto = key == "intra_op_threads"
+        if auto and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"handler.{key} must be a whole number >= 1, got {value!r}")
+            allowed = "a whole number >= 1" + (' or "auto"' if auto else "")
+            raise ValueError(f"handler.{key} must be {allowed}, got {value!r}")
     if not isinstance(options["require_gpu"], bool):
         raise ValueError(
             f"handler.require_gpu must be true or false, got {options['require_gpu']!r}"
         )
     return options
+
+
+def intra_op_threads(option, model_yaml_config, environ, cpu_count):
+    """Threads inside one model call. "auto" shares the cores among every worker of every
+    served model, so that workers running at once don't oversubscribe the machine."""
+    if option != "auto":
+        return option
+    own = (model_yaml_config or {}).get("minWorkers") or 1
+    try:
+        workers = max(1, int(environ.get(SERVED_WORKERS_ENV, own)))
+    except ValueError:
+        workers = own
+    return max(1, (cpu_count or 1) // workers)
+
+
+def route_logs_to_stderr(names=("kiln_handler", "kiln_backends", "kiln_codecs")):
+    """Send Kiln's worker logs to stderr, once per process.
+
+    TorchServe's worker logs everything to stdout, which the frontend records at INFO, per
+    request; lines on stderr are recorded at WARN. Kiln's log configuration keeps worker
+    lines from WARN up, so Kiln's own messages (the backend it loaded, errors) go to stderr
+    and survive, while the per-request chatter on stdout does not cost a write.
+    """
+    for name in names:
+        log = logging.getLogger(name)
+        if not any(getattr(h, "kiln_stderr", False) for h in log.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.kiln_stderr = True
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _error(context, idx, code, message):
@@ -66,6 +105,7 @@ class KilnHandler:
         self.initialized = False
 
     def initialize(self, context):
+        route_logs_to_stderr()
         properties = context.system_properties
         model_dir = properties["model_dir"]
         gpu_id = properties.get("gpu_id")
@@ -76,7 +116,9 @@ class KilnHandler:
         self.backend = kiln_backends.load_backend(
             serialized,
             gpu_id=gpu_id,
-            intra_op_threads=options["intra_op_threads"],
+            intra_op_threads=intra_op_threads(options["intra_op_threads"],
+                                              context.model_yaml_config, os.environ,
+                                              os.cpu_count()),
             require_gpu=options["require_gpu"],
         )
         logger.info(
@@ -101,7 +143,7 @@ class KilnHandler:
                 parts.append(rows)
                 good.append((idx, len(rows), many))
             except kiln_codecs.BadInput as err:
-                logger.info("request %d rejected: %s", idx, err)
+                logger.debug("request %d rejected: %s", idx, err)
                 answers[idx] = _error(context, idx, 400, str(err))
             except Exception:  # a decoding bug must cost one request, not the batch
                 logger.exception("request %d: unexpected decoding failure", idx)

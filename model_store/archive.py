@@ -47,7 +47,8 @@ class ServingConfig:
     max_batch_delay_ms: int = 2
     response_timeout_s: int = 30
     top_k: int = 3
-    intra_op_threads: int = 1
+    # "auto": the handler shares the machine's cores among all served workers.
+    intra_op_threads: int | str = "auto"
 
     def model_config(self) -> dict:
         return {
@@ -140,13 +141,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {d.response_timeout_s})")
     parser.add_argument("--top-k", type=int, default=d.top_k,
                         help=f"classes listed in a multi-class answer (default: {d.top_k})")
-    parser.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads,
+    parser.add_argument("--intra-op-threads", type=_threads, default=d.intra_op_threads,
                         help=f"threads per worker inside the model (default: "
                              f"{d.intra_op_threads})")
     parser.add_argument("--artifacts", type=Path,
                         help="folder with the exports (default: artifacts/NAME)")
     parser.add_argument("--store", type=Path, default=STORE,
                         help="where to write NAME.mar (default: model_store/)")
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1 or auto")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:

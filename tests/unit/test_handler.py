@@ -180,7 +180,7 @@ def test_model_failure_answers_500_and_the_handler_returns(
 def test_handler_options_default(config):
     assert kiln_handler.read_handler_options(config) == {
         "top_k": 3,
-        "intra_op_threads": 1,
+        "intra_op_threads": "auto",
         "require_gpu": False,
     }
 
@@ -197,7 +197,7 @@ def test_handler_options_default(config):
         ({"top_k": True}, "handler.top_k must be a whole number >= 1, got True"),
         (
             {"intra_op_threads": "2"},
-            "handler.intra_op_threads must be a whole number >= 1, got '2'",
+            "handler.intra_op_threads must be a whole number >= 1 or \"auto\", got '2'",
         ),
         ({"require_gpu": "yes"}, "handler.require_gpu must be true or false, got 'yes'"),
         (["top_k"], "handler in model-config.yaml must be a mapping, got ['top_k']"),
