@@ -31,7 +31,7 @@ log = logging.getLogger("kiln.archive")
 HANDLERS = REPO_ROOT / "handlers"
 HANDLER_FILE = HANDLERS / "kiln_handler.py"
 # Imported by flat name from the model's folder inside the worker.
-HANDLER_MODULES = [HANDLERS / "kiln_codecs.py", HANDLERS / "kiln_backends.py"]
+HANDLER_MODULES = [HANDLERS / f"{m}.py" for m in ("kiln_codecs", "kiln_backends", "kiln_oip")]
 ARCHIVE_VERSION = "1.0"
 
 
@@ -49,6 +49,8 @@ class ServingConfig:
     top_k: int = 3
     # "auto": the handler shares the machine's cores among all served workers.
     intra_op_threads: int | str = "auto"
+    # Refuse to load (rather than fall back to the CPU) when TorchServe gives no GPU.
+    require_gpu: bool = False
 
     def model_config(self) -> dict:
         return {
@@ -57,7 +59,8 @@ class ServingConfig:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
-            "handler": {"top_k": self.top_k, "intra_op_threads": self.intra_op_threads},
+            "handler": {"top_k": self.top_k, "intra_op_threads": self.intra_op_threads,
+                        "require_gpu": self.require_gpu},
         }
 
 
@@ -144,6 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intra-op-threads", type=_threads, default=d.intra_op_threads,
                         help=f"threads per worker inside the model (default: "
                              f"{d.intra_op_threads})")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="fail the model load instead of running on the CPU when no GPU "
+                             "is given or CUDA is not obtained (default: off)")
     parser.add_argument("--artifacts", type=Path,
                         help="folder with the exports (default: artifacts/NAME)")
     parser.add_argument("--store", type=Path, default=STORE,
@@ -164,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         workers=args.workers, batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
         top_k=args.top_k, intra_op_threads=args.intra_op_threads,
+        require_gpu=args.require_gpu,
     )
 
 

@@ -131,7 +131,8 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
     assert manifest["model"]["handler"] == "kiln_handler.py"
     assert manifest["model"]["modelFile"] == "binary.py"
     assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 7,
-                      "responseTimeout": 30, "handler": {"top_k": 2, "intra_op_threads": "auto"}}
+                      "responseTimeout": 30, "handler": {"top_k": 2, "intra_op_threads": "auto",
+                                  "require_gpu": False}}
     assert labels == {"0": "malignant", "1": "benign"}
 
 
