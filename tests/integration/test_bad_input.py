@@ -39,7 +39,7 @@ IMAGE_CASES = [
     ("empty body", b"", "application/json", "empty body"),
     ("malformed json", b"[[1, 2", "application/json", "body is not valid JSON"),
     ("wrong shape", as_json([[0] * 27 for _ in range(28)]), "application/json",
-     "pixel array has shape [28, 27], expected [28, 28] or [1, 28, 28]"),
+     "pixel array has shape [28, 27], expected [28, 28]"),
     ("nan pixel", json.dumps(with_pixel(float("nan"))).encode(), "application/json",
      "is not a finite number: NaN"),
     ("pixel out of range", as_json(with_pixel(300)), "application/json",
