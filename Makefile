@@ -32,4 +32,4 @@ lint: install
 
 ## Remove what the build made (weights, exports, archives, run folder); keeps the venv.
 clean:
-	rm -rf artifacts runs run model_store/*.mar
+	rm -rf artifacts runs run model_store/*.mar deploy/oip_plugin/build

@@ -13,10 +13,12 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-if ! command -v java >/dev/null 2>&1; then
-    echo "bootstrap: no java on PATH, installing openjdk-17-jre-headless" >&2
+# TorchServe needs a Java runtime; javac builds Kiln's TorchServe plugin (deploy/oip_plugin).
+# The JDK brings both.
+if ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
+    echo "bootstrap: installing openjdk-17-jdk-headless (java and javac)" >&2
     as_root apt-get update
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y openjdk-17-jre-headless
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y openjdk-17-jdk-headless
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
