@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import requests
@@ -39,13 +39,15 @@ class Ports:
     metrics: int = 8082
     grpc_inference: int = 7070
     grpc_management: int = 7071
+    # The Open Inference Protocol (KServe v2 REST), served by Kiln's frontend plugin.
+    oip: int = 8085
 
     @classmethod
     def free(cls) -> Ports:
-        """Five ports the OS says are free now (for tests and side-by-side servers)."""
+        """Ports the OS says are free now (for tests and side-by-side servers)."""
         sockets = []
         try:
-            for _ in range(5):
+            for _ in fields(cls):
                 s = socket.socket()
                 s.bind((HOST, 0))
                 sockets.append(s)
@@ -91,11 +93,16 @@ class ServerSettings:
             "max_request_size": self.max_request_size,
             "max_response_size": self.max_request_size,
             "metrics_mode": "prometheus",
+            # Kiln's handlers declare their own metrics (handlers/metrics.yaml, in each
+            # archive); the frontend drops any that its metrics_config does not list, unless
+            # it may register them as they first arrive.
+            "model_metrics_auto_detect": "true",
             "enable_envvars_config": "false",
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "false",
-            "vmargs": f"-Xmx{self.java_heap} -XX:+UseContainerSupport",
-            # The Open Inference Protocol (/v2) comes from Kiln's frontend plugin.
+            "vmargs": f"-Xmx{self.java_heap} -XX:+UseContainerSupport "
+                      f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip}",
+            # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.PLUGINS_DIR,
         }
         if not self.models:

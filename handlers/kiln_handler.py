@@ -15,6 +15,8 @@ import sys
 
 import kiln_backends
 import kiln_codecs
+import kiln_metrics
+import kiln_oip
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class KilnHandler:
         self.signature = None
         self.backend = None
         self.top_k = HANDLER_OPTIONS["top_k"]
+        self.metrics = kiln_metrics.Recorder()  # records nothing before initialize()
         self.initialized = False
 
     def initialize(self, context):
@@ -112,6 +115,7 @@ class KilnHandler:
         self.signature = kiln_codecs.load_signature(os.path.join(model_dir, SIGNATURE_FILE))
         options = read_handler_options(context.model_yaml_config)
         self.top_k = options["top_k"]
+        self.metrics = kiln_metrics.recorder_for(context)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = kiln_backends.load_backend(
             serialized,
@@ -131,30 +135,49 @@ class KilnHandler:
         self.initialized = True
 
     def handle(self, data, context):
+        self.metrics.record_batch(len(data))
         answers = [None] * len(data)
-        good, parts = [], []  # good: (request index, rows it holds, whether it sent a list)
+        good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             # Which server-side batch a request rode in: clients and tests can see batching.
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
+            started = self.metrics.now()
             try:
-                body = kiln_codecs.request_body(request)
-                rows, many = kiln_codecs.decode_instances(body, self.signature)
+                rows, encode = self._decode(kiln_codecs.request_body(request))
                 parts.append(rows)
-                good.append((idx, len(rows), many))
+                good.append((idx, len(rows), encode))
             except kiln_codecs.BadInput as err:
                 logger.debug("request %d rejected: %s", idx, err)
+                self.metrics.record_rejection(err)
                 answers[idx] = _error(context, idx, 400, str(err))
             except Exception:  # a decoding bug must cost one request, not the batch
                 logger.exception("request %d: unexpected decoding failure", idx)
                 answers[idx] = _error(context, idx, 500, "the request could not be decoded")
+            self.metrics.record_stage("preprocess", started)
         if good:
             self._score(np.concatenate(parts), good, answers, context)
         return answers
 
+    def _decode(self, body):
+        """(rows, encode): the rows to score and how to answer them, for an Open Inference
+        Protocol infer body or any of Kiln's own bodies."""
+        oip = kiln_oip.decode_infer(body, self.signature)
+        if oip is not None:
+            return oip
+        rows, many = kiln_codecs.decode_instances(body, self.signature)
+
+        def encode(probabilities):
+            encoded = [kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
+                       for row in probabilities]
+            return encoded if many else encoded[0]
+
+        return rows, encode
+
     def _score(self, batch, good, answers, context):
         """Runs the model once on every good row of the batch, then answers each request
         with its own rows' answers (a list when it sent several inputs)."""
+        started = self.metrics.now()
         try:
             probabilities = self.backend.run(batch)
             if len(probabilities) != len(batch):
@@ -164,14 +187,15 @@ class KilnHandler:
             for idx, _, _ in good:
                 answers[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
+        self.metrics.record_stage("inference", started, requests=len(good))
         start = 0
-        for idx, count, many in good:
+        for idx, count, encode in good:
             rows = probabilities[start:start + count]
             start += count
+            encoding = self.metrics.now()
             try:
-                encoded = [kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
-                           for row in rows]
-                answers[idx] = json.dumps(encoded if many else encoded[0], allow_nan=False)
+                answers[idx] = json.dumps(encode(rows), allow_nan=False)
             except ValueError as err:
                 logger.error("request %d: %s", idx, err)
                 answers[idx] = _error(context, idx, 500, "the model returned an invalid output")
+            self.metrics.record_stage("postprocess", encoding)

@@ -30,8 +30,12 @@ log = logging.getLogger("kiln.archive")
 
 HANDLERS = REPO_ROOT / "handlers"
 HANDLER_FILE = HANDLERS / "kiln_handler.py"
-# Imported by flat name from the model's folder inside the worker.
-HANDLER_MODULES = [HANDLERS / f"{m}.py" for m in ("kiln_codecs", "kiln_backends", "kiln_oip")]
+# Imported by flat name from the model's folder inside the worker; kiln_metrics reads the
+# declarations of the metrics it records from metrics.yaml there.
+HANDLER_MODULES = [
+    *(HANDLERS / f"{m}.py" for m in ("kiln_codecs", "kiln_backends", "kiln_oip", "kiln_metrics")),
+    HANDLERS / "metrics.yaml",
+]
 ARCHIVE_VERSION = "1.0"
 
 

@@ -18,7 +18,17 @@ as_root() {
 if ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
     echo "bootstrap: installing openjdk-17-jdk-headless (java and javac)" >&2
     as_root apt-get update
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y openjdk-17-jdk-headless
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y openjdk-17-jdk-headless
+fi
+
+# The metrics tests scrape TorchServe with a real Prometheus and lint with promtool.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "bootstrap: installing Debian's prometheus (prometheus and promtool)" >&2
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        prometheus
+    # Where systemd runs, the package also starts a Prometheus on :9090 of every interface.
+    if [ -d /run/systemd/system ]; then as_root systemctl disable --now prometheus || true; fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

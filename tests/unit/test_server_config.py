@@ -23,6 +23,7 @@ def test_config_binds_loopback_and_keeps_secure_defaults(tmp_path):
     assert cfg["enable_model_api"] == "false"
     assert cfg["allowed_urls"] == f"file://{store.resolve()}/[^/]+\\\\.mar"
     assert cfg["metrics_mode"] == "prometheus"
+    assert cfg["model_metrics_auto_detect"] == "true"  # Kiln's handler metrics
     assert cfg["max_request_size"] == str(4 * 1024 * 1024)
     assert cfg["enable_envvars_config"] == "false"
     assert "disable_token_authorization" not in cfg  # token auth stays on
@@ -36,7 +37,7 @@ def test_model_api_only_when_asked(tmp_path):
 def test_default_ports_are_torchserve_s_and_free_ports_are_distinct():
     assert Ports() == Ports(8080, 8081, 8082, 7070, 7071)
     free = Ports.free()
-    assert len(set(vars(free).values())) == 5
+    assert len(set(vars(free).values())) == 6
 
 
 def test_run_folder_isolates_the_pid_file(tmp_path):

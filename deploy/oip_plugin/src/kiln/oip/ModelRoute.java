@@ -1,0 +1,42 @@
+package kiln.oip;
+
+import java.util.List;
+
+/** /v2/models/NAME[/versions/VERSION][/ACTION] taken apart; ACTION is "", "ready" or "infer". */
+final class ModelRoute {
+    final String name;
+    final String version;
+    final String action;
+
+    private ModelRoute(String name, String version, String action) {
+        this.name = name;
+        this.version = version;
+        this.action = action;
+    }
+
+    /** The route, or null when the path (after /v2) is not a model route. */
+    static ModelRoute parse(List<String> path) {
+        if (path.size() < 2 || !path.get(0).equals("models")) {
+            return null;
+        }
+        List<String> rest = path.subList(2, path.size());
+        String version = null;
+        if (rest.size() >= 2 && rest.get(0).equals("versions")) {
+            version = rest.get(1);
+            rest = rest.subList(2, rest.size());
+        }
+        if (rest.size() > 1) {
+            return null;
+        }
+        return new ModelRoute(path.get(1), version, rest.isEmpty() ? "" : rest.get(0));
+    }
+
+    /** No version asked for means the default one. */
+    boolean versionMatches(String actual) {
+        return version == null || version.equals(actual);
+    }
+
+    String describe() {
+        return "'" + name + "'" + (version == null ? "" : " version '" + version + "'");
+    }
+}

@@ -1,0 +1,227 @@
+package kiln.oip;
+
+import com.google.gson.JsonArray;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.List;
+import java.util.Map;
+import java.util.UUID;
+import java.util.concurrent.ConcurrentHashMap;
+import org.pytorch.serve.archive.model.ModelException;
+import org.pytorch.serve.servingsdk.Model;
+import org.pytorch.serve.servingsdk.Worker;
+import org.pytorch.serve.servingsdk.impl.ModelServerContext;
+import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.util.messages.InputParameter;
+import org.pytorch.serve.util.messages.RequestInput;
+import org.pytorch.serve.wlm.ModelManager;
+
+/**
+ * The Open Inference Protocol routes under /v2, answered from the frontend's own state:
+ * readiness from its workers (a model is ready once a worker has loaded it), metadata from the
+ * model's signature.json, and infer queued to the model's workers as /predictions/NAME is.
+ */
+final class OipRoutes {
+
+    private static final String SIGNATURE_FILE = "signature.json";
+    // Kiln's handler answers each row with its label: a string tensor beside the probabilities.
+    private static final String LABEL_OUTPUT = "label";
+    // Margin over the model's responseTimeout, after which TorchServe itself gives up.
+    private static final long TIMEOUT_MARGIN_S = 5;
+
+    private final Map<String, JsonObject> signatureByDir = new ConcurrentHashMap<>();
+
+    /** path: the request path, /v2 included; body: null for a GET. */
+    Reply handle(String method, String path, byte[] body, String contentType) {
+        List<String> parts = segments(path);
+        if (parts == null) {
+            return Reply.error(404, "no such route: " + path + " (the protocol is under /v2)");
+        }
+        if (method.equals("POST")) {
+            ModelRoute route = ModelRoute.parse(parts);
+            if (route == null || !route.action.equals("infer")) {
+                return Reply.error(405, "POST is only for /v2/models/NAME/infer");
+            }
+            return withModel(route, () -> infer(route.name, body, contentType));
+        }
+        if (!method.equals("GET")) {
+            return Reply.error(405, method + " is not allowed on /v2");
+        }
+        if (parts.isEmpty()) {
+            return Reply.json(200, serverMetadata());
+        } else if (parts.equals(List.of("health", "live"))) {
+            return Reply.json(200, flag("live", true));
+        } else if (parts.equals(List.of("health", "ready"))) {
+            boolean ready = models().values().stream().allMatch(OipRoutes::isReady);
+            return Reply.json(ready ? 200 : 400, flag("ready", ready));
+        }
+        ModelRoute route = ModelRoute.parse(parts);
+        if (route == null) {
+            return Reply.error(404, "no such route: " + path);
+        }
+        return withModel(route, () -> getModelRoute(route));
+    }
+
+    private interface Action {
+        Reply run();
+    }
+
+    /** Runs action when route names a served model (and its served version, if any). */
+    private static Reply withModel(ModelRoute route, Action action) {
+        org.pytorch.serve.wlm.Model model = served(route.name);
+        if (model == null || !route.versionMatches(model.getVersion())) {
+            return Reply.error(404, "no model " + route.describe());
+        }
+        return action.run();
+    }
+
+    private Reply getModelRoute(ModelRoute route) {
+        if (route.action.isEmpty()) {
+            return Reply.json(200, modelMetadata(route.name));
+        }
+        if (route.action.equals("ready")) {
+            Model model = models().get(route.name);
+            boolean ready = model != null && isReady(model);
+            JsonObject body = flag("ready", ready);
+            body.addProperty("name", route.name);
+            // OIP health routes: 200 means true, a 4xx means false.
+            return Reply.json(ready ? 200 : 400, body);
+        }
+        return Reply.error(405, "GET is not allowed on /v2/models/NAME/" + route.action);
+    }
+
+    /** A model is ready when one of its workers has loaded it, not merely started. */
+    static boolean isReady(Model model) {
+        return model.getModelWorkers().stream().anyMatch(Worker::isRunning);
+    }
+
+    private static Map<String, Model> models() {
+        return new ModelServerContext().getModels();
+    }
+
+    private static org.pytorch.serve.wlm.Model served(String name) {
+        return ModelManager.getInstance().getDefaultModels().get(name);
+    }
+
+    // --- infer ------------------------------------------------------------------------------
+
+    private static Reply infer(String name, byte[] body, String contentType) {
+        WorkerJob job = new WorkerJob(name, requestInput(body, contentType));
+        try {
+            if (!ModelManager.getInstance().addJob(job)) {
+                return Reply.error(503, "model '" + name + "' has no worker or its queue is full");
+            }
+            return job.await(served(name).getResponseTimeout() + TIMEOUT_MARGIN_S);
+        } catch (ModelException e) {
+            return Reply.error(404, e.getMessage());
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+            return Reply.error(503, "the server is shutting down");
+        }
+    }
+
+    private static RequestInput requestInput(byte[] body, String contentType) {
+        // TorchServe's worker parses application/json bodies; OIP bodies are JSON by definition.
+        String type = contentType == null || contentType.isEmpty() ? Reply.JSON : contentType;
+        RequestInput input = new RequestInput(UUID.randomUUID().toString());
+        input.addParameter(new InputParameter("body", body, type));
+        return input;
+    }
+
+    // --- metadata ---------------------------------------------------------------------------
+
+    private static JsonObject serverMetadata() {
+        JsonObject body = new JsonObject();
+        body.addProperty("name", "kiln");
+        body.addProperty("version", ConfigManager.getInstance().getVersion());
+        body.add("extensions", new JsonArray());
+        return body;
+    }
+
+    private JsonObject modelMetadata(String name) {
+        org.pytorch.serve.wlm.Model model = served(name);
+        Path dir = model.getModelDir().toPath();
+        // A model's folder does not change once extracted: read its signature once.
+        JsonObject signature = signatureByDir.computeIfAbsent(dir.toString(), k -> readSignature(dir));
+        JsonObject body = new JsonObject();
+        body.addProperty("name", name);
+        JsonArray versions = new JsonArray();
+        versions.add(model.getVersion());
+        body.add("versions", versions);
+        body.addProperty("platform", "kiln");
+        body.add("inputs", inputTensors(signature));
+        body.add("outputs", outputTensors(signature));
+        return body;
+    }
+
+    private static JsonObject readSignature(Path dir) {
+        try {
+            String text = Files.readString(dir.resolve(SIGNATURE_FILE), StandardCharsets.UTF_8);
+            return JsonParser.parseString(text).getAsJsonObject();
+        } catch (IOException e) {
+            throw new IllegalStateException("cannot read " + dir.resolve(SIGNATURE_FILE), e);
+        }
+    }
+
+    /** What infer takes: raw pixels [-1, H, W] or raw features [-1, F], before preprocess. */
+    static JsonArray inputTensors(JsonObject signature) {
+        JsonObject input = signature.getAsJsonObject("input");
+        JsonObject pre = signature.getAsJsonObject("preprocess");
+        JsonArray shape = new JsonArray();
+        shape.add(-1);
+        if ("image".equals(input.get("kind").getAsString())) {
+            pre.getAsJsonArray("image_size").forEach(shape::add);
+        } else {
+            shape.add(pre.getAsJsonArray("feature_names").size());
+        }
+        JsonArray tensors = new JsonArray();
+        tensors.add(tensor(input.get("name").getAsString(), "FP32", shape));
+        return tensors;
+    }
+
+    /** One probability per label (binary models too), and the predicted label per row. */
+    static JsonArray outputTensors(JsonObject signature) {
+        JsonObject output = signature.getAsJsonObject("output");
+        JsonArray probabilities = new JsonArray();
+        probabilities.add(-1);
+        probabilities.add(output.getAsJsonArray("labels").size());
+        JsonArray labels = new JsonArray();
+        labels.add(-1);
+        JsonArray tensors = new JsonArray();
+        tensors.add(tensor(output.get("name").getAsString(), "FP32", probabilities));
+        tensors.add(tensor(LABEL_OUTPUT, "BYTES", labels));
+        return tensors;
+    }
+
+    private static JsonObject tensor(String name, String datatype, JsonArray shape) {
+        JsonObject tensor = new JsonObject();
+        tensor.addProperty("name", name);
+        tensor.addProperty("datatype", datatype);
+        tensor.add("shape", shape);
+        return tensor;
+    }
+
+    // --- plumbing ---------------------------------------------------------------------------
+
+    /** The path after /v2, without empty segments; null when it is not under /v2. */
+    private static List<String> segments(String path) {
+        List<String> parts = new ArrayList<>(Arrays.asList(path.split("/")));
+        parts.removeIf(String::isEmpty);
+        if (parts.isEmpty() || !parts.get(0).equals("v2")) {
+            return null;
+        }
+        return parts.subList(1, parts.size());
+    }
+
+    private static JsonObject flag(String name, boolean value) {
+        JsonObject body = new JsonObject();
+        body.addProperty(name, value);
+        return body;
+    }
+}

@@ -1,0 +1,256 @@
+"""A real Prometheus scrapes the test TorchServe, and what it reads back through its HTTP API
+matches the traffic the test sent: counts exactly, the rate and the p95 consistently."""
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import kiln_metrics
+import pytest
+import requests
+
+log = logging.getLogger("kiln.tests")
+
+PROMETHEUS = Path("/usr/bin/prometheus")
+PROMTOOL = Path("/usr/bin/promtool")
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MODEL = "binary"
+GOOD_BODY = (FIXTURES / "breast_cancer" / "benign.json").read_bytes()
+BAD_BODY = b"[1, 2]"  # two features where the model takes 30
+BAD_REASON = "bad_shape"
+GOOD, BAD = 24, 8
+SCRAPE_INTERVAL = "1s"
+# A worker's metric lines reach the frontend a moment after its answers reach the client.
+SETTLE_S = 0.5
+# The largest finite bucket bound TorchServe gives every histogram (see handlers/metrics.yaml).
+TOP_BUCKET = 10.0
+SELECT = f'{{model_name="{MODEL}"}}'
+
+# What promtool's lint says about series TorchServe itself exports, which Kiln cannot rename:
+# its CamelCase system and worker metrics, counters without _total, microsecond units.
+TORCHSERVE_PROBLEMS = {
+    (name, "metric names should be written in 'snake_case' not 'camelCase'")
+    for name in ("QueueTime", "WorkerThreadTime", "WorkerLoadTime", "CPUUtilization",
+                 "MemoryUsed", "MemoryAvailable", "MemoryUtilization", "DiskUsage",
+                 "DiskUtilization", "DiskAvailable", "GPUMemoryUtilization", "GPUMemoryUsed",
+                 "GPUUtilization", "PredictionTime", "HandlerTime")
+} | {
+    (name, "label names should be written in 'snake_case' not 'camelCase'")
+    for name in ("WorkerLoadTime", "PredictionTime", "HandlerTime", "GPUMemoryUtilization",
+                 "GPUMemoryUsed", "GPUUtilization")
+} | {
+    (name, 'counter metrics should have "_total" suffix')
+    for name in ("Requests2XX", "Requests4XX", "Requests5XX",
+                 "ts_inference_latency_microseconds", "ts_queue_latency_microseconds")
+} | {
+    (name, 'use base unit "seconds" instead of "microseconds"')
+    for name in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds")
+}  # fmt: skip
+# Kiln's one deliberate exception: TorchServe's fixed bucket bounds only resolve
+# sub-millisecond times when they are recorded in centiseconds (handlers/metrics.yaml).
+KILN_PROBLEMS = {
+    (kiln_metrics.stage_metric(stage), 'use base unit "seconds" instead of "centiseconds"')
+    for stage in kiln_metrics.STAGES
+}
+
+
+# --- a Prometheus of our own ------------------------------------------------------------
+
+
+def install_prometheus():
+    """Debian's prometheus package (prometheus and promtool), installed when missing."""
+    if PROMETHEUS.exists() and PROMTOOL.exists():
+        return
+    log.info("installing Debian's prometheus package")
+    root = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    for command in (["apt-get", "update"],
+                    ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]):
+        done = subprocess.run([*root, "env", "DEBIAN_FRONTEND=noninteractive", *command],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed; install the prometheus package:\n"
+                        f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if Path("/run/systemd/system").exists():
+        # The package also starts a system-wide Prometheus on port 9090 of every interface.
+        subprocess.run([*root, "systemctl", "disable", "--now", "prometheus"],
+                       capture_output=True, timeout=60)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_config(target):
+    host_port = target.split("://", 1)[1]
+    return (f"global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  scrape_timeout: {SCRAPE_INTERVAL}\n"
+            f"scrape_configs:\n  - job_name: torchserve\n"
+            f"    static_configs:\n      - targets: ['{host_port}']\n")
+
+
+class Prometheus:
+    def __init__(self, folder, target):
+        (folder / "prometheus.yml").write_text(scrape_config(target))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = folder / "prometheus.log"
+        with open(self.log_path, "w") as out:
+            self.process = subprocess.Popen(
+                [str(PROMETHEUS), f"--config.file={folder / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={folder / 'data'}",
+                 f"--web.listen-address={self.url.split('://')[1]}"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"prometheus not ready after {timeout}s")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def query(self, expr, at=None):
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=10)
+        body = r.json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def value(self, expr, at):
+        """The one number `expr` gives at `at` (a sample's timestamp, so nothing is stale)."""
+        result = self.query(expr, at)
+        assert len(result) == 1, f"{expr}: {result}"
+        return float(result[0]["value"][1])
+
+    def scrape_after(self, moment, timeout=15):
+        """The timestamp of the first successful scrape of TorchServe at or after `moment`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.query('timestamp(up{job="torchserve"})')
+            if result and float(result[0]["value"][1]) >= moment:
+                scraped = float(result[0]["value"][1])
+                assert self.value('up{job="torchserve"}', scraped) == 1.0
+                return scraped
+            time.sleep(0.2)
+        pytest.fail(f"no scrape of TorchServe after {moment} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    install_prometheus()
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), server.url("metrics"))
+    try:
+        prom.wait_ready()
+        yield prom
+    finally:
+        prom.stop()
+
+
+# --- traffic ----------------------------------------------------------------------------
+
+
+def send(server, client, bodies, threads=4):
+    """Posts each body to MODEL from a few threads (so that some share a batch); statuses."""
+    url = f"{server.url('inference')}/predictions/{MODEL}"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {client.token}"}
+
+    def one(body):
+        return requests.post(url, data=body, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, bodies))
+
+
+# Counters whose increase over the test's traffic is known exactly.
+COUNTS = {
+    "requests": f"ts_inference_requests_total{SELECT}",
+    "batched": f"kiln_batch_size_requests_sum{SELECT}",
+    "preprocessed": f"kiln_preprocess_centiseconds_count{SELECT}",
+    "inferred": f"kiln_inference_centiseconds_count{SELECT}",
+    "postprocessed": f"kiln_postprocess_centiseconds_count{SELECT}",
+    "rejected": f'kiln_requests_rejected_total{{model_name="{MODEL}",reason="{BAD_REASON}"}}',
+}
+
+
+def counts(prom, at):
+    return {name: prom.value(f"sum({expr})", at) for name, expr in COUNTS.items()}
+
+
+def bucket_counts(prom, at):
+    """{upper bound: cumulative count} of the inference-time histogram at `at`."""
+    result = prom.query(f"sum by (le) (kiln_inference_centiseconds_bucket{SELECT})", at)
+    return {float(r["metric"]["le"]): float(r["value"][1]) for r in result}
+
+
+def quantile_bucket(before, after, q):
+    """(lower, upper) bounds of the bucket holding the q-quantile of what came in between."""
+    bounds = sorted(after)
+    total = after[float("inf")] - before.get(float("inf"), 0.0)
+    lower = 0.0
+    for upper in bounds:
+        if after[upper] - before.get(upper, 0.0) >= q * total:
+            return lower, upper
+        lower = upper
+    raise AssertionError(f"no bucket reaches {q} of {total}")
+
+
+def test_prometheus_reads_back_what_was_sent(server, client, prometheus):
+    # One request of each kind first, so that every series exists before the baseline.
+    assert send(server, client, [GOOD_BODY, BAD_BODY]) == [200, 400]
+    start = prometheus.scrape_after(time.time() + SETTLE_S)
+    before, buckets_before = counts(prometheus, start), bucket_counts(prometheus, start)
+
+    statuses = send(server, client, [GOOD_BODY] * GOOD + [BAD_BODY] * BAD)
+    assert statuses == [200] * GOOD + [400] * BAD
+    end = prometheus.scrape_after(time.time() + SETTLE_S)
+    after = counts(prometheus, end)
+
+    assert {name: after[name] - before[name] for name in COUNTS} == {
+        "requests": GOOD + BAD, "batched": GOOD + BAD, "preprocessed": GOOD + BAD,
+        "inferred": GOOD, "postprocessed": GOOD, "rejected": BAD,
+    }  # fmt: skip
+    # A window from one scrape to another holds both samples: Prometheus then has nothing to
+    # extrapolate, and the rate is exactly the requests sent over the window.
+    window = f"{round((end - start) * 1000)}ms"
+    rate = prometheus.value(f"sum(rate(ts_inference_requests_total{SELECT}[{window}]))", end)
+    assert rate == pytest.approx((GOOD + BAD) / (end - start), rel=1e-9)
+
+    p95 = prometheus.value(
+        f"histogram_quantile(0.95, sum by (le) "
+        f"(increase(kiln_inference_centiseconds_bucket{SELECT}[{window}])))", end)
+    lower, upper = quantile_bucket(buckets_before, bucket_counts(prometheus, end), 0.95)
+    assert 0.0 < p95 <= TOP_BUCKET
+    assert lower < p95 <= upper
+
+
+def test_metrics_endpoint_passes_promtool_but_for_torchserve_s_own_series(
+        server, client, prometheus):
+    assert send(server, client, [GOOD_BODY, BAD_BODY]) == [200, 400]
+    time.sleep(SETTLE_S)
+    text = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
+    for name in kiln_metrics.RECORDED:
+        assert f"# TYPE {name} " in text  # promtool sees Kiln's series, not an empty page
+
+    done = subprocess.run([str(PROMTOOL), "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=30)
+
+    flagged = {tuple(line.split(" ", 1)) for line in
+               (done.stdout + done.stderr).splitlines() if line.strip()}
+    assert flagged - TORCHSERVE_PROBLEMS == KILN_PROBLEMS
