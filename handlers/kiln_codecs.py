@@ -7,6 +7,7 @@ implement is docs/signature.md.
 import base64
 import binascii
 import io
+import itertools
 import json
 import logging
 import math
@@ -437,6 +438,10 @@ def _leading_shape(value):
 
 def numbers_array(value, shape, what):
     """Checks a nested list has exactly `shape` and finite numbers; returns float64 values."""
+    fast = _numeric_array(value, shape)
+    if fast is not None:
+        return fast
+    # Something is wrong (or unusual) with this array: walk it to name the first problem.
     flat = []
 
     def walk(node, index):
@@ -452,6 +457,28 @@ def numbers_array(value, shape, what):
 
     walk(value, [])
     return np.array(flat, dtype=np.float64).reshape(shape)
+
+
+def _numeric_array(value, shape):
+    """The array numpy builds from a well-formed nested list of finite numbers, or None.
+
+    numpy converts a 28x28 list some 40x faster than a walk in Python; the walk stays for
+    arrays that need a precise error. Booleans, which numpy would quietly make 0 and 1,
+    send the array to the walk.
+    """
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        return None
+    if list(array.shape) != list(shape) or array.dtype.kind not in "iuf":
+        return None
+    leaves = value
+    for _ in range(len(shape) - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    if any(type(v) is bool for v in leaves):
+        return None
+    array = array.astype(np.float64)
+    return array if np.isfinite(array).all() else None
 
 
 # --- features --------------------------------------------------------------------------
