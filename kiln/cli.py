@@ -81,6 +81,8 @@ def how_to_call(server: Server) -> str:
         f"  inference   {url}/predictions/NAME   (token required)",
         f"  management  {server.url('management')}/models        (management token)",
         f"  metrics     {server.url('metrics')}/metrics          (Prometheus)",
+        f"  OIP / v2    {server.url('oip')}/v2/models/NAME       (inference token)",
+        f"  gRPC        {HOST}:{server.ports.grpc_inference}     (inference token)",
         f"  tokens      {server.key_file}",
         "",
         "Try:",
