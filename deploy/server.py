@@ -7,6 +7,7 @@ never step on each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -204,6 +205,16 @@ class Server:
         if code != 0:
             raise ServerError(f"torchserve --start failed:\n{output}")
         log.info("TorchServe starting from %s (logs in %s)", self.run_dir, self.log_dir)
+
+    @contextlib.contextmanager
+    def running(self, timeout: float = 180):
+        """Started and ready inside the block, stopped after it, whatever happens."""
+        self.start()
+        try:
+            self.wait_ready(timeout)
+            yield self
+        finally:
+            self.stop()
 
     def stop(self, timeout: float = 30) -> bool:
         """Stop the server of this run folder; False if none was running."""

@@ -30,12 +30,8 @@ def archives():
 def server(archives, tmp_path_factory):
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("torchserve"),
                                 model_store=STORE, models=MODELS, ports=Ports.free()))
-    srv.start()
-    try:
-        srv.wait_ready(timeout=240)
+    with srv.running(timeout=240):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

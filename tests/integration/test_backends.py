@@ -20,12 +20,8 @@ def torchscript_server(archives, tmp_path_factory):
         assert mar == store / f"{name}.mar"
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("ts-run"), model_store=store,
                                 models=MODELS, ports=Ports.free()))
-    srv.start()
-    try:
-        srv.wait_ready(timeout=180)
+    with srv.running(timeout=180):
         yield srv
-    finally:
-        srv.stop()
 
 
 def inputs():

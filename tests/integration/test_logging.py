@@ -36,12 +36,8 @@ def test_per_request_worker_chatter_stays_out_of_the_log(server, client):
 def access_logged(archives, tmp_path_factory):
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("access"), model_store=STORE,
                                 models=["binary"], ports=Ports.free(), access_log=True))
-    srv.start()
-    try:
-        srv.wait_ready(timeout=120)
+    with srv.running(timeout=120):
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_access_log_when_asked_for(access_logged):

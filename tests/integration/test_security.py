@@ -24,12 +24,8 @@ def model_api_server(archives, tmp_path_factory):
     """A second server, started with the model API on (kiln serve --enable-model-api)."""
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("model-api"), model_store=STORE,
                                 models=[], ports=Ports.free(), enable_model_api=True))
-    srv.start()
-    try:
-        srv.wait_ready(timeout=120)
+    with srv.running(timeout=120):
         yield srv
-    finally:
-        srv.stop()
 
 
 def register(srv, url, name):
