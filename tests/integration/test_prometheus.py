@@ -2,8 +2,6 @@
 matches the traffic the test sent: counts exactly, the rate and the p95 consistently."""
 
 import logging
-import os
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,15 +13,12 @@ import requests
 
 log = logging.getLogger("kiln.tests")
 
-PROMETHEUS = Path("/usr/bin/prometheus")
-PROMTOOL = Path("/usr/bin/promtool")
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MODEL = "binary"
 GOOD_BODY = (FIXTURES / "breast_cancer" / "benign.json").read_bytes()
 BAD_BODY = b"[1, 2]"  # two features where the model takes 30
 BAD_REASON = "bad_shape"
 GOOD, BAD = 24, 8
-SCRAPE_INTERVAL = "1s"
 # A worker's metric lines reach the frontend a moment after its answers reach the client.
 SETTLE_S = 0.5
 # The largest finite bucket bound TorchServe gives every histogram (see handlers/metrics.yaml).
@@ -56,111 +51,6 @@ KILN_PROBLEMS = {
     (kiln_metrics.stage_metric(stage), 'use base unit "seconds" instead of "centiseconds"')
     for stage in kiln_metrics.STAGES
 }
-
-
-# --- a Prometheus of our own ------------------------------------------------------------
-
-
-def install_prometheus():
-    """Debian's prometheus package (prometheus and promtool), installed when missing."""
-    if PROMETHEUS.exists() and PROMTOOL.exists():
-        return
-    log.info("installing Debian's prometheus package")
-    root = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]):
-        done = subprocess.run([*root, "env", "DEBIAN_FRONTEND=noninteractive", *command],
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(command)} failed; install the prometheus package:\n"
-                        f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    if Path("/run/systemd/system").exists():
-        # The package also starts a system-wide Prometheus on port 9090 of every interface.
-        subprocess.run([*root, "systemctl", "disable", "--now", "prometheus"],
-                       capture_output=True, timeout=60)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape_config(target):
-    host_port = target.split("://", 1)[1]
-    return (f"global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  scrape_timeout: {SCRAPE_INTERVAL}\n"
-            f"scrape_configs:\n  - job_name: torchserve\n"
-            f"    static_configs:\n      - targets: ['{host_port}']\n")
-
-
-class Prometheus:
-    def __init__(self, folder, target):
-        (folder / "prometheus.yml").write_text(scrape_config(target))
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = folder / "prometheus.log"
-        with open(self.log_path, "w") as out:
-            self.process = subprocess.Popen(
-                [str(PROMETHEUS), f"--config.file={folder / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={folder / 'data'}",
-                 f"--web.listen-address={self.url.split('://')[1]}"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout=20):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"prometheus not ready after {timeout}s")
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def query(self, expr, at=None):
-        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
-        r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=10)
-        body = r.json()
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def value(self, expr, at):
-        """The one number `expr` gives at `at` (a sample's timestamp, so nothing is stale)."""
-        result = self.query(expr, at)
-        assert len(result) == 1, f"{expr}: {result}"
-        return float(result[0]["value"][1])
-
-    def scrape_after(self, moment, timeout=15):
-        """The timestamp of the first successful scrape of TorchServe at or after `moment`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = self.query('timestamp(up{job="torchserve"})')
-            if result and float(result[0]["value"][1]) >= moment:
-                scraped = float(result[0]["value"][1])
-                assert self.value('up{job="torchserve"}', scraped) == 1.0
-                return scraped
-            time.sleep(0.2)
-        pytest.fail(f"no scrape of TorchServe after {moment} within {timeout}s")
-
-
-@pytest.fixture(scope="module")
-def prometheus(server, tmp_path_factory):
-    install_prometheus()
-    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), server.url("metrics"))
-    try:
-        prom.wait_ready()
-        yield prom
-    finally:
-        prom.stop()
 
 
 # --- traffic ----------------------------------------------------------------------------
@@ -241,14 +131,14 @@ def test_prometheus_reads_back_what_was_sent(server, client, prometheus):
 
 
 def test_metrics_endpoint_passes_promtool_but_for_torchserve_s_own_series(
-        server, client, prometheus):
+        server, client, prometheus, promtool):
     assert send(server, client, [GOOD_BODY, BAD_BODY]) == [200, 400]
     time.sleep(SETTLE_S)
     text = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
     for name in kiln_metrics.RECORDED:
         assert f"# TYPE {name} " in text  # promtool sees Kiln's series, not an empty page
 
-    done = subprocess.run([str(PROMTOOL), "check", "metrics"], input=text,
+    done = subprocess.run([str(promtool), "check", "metrics"], input=text,
                           capture_output=True, text=True, timeout=30)
 
     flagged = {tuple(line.split(" ", 1)) for line in

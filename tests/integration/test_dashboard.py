@@ -1,0 +1,95 @@
+"""Every PromQL expression of the Grafana dashboard returns data from a real Prometheus that
+scrapes the test TorchServe after good and bad traffic to every model."""
+
+import json
+import math
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from training import registry
+
+MODELS = list(registry.REGISTRY)
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "kiln.json"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+FIXTURES = ROOT / "tests" / "fixtures"
+SEVEN = (FIXTURES / "digits" / "7.png").read_bytes()
+BENIGN = (FIXTURES / "breast_cancer" / "benign.json").read_bytes()
+# (content type, good body, bad body): each bad body is a 400 and a rejection.
+BODIES = {
+    "lenet": ("image/png", SEVEN, b"not an image"),
+    "mlp": ("image/png", SEVEN, b"not an image"),
+    "rnn": ("image/png", SEVEN, b"not an image"),
+    "binary": ("application/json", BENIGN, b"[1, 2]"),
+}
+GOOD, BAD = 6, 2
+# What Grafana would put in for its own variables; four scrapes of the test's Prometheus
+# and more, as Grafana's $__rate_interval is.
+WINDOW = "15s"
+# A worker's metric lines reach the frontend a moment after its answers reach the client.
+SETTLE_S = 0.5
+
+
+def exprs():
+    document = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [(panel["title"], target["refId"], target["expr"])
+            for panel in document["panels"] for target in panel["targets"]]
+
+
+def for_model(expr, model):
+    return (expr.replace("$model", model).replace("$__rate_interval", WINDOW)
+            .replace("$__interval", WINDOW))
+
+
+def send_round(server, client):
+    """GOOD good and BAD bad requests to every model, from a few threads; their statuses."""
+    jobs = [(model, body) for model, (_, good, bad) in BODIES.items()
+            for body in [good] * GOOD + [bad] * BAD]
+
+    def one(job):
+        model, body = job
+        headers = {"Content-Type": BODIES[model][0], "Authorization": f"Bearer {client.token}"}
+        return requests.post(f"{server.url('inference')}/predictions/{model}", data=body,
+                             headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, jobs))
+
+
+@pytest.fixture(scope="module")
+def scraped(server, client, prometheus):
+    """The time of a scrape that followed two rounds of traffic, each after a scrape of its own,
+    so that every counter has grown between two samples inside WINDOW."""
+    expected = ([200] * GOOD + [400] * BAD) * len(BODIES)
+    for _ in range(2):
+        assert send_round(server, client) == expected
+        end = prometheus.scrape_after(time.time() + SETTLE_S)
+    return end
+
+
+def test_shipped_prometheus_config_passes_promtool(promtool):
+    done = subprocess.run([str(promtool), "check", "config", str(PROMETHEUS_CONFIG)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_model_variable_lists_every_served_model(prometheus, scraped):
+    r = requests.get(f"{prometheus.url}/api/v1/label/model_name/values", timeout=10,
+                     params={"match[]": "ts_inference_requests_total"})
+    assert r.json() == {"status": "success", "data": sorted(MODELS)}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_dashboard_expr_returns_finite_data(prometheus, scraped, model):
+    empty_or_not_finite = {}
+    for title, ref_id, expr in exprs():
+        result = prometheus.query(for_model(expr, model), scraped)
+        values = [float(series["value"][1]) for series in result]
+        if not values or not all(math.isfinite(v) for v in values):
+            empty_or_not_finite[f"{title} {ref_id}: {for_model(expr, model)}"] = result
+    assert empty_or_not_finite == {}
