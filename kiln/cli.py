@@ -192,6 +192,44 @@ def describe(name: str, body: dict) -> str:
     return line
 
 
+def cmd_batch(args) -> int:
+    from batch import job
+
+    settings = job.JobSettings(
+        name=args.name, input=args.input, output=args.output,
+        artifacts=args.artifacts or REPO_ROOT / "artifacts" / args.name, via=args.via,
+        batch_size=args.batch_size, concurrency=args.concurrency, chunk_size=args.chunk_size,
+        resume=args.resume, timeout=args.timeout, retries=args.retries,
+        url=args.url or f"http://{HOST}:{_saved_port(args.run_dir, 'inference')}",
+        token=args.token or http.read_token(args.run_dir),
+        progress=not args.no_progress, chunk_delay_s=args.chunk_delay)
+    try:
+        summary = job.run(settings)
+    except (job.BatchError, OSError) as err:
+        log.error("%s", err)
+        return 1
+    print(summary.describe())
+    return 0 if summary.failed == 0 or args.allow_failures else 1
+
+
+def cmd_loadtest(args) -> int:
+    from loadtests import run
+
+    return run.run(args)
+
+
+def cmd_bench(args) -> int:
+    from loadtests import bench
+
+    return bench.run(args)
+
+
+def cmd_tune(args) -> int:
+    from loadtests import tune
+
+    return tune.run(args)
+
+
 # -- the parser ---------------------------------------------------------------------------------
 def _server_arguments(p: argparse.ArgumentParser) -> None:
     d = Ports()
@@ -288,6 +326,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help=f"gRPC inference port on {HOST} (default: from run/ports.json, or "
                         f"{Ports.grpc_inference})")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("batch", help="score a folder of images or a table of rows",
+                       description="Score every input of a folder of images or a .npy, CSV, "
+                                   "JSON Lines or Parquet file, locally, through TorchServe or "
+                                   "on Ray, in resumable chunks; exit 1 if any input failed.")
+    from batch.arguments import add_arguments as add_batch_arguments
+
+    add_batch_arguments(p)
+    p.set_defaults(func=cmd_batch)
+    p = sub.add_parser("loadtest", help="load-test a served model with locust, write a report",
+                       description="Run locust headless against a served model (or one it "
+                                   "starts), sample metrics and CPU, write one HTML report; "
+                                   "exit 1 when a threshold failed, 2 when it could not run.")
+    from loadtests.arguments import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
+    from loadtests.bench_arguments import add_bench_arguments, add_tune_arguments
+
+    p = sub.add_parser("bench", help="in-process, Kiln, stock TorchServe and no-op, side by side",
+                       description="Measure one model in-process, served by Kiln, served by "
+                                   "TorchServe's stock handler and by a no-op handler, with wrk; "
+                                   "print ratios side by side.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("tune", help="sweep batching, workers and backend under a p99 bound",
+                       description="Sweep batch size, max batch delay, workers and backend; "
+                                   "write the model-config.yaml of the fastest variant whose "
+                                   "p99 stays under --p99-ms (exit 1 when none does).")
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

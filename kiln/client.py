@@ -5,10 +5,13 @@ The payload encoding lives here and only here: a file becomes a request body by 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import requests
 
 CONTENT_TYPES = {
@@ -31,6 +34,29 @@ def encode_file(path: Path) -> tuple[bytes, str]:
 
 def encode_json(value) -> tuple[bytes, str]:
     return json.dumps(value).encode(), "application/json"
+
+
+def encode_image(raw: bytes) -> tuple[bytes, str]:
+    """An image's bytes as a body of its own; the content type follows the bytes' magic."""
+    content_type = "image/jpeg" if raw.startswith(b"\xff\xd8\xff") else "image/png"
+    return raw, content_type
+
+
+def encode_images(raws: list[bytes]) -> tuple[bytes, str]:
+    """Several images in one body: {"instances": [{"b64": ...}, ...]}."""
+    instances = [{"b64": base64.b64encode(raw).decode("ascii")} for raw in raws]
+    return encode_json({"instances": instances})
+
+
+def encode_npy(array: np.ndarray) -> tuple[bytes, str]:
+    """Raw values ([N, H, W] pixels or [N, F] features) as a .npy body: float32 when that
+    holds every value exactly (pixels do), else float64."""
+    values = np.asarray(array, dtype=np.float64)
+    compact = values.astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, compact if np.array_equal(compact, values) else values,
+            allow_pickle=False)
+    return buffer.getvalue(), CONTENT_TYPES[".npy"]
 
 
 def read_token(run_dir: Path, kind: str = "inference") -> str | None:

@@ -102,11 +102,15 @@ def server_cpu_seconds(pid: int) -> float:
     return total
 
 
-def register(server: Server, model: str, name: str, batch_size: int, delay_ms: int) -> None:
+def register(server: Server, model: str, name: str, batch_size: int, delay_ms: int,
+             workers: int = 1, archive: str | None = None) -> None:
+    """Register `archive` (default: MODEL.mar in the server's store) as `name`, overriding
+    its model-config.yaml's batch settings and workers."""
     r = requests.post(
         f"{server.url('management')}/models",
-        params={"url": f"{model}.mar", "model_name": name, "batch_size": batch_size,
-                "max_batch_delay": delay_ms, "initial_workers": 1, "synchronous": "true"},
+        params={"url": archive or f"{model}.mar", "model_name": name,
+                "batch_size": batch_size, "max_batch_delay": delay_ms,
+                "initial_workers": workers, "synchronous": "true"},
         headers={"Authorization": f"Bearer {server.keys()['management']}"}, timeout=120)
     r.raise_for_status()
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${KILN_EXTRAS:-cpu,test}"
+EXTRAS="${KILN_EXTRAS:-cpu,test,parquet,ray}"
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -29,6 +29,20 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
         prometheus
     # Where systemd runs, the package also starts a Prometheus on :9090 of every interface.
     if [ -d /run/systemd/system ]; then as_root systemctl disable --now prometheus || true; fi
+fi
+
+# wrk: the low-CPU load generator of kiln bench.
+if ! command -v wrk >/dev/null 2>&1; then
+    echo "bootstrap: installing Debian's wrk" >&2
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y wrk
+fi
+
+# Headless Chromium renders the load-test report in the tests.
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "bootstrap: installing Debian's chromium" >&2
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

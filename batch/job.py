@@ -1,0 +1,119 @@
+"""One batch job: read INPUT in chunks, score each chunk, store it, assemble OUTPUT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch import writers
+from batch.chunks import BatchError
+from batch.handler_modules import codecs
+from batch.readers import open_source
+from batch.store import ChunkStore
+
+log = logging.getLogger("kiln.batch")
+VIAS = ("local", "server", "ray")
+
+
+@dataclass
+class JobSettings:
+    name: str
+    input: Path
+    output: Path
+    artifacts: Path  # the exported model's folder: model.onnx + signature.json
+    via: str = "local"
+    batch_size: int = 256
+    concurrency: int = 4
+    chunk_size: int = 10_000
+    resume: bool = False
+    url: str | None = None  # --via server
+    token: str | None = None
+    timeout: float = 30
+    retries: int = 6
+    progress: bool = True
+    chunk_delay_s: float = 0.0  # for tests that must interrupt a job mid-way
+
+
+@dataclass
+class Summary:
+    rows: int
+    failed: int
+    seconds: float  # this run's
+    rows_this_run: int
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (f"{self.rows - self.failed} rows scored, {self.failed} failed, "
+                f"{self.rows_this_run} this run in {self.seconds:.1f} s "
+                f"({self.rows_per_s:,.0f} rows/s)")
+
+
+def make_scorer(settings: JobSettings, signature):
+    if settings.via == "local":
+        from batch.local import LocalScorer
+
+        return LocalScorer(settings.artifacts / "model.onnx", signature, settings.batch_size)
+    if settings.via == "server":
+        from batch.remote import RetryPolicy, ServerScorer
+
+        return ServerScorer(settings.name, signature, settings.url, settings.token,
+                            settings.batch_size, settings.concurrency, settings.timeout,
+                            RetryPolicy(attempts=settings.retries))
+    if settings.via == "ray":
+        from batch.ray_job import RayScorer
+
+        return RayScorer(settings.artifacts / "model.onnx", signature, settings.batch_size,
+                         settings.concurrency)
+    raise BatchError(f"--via {settings.via!r}: expected one of {', '.join(VIAS)}")
+
+
+def _job_identity(settings: JobSettings) -> dict:
+    """What must not change between a run and its --resume (chunks would not line up)."""
+    return {"name": settings.name, "input": str(settings.input.resolve()),
+            "chunk_size": settings.chunk_size}
+
+
+def run(settings: JobSettings) -> Summary:
+    signature_path = settings.artifacts / "signature.json"
+    if not signature_path.exists():
+        raise BatchError(f"{signature_path} is missing: run kiln export {settings.name}")
+    signature = codecs().load_signature(signature_path)
+    writers.check_output(settings.output)
+    source = open_source(settings.input, signature, settings.chunk_size)
+    store = ChunkStore(settings.output, _job_identity(settings))
+    done = store.open(settings.resume)
+    start, rows_this_run = time.perf_counter(), 0
+    todo = (c for c in source.chunks() if c.index not in done)
+    scorer = make_scorer(settings, signature)
+    with _progress(source.total, sum(e["rows"] for e in done.values()), settings) as bar:
+        try:
+            for chunk, records in scorer.score(todo):
+                store.write_chunk(chunk.index, records)
+                rows_this_run += len(records)
+                bar.update(len(records))
+                if settings.chunk_delay_s:
+                    time.sleep(settings.chunk_delay_s)
+        finally:
+            scorer.close()
+    writers.write_output(settings.output, store.records())
+    summary = Summary(sum(e["rows"] for e in store.done.values()),
+                      sum(e["failed"] for e in store.done.values()),
+                      time.perf_counter() - start, rows_this_run)
+    store.remove()
+    log.debug("%s -> %s: %s", settings.input, settings.output, summary.describe())
+    return summary
+
+
+def _progress(total, initial: int, settings: JobSettings):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="rows", file=sys.stderr,
+                disable=not settings.progress, desc=f"{settings.name} via {settings.via}",
+                dynamic_ncols=True, smoothing=0.1)
+

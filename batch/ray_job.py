@@ -1,0 +1,132 @@
+"""--via ray: a Ray Data pipeline. Images are read with ray.data.read_binary_files, table rows
+(already parsed by Kiln's readers, so that ids and bad rows match --via local) enter with
+ray.data.from_items; map_batches runs on a pool of actors that each hold one ONNX Runtime
+session, and the results come back to this process to be stored chunk by chunk.
+
+Ray starts locally on the fly, or joins the cluster that RAY_ADDRESS names. The repository
+goes to the workers as Ray's working_dir, and the model as bytes, so a remote cluster needs
+neither a checkout nor the artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from batch import scoring
+from batch.chunks import BatchError, Chunk, record
+from batch.handler_modules import backends
+
+log = logging.getLogger("kiln.batch")
+REPO = Path(__file__).resolve().parent.parent
+# What the workers need is batch/ and handlers/; the rest stays here.
+EXCLUDES = [".git", ".venv", "artifacts", "run", "runs", "model_store", "tests", "loadtests",
+            "deploy", "training", "docs", "**/__pycache__"]
+WINDOW_CHUNKS = 8  # chunks per Ray dataset: bounded memory, and progress to store
+
+
+class OnnxActor:
+    """One ONNX Runtime session per actor; a batch of inputs in, a batch of results out."""
+
+    def __init__(self, model: bytes, signature, batch_size: int):
+        self.signature, self.batch_size = signature, batch_size
+        with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
+            f.write(model)
+        self.backend = backends().load_backend(f.name, intra_op_threads=1)
+        os.unlink(f.name)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        errors = [e or None for e in batch["error"]]
+        if "bytes" in batch:
+            decoded = scoring.decode_images([bytes(b) for b in batch["bytes"]], errors,
+                                            self.signature)
+        else:
+            part = Chunk(0, [str(k) for k in batch["key"]], values=batch["values"],
+                         errors=errors)
+            decoded = scoring.decode_chunk(part, self.signature)
+        probabilities = scoring.run_batched(self.backend, decoded.rows, self.batch_size)
+        labels, probs = np.full(n, "", dtype=object), np.full(n, np.nan)
+        for pos, row in zip(decoded.positions, probabilities, strict=True):
+            labels[pos], probs[pos] = scoring.answer(row, self.signature)
+        out_errors = np.array([e or "" for e in decoded.errors], dtype=object)
+        return {"key": batch["key"], "label": labels, "probability": probs,
+                "error": out_errors}
+
+
+class RayScorer:
+    def __init__(self, model_path: Path, signature, batch_size: int, actors: int):
+        try:
+            import ray
+        except ImportError:
+            raise BatchError("--via ray needs Ray: pip install 'kiln[ray]'") from None
+        self.ray = ray
+        self.model = Path(model_path).read_bytes()
+        self.signature, self.batch_size, self.actors = signature, batch_size, actors
+        self.started = not ray.is_initialized()
+        if self.started:  # ray.init() joins RAY_ADDRESS's cluster when it is set
+            ray.init(runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
+                     include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # An actor holds its CPU for the whole job: leave one for the read tasks, or the
+        # pipeline waits forever on a small machine.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.actors = max(1, min(actors, cpus - 1))
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
+        window: list[Chunk] = []
+        for chunk in chunks:
+            window.append(chunk)
+            if len(window) == WINDOW_CHUNKS:
+                yield from self._score_window(window)
+                window = []
+        if window:
+            yield from self._score_window(window)
+
+    def _dataset(self, window: list[Chunk]):
+        data = self.ray.data
+        if window[0].paths is not None:
+            paths = [str(p) for c in window for p in c.paths]
+            ds = data.read_binary_files(paths, include_paths=True)
+            return ds.map_batches(_keyed_by_path, batch_format="numpy")
+        items = [{"key": f"{k}:{i}", "values": c.values[i], "error": c.errors[i] or ""}
+                 for k, c in enumerate(window) for i in range(len(c))]
+        return data.from_items(items)
+
+    def _score_window(self, window: list[Chunk]):
+        ds = self._dataset(window).map_batches(
+            OnnxActor, fn_constructor_args=(self.model, self.signature, self.batch_size),
+            batch_size=self.batch_size, batch_format="numpy",
+            compute=self.ray.data.ActorPoolStrategy(size=self.actors))
+        results = {}
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
+            for key, label, prob, err in zip(batch["key"], batch["label"],
+                                             batch["probability"], batch["error"], strict=True):
+                results[str(key)] = (label, prob, err)
+        for k, chunk in enumerate(window):
+            keys = ([str(p) for p in chunk.paths] if chunk.paths is not None
+                    else [f"{k}:{i}" for i in range(len(chunk))])
+            yield chunk, [_record(row_id, results[key])
+                          for row_id, key in zip(chunk.ids, keys, strict=True)]
+
+
+def _keyed_by_path(batch: dict) -> dict:
+    return {"key": batch["path"], "bytes": batch["bytes"],
+            "error": np.full(len(batch["path"]), "", dtype=object)}
+
+
+def _record(row_id: str, result) -> dict:
+    label, probability, error = result
+    if error:
+        return record(row_id, error=str(error))
+    return record(row_id, str(label), float(probability))

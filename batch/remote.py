@@ -1,0 +1,124 @@
+"""--via server: the running TorchServe, several inputs a request, a bounded number of
+requests in flight, retries with exponential backoff on 502/503/504, timeouts and refused
+connections, and a clear BatchError once the retry budget is spent.
+
+A request with a bad input gets 400 as a whole; its rows are then sent one by one, so that
+only the bad row gets the error, with the server's own message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+
+from batch.chunks import BatchError, Chunk, record
+from batch.handler_modules import codecs
+from batch.pipeline import score_chunks
+from batch.scoring import read_image
+from kiln import client as http
+
+log = logging.getLogger("kiln.batch")
+RETRY_STATUSES = (502, 503, 504)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6  # tries in all, the first included
+    backoff_s: float = 0.5  # wait after the first failure, doubled after each next one
+    max_backoff_s: float = 8.0
+
+    def wait(self, failures: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1))
+
+
+class ServerScorer:
+    def __init__(self, name: str, signature, url: str, token: str | None, batch_size: int,
+                 concurrency: int, timeout: float = 30, retry: RetryPolicy | None = None):
+        self.name, self.signature, self.url, self.token = name, signature, url, token
+        self.request_size = min(batch_size, codecs().MAX_INSTANCES)
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._local = threading.local()
+
+    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="kiln-post") as pool:
+            yield from score_chunks(chunks, self.request_size, pool, self._score_part,
+                                    lambda part, records: records, ahead=2 * self.concurrency)
+
+    def close(self) -> None:
+        pass
+
+    def _client(self) -> http.Client:
+        if not hasattr(self._local, "client"):  # requests.Session is not shared across threads
+            self._local.client = http.Client(self.url, self.token, self.timeout)
+        return self._local.client
+
+    def _score_part(self, part: Chunk) -> list[dict]:
+        errors = list(part.errors)
+        bodies: dict[int, object] = {}  # position -> what one input is sent as
+        for i in range(len(part)):
+            if part.paths is not None:
+                raw, errors[i] = read_image(part.paths[i])
+                if raw is not None:
+                    bodies[i] = raw
+            elif errors[i] is None:
+                bodies[i] = part.values[i:i + 1]
+        out = [record(row_id, error=err) for row_id, err in zip(part.ids, errors, strict=True)]
+        if not bodies:
+            return out
+        status, answers = self._post(self._encode(list(bodies.values())))
+        if status == 400:  # some input is bad: find out which, one by one
+            answers = [self._one(body) for body in bodies.values()]
+        elif status != 200:
+            raise BatchError(f"{self.url}/predictions/{self.name} answered HTTP {status}: "
+                             f"{str(answers)[:200]}")
+        for pos, ans in zip(bodies, answers, strict=True):
+            out[pos] = record(part.ids[pos], error=ans["error"]) if "error" in ans else \
+                record(part.ids[pos], ans["label"], ans["probability"])
+        return out
+
+    def _encode(self, items: list) -> tuple[bytes, str]:
+        if isinstance(items[0], bytes):
+            return http.encode_images(items)
+        import numpy as np
+
+        return http.encode_npy(np.concatenate(items))
+
+    def _one(self, body) -> dict:
+        """One input alone: its answer, or {"error": message} for a 400."""
+        encoded = http.encode_image(body) if isinstance(body, bytes) else http.encode_npy(body)
+        status, answer = self._post(encoded)
+        if status == 400:
+            return {"error": answer.get("error", str(answer)) if isinstance(answer, dict)
+                    else str(answer)}
+        if status != 200:
+            raise BatchError(f"{self.url}/predictions/{self.name} answered HTTP {status}: "
+                             f"{str(answer)[:200]}")
+        return answer[0] if isinstance(answer, list) else answer
+
+    def _post(self, encoded: tuple[bytes, str]):
+        """(status, body) of the first answer that is not worth retrying."""
+        last = ""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                answer = self._client().predict(self.name, *encoded)
+                if answer.status not in RETRY_STATUSES:
+                    return answer.status, answer.body
+                last = f"HTTP {answer.status}"
+            except (requests.ConnectionError, requests.Timeout) as err:
+                last = f"{err.__class__.__name__}: {err}"
+            if attempt < self.retry.attempts:
+                wait = self.retry.wait(attempt)
+                log.warning("%s (try %d of %d); again in %.1f s", last, attempt,
+                            self.retry.attempts, wait)
+                time.sleep(wait)
+        raise BatchError(f"gave up on {self.url}/predictions/{self.name} after "
+                         f"{self.retry.attempts} tries: {last[:300]}. Is TorchServe running "
+                         "(kiln serve)? Finished chunks are kept: rerun with --resume")

@@ -1,0 +1,116 @@
+"""Chunks to model rows and model outputs to records, with the handler's own codec, so that a
+row scored here gets exactly the label, probability or error message the server gives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from batch.chunks import Chunk, record
+from batch.handler_modules import codecs
+
+
+@dataclass
+class Decoded:
+    """Model rows for the inputs at `positions` of a chunk; `errors` for every position."""
+
+    rows: np.ndarray
+    positions: list[int]
+    errors: list[str | None]
+
+
+def read_image(path: Path) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, why the file could not be read)."""
+    try:
+        return path.read_bytes(), None
+    except OSError as err:
+        return None, f"cannot read the file: {err.strerror or err}"
+
+
+def decode_chunk(chunk: Chunk, signature) -> Decoded:
+    if chunk.paths is not None:
+        return _decode_images(chunk, signature)
+    return _decode_values(chunk, signature)
+
+
+def _decode_images(chunk: Chunk, signature) -> Decoded:
+    raws, errors = [], list(chunk.errors)
+    for i, path in enumerate(chunk.paths):
+        raw, errors[i] = read_image(path)
+        raws.append(raw)
+    return decode_images(raws, errors, signature)
+
+
+def decode_images(raws: list[bytes | None], errors: list[str | None], signature) -> Decoded:
+    """Encoded images (None where `errors` says why there is none) as model rows."""
+    kiln_codecs = codecs()
+    errors = list(errors)
+    rows, positions = [], []
+    for i, raw in enumerate(raws):
+        if raw is None:
+            continue
+        try:
+            rows.append(kiln_codecs.decode_request(raw, signature))
+            positions.append(i)
+        except kiln_codecs.BadInput as err:
+            errors[i] = str(err)
+    return Decoded(_stack(rows, signature), positions, errors)
+
+
+def _decode_values(chunk: Chunk, signature) -> Decoded:
+    """Vectorised in slices of at most MAX_INSTANCES rows (the codec's limit); a slice with
+    a bad row is decoded row by row, as the server sees a one-row request."""
+    kiln_codecs = codecs()
+    errors = list(chunk.errors)
+    good = [i for i, e in enumerate(errors) if e is None]
+    parts, positions = [], []
+    for start in range(0, len(good), kiln_codecs.MAX_INSTANCES):
+        idx = good[start:start + kiln_codecs.MAX_INSTANCES]
+        try:
+            parts.append(kiln_codecs.rows_from_raw(chunk.values[idx], signature))
+            positions += idx
+            continue
+        except kiln_codecs.BadInput:
+            pass
+        for i in idx:
+            try:
+                parts.append(kiln_codecs.rows_from_raw(chunk.values[i:i + 1], signature))
+                positions.append(i)
+            except kiln_codecs.BadInput as err:
+                errors[i] = str(err)
+    rows = np.concatenate(parts) if parts else _stack([], signature)
+    return Decoded(rows, positions, errors)
+
+
+def _stack(rows, signature) -> np.ndarray:
+    if rows:
+        return np.stack(rows)
+    return np.zeros((0, *signature["input"]["shape"][1:]), dtype=np.float32)
+
+
+def answer(probabilities, signature, encode_answer=None) -> tuple[str, float]:
+    """(label, probability) as the server's answer has them."""
+    encode_answer = encode_answer or codecs().encode_answer
+    body = encode_answer(probabilities, signature["output"], top_k=1)
+    return body["label"], body["probability"]
+
+
+def records(chunk: Chunk, decoded: Decoded, probabilities: np.ndarray, signature) -> list[dict]:
+    """One record per chunk input, in order."""
+    out = [record(row_id, error=err) for row_id, err in zip(chunk.ids, decoded.errors,
+                                                            strict=True)]
+    encode_answer = codecs().encode_answer
+    for pos, probs in zip(decoded.positions, probabilities, strict=True):
+        label, probability = answer(probs, signature, encode_answer)
+        out[pos] = record(chunk.ids[pos], label, probability)
+    return out
+
+
+def run_batched(backend, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model over rows, batch_size rows a call."""
+    if not len(rows):
+        return np.zeros((0,), dtype=np.float32)
+    outs = [backend.run(rows[s:s + batch_size]) for s in range(0, len(rows), batch_size)]
+    return np.concatenate(outs)

@@ -1,0 +1,87 @@
+"""Rows of a table (CSV, JSON Lines, Parquet) as raw model values.
+
+Feature models take the columns named like signature feature_names (any order, other columns
+ignored) or, failing that, exactly F unnamed columns in signature order. Image models take
+H*W columns of flattened pixels (0-255); columns named `id` or `label` are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from batch.chunks import BatchError
+
+IGNORED_COLUMNS = ("id", "label")
+
+
+def width(signature) -> int:
+    pre = signature["preprocess"]
+    if signature["input"]["kind"] == "features":
+        return len(pre["feature_names"])
+    height, wide = pre["image_size"]
+    return height * wide
+
+
+def value_shape(signature) -> tuple[int, ...]:
+    """Shape of one row's raw values: [F] or [H, W]."""
+    if signature["input"]["kind"] == "features":
+        return (width(signature),)
+    return tuple(signature["preprocess"]["image_size"])
+
+
+def column_plan(header: list[str], signature, source: str) -> list[int]:
+    """Indices of the header's columns that make one row, in model order."""
+    names = signature["preprocess"].get("feature_names")
+    if names and set(names) <= set(header):
+        return [header.index(name) for name in names]
+    kept = [i for i, name in enumerate(header) if str(name).lower() not in IGNORED_COLUMNS]
+    if len(kept) == width(signature):
+        return kept
+    what = (f"the {len(names)} feature columns {names[:2]}... or {len(names)} unnamed columns"
+            if names else f"{width(signature)} pixel columns")
+    raise BatchError(f"{source}: {len(header)} columns, expected {what}")
+
+
+def looks_like_header(cells: list[str]) -> bool:
+    return any(not _is_number(c) for c in cells)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def cells_to_values(rows: list[list], names: list[str], shape) -> tuple[np.ndarray, list]:
+    """Rows of cells (strings or numbers) as float64 [n, *shape], with an error per row whose
+    cells are not numbers. NaN stays NaN: the codec rejects it as the server would."""
+    n = len(rows)
+    try:  # numpy parses numeric strings; it would also make None NaN, hence the check
+        values = np.array(rows, dtype=np.float64).reshape(n, *shape)
+        if not np.isnan(values).any() or not any(None in row for row in rows):
+            return values, [None] * n
+    except (ValueError, TypeError):
+        pass
+    values = np.zeros((n, math.prod(shape)), dtype=np.float64)
+    errors: list[str | None] = [None] * n
+    for i, row in enumerate(rows):
+        try:
+            values[i] = [_cell(cell, name) for cell, name in zip(row, names, strict=True)]
+        except ValueError as err:
+            errors[i] = str(err)
+    return values.reshape(n, *shape), errors
+
+
+def _cell(cell, name: str) -> float:
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        raise ValueError(f"column '{name}' is empty")
+    if isinstance(cell, bool):
+        raise ValueError(f"column '{name}' is a boolean, not a number")
+    try:
+        return float(cell)
+    except (TypeError, ValueError):
+        raise ValueError(f"column '{name}' is not a number: {str(cell)[:40]!r}") from None

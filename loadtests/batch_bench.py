@@ -1,0 +1,124 @@
+"""`kiln batch` throughput: `python -m loadtests.batch_bench`.
+
+In one run, for lenet on 10,000 PNG images (the 5,000-image MNIST sample and a copy shifted by
+one pixel) and for binary on 100,000 CSV rows (the breast-cancer rows resampled), prints the
+rows/s of --via local next to the raw ONNX Runtime ceiling (the same session settings, on the
+already decoded arrays), and of --via server next to local, against a TorchServe started for
+the purpose on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from batch import job, scoring
+from batch.local import LocalScorer
+from batch.readers import open_source
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("kiln.bench")
+
+
+def make_images(folder: Path, n: int) -> Path:
+    from training.data import load_raw
+
+    x = load_raw("mnist")[0]
+    shifted = np.roll(x, 1, axis=2)
+    images = np.concatenate([x, shifted] * (n // (2 * len(x)) + 1))[:n]
+    for i, pixels in enumerate(images):
+        sub = folder / f"{i // 1000:02d}"
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(sub / f"{i:05d}.png")
+    return folder
+
+
+def make_rows(path: Path, n: int) -> Path:
+    from training.data import load_raw
+
+    x, _, _, names = load_raw("breast_cancer")
+    rows = x[np.random.default_rng(0).integers(0, len(x), n)]
+    np.savetxt(path, rows, delimiter=",", header=",".join(names), comments="", fmt="%.6g")
+    return path
+
+
+def ceiling(name: str, inp: Path, batch_size: int) -> float:
+    """rows/s of ONNX Runtime alone on the decoded inputs, with --via local's session."""
+    artifacts = REPO / "artifacts" / name
+    signature = json_load(artifacts / "signature.json")
+    scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
+    rows = np.concatenate([scoring.decode_chunk(c, signature).rows
+                           for c in open_source(inp, signature, 10_000).chunks()])
+    scoring.run_batched(scorer.backend, rows[:batch_size], batch_size)  # warm up
+    start = time.perf_counter()
+    scoring.run_batched(scorer.backend, rows, batch_size)
+    return len(rows) / (time.perf_counter() - start)
+
+
+def json_load(path: Path):
+    from batch.handler_modules import codecs
+
+    return codecs().load_signature(path)
+
+
+def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
+    extra = {}
+    if server is not None:
+        extra = dict(url=server.url("inference"), token=server.keys()["inference"])
+    settings = job.JobSettings(name=name, input=inp, output=out, via=how, progress=False,
+                               artifacts=REPO / "artifacts" / name, batch_size=args.batch_size,
+                               concurrency=args.concurrency, **extra)
+    return job.run(settings).rows_per_s
+
+
+def start_server(folder: Path):
+    from deploy.server import Ports, Server, ServerSettings
+    from model_store.archive import STORE
+
+    srv = Server(ServerSettings(run_dir=folder, model_store=STORE, models=["lenet", "binary"],
+                                ports=Ports.free()))
+    srv.start()
+    srv.wait_ready(timeout=240)
+    return srv
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000, help="(default: 10000)")
+    parser.add_argument("--rows", type=int, default=100_000, help="(default: 100000)")
+    parser.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
+    parser.add_argument("--concurrency", type=int, default=4, help="(default: 4)")
+    parser.add_argument("--no-server", action="store_true", help="skip --via server")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        inputs = {"lenet": make_images(tmp / "images", args.images),
+                  "binary": make_rows(tmp / "rows.csv", args.rows)}
+        server = None if args.no_server else start_server(tmp / "server")
+        try:
+            print(f"{'model':<8}{'rows':>8}{'ORT ceiling':>13}{'local':>10}{'local/ceil':>12}"
+                  f"{'server':>10}{'server/local':>14}   (rows/s)")
+            for name, inp in inputs.items():
+                top = ceiling(name, inp, args.batch_size)
+                local = via(name, inp, tmp / f"{name}-local.csv", "local", args)
+                remote = via(name, inp, tmp / f"{name}-server.csv", "server", args,
+                             server) if server else float("nan")
+                n = args.images if name == "lenet" else args.rows
+                print(f"{name:<8}{n:>8}{top:>13,.0f}{local:>10,.0f}{local / top:>12.0%}"
+                      f"{remote:>10,.0f}{remote / local:>14.0%}")
+        finally:
+            if server is not None:
+                server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""One model, side by side in one run: `kiln bench NAME`.
+
+Rows: the model alone in this process (the ceiling), the model served through Kiln's
+handler (its normal archive), the same TorchScript graph served by TorchServe's stock
+handler with TorchServe's default settings (what a user gets without Kiln), and the same
+TorchServe with a handler that answers a constant (the server's own ceiling). Each row gets
+its throughput, p50 and p99 at one client and at --clients, and its ratios to the ceiling,
+to the no-op server and to the stock handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from deploy.server import Ports, Server, ServerSettings
+from kiln.client import Client, encode_file
+from loadtests import inprocess, stock, wrk
+from loadtests.batching import PAYLOADS, server_cpu_seconds
+from model_store import STORE
+from model_store.archive import ServingConfig
+
+log = logging.getLogger("kiln.bench")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+SERVED = ("kiln", "stock", "noop")
+
+
+@dataclass
+class Row:
+    name: str
+    clients: int  # 0: in-process, one caller
+    throughput: float  # inputs per second
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int = 0
+    client_cpu_pct: float | None = None
+    server_cpu_pct: float | None = None
+    x_ceiling: float | None = None
+    x_noop: float | None = None
+    x_stock: float | None = None
+    p99_x_stock: float | None = None
+
+
+def _ratio(a: float, b: Row | None, field: str = "throughput") -> float | None:
+    base = getattr(b, field) if b else 0
+    # Three significant figures: the in-process ceiling can be 1000x a served row.
+    return float(f"{a / base:.3g}") if base else None
+
+
+def add_ratios(rows: list[Row]) -> list[Row]:
+    """Each row against the best in-process row, and against the no-op and stock servers at
+    the same concurrency (in-process rows: at the highest one, where throughput peaks)."""
+    inproc = [r for r in rows if r.clients == 0]
+    ceiling = max(inproc, key=lambda r: r.throughput) if inproc else None
+    peak = max((r.clients for r in rows), default=0)
+    by = {(r.name, r.clients): r for r in rows if r.name in SERVED}
+    for r in rows:
+        clients = r.clients or peak
+        noop, stock_row = by.get(("noop", clients)), by.get(("stock", clients))
+        r.x_ceiling = _ratio(r.throughput, ceiling)
+        r.x_noop = _ratio(r.throughput, noop)
+        r.x_stock = _ratio(r.throughput, stock_row)
+        r.p99_x_stock = _ratio(r.p99_ms, stock_row, "p99_ms")
+    return rows
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'row':<24}{'clients':>8}{'inputs/s':>10}{'x ceil':>8}{'x noop':>8}"
+            f"{'x stock':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99 x st':>9}{'errors':>7}"
+            f"{'wrk CPU':>9}{'srv CPU':>9}")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r.name:<24}{r.clients or '-':>8}{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>8}"
+            f"{_cell(r.x_noop, '.3g'):>8}{_cell(r.x_stock, '.3g'):>8}{r.p50_ms:>9.2f}"
+            f"{r.p99_ms:>9.2f}{_cell(r.p99_x_stock, '.3g'):>9}{r.errors:>7}"
+            f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%")
+    return "\n".join(lines)
+
+
+def configured_batch(archive: Path) -> int:
+    """batchSize from the archive's model-config.yaml (ServingConfig's when absent)."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return int(yaml.safe_load(z.read("model-config.yaml"))["batchSize"])
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+        return ServingConfig().batch_size
+
+
+def inprocess_rows(artifacts: Path, body: bytes, batch: int, seconds: float) -> list[Row]:
+    return [Row(f"in-process {t.backend} b{t.batch}", 0, t.throughput, t.p50_ms, t.p99_ms,
+                t.calls)
+            for t in inprocess.measure(artifacts, body, sorted({1, batch}), seconds)]
+
+
+def served_row(row: str, server: Server, model: str, payload: tuple[bytes, str],
+               clients: int, seconds: int) -> Row:
+    url = f"{server.url('inference')}/predictions/{model}"
+    token = server.keys()["inference"]
+    cpu0 = server_cpu_seconds(server.pid())
+    run = wrk.run(url, *payload, token, clients, seconds)
+    server_cpu = (server_cpu_seconds(server.pid()) - cpu0) / run.seconds * 100
+    return Row(row, clients, run.throughput_rps, run.p50_ms, run.p99_ms, run.requests,
+               run.errors, run.client_cpu_pct, server_cpu)
+
+
+def check_answers(targets: dict) -> None:
+    """One request per served row before timing: a benchmark of errors is no benchmark."""
+    for row, (server, model, payload) in targets.items():
+        answer = Client(server.url("inference"), server.keys()["inference"]).predict(
+            model, *payload)
+        if not answer.ok:
+            raise RuntimeError(f"{row}: HTTP {answer.status}: {answer.body}")
+        log.info("%s answers %s", row, json.dumps(answer.body)[:120])
+
+
+def start_servers(name: str, stock_store: Path, run_root: Path) -> tuple[Server, Server]:
+    """Kiln's archive as `kiln serve NAME` serves it, and a stock TorchServe with the stock
+    and no-op archives, started together; both on free ports, token auth on."""
+    kiln = Server(ServerSettings(run_root / "kiln", STORE, [name], Ports.free()))
+    names = [f"{name}_stock", f"{name}_noop"]
+    plain = Server(stock.StockSettings(run_root / "stock", stock_store, names, Ports.free()))
+    kiln.start()
+    try:
+        plain.start()
+        kiln.wait_ready()
+        plain.wait_ready()
+    except BaseException:
+        kiln.stop()
+        plain.stop()
+        raise
+    return kiln, plain
+
+
+def served_rows(name: str, artifacts: Path, clients: list[int], seconds: int) -> list[Row]:
+    payload = encode_file(PAYLOADS[name])
+    stock_payload = stock.body(inprocess.model_input(artifacts, payload[0])[0])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        models = stock.build_all(name, artifacts, Path(tmp) / "store")
+        kiln, plain = start_servers(name, Path(tmp) / "store", Path(tmp))
+        try:
+            targets = {"kiln": (kiln, name, payload),
+                       "stock": (plain, models["stock"], stock_payload),
+                       "noop": (plain, models["noop"], stock_payload)}
+            check_answers(targets)
+            for row, (server, model, body) in targets.items():
+                served_row(row, server, model, body, max(clients), 1)  # warm-up
+                for n in clients:
+                    log.info("%s: %d client(s) for %ds", row, n, seconds)
+                    rows.append(served_row(row, server, model, body, n, seconds))
+        finally:
+            kiln.stop()
+            plain.stop()
+    return rows
+
+
+def bench(name: str, clients: list[int], seconds: int) -> list[Row]:
+    from kiln.pipeline import ensure_built
+
+    archive = ensure_built(name)
+    artifacts = ARTIFACTS / name
+    body, _ = encode_file(PAYLOADS[name])
+    rows = inprocess_rows(artifacts, body, configured_batch(archive), min(seconds, 3))
+    rows += served_rows(name, artifacts, clients, seconds)
+    return add_ratios(rows)
+
+
+def report(name: str, rows: list[Row], seconds: int) -> dict:
+    return {"model": name, "seconds": seconds, "load_generator": wrk.NAME,
+            "ceiling": "best in-process row (ONNX Runtime / TorchScript, no HTTP, no decoding)",
+            "kiln": "Kiln's handler, the normal archive (model_store/NAME.mar)",
+            "stock": stock.DESCRIPTION,
+            "noop": "the stock server's settings with loadtests/noop_handler.py (answers a "
+                    "constant, reads nothing)",
+            "rows": [asdict(r) for r in rows]}
+
+
+def run(args: argparse.Namespace) -> int:
+    if not wrk.available():
+        log.error("wrk is not installed: apt-get install wrk")
+        return 1
+    rows = bench(args.name, sorted({1, args.clients}), args.seconds)
+    result = report(args.name, rows, args.seconds)
+    print(f"{args.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
+    for key in ("ceiling", "kiln", "stock", "noop"):
+        print(f"  {key:<8}{result[key]}")
+    print(format_table(rows))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,37 @@
+"""Flags of `kiln bench` and `kiln tune`, kept free of heavy imports so that building the
+CLI parser stays fast; the commands import loadtests.bench and loadtests.tune when they run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training import registry
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to measure")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="concurrent connections of the high-load runs; every row is "
+                             "also measured at 1 (default: 16)")
+    parser.add_argument("--seconds", type=int, default=5,
+                        help="measured seconds per served cell, whole seconds (default: 5)")
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to tune")
+    parser.add_argument("--p99-ms", type=float, required=True,
+                        help="p99 bound in ms, at load and at one client")
+    parser.add_argument("--configs", default="1:0,8:2",
+                        help="batch_size:max_batch_delay_ms list (default: 1:0,8:2)")
+    parser.add_argument("--workers", default="1,2", help="worker counts (default: 1,2)")
+    parser.add_argument("--backends", default="onnx,torchscript",
+                        help="backends, onnx and/or torchscript (default: onnx,torchscript)")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="connections of the runs at load (default: 16)")
+    parser.add_argument("--seconds", type=int, default=3,
+                        help="seconds per run, whole seconds (default: 3)")
+    parser.add_argument("--out", type=Path, default=Path("tune"),
+                        help="folder for model-config.yaml, report.md and trials.yaml "
+                             "(default: tune/)")

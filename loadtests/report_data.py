@@ -1,0 +1,85 @@
+"""The load-test report's numbers, prepared from what the run collected: locust's per-second
+history CSV, the Prometheus scrapes and the CPU samples. Pure functions, no I/O but reading
+the CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+Series = list[tuple[float, float]]  # (seconds since the start, value)
+PERCENTILES = ("50%", "95%", "99%")
+STAGES = ("preprocess", "inference", "postprocess")
+MS_PER_CENTISECOND = 10.0
+MS_PER_MICROSECOND = 1e-3
+
+
+def _number(text: str) -> float:
+    return math.nan if text in ("", "N/A") else float(text)
+
+
+def read_history(path: Path, t0: float | None = None) -> dict[str, Series]:
+    """The Aggregated rows of locust's --csv-full-history file, as series over time (from
+    t0, else from the first row): users, rps, failures/s, p50/p95/p99 (ms; locust's
+    rolling window) and totals."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    if not rows:
+        return {}
+    t0 = float(rows[0]["Timestamp"]) if t0 is None else t0
+    columns = {"users": "User Count", "rps": "Requests/s", "failures/s": "Failures/s",
+               "requests": "Total Request Count", "failures": "Total Failure Count",
+               **{f"p{p.rstrip('%')}": p for p in PERCENTILES}}
+    return {key: [(float(r["Timestamp"]) - t0, _number(r[col])) for r in rows
+                  if not math.isnan(_number(r[col]))]
+            for key, col in columns.items()}
+
+
+def _total(samples: dict, name: str, model: str) -> float:
+    """The sum of a counter over the series of one model (every other label summed)."""
+    return sum(v for (n, labels), v in samples.items()
+               if n == name and ("model_name", model) in labels)
+
+
+def _means(scrapes, t0: float, model: str, sum_name: str, count_name: str,
+           scale: float) -> Series:
+    """Per-interval means between consecutive scrapes: delta(sum) / delta(count) * scale."""
+    out = []
+    for (_, a), (t_b, b) in zip(scrapes, scrapes[1:], strict=False):
+        count = _total(b, count_name, model) - _total(a, count_name, model)
+        if count > 0:
+            total = _total(b, sum_name, model) - _total(a, sum_name, model)
+            out.append((t_b - t0, total / count * scale))
+    return out
+
+
+def server_split(scrapes: list, t0: float, model: str) -> dict[str, Series]:
+    """Mean milliseconds per request in TorchServe's queue and in each handler stage."""
+    split = {"queue": _means(scrapes, t0, model, "ts_queue_latency_microseconds",
+                             "ts_inference_requests_total", MS_PER_MICROSECOND)}
+    for stage in STAGES:
+        name = f"kiln_{stage}_centiseconds"
+        split[stage] = _means(scrapes, t0, model, f"{name}_sum", f"{name}_count",
+                              MS_PER_CENTISECOND)
+    return split
+
+
+def batch_sizes(scrapes: list, t0: float, model: str) -> Series:
+    return _means(scrapes, t0, model, "kiln_batch_size_requests_sum",
+                  "kiln_batch_size_requests_count", 1.0)
+
+
+def cpu_series(samples: list, t0: float) -> dict[str, Series]:
+    """{group: [(t, cpu %)]}; the first sample of each run is psutil's 0.0 baseline."""
+    out: dict[str, Series] = {}
+    for t, by_group in samples[1:]:
+        for group, percent in by_group.items():
+            out.setdefault(group, []).append((t - t0, percent))
+    return out
+
+
+def summary(series: Series) -> tuple[float, float]:
+    """(mean, max) of a series' values; NaN for an empty one."""
+    values = [v for _, v in series]
+    return (sum(values) / len(values), max(values)) if values else (math.nan, math.nan)

@@ -1,0 +1,221 @@
+"""Sweep batch size, max batch delay, workers and backend: `kiln tune NAME --p99-ms X`.
+
+Each variant is registered through the management API and measured with wrk at --clients
+connections and at one. Rule: a variant qualifies when it answered every request and its
+p99 stays under X both at load and at one client; the pick is the highest throughput at
+load, where variants within --tie of the best count as equal and the lower one-client p50
+wins (batching buys throughput at load and costs latency when idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from itertools import product
+from pathlib import Path
+
+import requests
+import yaml
+
+from deploy.server import Ports, Server, ServerSettings
+from kiln.client import encode_file
+from loadtests import wrk
+from loadtests.batching import PAYLOADS, parse_configs, register
+from model_store.archive import ServingConfig
+
+log = logging.getLogger("kiln.tune")
+BACKENDS = ("onnx", "torchscript")
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str
+    batch_size: int
+    max_batch_delay_ms: int
+    workers: int
+
+    @property
+    def name(self) -> str:
+        return (f"{self.backend}_b{self.batch_size}_d{self.max_batch_delay_ms}"
+                f"_w{self.workers}")
+
+    def serving_config(self) -> ServingConfig:
+        return ServingConfig(workers=self.workers, batch_size=self.batch_size,
+                             max_batch_delay_ms=self.max_batch_delay_ms)
+
+
+@dataclass
+class Trial:
+    variant: Variant
+    throughput: float  # at load
+    p50_ms: float
+    p99_ms: float
+    one_p50_ms: float  # at one client
+    one_p99_ms: float
+    errors: int
+
+
+def sweep(backends: list[str], configs: list[tuple[int, int]], workers: list[int]
+          ) -> list[Variant]:
+    return [Variant(b, bs, d, w) for b, (bs, d), w in product(backends, configs, workers)]
+
+
+def qualifies(t: Trial, p99_ms: float) -> bool:
+    return t.errors == 0 and t.p99_ms <= p99_ms and t.one_p99_ms <= p99_ms
+
+
+def choose(trials: list[Trial], p99_ms: float, tie: float = 0.05) -> Trial | None:
+    """The rule in the module docstring; None when no trial qualifies."""
+    ok = [t for t in trials if qualifies(t, p99_ms)]
+    if not ok:
+        return None
+    best = max(t.throughput for t in ok)
+    close = [t for t in ok if t.throughput >= best * (1 - tie)]
+    return min(close, key=lambda t: (t.one_p50_ms, -t.throughput))
+
+
+def model_config_yaml(variant: Variant) -> str:
+    """The archive's model-config.yaml for `variant` (what `kiln archive` writes)."""
+    return yaml.safe_dump(variant.serving_config().model_config(), sort_keys=False)
+
+
+def archive_command(name: str, v: Variant) -> str:
+    return (f"kiln archive {name} --backend {v.backend} --workers {v.workers} "
+            f"--batch-size {v.batch_size} --max-batch-delay {v.max_batch_delay_ms}")
+
+
+def markdown(name: str, trials: list[Trial], pick: Trial | None, p99_ms: float,
+             clients: int, seconds: int) -> str:
+    lines = [f"# kiln tune {name}: p99 <= {p99_ms:g} ms", "",
+             f"{len(trials)} trials, {seconds}s each at {clients} clients and at 1 client, "
+             f"load generator: {wrk.NAME}.", "",
+             "Rule: every request answered, p99 <= the bound at load and at one client; then "
+             "the highest throughput at load, ties (within 5%) to the lower 1-client p50.", "",
+             f"| variant | backend | batch | delay ms | workers | req/s @{clients} "
+             f"| p50 ms @{clients} | p99 ms @{clients} | p50 ms @1 | p99 ms @1 | errors "
+             "| meets |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for t in sorted(trials, key=lambda t: -t.throughput):
+        v = t.variant
+        mark = "**pick**" if t is pick else ("yes" if qualifies(t, p99_ms) else "no")
+        lines.append(f"| {v.name} | {v.backend} | {v.batch_size} | {v.max_batch_delay_ms} "
+                     f"| {v.workers} | {t.throughput:.0f} | {t.p50_ms:.2f} | {t.p99_ms:.2f} "
+                     f"| {t.one_p50_ms:.2f} | {t.one_p99_ms:.2f} | {t.errors} | {mark} |")
+    lines.append("")
+    if pick is None:
+        lines.append(f"No variant keeps p99 under {p99_ms:g} ms: nothing written.")
+    else:
+        lines += [f"Pick: **{pick.variant.name}**: {pick.throughput:.0f} req/s at {clients} "
+                  f"clients (p99 {pick.p99_ms:.2f} ms), {pick.one_p50_ms:.2f} ms p50 at 1 "
+                  "client.", "", f"Build it with: `{archive_command(name, pick.variant)}`"]
+    return "\n".join(lines) + "\n"
+
+
+class TuneServer(Server):
+    """A server whose workers share the cores as `kiln serve NAME` with `workers` would."""
+
+    def __init__(self, settings: ServerSettings, workers: int):
+        super().__init__(settings)
+        self.workers = workers
+
+    def served_workers(self) -> int:
+        return self.workers
+
+
+def build_store(name: str, backends: list[str], store: Path) -> dict[str, str]:
+    """Backend -> archive file name in `store` (the same model, one archive per backend)."""
+    from kiln.pipeline import ensure_built
+    from model_store import archive
+
+    files = {}
+    for backend in backends:
+        built = (ensure_built(name) if backend == "onnx" else
+                 archive.build(name, backend, store=store / backend))
+        files[backend] = f"{name}_{backend}.mar"
+        shutil.copyfile(built, store / files[backend])
+    return files
+
+
+def unregister(server: Server, name: str) -> None:
+    requests.delete(f"{server.url('management')}/models/{name}", timeout=60,
+                    headers={"Authorization": f"Bearer {server.keys()['management']}"}
+                    ).raise_for_status()
+
+
+def trial(server: Server, name: str, v: Variant, archive: str, clients: int,
+          seconds: int) -> Trial:
+    register(server, name, v.name, v.batch_size, v.max_batch_delay_ms, v.workers, archive)
+    try:
+        url = f"{server.url('inference')}/predictions/{v.name}"
+        token, payload = server.keys()["inference"], encode_file(PAYLOADS[name])
+        wrk.run(url, *payload, token, clients, 1)  # warm-up
+        load = wrk.run(url, *payload, token, clients, seconds)
+        one = wrk.run(url, *payload, token, 1, seconds)
+    finally:
+        unregister(server, v.name)
+    log.info("%s: %.0f req/s, p99 %.2f ms at %d; p50 %.2f ms at 1", v.name,
+             load.throughput_rps, load.p99_ms, clients, one.p50_ms)
+    return Trial(v, load.throughput_rps, load.p50_ms, load.p99_ms, one.p50_ms, one.p99_ms,
+                 load.errors + one.errors)
+
+
+def start_servers(store: Path, run_root: Path, workers: list[int]) -> dict[int, Server]:
+    """One server per worker count, started together, registration on, token auth on."""
+    servers = {}
+    try:
+        for w in sorted(set(workers)):
+            settings = ServerSettings(run_root / f"w{w}", store, [], Ports.free(),
+                                      enable_model_api=True)
+            servers[w] = TuneServer(settings, w)
+            servers[w].start()
+        for server in servers.values():
+            server.wait_ready()
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def run_sweep(name: str, variants: list[Variant], clients: int, seconds: int) -> list[Trial]:
+    with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
+        store = Path(tmp) / "store"
+        store.mkdir()
+        files = build_store(name, sorted({v.backend for v in variants}), store)
+        servers = start_servers(store, Path(tmp), [v.workers for v in variants])
+        try:
+            return [trial(servers[v.workers], name, v, files[v.backend], clients, seconds)
+                    for v in variants]
+        finally:
+            for server in servers.values():
+                server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    if not wrk.available():
+        log.error("wrk is not installed: apt-get install wrk")
+        return 1
+    backends = args.backends.split(",")
+    if unknown := set(backends) - set(BACKENDS):
+        log.error("unknown backend(s) %s: use %s", ", ".join(sorted(unknown)), BACKENDS)
+        return 1
+    workers = [int(w) for w in args.workers.split(",")]
+    variants = sweep(backends, parse_configs(args.configs), workers)
+    trials = run_sweep(args.name, variants, args.clients, args.seconds)
+    pick = choose(trials, args.p99_ms)
+    report = markdown(args.name, trials, pick, args.p99_ms, args.clients, args.seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(report)
+    (args.out / "trials.yaml").write_text(yaml.safe_dump(
+        [{**asdict(t), "variant": {**asdict(t.variant), "name": t.variant.name}}
+         for t in trials], sort_keys=False))
+    (args.out / "model-config.yaml").unlink(missing_ok=True)
+    print(report)
+    if pick is None:
+        return 1
+    (args.out / "model-config.yaml").write_text(model_config_yaml(pick.variant))
+    print(f"wrote {args.out / 'model-config.yaml'} and {args.out / 'report.md'}")
+    return 0

@@ -1,0 +1,70 @@
+"""batch.store: a chunk counts as finished only when whole, and --resume picks up exactly
+the finished ones."""
+
+import json
+
+import pytest
+
+from batch.chunks import BatchError, record
+from batch.store import ChunkStore, parts_dir
+
+JOB = {"name": "tiny", "input": "/in.csv", "chunk_size": 2}
+
+
+def _records(start, n):
+    return [record(str(i), "benign", 0.75) for i in range(start, start + n)]
+
+
+def test_finished_chunks_survive_a_reopen(tmp_path):
+    store = ChunkStore(tmp_path / "out.csv", JOB)
+    assert store.open(resume=False) == {}
+    store.write_chunk(0, _records(0, 2))
+    store.write_chunk(1, _records(2, 1) + [record("3", error="bad")])
+    again = ChunkStore(tmp_path / "out.csv", JOB)
+    done = again.open(resume=True)
+    assert sorted(done) == [0, 1]
+    assert (done[1]["rows"], done[1]["failed"]) == (2, 1)
+    assert [r["id"] for chunk in again.records() for r in chunk] == ["0", "1", "2", "3"]
+
+
+def test_a_torn_manifest_line_is_dropped_and_the_next_append_starts_clean(tmp_path):
+    store = ChunkStore(tmp_path / "out.csv", JOB)
+    store.open(resume=False)
+    store.write_chunk(0, _records(0, 2))
+    with open(store.manifest, "ab") as f:
+        f.write(b'{"chunk": 1, "file": "chunk-0000')  # the crash came mid-append
+    again = ChunkStore(tmp_path / "out.csv", JOB)
+    assert sorted(again.open(resume=True)) == [0]
+    again.write_chunk(1, _records(2, 2))
+    lines = [json.loads(x) for x in again.manifest.read_text().splitlines()]
+    assert [line.get("chunk") for line in lines] == [None, 0, 1]
+
+
+def test_a_damaged_or_missing_chunk_file_is_not_finished(tmp_path):
+    store = ChunkStore(tmp_path / "out.csv", JOB)
+    store.open(resume=False)
+    store.write_chunk(0, _records(0, 2))
+    store.write_chunk(1, _records(2, 2))
+    store.write_chunk(2, _records(4, 2))
+    (store.dir / "chunk-000000.jsonl").write_text('{"id": "0"}\n')  # same name, other bytes
+    (store.dir / "chunk-000002.jsonl").unlink()
+    assert sorted(ChunkStore(tmp_path / "out.csv", JOB).open(resume=True)) == [1]
+
+
+def test_temporary_files_are_never_chunks_and_are_cleared(tmp_path):
+    store = ChunkStore(tmp_path / "out.csv", JOB)
+    store.open(resume=False)
+    (store.dir / ".chunk-000000.jsonl.tmp-123").write_text('{"id": "0"}\n')
+    assert ChunkStore(tmp_path / "out.csv", JOB).open(resume=True) == {}
+    assert sorted(p.name for p in store.dir.iterdir()) == ["manifest.jsonl"]
+
+
+def test_an_earlier_run_needs_resume_and_the_same_job(tmp_path):
+    store = ChunkStore(tmp_path / "out.csv", JOB)
+    store.open(resume=False)
+    store.write_chunk(0, _records(0, 2))
+    with pytest.raises(BatchError, match="pass --resume to continue it"):
+        ChunkStore(tmp_path / "out.csv", JOB).open(resume=False)
+    with pytest.raises(BatchError, match="is from a different job"):
+        ChunkStore(tmp_path / "out.csv", {**JOB, "chunk_size": 3}).open(resume=True)
+    assert parts_dir(tmp_path / "out.csv") == tmp_path / "out.csv.parts"
