@@ -77,15 +77,15 @@ def _cell(value, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'row':<24}{'clients':>8}{'inputs/s':>10}{'x ceil':>8}{'x noop':>8}"
-            f"{'x stock':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99 x st':>9}{'errors':>7}"
+    head = (f"{'row':<24}{'clients':>8}{'inputs/s':>10}{'x ceil':>10}{'x noop':>8}"
+            f"{'x stock':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99 x st':>10}{'errors':>7}"
             f"{'wrk CPU':>9}{'srv CPU':>9}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r.name:<24}{r.clients or '-':>8}{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>8}"
+            f"{r.name:<24}{r.clients or '-':>8}{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>10}"
             f"{_cell(r.x_noop, '.3g'):>8}{_cell(r.x_stock, '.3g'):>8}{r.p50_ms:>9.2f}"
-            f"{r.p99_ms:>9.2f}{_cell(r.p99_x_stock, '.3g'):>9}{r.errors:>7}"
+            f"{r.p99_ms:>9.2f}{_cell(r.p99_x_stock, '.3g'):>10}{r.errors:>7}"
             f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%")
     return "\n".join(lines)
 
@@ -183,7 +183,7 @@ def report(name: str, rows: list[Row], seconds: int) -> dict:
             "ceiling": "best in-process row (ONNX Runtime / TorchScript, no HTTP, no decoding)",
             "kiln": "Kiln's handler, the normal archive (model_store/NAME.mar)",
             "stock": stock.DESCRIPTION,
-            "noop": "the stock server's settings with loadtests/noop_handler.py (answers a "
+            "noop": "Kiln's workers and batching with loadtests/noop_handler.py (answers a "
                     "constant, reads nothing)",
             "rows": [asdict(r) for r in rows]}
 

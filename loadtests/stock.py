@@ -18,9 +18,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from deploy.server import ServerSettings
 from kiln import client as http_client
-from model_store.archive import ARCHIVE_VERSION
+from model_store.archive import ARCHIVE_VERSION, ServingConfig
 
 NOOP_HANDLER = Path(__file__).resolve().parent / "noop_handler.py"
 STOCK_HANDLER = "base_handler"
@@ -37,8 +39,10 @@ class StockSettings(ServerSettings):
         return super().config_properties() + "service_envelope=json\n"
 
 
-def archive(name: str, handler: str, model_ts: Path, store: Path) -> Path:
-    """store/NAME.mar around a TorchScript file (base_handler loads only *.pt)."""
+def archive(name: str, handler: str, model_ts: Path, store: Path,
+            model_config: dict | None = None) -> Path:
+    """store/NAME.mar around a TorchScript file (base_handler loads only *.pt), with TorchServe's
+    defaults or the given model-config.yaml."""
     with tempfile.TemporaryDirectory(prefix="kiln-stock-") as tmp:
         serialized = Path(tmp) / "model.pt"
         shutil.copyfile(model_ts, serialized)
@@ -46,6 +50,10 @@ def archive(name: str, handler: str, model_ts: Path, store: Path) -> Path:
                "--model-name", name, "--version", ARCHIVE_VERSION,
                "--serialized-file", str(serialized), "--handler", handler,
                "--export-path", str(store), "--force"]
+        if model_config is not None:
+            config = Path(tmp) / "model-config.yaml"
+            config.write_text(yaml.safe_dump(model_config))
+            cmd += ["--config-file", str(config)]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
@@ -57,7 +65,10 @@ def build_all(name: str, artifacts: Path, store: Path) -> dict[str, str]:
     store.mkdir(parents=True, exist_ok=True)
     names = {"stock": f"{name}_stock", "noop": f"{name}_noop"}
     archive(names["stock"], STOCK_HANDLER, artifacts / "model.ts", store)
-    archive(names["noop"], str(NOOP_HANDLER), artifacts / "model.ts", store)
+    # The no-op gets Kiln's workers and batching: the ceiling of the server as Kiln runs it,
+    # so that no handler with those settings can beat it.
+    batching = {k: v for k, v in ServingConfig().model_config().items() if k != "handler"}
+    archive(names["noop"], str(NOOP_HANDLER), artifacts / "model.ts", store, batching)
     return names
 
 
