@@ -16,19 +16,19 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import requests
-import yaml
 
 from deploy import plugins
+from model_store import archive_config
 
 log = logging.getLogger("kiln.serve")
 
 HOST = "127.0.0.1"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
+PORTS_FILE = "ports.json"  # in the run folder: how stop, predict and loadtest find a server
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class Ports:
     grpc_management: int = 7071
     # The Open Inference Protocol (KServe v2 REST), served by Kiln's frontend plugin.
     oip: int = 8085
+
+    @classmethod
+    def saved(cls, run_dir: Path) -> Ports | None:
+        """The ports a server started from `run_dir` wrote there, if any."""
+        path = run_dir / PORTS_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
 
     @classmethod
     def free(cls) -> Ports:
@@ -151,10 +157,10 @@ class Server:
         (handlers size their thread pools from it)."""
         total = 0
         for m in self.settings.models:
+            config = archive_config(self.settings.model_store / f"{m}.mar") or {}
             try:
-                with zipfile.ZipFile(self.settings.model_store / f"{m}.mar") as z:
-                    total += int(yaml.safe_load(z.read("model-config.yaml"))["minWorkers"])
-            except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+                total += int(config["minWorkers"])
+            except (KeyError, ValueError, TypeError):
                 total += 1
         return max(1, total)
 
@@ -196,7 +202,7 @@ class Server:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.key_file.unlink(missing_ok=True)
         self.config_file.write_text(self.settings.config_properties())
-        (self.run_dir / "ports.json").write_text(json.dumps(vars(self.ports)))
+        (self.run_dir / PORTS_FILE).write_text(json.dumps(vars(self.ports)))
         log_config = self.settings.log_config
         code, output = self._torchserve(
             "--start", "--ncs", "--ts-config", str(self.config_file),

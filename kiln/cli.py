@@ -33,40 +33,28 @@ EXAMPLES = {
 def cmd_train(args) -> int:
     from training import train
 
-    train.train(train.config_from_args(args))
-    return 0
+    return train.run(args)
 
 
 def cmd_export(args) -> int:
     from training import export
 
-    try:
-        export.export(args.name, args.artifacts)
-    except export.ParityError as err:
-        log.error("%s: parity gate failed, nothing exported: %s", args.name, err)
-        return 1
-    return 0
+    return export.run(args)
 
 
 def cmd_archive(args) -> int:
     from model_store import archive
 
-    try:
-        archive.build(args.name, args.backend, archive.config_from_args(args), args.artifacts,
-                      args.store)
-    except archive.ArchiveError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return archive.run(args)
 
 
 # -- serve / stop / predict ------------------------------------------------------------------
 def _server(args, models: list[str] | None = None) -> Server:
     ports = Ports(args.inference_port, args.management_port, args.metrics_port,
                   args.grpc_inference_port, args.grpc_management_port)
-    saved = args.run_dir / "ports.json"
-    if models is None and saved.exists():  # stop/status talk to what serve started
-        ports = Ports(**json.loads(saved.read_text()))
+    saved = Ports.saved(args.run_dir)
+    if models is None and saved:  # stop talks to what serve started
+        ports = saved
     return Server(ServerSettings(run_dir=args.run_dir, model_store=args.store,
                                  models=models or list(registry.REGISTRY), ports=ports,
                                  enable_model_api=getattr(args, "enable_model_api", False),
@@ -107,8 +95,8 @@ def cmd_serve(args) -> int:
     models = [registry.get(m).name for m in args.models] or list(registry.REGISTRY)
     server = _server(args, models)
     if server.pid() is not None:
-        saved = Ports(**json.loads((args.run_dir / "ports.json").read_text()))
-        server = Server(ServerSettings(args.run_dir, args.store, models, saved))
+        server = Server(ServerSettings(args.run_dir, args.store, models,
+                                       Ports.saved(args.run_dir) or server.ports))
         log.info("TorchServe is already running from %s", args.run_dir)
         print(how_to_call(server))
         return 0
@@ -137,8 +125,7 @@ def cmd_stop(args) -> int:
 
 def _saved_port(run_dir: Path, api: str) -> int:
     """The port kiln serve wrote into run/ports.json for `api`, else the default one."""
-    saved = run_dir / "ports.json"
-    return json.loads(saved.read_text())[api] if saved.exists() else getattr(Ports, api)
+    return getattr(Ports.saved(run_dir) or Ports(), api)
 
 
 def _predict_client(args, token: str | None):

@@ -6,14 +6,10 @@ product is absent or older than what it is made from.
 
 from __future__ import annotations
 
-import json
 import logging
-import zipfile
 from pathlib import Path
 
-import yaml
-
-from model_store import archive
+from model_store import archive, read_archive
 from training import export, registry, train
 
 log = logging.getLogger("kiln.build")
@@ -28,12 +24,10 @@ def stale(target: Path, inputs: list[Path]) -> bool:
 
 def archive_manifest(mar: Path) -> tuple[str | None, dict | None]:
     """(backend, model-config) of an existing archive, read back from inside it."""
-    try:
-        with zipfile.ZipFile(mar) as z:
-            serialized = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"]
-            config = yaml.safe_load(z.read("model-config.yaml"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError):
+    manifest, config = read_archive(mar)
+    if manifest is None:
         return None, None
+    serialized = manifest.get("model", {}).get("serializedFile")
     backend = next((form for form, fname in export.FORMS.items() if fname == serialized), None)
     return backend, config
 
@@ -45,9 +39,7 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE) 
     weights = folder / "state_dict.pt"
     if not weights.exists():
         log.info("%s: no weights yet, training with the default settings", name)
-        parser = train.argparse.ArgumentParser()
-        train.add_arguments(parser)
-        train.train(train.config_from_args(parser.parse_args([name])))
+        train.train(train.config_for([name]))
     signature = folder / "signature.json"
     if stale(signature, [weights, folder / "meta.json"]):
         log.info("%s: exporting", name)

@@ -14,17 +14,14 @@ import argparse
 import json
 import logging
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import yaml
 
 from deploy.server import Ports, Server, ServerSettings
 from kiln.client import Client, encode_file
 from loadtests import inprocess, stock, wrk
 from loadtests.batching import PAYLOADS, server_cpu_seconds
-from model_store import STORE
+from model_store import STORE, archive_config
 from model_store.archive import ServingConfig
 
 log = logging.getLogger("kiln.bench")
@@ -93,9 +90,8 @@ def format_table(rows: list[Row]) -> str:
 def configured_batch(archive: Path) -> int:
     """batchSize from the archive's model-config.yaml (ServingConfig's when absent)."""
     try:
-        with zipfile.ZipFile(archive) as z:
-            return int(yaml.safe_load(z.read("model-config.yaml"))["batchSize"])
-    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+        return int((archive_config(archive) or {})["batchSize"])
+    except (KeyError, ValueError, TypeError):
         return ServingConfig().batch_size
 
 

@@ -41,8 +41,7 @@ def target_from_args(args, server: Server | None = None) -> Target:
     if server is not None:
         ports, pid, token = server.ports, server.pid(), server.keys()["inference"]
     else:
-        saved = args.run_dir / "ports.json"
-        ports = Ports(**json.loads(saved.read_text())) if saved.exists() else Ports()
+        ports = Ports.saved(args.run_dir) or Ports()
         pid = Server(ServerSettings(args.run_dir, args.store, [])).pid()
         token = http.read_token(args.run_dir)
     url = args.url or f"http://{HOST}:{ports.inference}"

@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command for parsed arguments (shared by `python -m` and `kiln archive`)."""
     try:
         build(args.name, args.backend, config_from_args(args), args.artifacts, args.store)
     except ArchiveError as err:

@@ -204,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command for parsed arguments (shared by `python -m` and `kiln export`)."""
     try:
         export(args.name, args.artifacts)
     except ParityError as err:

@@ -289,11 +289,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def config_for(argv: list[str]) -> TrainConfig:
+    """The configuration `kiln train ARGV...` would run (defaults from the registry)."""
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging()
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command for parsed arguments (shared by `python -m` and `kiln train`)."""
     train(config_from_args(args))
     return 0
 

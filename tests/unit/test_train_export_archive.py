@@ -12,10 +12,8 @@ from training import export, registry, train
 
 
 def run_train(name, out, log_dir, *extra):
-    parser = train.argparse.ArgumentParser()
-    train.add_arguments(parser)
-    args = parser.parse_args([name, "--out", str(out), "--log-dir", str(log_dir), *extra])
-    return train.train(train.config_from_args(args))
+    return train.train(train.config_for(
+        [name, "--out", str(out), "--log-dir", str(log_dir), *extra]))
 
 
 @pytest.fixture(scope="module")
