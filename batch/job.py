@@ -93,15 +93,15 @@ def run(settings: JobSettings) -> Summary:
     scorer = make_scorer(settings, signature)
     with _progress(source.total, sum(e["rows"] for e in done.values()), settings) as bar:
         try:
-            for chunk, records in scorer.score(todo):
-                store.write_chunk(chunk.index, records)
-                rows_this_run += len(records)
-                bar.update(len(records))
+            for chunk, scored in scorer.score(todo):
+                store.write_chunk(chunk.index, scored)
+                rows_this_run += len(scored)
+                bar.update(len(scored))
                 if settings.chunk_delay_s:
                     time.sleep(settings.chunk_delay_s)
         finally:
             scorer.close()
-    writers.write_output(settings.output, store.records())
+    writers.write_output(settings.output, store)
     summary = Summary(sum(e["rows"] for e in store.done.values()),
                       sum(e["failed"] for e in store.done.values()),
                       time.perf_counter() - start, rows_this_run)

@@ -1,17 +1,26 @@
-"""--via local: the exported ONNX model in this process, with ONNX Runtime. Threads read and
-decode the next parts while the session scores the current one."""
+"""--via local: the exported ONNX model in this process, with ONNX Runtime, while the next
+parts are read and decoded elsewhere: images in worker processes (PNG/JPEG decoding and MNIST
+framing are Python and numpy per image, so threads would queue on the GIL), table rows in
+threads (their decoding is vectorised numpy, which releases the GIL)."""
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 
 from batch import scoring
-from batch.chunks import Chunk
+from batch.chunks import Chunk, Scored
 from batch.handler_modules import backends
 from batch.pipeline import score_chunks
+
+PARENT_POLL_S = 0.5
 
 
 class LocalScorer:
@@ -24,17 +33,47 @@ class LocalScorer:
         self.backend = backends().load_backend(str(model_path),
                                                intra_op_threads=intra_op_threads or cores)
 
-    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
-        signature = self.signature
-
-        def finish(part, decoded):
+    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Scored]]:
+        def finish(part: Chunk, decoded: scoring.Decoded) -> Scored:
             probabilities = scoring.run_batched(self.backend, decoded.rows, self.batch_size)
-            return scoring.records(part, decoded, probabilities, signature)
+            return scoring.scored(part, decoded, probabilities, self.signature)
 
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="kiln-decode") as pool:
-            yield from score_chunks(chunks, self.batch_size, pool,
-                                    lambda part: scoring.decode_chunk(part, signature),
+        return self.pipeline(chunks, finish)
+
+    def pipeline(self, chunks: Iterable[Chunk], finish: Callable) -> Iterator[tuple[Chunk,
+                                                                                   Scored]]:
+        """Parts of batch_size inputs read and decoded in the pool, then finish(part,
+        decoded) -> Scored in this thread, in order (the benchmark times decoding alone
+        with a finish that does nothing)."""
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            return
+        with self._pool(images=first.paths is not None) as pool:
+            # partial of a module-level function: picklable for worker processes
+            decode = functools.partial(scoring.decode_chunk, signature=self.signature)
+            yield from score_chunks(chain([first], chunks), self.batch_size, pool, decode,
                                     finish, ahead=2 * self.workers + 1)
+
+    def _pool(self, images: bool) -> Executor:
+        if images:
+            # spawn, not fork: this process already runs ONNX Runtime's thread pool
+            return ProcessPoolExecutor(self.workers,
+                                       mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=exit_with_parent, initargs=(os.getpid(),))
+        return ThreadPoolExecutor(self.workers, thread_name_prefix="kiln-decode")
 
     def close(self) -> None:
         pass
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker initializer: a job killed outright (SIGKILL gives it no chance to stop its
+    pool) must not leave its decoding workers behind."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 
-from batch.chunks import Chunk
+from batch.chunks import Chunk, Scored
 
 
 def split(chunk: Chunk, size: int) -> list[Chunk]:
@@ -24,39 +24,38 @@ def split(chunk: Chunk, size: int) -> list[Chunk]:
     return parts or [chunk]
 
 
-def ordered_map(pool: Executor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
-    """fn over items in the pool, at most `ahead` in flight, results in item order."""
+def ordered_map(pool: Executor, fn: Callable, items: Iterable[tuple], ahead: int) -> Iterator:
+    """(context, fn(arg)) for the (context, arg) items, fn run in the pool (a process pool
+    too: only fn and arg cross over), at most `ahead` in flight, in item order."""
     pending: deque = deque()
     try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
+        for context, arg in items:
+            pending.append((context, pool.submit(fn, arg)))
             if len(pending) >= ahead:
-                yield pending.popleft().result()
+                context, future = pending.popleft()
+                yield context, future.result()
         while pending:
-            yield pending.popleft().result()
+            context, future = pending.popleft()
+            yield context, future.result()
     finally:
-        for future in pending:
+        for _, future in pending:
             future.cancel()
 
 
 def score_chunks(chunks: Iterable[Chunk], part_size: int, pool: Executor, work: Callable,
-                 finish: Callable, ahead: int) -> Iterator[tuple[Chunk, list[dict]]]:
-    """(chunk, records) in order: work(part) runs in the pool, finish(part, result) -> the
-    part's records in the caller's thread (where a model session can run undisturbed)."""
+                 finish: Callable, ahead: int) -> Iterator[tuple[Chunk, Scored]]:
+    """(chunk, its output rows) in order: work(part) runs in the pool, finish(part, result)
+    -> the part's Scored in the caller's thread (where a model session can run undisturbed)."""
 
     def parts():
         for chunk in chunks:
             pieces = split(chunk, part_size)
             for k, piece in enumerate(pieces):
-                yield chunk, piece, k == len(pieces) - 1
+                yield (chunk, piece, k == len(pieces) - 1), piece
 
-    def task(item):
-        chunk, piece, last = item
-        return chunk, piece, last, work(piece)
-
-    done: list[dict] = []
-    for chunk, piece, last, result in ordered_map(pool, task, parts(), ahead):
-        done += finish(piece, result)
+    done: list[Scored] = []
+    for (chunk, piece, last), result in ordered_map(pool, work, parts(), ahead):
+        done.append(finish(piece, result))
         if last:
-            yield chunk, done
+            yield chunk, Scored.concat(done)
             done = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from batch import scoring
-from batch.chunks import BatchError, Chunk, record
+from batch.chunks import BatchError, Chunk, Scored, record
 from batch.handler_modules import backends
 
 log = logging.getLogger("kiln.batch")
@@ -52,8 +52,8 @@ class OnnxActor:
             decoded = scoring.decode_chunk(part, self.signature)
         probabilities = scoring.run_batched(self.backend, decoded.rows, self.batch_size)
         labels, probs = np.full(n, "", dtype=object), np.full(n, np.nan)
-        for pos, row in zip(decoded.positions, probabilities, strict=True):
-            labels[pos], probs[pos] = scoring.answer(row, self.signature)
+        best_labels, best = scoring.best_answers(probabilities, self.signature["output"])
+        labels[decoded.positions], probs[decoded.positions] = best_labels, best
         out_errors = np.array([e or "" for e in decoded.errors], dtype=object)
         return {"key": batch["key"], "label": labels, "probability": probs,
                 "error": out_errors}
@@ -83,7 +83,7 @@ class RayScorer:
         if self.started:
             self.ray.shutdown()
 
-    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
+    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Scored]]:
         window: list[Chunk] = []
         for chunk in chunks:
             window.append(chunk)
@@ -116,8 +116,8 @@ class RayScorer:
         for k, chunk in enumerate(window):
             keys = ([str(p) for p in chunk.paths] if chunk.paths is not None
                     else [f"{k}:{i}" for i in range(len(chunk))])
-            yield chunk, [_record(row_id, results[key])
-                          for row_id, key in zip(chunk.ids, keys, strict=True)]
+            yield chunk, Scored.from_records([_record(row_id, results[key]) for row_id, key
+                                              in zip(chunk.ids, keys, strict=True)])
 
 
 def _keyed_by_path(batch: dict) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import requests
 
-from batch.chunks import BatchError, Chunk, record
+from batch.chunks import BatchError, Chunk, Scored, record
 from batch.handler_modules import codecs
 from batch.pipeline import score_chunks
 from batch.scoring import read_image
@@ -47,10 +47,10 @@ class ServerScorer:
         self.retry = retry or RetryPolicy()
         self._local = threading.local()
 
-    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, list[dict]]]:
+    def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Scored]]:
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="kiln-post") as pool:
             yield from score_chunks(chunks, self.request_size, pool, self._score_part,
-                                    lambda part, records: records, ahead=2 * self.concurrency)
+                                    lambda part, scored: scored, ahead=2 * self.concurrency)
 
     def close(self) -> None:
         pass
@@ -60,7 +60,7 @@ class ServerScorer:
             self._local.client = http.Client(self.url, self.token, self.timeout)
         return self._local.client
 
-    def _score_part(self, part: Chunk) -> list[dict]:
+    def _score_part(self, part: Chunk) -> Scored:
         errors = list(part.errors)
         bodies: dict[int, object] = {}  # position -> what one input is sent as
         for i in range(len(part)):
@@ -72,7 +72,7 @@ class ServerScorer:
                 bodies[i] = part.values[i:i + 1]
         out = [record(row_id, error=err) for row_id, err in zip(part.ids, errors, strict=True)]
         if not bodies:
-            return out
+            return Scored.from_records(out)
         status, answers = self._post(self._encode(list(bodies.values())))
         if status == 400:  # some input is bad: find out which, one by one
             answers = [self._one(body) for body in bodies.values()]
@@ -82,7 +82,7 @@ class ServerScorer:
         for pos, ans in zip(bodies, answers, strict=True):
             out[pos] = record(part.ids[pos], error=ans["error"]) if "error" in ans else \
                 record(part.ids[pos], ans["label"], ans["probability"])
-        return out
+        return Scored.from_records(out)
 
     def _encode(self, items: list) -> tuple[bytes, str]:
         if isinstance(items[0], bytes):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.chunks import Chunk, record
+from batch.chunks import Chunk, Scored
 from batch.handler_modules import codecs
 
 
@@ -90,22 +90,44 @@ def _stack(rows, signature) -> np.ndarray:
     return np.zeros((0, *signature["input"]["shape"][1:]), dtype=np.float32)
 
 
-def answer(probabilities, signature, encode_answer=None) -> tuple[str, float]:
-    """(label, probability) as the server's answer has them."""
-    encode_answer = encode_answer or codecs().encode_answer
-    body = encode_answer(probabilities, signature["output"], top_k=1)
-    return body["label"], body["probability"]
+def best_answers(probabilities: np.ndarray, output) -> tuple[list[str], list[float]]:
+    """(labels, probabilities) of the rows of model output: for each row what the server's
+    encode_answer(row, output, top_k=1) gives as label and probability, computed for all
+    rows at once. ValueError where the model's output is not a set of finite probabilities."""
+    p = np.asarray(probabilities, dtype=np.float32)
+    if not len(p):
+        return [], []
+    p = p.reshape(len(p), -1)
+    labels = np.asarray(output["labels"], dtype=object)
+    if not np.isfinite(p).all():
+        bad = p[~np.isfinite(p).all(axis=1)][0]
+        raise ValueError(f"model returned a non-finite probability: {bad.tolist()}")
+    if output["kind"] == "binary":
+        if p.shape[1] != 1:
+            raise ValueError(f"binary model returned {p.shape[1]} values a row, expected 1")
+        positive = p[:, 0].astype(np.float64)
+        upper = positive >= 0.5
+        best = np.where(upper, positive, 1.0 - positive)
+        index = upper.astype(np.intp)
+    else:
+        if p.shape[1] != len(labels):
+            raise ValueError(f"model returned {p.shape[1]} probabilities for {len(labels)} "
+                             "labels")
+        index = p.argmax(axis=1)  # the first of equal maxima, as encode_answer's stable sort
+        best = p[np.arange(len(p)), index].astype(np.float64)
+    return labels[index].tolist(), best.tolist()
 
 
-def records(chunk: Chunk, decoded: Decoded, probabilities: np.ndarray, signature) -> list[dict]:
-    """One record per chunk input, in order."""
-    out = [record(row_id, error=err) for row_id, err in zip(chunk.ids, decoded.errors,
-                                                            strict=True)]
-    encode_answer = codecs().encode_answer
-    for pos, probs in zip(decoded.positions, probabilities, strict=True):
-        label, probability = answer(probs, signature, encode_answer)
-        out[pos] = record(chunk.ids[pos], label, probability)
-    return out
+def scored(chunk: Chunk, decoded: Decoded, probabilities: np.ndarray, signature) -> Scored:
+    """The chunk's output rows, in order: answers where decoded, errors elsewhere."""
+    labels, best = best_answers(probabilities, signature["output"])
+    n = len(chunk)
+    if len(decoded.positions) < n:
+        spread_labels, spread_best = [None] * n, [None] * n
+        for pos, label, probability in zip(decoded.positions, labels, best, strict=True):
+            spread_labels[pos], spread_best[pos] = label, probability
+        labels, best = spread_labels, spread_best
+    return Scored(list(chunk.ids), labels, best, list(decoded.errors))
 
 
 def run_batched(backend, rows: np.ndarray, batch_size: int) -> np.ndarray:

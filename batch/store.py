@@ -1,25 +1,30 @@
 """Finished chunks on disk, and the manifest that says which ones are finished.
 
-OUTPUT.parts/ holds chunk-NNNNNN.jsonl files and manifest.jsonl. A chunk is written to a
-temporary name, fsynced and renamed, and only then is its line appended to the manifest (one
-write, fsynced). A chunk counts as finished only if its manifest line is whole and its file
-has the size and SHA-256 the line records: a torn write is never taken for a finished chunk.
+OUTPUT.parts/ holds chunk-NNNNNN.csv files (output rows, no header) and manifest.jsonl.
+A chunk is written to a temporary name, fsynced and renamed, and only then is its line
+appended to the manifest (one write, fsynced). A chunk counts as finished only if its
+manifest line is whole and its file has the size and SHA-256 the line records: a torn write
+is never taken for a finished chunk.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 
-from batch.chunks import BatchError
+from batch.chunks import BatchError, Scored
 
 log = logging.getLogger("kiln.batch")
 MANIFEST = "manifest.jsonl"
+CSV_SPECIAL = (",", '"', "\r", "\n")  # cells holding one of these are quoted
 
 
 def parts_dir(output: Path) -> Path:
@@ -90,12 +95,11 @@ class ChunkStore:
             return False
         return len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
 
-    def write_chunk(self, index: int, records: list[dict]) -> dict:
-        data = b"".join(_line(r) for r in records)
-        name = f"chunk-{index:06d}.jsonl"
+    def write_chunk(self, index: int, scored: Scored) -> dict:
+        data = csv_body(scored)
+        name = f"chunk-{index:06d}.csv"
         write_atomic(self.dir / name, data)
-        entry = {"chunk": index, "file": name, "rows": len(records),
-                 "failed": sum(r["error"] is not None for r in records),
+        entry = {"chunk": index, "file": name, "rows": len(scored), "failed": scored.failed,
                  "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND)
         try:
@@ -106,14 +110,38 @@ class ChunkStore:
         self.done[index] = entry
         return entry
 
-    def records(self) -> Iterator[list[dict]]:
-        """Each finished chunk's records, in chunk order."""
+    def chunks(self) -> Iterator[Scored]:
+        """Each finished chunk's output rows, in chunk order."""
+        for data in self.csv_bodies():
+            yield parse_rows(csv.reader(io.StringIO(data.decode(), newline="")))
+
+    def csv_bodies(self) -> Iterator[bytes]:
+        """Each finished chunk as CSV rows without a header, in chunk order."""
         for index in sorted(self.done):
-            text = (self.dir / self.done[index]["file"]).read_text(encoding="utf-8")
-            yield [json.loads(line) for line in text.splitlines()]
+            yield (self.dir / self.done[index]["file"]).read_bytes()
 
     def remove(self) -> None:
         shutil.rmtree(self.dir)
+
+
+def csv_body(scored: Scored) -> bytes:
+    """The rows as the csv module writes them (CRLF line ends, None as an empty cell), by
+    plain string formatting where no cell needs quoting: several times faster."""
+    cells = "\0".join(chain(scored.ids, (x for x in scored.labels if x is not None),
+                            (x for x in scored.errors if x is not None)))
+    if any(c in cells for c in CSV_SPECIAL):
+        text = io.StringIO()
+        csv.writer(text).writerows(scored.rows())
+        return text.getvalue().encode()
+    return "".join(f"{i},{label},{p!r},\r\n" if e is None else f"{i},,,{e}\r\n"
+                   for i, label, p, e in scored.rows()).encode()
+
+
+def parse_rows(rows: Iterable[list[str]]) -> Scored:
+    """CSV cells (id, label, probability, error) as Scored; an empty cell is None."""
+    ids, labels, probabilities, errors = list(zip(*rows, strict=True)) or [(), (), (), ()]
+    return Scored(list(ids), [x or None for x in labels],
+                  [float(x) if x else None for x in probabilities], [x or None for x in errors])
 
 
 def _line(value: dict) -> bytes:

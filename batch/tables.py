@@ -85,3 +85,36 @@ def _cell(cell, name: str) -> float:
         return float(cell)
     except (TypeError, ValueError):
         raise ValueError(f"column '{name}' is not a number: {str(cell)[:40]!r}") from None
+
+
+def arrow_csv():
+    """pyarrow.csv, or None where pyarrow is not installed."""
+    try:
+        import pyarrow.csv
+    except ImportError:
+        return None
+    return pyarrow.csv
+
+
+def numbers_block(block: bytes, columns: int, plan: list[int], shape) -> np.ndarray | None:
+    """CSV lines (no header) of `columns` cells as float64 [n, *shape] from the cells at
+    `plan`, parsed by Arrow; None unless every line has `columns` cells and every picked cell
+    is a number (then the caller takes the slow path, which says what is wrong where)."""
+    pacsv = arrow_csv()
+    import pyarrow as pa
+
+    names = [f"c{i}" for i in range(columns)]
+    picked = [names[i] for i in plan]
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(block),
+            read_options=pacsv.ReadOptions(column_names=names),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=picked, column_types=dict.fromkeys(picked, pa.float64())))
+    except pa.ArrowInvalid:
+        return None
+    if any(column.null_count for column in table.columns):  # empty cells, "nan", "NA"...
+        return None
+    values = np.column_stack([table.column(name).to_numpy() for name in picked])
+    return values.reshape(len(values), *shape)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 from batch.chunks import COLUMNS, BatchError
+from batch.store import ChunkStore
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 
@@ -27,29 +27,32 @@ def check_output(path: Path) -> None:
             raise BatchError("writing Parquet needs pyarrow: pip install pyarrow") from None
 
 
-def write_output(path: Path, chunks: Iterable[list[dict]]) -> None:
+def write_output(path: Path, store: ChunkStore) -> None:
+    """The store's finished chunks, in order, as OUTPUT (a CSV is their bytes after a
+    header: chunk files are written as CSV rows for that)."""
     suffix = path.suffix.lower()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if suffix == ".parquet":
-        _write_parquet(tmp, chunks)
+        _write_parquet(tmp, store.chunks())
     else:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            (_write_csv if suffix == ".csv" else _write_jsonl)(f, chunks)
+        with open(tmp, "wb") as f:
+            if suffix == ".csv":
+                f.write(",".join(COLUMNS).encode() + b"\r\n")
+                for body in store.csv_bodies():
+                    f.write(body)
+            else:
+                _write_jsonl(f, store.chunks())
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _write_csv(f, chunks) -> None:
-    writer = csv.writer(f)
-    writer.writerow(COLUMNS)
-    for records in chunks:
-        writer.writerows([["" if r[c] is None else r[c] for c in COLUMNS] for r in records])
-
-
 def _write_jsonl(f, chunks) -> None:
-    for records in chunks:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    dumps = json.JSONEncoder().encode
+    for scored in chunks:
+        f.write("".join(f'{{"id": {dumps(i)}, "label": {dumps(label)}, "probability": '
+                        f'{dumps(p)}, "error": {dumps(e)}}}\n'
+                        for i, label, p, e in scored.rows()).encode())
 
 
 def _write_parquet(path: Path, chunks) -> None:
@@ -59,8 +62,10 @@ def _write_parquet(path: Path, chunks) -> None:
     schema = pa.schema([("id", pa.string()), ("label", pa.string()),
                         ("probability", pa.float64()), ("error", pa.string())])
     with pq.ParquetWriter(path, schema) as writer:
-        for records in chunks:
-            writer.write_table(pa.Table.from_pylist(records, schema=schema))
+        for scored in chunks:
+            writer.write_table(pa.Table.from_pydict(
+                dict(zip(COLUMNS, (scored.ids, scored.labels, scored.probabilities,
+                                   scored.errors), strict=True)), schema=schema))
 
 
 def read_output(path: Path) -> list[dict]:

@@ -1,11 +1,21 @@
 """--via local end to end on tiny exported models: error rows, order, summary, and the same
 answers whichever batch and chunk size."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from batch import job
 from batch.writers import read_output
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(model_dir, name, inp, out, **kw):
@@ -63,3 +73,48 @@ def test_feature_rows_with_bad_values(tmp_path, features_model_dir, features_sig
     assert rows[0] == {**rows[3], "id": "0"}
     assert rows[0]["label"] in ("malignant", "benign") and rows[0]["probability"] >= 0.5
     assert (summary.rows, summary.failed) == (4, 2)
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_decoding_workers_die_with_a_killed_job(tmp_path, image_model_dir, light_square_png):
+    """SIGKILL gives a job no chance to stop its process pool: the workers must notice."""
+    folder = _image_dir(tmp_path, light_square_png)
+    script = ("from pathlib import Path\nfrom batch import job\n"
+              f"job.run(job.JobSettings(name='t', input=Path({str(folder)!r}), "
+              f"output=Path({str(tmp_path / 'out.csv')!r}), "
+              f"artifacts=Path({str(image_model_dir)!r}), chunk_size=1, progress=False, "
+              "chunk_delay_s=5))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    manifest = tmp_path / "out.csv.parts" / "manifest.jsonl"
+    deadline = time.monotonic() + 60
+    while (not manifest.exists() or len(manifest.read_text().splitlines()) < 2) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2  # the pool's workers (and multiprocessing's resource tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)]

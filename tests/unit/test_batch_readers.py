@@ -118,3 +118,29 @@ def test_unknown_suffix(tmp_path, features_signature):
     path.write_bytes(b"")
     with pytest.raises(BatchError, match="cannot read '.xlsx' files"):
         open_source(path, features_signature, 10)
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_arrow_blocks_read_exactly_what_the_csv_module_reads(tmp_path, features_signature,
+                                                             feature_row, header):
+    """Blocks Arrow can parse and blocks it cannot (empty or text cells, NaN, a short row, a
+    blank line) give the same ids, values and errors as a file the csv module reads whole."""
+    names = features_signature["preprocess"]["feature_names"]
+    good = [",".join(f"{feature_row[n] * (1 + i / 10):.6g}" for n in names) for i in range(9)]
+    rows = good[:3] + good[3:6] + [good[6].replace(",", ",x", 1), "", good[7],
+                                   "nan" + good[8][good[8].index(","):], good[0] + ",1",
+                                   good[1].rsplit(",", 1)[0] + ",", good[2]]
+    lines = ([",".join(names)] if header else []) + rows
+    fast, slow = tmp_path / "fast.csv", tmp_path / "slow.csv"
+    fast.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    # a quoted first cell: lines may no longer be rows, so the whole file goes through csv
+    slow.write_text("\n".join(['"' + lines[0].split(",", 1)[0] + '",' +
+                               lines[0].split(",", 1)[1], *lines[1:]]) + "\n")
+    got, want = (_rows(open_source(p, features_signature, chunk_size=3)) for p in (fast, slow))
+    assert [(i, e) for i, e, _ in got] == [(i, e) for i, e, _ in want]
+    assert np.array_equal(np.array([v for *_, v in got]), np.array([v for *_, v in want]),
+                          equal_nan=True)
+    errors = [e for _, e, _ in got]
+    assert errors[:6] == [None] * 6 and errors[8] is None and errors[12] is None
+    assert [bool(e) for e in errors[6:12]] == [True, True, False, False, True, True]
+    assert errors[9] is None and np.isnan(got[9][2][0])  # NaN is the codec's to reject
