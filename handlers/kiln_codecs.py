@@ -6,6 +6,7 @@ implement is docs/signature.md.
 
 import base64
 import binascii
+import functools
 import io
 import itertools
 import json
@@ -13,7 +14,7 @@ import logging
 import math
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ FRAME_SIDE = 20
 # Lanczos keeps thin strokes sharp when a photo is scaled down by a large factor.
 RESAMPLE = Image.Resampling.LANCZOS
 MAX_LISTED_NAMES = 5
+# Each 8-bit grey level in [0, 1], exactly as level / 255.0 gives it: a lookup is cheaper.
+_UNIT_LEVELS = np.arange(256, dtype=np.float64) / 255.0
+_UNIT_LEVELS.flags.writeable = False
 
 SIGNATURE_VERSION = 1
 INPUT_KINDS = ("image", "features")
@@ -297,8 +301,6 @@ def _check_finite_array(values, what):
 def grey_from_image_bytes(raw):
     """Decodes PNG/JPEG bytes to a float64 grey image in [0, 1], shape [H, W]."""
     fmt = "PNG" if raw.startswith(PNG_MAGIC) else "JPEG"
-    undecodable = BadInput(f"{fmt} image could not be decoded (truncated or corrupt)",
-                           reason="undecodable")
     try:
         img = Image.open(io.BytesIO(raw), formats=(fmt,))
     except Image.DecompressionBombError:
@@ -307,7 +309,7 @@ def grey_from_image_bytes(raw):
                        reason="too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         logger.debug("unreadable %s header: %s", fmt, err)
-        raise undecodable from None
+        raise _undecodable(fmt) from None
     with img:
         width, height = img.size
         if width * height > MAX_IMAGE_PIXELS:
@@ -317,10 +319,23 @@ def grey_from_image_bytes(raw):
             )
         try:
             img.load()
-            return _grey_unit(ImageOps.exif_transpose(img))
+            return _grey_unit(_upright(img))
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             logger.debug("undecodable %s: %s", fmt, err)
-            raise undecodable from None
+            raise _undecodable(fmt) from None
+
+
+def _undecodable(fmt):
+    return BadInput(f"{fmt} image could not be decoded (truncated or corrupt)",
+                    reason="undecodable")
+
+
+def _upright(img):
+    """ImageOps.exif_transpose(img), without its copy of the many images that carry no
+    orientation (or orientation 1, upright already)."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _grey_unit(img):
@@ -331,13 +346,16 @@ def _grey_unit(img):
         # A canvas drawing is usually dark strokes on a transparent ground: treat it as paper.
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    if img.mode != "L":
+        img = img.convert("L")
+    return _UNIT_LEVELS.take(np.asarray(img))
 
 
 def border_mean(grey):
     """Mean of the outermost ring of pixels."""
     ring = np.concatenate([grey[0, :], grey[-1, :], grey[1:-1, 0], grey[1:-1, -1]])
-    return float(ring.mean())
+    # For float64, ring.mean() to the last bit, without its overhead.
+    return float(ring.sum()) / ring.size
 
 
 def frame_like_mnist(grey, image_size):
@@ -346,10 +364,11 @@ def frame_like_mnist(grey, image_size):
         grey = 1.0 - grey
     height, width = image_size
     ink = grey > INK_THRESHOLD
-    if not ink.any():
+    ink_rows = ink.any(axis=1)
+    if not ink_rows.any():
         return resize(grey, height, width)
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    (row0, row1), (col0, col1) = _span(ink_rows), _span(ink.any(axis=0))
+    crop = grey[row0:row1, col0:col1]
     side = min(FRAME_SIDE, height, width)
     scale = side / max(crop.shape)
     digit = resize(
@@ -363,14 +382,21 @@ def frame_like_mnist(grey, image_size):
     return canvas
 
 
+def _span(mask):
+    """(first, last + 1) of the True entries of a 1-D mask that has some."""
+    return int(mask.argmax()), len(mask) - int(mask[::-1].argmax())
+
+
 def resize(grey, height, width):
     """Resamples a [0, 1] image; clipped because Lanczos rings past the input range."""
     height, width = max(1, height), max(1, width)
     if grey.shape == (height, width):
         return grey.copy()
-    img = Image.fromarray(grey.astype(np.float32))
+    # The image shares the float32 array's memory: no copy on the way into PIL.
+    pixels = np.ascontiguousarray(grey, dtype=np.float32)
+    img = Image.frombuffer("F", pixels.shape[::-1], pixels, "raw", "F", 0, 1)
     out = np.asarray(img.resize((width, height), RESAMPLE), dtype=np.float64)
-    return np.clip(out, 0.0, 1.0)
+    return out.clip(0.0, 1.0)
 
 
 def centre_of_mass(grey):
@@ -378,8 +404,17 @@ def centre_of_mass(grey):
     total = grey.sum()
     if total <= 0:
         return (grey.shape[0] - 1) / 2, (grey.shape[1] - 1) / 2
-    rows, cols = np.indices(grey.shape)
+    rows, cols = _index_grids(grey.shape)
     return float((rows * grey).sum() / total), float((cols * grey).sum() / total)
+
+
+@functools.lru_cache(maxsize=256)
+def _index_grids(shape):
+    """np.indices(shape) as float64 (exact, and cheaper to multiply with a float64 image),
+    read-only: digits come in a few dozen shapes, so each is made once."""
+    grids = np.indices(shape, dtype=np.float64)
+    grids.flags.writeable = False
+    return grids
 
 
 def paste_clipped(canvas, patch, top, left):
@@ -544,12 +579,14 @@ def standardise_image(grey, signature):
     """Pads [0, 1] images ([H, W] or [N, H, W]) with background, standardises them and shapes
     them for the model ([N, ...] for a batch)."""
     pre = signature["preprocess"]
-    p = pre["pad"]
-    widths = [(0, 0)] * (grey.ndim - 2) + [(p, p), (p, p)]
-    padded = np.pad(grey, widths, mode="constant", constant_values=0.0)
-    x = (padded - pre["mean"]) / pre["std"]
+    p, mean, std = pre["pad"], pre["mean"], pre["std"]
+    height, width = grey.shape[-2:]
+    x = np.empty((*grey.shape[:-2], height + 2 * p, width + 2 * p), dtype=np.float32)
+    # The pad is background (0 in grey's dtype), standardised in that dtype like the pixels.
+    x[...] = (grey.dtype.type(0) - mean) / std
+    x[..., p : p + height, p : p + width] = (grey - mean) / std
     shape = signature["input"]["shape"][1:]
-    return x.reshape(shape if grey.ndim == 2 else [-1, *shape]).astype(np.float32)
+    return x.reshape(shape if grey.ndim == 2 else [-1, *shape])
 
 
 def standardise_features(row, signature):
