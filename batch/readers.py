@@ -107,9 +107,9 @@ def _scan(path: Path) -> tuple[int, bool]:
         for block in iter(lambda: f.read(1 << 20), b""):
             lines += block.count(b"\n")
             quotes += block.count(b'"')
-            if b"\r" in block:
+            if b"\r" in block or last == b"\r":  # a CRLF may straddle two blocks
                 crs += block.count(b"\r")
-                crlfs += (last + block).count(b"\r\n") - last.count(b"\r\n")
+                crlfs += (last + block).count(b"\r\n")
             last = block[-1:]
     return lines, quotes == 0 and crs == crlfs
 

@@ -48,11 +48,8 @@ def write_output(path: Path, store: ChunkStore) -> None:
 
 
 def _write_jsonl(f, chunks) -> None:
-    dumps = json.JSONEncoder().encode
     for scored in chunks:
-        f.write("".join(f'{{"id": {dumps(i)}, "label": {dumps(label)}, "probability": '
-                        f'{dumps(p)}, "error": {dumps(e)}}}\n'
-                        for i, label, p, e in scored.rows()).encode())
+        f.write("".join(json.dumps(r) + "\n" for r in scored.records()).encode())
 
 
 def _write_parquet(path: Path, chunks) -> None:
