@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch import writers
-from batch.chunks import BatchError
-from batch.handler_modules import codecs
-from batch.readers import open_source
-from batch.store import ChunkStore
+from kiln.batch import writers
+from kiln.batch.chunks import BatchError
+from kiln.batch.readers import open_source
+from kiln.batch.store import ChunkStore
+from kiln.handlers import codec
 
 log = logging.getLogger("kiln.batch")
 VIAS = ("local", "server", "ray")
@@ -56,17 +56,17 @@ class Summary:
 
 def make_scorer(settings: JobSettings, signature):
     if settings.via == "local":
-        from batch.local import LocalScorer
+        from kiln.batch.local import LocalScorer
 
         return LocalScorer(settings.artifacts / "model.onnx", signature, settings.batch_size)
     if settings.via == "server":
-        from batch.remote import RetryPolicy, ServerScorer
+        from kiln.batch.remote import RetryPolicy, ServerScorer
 
         return ServerScorer(settings.name, signature, settings.url, settings.token,
                             settings.batch_size, settings.concurrency, settings.timeout,
                             RetryPolicy(attempts=settings.retries))
     if settings.via == "ray":
-        from batch.ray_job import RayScorer
+        from kiln.batch.ray_job import RayScorer
 
         return RayScorer(settings.artifacts / "model.onnx", signature, settings.batch_size,
                          settings.concurrency)
@@ -83,7 +83,7 @@ def run(settings: JobSettings) -> Summary:
     signature_path = settings.artifacts / "signature.json"
     if not signature_path.exists():
         raise BatchError(f"{signature_path} is missing: run kiln export {settings.name}")
-    signature = codecs().load_signature(signature_path)
+    signature = codec.load_signature(signature_path)
     writers.check_output(settings.output)
     source = open_source(settings.input, signature, settings.chunk_size)
     store = ChunkStore(settings.output, _job_identity(settings))

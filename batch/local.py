@@ -15,10 +15,10 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 
-from batch import scoring
-from batch.chunks import Chunk, Scored
-from batch.handler_modules import backends
-from batch.pipeline import score_chunks
+from kiln.batch import scoring
+from kiln.batch.chunks import Chunk, Scored
+from kiln.batch.pipeline import score_chunks
+from kiln.handlers import backends
 
 PARENT_POLL_S = 0.5
 
@@ -30,7 +30,7 @@ class LocalScorer:
         self.signature = signature
         self.batch_size = batch_size
         self.workers = workers or cores
-        self.backend = backends().load_backend(str(model_path),
+        self.backend = backends.load_backend(str(model_path),
                                                intra_op_threads=intra_op_threads or cores)
 
     def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Scored]]:

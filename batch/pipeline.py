@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 
-from batch.chunks import Chunk, Scored
+from kiln.batch.chunks import Chunk, Scored
 
 
 def split(chunk: Chunk, size: int) -> list[Chunk]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batch import scoring
-from batch.chunks import BatchError, Chunk, Scored, record
-from batch.handler_modules import backends
+from kiln.batch import scoring
+from kiln.batch.chunks import BatchError, Chunk, Scored, record
+from kiln.handlers import backends
 
 log = logging.getLogger("kiln.batch")
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ class OnnxActor:
         self.signature, self.batch_size = signature, batch_size
         with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
             f.write(model)
-        self.backend = backends().load_backend(f.name, intra_op_threads=1)
+        self.backend = backends.load_backend(f.name, intra_op_threads=1)
         os.unlink(f.name)
 
     def __call__(self, batch: dict) -> dict:

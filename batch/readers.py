@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batch import tables
-from batch.chunks import BatchError, Chunk
-from batch.handler_modules import codecs
+from kiln.batch import tables
+from kiln.batch.chunks import BatchError, Chunk
+from kiln.handlers import codec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TABLE_SUFFIXES = (".npy", ".csv", ".jsonl", ".ndjson", ".parquet")
@@ -168,26 +168,25 @@ def csv_source(path: Path, signature, chunk_size: int) -> Source:
 
 def _json_row(line: str, signature) -> np.ndarray:
     """One JSON Lines row as raw values, or BadInput with the codec's own message."""
-    kiln_codecs = codecs()
     try:
         value = json.loads(line)
     except json.JSONDecodeError as err:
-        raise kiln_codecs.BadInput(f"not valid JSON: {err.msg} at column {err.colno}") from None
+        raise codec.BadInput(f"not valid JSON: {err.msg} at column {err.colno}") from None
     if signature["input"]["kind"] == "features":
-        return kiln_codecs.features_from_json(value, signature)
+        return codec.features_from_json(value, signature)
     pre = signature["preprocess"]
     height, wide = pre["image_size"]
     if isinstance(value, list) and len(value) == height * wide and not isinstance(
             value[0], list):
         value = [value[r * wide:(r + 1) * wide] for r in range(height)]
-    return kiln_codecs.pixels_from_json(value, pre["image_size"], pre["pixel_max"])
+    return codec.pixels_from_json(value, pre["image_size"], pre["pixel_max"])
 
 
 def jsonl_source(path: Path, signature, chunk_size: int) -> Source:
     """One JSON value a line: an object of named features, a list of numbers, or pixels
     (a flat list of H*W values, [H][W], or {"pixels": ...}). Blank lines are not rows."""
     shape = tables.value_shape(signature)
-    bad_input = codecs().BadInput
+    bad_input = codec.BadInput
 
     def to_values(lines):
         values = np.zeros((len(lines), *shape), dtype=np.float64)

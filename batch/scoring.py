@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.chunks import Chunk, Scored
-from batch.handler_modules import codecs
+from kiln.batch.chunks import Chunk, Scored
+from kiln.handlers import codec
 
 
 @dataclass
@@ -45,16 +45,15 @@ def _decode_images(chunk: Chunk, signature) -> Decoded:
 
 def decode_images(raws: list[bytes | None], errors: list[str | None], signature) -> Decoded:
     """Encoded images (None where `errors` says why there is none) as model rows."""
-    kiln_codecs = codecs()
     errors = list(errors)
     rows, positions = [], []
     for i, raw in enumerate(raws):
         if raw is None:
             continue
         try:
-            rows.append(kiln_codecs.decode_request(raw, signature))
+            rows.append(codec.decode_request(raw, signature))
             positions.append(i)
-        except kiln_codecs.BadInput as err:
+        except codec.BadInput as err:
             errors[i] = str(err)
     return Decoded(_stack(rows, signature), positions, errors)
 
@@ -62,23 +61,22 @@ def decode_images(raws: list[bytes | None], errors: list[str | None], signature)
 def _decode_values(chunk: Chunk, signature) -> Decoded:
     """Vectorised in slices of at most MAX_INSTANCES rows (the codec's limit); a slice with
     a bad row is decoded row by row, as the server sees a one-row request."""
-    kiln_codecs = codecs()
     errors = list(chunk.errors)
     good = [i for i, e in enumerate(errors) if e is None]
     parts, positions = [], []
-    for start in range(0, len(good), kiln_codecs.MAX_INSTANCES):
-        idx = good[start:start + kiln_codecs.MAX_INSTANCES]
+    for start in range(0, len(good), codec.MAX_INSTANCES):
+        idx = good[start:start + codec.MAX_INSTANCES]
         try:
-            parts.append(kiln_codecs.rows_from_raw(chunk.values[idx], signature))
+            parts.append(codec.rows_from_raw(chunk.values[idx], signature))
             positions += idx
             continue
-        except kiln_codecs.BadInput:
+        except codec.BadInput:
             pass
         for i in idx:
             try:
-                parts.append(kiln_codecs.rows_from_raw(chunk.values[i:i + 1], signature))
+                parts.append(codec.rows_from_raw(chunk.values[i:i + 1], signature))
                 positions.append(i)
-            except kiln_codecs.BadInput as err:
+            except codec.BadInput as err:
                 errors[i] = str(err)
     rows = np.concatenate(parts) if parts else _stack([], signature)
     return Decoded(rows, positions, errors)

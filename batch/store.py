@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 
-from batch.chunks import BatchError, Scored
+from kiln.batch.chunks import BatchError, Scored
 
 log = logging.getLogger("kiln.batch")
 MANIFEST = "manifest.jsonl"

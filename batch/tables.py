@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from batch.chunks import BatchError
+from kiln.batch.chunks import BatchError
 
 IGNORED_COLUMNS = ("id", "label")
 

@@ -8,8 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from batch.chunks import COLUMNS, BatchError
-from batch.store import ChunkStore
+from kiln.batch.chunks import COLUMNS, BatchError
+from kiln.batch.store import ChunkStore
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import requests
 
-from deploy import plugins
-from model_store import archive_config
+from kiln.deploy import plugins
+from kiln.model_store import archive_config
 
 log = logging.getLogger("kiln.serve")
 

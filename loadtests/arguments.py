@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loadtests.shapes import SHAPES
-from training import registry
+from kiln.loadtests.shapes import SHAPES
+from kiln.training import registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""`kiln batch` throughput: `python -m loadtests.batch_bench`.
+"""`kiln batch` throughput: `python -m kiln.loadtests.batch_bench`.
 
 In one run, for lenet on 10,000 PNG images (the 5,000-image MNIST sample and a copy shifted by
 one pixel) and for binary on 100,000 CSV rows (the breast-cancer rows resampled), prints rows/s
@@ -29,17 +29,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from batch import job, scoring
-from batch.chunks import Scored
-from batch.local import LocalScorer
-from batch.readers import open_source
+from kiln.batch import job, scoring
+from kiln.batch.chunks import Scored
+from kiln.batch.local import LocalScorer
+from kiln.batch.readers import open_source
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("kiln.bench")
 
 
 def make_images(folder: Path, n: int) -> Path:
-    from training.data import load_raw
+    from kiln.training.data import load_raw
 
     x = load_raw("mnist")[0]
     shifted = np.roll(x, 1, axis=2)
@@ -52,7 +52,7 @@ def make_images(folder: Path, n: int) -> Path:
 
 
 def make_rows(path: Path, n: int) -> Path:
-    from training.data import load_raw
+    from kiln.training.data import load_raw
 
     x, _, _, names = load_raw("breast_cancer")
     rows = x[np.random.default_rng(0).integers(0, len(x), n)]
@@ -86,9 +86,9 @@ def decode_alone(name: str, inp: Path, batch_size: int) -> float:
 
 
 def json_load(path: Path):
-    from batch.handler_modules import codecs
+    from kiln.handlers import codec
 
-    return codecs().load_signature(path)
+    return codec.load_signature(path)
 
 
 def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
@@ -102,8 +102,8 @@ def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
 
 
 def start_server(folder: Path):
-    from deploy.server import Ports, Server, ServerSettings
-    from model_store.archive import STORE
+    from kiln.deploy.server import Ports, Server, ServerSettings
+    from kiln.model_store.archive import STORE
 
     srv = Server(ServerSettings(run_dir=folder, model_store=STORE, models=["lenet", "binary"],
                                 ports=Ports.free()))

@@ -1,4 +1,4 @@
-"""Batching off and on, side by side: `python -m loadtests.batching [--model lenet]`.
+"""Batching off and on, side by side: `python -m kiln.loadtests.batching [--model lenet]`.
 
 Starts one TorchServe on free loopback ports, registers the same archive several times with
 different batch settings (through the management API, which overrides the archive's
@@ -24,10 +24,10 @@ import numpy as np
 import psutil
 import requests
 
-from deploy.server import HOST, Ports, Server, ServerSettings
 from kiln import client as http_client
 from kiln.console import setup_logging
-from model_store import STORE
+from kiln.deploy.server import HOST, Ports, Server, ServerSettings
+from kiln.model_store import STORE
 
 log = logging.getLogger("kiln.bench")
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"

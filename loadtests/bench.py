@@ -17,12 +17,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deploy.server import Ports, Server, ServerSettings
 from kiln.client import Client, encode_file
-from loadtests import inprocess, stock, wrk
-from loadtests.batching import PAYLOADS, server_cpu_seconds
-from model_store import STORE, archive_config
-from model_store.archive import ServingConfig
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.loadtests import inprocess, stock, wrk
+from kiln.loadtests.batching import PAYLOADS, server_cpu_seconds
+from kiln.model_store import STORE, archive_config
+from kiln.model_store.archive import ServingConfig
 
 log = logging.getLogger("kiln.bench")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -164,7 +164,7 @@ def served_rows(name: str, artifacts: Path, clients: list[int], seconds: int) ->
 
 
 def bench(name: str, clients: list[int], seconds: int) -> list[Row]:
-    from kiln.pipeline import ensure_built
+    from kiln.cli.pipeline import ensure_built
 
     archive = ensure_built(name)
     artifacts = ARTIFACTS / name

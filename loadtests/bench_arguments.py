@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training import registry
+from kiln.training import registry
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

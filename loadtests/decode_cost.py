@@ -1,4 +1,4 @@
-"""What decoding a request costs next to the model call: `python -m loadtests.decode_cost`.
+"""What decoding a request costs next to the model call: `python -m kiln.loadtests.decode_cost`.
 
 Times Kiln's codec on one LeNet input sent as a JSON array of floats, a JSON array of
 integers, a PNG, and a .npy array (alone and eight to a body), against one ONNX Runtime call
@@ -11,7 +11,6 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -19,10 +18,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "handlers"))  # the handler modules, by their flat names
+from kiln.handlers import codec
 
-import kiln_codecs  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def median_seconds(fn, repeat: int) -> float:
@@ -57,15 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="exported lenet (default: artifacts/lenet)")
     parser.add_argument("--repeat", type=int, default=300, help="timings each (default: 300)")
     args = parser.parse_args(argv)
-    signature = kiln_codecs.load_signature(args.artifacts / "signature.json")
+    signature = codec.load_signature(args.artifacts / "signature.json")
     session = ort.InferenceSession(str(args.artifacts / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     pixels = np.asarray(Image.open(REPO / "tests" / "fixtures" / "digits" / "7.png"))
-    x = kiln_codecs.decode_request(pixels.tolist(), signature)[np.newaxis]
+    x = codec.decode_request(pixels.tolist(), signature)[np.newaxis]
     infer = median_seconds(lambda: session.run(None, {"input": x}), args.repeat)
     print(f"{'body':<15}{'bytes':>8}{'decode us/input':>17}{'x ONNX call':>13}")
     for name, (body, n) in bodies(pixels).items():
-        t = median_seconds(lambda b=body: kiln_codecs.decode_instances(b, signature),
+        t = median_seconds(lambda b=body: codec.decode_instances(b, signature),
                            args.repeat) / n
         print(f"{name:<15}{len(body):>8}{t * 1e6:>17.1f}{t / infer:>13.2f}")
     print(f"{'ONNX call':<15}{'':>8}{infer * 1e6:>17.1f}{1:>13.2f}")

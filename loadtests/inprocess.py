@@ -4,14 +4,13 @@ ceiling a server can approach."""
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
+from kiln.handlers import codec
 
 
 @dataclass
@@ -24,20 +23,10 @@ class Timing:
     p99_ms: float
 
 
-def codecs():
-    """Kiln's codec module, imported by its flat name as the worker imports it."""
-    if str(HANDLERS) not in sys.path:
-        sys.path.insert(0, str(HANDLERS))
-    import kiln_codecs
-
-    return kiln_codecs
-
-
 def model_input(artifacts: Path, body: bytes):
     """float32 [1, ...]: the graph's input for one request body, as Kiln's handler makes it."""
-    kiln_codecs = codecs()
-    signature = kiln_codecs.load_signature(artifacts / "signature.json")
-    rows, _ = kiln_codecs.decode_instances(body, signature)
+    signature = codec.load_signature(artifacts / "signature.json")
+    rows, _ = codec.decode_instances(body, signature)
     return rows
 
 

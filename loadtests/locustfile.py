@@ -12,16 +12,13 @@ import itertools
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust -f from anywhere
-
-from loadtests import payloads, shapes, thresholds  # noqa: E402
-from loadtests.locustfile_path import SHAPE_ENV, TOKEN_ENV  # noqa: E402
+from kiln.loadtests import payloads, shapes, thresholds
+from kiln.loadtests.locustfile_path import SHAPE_ENV, TOKEN_ENV
 
 log = logging.getLogger("kiln.loadtest")
 

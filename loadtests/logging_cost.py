@@ -10,11 +10,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from deploy.server import LOG_CONFIG, Ports, Server, ServerSettings
 from kiln import client as http_client
 from kiln.console import setup_logging
-from loadtests.batching import PAYLOADS, measure, print_table, register
-from model_store import STORE
+from kiln.deploy.server import LOG_CONFIG, Ports, Server, ServerSettings
+from kiln.loadtests.batching import PAYLOADS, measure, print_table, register
+from kiln.model_store import STORE
 
 
 def run(log_config: Path | None, model: str, clients: int, seconds: float, label: str):

@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtests import report_data, svg
-from loadtests.thresholds import Check
+from kiln.loadtests import report_data, svg
+from kiln.loadtests.thresholds import Check
 
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1360px}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:4px 10px}

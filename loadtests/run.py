@@ -17,10 +17,10 @@ from pathlib import Path
 
 import psutil
 
-from deploy.server import HOST, Ports, Server, ServerError, ServerSettings
 from kiln import client as http
-from loadtests import monitor, report, report_data, thresholds
-from loadtests.locustfile_path import LOCUSTFILE, SHAPE_ENV, TOKEN_ENV
+from kiln.deploy.server import HOST, Ports, Server, ServerError, ServerSettings
+from kiln.loadtests import monitor, report, report_data, thresholds
+from kiln.loadtests.locustfile_path import LOCUSTFILE, SHAPE_ENV, TOKEN_ENV
 
 log = logging.getLogger("kiln.loadtest")
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from deploy.server import ServerSettings
 from kiln import client as http_client
-from model_store.archive import ARCHIVE_VERSION, ServingConfig
+from kiln.deploy.server import ServerSettings
+from kiln.model_store.archive import ARCHIVE_VERSION, ServingConfig
 
 NOOP_HANDLER = Path(__file__).resolve().parent / "noop_handler.py"
 STOCK_HANDLER = "base_handler"

@@ -20,11 +20,11 @@ from pathlib import Path
 import requests
 import yaml
 
-from deploy.server import Ports, Server, ServerSettings
 from kiln.client import encode_file
-from loadtests import wrk
-from loadtests.batching import PAYLOADS, parse_configs, register
-from model_store.archive import ServingConfig
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.loadtests import wrk
+from kiln.loadtests.batching import PAYLOADS, parse_configs, register
+from kiln.model_store.archive import ServingConfig
 
 log = logging.getLogger("kiln.tune")
 BACKENDS = ("onnx", "torchscript")
@@ -127,8 +127,8 @@ class TuneServer(Server):
 
 def build_store(name: str, backends: list[str], store: Path) -> dict[str, str]:
     """Backend -> archive file name in `store` (the same model, one archive per backend)."""
-    from kiln.pipeline import ensure_built
-    from model_store import archive
+    from kiln.cli.pipeline import ensure_built
+    from kiln.model_store import archive
 
     files = {}
     for backend in backends:

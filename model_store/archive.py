@@ -1,9 +1,13 @@
-"""Build model_store/NAME.mar: `kiln archive NAME` or `python -m model_store.archive NAME`.
+"""Build model_store/NAME.mar: `kiln archive NAME` or `python -m kiln.model_store.archive NAME`.
 
-The archive is self-describing: Kiln's handler and its helper modules, the model file (the
-same one training imports), the exported graph, signature.json, index_to_name.json and a
-model-config.yaml with the worker and batching settings. It is built only from an export
-that passed the parity gate.
+The archive is self-describing: the whole `kiln` package (the serving core among it), a
+three-line entry module for TorchServe, the model file (the same one training imports), the
+exported graph, signature.json, index_to_name.json and a model-config.yaml with the worker
+and batching settings. It is built only from an export that passed the parity gate.
+
+Why the whole package: TorchServe puts the model folder on the worker's PYTHONPATH ahead of
+site-packages, so a partial `kiln/` there would hide an installed Kiln's other modules. With
+the whole root inside, the archive serves the code it was built with, Kiln installed or not.
 """
 
 from __future__ import annotations
@@ -20,23 +24,26 @@ from pathlib import Path
 
 import yaml
 
+from kiln import layout
 from kiln.console import setup_logging
-from model_store import STORE
-from training import registry
-from training.export import FORMS, MAX_ABS_DIFF
-from training.train import ARTIFACTS, REPO_ROOT
+from kiln.model_store import STORE
+from kiln.training import registry
+from kiln.training.export import FORMS, MAX_ABS_DIFF
+from kiln.training.train import ARTIFACTS
 
 log = logging.getLogger("kiln.archive")
 
-HANDLERS = REPO_ROOT / "handlers"
-HANDLER_FILE = HANDLERS / "kiln_handler.py"
-# Imported by flat name from the model's folder inside the worker; kiln_metrics reads the
-# declarations of the metrics it records from metrics.yaml there.
-HANDLER_MODULES = [
-    *(HANDLERS / f"{m}.py" for m in ("kiln_codecs", "kiln_backends", "kiln_oip", "kiln_metrics")),
-    HANDLERS / "metrics.yaml",
-]
 ARCHIVE_VERSION = "1.0"
+# TorchServe imports the --handler file by its name and takes the one class it defines.
+ENTRY_MODULE = "kiln_handler"
+ENTRY_SOURCE = '''"""TorchServe's entry point: Kiln's handler, from the kiln package beside it."""
+
+from kiln.handlers.handler import KilnHandler
+
+
+class Handler(KilnHandler):
+    """The one class TorchServe looks for in this file."""
+'''
 
 
 @dataclass
@@ -85,7 +92,16 @@ def archive_inputs(name: str, artifacts: Path, backend: str) -> list[Path]:
     """Every file the archive is built from (also what decides whether it is stale)."""
     spec = registry.get(name)
     return [artifacts / FORMS[backend], artifacts / "signature.json", spec.model_file,
-            HANDLER_FILE, *HANDLER_MODULES]
+            *layout.package_files().values()]
+
+
+def stage_package(folder: Path) -> Path:
+    """Copies the whole `kiln` root under folder (as folder/kiln/...) and returns folder."""
+    for relative, source in layout.package_files().items():
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return folder
 
 
 def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
@@ -106,14 +122,17 @@ def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
             json.dumps({str(i): label for i, label in enumerate(labels)}, indent=2))
         (staging / "model-config.yaml").write_text(
             yaml.safe_dump(config.model_config(), sort_keys=False))
-        extra = [artifacts / "signature.json", staging / "index_to_name.json", *HANDLER_MODULES]
+        (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
+        # A folder among --extra-files has its contents copied: this one holds kiln/.
+        package = stage_package(staging / "package")
+        extra = [artifacts / "signature.json", staging / "index_to_name.json", package]
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
             "--model-name", name,
             "--version", ARCHIVE_VERSION,
             "--model-file", str(spec.model_file),
             "--serialized-file", str(artifacts / FORMS[backend]),
-            "--handler", str(HANDLER_FILE),
+            "--handler", str(staging / f"{ENTRY_MODULE}.py"),
             "--extra-files", ",".join(str(p) for p in extra),
             "--config-file", str(staging / "model-config.yaml"),
             "--export-path", str(staging),

@@ -16,7 +16,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from kiln.console import setup_logging
-from training import data, registry
-from training.train import ARTIFACTS, git_sha, prepare
+from kiln.training import data, registry
+from kiln.training.train import ARTIFACTS, git_sha, prepare
 
 log = logging.getLogger("kiln.export")
 
@@ -152,7 +152,7 @@ def signature(spec, meta: dict, parity: dict[str, Parity]) -> dict:
             "data_sha256": meta["data_sha256"],
             "test_accuracy": meta["metrics"]["test_accuracy"],
             "torch_version": torch.__version__,
-            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     }
 

@@ -40,7 +40,7 @@ class ModelSpec:
         return MODELS_DIR / f"{self.name}.py"
 
     def model_class(self) -> type[torch.nn.Module]:
-        return model_class_of(f"training.models.{self.name}")
+        return model_class_of(f"kiln.training.models.{self.name}")
 
     def build(self) -> torch.nn.Module:
         return self.model_class()()

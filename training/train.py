@@ -1,4 +1,4 @@
-"""Train one of Kiln's models: `kiln train NAME` or `python -m training.train NAME`.
+"""Train one of Kiln's models: `kiln train NAME` or `python -m kiln.training.train NAME`.
 
 Reads top to bottom like the PyTorch examples: data, one epoch, evaluation, main. The product
 is a bare state_dict (loadable with weights_only=True) and a meta.json beside it; a checkpoint
@@ -13,7 +13,7 @@ import logging
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.console import setup_logging
-from training import data, registry
+from kiln.training import data, registry
 
 log = logging.getLogger("kiln.train")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -226,7 +226,7 @@ def train(cfg: TrainConfig) -> dict:
         "git_sha": git_sha(),
         "torch_version": torch.__version__,
         "device": str(device),
-        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (cfg.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("%s test accuracy %.4f (best val %.4f at epoch %d) -> %s",

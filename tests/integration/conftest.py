@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from deploy.server import Ports, Server, ServerSettings
 from kiln import client as http
-from kiln.pipeline import ensure_built
-from model_store.archive import STORE
-from training import registry
+from kiln.cli.pipeline import ensure_built
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.model_store.archive import STORE
+from kiln.training import registry
 
 MODELS = list(registry.REGISTRY)
 log = logging.getLogger("kiln.tests")

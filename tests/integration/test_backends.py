@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.server import Ports, Server, ServerSettings
 from kiln import client as http
-from model_store import archive
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.model_store import archive
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MODELS = ["lenet", "rnn", "binary"]

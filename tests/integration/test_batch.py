@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from batch import job
-from batch.store import parts_dir
-from batch.writers import read_output
+from kiln.batch import job
+from kiln.batch.store import parts_dir
+from kiln.batch.writers import read_output
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"

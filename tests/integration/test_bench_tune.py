@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtests import wrk
+from kiln.loadtests import wrk
 
 REPO = Path(__file__).resolve().parent.parent.parent
 pytestmark = pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (apt-get)")

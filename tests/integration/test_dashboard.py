@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from training import registry
+from kiln.training import registry
 
 MODELS = list(registry.REGISTRY)
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.server import Ports
 from kiln.client import Answer, encode_file
+from kiln.deploy.server import Ports
 from kiln.grpc_client import GrpcClient
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from deploy.server import Ports, Server, ServerSettings
-from model_store import STORE
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.model_store import STORE
 
 
 def log_lines(srv, name):

@@ -4,13 +4,13 @@ standard client calls it: health, server metadata, model metadata and readiness,
 import json
 from pathlib import Path
 
-import kiln_oip
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from training.train import ARTIFACTS
+from kiln.handlers import oip as oip_codec
+from kiln.training.train import ARTIFACTS
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 IMAGE_MODELS = ["lenet", "mlp", "rnn"]
@@ -63,7 +63,7 @@ def ready_and_described(oip, model):
     assert (r.status_code, r.json()) == (200, {"ready": True, "name": model})
     r = oip.get(f"/models/{model}")
     assert r.status_code == 200
-    assert r.json() == kiln_oip.model_metadata(signature(model), "1.0")
+    assert r.json() == oip_codec.model_metadata(signature(model), "1.0")
     return r.json()
 
 

@@ -7,9 +7,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import kiln_metrics
 import pytest
 import requests
+
+from kiln.handlers import metrics
 
 log = logging.getLogger("kiln.tests")
 
@@ -48,8 +49,8 @@ TORCHSERVE_PROBLEMS = {
 # Kiln's one deliberate exception: TorchServe's fixed bucket bounds only resolve
 # sub-millisecond times when they are recorded in centiseconds (handlers/metrics.yaml).
 KILN_PROBLEMS = {
-    (kiln_metrics.stage_metric(stage), 'use base unit "seconds" instead of "centiseconds"')
-    for stage in kiln_metrics.STAGES
+    (metrics.stage_metric(stage), 'use base unit "seconds" instead of "centiseconds"')
+    for stage in metrics.STAGES
 }
 
 
@@ -135,7 +136,7 @@ def test_metrics_endpoint_passes_promtool_but_for_torchserve_s_own_series(
     assert send(server, client, [GOOD_BODY, BAD_BODY]) == [200, 400]
     time.sleep(SETTLE_S)
     text = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
-    for name in kiln_metrics.RECORDED:
+    for name in metrics.RECORDED:
         assert f"# TYPE {name} " in text  # promtool sees Kiln's series, not an empty page
 
     done = subprocess.run([str(promtool), "check", "metrics"], input=text,

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import requests
 
-from deploy.server import Ports, Server, ServerSettings
-from model_store import STORE
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.model_store import STORE
 
 
 def test_oversized_body_gets_413_and_the_server_keeps_serving(server, client):

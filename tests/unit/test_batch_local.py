@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch import job
-from batch.writers import read_output
+from kiln.batch import job
+from kiln.batch.writers import read_output
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.chunks import BatchError
-from batch.readers import open_source
+from kiln.batch.chunks import BatchError
+from kiln.batch.readers import open_source
 
 
 def _rows(source):

@@ -4,12 +4,12 @@ that the server's encode_answer gives each row."""
 import numpy as np
 import pytest
 
-from batch.handler_modules import codecs
-from batch.scoring import best_answers
+from kiln.batch.scoring import best_answers
+from kiln.handlers import codec
 
 
 def _one_by_one(probabilities, output):
-    answers = [codecs().encode_answer(row, output, top_k=1) for row in probabilities]
+    answers = [codec.encode_answer(row, output, top_k=1) for row in probabilities]
     return [a["label"] for a in answers], [a["probability"] for a in answers]
 
 

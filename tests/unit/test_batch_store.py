@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from batch.chunks import BatchError, Scored, record
-from batch.store import ChunkStore, csv_body, parse_rows, parts_dir
+from kiln.batch.chunks import BatchError, Scored, record
+from kiln.batch.store import ChunkStore, csv_body, parse_rows, parts_dir
 
 JOB = {"name": "tiny", "input": "/in.csv", "chunk_size": 2}
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from batch.chunks import BatchError, Scored, record
-from batch.store import ChunkStore
-from batch.writers import check_output, read_output, write_output
+from kiln.batch.chunks import BatchError, Scored, record
+from kiln.batch.store import ChunkStore
+from kiln.batch.writers import check_output, read_output, write_output
 
 CHUNKS = [[record("a.png", "7", 0.9999672174453735), record("b.png", error="PNG image could "
                                                              "not be decoded")],

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from loadtests import wrk
-from loadtests.bench import Row, add_ratios, format_table
+from kiln.loadtests import wrk
+from kiln.loadtests.bench import Row, add_ratios, format_table
 
 SAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "wrk" / "latency.txt"
 

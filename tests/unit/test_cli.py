@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kiln import client as http
-from kiln.cli import build_parser, describe
+from kiln.cli.main import build_parser, describe
 
 SUBCOMMANDS = {
     "train": ["--epochs", "--optimizer", "--seed", "--resume", "--dry-run", "--device"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
+from kiln.training import data
 
 
 @pytest.mark.parametrize("name,sizes", [("mnist", (3500, 500, 1000)),

@@ -5,8 +5,9 @@ import json
 import re
 from pathlib import Path
 
-import kiln_metrics
 import yaml
+
+from kiln.handlers import metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -118,4 +119,4 @@ def test_dashboard_shows_every_metric_the_handler_records():
     exprs = " ".join(t["expr"] for p in dashboard()["panels"] for t in p["targets"])
     shown = {re.sub(r"_(bucket|sum|count)$", "", name)
              for name in re.findall(r"\bkiln_\w+", exprs)}
-    assert shown == set(kiln_metrics.RECORDED)
+    assert shown == set(metrics.RECORDED)

@@ -1,14 +1,16 @@
+import importlib
 import json
 import shutil
 
-import kiln_backends
-import kiln_codecs
-import kiln_handler
 import numpy as np
 import onnxruntime as ort
 import pytest
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
+
+from kiln.handlers import backends, codec
+from kiln.handlers import handler as kiln_handler
+from kiln.model_store import archive
 
 CUDA_IN_ORT = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -19,7 +21,7 @@ def make_context(model_dir, serialized, model_yaml_config=None, gpu=None):
         "model": {
             "modelName": model_dir.name,
             "serializedFile": serialized,
-            "handler": "kiln_handler.py",
+            "handler": "handler.py",
             "modelVersion": "1.0",
         }
     }
@@ -54,14 +56,18 @@ def diagonal_pixels():
 
 def direct_answers(backend, signature, bodies, top_k=3):
     """What the backend answers for the good bodies, scored together as the handler must."""
-    batch = np.stack([kiln_codecs.decode_request(body, signature) for body in bodies])
+    batch = np.stack([codec.decode_request(body, signature) for body in bodies])
     rows = backend.run(batch)
-    return [kiln_codecs.encode_answer(row, signature["output"], top_k) for row in rows]
+    return [codec.encode_answer(row, signature["output"], top_k) for row in rows]
 
 
-def test_handler_file_defines_exactly_one_class():
-    classes = list_classes_from_module(kiln_handler)
-    assert [cls.__name__ for cls in classes] == ["KilnHandler"]
+def test_archive_entry_module_defines_exactly_one_handler_class(tmp_path, monkeypatch):
+    (tmp_path / f"{archive.ENTRY_MODULE}.py").write_text(archive.ENTRY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.import_module(archive.ENTRY_MODULE)
+    classes = list_classes_from_module(entry)
+    assert [cls.__name__ for cls in classes] == ["Handler"]
+    assert issubclass(classes[0], kiln_handler.KilnHandler)
 
 
 def test_image_batch_answers_each_request_in_order(
@@ -73,7 +79,7 @@ def test_image_batch_answers_each_request_in_order(
 
     answers = serve(handler, context, requests)
 
-    backend = kiln_backends.load_backend(str(image_model_dir / "model.onnx"))
+    backend = backends.load_backend(str(image_model_dir / "model.onnx"))
     good = direct_answers(backend, image_signature, [light_square_png, diagonal_pixels()])
     assert len(answers) == 3
     assert [json.loads(a) for a in answers] == [
@@ -99,7 +105,7 @@ def test_features_batch_on_torchscript(features_model_dir, features_signature, f
 
     answers = serve(handler, context, requests)
 
-    backend = kiln_backends.load_backend(str(features_model_dir / "model.pt"))
+    backend = backends.load_backend(str(features_model_dir / "model.pt"))
     good = direct_answers(backend, features_signature, [feature_row, as_list])
     assert [json.loads(a) for a in answers] == [
         good[0],
@@ -124,7 +130,7 @@ def test_top_k_comes_from_model_config(image_model_dir, image_signature):
     context = make_context(image_model_dir, "model.onnx", {"handler": {"top_k": 5}})
     handler = loaded_handler(context)
     (answer,) = serve(handler, context, [{"body": diagonal_pixels()}])
-    backend = kiln_backends.load_backend(str(image_model_dir / "model.onnx"))
+    backend = backends.load_backend(str(image_model_dir / "model.onnx"))
     assert json.loads(answer) == direct_answers(backend, image_signature, [diagonal_pixels()], 5)[0]
     assert len(json.loads(answer)["top_k"]) == 5
 
@@ -136,8 +142,8 @@ def test_top_k_comes_from_model_config(image_model_dir, image_signature):
 def test_onnx_and_torchscript_agree(model_dir_fixture, shape, request):
     model_dir = request.getfixturevalue(model_dir_fixture)
     batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    onnx = kiln_backends.load_backend(str(model_dir / "model.onnx")).run(batch)
-    torchscript = kiln_backends.load_backend(str(model_dir / "model.pt")).run(batch)
+    onnx = backends.load_backend(str(model_dir / "model.onnx")).run(batch)
+    torchscript = backends.load_backend(str(model_dir / "model.pt")).run(batch)
     assert onnx.dtype == torchscript.dtype == np.float32
     assert onnx.shape == torchscript.shape == (shape[0], 10 if len(shape) == 4 else 1)
     assert np.abs(onnx - torchscript).max() <= 1e-5
@@ -222,14 +228,14 @@ def test_require_gpu_without_an_assigned_gpu_fails_the_model_load(image_model_di
 
 @pytest.mark.skipif(CUDA_IN_ORT, reason="this onnxruntime has CUDA")
 def test_onnx_backend_reports_the_cpu_it_really_got(image_model_dir):
-    backend = kiln_backends.load_backend(str(image_model_dir / "model.onnx"), gpu_id=0)
+    backend = backends.load_backend(str(image_model_dir / "model.onnx"), gpu_id=0)
     assert backend.providers == ["CPUExecutionProvider"]
     assert backend.description == (
         f"onnxruntime {ort.__version__} on CPU, providers ['CPUExecutionProvider'], "
         "1 intra-op thread(s)"
     )
     with pytest.raises(RuntimeError) as caught:
-        kiln_backends.load_backend(
+        backends.load_backend(
             str(image_model_dir / "model.onnx"), gpu_id=0, require_gpu=True
         )
     assert str(caught.value) == (
@@ -241,7 +247,7 @@ def test_onnx_backend_reports_the_cpu_it_really_got(image_model_dir):
 def test_torchscript_backend_runs_on_cpu_without_a_gpu(features_model_dir):
     import torch
 
-    backend = kiln_backends.load_backend(str(features_model_dir / "model.pt"), intra_op_threads=2)
+    backend = backends.load_backend(str(features_model_dir / "model.pt"), intra_op_threads=2)
     assert backend.description == (
         f"torch {torch.__version__} TorchScript on cpu, 2 intra-op thread(s)"
     )
@@ -249,7 +255,7 @@ def test_torchscript_backend_runs_on_cpu_without_a_gpu(features_model_dir):
 
 def test_unknown_model_file_is_refused(tmp_path):
     with pytest.raises(ValueError) as caught:
-        kiln_backends.load_backend(str(tmp_path / "model.pkl"))
+        backends.load_backend(str(tmp_path / "model.pkl"))
     assert str(caught.value) == (
         "cannot serve 'model.pkl': expected a file ending in one of "
         "('.onnx', '.pt', '.ts', '.torchscript')"

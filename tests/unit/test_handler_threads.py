@@ -1,7 +1,8 @@
 """How many intra-op threads a worker takes: explicit, or shared among all served workers."""
 
 import pytest
-from kiln_handler import intra_op_threads
+
+from kiln.handlers.handler import intra_op_threads
 
 
 @pytest.mark.parametrize("option,config,environ,cores,expected", [

@@ -4,8 +4,8 @@ synthetic scrapes."""
 import math
 from pathlib import Path
 
-from loadtests import monitor, report, report_data, svg
-from loadtests.thresholds import Check
+from kiln.loadtests import monitor, report, report_data, svg
+from kiln.loadtests.thresholds import Check
 
 SAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "loadtest" / "stats_history.csv"
 T0 = 1795331535.0

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from loadtests import payloads, shapes
-from loadtests.thresholds import Check, Thresholds, evaluate, load, passed
+from kiln.loadtests import payloads, shapes
+from kiln.loadtests.thresholds import Check, Thresholds, evaluate, load, passed
 
 
 def test_evaluate_checks_every_given_limit():

@@ -7,15 +7,15 @@ import re
 import shutil
 from pathlib import Path
 
-import kiln_codecs
-import kiln_handler
-import kiln_metrics
 import pytest
 import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-HANDLERS = Path(kiln_metrics.__file__).parent
+from kiln.handlers import codec, metrics
+from kiln.handlers import handler as kiln_handler
+
+HANDLERS = Path(metrics.__file__).parent
 METRICS_YAML = HANDLERS / "metrics.yaml"
 # TorchServe's default metrics configuration: what a worker's cache starts from.
 TS_METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
@@ -56,7 +56,7 @@ def parse(lines):
 
 def worker_context(model_dir, metrics):
     manifest = {"model": {"modelName": "tiny", "serializedFile": "model.onnx",
-                          "handler": "kiln_handler.py", "modelVersion": "1.0"}}
+                          "handler": "handler.py", "modelVersion": "1.0"}}
     return Context("tiny", str(model_dir), manifest, 8, None, "0.12.0",
                    limit_max_image_pixels=True, metrics=metrics, model_yaml_config={})
 
@@ -79,8 +79,8 @@ class Clock:
 
 
 def test_metrics_yaml_declares_exactly_what_the_handler_records():
-    declared = kiln_metrics.read_declarations(METRICS_YAML)
-    kiln_metrics.check_declarations(declared)
+    declared = metrics.read_declarations(METRICS_YAML)
+    metrics.check_declarations(declared)
     assert declared == {
         "kiln_preprocess_centiseconds": ("histogram", "centiseconds", ["model_name"]),
         "kiln_inference_centiseconds": ("histogram", "centiseconds", ["model_name"]),
@@ -91,10 +91,10 @@ def test_metrics_yaml_declares_exactly_what_the_handler_records():
 
 
 def test_a_declaration_with_other_labels_fails_the_check():
-    declared = kiln_metrics.read_declarations(METRICS_YAML)
+    declared = metrics.read_declarations(METRICS_YAML)
     declared["kiln_requests_rejected_total"] = ("counter", "count", ["model_name"])
     with pytest.raises(ValueError, match="^metrics.yaml declares "):
-        kiln_metrics.check_declarations(declared)
+        metrics.check_declarations(declared)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -107,7 +107,7 @@ def test_a_malformed_metrics_yaml_is_refused(tmp_path, text, message):
     path = tmp_path / "metrics.yaml"
     path.write_text(text)
     with pytest.raises(ValueError) as err:
-        kiln_metrics.read_declarations(path)
+        metrics.read_declarations(path)
     assert str(err.value) == f"{path}: {message}"
 
 
@@ -117,15 +117,15 @@ def test_a_malformed_metrics_yaml_is_refused(tmp_path, text, message):
 def test_recorder_writes_torchserve_metric_lines(tmp_path, emitted):
     lines = emitted
     shutil.copy(METRICS_YAML, tmp_path)
-    recorder = kiln_metrics.recorder_for(worker_context(tmp_path, worker_cache()))
+    recorder = metrics.recorder_for(worker_context(tmp_path, worker_cache()))
     # 1/128 s is exact in binary, so the centiseconds are exact too.
     recorder._clock = Clock(0.5 + 1 / 128, 2.0 + 5 / 128)
 
     recorder.record_batch(3)
     recorder.record_stage("preprocess", 0.5)
     recorder.record_stage("inference", 2.0, requests=2)
-    recorder.record_rejection(kiln_codecs.BadInput("expected 30 features", reason="bad_shape"))
-    recorder.record_rejection(kiln_codecs.BadInput("some message"))
+    recorder.record_rejection(codec.BadInput("expected 30 features", reason="bad_shape"))
+    recorder.record_rejection(codec.BadInput("some message"))
 
     assert parse(lines) == [
         ("kiln_batch_size_requests", "requests", 3.0, "model_name:tiny", "HISTOGRAM"),
@@ -144,17 +144,17 @@ def test_recorder_writes_torchserve_metric_lines(tmp_path, emitted):
 
 def test_without_a_metrics_cache_nothing_is_recorded(tmp_path, emitted):
     lines = emitted
-    recorder = kiln_metrics.recorder_for(worker_context(tmp_path, None))
+    recorder = metrics.recorder_for(worker_context(tmp_path, None))
     recorder.record_batch(2)
     recorder.record_stage("inference", recorder.now())
-    recorder.record_rejection(kiln_codecs.BadInput("empty body", reason="empty_body"))
+    recorder.record_rejection(codec.BadInput("empty body", reason="empty_body"))
     assert lines == []
 
 
 def test_a_reason_outside_the_fixed_set_is_counted_as_other():
-    err = kiln_codecs.BadInput("x", reason="feature 'mean radius' is a string")
-    assert kiln_metrics.rejection_reason(err) == "other"
-    assert kiln_metrics.rejection_reason(ValueError("no reason at all")) == "other"
+    err = codec.BadInput("x", reason="feature 'mean radius' is a string")
+    assert metrics.rejection_reason(err) == "other"
+    assert metrics.rejection_reason(ValueError("no reason at all")) == "other"
 
 
 def test_handler_records_each_stage_per_request(features_model_dir, feature_row, tmp_path,
@@ -186,7 +186,7 @@ def test_handler_records_each_stage_per_request(features_model_dir, feature_row,
 
 
 def test_every_bad_input_in_the_codecs_names_a_fixed_reason():
-    source = Path(kiln_codecs.__file__).read_text()
+    source = Path(codec.__file__).read_text()
     named, passed_on = set(), set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "BadInput":
@@ -196,7 +196,7 @@ def test_every_bad_input_in_the_codecs_names_a_fixed_reason():
                 named.add(keyword.value.value)
             else:
                 passed_on.add(ast.unparse(keyword.value))
-    assert named <= set(kiln_codecs.REJECT_REASONS) - {"other"}
+    assert named <= set(codec.REJECT_REASONS) - {"other"}
     # "instance 3: ..." keeps the reason of the instance's own error.
     assert passed_on == {"err.reason"}
 
@@ -212,6 +212,6 @@ def test_every_bad_input_in_the_codecs_names_a_fixed_reason():
     (b'{"instances": [[' + b", ".join([b"1"] * 29) + b', "x"]]}', "bad_value"),
 ])  # fmt: skip
 def test_rejections_carry_their_reason(features_signature, body, reason):
-    with pytest.raises(kiln_codecs.BadInput) as err:
-        kiln_codecs.decode_instances(body, features_signature)
+    with pytest.raises(codec.BadInput) as err:
+        codec.decode_instances(body, features_signature)
     assert err.value.reason == reason

@@ -4,7 +4,7 @@ import pytest
 import torch
 from ts.utils.util import list_classes_from_module
 
-from training import registry
+from kiln.training import registry
 
 NAMES = list(registry.REGISTRY)
 
@@ -18,7 +18,7 @@ def test_registry_names_are_the_model_files():
 def test_model_file_defines_one_class_as_torchserve_sees_it(name):
     import importlib
 
-    module = importlib.import_module(f"training.models.{name}")
+    module = importlib.import_module(f"kiln.training.models.{name}")
     classes = list_classes_from_module(module)
     assert len(classes) == 1
     assert issubclass(classes[0], torch.nn.Module)

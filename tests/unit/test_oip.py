@@ -1,12 +1,12 @@
-"""Open Inference Protocol tensors in and out of Kiln's handler (handlers/kiln_oip.py)."""
+"""Open Inference Protocol tensors in and out of Kiln's handler (handlers/oip.py)."""
 
 import json
 
-import kiln_codecs
-import kiln_oip
 import numpy as np
 import pytest
-from kiln_codecs import BadInput
+
+from kiln.handlers import codec, oip
+from kiln.handlers.codec import BadInput
 
 
 def infer(shape, data, datatype="FP32", name="input", **extra):
@@ -21,11 +21,11 @@ def grid(n=1):
 
 def test_flat_and_nested_pixel_tensors_decode_like_a_npy_batch(image_signature):
     images = np.array(grid(2), dtype=np.float64)
-    expected = kiln_codecs.rows_from_raw(images, image_signature)
+    expected = codec.rows_from_raw(images, image_signature)
     flat = infer([2, 28, 28], images.ravel().astype(int).tolist(), "UINT8")
     nested = infer([2, 1, 28, 28], images[:, None].tolist())
     for body in (flat, nested, json.dumps(flat).encode(), json.dumps(nested)):
-        rows, _ = kiln_oip.decode_infer(body, image_signature)
+        rows, _ = oip.decode_infer(body, image_signature)
         np.testing.assert_array_equal(rows, expected)
     assert rows.shape == (2, 1, 32, 32)
     # Pixel (0, 0) of image 1 is 1: padded by 2, divided by 255, standardised.
@@ -35,7 +35,7 @@ def test_flat_and_nested_pixel_tensors_decode_like_a_npy_batch(image_signature):
 
 def test_feature_tensor_standardises_with_training_statistics(features_signature):
     values = [float(2 * i) for i in range(30)]
-    rows, _ = kiln_oip.decode_infer(infer([1, 30], values, "FP64"), features_signature)
+    rows, _ = oip.decode_infer(infer([1, 30], values, "FP64"), features_signature)
     # mean i, std 1 + 0.5 i: (2i - i) / (1 + 0.5 i)
     expected = np.array([[i / (1 + 0.5 * i) for i in range(30)]], dtype=np.float32)
     np.testing.assert_array_equal(rows, expected)
@@ -46,7 +46,7 @@ def test_feature_tensor_standardises_with_training_statistics(features_signature
     [[1] * 30], b'{"pixels": [[0]]}',
 ])  # fmt: skip
 def test_kiln_bodies_are_not_oip(body):
-    assert kiln_oip.infer_body(body) is None
+    assert oip.infer_body(body) is None
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -74,7 +74,7 @@ def test_kiln_bodies_are_not_oip(body):
 ])  # fmt: skip
 def test_bad_feature_requests_name_what_is_wrong(body, message, features_signature):
     with pytest.raises(BadInput) as err:
-        kiln_oip.decode_infer(body, features_signature)
+        oip.decode_infer(body, features_signature)
     assert str(err.value) == message
 
 
@@ -90,12 +90,12 @@ def test_bad_feature_requests_name_what_is_wrong(body, message, features_signatu
 ])  # fmt: skip
 def test_bad_pixel_requests_name_what_is_wrong(body, message, image_signature):
     with pytest.raises(BadInput) as err:
-        kiln_oip.decode_infer(body, image_signature)
+        oip.decode_infer(body, image_signature)
     assert str(err.value) == message
 
 
 def test_multiclass_answer_has_probabilities_and_labels(image_signature):
-    _, encode = kiln_oip.decode_infer(infer([2, 28, 28], grid(2), id="42"), image_signature)
+    _, encode = oip.decode_infer(infer([2, 28, 28], grid(2), id="42"), image_signature)
     probabilities = np.zeros((2, 10), dtype=np.float32)
     probabilities[0, 7], probabilities[0, 1] = 0.75, 0.25
     probabilities[1, 3] = 1.0
@@ -112,7 +112,7 @@ def test_multiclass_answer_has_probabilities_and_labels(image_signature):
 
 def test_binary_answer_gives_both_labels_probabilities(features_signature):
     body = infer([2, 30], [0] * 60, outputs=[{"name": "label"}, {"name": "probabilities"}])
-    _, encode = kiln_oip.decode_infer(body, features_signature)
+    _, encode = oip.decode_infer(body, features_signature)
     assert encode(np.array([[0.25], [0.5]], dtype=np.float32)) == {
         "model_name": "tinycancer",
         "outputs": [
@@ -125,17 +125,17 @@ def test_binary_answer_gives_both_labels_probabilities(features_signature):
 
 def test_a_non_finite_model_output_is_a_server_error(features_signature):
     with pytest.raises(ValueError, match="non-finite probability"):
-        kiln_oip.encode_response(np.array([[np.nan]]), features_signature)
+        oip.encode_response(np.array([[np.nan]]), features_signature)
 
 
 def test_metadata_describes_raw_inputs_before_preprocess(image_signature, features_signature):
-    assert kiln_oip.model_metadata(image_signature, "1.0") == {
+    assert oip.model_metadata(image_signature, "1.0") == {
         "name": "tinydigits", "versions": ["1.0"], "platform": "kiln",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 28, 28]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
                     {"name": "label", "datatype": "BYTES", "shape": [-1]}],
     }  # fmt: skip
-    metadata = kiln_oip.model_metadata(features_signature, "1.0")
+    metadata = oip.model_metadata(features_signature, "1.0")
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
     assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32",
                                       "shape": [-1, 2]}

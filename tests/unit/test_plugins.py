@@ -2,7 +2,7 @@
 
 import os
 
-from deploy import plugins
+from kiln.deploy import plugins
 
 
 def make_source(tmp_path):

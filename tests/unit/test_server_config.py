@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from deploy.server import Ports, ServerSettings
+from kiln.deploy.server import Ports, ServerSettings
 
 
 def parse(text: str) -> dict[str, str]:
@@ -41,7 +41,7 @@ def test_default_ports_are_torchserve_s_and_free_ports_are_distinct():
 
 
 def test_run_folder_isolates_the_pid_file(tmp_path):
-    from deploy.server import Server
+    from kiln.deploy.server import Server
 
     server = Server(ServerSettings(tmp_path / "run", tmp_path, ["mlp"]))
     env = server._env()

@@ -1,14 +1,20 @@
 """Training --dry-run, --resume, the export parity gate and the archive, on real (tiny) runs."""
 
 import json
+import subprocess
+import sys
+import sysconfig
+import textwrap
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from model_store import archive
-from training import export, registry, train
+from kiln import layout
+from kiln.model_store import archive
+from kiln.training import export, registry, train
 
 
 def run_train(name, out, log_dir, *extra):
@@ -123,8 +129,11 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
         config = yaml.safe_load(z.read("model-config.yaml"))
         labels = json.loads(z.read("index_to_name.json"))
     serialized = export.FORMS[backend]
-    assert {"kiln_handler.py", "kiln_codecs.py", "kiln_backends.py", "signature.json",
-            "binary.py", serialized, "model-config.yaml", "index_to_name.json"} <= names
+    assert {"kiln_handler.py", "signature.json", "binary.py", serialized, "model-config.yaml",
+            "index_to_name.json"} <= names
+    # The whole import root, laid out as installed, never a part of it.
+    assert set(layout.package_files()) <= names
+    assert {"kiln/handlers/codec.py", "kiln/training/train.py", "kiln/cli/main.py"} <= names
     assert manifest["model"]["serializedFile"] == serialized
     assert manifest["model"]["handler"] == "kiln_handler.py"
     assert manifest["model"]["modelFile"] == "binary.py"
@@ -146,3 +155,48 @@ def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     with pytest.raises(archive.ArchiveError, match="failed the parity gate"):
         archive.build("binary", "onnx", artifacts=folder, store=tmp_path / "store")
     assert not (tmp_path / "store" / "binary.mar").exists()
+
+
+# Run in a virtual environment that has Kiln's dependencies but not Kiln: the worker must
+# find the whole `kiln` root inside the model folder, and nothing from the checkout.
+SERVE_FROM_ARCHIVE = textwrap.dedent("""
+    import importlib.util, json, sys
+    model_dir = sys.argv[1]
+    sys.path.insert(0, model_dir)  # what TorchServe does for a worker
+    from ts.context import Context, RequestProcessor
+    import kiln_handler
+    for name in ("kiln", "kiln.handlers.codec", "kiln.training.train", "kiln.batch.job"):
+        origin = importlib.util.find_spec(name).origin
+        assert origin.startswith(model_dir), (name, origin)
+    manifest = json.load(open(model_dir + "/MAR-INF/MANIFEST.json"))
+    context = Context("binary", model_dir, manifest, 1, None, "0.12.0")
+    context.request_processor = [RequestProcessor({})]
+    handler = kiln_handler.Handler()
+    handler.initialize(context)
+    row = json.load(open(sys.argv[2]))
+    print(handler.handle([{"body": json.dumps(row).encode()}], context)[0])
+""")
+
+
+def test_archive_serves_in_a_venv_without_kiln(dry_runs, tmp_path):
+    export.export("binary", dry_runs / "binary")
+    mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
+    model_dir = tmp_path / "model"
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(model_dir)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    # A path line in a .pth adds the folder but runs none of its own .pth files, so Kiln's
+    # editable-install hook in the project's site-packages stays off.
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import kiln"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert "No module named 'kiln'" in probe.stderr
+    fixture = Path(__file__).parents[1] / "fixtures" / "breast_cancer" / "benign.json"
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", SERVE_FROM_ARCHIVE,
+                           str(model_dir), str(fixture)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(answer) == {"label", "probability"}

@@ -4,8 +4,8 @@ import zipfile
 
 import yaml
 
-from loadtests.tune import Trial, Variant, choose, markdown, model_config_yaml, sweep
-from model_store import archive
+from kiln.loadtests.tune import Trial, Variant, choose, markdown, model_config_yaml, sweep
+from kiln.model_store import archive
 
 
 def trial(backend, bs, delay, workers, rps, p99, one_p50, one_p99=None, errors=0):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from model_store import archive, read_archive
-from training import export, registry, train
+from kiln.model_store import archive, read_archive
+from kiln.training import export, registry, train
 
 log = logging.getLogger("kiln.build")
 

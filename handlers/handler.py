@@ -13,11 +13,9 @@ import logging
 import os
 import sys
 
-import kiln_backends
-import kiln_codecs
-import kiln_metrics
-import kiln_oip
 import numpy as np
+
+from kiln.handlers import backends, codec, metrics, oip
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ def intra_op_threads(option, model_yaml_config, environ, cpu_count):
     return max(1, (cpu_count or 1) // workers)
 
 
-def route_logs_to_stderr(names=("kiln_handler", "kiln_backends", "kiln_codecs")):
+def route_logs_to_stderr(names=("kiln.handlers",)):
     """Send Kiln's worker logs to stderr, once per process.
 
     TorchServe's worker logs everything to stdout, which the frontend records at INFO, per
@@ -94,7 +92,7 @@ def route_logs_to_stderr(names=("kiln_handler", "kiln_backends", "kiln_codecs"))
 
 def _error(context, idx, code, message):
     context.set_response_status(code, PHRASES[code], idx)
-    return json.dumps(kiln_codecs.error_body(message, code))
+    return json.dumps(codec.error_body(message, code))
 
 
 class KilnHandler:
@@ -104,7 +102,7 @@ class KilnHandler:
         self.signature = None
         self.backend = None
         self.top_k = HANDLER_OPTIONS["top_k"]
-        self.metrics = kiln_metrics.Recorder()  # records nothing before initialize()
+        self.metrics = metrics.Recorder()  # records nothing before initialize()
         self.initialized = False
 
     def initialize(self, context):
@@ -112,12 +110,12 @@ class KilnHandler:
         properties = context.system_properties
         model_dir = properties["model_dir"]
         gpu_id = properties.get("gpu_id")
-        self.signature = kiln_codecs.load_signature(os.path.join(model_dir, SIGNATURE_FILE))
+        self.signature = codec.load_signature(os.path.join(model_dir, SIGNATURE_FILE))
         options = read_handler_options(context.model_yaml_config)
         self.top_k = options["top_k"]
-        self.metrics = kiln_metrics.recorder_for(context)
+        self.metrics = metrics.recorder_for(context)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
-        self.backend = kiln_backends.load_backend(
+        self.backend = backends.load_backend(
             serialized,
             gpu_id=gpu_id,
             intra_op_threads=intra_op_threads(options["intra_op_threads"],
@@ -144,10 +142,10 @@ class KilnHandler:
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
             started = self.metrics.now()
             try:
-                rows, encode = self._decode(kiln_codecs.request_body(request))
+                rows, encode = self._decode(codec.request_body(request))
                 parts.append(rows)
                 good.append((idx, len(rows), encode))
-            except kiln_codecs.BadInput as err:
+            except codec.BadInput as err:
                 logger.debug("request %d rejected: %s", idx, err)
                 self.metrics.record_rejection(err)
                 answers[idx] = _error(context, idx, 400, str(err))
@@ -162,13 +160,13 @@ class KilnHandler:
     def _decode(self, body):
         """(rows, encode): the rows to score and how to answer them, for an Open Inference
         Protocol infer body or any of Kiln's own bodies."""
-        oip = kiln_oip.decode_infer(body, self.signature)
-        if oip is not None:
-            return oip
-        rows, many = kiln_codecs.decode_instances(body, self.signature)
+        infer = oip.decode_infer(body, self.signature)
+        if infer is not None:
+            return infer
+        rows, many = codec.decode_instances(body, self.signature)
 
         def encode(probabilities):
-            encoded = [kiln_codecs.encode_answer(row, self.signature["output"], self.top_k)
+            encoded = [codec.encode_answer(row, self.signature["output"], self.top_k)
                        for row in probabilities]
             return encoded if many else encoded[0]
 

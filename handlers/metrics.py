@@ -10,9 +10,10 @@ import logging
 import os
 import time
 
-import kiln_codecs
 import yaml
 from ts.metrics.metric_type_enum import MetricTypes
+
+from kiln.handlers import codec
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,7 @@ def recorder_for(context):
     if context.metrics is None:
         logger.info("no TorchServe metrics cache: Kiln's metrics are not recorded")
         return Recorder()
-    path = os.path.join(context.system_properties["model_dir"], METRICS_FILE)
-    declared = read_declarations(path)
+    declared = read_declarations(os.path.join(os.path.dirname(__file__), METRICS_FILE))
     check_declarations(declared)
     metrics = {
         name: context.metrics.add_metric_to_cache(name, unit, labels, MetricTypes(kind))
@@ -83,9 +83,9 @@ def recorder_for(context):
 
 
 def rejection_reason(err):
-    """The reason label of a BadInput: one of kiln_codecs.REJECT_REASONS, never free text."""
+    """The reason label of a BadInput: one of codec.REJECT_REASONS, never free text."""
     reason = getattr(err, "reason", "other")
-    if reason not in kiln_codecs.REJECT_REASONS:
+    if reason not in codec.REJECT_REASONS:
         logger.warning("rejection reason %r is not in REJECT_REASONS; counted as other", reason)
         return "other"
     return reason

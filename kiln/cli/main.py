@@ -8,14 +8,14 @@ import logging
 import sys
 from pathlib import Path
 
-from deploy.server import HOST, Ports, Server, ServerError, ServerSettings
 from kiln import client as http
 from kiln.console import setup_logging
-from model_store import STORE
-from training import registry
+from kiln.deploy.server import HOST, Ports, Server, ServerError, ServerSettings
+from kiln.model_store import STORE
+from kiln.training import registry
 
 log = logging.getLogger("kiln")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 # Commands that need torch get their modules imported only when they run, so that
@@ -31,19 +31,19 @@ EXAMPLES = {
 
 # -- train / export / archive: thin wrappers over the modules' own entry points ----------------
 def cmd_train(args) -> int:
-    from training import train
+    from kiln.training import train
 
     return train.run(args)
 
 
 def cmd_export(args) -> int:
-    from training import export
+    from kiln.training import export
 
     return export.run(args)
 
 
 def cmd_archive(args) -> int:
-    from model_store import archive
+    from kiln.model_store import archive
 
     return archive.run(args)
 
@@ -90,7 +90,7 @@ def how_to_call(server: Server) -> str:
 
 
 def cmd_serve(args) -> int:
-    from kiln.pipeline import ensure_built
+    from kiln.cli.pipeline import ensure_built
 
     models = [registry.get(m).name for m in args.models] or list(registry.REGISTRY)
     server = _server(args, models)
@@ -180,7 +180,7 @@ def describe(name: str, body: dict) -> str:
 
 
 def cmd_batch(args) -> int:
-    from batch import job
+    from kiln.batch import job
 
     settings = job.JobSettings(
         name=args.name, input=args.input, output=args.output,
@@ -200,19 +200,19 @@ def cmd_batch(args) -> int:
 
 
 def cmd_loadtest(args) -> int:
-    from loadtests import run
+    from kiln.loadtests import run
 
     return run.run(args)
 
 
 def cmd_bench(args) -> int:
-    from loadtests import bench
+    from kiln.loadtests import bench
 
     return bench.run(args)
 
 
 def cmd_tune(args) -> int:
-    from loadtests import tune
+    from kiln.loadtests import tune
 
     return tune.run(args)
 
@@ -245,7 +245,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Train a model; writes artifacts/NAME/state_dict.pt, "
                                    "meta.json and a checkpoint, logs to TensorBoard.")
     if wanted("train"):
-        from training import train
+        from kiln.training import train
 
         train.add_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -254,7 +254,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Export to TorchScript and ONNX; fails unless both match "
                                    "eager PyTorch on the test split.")
     if wanted("export"):
-        from training import export
+        from kiln.training import export
 
         export.add_arguments(p)
     p.set_defaults(func=cmd_export)
@@ -263,7 +263,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Build model_store/NAME.mar with Kiln's handler, the "
                                    "signature and a model-config.yaml.")
     if wanted("archive"):
-        from model_store import archive
+        from kiln.model_store import archive
 
         archive.add_arguments(p)
     p.set_defaults(func=cmd_archive)
@@ -318,7 +318,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Score every input of a folder of images or a .npy, CSV, "
                                    "JSON Lines or Parquet file, locally, through TorchServe or "
                                    "on Ray, in resumable chunks; exit 1 if any input failed.")
-    from batch.arguments import add_arguments as add_batch_arguments
+    from kiln.batch.arguments import add_arguments as add_batch_arguments
 
     add_batch_arguments(p)
     p.set_defaults(func=cmd_batch)
@@ -326,11 +326,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Run locust headless against a served model (or one it "
                                    "starts), sample metrics and CPU, write one HTML report; "
                                    "exit 1 when a threshold failed, 2 when it could not run.")
-    from loadtests.arguments import add_arguments as add_loadtest_arguments
+    from kiln.loadtests.arguments import add_arguments as add_loadtest_arguments
 
     add_loadtest_arguments(p)
     p.set_defaults(func=cmd_loadtest)
-    from loadtests.bench_arguments import add_bench_arguments, add_tune_arguments
+    from kiln.loadtests.bench_arguments import add_bench_arguments, add_tune_arguments
 
     p = sub.add_parser("bench", help="in-process, Kiln, stock TorchServe and no-op, side by side",
                        description="Measure one model in-process, served by Kiln, served by "

@@ -8,9 +8,10 @@ here states the same metadata for clients and tests. The contract is docs/signat
 
 import math
 
-import kiln_codecs
 import numpy as np
-from kiln_codecs import BadInput
+
+from kiln.handlers import codec
+from kiln.handlers.codec import BadInput
 
 REQUEST_FIELDS = ("id", "parameters", "inputs", "outputs")
 TENSOR_FIELDS = ("name", "shape", "datatype", "parameters", "data")
@@ -34,7 +35,7 @@ def decode_infer(body, signature):
         return None
     request = parse_infer(value, signature)
     try:
-        rows = kiln_codecs.rows_from_raw(request["values"], signature)
+        rows = codec.rows_from_raw(request["values"], signature)
     except BadInput as err:
         raise BadInput(f"input {signature['input']['name']!r}: {err}") from None
 
@@ -55,7 +56,7 @@ def infer_body(body):
         head = body[:64].lstrip()
         if head[:1] not in ("{", b"{"):
             return None
-        _, body = kiln_codecs.sniff_body(body)
+        _, body = codec.sniff_body(body)
     if isinstance(body, dict) and "inputs" in body:
         return body
     return None
@@ -138,10 +139,10 @@ def tensor_data(data, shape, what):
         raise BadInput(f"{what} data must be an array, got {_describe(data)}")
     size = math.prod(shape)
     if data and isinstance(data[0], list):
-        return kiln_codecs.numbers_array(data, shape, f"{what} value")
+        return codec.numbers_array(data, shape, f"{what} value")
     if len(data) != size:
         raise BadInput(f"{what} has {len(data)} values, its shape {shape} needs {size}")
-    return kiln_codecs.numbers_array(data, [size], f"{what} value").reshape(shape)
+    return codec.numbers_array(data, [size], f"{what} value").reshape(shape)
 
 
 def check_integers(values, limits, what):
@@ -195,7 +196,7 @@ def probability_table(probabilities, output):
 
 
 def predicted_labels(table, output):
-    """Each row's label, as kiln_codecs.encode_answer picks it (binary: labels[1] at >= 0.5;
+    """Each row's label, as codec.encode_answer picks it (binary: labels[1] at >= 0.5;
     multiclass: the first of equal maxima)."""
     if output["kind"] == "binary":
         picks = (table[:, 1] >= 0.5).astype(int)
@@ -249,4 +250,4 @@ def _names(names):
 
 
 def _describe(value):
-    return kiln_codecs._describe(value)
+    return codec._describe(value)

@@ -1,0 +1,2 @@
+"""The `kiln` command: thin subcommands over the packages below it (it imports them; they
+never import it)."""

@@ -1,0 +1,58 @@
+"""One import root: `kiln`, mapped over the top-level folders, and nothing else installed."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from kiln import layout
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_pyproject_maps_exactly_the_subpackages_the_archive_ships():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["packages"] == ["kiln", *(f"kiln.{sub}" for sub in layout.SUBPACKAGES)]
+    for name, folder in config["package-dir"].items():
+        assert layout.package_folder(name) == REPO / folder
+
+
+def test_package_files_cover_every_module_once():
+    files = layout.package_files()
+    assert files["kiln/handlers/codec.py"] == REPO / "handlers" / "codec.py"
+    assert files["kiln/handlers/metrics.yaml"] == REPO / "handlers" / "metrics.yaml"
+    assert files["kiln/training/models/lenet.py"] == REPO / "training" / "models" / "lenet.py"
+    assert len(set(files.values())) == len(files)
+    python = {p for p in REPO.glob("*/**/*.py")
+              if p.parts[len(REPO.parts)] in {"kiln", "training", "handlers", "model_store",
+                                               "deploy", "loadtests", "batch"}}
+    assert python == {p for p in files.values() if p.suffix == ".py"}
+
+
+PROBE = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+files = {}
+for name, module in list(sys.modules.items()):
+    path = getattr(module, "__file__", None)
+    if path and "kiln" in name:
+        files.setdefault(path, []).append(name)
+twice = {path: names for path, names in files.items() if len(names) > 1}
+assert not twice, twice
+for generic in ("training", "handlers", "batch", "deploy", "loadtests", "model_store"):
+    try:
+        importlib.import_module(generic)
+    except ModuleNotFoundError:
+        continue
+    raise AssertionError(f"{generic} is importable as a top-level name")
+print("ok")
+"""
+
+
+def test_no_generic_top_level_names_and_no_module_under_two_names(tmp_path):
+    modules = ["kiln.cli.main", "kiln.handlers.handler", "kiln.batch.job", "kiln.batch.local",
+               "kiln.loadtests.bench", "kiln.training.export", "kiln.model_store.archive"]
+    done = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
