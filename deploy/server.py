@@ -79,6 +79,8 @@ class ServerSettings:
     access_log: bool = False
     # None: TorchServe's stock log4j2.xml (only to measure what Kiln's saves).
     log_config: Path | None = LOG_CONFIG
+    # Where the served models' declarations were found besides Kiln's own (for the banner).
+    models_dirs: list[Path] = field(default_factory=list)
 
     def config_properties(self) -> str:
         store = self.model_store.resolve()

@@ -14,7 +14,7 @@ from pathlib import Path
 SUBPACKAGES = ("cli", "training", "training.models", "handlers", "model_store", "deploy",
                "loadtests", "batch")
 # What a package folder holds besides Python: configuration the code reads at run time.
-DATA_SUFFIXES = (".yaml", ".xml", ".lua")
+DATA_SUFFIXES = (".yaml", ".xml", ".lua", ".toml")
 
 
 def package_folder(name: str) -> Path:

@@ -27,13 +27,12 @@ import yaml
 from kiln import layout
 from kiln.console import setup_logging
 from kiln.model_store import STORE
-from kiln.training import registry
+from kiln.training import declaration
 from kiln.training.export import FORMS, MAX_ABS_DIFF
-from kiln.training.train import ARTIFACTS
+from kiln.training.train import ARTIFACTS, add_models_dir
 
 log = logging.getLogger("kiln.archive")
 
-ARCHIVE_VERSION = "1.0"
 # TorchServe imports the --handler file by its name and takes the one class it defines.
 ENTRY_MODULE = "kiln_handler"
 ENTRY_SOURCE = '''"""TorchServe's entry point: Kiln's handler, from the kiln package beside it."""
@@ -88,11 +87,17 @@ def check_parity(signature: dict, backend: str) -> None:
         raise ArchiveError(f"{backend} export failed the parity gate: {figures}")
 
 
-def archive_inputs(name: str, artifacts: Path, backend: str) -> list[Path]:
+def archive_inputs(decl: declaration.Declaration, artifacts: Path, backend: str) -> list[Path]:
     """Every file the archive is built from (also what decides whether it is stale)."""
-    spec = registry.get(name)
-    return [artifacts / FORMS[backend], artifacts / "signature.json", spec.model_file,
-            *layout.package_files().values()]
+    return [artifacts / FORMS[backend], artifacts / "signature.json", decl.path,
+            *decl.source_files(), *layout.package_files().values()]
+
+
+def serving_config(decl: declaration.Declaration, **given) -> ServingConfig:
+    """Kiln's defaults, then the declaration's [serving] overrides, then what was given."""
+    overrides = {key: decl.serving[key] for key in declaration.SERVING_KEYS
+                 if key in decl.serving}
+    return ServingConfig(**{**overrides, **{k: v for k, v in given.items() if v is not None}})
 
 
 def stage_package(folder: Path) -> Path:
@@ -105,11 +110,13 @@ def stage_package(folder: Path) -> Path:
 
 
 def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
-          artifacts: Path | None = None, store: Path = STORE) -> Path:
-    spec = registry.get(name)
-    config = config or ServingConfig()
+          artifacts: Path | None = None, store: Path = STORE,
+          models_dirs: list[Path] | None = None) -> Path:
+    decl = declaration.get(name, models_dirs)
+    name = decl.name
+    config = config or serving_config(decl)
     artifacts = artifacts or ARTIFACTS / name
-    missing = [p for p in archive_inputs(name, artifacts, backend) if not p.exists()]
+    missing = [p for p in archive_inputs(decl, artifacts, backend) if not p.exists()]
     if missing:
         raise ArchiveError(f"missing {', '.join(map(str, missing))}: run kiln export {name}")
     signature = json.loads((artifacts / "signature.json").read_text())
@@ -117,7 +124,7 @@ def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"kiln-{name}-") as tmp:
         staging = Path(tmp)
-        labels = signature["output"]["labels"]
+        labels = signature["output"].get("labels") or signature["output"].get("names") or []
         (staging / "index_to_name.json").write_text(
             json.dumps({str(i): label for i, label in enumerate(labels)}, indent=2))
         (staging / "model-config.yaml").write_text(
@@ -125,18 +132,23 @@ def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
         (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
         # A folder among --extra-files has its contents copied: this one holds kiln/.
         package = stage_package(staging / "package")
-        extra = [artifacts / "signature.json", staging / "index_to_name.json", package]
+        extra = [artifacts / "signature.json", staging / "index_to_name.json", package,
+                 *decl.extra_files]
+        if decl.requirements:
+            (staging / "requirements.txt").write_text("\n".join(decl.requirements) + "\n")
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
             "--model-name", name,
-            "--version", ARCHIVE_VERSION,
-            "--model-file", str(spec.model_file),
+            "--version", decl.version,
+            "--model-file", str(decl.model_file),
             "--serialized-file", str(artifacts / FORMS[backend]),
             "--handler", str(staging / f"{ENTRY_MODULE}.py"),
             "--extra-files", ",".join(str(p) for p in extra),
             "--config-file", str(staging / "model-config.yaml"),
             "--export-path", str(staging),
             "--force",
+            *(["--requirements-file", str(staging / "requirements.txt")]
+              if decl.requirements else []),
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -152,17 +164,21 @@ def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServingConfig()
-    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to archive")
+    parser.add_argument("name", help="model to archive: a declared name or a NAME.toml path")
+    add_models_dir(parser)
     parser.add_argument("--backend", choices=list(FORMS), default="onnx",
                         help="exported form to serve: onnx (ONNX Runtime) or torchscript "
                              "(default: onnx)")
-    parser.add_argument("--workers", type=int, default=d.workers,
-                        help=f"TorchServe workers for this model (default: {d.workers})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size,
-                        help=f"server-side batch size (default: {d.batch_size})")
-    parser.add_argument("--max-batch-delay", type=int, default=d.max_batch_delay_ms,
-                        help=f"ms to wait to fill a batch (default: {d.max_batch_delay_ms})")
-    parser.add_argument("--response-timeout", type=int, default=d.response_timeout_s,
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"TorchServe workers for this model (default: the declaration's "
+                             f"[serving], else {d.workers})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"server-side batch size (default: the declaration's, else "
+                             f"{d.batch_size})")
+    parser.add_argument("--max-batch-delay", type=int, default=None,
+                        help=f"ms to wait to fill a batch (default: the declaration's, else "
+                             f"{d.max_batch_delay_ms})")
+    parser.add_argument("--response-timeout", type=int, default=None,
                         help=f"seconds before a worker is deemed stuck "
                              f"(default: {d.response_timeout_s})")
     parser.add_argument("--top-k", type=int, default=d.top_k,
@@ -189,8 +205,9 @@ def _threads(text: str) -> int | str:
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
-    return ServingConfig(
-        workers=args.workers, batch_size=args.batch_size,
+    decl = declaration.get(args.name, args.models_dirs)
+    return serving_config(
+        decl, workers=args.workers, batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
         top_k=args.top_k, intra_op_threads=args.intra_op_threads,
         require_gpu=args.require_gpu,
@@ -208,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The command for parsed arguments (shared by `python -m` and `kiln archive`)."""
     try:
-        build(args.name, args.backend, config_from_args(args), args.artifacts, args.store)
-    except ArchiveError as err:
+        build(args.name, args.backend, config_from_args(args), args.artifacts, args.store,
+              args.models_dirs)
+    except (ArchiveError, declaration.DeclarationError) as err:
         log.error("%s", err)
         return 1
     return 0

@@ -55,18 +55,33 @@ def load_raw(name: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str] | 
             [str(t) for t in bunch.target_names],
             [str(f) for f in bunch.feature_names],
         )
+    if name == "diabetes":
+        from sklearn.datasets import load_diabetes
+
+        bunch = load_diabetes(scaled=False)
+        return (bunch.data.astype(np.float64), bunch.target.astype(np.float64),
+                ["progression"], [str(f) for f in bunch.feature_names])
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return (bunch.images.astype(np.uint8), bunch.target.astype(np.int64),
+                [str(d) for d in range(10)], None)
     raise ValueError(f"unknown dataset {name!r}")
 
 
 def split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified train/val/test indices, the same on every machine and every run."""
+    """Train/val/test indices, the same on every machine and every run; stratified by class
+    for classification sets, plain for a continuous target."""
     idx = np.arange(len(y))
+    classes = y if y.dtype.kind in "iu" else None
     rest, test = train_test_split(
-        idx, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED
+        idx, test_size=TEST_FRACTION, stratify=classes, random_state=SPLIT_SEED
     )
     val_share = VAL_FRACTION / (1 - TEST_FRACTION)
     train, val = train_test_split(
-        rest, test_size=val_share, stratify=y[rest], random_state=SPLIT_SEED
+        rest, test_size=val_share, stratify=None if classes is None else y[rest],
+        random_state=SPLIT_SEED
     )
     return np.sort(train), np.sort(val), np.sort(test)
 
@@ -106,6 +121,32 @@ def image_tensor(x: np.ndarray, pad: int, mean: float, std: float) -> torch.Tens
 
 def feature_tensor(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     return torch.from_numpy(((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32))
+
+
+def digit_tokens(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8x8 digits (grey levels 0-16) as token ids and an attention mask, int64 [N, 64].
+
+    Each pixel, row by row, is a token (its level + 1; 0 is padding), and a sequence ends at
+    its last inked pixel: lengths vary, as a tokenised text's do.
+    """
+    flat = images.reshape(len(images), -1).astype(np.int64)
+    inked = flat > 0
+    lengths = np.where(inked.any(axis=1), flat.shape[1] - np.argmax(inked[:, ::-1], axis=1), 1)
+    positions = np.arange(flat.shape[1])
+    mask = (positions[None, :] < lengths[:, None]).astype(np.int64)
+    return (flat + 1) * mask, mask
+
+
+def linear_baseline(ds: Dataset) -> dict:
+    """scikit-learn's LinearRegression on the same training rows, scored on the test split."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    model = LinearRegression().fit(ds.train.x, ds.train.y)
+    predicted = model.predict(ds.test.x)
+    return {"model": "sklearn LinearRegression (same training rows)",
+            "test_mae": float(mean_absolute_error(ds.test.y, predicted)),
+            "test_r2": float(r2_score(ds.test.y, predicted))}
 
 
 def random_affine(x: torch.Tensor, generator: torch.Generator, background: float) -> torch.Tensor:

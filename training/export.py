@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,19 +26,26 @@ import torch
 from torch import nn
 
 from kiln.console import setup_logging
-from kiln.training import data, registry
-from kiln.training.train import ARTIFACTS, git_sha, prepare
+from kiln.training import declaration, recipes
+from kiln.training.train import ARTIFACTS, add_models_dir, git_sha
 
 log = logging.getLogger("kiln.export")
 
 MAX_ABS_DIFF = 1e-4
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
 FORMS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+# The graph's output tensor, by output kind.
+OUTPUT_NAMES = {"multiclass": "probabilities", "binary": "probabilities",
+                "multilabel": "probabilities", "regression": "values", "raw": "output"}
+RANDOM_ROWS = 64  # random inputs in the declared ranges, beside examples and the test split
+SIGNATURE_VERSION = 2
 
 
 class ParityError(RuntimeError):
     pass
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported in a form; the message names the operator when known."""
 
 
 @dataclass
@@ -44,17 +53,42 @@ class Parity:
     max_abs_diff: float
     top1_agreement: float
     samples: int
+    tolerance: float = MAX_ABS_DIFF
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= MAX_ABS_DIFF and self.top1_agreement == 1.0
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement == 1.0
 
 
-def served_module(spec: registry.ModelSpec, model: nn.Module) -> nn.Module:
-    """What is exported: the model plus the softmax, so every form answers probabilities."""
-    if spec.output_kind == "multiclass":
-        return nn.Sequential(model, nn.Softmax(dim=1)).eval()
-    return model.eval()  # the binary model already ends in a sigmoid
+class _Activation(nn.Module):
+    """The declared activation after a model of several inputs (nn.Sequential takes one)."""
+
+    def __init__(self, model: nn.Module, activation: nn.Module) -> None:
+        super().__init__()
+        self.model, self.activation = model, activation
+
+
+class _TwoInputs(_Activation):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.model(a, b))
+
+
+class _ThreeInputs(_Activation):
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.model(a, b, c))
+
+
+def served_module(decl: declaration.Declaration, model: nn.Module) -> nn.Module:
+    """What is exported: the model and its declared activation, so that every form answers
+    what the output kind means (probabilities for classifiers)."""
+    activation = {"softmax": nn.Softmax(dim=1), "sigmoid": nn.Sigmoid()}.get(decl.activation)
+    n_inputs = len(decl.inputs)
+    if n_inputs == 1:
+        return (model if activation is None else nn.Sequential(model, activation)).eval()
+    wrappers = {2: _TwoInputs, 3: _ThreeInputs}
+    if n_inputs not in wrappers:
+        raise ExportError(f"{decl.name}: {n_inputs} inputs; Kiln exports models of 1 to 3")
+    return wrappers[n_inputs](model, activation or nn.Identity()).eval()
 
 
 def export_torchscript(module: nn.Module, path: Path) -> None:
@@ -66,63 +100,96 @@ def export_torchscript(module: nn.Module, path: Path) -> None:
         torch.jit.script(module).save(str(path))
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_onnx(module: nn.Module, inputs: list[dict], example: tuple, output_name: str,
+                path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
+    # Variable-length tensor inputs share one length: a batch pads them together.
+    length = torch.export.Dim("length", min=1, max=max(
+        [spec.get("max_length", 1) for spec in inputs] + [2]))
+    dynamic = tuple({0: batch, **{i + 1: length for i, d in enumerate(graph_shape(spec)[1:])
+                                  if d == -1}} for spec in inputs)
     # The dynamo exporter prints progress and warnings of torch.export internals that say
     # nothing about our models; keep them out of the user's terminal unless it fails.
     chatter = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (example,), str(path),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
-            external_data=False,  # one self-contained file for the archive
-            verbose=False,
-        )
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, example, str(path),
+                input_names=[spec["name"] for spec in inputs], output_names=[output_name],
+                dynamic_shapes=dynamic,
+                external_data=False,  # one self-contained file for the archive
+                verbose=False,
+            )
+    except Exception as err:  # the exporter raises many types; all mean "cannot export"
+        raise ExportError(onnx_failure(err)) from err
     import onnx
 
     onnx.checker.check_model(str(path))
 
 
-def top1(spec: registry.ModelSpec, probs: np.ndarray) -> np.ndarray:
-    if spec.output_kind == "binary":
-        return (probs[:, 0] >= 0.5).astype(np.int64)
-    return probs.argmax(axis=1)
+def onnx_failure(err: Exception) -> str:
+    """A short reason for a failed ONNX export, naming the operator where the error does."""
+    text = f"{type(err).__name__}: {err}"
+    match = re.search(r"(aten[:.]{1,2}[A-Za-z0-9_.]+)", text)
+    first = text.strip().splitlines()[0][:300]
+    if match:
+        return f"ONNX has no export for operator {match.group(1)} ({first})"
+    return f"ONNX export failed: {first}"
 
 
-def compare(spec, reference: np.ndarray, candidate: np.ndarray) -> Parity:
-    return Parity(
-        max_abs_diff=float(np.abs(reference - candidate).max()),
-        top1_agreement=float((top1(spec, reference) == top1(spec, candidate)).mean()),
-        samples=len(reference),
-    )
+def top1(output: dict, probs: np.ndarray) -> np.ndarray | None:
+    """What each row's answer picks, for the agreement figure; None where nothing is picked."""
+    kind = output["kind"]
+    if kind == "binary":
+        return (probs[:, 0] >= output.get("threshold", 0.5)).astype(np.int64)
+    if kind == "multiclass":
+        return probs.argmax(axis=1)
+    if kind == "multilabel":
+        return (probs >= np.asarray(output.get("threshold", 0.5))).astype(np.int64)
+    return None
 
 
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+def compare(output: dict, reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    picks = top1(output, reference)
+    agreement = 1.0 if picks is None else float(
+        (picks == top1(output, candidate)).reshape(len(reference), -1).all(axis=1).mean())
+    tolerance = MAX_ABS_DIFF
+    if output["kind"] in ("regression", "raw"):  # values in their own units: relative
+        tolerance = MAX_ABS_DIFF * max(1.0, float(np.abs(reference).max()))
+    return Parity(max_abs_diff=float(np.abs(reference - candidate).max()),
+                  top1_agreement=agreement, samples=len(reference), tolerance=tolerance)
+
+
+def run_onnx(path: Path, xs: list[np.ndarray], names: list[str]) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {INPUT_NAME: x})[0]
+    return session.run(None, dict(zip(names, xs, strict=True)))[0]
 
 
-def run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
+def run_torchscript(path: Path, xs: list[np.ndarray], names: list[str]) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu")
     with torch.inference_mode():
-        return module(torch.from_numpy(x)).numpy()
+        return module(*(torch.from_numpy(x) for x in xs)).numpy()
 
 
-def check_parity(spec, module: nn.Module, paths: dict[str, Path], x: torch.Tensor):
+RUNNERS = {"onnx": run_onnx, "torchscript": run_torchscript}
+
+
+def check_parity(output: dict, names: list[str], module: nn.Module, paths: dict[str, Path],
+                 xs: tuple[torch.Tensor, ...]) -> dict[str, Parity]:
     with torch.inference_mode():
-        reference = module(x).numpy()
-    x_np = x.numpy()
+        reference = module(*xs).numpy()
+    xs_np = [x.numpy() for x in xs]
     results = {}
-    for form, runner in (("onnx", run_onnx), ("torchscript", run_torchscript)):
-        parity = compare(spec, reference, runner(paths[form], x_np))
+    for form, path in paths.items():
+        runner = RUNNERS[form]
+        parity = compare(output, reference, runner(path, xs_np, names))
         # The batch dimension must really be dynamic: one row alone gives the same answer.
-        single = runner(paths[form], x_np[:1])
+        single = runner(path, [x[:1] for x in xs_np], names)
         if single.shape != reference[:1].shape:
             raise ParityError(f"{form}: a batch of one gives shape {list(single.shape)}, "
                               f"expected {list(reference[:1].shape)}")
@@ -132,69 +199,202 @@ def check_parity(spec, module: nn.Module, paths: dict[str, Path], x: torch.Tenso
     return results
 
 
-def signature(spec, meta: dict, parity: dict[str, Parity]) -> dict:
-    kind = "image" if spec.dataset == "mnist" else "features"
-    n_out = 1 if spec.output_kind == "binary" else len(meta["labels"])
+# --- the inputs the gate runs on ------------------------------------------------------------
+
+
+def graph_shape(spec: dict) -> list[int]:
+    """An input's graph shape, batch first (-1)."""
+    if spec["kind"] == "image":
+        pad = spec.get("pad", 0)
+        height, width = spec["size"]
+        return [-1, spec["channels"], height + 2 * pad, width + 2 * pad]
+    if spec["kind"] == "features":
+        return [-1, len(spec["names"])]
+    return [-1, *spec["shape"]]
+
+
+def random_inputs(inputs: list[dict], rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Graph inputs drawn in each input's declared range: images from uniform pixels,
+    features standardised from within min/max (else the training distribution's +-3 std),
+    tensors uniform in [min, max] (integers) with variable lengths at half their maximum."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in inputs:
+        if spec["kind"] == "image":
+            shape = graph_shape(spec)
+            x = rng.uniform(0, 1, (rows, *shape[1:]))
+            mean = np.asarray(spec["mean"]).reshape(-1, 1, 1)
+            std = np.asarray(spec["std"]).reshape(-1, 1, 1)
+            out.append(torch.from_numpy(((x - mean) / std).astype(np.float32)))
+        elif spec["kind"] == "features":
+            width = len(spec["names"])
+            mean, std = np.asarray(spec["mean"]), np.asarray(spec["std"])
+            low = np.asarray([v if v is not None else m - 3 * s for v, m, s in
+                              zip(spec.get("min") or [None] * width, mean, std, strict=True)])
+            high = np.asarray([v if v is not None else m + 3 * s for v, m, s in
+                               zip(spec.get("max") or [None] * width, mean, std, strict=True)])
+            raw = rng.uniform(low, high, (rows, width))
+            out.append(torch.from_numpy(((raw - mean) / std).astype(np.float32)))
+        else:
+            shape = [max(1, spec.get("max_length", 2) // 2) if d == -1 else d
+                     for d in spec["shape"]]
+            dtype = np.dtype(spec["dtype"])
+            if dtype.kind in "iub":
+                low, high = spec.get("min", 0), spec.get("max", 1)
+                x = rng.integers(low, high, (rows, *shape), endpoint=True).astype(dtype)
+            else:
+                x = rng.uniform(spec.get("min", -1.0), spec.get("max", 1.0),
+                                (rows, *shape)).astype(dtype)
+            out.append(torch.from_numpy(x))
+    return tuple(out)
+
+
+def gate_inputs(decl, inputs: list[dict]) -> tuple[torch.Tensor, ...]:
+    """The test split (a recipe model), or random inputs in the declared ranges, the same
+    on every run."""
+    if decl.recipe is not None:
+        prepared = recipes.prepare(decl)
+        return prepared.splits["test"][0]
+    return random_inputs(inputs, RANDOM_ROWS)
+
+
+# --- the signature ---------------------------------------------------------------------------
+
+
+def signature_inputs(inputs: list[dict]) -> list[dict]:
+    described = []
+    for spec in inputs:
+        entry = {"name": spec["name"], "kind": spec["kind"],
+                 "dtype": spec.get("dtype", "float32") if spec["kind"] == "tensor" else "float32",
+                 "shape": graph_shape(spec)}
+        entry.update({k: v for k, v in spec.items() if k not in ("name", "kind", "dtype", "shape")})
+        described.append(entry)
+    return described
+
+
+def signature_output(output: dict, shape: list[int]) -> dict:
+    kind = output["kind"]
+    entry = {"name": OUTPUT_NAMES[kind], "dtype": "float32", "shape": shape, "kind": kind}
+    if kind in ("multiclass", "binary", "multilabel"):
+        entry["labels"] = [str(label) for label in output["labels"]]
+    if kind == "multiclass":
+        entry["top_k"] = output.get("top_k", 3)
+    elif kind in ("binary", "multilabel"):
+        entry["threshold"] = output.get("threshold", 0.5)
+    elif kind == "regression":
+        entry["names"] = [str(n) for n in output["names"]]
+        entry["units"] = output.get("units")
+    return entry
+
+
+def check_output_fits(output: dict, shape: list[int]) -> None:
+    """The declared output against what a dry forward pass returned."""
+    kind, width = output["kind"], (shape[1] if len(shape) == 2 else None)
+    expected = {"binary": 1, "multiclass": len(output.get("labels") or []),
+                "multilabel": len(output.get("labels") or []),
+                "regression": len(output.get("names") or [])}.get(kind)
+    if expected is not None and width != expected:
+        raise ExportError(f"the model returns shape {shape}, but a {kind} output with "
+                          f"{expected} {'names' if kind == 'regression' else 'labels'} needs "
+                          f"[-1, {expected}]")
+
+
+def signature(decl, meta: dict, inputs: list[dict], output: dict, shape: list[int],
+              parity: dict[str, Parity]) -> dict:
     return {
-        "signature_version": 1,
-        "name": spec.name,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [-1, *spec.input_shape],
-                  "kind": kind},
-        "preprocess": meta["preprocess"],
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, n_out],
-                   "kind": spec.output_kind, "labels": meta["labels"]},
+        "signature_version": SIGNATURE_VERSION,
+        "name": decl.name,
+        "version": decl.version,
+        "inputs": signature_inputs(inputs),
+        "output": signature_output(output, shape),
         "parity": {form: vars(p) for form, p in parity.items()},
         "provenance": {
             "model_class": meta["model_class"],
             "git_sha": git_sha(),
-            "trained_git_sha": meta["git_sha"],
-            "seed": meta["seed"],
-            "data_sha256": meta["data_sha256"],
-            "test_accuracy": meta["metrics"]["test_accuracy"],
+            "trained_git_sha": meta.get("git_sha"),
+            "seed": meta.get("seed"),
+            "data_sha256": meta.get("data_sha256"),
+            "weights_sha256": meta.get("weights_sha256"),
+            "metrics": meta.get("metrics", {}),
             "torch_version": torch.__version__,
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     }
 
 
-def export(name: str, artifacts: Path | None = None) -> dict:
-    spec = registry.get(name)
-    folder = artifacts or ARTIFACTS / name
-    meta = json.loads((folder / "meta.json").read_text())
-    model = spec.build()
-    model.load_state_dict(torch.load(folder / "state_dict.pt", weights_only=True))
-    module = served_module(spec, model)
-    splits, _, _ = prepare(spec, data.load(spec.dataset))
-    x_test = splits["test"][0]
+def load_weights(decl, folder: Path) -> tuple[nn.Module, dict]:
+    """The model with its weights, and what is known of how they were made."""
+    model = decl.build()
+    if decl.recipe is not None:
+        meta = json.loads((folder / "meta.json").read_text())
+        weights = folder / "state_dict.pt"
+    else:
+        weights = decl.state_dict
+        meta = {"model_class": type(model).__name__,
+                "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model, meta
+
+
+def export(name: str, artifacts: Path | None = None,
+           models_dirs: list[Path] | None = None) -> dict:
+    decl = declaration.get(name, models_dirs)
+    folder = artifacts or ARTIFACTS / decl.name
+    folder.mkdir(parents=True, exist_ok=True)
+    model, meta = load_weights(decl, folder)
+    inputs = meta.get("inputs") or [dict(spec) for spec in decl.inputs]
+    output = meta.get("output") or dict(decl.output)
+    module = served_module(decl, model)
+    xs = gate_inputs(decl, inputs)
+    with torch.inference_mode():
+        out_shape = [-1, *module(*(x[:2] for x in xs)).shape[1:]]
+    check_output_fits(output, out_shape)
 
     # Write beside the final names and move into place only once parity holds, so a
     # failed export never leaves a file that an archive could pick up.
     tmp = {form: folder / f".{fname}.tmp" for form, fname in FORMS.items()}
     try:
-        export_torchscript(module, tmp["torchscript"])
-        export_onnx(module, x_test[:2], tmp["onnx"])
-        parity = check_parity(spec, module, tmp, x_test)
+        exported = {}
+        try:
+            export_torchscript(module, tmp["torchscript"])
+            exported["torchscript"] = tmp["torchscript"]
+        except Exception as err:  # scripting fails on many dynamic Python constructs
+            log.warning("%s: no TorchScript form: %s", decl.name, str(err).splitlines()[0])
+        try:
+            export_onnx(module, inputs, tuple(x[:2] for x in xs), OUTPUT_NAMES[output["kind"]],
+                        tmp["onnx"])
+            exported["onnx"] = tmp["onnx"]
+        except ExportError as err:
+            if not exported:
+                raise
+            log.warning("%s: %s; serving TorchScript only", decl.name, err)
+        names = [spec["name"] for spec in inputs]
+        parity = check_parity(output, names, module, exported, xs)
         for form, p in parity.items():
-            log.info("%s %-11s max |diff| %.3g  top-1 agreement %.4f on %d test rows",
-                     name, form, p.max_abs_diff, p.top1_agreement, p.samples)
+            log.info("%s %-11s max |diff| %.3g (limit %.3g)  top-1 agreement %.4f on %d rows",
+                     decl.name, form, p.max_abs_diff, p.tolerance, p.top1_agreement, p.samples)
         failed = {f: p for f, p in parity.items() if not p.passed}
         if failed:
             raise ParityError("; ".join(
-                f"{f}: max |diff| {p.max_abs_diff:.3g} (limit {MAX_ABS_DIFF:g}), "
+                f"{f}: max |diff| {p.max_abs_diff:.3g} (limit {p.tolerance:g}), "
                 f"top-1 agreement {p.top1_agreement:.4f} (need 1.0)" for f, p in failed.items()))
-        for form, fname in FORMS.items():
-            os.replace(tmp[form], folder / fname)
+        for form in FORMS:
+            (folder / FORMS[form]).unlink(missing_ok=True)
+        for form in exported:
+            os.replace(tmp[form], folder / FORMS[form])
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    sig = signature(spec, meta, parity)
+    sig = signature(decl, meta, inputs, output, out_shape, parity)
     (folder / "signature.json").write_text(json.dumps(sig, indent=2) + "\n")
-    log.info("%s exported -> %s", name, ", ".join(str(folder / f) for f in FORMS.values()))
+    log.info("%s exported -> %s", decl.name,
+             ", ".join(str(folder / FORMS[f]) for f in exported))
     return sig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to export")
+    parser.add_argument("name", help="model to export: a declared name or a NAME.toml path")
+    add_models_dir(parser)
     parser.add_argument("--artifacts", type=Path,
                         help="folder with state_dict.pt and meta.json (default: artifacts/NAME)")
 
@@ -210,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The command for parsed arguments (shared by `python -m` and `kiln export`)."""
     try:
-        export(args.name, args.artifacts)
+        export(args.name, args.artifacts, args.models_dirs)
+    except (ExportError, declaration.DeclarationError) as err:
+        log.error("%s: nothing exported: %s", args.name, err)
+        return 1
     except ParityError as err:
         log.error("%s: parity gate failed, nothing exported: %s", args.name, err)
         return 1

@@ -12,7 +12,7 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.console import setup_logging
-from kiln.training import data, registry
+from kiln.training import data, declaration, recipes
 
 log = logging.getLogger("kiln.train")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ class TrainConfig:
     log_dir: Path
     resume: bool
     dry_run: bool
+    models_dirs: list[Path] = field(default_factory=list)
 
 
 def git_sha() -> str:
@@ -66,68 +67,74 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def prepare(spec: registry.ModelSpec, ds: data.Dataset):
-    """Tensors for each split and the preprocessing a server must repeat (for the signature)."""
-    if spec.dataset == "mnist":
-        mean, std = data.image_stats(ds.train)
-        pre = {"image_size": [28, 28], "pad": spec.pad, "pixel_max": 255, "mean": mean, "std": std}
-        to_tensor = lambda x: data.image_tensor(x, spec.pad, mean, std)
-        background = (0.0 - mean) / std
-    else:
-        mean_v, std_v = data.feature_stats(ds.train)
-        pre = {"feature_names": ds.feature_names, "mean": mean_v, "std": std_v}
-        to_tensor = lambda x: data.feature_tensor(x, mean_v, std_v)
-        background = None
-    splits = {
-        part: (to_tensor(getattr(ds, part).x), torch.from_numpy(getattr(ds, part).y))
-        for part in ("train", "val", "test")
-    }
-    return splits, pre, background
-
-
-def loss_and_correct(spec, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if spec.output_kind == "binary":
+def loss_and_score(decl, output: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The training loss and, per batch, the number of right answers (classification) or the
+    summed squared error (regression)."""
+    kind = decl.output["kind"]
+    if kind == "regression":
+        predicted = output.reshape(y.shape)
+        loss = nn.functional.mse_loss(predicted, y)
+        return loss, float(((predicted - y) ** 2).sum())
+    if kind == "binary":
         p = output.squeeze(1)
-        loss = nn.functional.binary_cross_entropy(p, y.float())
-        correct = int(((p >= 0.5).long() == y).sum())
-    else:
-        loss = nn.functional.cross_entropy(output, y)
-        correct = int((output.argmax(1) == y).sum())
-    return loss, correct
+        if decl.activation == "sigmoid":  # the model returns a logit
+            loss = nn.functional.binary_cross_entropy_with_logits(p, y.float())
+            p = torch.sigmoid(p)
+        else:
+            loss = nn.functional.binary_cross_entropy(p, y.float())
+        return loss, int(((p >= 0.5).long() == y).sum())
+    loss = nn.functional.cross_entropy(output, y)
+    return loss, int((output.argmax(1) == y).sum())
 
 
-def train_epoch(spec, model, loader, optimizer, device, augment=None, max_batches=None):
+def train_epoch(decl, model, loader, optimizer, device, augment=None, max_batches=None):
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for i, (x, y) in enumerate(loader):
+    total_loss, score, seen = 0.0, 0.0, 0
+    for i, (*xs, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        x, y = x.to(device), y.to(device)
+        xs, y = [x.to(device) for x in xs], y.to(device)
         if augment is not None:
-            x = augment(x)
+            xs[0] = augment(xs[0])
         optimizer.zero_grad()
-        loss, ok = loss_and_correct(spec, model(x), y)
+        loss, ok = loss_and_score(decl, model(*xs), y)
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(y)
-        correct += ok
+        score += ok
         seen += len(y)
-    return total_loss / seen, correct / seen
+    return total_loss / seen, _metric(decl, score, seen)
 
 
 @torch.no_grad()
-def evaluate(spec, model, loader, device, max_batches=None):
+def evaluate(decl, model, loader, device, max_batches=None):
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for i, (x, y) in enumerate(loader):
+    total_loss, score, seen = 0.0, 0.0, 0
+    for i, (*xs, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        x, y = x.to(device), y.to(device)
-        loss, ok = loss_and_correct(spec, model(x), y)
+        xs, y = [x.to(device) for x in xs], y.to(device)
+        loss, ok = loss_and_score(decl, model(*xs), y)
         total_loss += loss.item() * len(y)
-        correct += ok
+        score += ok
         seen += len(y)
-    return total_loss / seen, correct / seen
+    return total_loss / seen, _metric(decl, score, seen)
+
+
+def _metric(decl, score: float, seen: int) -> float:
+    """Accuracy, or for regression the negative mean squared error: higher is better."""
+    return -score / seen if decl.output["kind"] == "regression" else score / seen
+
+
+@torch.no_grad()
+def regression_metrics(model, inputs, y) -> dict:
+    """Test MAE and R-squared of a regression model, in the target's own units."""
+    model.eval()
+    predicted = model(*inputs).reshape(y.shape).double()
+    y = y.double()
+    mae = float((predicted - y).abs().mean())
+    r2 = 1.0 - float(((predicted - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    return {"test_mae": mae, "test_r2": r2}
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -143,23 +150,28 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    spec = registry.get(cfg.name)
+    decl = declaration.get(cfg.name, cfg.models_dirs)
+    if decl.recipe is None:
+        raise SystemExit(f"{decl.name} brings its own weights ({decl.state_dict}): "
+                         "Kiln trains only models whose declaration names a recipe")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    ds = data.load(spec.dataset)
-    splits, preprocess, background = prepare(spec, ds)
+    prepared = recipes.prepare(decl)
+    splits, background = prepared.splits, prepared.background
     shuffle = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
-        TensorDataset(*splits["train"]), batch_size=cfg.batch_size, shuffle=True, generator=shuffle
+        TensorDataset(*splits["train"][0], splits["train"][1]), batch_size=cfg.batch_size,
+        shuffle=True, generator=shuffle
     )
-    val_loader = DataLoader(TensorDataset(*splits["val"]), batch_size=512)
-    test_loader = DataLoader(TensorDataset(*splits["test"]), batch_size=512)
+    val_loader = DataLoader(TensorDataset(*splits["val"][0], splits["val"][1]), batch_size=512)
+    test_loader = DataLoader(TensorDataset(*splits["test"][0], splits["test"][1]),
+                             batch_size=512)
     augment = None
     if cfg.augment and background is not None:
         aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
         augment = lambda x: data.random_affine(x, aug_gen, background)
 
-    model = spec.build().to(device)
+    model = decl.build().to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     # Cosine decay to zero over the run: the last epochs polish rather than jump.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
@@ -186,9 +198,9 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(start_epoch, last_epoch + 1):
         started = time.perf_counter()
         tr_loss, tr_acc = train_epoch(
-            spec, model, train_loader, optimizer, device, augment, max_batches
+            decl, model, train_loader, optimizer, device, augment, max_batches
         )
-        va_loss, va_acc = evaluate(spec, model, val_loader, device, max_batches)
+        va_loss, va_acc = evaluate(decl, model, val_loader, device, max_batches)
         scheduler.step()
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
@@ -208,20 +220,26 @@ def train(cfg: TrainConfig) -> dict:
     writer.close()
 
     model.load_state_dict(best_state)
-    te_loss, te_acc = evaluate(spec, model, test_loader, device, max_batches)
+    te_loss, te_acc = evaluate(decl, model, test_loader, device, max_batches)
+    if decl.output["kind"] == "regression":
+        metrics = regression_metrics(model, splits["test"][0], splits["test"][1])
+    else:
+        metrics = {"test_accuracy": te_acc}
     torch.save(best_state, cfg.out / "state_dict.pt")
     meta = {
         "name": cfg.name,
-        "model_class": spec.model_class().__name__,
+        "model_class": decl.model_class().__name__,
+        "recipe": decl.recipe,
         "hyperparameters": {k: v for k, v in asdict(cfg).items()
-                            if k not in ("name", "out", "log_dir", "resume")},
-        "preprocess": preprocess,
-        "labels": ds.labels,
-        "metrics": {"test_accuracy": te_acc, "test_loss": te_loss, **{
+                            if k not in ("name", "out", "log_dir", "resume", "models_dirs")},
+        "inputs": prepared.inputs,
+        "output": prepared.output,
+        "metrics": {**metrics, "test_loss": te_loss, **{
             f"best_{k}": v for k, v in best.items()}},
-        "split_sizes": {p: len(getattr(ds, p).y) for p in ("train", "val", "test")},
+        **({"baseline": prepared.baseline} if prepared.baseline else {}),
+        "split_sizes": prepared.split_sizes,
         "history": history,
-        "data_sha256": ds.sha256,
+        "data_sha256": prepared.sha256,
         "seed": cfg.seed,
         "git_sha": git_sha(),
         "torch_version": torch.__version__,
@@ -229,8 +247,9 @@ def train(cfg: TrainConfig) -> dict:
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (cfg.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("%s test accuracy %.4f (best val %.4f at epoch %d) -> %s",
-             cfg.name, te_acc, best["val_accuracy"], best["epoch"], cfg.out / "state_dict.pt")
+    log.info("%s test %s (best val %.4f at epoch %d) -> %s", cfg.name,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), best["val_accuracy"],
+             best["epoch"], cfg.out / "state_dict.pt")
     return meta
 
 
@@ -242,8 +261,10 @@ def _summary_writer(cfg: TrainConfig):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to train")
-    parser.add_argument("--epochs", type=int, help="epochs (default: the model's, see registry)")
+    parser.add_argument("name", help="model to train: a declared name or a NAME.toml path")
+    add_models_dir(parser)
+    parser.add_argument("--epochs", type=int,
+                        help="epochs (default: the declaration's [train] epochs)")
     parser.add_argument("--batch-size", type=int, help="training batch size (default: model's)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the model's)")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "rmsprop"],
@@ -265,14 +286,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one batch of one epoch: a smoke test (default: off)")
 
 
+# What a declaration's [train] table may leave out.
+TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "optimizer": "adam",
+                  "momentum": 0.9, "weight_decay": 0.0, "augment": False}
+
+
+def add_models_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", type=Path, action="append", default=[],
+                        dest="models_dirs", metavar="DIR",
+                        help="another folder of model declarations (repeatable; default: "
+                             f"Kiln's own and ${declaration.MODELS_DIR_ENV})")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    d = registry.get(args.name).defaults
+    decl = declaration.get(args.name, args.models_dirs)
+    if args.name != decl.name:  # given as a path: its folder is where the name is declared
+        args.models_dirs = [*args.models_dirs, decl.folder]
+    d = argparse.Namespace(**{**TRAIN_DEFAULTS, **decl.train})
 
     def pick(value, default):
         return default if value is None else value
 
     return TrainConfig(
-        name=args.name,
+        name=decl.name,
         epochs=pick(args.epochs, d.epochs),
         batch_size=pick(args.batch_size, d.batch_size),
         lr=pick(args.lr, d.lr),
@@ -282,10 +318,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=d.augment and not args.no_augment,
         seed=args.seed,
         device=args.device,
-        out=args.out or ARTIFACTS / args.name,
+        out=args.out or ARTIFACTS / decl.name,
         log_dir=args.log_dir,
         resume=args.resume,
         dry_run=args.dry_run,
+        models_dirs=list(args.models_dirs),
     )
 
 
@@ -296,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_for(argv: list[str]) -> TrainConfig:
-    """The configuration `kiln train ARGV...` would run (defaults from the registry)."""
+    """The configuration `kiln train ARGV...` would run (defaults from the declaration)."""
     return config_from_args(build_parser().parse_args(argv))
 
 

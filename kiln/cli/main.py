@@ -12,21 +12,14 @@ from kiln import client as http
 from kiln.console import setup_logging
 from kiln.deploy.server import HOST, Ports, Server, ServerError, ServerSettings
 from kiln.model_store import STORE
-from kiln.training import registry
+from kiln.training import declaration
 
 log = logging.getLogger("kiln")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
-FIXTURES = REPO_ROOT / "tests" / "fixtures"
 # Commands that need torch get their modules imported only when they run, so that
 # `kiln predict` and `kiln stop` answer in a fraction of a second.
 BUILD_COMMANDS = ("train", "export", "archive", "serve")
-EXAMPLES = {
-    "lenet": FIXTURES / "digits" / "7.png",
-    "mlp": FIXTURES / "digits" / "3.png",
-    "rnn": FIXTURES / "digits" / "5.png",
-    "binary": FIXTURES / "breast_cancer" / "benign.json",
-}
 
 
 # -- train / export / archive: thin wrappers over the modules' own entry points ----------------
@@ -56,9 +49,10 @@ def _server(args, models: list[str] | None = None) -> Server:
     if models is None and saved:  # stop talks to what serve started
         ports = saved
     return Server(ServerSettings(run_dir=args.run_dir, model_store=args.store,
-                                 models=models or list(registry.REGISTRY), ports=ports,
+                                 models=models or declaration.default_set(), ports=ports,
                                  enable_model_api=getattr(args, "enable_model_api", False),
-                                 access_log=getattr(args, "access_log", False)))
+                                 access_log=getattr(args, "access_log", False),
+                                 models_dirs=getattr(args, "models_dirs", [])))
 
 
 def how_to_call(server: Server) -> str:
@@ -76,33 +70,56 @@ def how_to_call(server: Server) -> str:
         "Try:",
     ]
     auth = f'-H "Authorization: Bearer {keys["inference"]}"'
+    predict = []
     for name in server.settings.models:
-        example = EXAMPLES.get(name)
-        if example is None:
+        try:
+            examples = declaration.get(name, server.settings.models_dirs).examples
+        except declaration.DeclarationError:
             continue
-        ctype = http.CONTENT_TYPES[example.suffix]
-        rel = example.relative_to(REPO_ROOT)
+        if not examples:
+            continue
+        example = examples[0]
+        if example.file is not None:
+            ctype = http.CONTENT_TYPES.get(example.file.suffix, "application/octet-stream")
+            body = f"--data-binary @{_shown(example.file)}"
+            expect = f" --expect {example.expect}" if example.expect is not None else ""
+            predict.append(f"  kiln predict {name} {_shown(example.file)}{expect}")
+        else:
+            ctype, body = "application/json", f"-d '{json.dumps(example.value)}'"
         lines.append(f'  curl -s {auth} -H "Content-Type: {ctype}" '
-                     f"--data-binary @{rel} {url}/predictions/{name}")
-    lines += ["", f"  kiln predict lenet {EXAMPLES['lenet'].relative_to(REPO_ROOT)}",
-              "", "Stop it with: make stop   (or: kiln stop)"]
+                     f"{body} {url}/predictions/{name}")
+    lines += ["", *predict[:1], "", "Stop it with: make stop   (or: kiln stop)"]
     return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it from here."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_serve(args) -> int:
     from kiln.cli.pipeline import ensure_built
 
-    models = [registry.get(m).name for m in args.models] or list(registry.REGISTRY)
+    try:
+        models = ([declaration.get(m, args.models_dirs).name for m in args.models]
+                  or declaration.default_set())
+    except declaration.DeclarationError as err:
+        log.error("%s", err)
+        return 1
     server = _server(args, models)
     if server.pid() is not None:
         server = Server(ServerSettings(args.run_dir, args.store, models,
-                                       Ports.saved(args.run_dir) or server.ports))
+                                       Ports.saved(args.run_dir) or server.ports,
+                                       models_dirs=args.models_dirs))
         log.info("TorchServe is already running from %s", args.run_dir)
         print(how_to_call(server))
         return 0
     if not args.no_build:
         for name in models:
-            ensure_built(name, args.backend, args.store)
+            ensure_built(name, args.backend, args.store, args.models_dirs)
     try:
         server.start()
         server.wait_ready(args.timeout)
@@ -171,7 +188,9 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def describe(name: str, body: dict) -> str:
+def describe(name: str, body) -> str:
+    if not isinstance(body, dict) or "label" not in body:
+        return f"{name}: {json.dumps(body)}"
     line = f"{name}: {body['label']}  (p={body['probability']:.4f})"
     if "top_k" in body:
         line += "   top-k: " + ", ".join(
@@ -273,7 +292,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "TorchServe, wait until every model has a ready worker, "
                                    "and print how to call it.")
     p.add_argument("models", nargs="*", metavar="NAME",
-                   help=f"models to serve: {', '.join(registry.REGISTRY)} (default: all)")
+                   help="declared models (or NAME.toml paths) to serve (default: Kiln's "
+                        "default set: " + ", ".join(declaration.default_set()) + ")")
+    p.add_argument("--models-dir", type=Path, action="append", default=[],
+                   dest="models_dirs", metavar="DIR",
+                   help="another folder of model declarations (repeatable; default: Kiln's "
+                        f"own and ${declaration.MODELS_DIR_ENV})")
     p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
                    help="exported form to archive when building (default: onnx)")
     p.add_argument("--no-build", action="store_true",
@@ -296,7 +320,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Send one file (.png, .jpg or .json) to a served model and "
                                    "print the answer; exit 1 on an HTTP error, 2 when --expect "
                                    "does not match.")
-    p.add_argument("name", choices=list(registry.REGISTRY), help="model to ask")
+    p.add_argument("name", help="served model to ask")
     p.add_argument("file", type=Path, help="a PNG/JPEG image or a JSON file")
     p.add_argument("--url", help="inference base URL (default: from run/ports.json, or "
                                  f"http://{HOST}:{Ports.inference})")

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from kiln.model_store import archive, read_archive
-from kiln.training import export, registry, train
+from kiln.training import declaration, export, train
 
 log = logging.getLogger("kiln.build")
 
@@ -32,24 +32,34 @@ def archive_manifest(mar: Path) -> tuple[str | None, dict | None]:
     return backend, config
 
 
-def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE) -> Path:
+def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
+                 models_dirs: list[Path] | None = None) -> Path:
     """Path of an up-to-date model_store/NAME.mar, building what it needs."""
-    registry.get(name)
+    decl = declaration.get(name, models_dirs)
+    name = decl.name
+    dirs = [*(models_dirs or []), decl.folder]
     folder = train.ARTIFACTS / name
-    weights = folder / "state_dict.pt"
-    if not weights.exists():
-        log.info("%s: no weights yet, training with the default settings", name)
-        train.train(train.config_for([name]))
+    if decl.recipe is not None:
+        weights = [folder / "state_dict.pt", folder / "meta.json"]
+        if not weights[0].exists():
+            log.info("%s: no weights yet, training with the default settings", name)
+            train.train(train.config_for([name, *_dirs_args(dirs)]))
+    else:
+        weights = [decl.state_dict]
     signature = folder / "signature.json"
-    if stale(signature, [weights, folder / "meta.json"]):
+    if stale(signature, [*weights, decl.path, *decl.source_files()]):
         log.info("%s: exporting", name)
-        export.export(name)
+        export.export(name, models_dirs=dirs)
     mar = store / f"{name}.mar"
-    inputs = archive.archive_inputs(name, folder, backend)
-    wanted = (backend, archive.ServingConfig().model_config())
+    inputs = archive.archive_inputs(decl, folder, backend)
+    wanted = (backend, archive.serving_config(decl).model_config())
     if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
-        archive.build(name, backend, store=store)
+        archive.build(name, backend, store=store, models_dirs=dirs)
     else:
         log.info("%s: %s is up to date", name, mar)
     return mar
+
+
+def _dirs_args(dirs: list[Path]) -> list[str]:
+    return [arg for d in dirs for arg in ("--models-dir", str(d))]

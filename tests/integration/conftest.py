@@ -15,9 +15,9 @@ from kiln import client as http
 from kiln.cli.pipeline import ensure_built
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.model_store.archive import STORE
-from kiln.training import registry
+from kiln.training import declaration
 
-MODELS = list(registry.REGISTRY)
+MODELS = declaration.default_set()
 log = logging.getLogger("kiln.tests")
 
 PROMETHEUS = Path("/usr/bin/prometheus")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from kiln.training import registry
+from kiln.training import declaration
 
-MODELS = list(registry.REGISTRY)
+MODELS = declaration.default_set()
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "kiln.json"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"

@@ -14,7 +14,7 @@ import yaml
 
 from kiln import layout
 from kiln.model_store import archive
-from kiln.training import export, registry, train
+from kiln.training import declaration, export, train
 
 
 def run_train(name, out, log_dir, *extra):
@@ -34,7 +34,7 @@ def dry_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["lenet", "binary"])
 def test_dry_run_writes_loadable_weights_and_meta(dry_runs, name):
     state = torch.load(dry_runs / name / "state_dict.pt", weights_only=True)
-    model = registry.get(name).build()
+    model = declaration.get(name).build()
     model.load_state_dict(state)  # strict: every key, every shape
     meta = json.loads((dry_runs / name / "meta.json").read_text())
     assert meta["name"] == name and meta["seed"] == 0
@@ -82,11 +82,20 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, mon
 @pytest.mark.parametrize("name", ["lenet", "binary"])
 def test_export_passes_parity_and_writes_the_signature(dry_runs, name):
     sig = export.export(name, dry_runs / name)
-    spec = registry.get(name)
-    assert sig["input"] == {"name": "input", "dtype": "float32",
-                            "shape": [-1, *spec.input_shape],
-                            "kind": "image" if name == "lenet" else "features"}
-    assert sig["output"]["kind"] == spec.output_kind
+    (graph_input,) = sig["inputs"]
+    assert sig["signature_version"] == 2
+    if name == "lenet":
+        assert {k: v for k, v in graph_input.items() if k not in ("mean", "std")} == {
+            "name": "input", "kind": "image", "dtype": "float32", "shape": [-1, 1, 32, 32],
+            "channels": 1, "size": [28, 28], "resize": "mnist", "pad": 2, "pixel_max": 255}
+        assert sig["output"] == {"name": "probabilities", "dtype": "float32", "shape": [-1, 10],
+                                 "kind": "multiclass", "labels": list("0123456789"),
+                                 "top_k": 3}
+    else:
+        assert graph_input["shape"] == [-1, 30] and len(graph_input["names"]) == 30
+        assert sig["output"] == {"name": "probabilities", "dtype": "float32", "shape": [-1, 1],
+                                 "kind": "binary", "labels": ["malignant", "benign"],
+                                 "threshold": 0.5}
     for form in ("onnx", "torchscript"):
         p = sig["parity"][form]
         assert p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
@@ -102,17 +111,17 @@ def test_parity_gate_refuses_a_drifting_export(dry_runs, monkeypatch, tmp_path):
     for f in ("state_dict.pt", "meta.json"):
         (folder / f).write_bytes((dry_runs / "binary" / f).read_bytes())
     real = export.run_onnx
-    monkeypatch.setattr(export, "run_onnx", lambda path, x: real(path, x) + 2e-4)
+    monkeypatch.setitem(export.RUNNERS, "onnx", lambda path, xs, names: real(path, xs, names)
+                        + 2e-4)
     with pytest.raises(export.ParityError, match=r"onnx: max \|diff\| 0\.0002"):
         export.export("binary", folder)
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "state_dict.pt"]
 
 
 def test_compare_reports_exact_figures():
-    spec = registry.get("lenet")
     ref = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).numpy()
     cand = torch.tensor([[0.4, 0.6], [0.2, 0.8]]).numpy()
-    p = export.compare(spec, ref, cand)
+    p = export.compare({"kind": "multiclass"}, ref, cand)
     assert (p.max_abs_diff, p.top1_agreement, p.samples) == (pytest.approx(0.5), 0.5, 2)
     assert not p.passed
 

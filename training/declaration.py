@@ -1,0 +1,381 @@
+"""Model declarations: one TOML file per model (docs/declaration.md), found in model folders.
+
+Everything Kiln knows about a model comes from here: training, export, the archive, the
+serving settings, `kiln predict`'s example, the load tests' payloads. Reading a declaration
+imports no torch; building the model does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR_ENV = "KILN_MODELS_DIR"
+SUFFIX = ".toml"
+
+INPUT_KINDS = ("image", "features", "tensor")
+OUTPUT_KINDS = ("multiclass", "binary", "multilabel", "regression", "raw")
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+RESIZE_POLICIES = ("mnist", "fit", "crop", "exact")
+TENSOR_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
+                 "bool")
+SERVING_KEYS = ("workers", "batch_size", "max_batch_delay_ms", "response_timeout_s")
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "augment")
+TOP_KEYS = ("version", "description", "serve_by_default", "model", "weights", "train", "inputs",
+            "output", "serving", "examples")
+# The graph's activation when the declaration names none: what each output kind means.
+DEFAULT_ACTIVATION = {"multiclass": "softmax", "binary": "none", "multilabel": "none",
+                      "regression": "none", "raw": "none"}
+
+
+class DeclarationError(ValueError):
+    """A declaration that cannot describe a servable model; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """An input that docs, `kiln predict`, load tests and checks use; `expect` is the label
+    (or, for regression, nothing: the answer is checked for shape only)."""
+
+    file: Path | None
+    value: object | None  # an inline JSON value when there is no file
+    expect: str | None
+
+    def body(self) -> bytes:
+        import json
+
+        if self.file is not None:
+            return self.file.read_bytes()
+        return json.dumps(self.value).encode()
+
+
+@dataclass(frozen=True)
+class Declaration:
+    name: str
+    path: Path
+    version: str
+    description: str
+    model_file: Path
+    class_name: str | None
+    args: dict
+    extra_files: tuple[Path, ...]
+    requirements: tuple[str, ...]
+    recipe: str | None
+    state_dict: Path | None
+    train: dict
+    inputs: tuple[dict, ...]
+    output: dict
+    serving: dict
+    examples: tuple[Example, ...]
+    serve_by_default: bool = True
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def activation(self) -> str:
+        return self.output.get("activation", DEFAULT_ACTIVATION[self.output["kind"]])
+
+    def source_files(self) -> list[Path]:
+        """What the archive ships of the model's own code, and what makes it stale."""
+        return [self.model_file, *self.extra_files]
+
+    def model_class(self) -> type[torch.nn.Module]:
+        return load_model_class(self)
+
+    def build(self) -> torch.nn.Module:
+        return self.model_class()(**self.args)
+
+
+# --- finding declarations --------------------------------------------------------------------
+
+
+def model_dirs(extra: list[Path] | None = None) -> list[Path]:
+    """Where declarations are looked for: Kiln's own, then KILN_MODELS_DIR, then `extra`."""
+    dirs = [BUILTIN_DIR]
+    env = os.environ.get(MODELS_DIR_ENV, "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += list(extra or [])
+    seen, unique = set(), []
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    return unique
+
+
+def discover(extra: list[Path] | None = None) -> dict[str, Path]:
+    """{name: declaration file} over every model folder; a name declared twice is an error."""
+    found: dict[str, Path] = {}
+    for folder in model_dirs(extra):
+        if not folder.is_dir():
+            raise DeclarationError(f"models folder {folder} does not exist")
+        for path in sorted(folder.glob(f"*{SUFFIX}")):
+            name = path.stem
+            if name in found:
+                raise DeclarationError(
+                    f"model {name!r} is declared twice: {found[name]} and {path}")
+            found[name] = path
+    return found
+
+
+def names(extra: list[Path] | None = None) -> list[str]:
+    return list(discover(extra))
+
+
+def default_set() -> list[str]:
+    """What `kiln serve` serves when it is given no name: Kiln's own models that say so."""
+    return [name for name, path in discover([]).items()
+            if path.parent == BUILTIN_DIR and load(path).serve_by_default]
+
+
+def get(name_or_path: str, extra: list[Path] | None = None) -> Declaration:
+    """The declaration of a model name, or of a path to a NAME.toml file."""
+    if name_or_path.endswith(SUFFIX) or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise DeclarationError(f"no declaration at {path}")
+        return load(path)
+    found = discover(extra)
+    if name_or_path not in found:
+        known = ", ".join(found) or "none"
+        raise DeclarationError(f"unknown model {name_or_path!r}; declared: {known} "
+                               f"(add folders with --models-dir or {MODELS_DIR_ENV})")
+    return load(found[name_or_path])
+
+
+# --- reading one -----------------------------------------------------------------------------
+
+
+def load(path: Path) -> Declaration:
+    path = Path(path).resolve()
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise DeclarationError(f"{path}: {err}") from None
+    try:
+        return _parse(path, table)
+    except DeclarationError as err:
+        raise DeclarationError(f"{path}: {err}") from None
+
+
+def _parse(path: Path, table: dict) -> Declaration:
+    _no_unknown(table, TOP_KEYS, "the declaration")
+    folder = path.parent
+    model = _table(table, "model", required=True)
+    _no_unknown(model, ("file", "class", "args", "extra_files", "requirements"), "[model]")
+    if "file" not in model:
+        raise DeclarationError("[model] needs file = \"the model's .py file\"")
+    model_file = _existing(folder, model["file"], "[model] file")
+    weights = _table(table, "weights", required=True)
+    _no_unknown(weights, ("recipe", "state_dict"), "[weights]")
+    if ("recipe" in weights) == ("state_dict" in weights):
+        raise DeclarationError("[weights] needs exactly one of recipe or state_dict")
+    recipe = weights.get("recipe")
+    if recipe is not None:
+        from kiln.training import recipes  # no torch: the recipe names only
+
+        if recipe not in recipes.RECIPES:
+            raise DeclarationError(f"unknown recipe {recipe!r}; Kiln has "
+                                   f"{', '.join(recipes.RECIPES)}")
+    state_dict = (_existing(folder, weights["state_dict"], "[weights] state_dict")
+                  if "state_dict" in weights else None)
+    train = _table(table, "train")
+    _no_unknown(train, TRAIN_KEYS, "[train]")
+    if train and recipe is None:
+        raise DeclarationError("[train] applies only to a model Kiln trains ([weights] recipe)")
+    inputs = tuple(_check_input(i, spec, recipe is not None)
+                   for i, spec in enumerate(table.get("inputs") or []))
+    if not inputs:
+        raise DeclarationError("declare at least one [[inputs]] table")
+    input_names = [spec["name"] for spec in inputs]
+    if len(set(input_names)) != len(input_names):
+        raise DeclarationError(f"input names must differ, got {input_names}")
+    output = _check_output(_table(table, "output", required=True), recipe is not None)
+    serving = _table(table, "serving")
+    _no_unknown(serving, SERVING_KEYS, "[serving]")
+    for key, value in serving.items():
+        least = 0 if key == "max_batch_delay_ms" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DeclarationError(f"[serving] {key} must be a whole number, got {value!r}")
+    examples = tuple(_example(folder, e) for e in table.get("examples") or [])
+    return Declaration(
+        name=path.stem, path=path, version=str(table.get("version", "1.0")),
+        description=str(table.get("description", "")), model_file=model_file,
+        class_name=model.get("class"), args=dict(model.get("args") or {}),
+        extra_files=tuple(_existing(folder, f, "[model] extra_files")
+                          for f in model.get("extra_files") or []),
+        requirements=tuple(model.get("requirements") or []), recipe=recipe,
+        state_dict=state_dict, train=train, inputs=inputs, output=output, serving=serving,
+        examples=examples, serve_by_default=bool(table.get("serve_by_default", True)),
+    )
+
+
+def _check_input(i: int, spec: dict, trained: bool) -> dict:
+    where = f"[[inputs]] #{i + 1}"
+    if not isinstance(spec, dict) or "name" not in spec or "kind" not in spec:
+        raise DeclarationError(f"{where} needs a name and a kind")
+    kind = spec["kind"]
+    if kind not in INPUT_KINDS:
+        raise DeclarationError(f"{where}: kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    spec = dict(spec)
+    if kind == "image":
+        _no_unknown(spec, ("name", "kind", "channels", "size", "resize", "pad", "pixel_max",
+                           "mean", "std"), where)
+        spec.setdefault("channels", 1)
+        spec.setdefault("resize", "fit")
+        spec.setdefault("pad", 0)
+        spec.setdefault("pixel_max", 255)
+        if spec["channels"] not in (1, 3):
+            raise DeclarationError(f"{where}: channels must be 1 or 3, got {spec['channels']!r}")
+        if spec["resize"] not in RESIZE_POLICIES:
+            raise DeclarationError(f"{where}: resize {spec['resize']!r} is not one of "
+                                   f"{', '.join(RESIZE_POLICIES)}")
+        if spec["resize"] == "mnist" and spec["channels"] != 1:
+            raise DeclarationError(f"{where}: resize = \"mnist\" frames grey digits: channels = 1")
+        size = spec.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(d, int) and d > 0 for d in size)):
+            raise DeclarationError(f"{where}: size must be [height, width], got {size!r}")
+        _per_channel(spec, "mean", trained, where)
+        _per_channel(spec, "std", trained, where)
+    elif kind == "features":
+        _no_unknown(spec, ("name", "kind", "names", "mean", "std", "min", "max"), where)
+        names_ = spec.get("names")
+        if not trained and not (isinstance(names_, list) and names_):
+            raise DeclarationError(f"{where}: features need names = [...]")
+    else:
+        _no_unknown(spec, ("name", "kind", "dtype", "shape", "max_length", "pad_value", "min",
+                           "max"), where)
+        spec.setdefault("dtype", "float32")
+        if spec["dtype"] not in TENSOR_DTYPES:
+            raise DeclarationError(f"{where}: dtype {spec['dtype']!r} is not one of "
+                                   f"{', '.join(TENSOR_DTYPES)}")
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and shape and all(
+                isinstance(d, int) and (d > 0 or d == -1) for d in shape)):
+            raise DeclarationError(f"{where}: shape (without the batch dimension) must be a "
+                                   f"list of sizes, -1 for a variable length; got {shape!r}")
+        if -1 in shape:
+            if not isinstance(spec.get("max_length"), int) or spec["max_length"] < 1:
+                raise DeclarationError(f"{where}: a variable length needs max_length")
+            spec.setdefault("pad_value", 0)
+    return spec
+
+
+def _per_channel(spec: dict, key: str, trained: bool, where: str) -> None:
+    if key not in spec:
+        if not trained:
+            spec[key] = [0.0 if key == "mean" else 1.0] * spec["channels"]
+        return
+    value = spec[key]
+    value = [value] if isinstance(value, (int, float)) else value
+    if not (isinstance(value, list) and len(value) == spec["channels"]):
+        raise DeclarationError(f"{where}: {key} needs one number per channel")
+    if key == "std" and min(value) <= 0:
+        raise DeclarationError(f"{where}: std must be positive")
+    spec[key] = [float(v) for v in value]
+
+
+def _check_output(spec: dict, trained: bool) -> dict:
+    _no_unknown(spec, ("kind", "activation", "labels", "top_k", "threshold", "names", "units"),
+                "[output]")
+    kind = spec.get("kind")
+    if kind not in OUTPUT_KINDS:
+        raise DeclarationError(f"[output] kind {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    if spec.get("activation", "none") not in ACTIVATIONS:
+        raise DeclarationError(f"[output] activation must be one of {', '.join(ACTIVATIONS)}")
+    if kind in ("multiclass", "binary", "multilabel") and not trained and not spec.get("labels"):
+        raise DeclarationError(f"[output] a {kind} model needs labels = [...]")
+    if kind == "binary" and "labels" in spec and len(spec["labels"]) != 2:
+        raise DeclarationError("[output] a binary model has exactly 2 labels")
+    if kind == "regression" and not spec.get("names") and not trained:
+        raise DeclarationError("[output] a regression model needs names = [...]")
+    return dict(spec)
+
+
+def _example(folder: Path, entry: dict) -> Example:
+    if not isinstance(entry, dict) or ("file" in entry) == ("value" in entry):
+        raise DeclarationError("each [[examples]] needs exactly one of file or value")
+    _no_unknown(entry, ("file", "value", "expect"), "[[examples]]")
+    file = _existing(folder, entry["file"], "[[examples]] file") if "file" in entry else None
+    expect = entry.get("expect")
+    return Example(file=file, value=entry.get("value"),
+                   expect=None if expect is None else str(expect))
+
+
+def _table(table: dict, key: str, required: bool = False) -> dict:
+    value = table.get(key)
+    if value is None:
+        if required:
+            raise DeclarationError(f"missing [{key}]")
+        return {}
+    if not isinstance(value, dict):
+        raise DeclarationError(f"{key} must be a table")
+    return dict(value)
+
+
+def _no_unknown(table: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise DeclarationError(f"unknown key(s) {unknown} in {where}; known: {', '.join(known)}")
+
+
+def _existing(folder: Path, relative: str, what: str) -> Path:
+    path = (folder / relative).resolve()
+    if not path.is_file():
+        raise DeclarationError(f"{what} {relative!r}: no such file ({path})")
+    return path
+
+
+# --- the model class -------------------------------------------------------------------------
+
+
+def load_model_class(decl: Declaration) -> type[torch.nn.Module]:
+    """The nn.Module class the declaration names, imported from its file by path under one
+    module name (kiln_model_NAME), so a model file never needs to be on sys.path."""
+    from torch import nn
+
+    module_name = f"kiln_model_{decl.name}"
+    module = sys.modules.get(module_name)
+    if module is None or getattr(module, "__file__", None) != str(decl.model_file):
+        spec = importlib.util.spec_from_file_location(module_name, decl.model_file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        # A model file may import its extra files by their names: they sit beside it.
+        added = str(decl.model_file.parent) not in sys.path and bool(decl.extra_files)
+        if added:
+            sys.path.insert(0, str(decl.model_file.parent))
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[module_name]
+            raise
+        finally:
+            if added:
+                sys.path.remove(str(decl.model_file.parent))
+    classes = [obj for _, obj in inspect.getmembers(module, inspect.isclass)
+               if obj.__module__ == module.__name__ and issubclass(obj, nn.Module)]
+    if decl.class_name is not None:
+        chosen = [c for c in classes if c.__name__ == decl.class_name]
+        if not chosen:
+            raise DeclarationError(f"{decl.path}: {decl.model_file.name} defines no nn.Module "
+                                   f"named {decl.class_name!r}; it has "
+                                   f"{[c.__name__ for c in classes]}")
+        return chosen[0]
+    if len(classes) != 1:
+        raise DeclarationError(f"{decl.path}: {decl.model_file.name} defines "
+                               f"{[c.__name__ for c in classes]}; name one with [model] class")
+    return classes[0]
