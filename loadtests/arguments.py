@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.loadtests.declared import add_models_dir
 from kiln.loadtests.shapes import SHAPES
-from kiln.training import registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=list(registry.REGISTRY), help="model to load")
+    p.add_argument("name", help="declared model (or NAME.toml path) to load")
+    add_models_dir(p)
     p.add_argument("--users", type=int, default=10, help="peak concurrent users (default: 10)")
     p.add_argument("--spawn-rate", type=float, default=2.0,
                    help="users started per second (default: 2)")

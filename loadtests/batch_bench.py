@@ -1,8 +1,8 @@
 """`kiln batch` throughput: `python -m kiln.loadtests.batch_bench`.
 
-In one run, for lenet on 10,000 PNG images (the 5,000-image MNIST sample and a copy shifted by
-one pixel) and for binary on 100,000 CSV rows (the breast-cancer rows resampled), prints rows/s
-of:
+In one run, for the first image model of Kiln's default set on 10,000 PNG images (its recipe's
+images and a copy shifted by one pixel) and for the first features model on 100,000 CSV rows
+(its recipe's rows resampled), prints rows/s of:
 
 - the raw ONNX Runtime ceiling: --via local's session on the already decoded arrays;
 - reading and decoding alone: --via local's pool and parts, with no model;
@@ -12,9 +12,8 @@ of:
 and the ratios local/ceiling, local/bound and server/local; each figure is the best of
 --repeat runs. The bound is what a pipeline of
 the two stages can reach when both share the same cores: 1 / (1/ceiling + 1/decoding). Where
-decoding a row costs more CPU than scoring it (a PNG against a 0.3 MFLOP LeNet, a CSV line
-against a 30-input MLP), the bound, not the ceiling, is the most a machine of this many cores
-can give.
+decoding a row costs more CPU than scoring it (a PNG or a CSV line against one of Kiln's small
+models), the bound, not the ceiling, is the most a machine of this many cores can give.
 """
 
 from __future__ import annotations
@@ -33,15 +32,26 @@ from kiln.batch import job, scoring
 from kiln.batch.chunks import Scored
 from kiln.batch.local import LocalScorer
 from kiln.batch.readers import open_source
+from kiln.loadtests import declared
+from kiln.training import declaration
+from kiln.training.declaration import Declaration, DeclarationError
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("kiln.bench")
 
 
-def make_images(folder: Path, n: int) -> Path:
+def recipe_data(decl: Declaration) -> tuple:
+    """(x, y, labels, feature names) of the data the model's recipe trains on."""
+    from kiln.training import recipes
     from kiln.training.data import load_raw
 
-    x = load_raw("mnist")[0]
+    if decl.recipe is None:
+        raise DeclarationError(f"{decl.path}: no [weights] recipe, so no data to time it on")
+    return load_raw(recipes.RECIPE_DATASET[decl.recipe])
+
+
+def make_images(decl: Declaration, folder: Path, n: int) -> Path:
+    x = recipe_data(decl)[0]
     shifted = np.roll(x, 1, axis=2)
     images = np.concatenate([x, shifted] * (n // (2 * len(x)) + 1))[:n]
     for i, pixels in enumerate(images):
@@ -51,10 +61,8 @@ def make_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def make_rows(path: Path, n: int) -> Path:
-    from kiln.training.data import load_raw
-
-    x, _, _, names = load_raw("breast_cancer")
+def make_rows(decl: Declaration, path: Path, n: int) -> Path:
+    x, _, _, names = recipe_data(decl)
     rows = x[np.random.default_rng(0).integers(0, len(x), n)]
     np.savetxt(path, rows, delimiter=",", header=",".join(names), comments="", fmt="%.6g")
     return path
@@ -101,11 +109,11 @@ def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
     return job.run(settings).rows_per_s
 
 
-def start_server(folder: Path):
+def start_server(folder: Path, models: list[str]):
     from kiln.deploy.server import Ports, Server, ServerSettings
     from kiln.model_store.archive import STORE
 
-    srv = Server(ServerSettings(run_dir=folder, model_store=STORE, models=["lenet", "binary"],
+    srv = Server(ServerSettings(run_dir=folder, model_store=STORE, models=models,
                                 ports=Ports.free()))
     srv.start()
     srv.wait_ready(timeout=240)
@@ -123,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-server", action="store_true", help="skip --via server")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    image, table = (declaration.get(declared.default_name(kind)) for kind in ("image", "features"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "images").mkdir()
-        inputs = {"lenet": make_images(tmp / "images", args.images),
-                  "binary": make_rows(tmp / "rows.csv", args.rows)}
-        server = None if args.no_server else start_server(tmp / "server")
+        inputs = {image.name: make_images(image, tmp / "images", args.images),
+                  table.name: make_rows(table, tmp / "rows.csv", args.rows)}
+        counts = {image.name: args.images, table.name: args.rows}
+        server = None if args.no_server else start_server(tmp / "server", list(inputs))
         try:
             print(f"rows/s on {os.cpu_count()} cores, batch size {args.batch_size}")
             print(f"{'model':<8}{'rows':>8}{'ORT ceiling':>13}{'decoding':>10}{'bound':>11}"
@@ -144,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 local = best(via, name, inp, tmp / f"{name}-local.csv", "local", args)
                 remote = best(via, name, inp, tmp / f"{name}-server.csv", "server", args,
                               server) if server else float("nan")
-                n = args.images if name == "lenet" else args.rows
-                print(f"{name:<8}{n:>8}{top:>13,.0f}{decoding:>10,.0f}{bound:>11,.0f}"
+                print(f"{name:<8}{counts[name]:>8}{top:>13,.0f}{decoding:>10,.0f}{bound:>11,.0f}"
                       f"{local:>10,.0f}{local / top:>12.1%}{local / bound:>13.0%}"
                       f"{remote:>9,.0f}{remote / local:>14.0%}")
         finally:

@@ -1,4 +1,4 @@
-"""Batching off and on, side by side: `python -m kiln.loadtests.batching [--model lenet]`.
+"""Batching off and on, side by side: `python -m kiln.loadtests.batching [--model NAME]`.
 
 Starts one TorchServe on free loopback ports, registers the same archive several times with
 different batch settings (through the management API, which overrides the archive's
@@ -24,19 +24,12 @@ import numpy as np
 import psutil
 import requests
 
-from kiln import client as http_client
 from kiln.console import setup_logging
 from kiln.deploy.server import HOST, Ports, Server, ServerSettings
+from kiln.loadtests import declared, payloads
 from kiln.model_store import STORE
 
 log = logging.getLogger("kiln.bench")
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-PAYLOADS = {
-    "lenet": FIXTURES / "digits" / "7.png",
-    "mlp": FIXTURES / "digits" / "7.png",
-    "rnn": FIXTURES / "digits" / "7.png",
-    "binary": FIXTURES / "breast_cancer" / "benign.json",
-}
 
 
 @dataclass
@@ -156,8 +149,7 @@ def print_table(results: list[Result], base_rows: list[Result] | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet", choices=list(PAYLOADS),
-                        help="model to measure (default: lenet)")
+    declared.add_model_argument(parser)
     parser.add_argument("--configs", default="1:0,4:2,8:2,8:5,16:5",
                         help="batch_size:max_batch_delay_ms list (default: 1:0,4:2,8:2,8:5,16:5)")
     parser.add_argument("--clients", default="1,16",
@@ -167,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     setup_logging()
-    body, content_type = http_client.encode_file(PAYLOADS[args.model])
+    decl = declared.chosen(parser, args)
+    payload = payloads.first_payload(decl)
     configs = parse_configs(args.configs)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as run_dir:
         server = Server(ServerSettings(Path(run_dir), STORE, [], Ports.free(),
@@ -177,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.wait_ready()
             for bs, delay in configs:
-                name = f"{args.model}_b{bs}_d{delay}"
-                register(server, args.model, name, bs, delay)
+                name = f"{decl.name}_b{bs}_d{delay}"
+                register(server, decl.name, name, bs, delay)
                 for clients in (int(c) for c in args.clients.split(",")):
                     log.info("measuring %s with %d clients for %.0fs", name, clients,
                              args.seconds)
                     results.append(measure(server, name, bs, delay, clients, args.seconds,
-                                           body, content_type))
+                                           payload.body, payload.content_type))
         finally:
             server.stop()
     results.sort(key=lambda r: (r.clients, r.batch_size, r.max_batch_delay_ms))

@@ -17,12 +17,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kiln.client import Client, encode_file
+from kiln.client import Client
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.loadtests import inprocess, stock, wrk
-from kiln.loadtests.batching import PAYLOADS, server_cpu_seconds
+from kiln.loadtests import declared, inprocess, payloads, stock, wrk
+from kiln.loadtests.batching import server_cpu_seconds
 from kiln.model_store import STORE, archive_config
 from kiln.model_store.archive import ServingConfig
+from kiln.training import declaration
 
 log = logging.getLogger("kiln.bench")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -122,10 +123,12 @@ def check_answers(targets: dict) -> None:
         log.info("%s answers %s", row, json.dumps(answer.body)[:120])
 
 
-def start_servers(name: str, stock_store: Path, run_root: Path) -> tuple[Server, Server]:
+def start_servers(name: str, stock_store: Path, run_root: Path,
+                  models_dirs: list[Path]) -> tuple[Server, Server]:
     """Kiln's archive as `kiln serve NAME` serves it, and a stock TorchServe with the stock
     and no-op archives, started together; both on free ports, token auth on."""
-    kiln = Server(ServerSettings(run_root / "kiln", STORE, [name], Ports.free()))
+    kiln = Server(ServerSettings(run_root / "kiln", STORE, [name], Ports.free(),
+                                 models_dirs=models_dirs))
     names = [f"{name}_stock", f"{name}_noop"]
     plain = Server(stock.StockSettings(run_root / "stock", stock_store, names, Ports.free()))
     kiln.start()
@@ -140,13 +143,14 @@ def start_servers(name: str, stock_store: Path, run_root: Path) -> tuple[Server,
     return kiln, plain
 
 
-def served_rows(name: str, artifacts: Path, clients: list[int], seconds: int) -> list[Row]:
-    payload = encode_file(PAYLOADS[name])
+def served_rows(decl: declaration.Declaration, artifacts: Path, payload: tuple[bytes, str],
+                clients: list[int], seconds: int, models_dirs: list[Path]) -> list[Row]:
+    name = decl.name
     stock_payload = stock.body(inprocess.model_input(artifacts, payload[0])[0])
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        models = stock.build_all(name, artifacts, Path(tmp) / "store")
-        kiln, plain = start_servers(name, Path(tmp) / "store", Path(tmp))
+        models = stock.build_all(name, decl.version, artifacts, Path(tmp) / "store")
+        kiln, plain = start_servers(name, Path(tmp) / "store", Path(tmp), models_dirs)
         try:
             targets = {"kiln": (kiln, name, payload),
                        "stock": (plain, models["stock"], stock_payload),
@@ -163,14 +167,19 @@ def served_rows(name: str, artifacts: Path, clients: list[int], seconds: int) ->
     return rows
 
 
-def bench(name: str, clients: list[int], seconds: int) -> list[Row]:
+def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
+          models_dirs: list[Path]) -> list[Row]:
+    """The rows for the model `decl` declares, sent its first example; `models_dirs` find it
+    by its name."""
     from kiln.cli.pipeline import ensure_built
 
-    archive = ensure_built(name)
+    name = decl.name
+    archive = ensure_built(name, models_dirs=models_dirs)
     artifacts = ARTIFACTS / name
-    body, _ = encode_file(PAYLOADS[name])
-    rows = inprocess_rows(artifacts, body, configured_batch(archive), min(seconds, 3))
-    rows += served_rows(name, artifacts, clients, seconds)
+    first = payloads.first_payload(decl)
+    payload = (first.body, first.content_type)
+    rows = inprocess_rows(artifacts, first.body, configured_batch(archive), min(seconds, 3))
+    rows += served_rows(decl, artifacts, payload, clients, seconds, models_dirs)
     return add_ratios(rows)
 
 
@@ -188,9 +197,15 @@ def run(args: argparse.Namespace) -> int:
     if not wrk.available():
         log.error("wrk is not installed: apt-get install wrk")
         return 1
-    rows = bench(args.name, sorted({1, args.clients}), args.seconds)
-    result = report(args.name, rows, args.seconds)
-    print(f"{args.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
+    try:
+        decl, models_dirs = declared.resolve(args.name, args.models_dirs)
+        payloads.examples(decl)
+    except declaration.DeclarationError as err:
+        log.error("%s", err)
+        return 1
+    rows = bench(decl, sorted({1, args.clients}), args.seconds, models_dirs)
+    result = report(decl.name, rows, args.seconds)
+    print(f"{decl.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
     for key in ("ceiling", "kiln", "stock", "noop"):
         print(f"  {key:<8}{result[key]}")
     print(format_table(rows))

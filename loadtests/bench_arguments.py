@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.training import registry
+from kiln.loadtests.declared import add_models_dir
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to measure")
+    parser.add_argument("name", help="declared model (or NAME.toml path) to measure")
+    add_models_dir(parser)
     parser.add_argument("--clients", type=int, default=16,
                         help="concurrent connections of the high-load runs; every row is "
                              "also measured at 1 (default: 16)")
@@ -20,7 +21,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=list(registry.REGISTRY), help="model to tune")
+    parser.add_argument("name", help="declared model (or NAME.toml path) to tune")
+    add_models_dir(parser)
     parser.add_argument("--p99-ms", type=float, required=True,
                         help="p99 bound in ms, at load and at one client")
     parser.add_argument("--configs", default="1:0,8:2",

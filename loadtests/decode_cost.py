@@ -1,8 +1,8 @@
 """What decoding a request costs next to the model call: `python -m kiln.loadtests.decode_cost`.
 
-Times Kiln's codec on one LeNet input sent as a JSON array of floats, a JSON array of
-integers, a PNG, and a .npy array (alone and eight to a body), against one ONNX Runtime call
-on the decoded input, in one run. Figures are medians per input.
+Times Kiln's codec on one image model's input (its first declared example) sent as a JSON
+array of floats, a JSON array of integers, a PNG, and a .npy array (alone and eight to a body),
+against one ONNX Runtime call on the decoded input, in one run. Figures are medians per input.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from kiln.handlers import codec
+from kiln.loadtests import declared, payloads
 
-REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
 def median_seconds(fn, repeat: int) -> float:
@@ -51,16 +52,22 @@ def bodies(pixels: np.ndarray) -> dict[str, tuple[bytes, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "lenet",
-                        help="exported lenet (default: artifacts/lenet)")
+    declared.add_model_argument(parser, "image")
+    parser.add_argument("--artifacts", type=Path,
+                        help="the model's export (default: artifacts/MODEL)")
     parser.add_argument("--repeat", type=int, default=300, help="timings each (default: 300)")
     args = parser.parse_args(argv)
-    signature = codec.load_signature(args.artifacts / "signature.json")
-    session = ort.InferenceSession(str(args.artifacts / "model.onnx"),
+    decl = declared.chosen(parser, args, "image")
+    if declared.input_kind(decl) != "image":
+        parser.error(f"{decl.name} does not take one image")
+    artifacts = args.artifacts or ARTIFACTS / decl.name
+    signature = codec.load_signature(artifacts / "signature.json")
+    session = ort.InferenceSession(str(artifacts / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    pixels = np.asarray(Image.open(REPO / "tests" / "fixtures" / "digits" / "7.png"))
+    spec = decl.inputs[0]
+    pixels = payloads.raw_values(payloads.examples(decl)[0], spec).astype(np.uint8)
     x = codec.decode_request(pixels.tolist(), signature)[np.newaxis]
-    infer = median_seconds(lambda: session.run(None, {"input": x}), args.repeat)
+    infer = median_seconds(lambda: session.run(None, {spec["name"]: x}), args.repeat)
     print(f"{'body':<15}{'bytes':>8}{'decode us/input':>17}{'x ONNX call':>13}")
     for name, (body, n) in bodies(pixels).items():
         t = median_seconds(lambda b=body: codec.decode_instances(b, signature),

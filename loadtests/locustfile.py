@@ -1,9 +1,9 @@
 """Kiln's load test: one FastHttpUser per model on /predictions/NAME, one on the Open
-Inference Protocol port, every answer checked against the fixture's known label.
+Inference Protocol port, every answer checked against the model's declared examples.
 
 Run by `kiln loadtest` (loadtests/run.py) as a subprocess, never imported by Kiln:
     KILN_TOKEN=... KILN_SHAPE=step locust -f loadtests/locustfile.py --headless \\
-        --host http://127.0.0.1:8080 --kiln-models lenet --kiln-oip-host http://127.0.0.1:8085
+        --host http://127.0.0.1:8080 --kiln-models NAME --kiln-oip-host http://127.0.0.1:8085
 """
 
 from __future__ import annotations
@@ -17,16 +17,21 @@ from pathlib import Path
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
-from kiln.loadtests import payloads, shapes, thresholds
+from kiln.loadtests import declared, payloads, shapes, thresholds
 from kiln.loadtests.locustfile_path import SHAPE_ENV, TOKEN_ENV
+from kiln.training import declaration
 
 log = logging.getLogger("kiln.loadtest")
+CANNOT_RUN = 2  # as run.py reports a run that could not start
 
 
 @events.init_command_line_parser.add_listener
 def _arguments(parser):
-    parser.add_argument("--kiln-models", default="lenet",
-                        help="comma-separated models to load (default: lenet)")
+    parser.add_argument("--kiln-models", default="",
+                        help="comma-separated declared models to load (default: the first of "
+                             "Kiln's default set)")
+    parser.add_argument("--kiln-models-dirs", default="",
+                        help=f"more folders of model declarations, {os.pathsep!r}-separated")
     parser.add_argument("--kiln-oip-host", default="",
                         help="Open Inference Protocol base URL; empty: no OIP user")
     parser.add_argument("--kiln-max-fail-ratio", type=float, default=None)
@@ -36,29 +41,40 @@ def _arguments(parser):
                         help="write the threshold checks to this JSON file")
 
 
-def _models(options) -> list[str]:
-    return [m for m in options.kiln_models.split(",") if m]
+def _declarations(options) -> list[declaration.Declaration]:
+    dirs = [Path(d) for d in options.kiln_models_dirs.split(os.pathsep) if d]
+    names = [m for m in options.kiln_models.split(",") if m] or [declared.default_name()]
+    return [declaration.get(name, dirs) for name in names]
 
 
 @events.init.add_listener
-def _keep_wanted_users(environment, **_):
-    """Only the chosen models' users, and the OIP user only when it has a host."""
+def _users_of_the_chosen_models(environment, **_):
+    """A user class per chosen model, made from its declaration; the OIP user only when it
+    has a host and a chosen model takes raw arrays."""
     options = environment.parsed_options
-    wanted = set(_models(options))
-    keep = [u for u in environment.user_classes
-            if (u.model in wanted) or (u is OipUser and options.kiln_oip_host)]
-    environment.user_classes[:] = keep
+    try:
+        decls = _declarations(options)
+        users = [_rest_user(d.name, payloads.rest_payloads(d)) for d in decls]
+        oip = [(d.name, p) for d in decls for p in payloads.oip_payloads(d)]
+    except (ValueError, OSError) as err:  # DeclarationError is a ValueError
+        log.error("%s", err)
+        raise SystemExit(CANNOT_RUN) from None
+    if options.kiln_oip_host and oip:
+        OipUser.bodies = oip
+        users.append(OipUser)
+    environment.user_classes[:] = users
 
 
 class KilnUser(FastHttpUser):
     abstract = True
     model = ""
+    bodies: list[payloads.Payload] = []
     wait_time = between(0.05, 0.15)
 
     def on_start(self):
         token = os.environ.get(TOKEN_ENV, "")
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self.cycle = itertools.cycle(payloads.rest_payloads(self.model))
+        self.cycle = itertools.cycle(self.bodies)
 
     @task
     def predict(self):
@@ -69,26 +85,14 @@ class KilnUser(FastHttpUser):
             _judge(r, lambda body: payloads.rest_problem(body, p.label))
 
 
-class LenetUser(KilnUser):
-    model = "lenet"
-
-
-class MlpUser(KilnUser):
-    model = "mlp"
-
-
-class RnnUser(KilnUser):
-    model = "rnn"
-
-
-class BinaryUser(KilnUser):
-    model = "binary"
+def _rest_user(model: str, bodies: list[payloads.Payload]) -> type[KilnUser]:
+    return type(f"{model}_user", (KilnUser,), {"model": model, "bodies": bodies})
 
 
 class OipUser(FastHttpUser):
     """KServe v2 infer on the OIP port, taking turns over the chosen models."""
 
-    model = "oip"
+    bodies: list[tuple[str, payloads.Payload]] = []  # (model, payload), set at init
     wait_time = between(0.05, 0.15)
     host = "http://unset"  # replaced in on_start by --kiln-oip-host
 
@@ -96,8 +100,7 @@ class OipUser(FastHttpUser):
         token = os.environ.get(TOKEN_ENV, "")
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.base = self.environment.parsed_options.kiln_oip_host.rstrip("/")
-        models = _models(self.environment.parsed_options)
-        self.cycle = itertools.cycle([(m, p) for m in models for p in payloads.oip_payloads(m)])
+        self.cycle = itertools.cycle(self.bodies)
 
     @task
     def infer(self):

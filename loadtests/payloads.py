@@ -1,89 +1,126 @@
-"""Realistic request bodies for the load test, from the committed fixtures, each with the
-label the model must answer. Bodies are encoded by kiln.client (the one place for that)."""
+"""Request bodies for load tests and benchmarks: a model's declared examples, each with the
+label the model must answer (or none: then any JSON object will do). Bodies are encoded by
+kiln.client (the one place for that)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from kiln import client as http
+from kiln.training.declaration import Declaration, DeclarationError, Example
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-DIGITS = FIXTURES / "digits"
-ROWS = FIXTURES / "breast_cancer" / "rows.json"
-IMAGE_MODELS = ("lenet", "mlp", "rnn")
-TABLE_MODELS = ("binary",)
-MODELS = IMAGE_MODELS + TABLE_MODELS
+# Input kinds the Open Inference Protocol user sends as one raw tensor.
+OIP_KINDS = ("image", "features")
 
 
 @dataclass(frozen=True)
 class Payload:
     body: bytes
     content_type: str
-    label: str
+    label: str | None  # what the answer's label must be; None: any JSON object
 
 
-def digit_files() -> list[tuple[Path, str]]:
-    """The ten committed digit images and the digit each shows (its file name)."""
-    return [(DIGITS / f"{d}.png", str(d)) for d in range(10)]
+def examples(decl: Declaration) -> tuple[Example, ...]:
+    if not decl.examples:
+        raise DeclarationError(f"{decl.path}: no [[examples]]; load tests and benchmarks send "
+                               "a model its declared examples: add one")
+    return decl.examples
 
 
-def feature_rows() -> list[tuple[list[float], str]]:
-    return [(row["features"], row["label"]) for row in json.loads(ROWS.read_text())]
+def rest_payload(example: Example) -> Payload:
+    """The body of POST /predictions/NAME for one example: its file as it is, or its value as
+    JSON."""
+    if example.file is not None:
+        return Payload(*http.encode_file(example.file), example.expect)
+    return Payload(*http.encode_json(example.value), example.expect)
 
 
-def rest_payloads(model: str) -> list[Payload]:
-    """Bodies for POST /predictions/MODEL: PNG bytes, or a JSON list of 30 features."""
-    if model in IMAGE_MODELS:
-        return [Payload(*http.encode_file(path), label) for path, label in digit_files()]
-    if model in TABLE_MODELS:
-        return [Payload(*http.encode_json(row), label) for row, label in feature_rows()]
-    raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+def rest_payloads(decl: Declaration) -> list[Payload]:
+    return [rest_payload(e) for e in examples(decl)]
 
 
-def oip_tensor(model: str, values: np.ndarray) -> dict:
-    """A one-row KServe v2 request: [1, 28, 28] UINT8 pixels or [1, 30] FP64 features."""
-    datatype = "UINT8" if model in IMAGE_MODELS else "FP64"
-    shape = [1, *values.shape]
-    data = values.ravel().tolist()
-    return {"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]}
+def first_payload(decl: Declaration) -> Payload:
+    """What a benchmark sends over and over: the model's first example."""
+    return rest_payload(examples(decl)[0])
 
 
-def oip_payloads(model: str) -> list[Payload]:
-    """Bodies for POST /v2/models/MODEL/infer on the Open Inference Protocol port."""
-    if model in IMAGE_MODELS:
-        raw = [(np.asarray(Image.open(path), dtype=np.uint8), label)
-               for path, label in digit_files()]
-    elif model in TABLE_MODELS:
-        raw = [(np.asarray(row, dtype=np.float64), label) for row, label in feature_rows()]
-    else:
-        raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
-    return [Payload(*http.encode_json(oip_tensor(model, values)), label)
-            for values, label in raw]
+def oip_input(decl: Declaration) -> dict | None:
+    """The one image or features input the OIP user can send raw; None for other models."""
+    if len(decl.inputs) == 1 and decl.inputs[0]["kind"] in OIP_KINDS:
+        return decl.inputs[0]
+    return None
 
 
-def rest_problem(answer, expected: str) -> str | None:
+def raw_values(example: Example, spec: dict) -> np.ndarray:
+    """An example as the raw array its request holds: pixels [H, W] or [H, W, C], or the
+    features in the declared names' order (a JSON object's own order when names are not
+    declared, as the recipe's example files are written)."""
+    value = example.value
+    if example.file is not None:
+        suffix = example.file.suffix.lower()
+        if suffix == ".npy":
+            return np.load(example.file, allow_pickle=False)
+        if suffix != ".json":
+            with Image.open(example.file) as img:
+                return np.asarray(img.convert("L" if spec.get("channels", 1) == 1 else "RGB"))
+        value = json.loads(example.file.read_text())
+    if isinstance(value, dict):
+        value = [value[name] for name in spec.get("names") or value]
+    return np.asarray(value, dtype=np.float64)
+
+
+def oip_tensor(spec: dict, values: np.ndarray) -> dict:
+    """A one-row KServe v2 request: whole pixels as UINT8, anything else as FP64."""
+    pixels = (spec["kind"] == "image" and values.size > 0
+              and np.array_equal(values, np.round(values))
+              and values.min() >= 0 and values.max() <= 255)
+    datatype, dtype = ("UINT8", np.uint8) if pixels else ("FP64", np.float64)
+    data = values.astype(dtype).ravel().tolist()
+    return {"inputs": [{"name": spec["name"], "shape": [1, *values.shape],
+                        "datatype": datatype, "data": data}]}
+
+
+def oip_payloads(decl: Declaration) -> list[Payload]:
+    """Bodies for POST /v2/models/NAME/infer on the Open Inference Protocol port; none for a
+    model whose input is not one image or one set of features."""
+    spec = oip_input(decl)
+    if spec is None:
+        return []
+    return [Payload(*http.encode_json(oip_tensor(spec, raw_values(e, spec))), e.expect)
+            for e in examples(decl)]
+
+
+def rest_problem(answer, expected: str | None) -> str | None:
     """Why a /predictions answer (parsed JSON) is wrong, or None when it is right."""
-    if not isinstance(answer, dict) or not {"label", "probability"} <= answer.keys():
-        return f"expected a JSON object with label and probability, got {str(answer)[:80]}"
-    if not isinstance(answer["probability"], float) or not 0 <= answer["probability"] <= 1:
-        return f"probability {answer['probability']!r} is not in [0, 1]"
+    if not isinstance(answer, dict):
+        return f"expected a JSON object, got {str(answer)[:80]}"
+    if expected is None:
+        return None
+    if "label" not in answer:
+        return f"expected a JSON object with a label, got {str(answer)[:80]}"
+    probability = answer.get("probability", 0.0)
+    if not isinstance(probability, float) or not 0 <= probability <= 1:
+        return f"probability {probability!r} is not in [0, 1]"
     if answer["label"] != expected:
         return f"label {answer['label']!r}, expected {expected!r}"
     return None
 
 
-def oip_problem(answer, model: str, expected: str) -> str | None:
+def oip_problem(answer, model: str, expected: str | None) -> str | None:
     """Why an OIP infer answer (parsed JSON) is wrong, or None when it is right."""
     if not isinstance(answer, dict) or answer.get("model_name") != model:
         return f"expected an answer for {model!r}, got {str(answer)[:80]}"
     outputs = {o.get("name"): o for o in answer.get("outputs", []) if isinstance(o, dict)}
-    if set(outputs) != {"probabilities", "label"}:
-        return f"outputs {sorted(outputs)}, expected label and probabilities"
+    if not outputs:
+        return f"no outputs in {str(answer)[:80]}"
+    if expected is None:
+        return None
+    if "label" not in outputs:
+        return f"outputs {sorted(outputs)}, expected a label"
     if outputs["label"].get("data") != [expected]:
         return f"label {outputs['label'].get('data')!r}, expected [{expected!r}]"
     return None

@@ -19,7 +19,7 @@ import psutil
 
 from kiln import client as http
 from kiln.deploy.server import HOST, Ports, Server, ServerError, ServerSettings
-from kiln.loadtests import monitor, report, report_data, thresholds
+from kiln.loadtests import declared, monitor, report, report_data, thresholds
 from kiln.loadtests.locustfile_path import LOCUSTFILE, SHAPE_ENV, TOKEN_ENV
 
 log = logging.getLogger("kiln.loadtest")
@@ -64,6 +64,7 @@ def locust_command(args, target: Target, limit: thresholds.Thresholds, out: Path
                "--spawn-rate", str(args.spawn_rate), "--run-time", f"{args.duration:g}s",
                "--csv", str(out / "locust"), "--csv-full-history", "--only-summary",
                "--logfile", str(out / "locust.log"), "--kiln-models", args.name,
+               "--kiln-models-dirs", os.pathsep.join(str(d.resolve()) for d in args.models_dirs),
                "--kiln-oip-host", "" if args.no_oip else target.oip_url,
                "--kiln-verdict", str(out / "verdict.json")]
     for flag, value in (("--kiln-max-fail-ratio", limit.max_fail_ratio),
@@ -116,13 +117,22 @@ def default_out(args) -> Path:
 @contextlib.contextmanager
 def own_server(args):
     with tempfile.TemporaryDirectory(prefix="kiln-loadtest-") as run_dir:
-        server = Server(ServerSettings(Path(run_dir), args.store, [args.name], Ports.free()))
+        server = Server(ServerSettings(Path(run_dir), args.store, [args.name], Ports.free(),
+                                       models_dirs=args.models_dirs))
         with server.running():
             yield server
 
 
+def resolve_name(args) -> None:
+    """args.name as the declared name (it may be a NAME.toml path, whose folder then joins
+    args.models_dirs); a name that is not declared fails here, before locust starts."""
+    decl, args.models_dirs = declared.resolve(args.name, args.models_dirs)
+    args.name = decl.name
+
+
 def run(args) -> int:
     try:
+        resolve_name(args)
         if args.start_server:
             with own_server(args) as server:
                 return drive(args, target_from_args(args, server), args.out or default_out(args))

@@ -22,7 +22,7 @@ import yaml
 
 from kiln import client as http_client
 from kiln.deploy.server import ServerSettings
-from kiln.model_store.archive import ARCHIVE_VERSION, ServingConfig
+from kiln.model_store.archive import ServingConfig
 
 NOOP_HANDLER = Path(__file__).resolve().parent / "noop_handler.py"
 STOCK_HANDLER = "base_handler"
@@ -39,7 +39,7 @@ class StockSettings(ServerSettings):
         return super().config_properties() + "service_envelope=json\n"
 
 
-def archive(name: str, handler: str, model_ts: Path, store: Path,
+def archive(name: str, version: str, handler: str, model_ts: Path, store: Path,
             model_config: dict | None = None) -> Path:
     """store/NAME.mar around a TorchScript file (base_handler loads only *.pt), with TorchServe's
     defaults or the given model-config.yaml."""
@@ -47,7 +47,7 @@ def archive(name: str, handler: str, model_ts: Path, store: Path,
         serialized = Path(tmp) / "model.pt"
         shutil.copyfile(model_ts, serialized)
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
-               "--model-name", name, "--version", ARCHIVE_VERSION,
+               "--model-name", name, "--version", version,
                "--serialized-file", str(serialized), "--handler", handler,
                "--export-path", str(store), "--force"]
         if model_config is not None:
@@ -60,15 +60,16 @@ def archive(name: str, handler: str, model_ts: Path, store: Path,
     return store / f"{name}.mar"
 
 
-def build_all(name: str, artifacts: Path, store: Path) -> dict[str, str]:
-    """Row name -> archive name for the stock and no-op archives in `store`."""
+def build_all(name: str, version: str, artifacts: Path, store: Path) -> dict[str, str]:
+    """Row name -> archive name for the stock and no-op archives in `store` (`version`: the
+    model's, as its Kiln archive has it)."""
     store.mkdir(parents=True, exist_ok=True)
     names = {"stock": f"{name}_stock", "noop": f"{name}_noop"}
-    archive(names["stock"], STOCK_HANDLER, artifacts / "model.ts", store)
+    archive(names["stock"], version, STOCK_HANDLER, artifacts / "model.ts", store)
     # The no-op gets Kiln's workers and batching: the ceiling of the server as Kiln runs it,
     # so that no handler with those settings can beat it.
     batching = {k: v for k, v in ServingConfig().model_config().items() if k != "handler"}
-    archive(names["noop"], str(NOOP_HANDLER), artifacts / "model.ts", store, batching)
+    archive(names["noop"], version, str(NOOP_HANDLER), artifacts / "model.ts", store, batching)
     return names
 
 

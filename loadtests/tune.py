@@ -20,11 +20,11 @@ from pathlib import Path
 import requests
 import yaml
 
-from kiln.client import encode_file
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.loadtests import wrk
-from kiln.loadtests.batching import PAYLOADS, parse_configs, register
+from kiln.loadtests import declared, payloads, wrk
+from kiln.loadtests.batching import parse_configs, register
 from kiln.model_store.archive import ServingConfig
+from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.tune")
 BACKENDS = ("onnx", "torchscript")
@@ -125,15 +125,16 @@ class TuneServer(Server):
         return self.workers
 
 
-def build_store(name: str, backends: list[str], store: Path) -> dict[str, str]:
+def build_store(name: str, backends: list[str], store: Path,
+                models_dirs: list[Path]) -> dict[str, str]:
     """Backend -> archive file name in `store` (the same model, one archive per backend)."""
     from kiln.cli.pipeline import ensure_built
     from kiln.model_store import archive
 
     files = {}
     for backend in backends:
-        built = (ensure_built(name) if backend == "onnx" else
-                 archive.build(name, backend, store=store / backend))
+        built = (ensure_built(name, models_dirs=models_dirs) if backend == "onnx" else
+                 archive.build(name, backend, store=store / backend, models_dirs=models_dirs))
         files[backend] = f"{name}_{backend}.mar"
         shutil.copyfile(built, store / files[backend])
     return files
@@ -145,12 +146,12 @@ def unregister(server: Server, name: str) -> None:
                     ).raise_for_status()
 
 
-def trial(server: Server, name: str, v: Variant, archive: str, clients: int,
-          seconds: int) -> Trial:
+def trial(server: Server, name: str, v: Variant, archive: str, payload: tuple[bytes, str],
+          clients: int, seconds: int) -> Trial:
     register(server, name, v.name, v.batch_size, v.max_batch_delay_ms, v.workers, archive)
     try:
         url = f"{server.url('inference')}/predictions/{v.name}"
-        token, payload = server.keys()["inference"], encode_file(PAYLOADS[name])
+        token = server.keys()["inference"]
         wrk.run(url, *payload, token, clients, 1)  # warm-up
         load = wrk.run(url, *payload, token, clients, seconds)
         one = wrk.run(url, *payload, token, 1, seconds)
@@ -180,14 +181,16 @@ def start_servers(store: Path, run_root: Path, workers: list[int]) -> dict[int, 
     return servers
 
 
-def run_sweep(name: str, variants: list[Variant], clients: int, seconds: int) -> list[Trial]:
+def run_sweep(name: str, variants: list[Variant], payload: tuple[bytes, str], clients: int,
+              seconds: int, models_dirs: list[Path]) -> list[Trial]:
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        files = build_store(name, sorted({v.backend for v in variants}), store)
+        files = build_store(name, sorted({v.backend for v in variants}), store, models_dirs)
         servers = start_servers(store, Path(tmp), [v.workers for v in variants])
         try:
-            return [trial(servers[v.workers], name, v, files[v.backend], clients, seconds)
+            return [trial(servers[v.workers], name, v, files[v.backend], payload, clients,
+                          seconds)
                     for v in variants]
         finally:
             for server in servers.values():
@@ -202,11 +205,18 @@ def run(args: argparse.Namespace) -> int:
     if unknown := set(backends) - set(BACKENDS):
         log.error("unknown backend(s) %s: use %s", ", ".join(sorted(unknown)), BACKENDS)
         return 1
+    try:
+        decl, models_dirs = declared.resolve(args.name, args.models_dirs)
+        first = payloads.first_payload(decl)
+    except DeclarationError as err:
+        log.error("%s", err)
+        return 1
     workers = [int(w) for w in args.workers.split(",")]
     variants = sweep(backends, parse_configs(args.configs), workers)
-    trials = run_sweep(args.name, variants, args.clients, args.seconds)
+    trials = run_sweep(decl.name, variants, (first.body, first.content_type), args.clients,
+                       args.seconds, models_dirs)
     pick = choose(trials, args.p99_ms)
-    report = markdown(args.name, trials, pick, args.p99_ms, args.clients, args.seconds)
+    report = markdown(decl.name, trials, pick, args.p99_ms, args.clients, args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report)
     (args.out / "trials.yaml").write_text(yaml.safe_dump(

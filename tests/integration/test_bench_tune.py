@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.loadtests import wrk
+from kiln.loadtests import declared, wrk
 
 REPO = Path(__file__).resolve().parent.parent.parent
+MODEL = declared.default_name("features")  # a features model: the quickest to serve
 pytestmark = pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (apt-get)")
 
 
@@ -21,7 +22,7 @@ def kiln(*args, timeout=120):
 
 def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
     out = tmp_path / "bench.json"
-    done = kiln("bench", "binary", "--seconds", "1", "--clients", "4", "--out", str(out))
+    done = kiln("bench", MODEL, "--seconds", "1", "--clients", "4", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["name"], r["clients"]) for r in rows] == [
@@ -35,7 +36,7 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
 
 
 def test_tune_picks_a_member_of_the_sweep_under_the_bound(archives, tmp_path):
-    done = kiln("tune", "binary", "--p99-ms", "5000", "--backends", "onnx", "--configs",
+    done = kiln("tune", MODEL, "--p99-ms", "5000", "--backends", "onnx", "--configs",
                 "1:0,4:1", "--workers", "1", "--clients", "4", "--seconds", "1",
                 "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kiln.loadtests import declared
+
 REPO = Path(__file__).resolve().parent.parent.parent
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -19,8 +21,8 @@ CHARTS = 6
 
 
 def loadtest(server, out, *flags, duration=10):
-    command = [sys.executable, "-m", "kiln.cli", "loadtest", "lenet", "--users", "4",
-               "--spawn-rate", "4", "--duration", str(duration), "--out", str(out),
+    command = [sys.executable, "-m", "kiln.cli", "loadtest", declared.default_name(),
+               "--users", "4", "--spawn-rate", "4", "--duration", str(duration), "--out", str(out),
                "--url", server.url("inference"), "--oip-url", server.url("oip"),
                "--metrics-url", server.url("metrics"), "--token", server.keys()["inference"],
                "--run-dir", str(server.run_dir), *flags]

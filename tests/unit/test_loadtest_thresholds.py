@@ -1,10 +1,10 @@
-"""Load-test thresholds, shapes and answer checks: the pure parts of `kiln loadtest`."""
+"""Load-test thresholds and shapes: the pure parts of `kiln loadtest`."""
 
 import math
 
 import pytest
 
-from kiln.loadtests import payloads, shapes
+from kiln.loadtests import shapes
 from kiln.loadtests.thresholds import Check, Thresholds, evaluate, load, passed
 
 
@@ -71,21 +71,3 @@ def test_constant_and_unknown_shapes():
     assert shapes.users_at("constant", PROFILE, 39) == (8, 2.0)
     with pytest.raises(ValueError, match="unknown shape 'ramp'"):
         shapes.users_at("ramp", PROFILE, 1)
-
-
-def test_answers_are_judged_by_label():
-    assert payloads.rest_problem({"label": "7", "probability": 0.99}, "7") is None
-    assert payloads.rest_problem({"label": "1", "probability": 0.6}, "7") == (
-        "label '1', expected '7'")
-    assert payloads.rest_problem({"error": "x"}, "7").startswith("expected a JSON object")
-    good = {"model_name": "lenet", "outputs": [{"name": "probabilities", "data": [1.0]},
-                                               {"name": "label", "data": ["7"]}]}
-    assert payloads.oip_problem(good, "lenet", "7") is None
-    assert payloads.oip_problem(good, "lenet", "3") == "label ['7'], expected ['3']"
-
-
-def test_payloads_carry_each_fixture_label():
-    rest = payloads.rest_payloads("lenet")
-    assert [(p.content_type, p.label) for p in rest] == [("image/png", str(d)) for d in range(10)]
-    oip = payloads.oip_payloads("binary")
-    assert [p.label for p in oip] == [label for _, label in payloads.feature_rows()]

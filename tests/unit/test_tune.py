@@ -1,9 +1,12 @@
 """The pure parts of `kiln tune`: the sweep, the selection rule, the model-config.yaml."""
 
+import json
+import shutil
 import zipfile
 
 import yaml
 
+from kiln.loadtests import declared
 from kiln.loadtests.tune import Trial, Variant, choose, markdown, model_config_yaml, sweep
 from kiln.model_store import archive
 
@@ -49,19 +52,30 @@ def test_none_qualifies():
 def test_report_marks_the_pick_and_shows_its_one_client_p50():
     trials = [trial("onnx", 1, 0, 1, 300, 40, 5), trial("onnx", 8, 2, 1, 900, 60, 7)]
     pick = choose(trials, 100)
-    text = markdown("lenet", trials, pick, 100, 16, 3)
+    text = markdown("m", trials, pick, 100, 16, 3)
     assert "| onnx_b8_d2_w1 | onnx | 8 | 2 | 1 | 900 | 14.00 | 60.00 | 7.00 | 14.00 | 0 " \
            "| **pick** |" in text.splitlines()
     assert "Pick: **onnx_b8_d2_w1**: 900 req/s at 16 clients (p99 60.00 ms), 7.00 ms p50 " \
            "at 1 client." in text.splitlines()
 
 
-def test_model_config_is_what_kiln_archive_writes(tmp_path):
+def exported(model_dir, folder):
+    """A copy of a tiny exported model whose signature records a passed parity gate."""
+    shutil.copytree(model_dir, folder)
+    signature = json.loads((folder / "signature.json").read_text())
+    signature["parity"] = {"onnx": {"max_abs_diff": 0.0, "top1_agreement": 1.0}}
+    (folder / "signature.json").write_text(json.dumps(signature))
+    return folder
+
+
+def test_model_config_is_what_kiln_archive_writes(tmp_path, features_model_dir):
     variant = Variant("onnx", 8, 2, 2)
     written = yaml.safe_load(model_config_yaml(variant))
     assert written == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 2,
                        "responseTimeout": 30, "handler": {"top_k": 3, "intra_op_threads": "auto",
                                                           "require_gpu": False}}
-    mar = archive.build("binary", "onnx", variant.serving_config(), store=tmp_path)
+    mar = archive.build(declared.default_name("features"), "onnx", variant.serving_config(),
+                        artifacts=exported(features_model_dir, tmp_path / "artifacts"),
+                        store=tmp_path / "store")
     with zipfile.ZipFile(mar) as z:
         assert yaml.safe_load(z.read("model-config.yaml")) == written
