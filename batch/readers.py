@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import numpy as np
 
 from kiln.batch import tables
 from kiln.batch.chunks import BatchError, Chunk
-from kiln.handlers import codec
+from kiln.handlers import answers, features, images
+from kiln.handlers.errors import BadInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TABLE_SUFFIXES = (".npy", ".csv", ".jsonl", ".ndjson", ".parquet")
@@ -33,8 +35,9 @@ class Source:
 
 def open_source(path: Path, signature, chunk_size: int) -> Source:
     """The reader for `path`, chosen by what it is; BatchError if it cannot be read."""
+    check_batchable(signature)
     if path.is_dir():
-        if signature["input"]["kind"] != "image":
+        if signature["inputs"][0]["kind"] != "image":
             raise BatchError(f"{path} is a folder of images but {signature['name']} takes "
                              "features: give it a .npy, CSV, JSON Lines or Parquet file")
         return image_source(path, chunk_size)
@@ -47,6 +50,25 @@ def open_source(path: Path, signature, chunk_size: int) -> Source:
         raise BatchError(f"{path}: cannot read {suffix!r} files; use a folder of images or "
                          f"one of {', '.join(TABLE_SUFFIXES)}")
     return readers[suffix](path, signature, chunk_size)
+
+
+def check_batchable(signature) -> None:
+    """Batch jobs read one input a row (a file, a table row) and write a label and its
+    probability; a model that takes several inputs needs one column per input, which these
+    readers do not assemble yet."""
+    specs = signature["inputs"]
+    if len(specs) > 1:
+        raise BatchError(f"{signature['name']} takes {len(specs)} inputs "
+                         f"({', '.join(s['name'] for s in specs)}): batch jobs read models of "
+                         "one input only, for now")
+    if specs[0]["kind"] == "tensor":
+        raise BatchError(f"{signature['name']} takes a tensor input: batch jobs read image "
+                         "and features models only, for now")
+    kind = signature["output"]["kind"]
+    if kind not in answers.LABELLED_KINDS:
+        raise BatchError(f"{signature['name']} answers {kind}: batch jobs write one label and "
+                         f"its probability a row, for {' and '.join(answers.LABELLED_KINDS)} "
+                         "models only, for now")
 
 
 def _batched(items, size: int):
@@ -167,26 +189,26 @@ def csv_source(path: Path, signature, chunk_size: int) -> Source:
 
 
 def _json_row(line: str, signature) -> np.ndarray:
-    """One JSON Lines row as raw values, or BadInput with the codec's own message."""
+    """One JSON Lines row as raw values, or BadInput with the handler's own message."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError as err:
-        raise codec.BadInput(f"not valid JSON: {err.msg} at column {err.colno}") from None
-    if signature["input"]["kind"] == "features":
-        return codec.features_from_json(value, signature)
-    pre = signature["preprocess"]
-    height, wide = pre["image_size"]
-    if isinstance(value, list) and len(value) == height * wide and not isinstance(
+        raise BadInput(f"not valid JSON: {err.msg} at column {err.colno}") from None
+    spec = signature["inputs"][0]
+    if spec["kind"] == "features":
+        return features.features_from_json(value, spec)
+    shape = images.pixel_shape(spec)
+    if isinstance(value, list) and len(value) == math.prod(shape) and not isinstance(
             value[0], list):
-        value = [value[r * wide:(r + 1) * wide] for r in range(height)]
-    return codec.pixels_from_json(value, pre["image_size"], pre["pixel_max"])
+        value = np.asarray(value).reshape(shape).tolist()
+    return images.pixels_from_json(value, spec)
 
 
 def jsonl_source(path: Path, signature, chunk_size: int) -> Source:
     """One JSON value a line: an object of named features, a list of numbers, or pixels
     (a flat list of H*W values, [H][W], or {"pixels": ...}). Blank lines are not rows."""
     shape = tables.value_shape(signature)
-    bad_input = codec.BadInput
+    bad_input = BadInput
 
     def to_values(lines):
         values = np.zeros((len(lines), *shape), dtype=np.float64)

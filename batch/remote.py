@@ -21,7 +21,7 @@ from kiln import client as http
 from kiln.batch.chunks import BatchError, Chunk, Scored, record
 from kiln.batch.pipeline import score_chunks
 from kiln.batch.scoring import read_image
-from kiln.handlers import codec
+from kiln.handlers import inputs
 
 log = logging.getLogger("kiln.batch")
 RETRY_STATUSES = (502, 503, 504)
@@ -41,7 +41,7 @@ class ServerScorer:
     def __init__(self, name: str, signature, url: str, token: str | None, batch_size: int,
                  concurrency: int, timeout: float = 30, retry: RetryPolicy | None = None):
         self.name, self.signature, self.url, self.token = name, signature, url, token
-        self.request_size = min(batch_size, codec.MAX_INSTANCES)
+        self.request_size = min(batch_size, inputs.MAX_INSTANCES)
         self.concurrency = concurrency
         self.timeout = timeout
         self.retry = retry or RetryPolicy()

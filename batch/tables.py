@@ -12,28 +12,24 @@ import math
 import numpy as np
 
 from kiln.batch.chunks import BatchError
+from kiln.handlers.signature import raw_shape
 
 IGNORED_COLUMNS = ("id", "label")
 
 
 def width(signature) -> int:
-    pre = signature["preprocess"]
-    if signature["input"]["kind"] == "features":
-        return len(pre["feature_names"])
-    height, wide = pre["image_size"]
-    return height * wide
+    return math.prod(value_shape(signature))
 
 
 def value_shape(signature) -> tuple[int, ...]:
-    """Shape of one row's raw values: [F] or [H, W]."""
-    if signature["input"]["kind"] == "features":
-        return (width(signature),)
-    return tuple(signature["preprocess"]["image_size"])
+    """Shape of one row's raw values: [F], [H, W] or [H, W, C] (a single-input model)."""
+    return tuple(raw_shape(signature["inputs"][0]))
 
 
 def column_plan(header: list[str], signature, source: str) -> list[int]:
     """Indices of the header's columns that make one row, in model order."""
-    names = signature["preprocess"].get("feature_names")
+    spec = signature["inputs"][0]
+    names = spec.get("names") if spec["kind"] == "features" else None
     if names and set(names) <= set(header):
         return [header.index(name) for name in names]
     kept = [i for i, name in enumerate(header) if str(name).lower() not in IGNORED_COLUMNS]

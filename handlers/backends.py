@@ -1,8 +1,8 @@
 """Run an exported Kiln model: ONNX Runtime (the default export) or TorchScript.
 
-A backend takes a float32 batch shaped like signature input.shape and returns float32
-probabilities shaped like output.shape. onnxruntime and torch are imported by the backend
-that needs them, when it is built, never at module import.
+A backend takes the model inputs (one array per signature input, in forward() order, batch
+first) and returns the float32 output shaped like output.shape. onnxruntime and torch are
+imported by the backend that needs them, when it is built, never at module import.
 """
 
 import logging
@@ -23,14 +23,16 @@ class Backend(ABC):
     description = ""
 
     @abstractmethod
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 batch in, float32 probabilities out, one row per input row."""
+    def run(self, model_inputs) -> np.ndarray:
+        """One array per input (or one bare array) in, float32 output rows out, one per
+        input row."""
 
 
 class OnnxRuntimeBackend(Backend):
     """An InferenceSession built once; CUDA when a GPU is assigned and the build has it."""
 
-    def __init__(self, path, gpu_id=None, intra_op_threads=1, require_gpu=False):
+    def __init__(self, path, gpu_id=None, intra_op_threads=1, require_gpu=False,
+                 input_names=None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -55,7 +57,8 @@ class OnnxRuntimeBackend(Backend):
         on_gpu = "CUDAExecutionProvider" in self.providers
         _check_gpu(want_cuda, on_gpu, gpu_id, require_gpu, f"onnxruntime has {self.providers}")
 
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        _check_input_names(self.input_names, input_names, path)
         self.output_name = self.session.get_outputs()[0].name
         device = f"CUDA device {gpu_id}" if on_gpu else "CPU"
         self.description = (
@@ -63,16 +66,19 @@ class OnnxRuntimeBackend(Backend):
             f"{intra_op_threads} intra-op thread(s)"
         )
 
-    def run(self, batch):
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        (probabilities,) = self.session.run([self.output_name], feed)
-        return np.asarray(probabilities, dtype=np.float32)
+    def run(self, model_inputs):
+        arrays = _as_list(model_inputs, len(self.input_names))
+        feed = {name: np.ascontiguousarray(x)
+                for name, x in zip(self.input_names, arrays, strict=True)}
+        (output,) = self.session.run([self.output_name], feed)
+        return np.asarray(output, dtype=np.float32)
 
 
 class TorchScriptBackend(Backend):
     """A TorchScript module on cuda:gpu_id when torch sees CUDA, else on the CPU."""
 
-    def __init__(self, path, gpu_id=None, intra_op_threads=1, require_gpu=False):
+    def __init__(self, path, gpu_id=None, intra_op_threads=1, require_gpu=False,
+                 input_names=None):
         import torch
 
         want_cuda = gpu_id is not None
@@ -89,12 +95,27 @@ class TorchScriptBackend(Backend):
             f"{intra_op_threads} intra-op thread(s)"
         )
 
-    def run(self, batch):
+    def run(self, model_inputs):
         torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        arrays = model_inputs if isinstance(model_inputs, (list, tuple)) else [model_inputs]
+        xs = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in arrays]
         with torch.inference_mode():
-            probabilities = self.module(x)
-        return probabilities.cpu().numpy().astype(np.float32, copy=False)
+            output = self.module(*xs)  # positional, in the signature's order
+        return output.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _as_list(model_inputs, expected):
+    arrays = model_inputs if isinstance(model_inputs, (list, tuple)) else [model_inputs]
+    if len(arrays) != expected:
+        raise ValueError(f"the model takes {expected} inputs, got {len(arrays)}")
+    return arrays
+
+
+def _check_input_names(actual, expected, path):
+    """The graph's inputs must be the signature's, in order: that is how they are fed."""
+    if expected is not None and list(expected) != list(actual):
+        raise ValueError(f"{os.path.basename(path)} takes inputs {actual}, its signature "
+                         f"declares {list(expected)}: export the model again")
 
 
 def _check_gpu(want_cuda, on_gpu, gpu_id, require_gpu, why_not):
@@ -112,8 +133,10 @@ def _check_gpu(want_cuda, on_gpu, gpu_id, require_gpu, why_not):
         logger.warning("CUDA device %s was requested but %s: running on CPU", gpu_id, why_not)
 
 
-def load_backend(path, gpu_id=None, intra_op_threads=1, require_gpu=False):
-    """Builds the backend that the serialized file's extension calls for."""
+def load_backend(path, gpu_id=None, intra_op_threads=1, require_gpu=False, input_names=None):
+    """Builds the backend that the serialized file's extension calls for. input_names (the
+    signature's, in order) are checked against an ONNX graph's; TorchScript takes them by
+    position."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in ONNX_SUFFIXES:
         backend_class = OnnxRuntimeBackend
@@ -125,5 +148,6 @@ def load_backend(path, gpu_id=None, intra_op_threads=1, require_gpu=False):
             f"{ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES}"
         )
     return backend_class(
-        path, gpu_id=gpu_id, intra_op_threads=intra_op_threads, require_gpu=require_gpu
+        path, gpu_id=gpu_id, intra_op_threads=intra_op_threads, require_gpu=require_gpu,
+        input_names=input_names,
     )

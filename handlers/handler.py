@@ -13,14 +13,15 @@ import logging
 import os
 import sys
 
-import numpy as np
-
-from kiln.handlers import backends, codec, metrics, oip
+from kiln.handlers import answers, backends, inputs, metrics, oip, rest
+from kiln.handlers.errors import BadInput, error_body
+from kiln.handlers.signature import load_signature
 
 logger = logging.getLogger(__name__)
 
-# The `handler:` section of the archive's model-config.yaml, with its defaults.
-HANDLER_OPTIONS = {"top_k": 3, "intra_op_threads": "auto", "require_gpu": False}
+# The `handler:` section of the archive's model-config.yaml, with its defaults (top_k None:
+# the signature's output.top_k).
+HANDLER_OPTIONS = {"top_k": None, "intra_op_threads": "auto", "require_gpu": False}
 # Set by Kiln's server start-up: how many workers all served models have together.
 SERVED_WORKERS_ENV = "KILN_SERVED_WORKERS"
 SIGNATURE_FILE = "signature.json"
@@ -46,7 +47,7 @@ def read_handler_options(model_yaml_config):
     for key in ("top_k", "intra_op_threads"):
         value = options[key]
         auto = key == "intra_op_threads"
-        if auto and value == "auto":
+        if (auto and value == "auto") or (key == "top_k" and value is None):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             allowed = "a whole number >= 1" + (' or "auto"' if auto else "")
@@ -92,7 +93,7 @@ def route_logs_to_stderr(names=("kiln.handlers",)):
 
 def _error(context, idx, code, message):
     context.set_response_status(code, PHRASES[code], idx)
-    return json.dumps(codec.error_body(message, code))
+    return json.dumps(error_body(message, code))
 
 
 class KilnHandler:
@@ -110,7 +111,7 @@ class KilnHandler:
         properties = context.system_properties
         model_dir = properties["model_dir"]
         gpu_id = properties.get("gpu_id")
-        self.signature = codec.load_signature(os.path.join(model_dir, SIGNATURE_FILE))
+        self.signature = load_signature(os.path.join(model_dir, SIGNATURE_FILE))
         options = read_handler_options(context.model_yaml_config)
         self.top_k = options["top_k"]
         self.metrics = metrics.recorder_for(context)
@@ -122,11 +123,12 @@ class KilnHandler:
                                               context.model_yaml_config, os.environ,
                                               os.cpu_count()),
             require_gpu=options["require_gpu"],
+            input_names=[spec["name"] for spec in self.signature["inputs"]],
         )
         logger.info(
             "model %s (%s -> %s) loaded: %s",
             context.model_name,
-            self.signature["input"]["kind"],
+            "+".join(spec["kind"] for spec in self.signature["inputs"]),
             self.signature["output"]["kind"],
             self.backend.description,
         )
@@ -134,7 +136,7 @@ class KilnHandler:
 
     def handle(self, data, context):
         self.metrics.record_batch(len(data))
-        answers = [None] * len(data)
+        answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
@@ -142,58 +144,59 @@ class KilnHandler:
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
             started = self.metrics.now()
             try:
-                rows, encode = self._decode(codec.request_body(request))
-                parts.append(rows)
-                good.append((idx, len(rows), encode))
-            except codec.BadInput as err:
+                model_inputs, encode = self._decode(request, context, idx)
+                parts.append(model_inputs)
+                good.append((idx, inputs.batch_size(model_inputs), encode))
+            except BadInput as err:
                 logger.debug("request %d rejected: %s", idx, err)
                 self.metrics.record_rejection(err)
-                answers[idx] = _error(context, idx, 400, str(err))
+                answers_out[idx] = _error(context, idx, 400, str(err))
             except Exception:  # a decoding bug must cost one request, not the batch
                 logger.exception("request %d: unexpected decoding failure", idx)
-                answers[idx] = _error(context, idx, 500, "the request could not be decoded")
+                answers_out[idx] = _error(context, idx, 500, "the request could not be decoded")
             self.metrics.record_stage("preprocess", started)
         if good:
-            self._score(np.concatenate(parts), good, answers, context)
-        return answers
+            self._score(inputs.join(parts, self.signature), good, answers_out, context)
+        return answers_out
 
-    def _decode(self, body):
-        """(rows, encode): the rows to score and how to answer them, for an Open Inference
-        Protocol infer body or any of Kiln's own bodies."""
-        infer = oip.decode_infer(body, self.signature)
-        if infer is not None:
-            return infer
-        rows, many = codec.decode_instances(body, self.signature)
+    def _decode(self, request, context, idx):
+        """(model inputs, encode): the rows to score and how to answer them. The protocol is
+        the route's: the OIP plugin marks what it forwards, everything else is Kiln's own."""
+        body = rest.request_body(request, self.signature)
+        if context.get_request_header(idx, oip.PROTOCOL_HEADER) == oip.PROTOCOL:
+            return oip.decode_infer(body, self.signature)
+        model_inputs, many = rest.decode_body(body, self.signature)
+        output, top_k = self.signature["output"], self.top_k
 
-        def encode(probabilities):
-            encoded = [codec.encode_answer(row, self.signature["output"], self.top_k)
-                       for row in probabilities]
+        def encode(model_output):
+            encoded = answers.answers(model_output, output, top_k)
             return encoded if many else encoded[0]
 
-        return rows, encode
+        return model_inputs, encode
 
-    def _score(self, batch, good, answers, context):
+    def _score(self, batch, good, answers_out, context):
         """Runs the model once on every good row of the batch, then answers each request
-        with its own rows' answers (a list when it sent several inputs)."""
+        with its own rows' answers (a list when it sent several instances)."""
         started = self.metrics.now()
+        rows = inputs.batch_size(batch)
         try:
-            probabilities = self.backend.run(batch)
-            if len(probabilities) != len(batch):
-                raise ValueError(f"model returned {len(probabilities)} rows for {len(batch)}")
+            model_output = self.backend.run(batch)
+            if len(model_output) != rows:
+                raise ValueError(f"model returned {len(model_output)} rows for {rows}")
         except Exception:  # the worker must answer every request and survive
-            logger.exception("model call failed on a batch of %d rows", len(batch))
+            logger.exception("model call failed on a batch of %d rows", rows)
             for idx, _, _ in good:
-                answers[idx] = _error(context, idx, 500, "the model failed on this batch")
+                answers_out[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
         self.metrics.record_stage("inference", started, requests=len(good))
         start = 0
         for idx, count, encode in good:
-            rows = probabilities[start:start + count]
+            own = model_output[start:start + count]
             start += count
             encoding = self.metrics.now()
             try:
-                answers[idx] = json.dumps(encode(rows), allow_nan=False)
+                answers_out[idx] = json.dumps(encode(own), allow_nan=False)
             except ValueError as err:
                 logger.error("request %d: %s", idx, err)
-                answers[idx] = _error(context, idx, 500, "the model returned an invalid output")
+                answers_out[idx] = _error(context, idx, 500, "the model returned an invalid output")
             self.metrics.record_stage("postprocess", encoding)

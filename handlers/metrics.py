@@ -13,7 +13,7 @@ import time
 import yaml
 from ts.metrics.metric_type_enum import MetricTypes
 
-from kiln.handlers import codec
+from kiln.handlers.errors import REJECT_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def recorder_for(context):
 
 
 def rejection_reason(err):
-    """The reason label of a BadInput: one of codec.REJECT_REASONS, never free text."""
+    """The reason label of a BadInput: one of REJECT_REASONS, never free text."""
     reason = getattr(err, "reason", "other")
-    if reason not in codec.REJECT_REASONS:
+    if reason not in REJECT_REASONS:
         logger.warning("rejection reason %r is not in REJECT_REASONS; counted as other", reason)
         return "other"
     return reason

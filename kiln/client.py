@@ -48,6 +48,20 @@ def encode_images(raws: list[bytes]) -> tuple[bytes, str]:
     return encode_json({"instances": instances})
 
 
+def encode_inputs(values: dict) -> tuple[bytes, str]:
+    """One instance of a model with several inputs, as the JSON object keyed by input name
+    that the handler takes; an encoded image's bytes go as {"b64": ...}."""
+    return encode_json({name: _json_input(value) for name, value in values.items()})
+
+
+def _json_input(value):
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
 def encode_npy(array: np.ndarray) -> tuple[bytes, str]:
     """Raw values ([N, H, W] pixels or [N, F] features) as a .npy body: float32 when that
     holds every value exactly (pixels do), else float64."""
@@ -107,3 +121,7 @@ class Client:
 
     def predict_json(self, name: str, value) -> Answer:
         return self.predict(name, *encode_json(value))
+
+    def predict_inputs(self, name: str, values: dict) -> Answer:
+        """One instance of a model with several inputs, {input name: value}."""
+        return self.predict(name, *encode_inputs(values))

@@ -38,7 +38,8 @@ PROTOS = {
 # Written last, inside the folder that is then renamed into place: its presence means the
 # whole set of stubs is there.
 MARKER = "COMPLETE"
-# TorchServe's handlers take the request body from the "data" (or "body") input.
+# TorchServe's handlers take the request body from the "data" (or "body") input; a model
+# with several inputs may instead take one map entry per input name.
 BODY_KEY = "data"
 
 
@@ -190,6 +191,13 @@ def answer_from_error(code_name: str, details: str | None) -> Answer:
     return Answer(status, {"code": status, "type": exception or code_name, "message": message})
 
 
+def input_map(values: dict) -> dict[str, bytes]:
+    """{input name: value} as gRPC's input map: bytes stay as they are (an encoded image),
+    anything else becomes its JSON."""
+    return {name: value if isinstance(value, bytes) else json.dumps(value).encode()
+            for name, value in values.items()}
+
+
 # -- the client ---------------------------------------------------------------------------------
 class GrpcClient:
     """predict() over TorchServe's InferenceAPIsService.Predictions."""
@@ -214,7 +222,15 @@ class GrpcClient:
     def predict(self, name: str, body: bytes, content_type: str) -> Answer:
         """content_type is accepted for the Client interface only: TorchServe's gRPC API has
         no per-input content type, and Kiln's handler tells images from JSON by their bytes."""
-        request = self._pb2.PredictionsRequest(model_name=name, input={BODY_KEY: body})
+        return self._predictions(name, {BODY_KEY: body})
+
+    def predict_inputs(self, name: str, values: dict) -> Answer:
+        """One instance of a model with several inputs: the input map keyed by input name,
+        each value the JSON of that input (or an encoded image's bytes as they are)."""
+        return self._predictions(name, input_map(values))
+
+    def _predictions(self, name: str, inputs: dict[str, bytes]) -> Answer:
+        request = self._pb2.PredictionsRequest(model_name=name, input=inputs)
         try:
             reply = self._stub.Predictions(request, metadata=self._metadata(),
                                            timeout=self.timeout)

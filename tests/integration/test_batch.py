@@ -40,7 +40,7 @@ def _cancer_csv(path: Path, copies: int = 1, bad: bool = True) -> Path:
         lines.insert(3, ["abc"] + lines[0][1:])  # unreadable: the reader's error
         lines.insert(6, ["nan"] + lines[0][1:])  # readable, rejected by the codec
     signature = json.loads((REPO / "artifacts" / "binary" / "signature.json").read_text())
-    header = signature["preprocess"]["feature_names"]
+    header = signature["inputs"][0]["names"]
     path.write_text("\n".join(",".join(x) for x in [header, *lines]) + "\n")
     return path
 

@@ -22,27 +22,27 @@ FEATURE_NAMES = (
 def image_signature_dict(pad=2):
     side = 28 + 2 * pad
     return {
-        "signature_version": 1,
+        "signature_version": 2,
         "name": "tinydigits",
-        "input": {"name": "input", "dtype": "float32", "shape": [-1, 1, side, side],
-                  "kind": "image"},
-        "preprocess": {"image_size": [28, 28], "pad": pad, "pixel_max": 255,
-                       "mean": 0.1307, "std": 0.3081},
+        "inputs": [{"name": "input", "kind": "image", "dtype": "float32",
+                    "shape": [-1, 1, side, side], "channels": 1, "size": [28, 28],
+                    "resize": "mnist", "pad": pad, "pixel_max": 255,
+                    "mean": [0.1307], "std": [0.3081]}],
         "output": {"name": "probabilities", "dtype": "float32", "shape": [-1, 10],
-                   "kind": "multiclass", "labels": [str(d) for d in range(10)]},
+                   "kind": "multiclass", "labels": [str(d) for d in range(10)], "top_k": 3},
     }  # fmt: skip
 
 
 def features_signature_dict():
     return {
-        "signature_version": 1,
+        "signature_version": 2,
         "name": "tinycancer",
-        "input": {"name": "input", "dtype": "float32", "shape": [-1, 30], "kind": "features"},
-        "preprocess": {"feature_names": list(FEATURE_NAMES),
-                       "mean": [float(i) for i in range(30)],
-                       "std": [1.0 + 0.5 * i for i in range(30)]},
+        "inputs": [{"name": "input", "kind": "features", "dtype": "float32", "shape": [-1, 30],
+                    "names": list(FEATURE_NAMES),
+                    "mean": [float(i) for i in range(30)],
+                    "std": [1.0 + 0.5 * i for i in range(30)]}],
         "output": {"name": "probabilities", "dtype": "float32", "shape": [-1, 1],
-                   "kind": "binary", "labels": ["malignant", "benign"]},
+                   "kind": "binary", "labels": ["malignant", "benign"], "threshold": 0.5},
     }  # fmt: skip
 
 
@@ -59,7 +59,7 @@ def features_signature():
 @pytest.fixture
 def feature_row(features_signature):
     """Feature i is 2i + 1; with mean i and std 1 + 0.5i it standardises to (i + 1)/(1 + 0.5i)."""
-    names = features_signature["preprocess"]["feature_names"]
+    names = features_signature["inputs"][0]["names"]
     return {name: 2.0 * i + 1.0 for i, name in enumerate(names)}
 
 

@@ -59,7 +59,7 @@ def test_answers_do_not_depend_on_batch_or_chunk_size(tmp_path, image_model_dir,
 
 def test_feature_rows_with_bad_values(tmp_path, features_model_dir, features_signature,
                                       feature_row):
-    names = features_signature["preprocess"]["feature_names"]
+    names = features_signature["inputs"][0]["names"]
     good = ",".join(str(feature_row[n]) for n in names)
     nan = ",".join(["nan"] + [str(feature_row[n]) for n in names[1:]])
     text = ",".join(names) + "\n" + "\n".join([good, nan, good.replace("1.0", "x", 1), good])

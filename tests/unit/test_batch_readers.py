@@ -34,7 +34,7 @@ def test_image_folder_ids_are_relative_posix_paths_sorted_and_recursive(tmp_path
 
 
 def test_ids_do_not_depend_on_the_chunk_size(tmp_path, features_signature, feature_row):
-    names = features_signature["preprocess"]["feature_names"]
+    names = features_signature["inputs"][0]["names"]
     path = tmp_path / "rows.csv"
     path.write_text(",".join(names) + "\n" + "\n".join(
         ",".join(str(feature_row[n] + i) for n in names) for i in range(7)) + "\n")
@@ -45,7 +45,7 @@ def test_ids_do_not_depend_on_the_chunk_size(tmp_path, features_signature, featu
 
 def test_csv_takes_feature_columns_by_name_in_any_order(tmp_path, features_signature,
                                                         feature_row):
-    names = features_signature["preprocess"]["feature_names"]
+    names = features_signature["inputs"][0]["names"]
     header = ["patient"] + names[::-1]
     path = tmp_path / "rows.csv"
     path.write_text(",".join(header) + "\n"
@@ -104,7 +104,7 @@ def test_parquet_with_a_null_cell(tmp_path, features_signature, feature_row):
     pa = pytest.importorskip("pyarrow", reason="Parquet needs pyarrow")
     import pyarrow.parquet as pq
 
-    names = features_signature["preprocess"]["feature_names"]
+    names = features_signature["inputs"][0]["names"]
     columns = {n: [feature_row[n], None if n == "mean area" else 1.0] for n in names}
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.table(columns), path)
@@ -125,7 +125,7 @@ def test_arrow_blocks_read_exactly_what_the_csv_module_reads(tmp_path, features_
                                                              feature_row, header):
     """Blocks Arrow can parse and blocks it cannot (empty or text cells, NaN, a short row, a
     blank line) give the same ids, values and errors as a file the csv module reads whole."""
-    names = features_signature["preprocess"]["feature_names"]
+    names = features_signature["inputs"][0]["names"]
     good = [",".join(f"{feature_row[n] * (1 + i / 10):.6g}" for n in names) for i in range(9)]
     rows = good[:3] + good[3:6] + [good[6].replace(",", ",x", 1), "", good[7],
                                    "nan" + good[8][good[8].index(","):], good[0] + ",1",

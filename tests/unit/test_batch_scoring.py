@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from kiln.batch.scoring import best_answers
-from kiln.handlers import codec
+from kiln.handlers import answers
 
 
 def _one_by_one(probabilities, output):
-    answers = [codec.encode_answer(row, output, top_k=1) for row in probabilities]
-    return [a["label"] for a in answers], [a["probability"] for a in answers]
+    one_by_one = [answers.answers([row], output, top_k=1)[0] for row in probabilities]
+    return [a["label"] for a in one_by_one], [a["probability"] for a in one_by_one]
 
 
 def test_multiclass_rows_and_ties(image_signature):
@@ -41,5 +41,5 @@ def test_empty_and_malformed_output(image_signature, features_signature):
         best_answers(np.array([[0.5] * 9 + [np.nan]]), image_signature["output"])
     with pytest.raises(ValueError, match="returned 3 probabilities for 10 labels"):
         best_answers(np.ones((2, 3)) / 3, image_signature["output"])
-    with pytest.raises(ValueError, match="returned 2 values a row, expected 1"):
+    with pytest.raises(ValueError, match="returned 2 values per row, expected 1"):
         best_answers(np.ones((2, 2)) / 2, features_signature["output"])

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.handlers import codec
+from kiln.handlers import answers, errors, images, rest
+from kiln.handlers import signature as signature_module
+from kiln.handlers.errors import BadInput
 
 MEAN, STD = 0.1307, 0.3081
 BACKGROUND = np.float32((0.0 - MEAN) / STD)
@@ -68,22 +70,22 @@ def with_pixel(row, col, value):
 
 
 def test_light_digit_is_cropped_and_centred_exactly(light_square_png):
-    grey = codec.grey_from_image_bytes(light_square_png)
-    framed = codec.frame_like_mnist(grey, [28, 28])
+    grey = images.grey_from_image_bytes(light_square_png)
+    framed = images.frame_like_mnist(grey, [28, 28])
     np.testing.assert_array_equal(framed, framed_square())
 
 
 def test_dark_digit_on_light_rgb_page_is_inverted_and_framed():
-    grey = codec.grey_from_image_bytes(encode_image(dark_bar_on_paper_rgb()))
+    grey = images.grey_from_image_bytes(encode_image(dark_bar_on_paper_rgb()))
     assert grey.shape == (400, 300)
-    assert codec.border_mean(grey) == 1.0
-    framed = codec.frame_like_mnist(grey, [28, 28])
+    assert images.border_mean(grey) == 1.0
+    framed = images.frame_like_mnist(grey, [28, 28])
     np.testing.assert_array_equal(framed, framed_bar())
 
 
 def test_jpeg_frames_like_png_up_to_codec_loss():
     jpeg = encode_image(dark_bar_on_paper_rgb(), "JPEG", quality=95)
-    framed = codec.frame_like_mnist(codec.grey_from_image_bytes(jpeg), [28, 28])
+    framed = images.frame_like_mnist(images.grey_from_image_bytes(jpeg), [28, 28])
     ink = np.argwhere(framed > 0.5)
     assert (ink.min(axis=0).tolist(), ink.max(axis=0).tolist()) == ([4, 9], [23, 18])
     # JPEG is lossy: the tolerance is the codec's, not the framing's.
@@ -93,25 +95,25 @@ def test_jpeg_frames_like_png_up_to_codec_loss():
 def test_transparent_canvas_drawing_counts_as_paper():
     canvas = np.zeros((60, 60, 4), dtype=np.uint8)  # transparent black everywhere
     canvas[10:30, 20:40] = (0, 0, 0, 255)  # an opaque black 20x20 stroke
-    grey = codec.grey_from_image_bytes(encode_image(Image.fromarray(canvas, "RGBA")))
-    np.testing.assert_array_equal(codec.frame_like_mnist(grey, [28, 28]), framed_square())
+    grey = images.grey_from_image_bytes(encode_image(Image.fromarray(canvas, "RGBA")))
+    np.testing.assert_array_equal(images.frame_like_mnist(grey, [28, 28]), framed_square())
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
     deep = Image.fromarray(np.array([[0, 32768], [65535, 0]], dtype=np.uint16))
-    grey = codec.grey_from_image_bytes(encode_image(deep))
+    grey = images.grey_from_image_bytes(encode_image(deep))
     np.testing.assert_array_equal(grey, np.array([[0.0, 32768 / 65535], [1.0, 0.0]]))
 
 
 @pytest.mark.parametrize("colour", [0, 255], ids=["black", "white"])
 def test_blank_image_becomes_plain_background(colour, image_signature):
     body = encode_image(Image.new("L", (50, 50), colour))
-    x = codec.decode_request(body, image_signature)
+    x = rest.decode_request(body, image_signature)
     np.testing.assert_array_equal(x, np.full((1, 32, 32), BACKGROUND, dtype=np.float32))
 
 
 def test_image_request_is_padded_and_standardised(light_square_png, image_signature):
-    x = codec.decode_request(light_square_png, image_signature)
+    x = rest.decode_request(light_square_png, image_signature)
     expected = np.full((1, 32, 32), BACKGROUND, dtype=np.float32)
     expected[0, 6:26, 6:26] = FULL_INK  # rows/cols 4..23 of the frame, plus the pad of 2
     assert x.dtype == np.float32
@@ -120,7 +122,7 @@ def test_image_request_is_padded_and_standardised(light_square_png, image_signat
 
 def test_paste_clips_at_the_canvas_edges():
     canvas = np.zeros((4, 4))
-    codec.paste_clipped(canvas, np.arange(1.0, 10.0).reshape(3, 3), -1, 2)
+    images.paste_clipped(canvas, np.arange(1.0, 10.0).reshape(3, 3), -1, 2)
     np.testing.assert_array_equal(
         canvas, [[0, 0, 4, 5], [0, 0, 7, 8], [0, 0, 0, 0], [0, 0, 0, 0]]
     )
@@ -132,7 +134,7 @@ def test_paste_clips_at_the_canvas_edges():
 def test_pixel_array_standardises_to_exact_values(image_signature):
     grid = pixel_grid()
     grid[3][4], grid[10][20] = 255, 51
-    x = codec.decode_request(grid, image_signature)
+    x = rest.decode_request(grid, image_signature)
     assert x.shape == (1, 32, 32)
     assert x[0, 0, 0] == BACKGROUND
     assert x[0, 2 + 3, 2 + 4] == FULL_INK
@@ -152,15 +154,15 @@ def test_pixel_array_standardises_to_exact_values(image_signature):
 )
 def test_pixel_array_forms_decode_alike(wrap, image_signature):
     grid = with_pixel(7, 9, 128)
-    expected = codec.decode_request(grid, image_signature)
-    np.testing.assert_array_equal(codec.decode_request(wrap(grid), image_signature), expected)
+    expected = rest.decode_request(grid, image_signature)
+    np.testing.assert_array_equal(rest.decode_request(wrap(grid), image_signature), expected)
 
 
 # --- features --------------------------------------------------------------------------
 
 
 def test_features_standardise_with_training_statistics(feature_row, features_signature):
-    x = codec.decode_request(feature_row, features_signature)
+    x = rest.decode_request(feature_row, features_signature)
     expected = np.array([(i + 1.0) / (1.0 + 0.5 * i) for i in range(30)], dtype=np.float32)
     assert x.dtype == np.float32
     np.testing.assert_array_equal(x, expected)
@@ -178,8 +180,8 @@ def test_features_standardise_with_training_statistics(feature_row, features_sig
     ids=["list", "features-object", "features-list", "json-bytes", "json-text-any-order"],
 )
 def test_feature_forms_decode_alike(wrap, feature_row, features_signature):
-    expected = codec.decode_request(feature_row, features_signature)
-    got = codec.decode_request(wrap(dict(feature_row)), features_signature)
+    expected = rest.decode_request(feature_row, features_signature)
+    got = rest.decode_request(wrap(dict(feature_row)), features_signature)
     np.testing.assert_array_equal(got, expected)
 
 
@@ -328,7 +330,7 @@ FEATURES_BAD_INPUTS = [
     ),
     (
         "image",
-        lambda row: codec.PNG_MAGIC + b"the rest of a PNG",
+        lambda row: images.PNG_MAGIC + b"the rest of a PNG",
         "this model takes features, not an image",
     ),
     (
@@ -343,8 +345,8 @@ FEATURES_BAD_INPUTS = [
     "body, message", [case[1:] for case in IMAGE_BAD_INPUTS], ids=[c[0] for c in IMAGE_BAD_INPUTS]
 )
 def test_bad_image_request_names_the_problem(body, message, image_signature):
-    with pytest.raises(codec.BadInput) as caught:
-        codec.decode_request(body, image_signature)
+    with pytest.raises(BadInput) as caught:
+        rest.decode_request(body, image_signature)
     assert str(caught.value) == message
 
 
@@ -356,8 +358,8 @@ def test_bad_image_request_names_the_problem(body, message, image_signature):
 def test_bad_features_request_names_the_problem(
     make_body, message, feature_row, features_signature
 ):
-    with pytest.raises(codec.BadInput) as caught:
-        codec.decode_request(make_body(feature_row), features_signature)
+    with pytest.raises(BadInput) as caught:
+        rest.decode_request(make_body(feature_row), features_signature)
     assert str(caught.value) == message
 
 
@@ -365,13 +367,13 @@ def test_bad_features_request_names_the_problem(
     "request_, body",
     [({"data": b"x", "body": b"y"}, b"x"), ({"body": "y"}, "y"), (b"raw", b"raw")],
 )
-def test_request_body_prefers_form_field_data(request_, body):
-    assert codec.request_body(request_) == body
+def test_request_body_prefers_form_field_data(request_, body, image_signature):
+    assert rest.request_body(request_, image_signature) == body
 
 
-def test_request_without_body_names_its_fields():
-    with pytest.raises(codec.BadInput) as caught:
-        codec.request_body({"file": b"x"})
+def test_request_without_body_names_its_fields(image_signature):
+    with pytest.raises(BadInput) as caught:
+        rest.request_body({"file": b"x"}, image_signature)
     assert str(caught.value) == (
         "expected the request body or a form field named 'data', got fields: 'file'"
     )
@@ -386,7 +388,7 @@ CANCER = {"kind": "binary", "labels": ["malignant", "benign"]}
 def test_multiclass_answer_ranks_top_k():
     row = np.array([0.05, 0.6, 0.1, 0.25, 0, 0, 0, 0, 0, 0], dtype=np.float32)
     p = [float(np.float32(v)) for v in (0.6, 0.25, 0.1)]
-    assert codec.encode_answer(row, DIGITS, top_k=3) == {
+    assert answers.answers([row], DIGITS, top_k=3)[0] == {
         "label": "1",
         "probability": p[0],
         "top_k": [
@@ -398,7 +400,7 @@ def test_multiclass_answer_ranks_top_k():
 
 
 def test_multiclass_ties_keep_label_order_and_k_is_clamped():
-    answer = codec.encode_answer(np.full(10, 0.1, dtype=np.float32), DIGITS, top_k=50)
+    answer = answers.answers([np.full(10, 0.1, dtype=np.float32)], DIGITS, top_k=50)[0]
     assert [entry["label"] for entry in answer["top_k"]] == DIGITS["labels"]
     assert answer["label"] == "0"
 
@@ -413,17 +415,17 @@ def test_multiclass_ties_keep_label_order_and_k_is_clamped():
 )
 def test_binary_answer_is_the_predicted_label(positive, answer):
     row = np.array([positive], dtype=np.float32)
-    assert codec.encode_answer(row, CANCER) == answer
+    assert answers.answers([row], CANCER)[0] == answer
 
 
 def test_answer_refuses_non_finite_output():
     with pytest.raises(ValueError) as caught:
-        codec.encode_answer(np.array([np.nan], dtype=np.float32), CANCER)
+        answers.answers([np.array([np.nan], dtype=np.float32)], CANCER)
     assert str(caught.value) == "model returned a non-finite probability: [nan]"
 
 
 def test_error_body():
-    assert codec.error_body("empty body") == {"error": "empty body", "code": 400}
+    assert errors.error_body("empty body") == {"error": "empty body", "code": 400}
 
 
 # --- signature -------------------------------------------------------------------------
@@ -433,24 +435,42 @@ def test_error_body():
     "change, message",
     [
         (
-            lambda s: s.update(signature_version=2),
-            "signature_version is 2, this handler reads version 1",
+            lambda s: s.update(signature_version=1),
+            "signature_version is 1, this handler reads version 2: export the model again",
         ),
         (lambda s: s["output"]["labels"].pop(), "output has 9 labels, expected 10"),
         (
-            lambda s: s["input"].update(kind="audio"),
-            "input.kind is 'audio', expected one of ('image', 'features')",
+            lambda s: s["inputs"][0].update(kind="audio"),
+            "inputs[0].kind is 'audio', expected one of ('image', 'features', 'tensor')",
+        ),
+        (
+            lambda s: s["inputs"][0].update(mean=[0.1, 0.2]),
+            "inputs[0].mean is [0.1, 0.2]: expected 1 number(s), one per channel",
+        ),
+        (
+            lambda s: s["inputs"][0].update(channels=3),
+            "inputs[0].resize is 'mnist', which frames grey digits: channels must be 1",
+        ),
+        (
+            lambda s: s["inputs"][0].update(pad=3),
+            "inputs[0].shape [-1, 1, 32, 32] does not hold 1 channel(s) of 34x34 "
+            "(size [28, 28] padded by 3)",
+        ),
+        (lambda s: s.update(inputs=[]), "signature.inputs must be a non-empty list, got []"),
+        (
+            lambda s: s["output"].update(kind="regression"),
+            "output.names is None: expected 10 names, one per column of output.shape [-1, 10]",
         ),
     ],
-    ids=["version", "labels", "kind"],
+    ids=["version", "labels", "kind", "mean", "channels", "shape", "no inputs", "names"],
 )
 def test_inconsistent_signature_is_refused(change, message, image_signature):
     change(image_signature)
     with pytest.raises(ValueError) as caught:
-        codec.check_signature(image_signature)
+        signature_module.check_signature(image_signature)
     assert str(caught.value) == message
 
 
 def test_fixture_signatures_are_consistent(image_signature, features_signature):
-    codec.check_signature(image_signature)
-    codec.check_signature(features_signature)
+    signature_module.check_signature(image_signature)
+    signature_module.check_signature(features_signature)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from kiln.handlers import codec
+from kiln.handlers import images, rest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
 
@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "digits"
 
 
 def reference_grey(raw):
-    fmt = "PNG" if raw.startswith(codec.PNG_MAGIC) else "JPEG"
+    fmt = "PNG" if raw.startswith(images.PNG_MAGIC) else "JPEG"
     with Image.open(io.BytesIO(raw), formats=(fmt,)) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -47,12 +47,12 @@ def reference_frame(grey, height, width):
     ring = np.concatenate([grey[0, :], grey[-1, :], grey[1:-1, 0], grey[1:-1, -1]])
     if ring.mean() > 0.5:
         grey = 1.0 - grey
-    ink = grey > codec.INK_THRESHOLD
+    ink = grey > images.INK_THRESHOLD
     if not ink.any():
         return reference_resize(grey, height, width)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    scale = min(codec.FRAME_SIDE, height, width) / max(crop.shape)
+    scale = min(images.FRAME_SIDE, height, width) / max(crop.shape)
     digit = reference_resize(crop, math.floor(crop.shape[0] * scale + 0.5),
                              math.floor(crop.shape[1] * scale + 0.5))
     centre = ((digit.shape[0] - 1) / 2, (digit.shape[1] - 1) / 2)
@@ -68,11 +68,11 @@ def reference_frame(grey, height, width):
 
 
 def reference_model_input(raw, signature):
-    pre = signature["preprocess"]
-    grey = reference_frame(reference_grey(raw), *pre["image_size"])
-    padded = np.pad(grey, pre["pad"], mode="constant", constant_values=0.0)
-    x = (padded - pre["mean"]) / pre["std"]
-    return x.reshape(signature["input"]["shape"][1:]).astype(np.float32)
+    spec = signature["inputs"][0]
+    grey = reference_frame(reference_grey(raw), *spec["size"])
+    padded = np.pad(grey, spec["pad"], mode="constant", constant_values=0.0)
+    x = (padded - spec["mean"][0]) / spec["std"][0]
+    return x.reshape(spec["shape"][1:]).astype(np.float32)
 
 
 # --- bodies ----------------------------------------------------------------------------
@@ -137,29 +137,30 @@ BODIES = bodies()
 @pytest.mark.parametrize("name", list(BODIES))
 def test_model_input_matches_the_float64_reference_exactly(name, image_signature):
     raw = BODIES[name]
-    got = codec.decode_request(raw, image_signature)
+    got = rest.decode_request(raw, image_signature)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, reference_model_input(raw, image_signature))
-    np.testing.assert_array_equal(codec.grey_from_image_bytes(raw), reference_grey(raw))
+    np.testing.assert_array_equal(images.grey_from_image_bytes(raw), reference_grey(raw))
 
 
 def test_exif_orientation_still_turns_the_image():
-    upright, turned = (codec.grey_from_image_bytes(BODIES[f"exif-{o}-png"]) for o in (1, 6))
+    upright, turned = (images.grey_from_image_bytes(BODIES[f"exif-{o}-png"]) for o in (1, 6))
     assert upright.shape == (60, 40) and turned.shape == (40, 60)
     np.testing.assert_array_equal(turned, np.rot90(upright, -1))
 
 
 def test_batch_standardising_matches_pad_then_standardise(image_signature):
-    pre = image_signature["preprocess"]
+    spec = image_signature["inputs"][0]
     for grey in (np.random.default_rng(1).random((5, 28, 28)),
                  np.random.default_rng(2).random((3, 28, 28)).astype(np.float32)):
         padded = np.pad(grey, [(0, 0), (2, 2), (2, 2)])
-        expected = ((padded - pre["mean"]) / pre["std"]).reshape(-1, 1, 32, 32).astype(np.float32)
-        np.testing.assert_array_equal(codec.standardise_image(grey, image_signature),
+        expected = ((padded - spec["mean"][0]) / spec["std"][0]).reshape(-1, 1, 32, 32).astype(
+            np.float32)
+        np.testing.assert_array_equal(images.standardise_image(grey, spec),
                                       expected)
 
 
 def test_resize_of_a_non_contiguous_view_matches_a_copy():
     grey = np.random.default_rng(3).random((30, 17))
-    np.testing.assert_array_equal(codec.resize(grey.T, 9, 20),
+    np.testing.assert_array_equal(images.resize(grey.T, 9, 20),
                                   reference_resize(np.ascontiguousarray(grey.T), 9, 20))

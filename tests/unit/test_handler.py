@@ -8,7 +8,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
-from kiln.handlers import backends, codec
+from kiln.handlers import answers, backends, rest
 from kiln.handlers import handler as kiln_handler
 from kiln.model_store import archive
 
@@ -56,9 +56,9 @@ def diagonal_pixels():
 
 def direct_answers(backend, signature, bodies, top_k=3):
     """What the backend answers for the good bodies, scored together as the handler must."""
-    batch = np.stack([codec.decode_request(body, signature) for body in bodies])
+    batch = np.stack([rest.decode_request(body, signature) for body in bodies])
     rows = backend.run(batch)
-    return [codec.encode_answer(row, signature["output"], top_k) for row in rows]
+    return [answers.answers([row], signature["output"], top_k)[0] for row in rows]
 
 
 def test_archive_entry_module_defines_exactly_one_handler_class(tmp_path, monkeypatch):
@@ -158,8 +158,7 @@ def test_model_failure_answers_500_and_the_handler_returns(
     model_dir.mkdir()
     shutil.copy(image_model_dir / serialized, model_dir / serialized)
     signature = json.loads((image_model_dir / "signature.json").read_text())
-    signature["preprocess"]["pad"] = 0
-    signature["input"]["shape"] = [-1, 1, 28, 28]
+    signature["inputs"][0].update(pad=0, shape=[-1, 1, 28, 28])
     (model_dir / "signature.json").write_text(json.dumps(signature))
     context = make_context(model_dir, serialized)
     handler = loaded_handler(context)
@@ -185,7 +184,7 @@ def test_model_failure_answers_500_and_the_handler_returns(
 @pytest.mark.parametrize("config", [None, {}, {"handler": None}, {"minWorkers": 2}])
 def test_handler_options_default(config):
     assert kiln_handler.read_handler_options(config) == {
-        "top_k": 3,
+        "top_k": None,  # the signature's output.top_k
         "intra_op_threads": "auto",
         "require_gpu": False,
     }

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_handler import loaded_handler, make_context, serve
 
-from kiln.handlers import codec
+from kiln.handlers import rest
+from kiln.handlers.errors import BadInput
 
 
 def grid(value=0, at=(3, 4)):
@@ -25,9 +26,9 @@ def npy(array) -> bytes:
 
 
 def test_single_inputs_are_not_lists(image_signature, features_signature, feature_row):
-    rows, many = codec.decode_instances(grid(200), image_signature)
+    (rows,), many = rest.decode_body(grid(200), image_signature)
     assert rows.shape == (1, 1, 32, 32) and many is False
-    rows, many = codec.decode_instances(list(feature_row.values()), features_signature)
+    (rows,), many = rest.decode_body(list(feature_row.values()), features_signature)
     assert rows.shape == (1, 30) and many is False
 
 
@@ -36,28 +37,28 @@ def test_single_inputs_are_not_lists(image_signature, features_signature, featur
                          ids=["list", "instances", "json-bytes"])
 def test_list_of_pixel_arrays(image_signature, wrap):
     images = [grid(255, (1, 1)), grid(128, (20, 7)), grid(0)]
-    rows, many = codec.decode_instances(wrap(images), image_signature)
+    (rows,), many = rest.decode_body(wrap(images), image_signature)
     assert many is True and rows.shape == (3, 1, 32, 32) and rows.dtype == np.float32
     for row, image in zip(rows, images, strict=True):
-        np.testing.assert_array_equal(row, codec.decode_request(image, image_signature))
+        np.testing.assert_array_equal(row, rest.decode_request(image, image_signature))
 
 
 def test_list_of_feature_rows_named_or_not(features_signature, feature_row):
     named = dict(feature_row)
     bare = [float(v) * 2 for v in feature_row.values()]
-    rows, many = codec.decode_instances([named, bare], features_signature)
+    (rows,), many = rest.decode_body([named, bare], features_signature)
     assert many is True and rows.shape == (2, 30)
-    np.testing.assert_array_equal(rows[0], codec.decode_request(named, features_signature))
-    np.testing.assert_array_equal(rows[1], codec.decode_request(bare, features_signature))
+    np.testing.assert_array_equal(rows[0], rest.decode_request(named, features_signature))
+    np.testing.assert_array_equal(rows[1], rest.decode_request(bare, features_signature))
 
 
 def test_base64_images_as_instances(image_signature, light_square_png):
     b64 = base64.b64encode(light_square_png).decode()
-    rows, many = codec.decode_instances({"instances": [{"b64": b64}, grid()]},
+    (rows,), many = rest.decode_body({"instances": [{"b64": b64}, grid()]},
                                               image_signature)
     assert many is True and rows.shape == (2, 1, 32, 32)
     np.testing.assert_array_equal(
-        rows[0], codec.decode_request(light_square_png, image_signature))
+        rows[0], rest.decode_request(light_square_png, image_signature))
 
 
 @pytest.mark.parametrize("body,message", [
@@ -68,23 +69,23 @@ def test_base64_images_as_instances(image_signature, light_square_png):
     ([grid()] * 513, "513 instances in one request, more than 512"),
 ])
 def test_bad_instances_name_their_index(image_signature, body, message):
-    with pytest.raises(codec.BadInput) as err:
-        codec.decode_instances(body, image_signature)
+    with pytest.raises(BadInput) as err:
+        rest.decode_body(body, image_signature)
     assert str(err.value) == message
 
 
 def test_npy_images_match_json_decoding(image_signature):
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     images[0, 1, 1], images[1, 20, 7], images[2, 5, 5] = 255, 128, 3
-    rows, many = codec.decode_instances(npy(images), image_signature)
+    (rows,), many = rest.decode_body(npy(images), image_signature)
     assert many is True and rows.shape == (3, 1, 32, 32)
-    expected = np.stack([codec.decode_request(im.tolist(), image_signature)
+    expected = np.stack([rest.decode_request(im.tolist(), image_signature)
                          for im in images])
     np.testing.assert_array_equal(rows, expected)
-    one, many = codec.decode_instances(npy(images[0]), image_signature)
+    (one,), many = rest.decode_body(npy(images[0]), image_signature)
     assert many is False and one.shape == (1, 1, 32, 32)
     np.testing.assert_array_equal(one[0], expected[0])
-    channel, many = codec.decode_instances(npy(images[:, None]), image_signature)
+    (channel,), many = rest.decode_body(npy(images[:, None]), image_signature)
     assert many is True
     np.testing.assert_array_equal(channel, expected)
 
@@ -92,9 +93,9 @@ def test_npy_images_match_json_decoding(image_signature):
 def test_npy_features_match_json_decoding(features_signature, feature_row):
     values = np.array([list(feature_row.values())] * 2, dtype=np.float64)
     values[1] *= 3
-    rows, many = codec.decode_instances(npy(values), features_signature)
+    (rows,), many = rest.decode_body(npy(values), features_signature)
     assert many is True
-    expected = np.stack([codec.decode_request(v.tolist(), features_signature)
+    expected = np.stack([rest.decode_request(v.tolist(), features_signature)
                          for v in values])
     np.testing.assert_array_equal(rows, expected)
 
@@ -108,16 +109,16 @@ def test_npy_features_match_json_decoding(features_signature, feature_row):
     (np.zeros((0, 28, 28)), "no instances to score: the array is empty"),
 ])
 def test_bad_npy_images(image_signature, array, message):
-    with pytest.raises(codec.BadInput) as err:
-        codec.decode_instances(npy(array), image_signature)
+    with pytest.raises(BadInput) as err:
+        rest.decode_body(npy(array), image_signature)
     assert str(err.value) == message
 
 
 def test_pickled_npy_is_refused(image_signature):
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(codec.BadInput, match="not a readable .npy array"):
-        codec.decode_instances(buf.getvalue(), image_signature)
+    with pytest.raises(BadInput, match="not a readable .npy array"):
+        rest.decode_body(buf.getvalue(), image_signature)
 
 
 def test_handler_answers_a_list_request_with_a_list_beside_single_requests(

@@ -12,8 +12,9 @@ import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from kiln.handlers import codec, metrics
+from kiln.handlers import arrays, errors, features, images, inputs, metrics, oip, rest, tensors
 from kiln.handlers import handler as kiln_handler
+from kiln.handlers.errors import BadInput
 
 HANDLERS = Path(metrics.__file__).parent
 METRICS_YAML = HANDLERS / "metrics.yaml"
@@ -124,8 +125,8 @@ def test_recorder_writes_torchserve_metric_lines(tmp_path, emitted):
     recorder.record_batch(3)
     recorder.record_stage("preprocess", 0.5)
     recorder.record_stage("inference", 2.0, requests=2)
-    recorder.record_rejection(codec.BadInput("expected 30 features", reason="bad_shape"))
-    recorder.record_rejection(codec.BadInput("some message"))
+    recorder.record_rejection(BadInput("expected 30 features", reason="bad_shape"))
+    recorder.record_rejection(BadInput("some message"))
 
     assert parse(lines) == [
         ("kiln_batch_size_requests", "requests", 3.0, "model_name:tiny", "HISTOGRAM"),
@@ -147,12 +148,12 @@ def test_without_a_metrics_cache_nothing_is_recorded(tmp_path, emitted):
     recorder = metrics.recorder_for(worker_context(tmp_path, None))
     recorder.record_batch(2)
     recorder.record_stage("inference", recorder.now())
-    recorder.record_rejection(codec.BadInput("empty body", reason="empty_body"))
+    recorder.record_rejection(BadInput("empty body", reason="empty_body"))
     assert lines == []
 
 
 def test_a_reason_outside_the_fixed_set_is_counted_as_other():
-    err = codec.BadInput("x", reason="feature 'mean radius' is a string")
+    err = BadInput("x", reason="feature 'mean radius' is a string")
     assert metrics.rejection_reason(err) == "other"
     assert metrics.rejection_reason(ValueError("no reason at all")) == "other"
 
@@ -185,10 +186,14 @@ def test_handler_records_each_stage_per_request(features_model_dir, feature_row,
 # --- rejection reasons -----------------------------------------------------------------
 
 
+DECODING_MODULES = (arrays, features, images, inputs, oip, rest, tensors)
+
+
 def test_every_bad_input_in_the_codecs_names_a_fixed_reason():
-    source = Path(codec.__file__).read_text()
     named, passed_on = set(), set()
-    for node in ast.walk(ast.parse(source)):
+    nodes = [node for module in DECODING_MODULES
+             for node in ast.walk(ast.parse(Path(module.__file__).read_text()))]
+    for node in nodes:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "BadInput":
             (keyword,) = node.keywords
             assert keyword.arg == "reason"
@@ -196,7 +201,7 @@ def test_every_bad_input_in_the_codecs_names_a_fixed_reason():
                 named.add(keyword.value.value)
             else:
                 passed_on.add(ast.unparse(keyword.value))
-    assert named <= set(codec.REJECT_REASONS) - {"other"}
+    assert named <= set(errors.REJECT_REASONS) - {"other"}
     # "instance 3: ..." keeps the reason of the instance's own error.
     assert passed_on == {"err.reason"}
 
@@ -212,6 +217,6 @@ def test_every_bad_input_in_the_codecs_names_a_fixed_reason():
     (b'{"instances": [[' + b", ".join([b"1"] * 29) + b', "x"]]}', "bad_value"),
 ])  # fmt: skip
 def test_rejections_carry_their_reason(features_signature, body, reason):
-    with pytest.raises(codec.BadInput) as err:
-        codec.decode_instances(body, features_signature)
+    with pytest.raises(BadInput) as err:
+        rest.decode_body(body, features_signature)
     assert err.value.reason == reason

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from kiln.handlers import codec, oip
-from kiln.handlers.codec import BadInput
+from kiln.handlers import inputs, oip
+from kiln.handlers.errors import BadInput
 
 
 def infer(shape, data, datatype="FP32", name="input", **extra):
@@ -20,12 +20,12 @@ def grid(n=1):
 
 
 def test_flat_and_nested_pixel_tensors_decode_like_a_npy_batch(image_signature):
-    images = np.array(grid(2), dtype=np.float64)
-    expected = codec.rows_from_raw(images, image_signature)
-    flat = infer([2, 28, 28], images.ravel().astype(int).tolist(), "UINT8")
-    nested = infer([2, 1, 28, 28], images[:, None].tolist())
+    pixels = np.array(grid(2), dtype=np.float64)
+    expected = inputs.rows_from_raw(pixels, image_signature["inputs"][0])
+    flat = infer([2, 28, 28], pixels.ravel().astype(int).tolist(), "UINT8")
+    nested = infer([2, 1, 28, 28], pixels[:, None].tolist())
     for body in (flat, nested, json.dumps(flat).encode(), json.dumps(nested)):
-        rows, _ = oip.decode_infer(body, image_signature)
+        (rows,), _ = oip.decode_infer(body, image_signature)
         np.testing.assert_array_equal(rows, expected)
     assert rows.shape == (2, 1, 32, 32)
     # Pixel (0, 0) of image 1 is 1: padded by 2, divided by 255, standardised.
@@ -35,18 +35,21 @@ def test_flat_and_nested_pixel_tensors_decode_like_a_npy_batch(image_signature):
 
 def test_feature_tensor_standardises_with_training_statistics(features_signature):
     values = [float(2 * i) for i in range(30)]
-    rows, _ = oip.decode_infer(infer([1, 30], values, "FP64"), features_signature)
+    (rows,), _ = oip.decode_infer(infer([1, 30], values, "FP64"), features_signature)
     # mean i, std 1 + 0.5 i: (2i - i) / (1 + 0.5 i)
     expected = np.array([[i / (1 + 0.5 * i) for i in range(30)]], dtype=np.float32)
     np.testing.assert_array_equal(rows, expected)
 
 
 @pytest.mark.parametrize("body", [
-    b"\x89PNG\r\n\x1a\n...", b"\x93NUMPY...", "[[1, 2]]", {"instances": [[1] * 30]},
-    [[1] * 30], b'{"pixels": [[0]]}',
+    b"\x89PNG\r\n\x1a\n...", "[[1, 2]]", {"instances": [[1] * 30]}, [[1] * 30],
+    b'{"pixels": [[0]]}',
 ])  # fmt: skip
-def test_kiln_bodies_are_not_oip(body):
-    assert oip.infer_body(body) is None
+def test_kiln_bodies_on_the_oip_route_are_refused(body):
+    with pytest.raises(BadInput) as caught:
+        oip.infer_body(body)
+    assert (str(caught.value), caught.value.reason) == (
+        'an infer request is a JSON object with "inputs"', "bad_form")
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -1,6 +1,7 @@
 package kiln.oip;
 
 import com.google.gson.JsonArray;
+import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
@@ -30,6 +31,9 @@ import org.pytorch.serve.wlm.ModelManager;
 final class OipRoutes {
 
     private static final String SIGNATURE_FILE = "signature.json";
+    // As kiln.handlers.oip.PROTOCOL_HEADER and PROTOCOL.
+    static final String PROTOCOL_HEADER = "kiln-protocol";
+    static final String PROTOCOL = "oip";
     // Kiln's handler answers each row with its label: a string tensor beside the probabilities.
     private static final String LABEL_OUTPUT = "label";
     // Margin over the model's responseTimeout, after which TorchServe itself gives up.
@@ -131,6 +135,8 @@ final class OipRoutes {
         String type = contentType == null || contentType.isEmpty() ? Reply.JSON : contentType;
         RequestInput input = new RequestInput(UUID.randomUUID().toString());
         input.addParameter(new InputParameter("body", body, type));
+        // The handler picks the protocol by this mark, never by what the body looks like.
+        input.updateHeaders(PROTOCOL_HEADER, PROTOCOL);
         return input;
     }
 
@@ -169,32 +175,68 @@ final class OipRoutes {
         }
     }
 
-    /** What infer takes: raw pixels [-1, H, W] or raw features [-1, F], before preprocess. */
+    /**
+     * What infer takes, one tensor per signature input (signature version 2): raw pixels
+     * [-1, H, W] (or [-1, H, W, C]) and raw features [-1, F] as FP32, before preprocess; a
+     * tensor input with its declared shape and dtype. As kiln.handlers.oip.model_metadata.
+     */
     static JsonArray inputTensors(JsonObject signature) {
-        JsonObject input = signature.getAsJsonObject("input");
-        JsonObject pre = signature.getAsJsonObject("preprocess");
-        JsonArray shape = new JsonArray();
-        shape.add(-1);
-        if ("image".equals(input.get("kind").getAsString())) {
-            pre.getAsJsonArray("image_size").forEach(shape::add);
-        } else {
-            shape.add(pre.getAsJsonArray("feature_names").size());
-        }
         JsonArray tensors = new JsonArray();
-        tensors.add(tensor(input.get("name").getAsString(), "FP32", shape));
+        for (JsonElement element : signature.getAsJsonArray("inputs")) {
+            JsonObject input = element.getAsJsonObject();
+            String kind = input.get("kind").getAsString();
+            JsonArray shape = new JsonArray();
+            shape.add(-1);
+            String datatype = "FP32";
+            if ("image".equals(kind)) {
+                input.getAsJsonArray("size").forEach(shape::add);
+                int channels = input.get("channels").getAsInt();
+                if (channels > 1) {
+                    shape.add(channels);
+                }
+            } else if ("features".equals(kind)) {
+                shape.add(input.getAsJsonArray("names").size());
+            } else {
+                JsonArray declared = input.getAsJsonArray("shape");
+                for (int i = 1; i < declared.size(); i++) {
+                    shape.add(declared.get(i));
+                }
+                datatype = datatype(input.get("dtype").getAsString());
+            }
+            tensors.add(tensor(input.get("name").getAsString(), datatype, shape));
+        }
         return tensors;
     }
 
-    /** One probability per label (binary models too), and the predicted label per row. */
+    /** float32 -> FP32, int64 -> INT64, uint8 -> UINT8 (the dtypes a signature may declare). */
+    static String datatype(String dtype) {
+        return dtype.startsWith("float") ? "FP" + dtype.substring(5) : dtype.toUpperCase();
+    }
+
+    /**
+     * By output kind: one probability per label (binary models too) and the predicted label
+     * per row; or the values (regression, raw) under the output's name.
+     */
     static JsonArray outputTensors(JsonObject signature) {
         JsonObject output = signature.getAsJsonObject("output");
-        JsonArray probabilities = new JsonArray();
-        probabilities.add(-1);
-        probabilities.add(output.getAsJsonArray("labels").size());
+        String kind = output.get("kind").getAsString();
+        String name = output.get("name").getAsString();
+        JsonArray tensors = new JsonArray();
+        if ("raw".equals(kind)) {
+            tensors.add(tensor(name, "FP32", output.getAsJsonArray("shape")));
+            return tensors;
+        }
+        JsonArray values = new JsonArray();
+        values.add(-1);
+        if ("regression".equals(kind)) {
+            values.add(output.getAsJsonArray("names").size());
+            tensors.add(tensor(name, "FP32", values));
+            return tensors;
+        }
+        values.add(output.getAsJsonArray("labels").size());
         JsonArray labels = new JsonArray();
         labels.add(-1);
-        JsonArray tensors = new JsonArray();
-        tensors.add(tensor(output.get("name").getAsString(), "FP32", probabilities));
+        tensors.add(tensor(name, "FP32", values));
         tensors.add(tensor(LABEL_OUTPUT, "BYTES", labels));
         return tensors;
     }

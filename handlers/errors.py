@@ -1,0 +1,56 @@
+"""Why a request is not answered: BadInput with a fixed reason, and the messages' wording."""
+
+import json
+
+# Why a request is rejected, as a fixed set: metrics are labelled by it, and the message
+# (which quotes the request) would make a new label value for every bad request.
+REJECT_REASONS = ("empty_body", "bad_form", "not_image_or_json", "undecodable", "too_large",
+                  "wrong_type", "bad_shape", "bad_features", "bad_value", "other")
+MAX_LISTED_NAMES = 5
+
+
+class BadInput(ValueError):
+    """A request that cannot be scored; str(error) is the message the client sees, `reason`
+    one of REJECT_REASONS."""
+
+    def __init__(self, message, reason="other"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def error_body(message, code=400):
+    """The JSON body for a request that is not answered."""
+    return {"error": message, "code": code}
+
+
+def json_type(value):
+    """What a JSON value is, in words: "a string", "an array", "null"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def describe(value, limit=40):
+    """A value as JSON text, cut to `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quoted(names):
+    """'a', 'b' and 3 more."""
+    shown = ", ".join(f"'{name}'" for name in names[:MAX_LISTED_NAMES])
+    extra = len(names) - MAX_LISTED_NAMES
+    return shown + (f" and {extra} more" if extra > 0 else "")

@@ -1,0 +1,291 @@
+"""Kiln's own request bodies (REST, and gRPC's input map) as model inputs.
+
+A body is an encoded image, JSON, or a .npy array; a model with several inputs takes a
+JSON object keyed by input name, or one field per input. The contract is docs/signature.md.
+Pure functions over numpy and json: no TorchServe, no torch.
+"""
+
+import base64
+import binascii
+import io
+import json
+
+import numpy as np
+
+from kiln.handlers import arrays, images, inputs, tensors
+from kiln.handlers.errors import BadInput, json_type, quoted
+from kiln.handlers.signature import raw_shape
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class InputFields(dict):
+    """A request whose inputs came one per field, keyed by input name (gRPC's input map,
+    a multipart form): name -> the field's bytes or value."""
+
+
+def request_body(request, signature):
+    """The body of one TorchServe request: a raw body arrives as "body", a form field (and
+    gRPC's input) as "data"; a model with several inputs may take one field per input."""
+    if not isinstance(request, dict):
+        return request
+    for key in ("data", "body"):
+        if key in request:
+            return request[key]
+    names = [spec["name"] for spec in signature["inputs"]]
+    if len(names) > 1 and all(name in request for name in names):
+        unknown = [key for key in request if key not in names]
+        if unknown:
+            raise BadInput(f"unknown fields {quoted(unknown)}: this model's inputs are "
+                           f"{quoted(names)}", reason="bad_form")
+        return InputFields((name, request[name]) for name in names)
+    if request:
+        expected = ("the request body or a form field named 'data'" if len(names) == 1 else
+                    f"the request body, a form field named 'data' or one field per input "
+                    f"({quoted(names)})")
+        raise BadInput(f"expected {expected}, got fields: {quoted(list(request))}",
+                       reason="bad_form")
+    raise BadInput("empty body", reason="empty_body")
+
+
+def sniff_body(body):
+    """Classifies a body as ("image", bytes) or ("json", parsed value).
+
+    TorchServe hands over bytes (images, unparsed JSON), str (text/* content types) or the
+    value it already parsed (application/json), so JSON is recognised by content, not by
+    content type.
+    """
+    if isinstance(body, (bytes, bytearray)):
+        raw = bytes(body)
+        if images.is_encoded_image(raw):
+            return "image", raw
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise BadInput("not a PNG or JPEG image and not JSON",
+                           reason="not_image_or_json") from None
+        return "json", parse_json_text(text)
+    if isinstance(body, str):
+        return "json", parse_json_text(body)
+    if body is None:
+        raise BadInput("empty body", reason="empty_body")
+    return "json", body
+
+
+def parse_json_text(text):
+    """Parses JSON text; NaN and Infinity tokens pass here and are rejected with their field."""
+    text = text.strip()
+    if not text:
+        raise BadInput("empty body", reason="empty_body")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if text[0] in "[{":
+            raise BadInput(
+                f"body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
+                reason="undecodable"
+            ) from None
+        raise BadInput("not a PNG or JPEG image and not JSON", reason="not_image_or_json") from None
+    except RecursionError:
+        raise BadInput("body is not valid JSON: nested too deeply", reason="undecodable") from None
+
+
+def decode_request(body, signature):
+    """One single-input request body as one model row (no batch dimension)."""
+    kind, value = sniff_body(body)
+    return _decode_one(kind, value, signature["inputs"][0])
+
+
+def decode_body(body, signature):
+    """One request body as (model inputs, many): a list of arrays, one per input, batch
+    first; and whether the client sent several instances (then it gets a list of answers
+    back, in order).
+
+    Several instances come as {"instances": [...]}, as a JSON list of instances, or (for a
+    single-input model) as one .npy array with a leading batch dimension.
+    """
+    specs = signature["inputs"]
+    if isinstance(body, InputFields):
+        value = {name: _field_value(raw) for name, raw in body.items()}
+        return [row[np.newaxis] for row in _decode_named(value, signature)], False
+    if isinstance(body, (bytes, bytearray)) and bytes(body[:6]) == NPY_MAGIC:
+        if len(specs) > 1:
+            raise BadInput(f"a .npy body holds one array, and this model takes {len(specs)} "
+                           f"inputs ({quoted([s['name'] for s in specs])}): send a JSON "
+                           "object keyed by input name", reason="bad_form")
+        rows, many = decode_npy(bytes(body), specs[0])
+        return [rows], many
+    kind, value = sniff_body(body)
+    if len(specs) > 1:
+        return _decode_several_inputs(kind, value, signature)
+    spec = specs[0]
+    items = _instances(value, spec) if kind == "json" else None
+    if items is None:
+        return [inputs.stack([_decode_one(kind, value, spec)], spec)], False
+    _check_items(items)
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            rows.append(_decode_one(*_instance_kind(item), spec))
+        except BadInput as err:
+            raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
+    return [inputs.stack(rows, spec)], True
+
+
+def _check_items(items):
+    if not items:
+        raise BadInput("no instances to score: the list is empty", reason="bad_shape")
+    if len(items) > inputs.MAX_INSTANCES:
+        raise BadInput(f"{len(items)} instances in one request, more than {inputs.MAX_INSTANCES}",
+                       reason="too_large")
+
+
+def _instances(value, spec):
+    """The list of instances in a single-input JSON body, or None for one instance."""
+    if isinstance(value, dict) and list(value) == ["instances"]:
+        return _instance_list(value)
+    if not isinstance(value, list) or not value:
+        return None
+    if spec["kind"] == "features":
+        nested = isinstance(value[0], (list, dict))
+    else:  # one image is [H][W] (or [H][W][C]): a list of them is a level deeper
+        depth = len(raw_shape(spec))
+        nested = len(arrays.leading_shape(value)) > depth
+    return value if nested else None
+
+
+def _instance_list(value):
+    items = value["instances"]
+    if not isinstance(items, list):
+        raise BadInput(f'"instances" must be an array, got {json_type(items)}',
+                       reason="wrong_type")
+    return items
+
+
+def _instance_kind(item):
+    """An instance is JSON, or an encoded image as {"b64": "<base64 PNG/JPEG>"}."""
+    if isinstance(item, dict) and list(item) == ["b64"]:
+        try:
+            raw = base64.b64decode(item["b64"], validate=True)
+        except (TypeError, ValueError, binascii.Error):
+            raise BadInput('"b64" is not valid base64', reason="undecodable") from None
+        return sniff_body(raw)
+    return "json", item
+
+
+def _decode_one(kind, value, spec):
+    if spec["kind"] == "tensor" and isinstance(value, dict) and list(value) == [spec["name"]]:
+        value = value[spec["name"]]  # a tensor may come keyed by its name, as several do
+    if kind == "image":
+        return inputs.row_from_image(value, spec)
+    return inputs.row_from_json(value, spec)
+
+
+# --- several inputs --------------------------------------------------------------------
+
+
+def _decode_several_inputs(kind, value, signature):
+    names = [spec["name"] for spec in signature["inputs"]]
+    if kind == "image":
+        raise BadInput(f"this model takes {len(names)} inputs ({quoted(names)}): send a JSON "
+                       "object keyed by input name, images as {\"b64\": ...}",
+                       reason="wrong_type")
+    if isinstance(value, dict) and list(value) == ["instances"] and "instances" not in names:
+        items = _instance_list(value)
+    elif isinstance(value, list):
+        items = value
+    else:
+        return [x[np.newaxis] for x in _decode_named(value, signature)], False
+    _check_items(items)
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            rows.append(_decode_named(item, signature))
+        except BadInput as err:
+            raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
+    return [inputs.stack([row[k] for row in rows], spec)
+            for k, spec in enumerate(signature["inputs"])], True
+
+
+def _decode_named(value, signature):
+    """One instance of a several-input model, {name: value}, as one row per input."""
+    names = [spec["name"] for spec in signature["inputs"]]
+    if not isinstance(value, dict):
+        raise BadInput(f"expected a JSON object keyed by input name ({quoted(names)}), got "
+                       f"{json_type(value)}", reason="wrong_type")
+    missing = [name for name in names if name not in value]
+    unknown = [key for key in value if key not in names]
+    if missing or unknown:
+        problems = ([f"missing {quoted(missing)}"] if missing else []) + (
+            [f"unknown inputs: {quoted(unknown)}"] if unknown else [])
+        raise BadInput(f"expected the inputs {quoted(names)}: " + "; ".join(problems),
+                       reason="bad_form")
+    rows = []
+    for spec in signature["inputs"]:
+        try:
+            rows.append(_decode_one(*_input_kind(value[spec["name"]]), spec))
+        except BadInput as err:
+            raise BadInput(f"input '{spec['name']}': {err}", reason=err.reason) from None
+    return rows
+
+
+def _input_kind(value):
+    if isinstance(value, (bytes, bytearray)):
+        return sniff_body(value)
+    return _instance_kind(value)
+
+
+def _field_value(raw):
+    """A field of gRPC's input map (bytes: an encoded image or JSON text) or of a form."""
+    if isinstance(raw, (bytes, bytearray)) and images.is_encoded_image(bytes(raw)):
+        return bytes(raw)
+    kind, value = sniff_body(raw)
+    return value
+
+
+# --- .npy ------------------------------------------------------------------------------
+
+
+def decode_npy(raw, spec):
+    """A .npy body (no pickles) of raw values of one input, one instance or a batch, as
+    (rows, many). The whole array is checked and preprocessed with vectorised numpy."""
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise BadInput(f"not a readable .npy array: {err}", reason="undecodable") from None
+    if array.dtype.kind not in "iuf":
+        raise BadInput(f".npy array has dtype {array.dtype}, expected integers or floats",
+                       reason="wrong_type")
+    values = array.astype(np.float64)
+    if spec["kind"] == "features":
+        width = len(spec["names"])
+        if values.shape not in ((width,), values.shape[:1] + (width,)) or values.ndim > 2:
+            raise BadInput(f".npy array has shape {list(values.shape)}, "
+                           f"expected [{width}] or [N, {width}]", reason="bad_shape")
+        many, values = values.ndim == 2, values.reshape(-1, width)
+    elif spec["kind"] == "image":
+        many, values = _npy_pixels(values, spec)
+    else:
+        depth = len(spec["shape"]) - 1
+        many = values.ndim == depth + 1
+        if not many:
+            values = values[np.newaxis]
+        tensors.check_tensor_shape(list(values.shape[1:]), spec, ".npy array")
+    return inputs.rows_from_raw(values, spec), many
+
+
+def _npy_pixels(values, spec):
+    pixels = images.pixel_shape(spec)
+    shown = ", ".join(map(str, pixels))
+    if spec["channels"] == 1:
+        h, w = pixels
+        if values.shape[-2:] != (h, w) or values.ndim not in (2, 3, 4) or (
+                values.ndim == 4 and values.shape[1] != 1):
+            raise BadInput(f".npy array has shape {list(values.shape)}, "
+                           f"expected [{h}, {w}], [N, {h}, {w}] or [N, 1, {h}, {w}]",
+                           reason="bad_shape")
+        return values.ndim > 2, values.reshape(-1, h, w)
+    if list(values.shape[-3:]) != pixels or values.ndim not in (3, 4):
+        raise BadInput(f".npy array has shape {list(values.shape)}, "
+                       f"expected [{shown}] or [N, {shown}]", reason="bad_shape")
+    return values.ndim == 4, values.reshape(-1, *pixels)
