@@ -254,8 +254,14 @@ def _check_input(i: int, spec: dict, trained: bool) -> dict:
     elif kind == "features":
         _no_unknown(spec, ("name", "kind", "names", "mean", "std", "min", "max"), where)
         names_ = spec.get("names")
-        if not trained and not (isinstance(names_, list) and names_):
-            raise DeclarationError(f"{where}: features need names = [...]")
+        if not trained:
+            if not (isinstance(names_, list) and names_):
+                raise DeclarationError(f"{where}: features need names = [...]")
+            # Values go to the model as they come unless the declaration standardises them.
+            spec.setdefault("mean", [0.0] * len(names_))
+            spec.setdefault("std", [1.0] * len(names_))
+            if not len(spec["mean"]) == len(spec["std"]) == len(names_):
+                raise DeclarationError(f"{where}: mean and std need one value per name")
     else:
         _no_unknown(spec, ("name", "kind", "dtype", "shape", "max_length", "pad_value", "min",
                            "max"), where)
@@ -379,3 +385,50 @@ def load_model_class(decl: Declaration) -> type[torch.nn.Module]:
         raise DeclarationError(f"{decl.path}: {decl.model_file.name} defines "
                                f"{[c.__name__ for c in classes]}; name one with [model] class")
     return classes[0]
+
+
+# --- writing one -----------------------------------------------------------------------------
+
+
+def to_toml(table: dict) -> str:
+    """TOML text for a declaration's table (the subset declarations use: scalars, lists of
+    scalars, inline tables, tables and arrays of tables); tomllib reads it back equal."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in table.items()
+             if not isinstance(value, dict) and not _is_table_array(value)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        elif _is_table_array(value):
+            for item in value:
+                lines += ["", f"[[{key}]]"]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_table_array(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _toml_value(value) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    import json
+
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)

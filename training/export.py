@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 from kiln.console import setup_logging
+from kiln.handlers import errors, rest
+from kiln.handlers import inputs as serving_inputs
+from kiln.handlers.signature import check_signature
 from kiln.training import declaration, recipes
 from kiln.training.train import ARTIFACTS, add_models_dir, git_sha
 
@@ -250,12 +253,26 @@ def random_inputs(inputs: list[dict], rows: int, seed: int = 0) -> tuple[torch.T
 
 
 def gate_inputs(decl, inputs: list[dict]) -> tuple[torch.Tensor, ...]:
-    """The test split (a recipe model), or random inputs in the declared ranges, the same
-    on every run."""
+    """The declaration's examples, decoded as the server decodes them, then the test split
+    (a recipe model) or random inputs in the declared ranges, the same on every run."""
     if decl.recipe is not None:
-        prepared = recipes.prepare(decl)
-        return prepared.splits["test"][0]
-    return random_inputs(inputs, RANDOM_ROWS)
+        rows = [np.asarray(x) for x in recipes.prepare(decl).splits["test"][0]]
+    else:
+        rows = [x.numpy() for x in random_inputs(inputs, RANDOM_ROWS)]
+    served = {"inputs": signature_inputs(inputs)}
+    parts = [example_inputs(decl, example, served) for example in decl.examples]
+    joined = serving_inputs.join([*parts, rows], served)
+    return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in joined)
+
+
+def example_inputs(decl, example, served: dict) -> list[np.ndarray]:
+    """One example's model inputs; an example the server would refuse fails the export."""
+    try:
+        arrays, _ = rest.decode_body(example.body(), served)
+    except errors.BadInput as err:
+        where = example.file or json.dumps(example.value)[:60]
+        raise ExportError(f"example {where} would get a 400 from the server: {err}") from None
+    return arrays
 
 
 # --- the signature ---------------------------------------------------------------------------
@@ -386,6 +403,7 @@ def export(name: str, artifacts: Path | None = None,
         for path in tmp.values():
             path.unlink(missing_ok=True)
     sig = signature(decl, meta, inputs, output, out_shape, parity)
+    check_signature(sig)
     (folder / "signature.json").write_text(json.dumps(sig, indent=2) + "\n")
     log.info("%s exported -> %s", decl.name,
              ", ".join(str(folder / FORMS[f]) for f in exported))
