@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.client import Client
-from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings, declared_serving
 from kiln.loadtests import declared, inprocess, payloads, stock, wrk
 from kiln.loadtests.batching import server_cpu_seconds
-from kiln.model_store import STORE, archive_config
-from kiln.model_store.archive import ServingConfig
+from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.bench")
@@ -88,14 +87,6 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def configured_batch(archive: Path) -> int:
-    """batchSize from the archive's model-config.yaml (ServingConfig's when absent)."""
-    try:
-        return int((archive_config(archive) or {})["batchSize"])
-    except (KeyError, ValueError, TypeError):
-        return ServingConfig().batch_size
-
-
 def inprocess_rows(artifacts: Path, body: bytes, batch: int, seconds: float) -> list[Row]:
     return [Row(f"in-process {t.backend} b{t.batch}", 0, t.throughput, t.p50_ms, t.p99_ms,
                 t.calls)
@@ -130,7 +121,10 @@ def start_servers(name: str, stock_store: Path, run_root: Path,
     kiln = Server(ServerSettings(run_root / "kiln", STORE, [name], Ports.free(),
                                  models_dirs=models_dirs))
     names = [f"{name}_stock", f"{name}_noop"]
-    plain = Server(stock.StockSettings(run_root / "stock", stock_store, names, Ports.free()))
+    # The no-op gets Kiln's workers and batching: the ceiling of the server as Kiln runs it,
+    # so that no handler with those settings can beat it. The stock one, TorchServe's.
+    plain = Server(stock.StockSettings(run_root / "stock", stock_store, names, Ports.free(),
+                                       serving={names[1]: ModelServing()}))
     kiln.start()
     try:
         plain.start()
@@ -174,11 +168,12 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
     from kiln.cli.pipeline import ensure_built
 
     name = decl.name
-    archive = ensure_built(name, models_dirs=models_dirs)
+    ensure_built(name, models_dirs=models_dirs)
     artifacts = ARTIFACTS / name
     first = payloads.first_payload(decl)
     payload = (first.body, first.content_type)
-    rows = inprocess_rows(artifacts, first.body, configured_batch(archive), min(seconds, 3))
+    batch = declared_serving(name, models_dirs).batch_size  # what `kiln serve NAME` batches
+    rows = inprocess_rows(artifacts, first.body, batch, min(seconds, 3))
     rows += served_rows(decl, artifacts, payload, clients, seconds, models_dirs)
     return add_ratios(rows)
 

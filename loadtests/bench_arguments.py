@@ -35,5 +35,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=int, default=3,
                         help="seconds per run, whole seconds (default: 3)")
     parser.add_argument("--out", type=Path, default=Path("tune"),
-                        help="folder for model-config.yaml, report.md and trials.yaml "
-                             "(default: tune/)")
+                        help="folder for serving.toml (the pick as a [serving] table), "
+                             "report.md and trials.yaml (default: tune/)")
+    parser.add_argument("--write-declaration", action="store_true",
+                        help="also write the pick into the model's declaration, rewriting its "
+                             "[serving] table and nothing else (default: off; the pick "
+                             "depends on the machine it was measured on)")

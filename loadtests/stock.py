@@ -18,11 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from kiln import client as http_client
-from kiln.deploy.server import ServerSettings
-from kiln.model_store.archive import ServingConfig
+from kiln.deploy.server import ModelServing, ServerSettings
 
 NOOP_HANDLER = Path(__file__).resolve().parent / "noop_handler.py"
 STOCK_HANDLER = "base_handler"
@@ -33,16 +30,19 @@ DESCRIPTION = ("TorchServe's stock base_handler + json envelope, TorchScript, de
 
 @dataclass
 class StockSettings(ServerSettings):
-    """Kiln's server settings plus TorchServe's json envelope, for stock handlers only."""
+    """Kiln's server settings plus TorchServe's json envelope, for stock handlers only; a
+    model not listed in `serving` gets TorchServe's own defaults (it has no declaration)."""
+
+    def model_serving(self, name: str) -> ModelServing | None:
+        return self.serving.get(name)
 
     def config_properties(self) -> str:
         return super().config_properties() + "service_envelope=json\n"
 
 
-def archive(name: str, version: str, handler: str, model_ts: Path, store: Path,
-            model_config: dict | None = None) -> Path:
-    """store/NAME.mar around a TorchScript file (base_handler loads only *.pt), with TorchServe's
-    defaults or the given model-config.yaml."""
+def archive(name: str, version: str, handler: str, model_ts: Path, store: Path) -> Path:
+    """store/NAME.mar around a TorchScript file (base_handler loads only *.pt), without a
+    model-config.yaml: the server's settings apply."""
     with tempfile.TemporaryDirectory(prefix="kiln-stock-") as tmp:
         serialized = Path(tmp) / "model.pt"
         shutil.copyfile(model_ts, serialized)
@@ -50,10 +50,6 @@ def archive(name: str, version: str, handler: str, model_ts: Path, store: Path,
                "--model-name", name, "--version", version,
                "--serialized-file", str(serialized), "--handler", handler,
                "--export-path", str(store), "--force"]
-        if model_config is not None:
-            config = Path(tmp) / "model-config.yaml"
-            config.write_text(yaml.safe_dump(model_config))
-            cmd += ["--config-file", str(config)]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
@@ -66,10 +62,7 @@ def build_all(name: str, version: str, artifacts: Path, store: Path) -> dict[str
     store.mkdir(parents=True, exist_ok=True)
     names = {"stock": f"{name}_stock", "noop": f"{name}_noop"}
     archive(names["stock"], version, STOCK_HANDLER, artifacts / "model.ts", store)
-    # The no-op gets Kiln's workers and batching: the ceiling of the server as Kiln runs it,
-    # so that no handler with those settings can beat it.
-    batching = {k: v for k, v in ServingConfig().model_config().items() if k != "handler"}
-    archive(names["noop"], version, str(NOOP_HANDLER), artifacts / "model.ts", store, batching)
+    archive(names["noop"], version, str(NOOP_HANDLER), artifacts / "model.ts", store)
     return names
 
 

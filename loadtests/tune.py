@@ -1,10 +1,13 @@
 """Sweep batch size, max batch delay, workers and backend: `kiln tune NAME --p99-ms X`.
 
-Each variant is registered through the management API and measured with wrk at --clients
-connections and at one. Rule: a variant qualifies when it answered every request and its
-p99 stays under X both at load and at one client; the pick is the highest throughput at
-load, where variants within --tie of the best count as equal and the lower one-client p50
-wins (batching buys throughput at load and costs latency when idle).
+One archive per backend; each variant is that archive registered through the management API
+with the variant's workers and batching (serve-time settings, as `kiln serve` gives them),
+and measured with wrk at --clients connections and at one. Rule: a variant qualifies when it
+answered every request and its p99 stays under X both at load and at one client; the pick is
+the highest throughput at load, where variants within --tie of the best count as equal and
+the lower one-client p50 wins (batching buys throughput at load and costs latency when idle).
+The pick becomes the declaration's [serving] table: written to --out, and into the
+declaration itself with --write-declaration.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from pathlib import Path
 import requests
 import yaml
 
-from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.loadtests import declared, payloads, wrk
+from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
+from kiln.loadtests import declared, payloads, serving_table, wrk
 from kiln.loadtests.batching import parse_configs, register
-from kiln.model_store.archive import ServingConfig
 from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.tune")
@@ -42,9 +44,10 @@ class Variant:
         return (f"{self.backend}_b{self.batch_size}_d{self.max_batch_delay_ms}"
                 f"_w{self.workers}")
 
-    def serving_config(self) -> ServingConfig:
-        return ServingConfig(workers=self.workers, batch_size=self.batch_size,
-                             max_batch_delay_ms=self.max_batch_delay_ms)
+    def serving(self) -> ModelServing:
+        """The variant as `kiln serve` settings (which refuse what it cannot serve)."""
+        return ModelServing(workers=self.workers, batch_size=self.batch_size,
+                            max_batch_delay_ms=self.max_batch_delay_ms)
 
 
 @dataclass
@@ -77,14 +80,15 @@ def choose(trials: list[Trial], p99_ms: float, tie: float = 0.05) -> Trial | Non
     return min(close, key=lambda t: (t.one_p50_ms, -t.throughput))
 
 
-def model_config_yaml(variant: Variant) -> str:
-    """The archive's model-config.yaml for `variant` (what `kiln archive` writes)."""
-    return yaml.safe_dump(variant.serving_config().model_config(), sort_keys=False)
+def serving_values(variant: Variant) -> dict[str, int]:
+    """The declaration's [serving] keys for `variant`."""
+    return asdict(variant.serving())
 
 
-def archive_command(name: str, v: Variant) -> str:
-    return (f"kiln archive {name} --backend {v.backend} --workers {v.workers} "
-            f"--batch-size {v.batch_size} --max-batch-delay {v.max_batch_delay_ms}")
+def serve_command(name: str, v: Variant) -> str:
+    backend = f" --backend {v.backend}" if v.backend != "onnx" else ""
+    return (f"kiln serve {name}{backend} --workers {v.workers} --batch-size {v.batch_size} "
+            f"--max-batch-delay {v.max_batch_delay_ms}")
 
 
 def markdown(name: str, trials: list[Trial], pick: Trial | None, p99_ms: float,
@@ -110,7 +114,12 @@ def markdown(name: str, trials: list[Trial], pick: Trial | None, p99_ms: float,
     else:
         lines += [f"Pick: **{pick.variant.name}**: {pick.throughput:.0f} req/s at {clients} "
                   f"clients (p99 {pick.p99_ms:.2f} ms), {pick.one_p50_ms:.2f} ms p50 at 1 "
-                  "client.", "", f"Build it with: `{archive_command(name, pick.variant)}`"]
+                  "client.", "", f"Serve it with: `{serve_command(name, pick.variant)}`, or "
+                  "keep it in the declaration:", "", "```toml",
+                  serving_table.table(serving_values(pick.variant)).rstrip("\n"), "```"]
+        if pick.variant.backend != "onnx":
+            lines += ["", f"A declaration names no backend: serve with `--backend "
+                          f"{pick.variant.backend}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +222,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     workers = [int(w) for w in args.workers.split(",")]
     variants = sweep(backends, parse_configs(args.configs), workers)
+    try:
+        for v in variants:
+            v.serving()
+    except ValueError as err:  # a variant kiln serve could not reproduce
+        log.error("%s", err)
+        return 1
     trials = run_sweep(decl.name, variants, (first.body, first.content_type), args.clients,
                        args.seconds, models_dirs)
     pick = choose(trials, args.p99_ms)
@@ -222,10 +237,18 @@ def run(args: argparse.Namespace) -> int:
     (args.out / "trials.yaml").write_text(yaml.safe_dump(
         [{**asdict(t), "variant": {**asdict(t.variant), "name": t.variant.name}}
          for t in trials], sort_keys=False))
-    (args.out / "model-config.yaml").unlink(missing_ok=True)
+    (args.out / "serving.toml").unlink(missing_ok=True)
     print(report)
     if pick is None:
         return 1
-    (args.out / "model-config.yaml").write_text(model_config_yaml(pick.variant))
-    print(f"wrote {args.out / 'model-config.yaml'} and {args.out / 'report.md'}")
+    values = serving_values(pick.variant)
+    (args.out / "serving.toml").write_text(serving_table.table(values))
+    print(f"wrote {args.out / 'serving.toml'} and {args.out / 'report.md'}")
+    if args.write_declaration:
+        try:
+            serving_table.rewrite(decl.path, values)
+        except (serving_table.TableError, OSError) as err:
+            log.error("%s: %s", decl.path, err)
+            return 1
+        print(f"wrote [serving] into {decl.path}")
     return 0

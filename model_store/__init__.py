@@ -14,13 +14,16 @@ def read_archive(mar: Path) -> tuple[dict | None, dict | None]:
     missing or unreadable."""
     try:
         with zipfile.ZipFile(mar) as z:
-            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-            config = yaml.safe_load(z.read("model-config.yaml"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, yaml.YAMLError):
+            manifest, config = (_read(z, "MAR-INF/MANIFEST.json", json.loads),
+                                _read(z, "model-config.yaml", yaml.safe_load))
+    except (OSError, zipfile.BadZipFile):
         return None, None
-    return manifest, config if isinstance(config, dict) else None
+    return (manifest if isinstance(manifest, dict) else None,
+            config if isinstance(config, dict) else None)
 
 
-def archive_config(mar: Path) -> dict | None:
-    """The archive's model-config.yaml as a dict, or None."""
-    return read_archive(mar)[1]
+def _read(z: zipfile.ZipFile, name: str, parse):
+    try:
+        return parse(z.read(name))
+    except (KeyError, ValueError, yaml.YAMLError):
+        return None

@@ -2,8 +2,10 @@
 
 The archive is self-describing: the whole `kiln` package (the serving core among it), a
 three-line entry module for TorchServe, the model file (the same one training imports), the
-exported graph, signature.json, index_to_name.json and a model-config.yaml with the worker
-and batching settings. It is built only from an export that passed the parity gate.
+exported graph, signature.json, index_to_name.json and a model-config.yaml with the
+handler's options. It is built only from an export that passed the parity gate. Workers and
+batching are not in it: `kiln serve` sets them (deploy/server.py), and TorchServe would let an
+archive's values win over the server's.
 
 Why the whole package: TorchServe puts the model folder on the worker's PYTHONPATH ahead of
 site-packages, so a partial `kiln/` there would hide an installed Kiln's other modules. With
@@ -46,15 +48,12 @@ class Handler(KilnHandler):
 
 
 @dataclass
-class ServingConfig:
-    """What goes into the archive's model-config.yaml (TorchServe's per-model settings)."""
+class ArchiveConfig:
+    """What goes into the archive's model-config.yaml."""
 
-    workers: int = 1
-    # Measured with loadtests/batching.py on lenet, 2 cores, 16 closed-loop clients:
-    # batch 8 / 2 ms gave 2.4x the unbatched throughput and 0.39x its p99, for +2.4 ms p50
-    # at a single client. 8 / 5 ms gains more at load (3.0x) but costs twice that when idle.
-    batch_size: int = 8
-    max_batch_delay_ms: int = 2
+    # TorchServe 0.12 takes a model's response timeout from its archive whenever the archive
+    # has a model-config.yaml (120 s when the file leaves it out), never from config.properties;
+    # Kiln's archives always have one (for the handler's options), so the timeout lives here.
     response_timeout_s: int = 30
     top_k: int = 3
     # "auto": the handler shares the machine's cores among all served workers.
@@ -64,10 +63,6 @@ class ServingConfig:
 
     def model_config(self) -> dict:
         return {
-            "minWorkers": self.workers,
-            "maxWorkers": self.workers,
-            "batchSize": self.batch_size,
-            "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
             "handler": {"top_k": self.top_k, "intra_op_threads": self.intra_op_threads,
                         "require_gpu": self.require_gpu},
@@ -93,11 +88,10 @@ def archive_inputs(decl: declaration.Declaration, artifacts: Path, backend: str)
             *decl.source_files(), *layout.package_files().values()]
 
 
-def serving_config(decl: declaration.Declaration, **given) -> ServingConfig:
-    """Kiln's defaults, then the declaration's [serving] overrides, then what was given."""
-    overrides = {key: decl.serving[key] for key in declaration.SERVING_KEYS
-                 if key in decl.serving}
-    return ServingConfig(**{**overrides, **{k: v for k, v in given.items() if v is not None}})
+def config_for(decl: declaration.Declaration, **given) -> ArchiveConfig:
+    """Kiln's defaults, then the declaration's response timeout, then what was given."""
+    declared = {k: decl.serving[k] for k in ("response_timeout_s",) if k in decl.serving}
+    return ArchiveConfig(**{**declared, **{k: v for k, v in given.items() if v is not None}})
 
 
 def stage_package(folder: Path) -> Path:
@@ -109,12 +103,12 @@ def stage_package(folder: Path) -> Path:
     return folder
 
 
-def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
+def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
           artifacts: Path | None = None, store: Path = STORE,
           models_dirs: list[Path] | None = None) -> Path:
     decl = declaration.get(name, models_dirs)
     name = decl.name
-    config = config or serving_config(decl)
+    config = config or config_for(decl)
     artifacts = artifacts or ARTIFACTS / name
     missing = [p for p in archive_inputs(decl, artifacts, backend) if not p.exists()]
     if missing:
@@ -163,24 +157,16 @@ def build(name: str, backend: str = "onnx", config: ServingConfig | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ServingConfig()
+    d = ArchiveConfig()
     parser.add_argument("name", help="model to archive: a declared name or a NAME.toml path")
     add_models_dir(parser)
     parser.add_argument("--backend", choices=list(FORMS), default="onnx",
                         help="exported form to serve: onnx (ONNX Runtime) or torchscript "
                              "(default: onnx)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"TorchServe workers for this model (default: the declaration's "
-                             f"[serving], else {d.workers})")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"server-side batch size (default: the declaration's, else "
-                             f"{d.batch_size})")
-    parser.add_argument("--max-batch-delay", type=int, default=None,
-                        help=f"ms to wait to fill a batch (default: the declaration's, else "
-                             f"{d.max_batch_delay_ms})")
     parser.add_argument("--response-timeout", type=int, default=None,
-                        help=f"seconds before a worker is deemed stuck "
-                             f"(default: {d.response_timeout_s})")
+                        help=f"seconds before a worker is deemed stuck (default: the "
+                             f"declaration's [serving], else {d.response_timeout_s}); workers "
+                             f"and batching are kiln serve's flags")
     parser.add_argument("--top-k", type=int, default=d.top_k,
                         help=f"classes listed in a multi-class answer (default: {d.top_k})")
     parser.add_argument("--intra-op-threads", type=_threads, default=d.intra_op_threads,
@@ -204,14 +190,10 @@ def _threads(text: str) -> int | str:
     return value
 
 
-def config_from_args(args: argparse.Namespace) -> ServingConfig:
+def config_from_args(args: argparse.Namespace) -> ArchiveConfig:
     decl = declaration.get(args.name, args.models_dirs)
-    return serving_config(
-        decl, workers=args.workers, batch_size=args.batch_size,
-        max_batch_delay_ms=args.max_batch_delay, response_timeout_s=args.response_timeout,
-        top_k=args.top_k, intra_op_threads=args.intra_op_threads,
-        require_gpu=args.require_gpu,
-    )
+    return config_for(decl, response_timeout_s=args.response_timeout, top_k=args.top_k,
+                      intra_op_threads=args.intra_op_threads, require_gpu=args.require_gpu)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from kiln import client as http
 from kiln.console import setup_logging
-from kiln.deploy.server import HOST, Ports, Server, ServerError, ServerSettings
+from kiln.deploy.server import (
+    HOST,
+    ModelServing,
+    Ports,
+    Server,
+    ServerError,
+    ServerSettings,
+    declared_serving,
+)
 from kiln.model_store import STORE
 from kiln.training import declaration
 
@@ -19,10 +27,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
 # Commands that need torch get their modules imported only when they run, so that
 # `kiln predict` and `kiln stop` answer in a fraction of a second.
-BUILD_COMMANDS = ("train", "export", "archive", "serve")
+BUILD_COMMANDS = ("init", "train", "export", "archive", "serve")
 
 
 # -- train / export / archive: thin wrappers over the modules' own entry points ----------------
+def cmd_init(args) -> int:
+    from kiln.training import init
+
+    return init.run(args)
+
+
 def cmd_train(args) -> int:
     from kiln.training import train
 
@@ -42,7 +56,8 @@ def cmd_archive(args) -> int:
 
 
 # -- serve / stop / predict ------------------------------------------------------------------
-def _server(args, models: list[str] | None = None) -> Server:
+def _server(args, models: list[str] | None = None,
+            serving: dict[str, ModelServing] | None = None) -> Server:
     ports = Ports(args.inference_port, args.management_port, args.metrics_port,
                   args.grpc_inference_port, args.grpc_management_port)
     saved = Ports.saved(args.run_dir)
@@ -52,7 +67,19 @@ def _server(args, models: list[str] | None = None) -> Server:
                                  models=models or declaration.default_set(), ports=ports,
                                  enable_model_api=getattr(args, "enable_model_api", False),
                                  access_log=getattr(args, "access_log", False),
-                                 models_dirs=getattr(args, "models_dirs", [])))
+                                 models_dirs=getattr(args, "models_dirs", []),
+                                 serving=serving or {}))
+
+
+def _serving(args, models: list[str]) -> dict[str, ModelServing]:
+    """Per model: Kiln's defaults < its declaration's [serving] < the flags given."""
+    flags = dict(workers=args.workers, batch_size=args.batch_size,
+                 max_batch_delay_ms=args.max_batch_delay)
+    serving = {m: declared_serving(m, args.models_dirs, **flags) for m in models}
+    for m, s in serving.items():
+        log.info("%s: %d worker(s), batch size %d, max batch delay %d ms", m, s.workers,
+                 s.batch_size, s.max_batch_delay_ms)
+    return serving
 
 
 def how_to_call(server: Server) -> str:
@@ -106,10 +133,11 @@ def cmd_serve(args) -> int:
     try:
         models = ([declaration.get(m, args.models_dirs).name for m in args.models]
                   or declaration.default_set())
-    except declaration.DeclarationError as err:
+        serving = _serving(args, models)
+    except ValueError as err:  # a declaration not found, or a bad serving setting
         log.error("%s", err)
         return 1
-    server = _server(args, models)
+    server = _server(args, models, serving)
     if server.pid() is not None:
         server = Server(ServerSettings(args.run_dir, args.store, models,
                                        Ports.saved(args.run_dir) or server.ports,
@@ -260,6 +288,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("init", help="declare a model you trained: model file + weights",
+                       description="Write NAME.toml beside a model file from its weights and "
+                                   "a few flags; a dry forward pass checks the declared inputs "
+                                   "and output against the model.")
+    if wanted("init"):
+        from kiln.training import init
+
+        init.add_arguments(p)
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("train", help="train a model",
                        description="Train a model; writes artifacts/NAME/state_dict.pt, "
                                    "meta.json and a checkpoint, logs to TensorBoard.")
@@ -308,6 +346,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="write run/logs/access_log.log, one line per request (default: off)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
+    d = ModelServing()
+    p.add_argument("--workers", type=int,
+                   help=f"workers per served model (default: each declaration's [serving] "
+                        f"workers, else {d.workers})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"server-side batch size of every served model (default: each "
+                        f"declaration's, else {d.batch_size})")
+    p.add_argument("--max-batch-delay", type=int, metavar="MS",
+                   help=f"ms to wait to fill a batch, for every served model (default: each "
+                        f"declaration's, else {d.max_batch_delay_ms})")
     _server_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -364,8 +412,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("tune", help="sweep batching, workers and backend under a p99 bound",
                        description="Sweep batch size, max batch delay, workers and backend; "
-                                   "write the model-config.yaml of the fastest variant whose "
-                                   "p99 stays under --p99-ms (exit 1 when none does).")
+                                   "write the [serving] table of the fastest variant whose p99 "
+                                   "stays under --p99-ms, into the declaration with "
+                                   "--write-declaration (exit 1 when none does).")
     add_tune_arguments(p)
     p.set_defaults(func=cmd_tune)
     return parser

@@ -52,7 +52,9 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
         export.export(name, models_dirs=dirs)
     mar = store / f"{name}.mar"
     inputs = archive.archive_inputs(decl, folder, backend)
-    wanted = (backend, archive.serving_config(decl).model_config())
+    # Its model-config.yaml holds the handler's options and the response timeout; an archive
+    # from before workers and batching moved to kiln serve differs here too, and is rebuilt.
+    wanted = (backend, archive.config_for(decl).model_config())
     if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
         archive.build(name, backend, store=store, models_dirs=dirs)

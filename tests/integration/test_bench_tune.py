@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,8 @@ def test_tune_picks_a_member_of_the_sweep_under_the_bound(archives, tmp_path):
     assert done.returncode == 0, done.stderr
     trials = yaml.safe_load((tmp_path / "trials.yaml").read_text())
     assert [t["variant"]["name"] for t in trials] == ["onnx_b1_d0_w1", "onnx_b4_d1_w1"]
-    written = yaml.safe_load((tmp_path / "model-config.yaml").read_text())
-    chosen = [t for t in trials if (t["variant"]["batch_size"], t["variant"]["max_batch_delay_ms"])
-              == (written["batchSize"], written["maxBatchDelay"])]
-    assert len(chosen) == 1 and written["minWorkers"] == chosen[0]["variant"]["workers"] == 1
+    written = tomllib.loads((tmp_path / "serving.toml").read_text())["serving"]
+    chosen = [t for t in trials if {k: t["variant"][k] for k in written} == written]
+    assert len(chosen) == 1 and written["workers"] == 1
     assert chosen[0]["p99_ms"] <= 5000 and chosen[0]["one_p99_ms"] <= 5000
     assert "**pick**" in (tmp_path / "report.md").read_text()

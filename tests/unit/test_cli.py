@@ -12,8 +12,9 @@ from kiln.cli.main import build_parser, describe
 SUBCOMMANDS = {
     "train": ["--epochs", "--optimizer", "--seed", "--resume", "--dry-run", "--device"],
     "export": ["--artifacts"],
-    "archive": ["--backend", "--workers", "--batch-size", "--max-batch-delay", "--top-k"],
-    "serve": ["--backend", "--no-build", "--enable-model-api", "--inference-port"],
+    "archive": ["--backend", "--response-timeout", "--top-k"],
+    "serve": ["--backend", "--no-build", "--enable-model-api", "--inference-port", "--workers",
+              "--batch-size", "--max-batch-delay"],
     "stop": ["--run-dir"],
     "predict": ["--url", "--token", "--expect", "--json"],
 }

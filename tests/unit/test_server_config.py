@@ -1,8 +1,13 @@
-"""The rendered TorchServe configuration keeps Kiln's secure defaults."""
+"""The rendered TorchServe configuration keeps Kiln's secure defaults and carries each served
+model's workers and batching."""
 
+import json
+import zipfile
 from pathlib import Path
 
-from kiln.deploy.server import Ports, ServerSettings
+import pytest
+
+from kiln.deploy.server import ModelServing, Ports, ServerError, ServerSettings
 
 
 def parse(text: str) -> dict[str, str]:
@@ -11,6 +16,8 @@ def parse(text: str) -> dict[str, str]:
 
 def test_config_binds_loopback_and_keeps_secure_defaults(tmp_path):
     store = tmp_path / "store"
+    for name in ("lenet", "binary"):
+        fake_archive(store, name)
     settings = ServerSettings(run_dir=tmp_path / "run", model_store=store,
                               models=["lenet", "binary"], ports=Ports(1, 2, 3, 4, 5))
     cfg = parse(settings.config_properties())
@@ -30,6 +37,7 @@ def test_config_binds_loopback_and_keeps_secure_defaults(tmp_path):
 
 
 def test_model_api_only_when_asked(tmp_path):
+    fake_archive(tmp_path, "mlp")
     settings = ServerSettings(tmp_path, tmp_path, ["mlp"], enable_model_api=True)
     assert parse(settings.config_properties())["enable_model_api"] == "true"
 
@@ -47,3 +55,112 @@ def test_run_folder_isolates_the_pid_file(tmp_path):
     env = server._env()
     assert Path(env["TMPDIR"]) == (tmp_path / "run" / "tmp").resolve()
     assert server.pid() is None
+
+
+# --- per-model serving settings: config.properties' `models` -------------------------------
+
+BUILTIN = Path(__file__).resolve().parents[2] / "training" / "models"
+
+
+def fake_archive(store: Path, name: str, version: str = "1.0") -> Path:
+    """What config rendering reads of an archive: its manifest."""
+    store.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(store / f"{name}.mar", "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json",
+                   json.dumps({"model": {"modelName": name, "modelVersion": version}}))
+    return store / f"{name}.mar"
+
+
+def declared_model(folder: Path, name: str, serving: str) -> Path:
+    """A declaration of Kiln's binary model under another name, with a [serving] table."""
+    text = (BUILTIN / "binary.toml").read_text().split("[[examples]]")[0]
+    text = text.replace('file = "binary.py"', f'file = "{BUILTIN / "binary.py"}"')
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(text + "\n[serving]\n" + serving)
+    return folder
+
+
+def test_models_setting_has_each_model_s_workers_and_batching(tmp_path):
+    store = tmp_path / "store"
+    fake_archive(store, "lenet")
+    fake_archive(store, "binary", "2.5")
+    settings = ServerSettings(tmp_path, store, ["lenet", "binary"], serving={
+        "binary": ModelServing(workers=2, batch_size=4, max_batch_delay_ms=7)})
+    cfg = parse(settings.config_properties())
+    assert cfg["load_models"] == "lenet.mar,binary.mar"
+    assert json.loads(cfg["models"]) == {
+        # lenet declares no [serving]: Kiln's defaults
+        "lenet": {"1.0": {"defaultVersion": True, "marName": "lenet.mar", "minWorkers": 1,
+                          "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 2}},
+        # keyed by the version inside the archive, which is what TorchServe matches
+        "binary": {"2.5": {"defaultVersion": True, "marName": "binary.mar", "minWorkers": 2,
+                           "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 7}},
+    }
+    assert "\\" not in cfg["models"]  # Java properties would read a backslash as an escape
+    assert settings.served_workers() == 3
+
+
+def test_precedence_flag_over_declaration_over_defaults():
+    declared = {"workers": 2, "batch_size": 4, "response_timeout_s": 60}  # timeout: archive's
+    assert ModelServing.resolve(declared) == ModelServing(2, 4, 2)
+    assert ModelServing.resolve(declared, workers=None, batch_size=16, max_batch_delay_ms=5) \
+        == ModelServing(2, 16, 5)
+    assert ModelServing.resolve({}) == ModelServing(1, 8, 2)
+
+
+def test_a_declaration_s_serving_reaches_config_properties(tmp_path):
+    models = declared_model(tmp_path / "models", "tiny", "batch_size = 4\nworkers = 2\n")
+    fake_archive(tmp_path / "store", "tiny")
+    settings = ServerSettings(tmp_path, tmp_path / "store", ["tiny"], models_dirs=[models])
+    assert json.loads(parse(settings.config_properties())["models"])["tiny"]["1.0"] == {
+        "defaultVersion": True, "marName": "tiny.mar", "minWorkers": 2, "maxWorkers": 2,
+        "batchSize": 4, "maxBatchDelay": 2}
+
+
+def test_kiln_serve_flags_win_over_the_declaration(tmp_path):
+    from kiln.cli.main import _serving, build_parser
+
+    models = declared_model(tmp_path / "models", "tiny", "batch_size = 4\nworkers = 2\n")
+    args = build_parser("serve").parse_args(
+        ["serve", "tiny", "--models-dir", str(models), "--batch-size", "16"])
+    assert _serving(args, ["tiny", "lenet"]) == {"tiny": ModelServing(2, 16, 2),
+                                                 "lenet": ModelServing(1, 16, 2)}
+    args.max_batch_delay = 0
+    with pytest.raises(ValueError, match="use 1 or more"):
+        _serving(args, ["tiny"])
+
+
+@pytest.mark.parametrize("given", [dict(workers=0), dict(batch_size=True),
+                                   dict(max_batch_delay_ms=-1), dict(batch_size=2.0)])
+def test_bad_serving_settings_fail_at_construction(given):
+    with pytest.raises(ValueError, match="must be a whole number"):
+        ModelServing(**given)
+
+
+def test_a_stock_model_gets_torchserve_s_defaults(tmp_path):
+    from kiln.loadtests.stock import StockSettings
+
+    fake_archive(tmp_path, "m_stock")
+    fake_archive(tmp_path, "m_noop")
+    settings = StockSettings(tmp_path, tmp_path, ["m_stock", "m_noop"],
+                             serving={"m_noop": ModelServing()})
+    cfg = parse(settings.config_properties())
+    assert cfg["load_models"] == "m_stock.mar,m_noop.mar"
+    assert list(json.loads(cfg["models"])) == ["m_noop"]
+
+
+def test_no_models_no_models_setting(tmp_path):
+    cfg = parse(ServerSettings(tmp_path, tmp_path, []).config_properties())
+    assert "models" not in cfg and "load_models" not in cfg
+
+
+def test_a_missing_archive_is_named(tmp_path):
+    with pytest.raises(ServerError, match="lenet.mar is missing .* run kiln archive lenet"):
+        ServerSettings(tmp_path, tmp_path, ["lenet"]).config_properties()
+
+
+def test_kiln_archive_takes_no_serve_time_settings():
+    from kiln.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("archive").parse_args(["archive", "lenet", "--batch-size", "4"])

@@ -1,14 +1,20 @@
-"""The pure parts of `kiln tune`: the sweep, the selection rule, the model-config.yaml."""
+"""The pure parts of `kiln tune`: the sweep, the selection rule, the [serving] it writes."""
 
-import json
-import shutil
-import zipfile
+import tomllib
 
-import yaml
+import pytest
 
-from kiln.loadtests import declared
-from kiln.loadtests.tune import Trial, Variant, choose, markdown, model_config_yaml, sweep
-from kiln.model_store import archive
+from kiln.deploy.server import ModelServing
+from kiln.loadtests import serving_table
+from kiln.loadtests.tune import (
+    Trial,
+    Variant,
+    choose,
+    markdown,
+    serve_command,
+    serving_values,
+    sweep,
+)
 
 
 def trial(backend, bs, delay, workers, rps, p99, one_p50, one_p99=None, errors=0):
@@ -59,23 +65,28 @@ def test_report_marks_the_pick_and_shows_its_one_client_p50():
            "at 1 client." in text.splitlines()
 
 
-def exported(model_dir, folder):
-    """A copy of a tiny exported model whose signature records a passed parity gate."""
-    shutil.copytree(model_dir, folder)
-    signature = json.loads((folder / "signature.json").read_text())
-    signature["parity"] = {"onnx": {"max_abs_diff": 0.0, "top1_agreement": 1.0}}
-    (folder / "signature.json").write_text(json.dumps(signature))
-    return folder
-
-
-def test_model_config_is_what_kiln_archive_writes(tmp_path, features_model_dir):
+def test_the_pick_is_what_kiln_serve_and_a_declaration_take():
     variant = Variant("onnx", 8, 2, 2)
-    written = yaml.safe_load(model_config_yaml(variant))
-    assert written == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 2,
-                       "responseTimeout": 30, "handler": {"top_k": 3, "intra_op_threads": "auto",
-                                                          "require_gpu": False}}
-    mar = archive.build(declared.default_name("features"), "onnx", variant.serving_config(),
-                        artifacts=exported(features_model_dir, tmp_path / "artifacts"),
-                        store=tmp_path / "store")
-    with zipfile.ZipFile(mar) as z:
-        assert yaml.safe_load(z.read("model-config.yaml")) == written
+    values = serving_values(variant)
+    assert values == {"workers": 2, "batch_size": 8, "max_batch_delay_ms": 2}
+    assert ModelServing.resolve(values) == variant.serving()
+    assert tomllib.loads(serving_table.table(values)) == {"serving": values}
+    assert serve_command("m", variant) == ("kiln serve m --workers 2 --batch-size 8 "
+                                           "--max-batch-delay 2")
+    assert serve_command("m", Variant("torchscript", 1, 0, 1)).startswith(
+        "kiln serve m --backend torchscript ")
+
+
+def test_report_shows_the_serving_table_of_the_pick():
+    trials = [trial("torchscript", 4, 1, 2, 900, 60, 7)]
+    text = markdown("m", trials, choose(trials, 100), 100, 16, 3)
+    toml = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert tomllib.loads(toml) == {"serving": {"workers": 2, "batch_size": 4,
+                                               "max_batch_delay_ms": 1}}
+    assert "serve with `--backend torchscript`" in text
+
+
+def test_a_variant_kiln_serve_cannot_reproduce_is_refused():
+    with pytest.raises(ValueError, match="100 ms"):
+        Variant("onnx", 8, 0, 1).serving()
+    Variant("onnx", 1, 0, 1).serving()  # one request per batch: the delay never counts
