@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -177,7 +178,10 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     cfg.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = cfg.out / "checkpoint.pt"
-    start_epoch, best, history = 1, {"val_accuracy": -1.0}, []
+    # Classifiers are picked on validation accuracy, regressors on validation MSE (negated:
+    # higher is better for both).
+    metric = "neg_mse" if decl.output["kind"] == "regression" else "accuracy"
+    start_epoch, best, history = 1, {f"val_{metric}": -math.inf}, []
     best_state = None
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -203,15 +207,16 @@ def train(cfg: TrainConfig) -> dict:
         va_loss, va_acc = evaluate(decl, model, val_loader, device, max_batches)
         scheduler.step()
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
-                        "val_loss": va_loss, "val_accuracy": va_acc, "seconds": seconds})
-        log.info("%s epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs",
-                 cfg.name, epoch, last_epoch, tr_loss, tr_acc, va_loss, va_acc, seconds)
+        history.append({"epoch": epoch, "train_loss": tr_loss, f"train_{metric}": tr_acc,
+                        "val_loss": va_loss, f"val_{metric}": va_acc, "seconds": seconds})
+        log.info("%s epoch %d/%d  train loss %.4f %s %.4f  val loss %.4f %s %.4f  %.1fs",
+                 cfg.name, epoch, last_epoch, tr_loss, metric, tr_acc, va_loss, metric, va_acc,
+                 seconds)
         for tag, value in (("loss/train", tr_loss), ("loss/val", va_loss),
-                           ("accuracy/train", tr_acc), ("accuracy/val", va_acc)):
+                           (f"{metric}/train", tr_acc), (f"{metric}/val", va_acc)):
             writer.add_scalar(tag, value, epoch)
-        if va_acc >= best["val_accuracy"]:  # model selection on validation, never on test
-            best = {"val_accuracy": va_acc, "val_loss": va_loss, "epoch": epoch}
+        if va_acc >= best[f"val_{metric}"]:  # model selection on validation, never on test
+            best = {f"val_{metric}": va_acc, "val_loss": va_loss, "epoch": epoch}
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
@@ -247,8 +252,8 @@ def train(cfg: TrainConfig) -> dict:
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (cfg.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("%s test %s (best val %.4f at epoch %d) -> %s", cfg.name,
-             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), best["val_accuracy"],
+    log.info("%s test %s (best val %s %.4f at epoch %d) -> %s", cfg.name,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), metric, best[f"val_{metric}"],
              best["epoch"], cfg.out / "state_dict.pt")
     return meta
 

@@ -6,11 +6,10 @@ Nothing here knows about Kiln: it trains, tests and saves a state_dict.
 import argparse
 
 import torch
+from model import IrisNet
 from sklearn.datasets import load_iris
 from sklearn.model_selection import train_test_split
 from torch import nn
-
-from model import IrisNet
 
 
 def main():

@@ -22,13 +22,15 @@ def test_the_default_set_is_what_make_serve_serves():
 def test_model_builds_from_its_declaration_and_keeps_the_batch(name):
     decl = declaration.get(name)
     model = decl.build().eval()
-    # Before training fills them in: standard statistics, and 30 features for the one
-    # features model.
+    # Before training fills them in: standard statistics, and as many features as the
+    # recipe's data has.
+    widths = {"breast_cancer": 30, "diabetes": 10}
     filled = []
     for spec in decl.inputs:
         if spec["kind"] == "features":
-            spec = {**spec, "names": [f"f{i}" for i in range(30)], "mean": [0.0] * 30,
-                    "std": [1.0] * 30}
+            n = widths[decl.recipe]
+            spec = {**spec, "names": [f"f{i}" for i in range(n)], "mean": [0.0] * n,
+                    "std": [1.0] * n}
         elif spec["kind"] == "image":
             spec = {**spec, "mean": [0.0], "std": [1.0]}
         filled.append(spec)
@@ -61,7 +63,8 @@ def test_mlp_and_binary_layer_sizes():
 
 def test_unknown_model_name_says_which_exist():
     with pytest.raises(declaration.DeclarationError,
-                       match="unknown model 'resnet'; declared: binary, lenet, mlp, rnn"):
+                       match="unknown model 'resnet'; declared: binary, diabetes, "
+                             "digit_tokens, lenet, mlp, rnn, transformer"):
         declaration.get("resnet")
 
 
