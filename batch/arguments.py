@@ -11,9 +11,12 @@ VIAS = ("local", "server", "ray")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="model to run (its export in artifacts/NAME)")
     p.add_argument("input", type=Path, help="a folder of PNG/JPEG images (recursive), or a "
-                   ".npy, .csv, .jsonl or .parquet file of feature rows or 784 pixel columns")
+                   ".npy, .csv, .jsonl or .parquet file: feature columns or H*W pixel columns "
+                   "for a model of one features or image input, else one column per input "
+                   "named after it (a tensor's cell a JSON array, an image's a path or base64)")
     p.add_argument("output", type=Path, help="results: .csv, .jsonl or .parquet, one row per "
-                   "input (id, label, probability, error)")
+                   "input: id, the answer's columns (label and probability; labels and "
+                   "probabilities; one per regression output; or output), error")
     p.add_argument("--via", choices=VIAS, default="local",
                    help="local ONNX Runtime, the running TorchServe, or Ray (default: local)")
     p.add_argument("--batch-size", type=int, default=256,

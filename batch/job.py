@@ -10,9 +10,10 @@ from pathlib import Path
 
 from kiln.batch import writers
 from kiln.batch.chunks import BatchError
+from kiln.batch.columns import layout_for
 from kiln.batch.readers import open_source
 from kiln.batch.store import ChunkStore
-from kiln.handlers import codec
+from kiln.handlers.signature import load_signature
 
 log = logging.getLogger("kiln.batch")
 VIAS = ("local", "server", "ray")
@@ -73,20 +74,22 @@ def make_scorer(settings: JobSettings, signature):
     raise BatchError(f"--via {settings.via!r}: expected one of {', '.join(VIAS)}")
 
 
-def _job_identity(settings: JobSettings) -> dict:
-    """What must not change between a run and its --resume (chunks would not line up)."""
+def _job_identity(settings: JobSettings, columns) -> dict:
+    """What must not change between a run and its --resume (chunks would not line up, or
+    hold other columns)."""
     return {"name": settings.name, "input": str(settings.input.resolve()),
-            "chunk_size": settings.chunk_size}
+            "chunk_size": settings.chunk_size, "columns": list(columns)}
 
 
 def run(settings: JobSettings) -> Summary:
     signature_path = settings.artifacts / "signature.json"
     if not signature_path.exists():
         raise BatchError(f"{signature_path} is missing: run kiln export {settings.name}")
-    signature = codec.load_signature(signature_path)
+    signature = load_signature(signature_path)
     writers.check_output(settings.output)
     source = open_source(settings.input, signature, settings.chunk_size)
-    store = ChunkStore(settings.output, _job_identity(settings))
+    layout = layout_for(signature["output"])
+    store = ChunkStore(settings.output, _job_identity(settings, layout.columns), layout)
     done = store.open(settings.resume)
     start, rows_this_run = time.perf_counter(), 0
     todo = (c for c in source.chunks() if c.index not in done)

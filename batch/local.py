@@ -1,7 +1,8 @@
 """--via local: the exported ONNX model in this process, with ONNX Runtime, while the next
-parts are read and decoded elsewhere: images in worker processes (PNG/JPEG decoding and MNIST
-framing are Python and numpy per image, so threads would queue on the GIL), table rows in
-threads (their decoding is vectorised numpy, which releases the GIL)."""
+parts are read and decoded elsewhere: images (a folder, or a table's image column) in worker
+processes (PNG/JPEG decoding and MNIST framing are Python and numpy per image, so threads
+would queue on the GIL), other table rows in threads (raw values are decoded with vectorised
+numpy, which releases the GIL; instances are small JSON values)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kiln.batch import scoring
 from kiln.batch.chunks import Chunk, Scored
 from kiln.batch.pipeline import score_chunks
 from kiln.handlers import backends
+from kiln.handlers.signature import input_names
 
 PARENT_POLL_S = 0.5
 
@@ -31,12 +33,12 @@ class LocalScorer:
         self.batch_size = batch_size
         self.workers = workers or cores
         self.backend = backends.load_backend(str(model_path),
-                                               intra_op_threads=intra_op_threads or cores)
+                                             intra_op_threads=intra_op_threads or cores,
+                                             input_names=input_names(signature))
 
     def score(self, chunks: Iterable[Chunk]) -> Iterator[tuple[Chunk, Scored]]:
         def finish(part: Chunk, decoded: scoring.Decoded) -> Scored:
-            probabilities = scoring.run_batched(self.backend, decoded.rows, self.batch_size)
-            return scoring.scored(part, decoded, probabilities, self.signature)
+            return scoring.score(self.backend, part, decoded, self.batch_size, self.signature)
 
         return self.pipeline(chunks, finish)
 
@@ -49,7 +51,7 @@ class LocalScorer:
         first = next(chunks, None)
         if first is None:
             return
-        with self._pool(images=first.paths is not None) as pool:
+        with self._pool(images=scoring.decodes_images(first, self.signature)) as pool:
             # partial of a module-level function: picklable for worker processes
             decode = functools.partial(scoring.decode_chunk, signature=self.signature)
             yield from score_chunks(chain([first], chunks), self.batch_size, pool, decode,

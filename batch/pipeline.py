@@ -19,6 +19,7 @@ def split(chunk: Chunk, size: int) -> list[Chunk]:
             chunk.index, chunk.ids[cut],
             paths=None if chunk.paths is None else chunk.paths[cut],
             values=None if chunk.values is None else chunk.values[cut],
+            instances=None if chunk.instances is None else chunk.instances[cut],
             errors=chunk.errors[cut],
         ))
     return parts or [chunk]

@@ -10,17 +10,20 @@ neither a checkout nor the artifacts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from kiln.batch import scoring
-from kiln.batch.chunks import BatchError, Chunk, Scored, record
+from kiln.batch import columns, scoring
+from kiln.batch.chunks import BatchError, Chunk, Scored
 from kiln.handlers import backends
+from kiln.handlers.signature import input_names
 
 log = logging.getLogger("kiln.batch")
 REPO = Path(__file__).resolve().parent.parent
@@ -31,32 +34,34 @@ WINDOW_CHUNKS = 8  # chunks per Ray dataset: bounded memory, and progress to sto
 
 
 class OnnxActor:
-    """One ONNX Runtime session per actor; a batch of inputs in, a batch of results out."""
+    """One ONNX Runtime session per actor; a batch of inputs in, a batch of output rows out
+    (each as the JSON of its cells after the id: strings cross Ray's batches as they are)."""
 
     def __init__(self, model: bytes, signature, batch_size: int):
         self.signature, self.batch_size = signature, batch_size
         with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
             f.write(model)
-        self.backend = backends.load_backend(f.name, intra_op_threads=1)
+        self.backend = backends.load_backend(f.name, intra_op_threads=1,
+                                             input_names=input_names(signature))
         os.unlink(f.name)
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["key"])
+        keys = [str(k) for k in batch["key"]]
         errors = [e or None for e in batch["error"]]
         if "bytes" in batch:
+            part = Chunk(0, keys, errors=errors)
             decoded = scoring.decode_images([bytes(b) for b in batch["bytes"]], errors,
                                             self.signature)
         else:
-            part = Chunk(0, [str(k) for k in batch["key"]], values=batch["values"],
-                         errors=errors)
+            if "instance" in batch:
+                part = Chunk(0, keys, instances=[pickle.loads(bytes(b)) for b in
+                                                 batch["instance"]], errors=errors)
+            else:
+                part = Chunk(0, keys, values=batch["values"], errors=errors)
             decoded = scoring.decode_chunk(part, self.signature)
-        probabilities = scoring.run_batched(self.backend, decoded.rows, self.batch_size)
-        labels, probs = np.full(n, "", dtype=object), np.full(n, np.nan)
-        best_labels, best = scoring.best_answers(probabilities, self.signature["output"])
-        labels[decoded.positions], probs[decoded.positions] = best_labels, best
-        out_errors = np.array([e or "" for e in decoded.errors], dtype=object)
-        return {"key": batch["key"], "label": labels, "probability": probs,
-                "error": out_errors}
+        scored = scoring.score(self.backend, part, decoded, self.batch_size, self.signature)
+        cells = [json.dumps(row[1:]) for row in scored.rows()]
+        return {"key": batch["key"], "cells": np.array(cells, dtype=object)}
 
 
 class RayScorer:
@@ -68,6 +73,7 @@ class RayScorer:
         self.ray = ray
         self.model = Path(model_path).read_bytes()
         self.signature, self.batch_size, self.actors = signature, batch_size, actors
+        self.layout = columns.layout_for(signature["output"])
         self.started = not ray.is_initialized()
         if self.started:  # ray.init() joins RAY_ADDRESS's cluster when it is set
             ray.init(runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
@@ -99,8 +105,13 @@ class RayScorer:
             paths = [str(p) for c in window for p in c.paths]
             ds = data.read_binary_files(paths, include_paths=True)
             return ds.map_batches(_keyed_by_path, batch_format="numpy")
-        items = [{"key": f"{k}:{i}", "values": c.values[i], "error": c.errors[i] or ""}
-                 for k, c in enumerate(window) for i in range(len(c))]
+        if window[0].instances is not None:  # values of any structure: pickled
+            items = [{"key": f"{k}:{i}", "instance": pickle.dumps(c.instances[i]),
+                      "error": c.errors[i] or ""}
+                     for k, c in enumerate(window) for i in range(len(c))]
+        else:
+            items = [{"key": f"{k}:{i}", "values": c.values[i], "error": c.errors[i] or ""}
+                     for k, c in enumerate(window) for i in range(len(c))]
         return data.from_items(items)
 
     def _score_window(self, window: list[Chunk]):
@@ -110,23 +121,15 @@ class RayScorer:
             compute=self.ray.data.ActorPoolStrategy(size=self.actors))
         results = {}
         for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
-            for key, label, prob, err in zip(batch["key"], batch["label"],
-                                             batch["probability"], batch["error"], strict=True):
-                results[str(key)] = (label, prob, err)
+            for key, cells in zip(batch["key"], batch["cells"], strict=True):
+                results[str(key)] = json.loads(cells)
         for k, chunk in enumerate(window):
             keys = ([str(p) for p in chunk.paths] if chunk.paths is not None
                     else [f"{k}:{i}" for i in range(len(chunk))])
-            yield chunk, Scored.from_records([_record(row_id, results[key]) for row_id, key
-                                              in zip(chunk.ids, keys, strict=True)])
+            yield chunk, Scored.from_rows([(row_id, *results[key]) for row_id, key
+                                           in zip(chunk.ids, keys, strict=True)], self.layout)
 
 
 def _keyed_by_path(batch: dict) -> dict:
     return {"key": batch["path"], "bytes": batch["bytes"],
             "error": np.full(len(batch["path"]), "", dtype=object)}
-
-
-def _record(row_id: str, result) -> dict:
-    label, probability, error = result
-    if error:
-        return record(row_id, error=str(error))
-    return record(row_id, str(label), float(probability))

@@ -2,11 +2,13 @@
 
 Each row gets a stable id: an image's path relative to the folder (POSIX form), a table row's
 number (from 0, header excluded). A row that cannot be read gets an error, never a gap.
+What a table's columns hold, by model, is in batch/tables.py.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.batch import tables
+from kiln.batch import columns, tables
 from kiln.batch.chunks import BatchError, Chunk
-from kiln.handlers import answers, features, images
-from kiln.handlers.errors import BadInput
+from kiln.handlers import features, images
+from kiln.handlers.errors import BadInput, quoted
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TABLE_SUFFIXES = (".npy", ".csv", ".jsonl", ".ndjson", ".parquet")
@@ -37,9 +39,12 @@ def open_source(path: Path, signature, chunk_size: int) -> Source:
     """The reader for `path`, chosen by what it is; BatchError if it cannot be read."""
     check_batchable(signature)
     if path.is_dir():
-        if signature["inputs"][0]["kind"] != "image":
+        specs = signature["inputs"]
+        if len(specs) > 1 or specs[0]["kind"] != "image":
             raise BatchError(f"{path} is a folder of images but {signature['name']} takes "
-                             "features: give it a .npy, CSV, JSON Lines or Parquet file")
+                             f"{_what_it_takes(signature)}: give it a "
+                             f"{'.npy, ' if takes_npy(signature) else ''}CSV, "
+                             "JSON Lines or Parquet file")
         return image_source(path, chunk_size)
     if not path.is_file():
         raise BatchError(f"{path}: no such file or folder")
@@ -52,23 +57,21 @@ def open_source(path: Path, signature, chunk_size: int) -> Source:
     return readers[suffix](path, signature, chunk_size)
 
 
-def check_batchable(signature) -> None:
-    """Batch jobs read one input a row (a file, a table row) and write a label and its
-    probability; a model that takes several inputs needs one column per input, which these
-    readers do not assemble yet."""
+def _what_it_takes(signature) -> str:
     specs = signature["inputs"]
-    if len(specs) > 1:
-        raise BatchError(f"{signature['name']} takes {len(specs)} inputs "
-                         f"({', '.join(s['name'] for s in specs)}): batch jobs read models of "
-                         "one input only, for now")
-    if specs[0]["kind"] == "tensor":
-        raise BatchError(f"{signature['name']} takes a tensor input: batch jobs read image "
-                         "and features models only, for now")
-    kind = signature["output"]["kind"]
-    if kind not in answers.LABELLED_KINDS:
-        raise BatchError(f"{signature['name']} answers {kind}: batch jobs write one label and "
-                         f"its probability a row, for {' and '.join(answers.LABELLED_KINDS)} "
-                         "models only, for now")
+    if len(specs) == 1:
+        return "features" if specs[0]["kind"] == "features" else "a tensor"
+    return f"{len(specs)} inputs ({quoted([s['name'] for s in specs])}), one column each"
+
+
+def check_batchable(signature) -> None:
+    """Any declared model can be scored in a batch job, as long as its output columns do
+    not collide with the id and error columns every output has."""
+    clashes = columns.clashes(signature["output"])
+    if clashes:
+        raise BatchError(f"{signature['name']} has regression outputs named {quoted(clashes)}: "
+                         "a batch job's output has its own id and error columns; rename them "
+                         "in the model's declaration")
 
 
 def _batched(items, size: int):
@@ -90,17 +93,48 @@ def image_source(folder: Path, chunk_size: int) -> Source:
     return Source(len(files), chunks, "images")
 
 
-def _table_chunks(rows: Iterator, chunk_size: int, to_values) -> Iterator[Chunk]:
-    """Chunks of consecutive table rows; to_values(rows) -> (values, errors)."""
+def _table_chunks(rows: Iterator, chunk_size: int, convert) -> Iterator[Chunk]:
+    """Chunks of consecutive table rows; convert(rows) -> (values, errors), or
+    (instances, errors) for a model that takes instances (a list, not an array)."""
     start = 0
     for index, batch in enumerate(_batched(rows, chunk_size)):
-        values, errors = to_values(batch)
-        ids = [str(i) for i in range(start, start + len(batch))]
+        yield _chunk(index, start, *convert(batch))
         start += len(batch)
-        yield Chunk(index, ids, values=values, errors=errors)
+
+
+def _chunk(index: int, start: int, converted, errors: list[str | None]) -> Chunk:
+    """Rows start... of a table as chunk `index`, from values or instances."""
+    ids = [str(i) for i in range(start, start + len(errors))]
+    if isinstance(converted, list):
+        return Chunk(index, ids, instances=converted, errors=errors)
+    return Chunk(index, ids, values=converted, errors=errors)
+
+
+def _instances(rows: list, to_instance) -> tuple[list[dict | None], list[str | None]]:
+    """Each row as to_instance(row), or None and the reason it could not be."""
+    instances: list[dict | None] = []
+    errors: list[str | None] = []
+    for row in rows:
+        try:
+            instances.append(to_instance(row))
+            errors.append(None)
+        except ValueError as err:  # BadInput too
+            instances.append(None)
+            errors.append(str(err))
+    return instances, errors
+
+
+def takes_npy(signature) -> bool:
+    """A .npy file holds one array: rows of a single input of a fixed shape."""
+    specs = signature["inputs"]
+    return len(specs) == 1 and -1 not in tables.value_shape(signature)
 
 
 def npy_source(path: Path, signature, chunk_size: int) -> Source:
+    if not takes_npy(signature):
+        raise BatchError(f"{path}: a .npy file holds one array of rows, and "
+                         f"{signature['name']} takes {_what_it_takes(signature)}: give it a "
+                         "CSV, JSON Lines or Parquet file")
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     shape = tables.value_shape(signature)
     if array.ndim < 1 or array.dtype.kind not in "iuf" or (
@@ -141,6 +175,8 @@ def csv_source(path: Path, signature, chunk_size: int) -> Source:
         first = next(csv.reader(f), None)
     if first is None:
         return Source(0, lambda: iter(()), "table")
+    if tables.takes_instances(signature):
+        return _csv_instances(path, first, signature, chunk_size)
     has_header = tables.looks_like_header(first)
     header = first if has_header else [str(i) for i in range(len(first))]
     plan = tables.column_plan(header, signature, str(path))
@@ -188,12 +224,35 @@ def csv_source(path: Path, signature, chunk_size: int) -> Source:
     return Source(lines - int(has_header), line_chunks if fast else chunks, "table")
 
 
-def _json_row(line: str, signature) -> np.ndarray:
-    """One JSON Lines row as raw values, or BadInput with the handler's own message."""
+def _csv_instances(path: Path, header: list[str], signature, chunk_size: int) -> Source:
+    """One column per input, named in the header (which such a table must have)."""
+    plan = tables.input_columns(header, signature, str(path))
+
+    def to_instance(row):
+        if len(row) != len(header):
+            raise ValueError(f"row has {len(row)} cells, the header {len(header)}")
+        return tables.instance([row[i] for i in plan], signature, path.parent)
+
+    def chunks():
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            next(reader)
+            yield from _table_chunks(reader, chunk_size,
+                                     lambda rows: _instances(rows, to_instance))
+
+    return Source(_count_lines(path) - 1, chunks, "table")
+
+
+def _json_value(line: str):
     try:
-        value = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as err:
         raise BadInput(f"not valid JSON: {err.msg} at column {err.colno}") from None
+
+
+def _json_row(line: str, signature) -> np.ndarray:
+    """One JSON Lines row as raw values, or BadInput with the handler's own message."""
+    value = _json_value(line)
     spec = signature["inputs"][0]
     if spec["kind"] == "features":
         return features.features_from_json(value, spec)
@@ -206,25 +265,31 @@ def _json_row(line: str, signature) -> np.ndarray:
 
 def jsonl_source(path: Path, signature, chunk_size: int) -> Source:
     """One JSON value a line: an object of named features, a list of numbers, or pixels
-    (a flat list of H*W values, [H][W], or {"pixels": ...}). Blank lines are not rows."""
-    shape = tables.value_shape(signature)
-    bad_input = BadInput
+    (a flat list of H*W values, [H][W], or {"pixels": ...}); for a model that takes
+    instances, an object keyed by input name. Blank lines are not rows."""
+    convert = functools.partial(_json_values, signature=signature)
+    if tables.takes_instances(signature):
+        def to_instance(line):
+            return tables.json_instance(_json_value(line), signature, path.parent)
 
-    def to_values(lines):
-        values = np.zeros((len(lines), *shape), dtype=np.float64)
-        errors: list[str | None] = [None] * len(lines)
-        for i, line in enumerate(lines):
-            try:
-                values[i] = _json_row(line, signature)
-            except bad_input as err:
-                errors[i] = str(err)
-        return values, errors
+        convert = functools.partial(_instances, to_instance=to_instance)
 
     def chunks():
         with open(path, encoding="utf-8-sig") as f:
-            yield from _table_chunks((ln for ln in f if ln.strip()), chunk_size, to_values)
+            yield from _table_chunks((ln for ln in f if ln.strip()), chunk_size, convert)
 
     return Source(_count_lines(path), chunks, "table")
+
+
+def _json_values(lines: list[str], signature) -> tuple[np.ndarray, list[str | None]]:
+    values = np.zeros((len(lines), *tables.value_shape(signature)), dtype=np.float64)
+    errors: list[str | None] = [None] * len(lines)
+    for i, line in enumerate(lines):
+        try:
+            values[i] = _json_row(line, signature)
+        except BadInput as err:
+            errors[i] = str(err)
+    return values, errors
 
 
 def parquet_source(path: Path, signature, chunk_size: int) -> Source:
@@ -234,27 +299,35 @@ def parquet_source(path: Path, signature, chunk_size: int) -> Source:
         raise BatchError("reading Parquet needs pyarrow: pip install pyarrow") from None
     parquet = pq.ParquetFile(path)
     header = parquet.schema_arrow.names
-    names = [header[i] for i in tables.column_plan(header, signature, str(path))]
-    shape = tables.value_shape(signature)
+    if tables.takes_instances(signature):
+        names = [header[i] for i in tables.input_columns(header, signature, str(path))]
 
-    def to_values(batch):
-        columns = [batch.column(name) for name in names]
-        if all(c.null_count == 0 and c.type.num_fields == 0 and _numeric(c) for c in columns):
-            values = np.column_stack([c.to_numpy(zero_copy_only=False) for c in columns])
-            return values.astype(np.float64).reshape(len(batch), *shape), [None] * len(batch)
-        rows = [list(r) for r in zip(*(c.to_pylist() for c in columns), strict=True)]
-        return tables.cells_to_values(rows, names, shape)
+        def convert(batch):
+            rows = zip(*(batch.column(name).to_pylist() for name in names), strict=True)
+            return _instances(list(rows), lambda cells: tables.instance(
+                list(cells), signature, path.parent))
+    else:
+        names = [header[i] for i in tables.column_plan(header, signature, str(path))]
+        convert = functools.partial(_parquet_values, names=names, signature=signature)
 
     def chunks():
         start = 0
         for index, batch in enumerate(parquet.iter_batches(batch_size=chunk_size,
                                                            columns=names)):
-            values, errors = to_values(batch)
-            ids = [str(i) for i in range(start, start + len(batch))]
+            yield _chunk(index, start, *convert(batch))
             start += len(batch)
-            yield Chunk(index, ids, values=values, errors=errors)
 
     return Source(parquet.metadata.num_rows, chunks, "table")
+
+
+def _parquet_values(batch, names: list[str], signature):
+    shape = tables.value_shape(signature)
+    columns = [batch.column(name) for name in names]
+    if all(c.null_count == 0 and c.type.num_fields == 0 and _numeric(c) for c in columns):
+        values = np.column_stack([c.to_numpy(zero_copy_only=False) for c in columns])
+        return values.astype(np.float64).reshape(len(batch), *shape), [None] * len(batch)
+    rows = [list(r) for r in zip(*(c.to_pylist() for c in columns), strict=True)]
+    return tables.cells_to_values(rows, names, shape)
 
 
 def _numeric(column) -> bool:

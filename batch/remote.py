@@ -1,6 +1,8 @@
-"""--via server: the running TorchServe, several inputs a request, a bounded number of
-requests in flight, retries with exponential backoff on 502/503/504, timeouts and refused
-connections, and a clear BatchError once the retry budget is spent.
+"""--via server: the running TorchServe, several inputs a request (images as {"instances":
+[{"b64": ...}, ...]}, raw values as one .npy array, instances as {"instances": [{input name:
+value}, ...]}), a bounded number of requests in flight, retries with exponential backoff on
+502/503/504, timeouts and refused connections, and a clear BatchError once the retry budget
+is spent.
 
 A request with a bad input gets 400 as a whole; its rows are then sent one by one, so that
 only the bad row gets the error, with the server's own message.
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 import requests
 
 from kiln import client as http
-from kiln.batch.chunks import BatchError, Chunk, Scored, record
+from kiln.batch import columns, scoring
+from kiln.batch.chunks import BatchError, Chunk, Scored
 from kiln.batch.pipeline import score_chunks
-from kiln.batch.scoring import read_image
+from kiln.batch.scoring import load_instance, read_image
 from kiln.handlers import inputs
 
 log = logging.getLogger("kiln.batch")
@@ -41,6 +44,7 @@ class ServerScorer:
     def __init__(self, name: str, signature, url: str, token: str | None, batch_size: int,
                  concurrency: int, timeout: float = 30, retry: RetryPolicy | None = None):
         self.name, self.signature, self.url, self.token = name, signature, url, token
+        self.layout = columns.layout_for(signature["output"])
         self.request_size = min(batch_size, inputs.MAX_INSTANCES)
         self.concurrency = concurrency
         self.timeout = timeout
@@ -64,36 +68,54 @@ class ServerScorer:
         errors = list(part.errors)
         bodies: dict[int, object] = {}  # position -> what one input is sent as
         for i in range(len(part)):
+            if errors[i] is not None:
+                continue
             if part.paths is not None:
-                raw, errors[i] = read_image(part.paths[i])
-                if raw is not None:
-                    bodies[i] = raw
-            elif errors[i] is None:
-                bodies[i] = part.values[i:i + 1]
-        out = [record(row_id, error=err) for row_id, err in zip(part.ids, errors, strict=True)]
-        if not bodies:
-            return Scored.from_records(out)
-        status, answers = self._post(self._encode(list(bodies.values())))
-        if status == 400:  # some input is bad: find out which, one by one
-            answers = [self._one(body) for body in bodies.values()]
-        elif status != 200:
-            raise BatchError(f"{self.url}/predictions/{self.name} answered HTTP {status}: "
-                             f"{str(answers)[:200]}")
-        for pos, ans in zip(bodies, answers, strict=True):
-            out[pos] = record(part.ids[pos], error=ans["error"]) if "error" in ans else \
-                record(part.ids[pos], ans["label"], ans["probability"])
-        return Scored.from_records(out)
+                body, errors[i] = read_image(part.paths[i])
+            elif part.instances is not None:
+                body, errors[i] = load_instance(part.instances[i])
+            else:
+                body = part.values[i:i + 1]
+            if body is not None:
+                bodies[i] = body
+        answered: list[dict] = []
+        if bodies:
+            status, answers = self._post(self._encode(list(bodies.values())))
+            if status == 400:  # some input is bad: find out which, one by one
+                answers = [self._one(body) for body in bodies.values()]
+            elif status != 200:
+                raise BatchError(f"{self.url}/predictions/{self.name} answered HTTP {status}: "
+                                 f"{str(answers)[:200]}")
+            for pos, answer in zip(bodies, answers, strict=True):
+                if "error" in answer:
+                    errors[pos] = answer["error"]
+                else:
+                    answered.append(answer)
+        positions = [pos for pos in bodies if errors[pos] is None]
+        return scoring.scored(part, scoring.Decoded([], positions, errors),
+                              columns.from_answers(answered, self.layout), self.layout)
 
-    def _encode(self, items: list) -> tuple[bytes, str]:
+    @staticmethod
+    def _encode(items: list) -> tuple[bytes, str]:
+        """Several inputs in one body: images, raw values as one .npy array, or instances
+        as {"instances": [...]} (each encoded as the client encodes one)."""
         if isinstance(items[0], bytes):
             return http.encode_images(items)
+        if isinstance(items[0], dict):
+            body = b",".join(http.encode_inputs(item)[0] for item in items)
+            return b'{"instances": [' + body + b"]}", "application/json"
         import numpy as np
 
         return http.encode_npy(np.concatenate(items))
 
     def _one(self, body) -> dict:
         """One input alone: its answer, or {"error": message} for a 400."""
-        encoded = http.encode_image(body) if isinstance(body, bytes) else http.encode_npy(body)
+        if isinstance(body, bytes):
+            encoded = http.encode_image(body)
+        elif isinstance(body, dict):
+            encoded = http.encode_inputs(body)
+        else:
+            encoded = http.encode_npy(body)
         status, answer = self._post(encoded)
         if status == 400:
             return {"error": answer.get("error", str(answer)) if isinstance(answer, dict)

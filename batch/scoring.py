@@ -1,24 +1,30 @@
-"""Chunks to model rows and model outputs to records, with the handler's own decoders and its
-one answer path, so that a row scored here gets exactly the label, probability or error
-message the server gives it."""
+"""Chunks to model inputs and model outputs to output rows, with the handler's own decoders
+and its one answer path, so that a row scored here gets exactly the answer or error message
+the server gives it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kiln.batch import columns
 from kiln.batch.chunks import Chunk, Scored
-from kiln.handlers import answers, inputs, rest
+from kiln.batch.columns import Layout
+from kiln.handlers import inputs, rest
 from kiln.handlers.errors import BadInput
 
 
 @dataclass
 class Decoded:
-    """Model rows for the inputs at `positions` of a chunk; `errors` for every position."""
+    """Model inputs of the decoded rows of a chunk, in order, as parts (each a list of
+    arrays, one per signature input, of one or more rows; variable lengths are not padded
+    across parts); `positions` are those rows' places in the chunk, `errors` cover every
+    place."""
 
-    rows: np.ndarray
+    parts: list[list[np.ndarray]]
     positions: list[int]
     errors: list[str | None]
 
@@ -31,9 +37,30 @@ def read_image(path: Path) -> tuple[bytes | None, str | None]:
         return None, f"cannot read the file: {err.strerror or err}"
 
 
+def load_instance(instance: dict) -> tuple[dict | None, str | None]:
+    """(the instance with each image file's bytes in place of its Path, None), or (None,
+    why a file could not be read)."""
+    loaded = {}
+    for name, value in instance.items():
+        if isinstance(value, Path):
+            value, why = read_image(value)
+            if value is None:
+                return None, f"input '{name}': {why}"
+        loaded[name] = value
+    return loaded, None
+
+
+def decodes_images(chunk: Chunk, signature) -> bool:
+    """Whether decoding the chunk means decoding images (per-row Python work)."""
+    return chunk.paths is not None or (chunk.instances is not None and any(
+        spec["kind"] == "image" for spec in signature["inputs"]))
+
+
 def decode_chunk(chunk: Chunk, signature) -> Decoded:
     if chunk.paths is not None:
         return _decode_images(chunk, signature)
+    if chunk.instances is not None:
+        return _decode_instances(chunk, signature)
     return _decode_values(chunk, signature)
 
 
@@ -57,7 +84,28 @@ def decode_images(raws: list[bytes | None], errors: list[str | None], signature)
             positions.append(i)
         except BadInput as err:
             errors[i] = str(err)
-    return Decoded(_stack(rows, signature), positions, errors)
+    return Decoded([[inputs.stack(rows, signature["inputs"][0])]] if rows else [],
+                   positions, errors)
+
+
+def _decode_instances(chunk: Chunk, signature) -> Decoded:
+    """Each row's {input name: value} as the server decodes one JSON instance."""
+    errors = list(chunk.errors)
+    parts, positions = [], []
+    for i, instance in enumerate(chunk.instances):
+        if errors[i] is not None:
+            continue
+        loaded, errors[i] = load_instance(instance)
+        if loaded is None:
+            continue
+        try:
+            model_inputs, _ = rest.decode_body(loaded, signature)
+        except BadInput as err:
+            errors[i] = str(err)
+            continue
+        parts.append(model_inputs)
+        positions.append(i)
+    return Decoded(parts, positions, errors)
 
 
 def _decode_values(chunk: Chunk, signature) -> Decoded:
@@ -70,48 +118,75 @@ def _decode_values(chunk: Chunk, signature) -> Decoded:
     for start in range(0, len(good), inputs.MAX_INSTANCES):
         idx = good[start:start + inputs.MAX_INSTANCES]
         try:
-            parts.append(inputs.rows_from_raw(chunk.values[idx], spec))
+            parts.append([inputs.rows_from_raw(chunk.values[idx], spec)])
             positions += idx
             continue
         except BadInput:
             pass
         for i in idx:
             try:
-                parts.append(inputs.rows_from_raw(chunk.values[i:i + 1], spec))
+                parts.append([inputs.rows_from_raw(chunk.values[i:i + 1], spec)])
                 positions.append(i)
             except BadInput as err:
                 errors[i] = str(err)
-    rows = np.concatenate(parts) if parts else _stack([], signature)
-    return Decoded(rows, positions, errors)
+    return Decoded(parts, positions, errors)
 
 
-def _stack(rows, signature) -> np.ndarray:
-    return inputs.stack(rows, signature["inputs"][0])
+def model_batches(parts: list[list[np.ndarray]], batch_size: int,
+                  signature) -> Iterator[list[np.ndarray]]:
+    """The parts' rows, in order, as model inputs of at most batch_size rows each: what one
+    model call takes, variable lengths padded to the longest row of that call."""
+    pending, n = [], 0
+    for part in parts:
+        size, start = inputs.batch_size(part), 0
+        while start < size:
+            take = min(batch_size - n, size - start)
+            pending.append(part if take == size else inputs.take(part, start, start + take))
+            n, start = n + take, start + take
+            if n == batch_size:
+                yield _joined(pending, signature)
+                pending, n = [], 0
+    if pending:
+        yield _joined(pending, signature)
+
+
+def _joined(parts, signature) -> list[np.ndarray]:
+    return parts[0] if len(parts) == 1 else inputs.join(parts, signature)
+
+
+def answer_columns(backend, decoded: Decoded, batch_size: int, signature,
+                   layout: Layout) -> list[list]:
+    """The model over the decoded rows, batch_size rows a call, as the layout's answer
+    columns (one cell per decoded row)."""
+    out: list[list] = [[] for _ in layout.answers]
+    for batch in model_batches(decoded.parts, batch_size, signature):
+        cells = columns.from_model(backend.run(batch), signature["output"], layout)
+        for column, more in zip(out, cells, strict=True):
+            column += more
+    return out
+
+
+def scored(chunk: Chunk, decoded: Decoded, answers: list[list], layout: Layout) -> Scored:
+    """The chunk's output rows, in order: answers where decoded, errors elsewhere."""
+    n = len(chunk)
+    if len(decoded.positions) < n:
+        spread = [[None] * n for _ in answers]
+        for column, cells in zip(spread, answers, strict=True):
+            for pos, cell in zip(decoded.positions, cells, strict=True):
+                column[pos] = cell
+        answers = spread
+    return Scored(list(chunk.ids), *answers, list(decoded.errors), layout=layout)
+
+
+def score(backend, chunk: Chunk, decoded: Decoded, batch_size: int, signature) -> Scored:
+    """decoded (of chunk) through the model, as the chunk's output rows."""
+    layout = columns.layout_for(signature["output"])
+    answers = answer_columns(backend, decoded, batch_size, signature, layout)
+    return scored(chunk, decoded, answers, layout)
 
 
 def best_answers(model_output: np.ndarray, output) -> tuple[list[str], list[float]]:
-    """(labels, probabilities) of the rows of model output, as the server's answers give
-    them (answers.best). ValueError where the output does not fit the signature."""
-    if not len(model_output):
-        return [], []
-    return answers.best(model_output, output)
-
-
-def scored(chunk: Chunk, decoded: Decoded, probabilities: np.ndarray, signature) -> Scored:
-    """The chunk's output rows, in order: answers where decoded, errors elsewhere."""
-    labels, best = best_answers(probabilities, signature["output"])
-    n = len(chunk)
-    if len(decoded.positions) < n:
-        spread_labels, spread_best = [None] * n, [None] * n
-        for pos, label, probability in zip(decoded.positions, labels, best, strict=True):
-            spread_labels[pos], spread_best[pos] = label, probability
-        labels, best = spread_labels, spread_best
-    return Scored(list(chunk.ids), labels, best, list(decoded.errors))
-
-
-def run_batched(backend, rows: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model over rows, batch_size rows a call."""
-    if not len(rows):
-        return np.zeros((0,), dtype=np.float32)
-    outs = [backend.run([rows[s:s + batch_size]]) for s in range(0, len(rows), batch_size)]
-    return np.concatenate(outs)
+    """(labels, probabilities) of the rows of a multiclass or binary model's output, as the
+    server's answers give them. ValueError where the output does not fit the signature."""
+    labels, probabilities = columns.from_model(model_output, output, columns.LABELLED)
+    return labels, probabilities

@@ -21,6 +21,7 @@ from itertools import chain
 from pathlib import Path
 
 from kiln.batch.chunks import BatchError, Scored
+from kiln.batch.columns import LABELLED, Layout
 
 log = logging.getLogger("kiln.batch")
 MANIFEST = "manifest.jsonl"
@@ -51,10 +52,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class ChunkStore:
-    def __init__(self, output: Path, job: dict):
+    def __init__(self, output: Path, job: dict, layout: Layout = LABELLED):
         self.dir = parts_dir(output)
         self.manifest = self.dir / MANIFEST
         self.job = job
+        self.layout = layout
         self.done: dict[int, dict] = {}
 
     def open(self, resume: bool) -> dict[int, dict]:
@@ -113,7 +115,7 @@ class ChunkStore:
     def chunks(self) -> Iterator[Scored]:
         """Each finished chunk's output rows, in chunk order."""
         for data in self.csv_bodies():
-            yield parse_rows(csv.reader(io.StringIO(data.decode(), newline="")))
+            yield parse_rows(csv.reader(io.StringIO(data.decode(), newline="")), self.layout)
 
     def csv_bodies(self) -> Iterator[bytes]:
         """Each finished chunk as CSV rows without a header, in chunk order."""
@@ -125,23 +127,29 @@ class ChunkStore:
 
 
 def csv_body(scored: Scored) -> bytes:
-    """The rows as the csv module writes them (CRLF line ends, None as an empty cell), by
-    plain string formatting where no cell needs quoting: several times faster."""
-    cells = "\0".join(chain(scored.ids, (x for x in scored.labels if x is not None),
-                            (x for x in scored.errors if x is not None)))
-    if any(c in cells for c in CSV_SPECIAL):
-        text = io.StringIO()
-        csv.writer(text).writerows(scored.rows())
-        return text.getvalue().encode()
-    return "".join(f"{i},{label},{p!r},\r\n" if e is None else f"{i},,,{e}\r\n"
-                   for i, label, p, e in scored.rows()).encode()
+    """The rows as the csv module writes them (CRLF line ends, None as an empty cell); for
+    a label and a probability, by plain string formatting where no cell needs quoting:
+    several times faster."""
+    if scored.layout == LABELLED:
+        labels = scored.answers[0]
+        cells = "\0".join(chain(scored.ids, (x for x in labels if x is not None),
+                                (x for x in scored.errors if x is not None)))
+        if not any(c in cells for c in CSV_SPECIAL):
+            return "".join(f"{i},{label},{p!r},\r\n" if e is None else f"{i},,,{e}\r\n"
+                           for i, label, p, e in scored.rows()).encode()
+    text = io.StringIO()
+    csv.writer(text).writerows(scored.rows())
+    return text.getvalue().encode()
 
 
-def parse_rows(rows: Iterable[list[str]]) -> Scored:
-    """CSV cells (id, label, probability, error) as Scored; an empty cell is None."""
-    ids, labels, probabilities, errors = list(zip(*rows, strict=True)) or [(), (), (), ()]
-    return Scored(list(ids), [x or None for x in labels],
-                  [float(x) if x else None for x in probabilities], [x or None for x in errors])
+def parse_rows(rows: Iterable[list[str]], layout: Layout = LABELLED) -> Scored:
+    """CSV cells (layout.columns) as Scored; an empty cell is None."""
+    names = layout.columns
+    columns = list(zip(*rows, strict=True)) or [() for _ in names]
+    return Scored(*([float(x) if x else None for x in column] if name in layout.floats else
+                    [x or None for x in column] for name, column in zip(names, columns,
+                                                                         strict=True)),
+                  layout=layout)
 
 
 def _line(value: dict) -> bytes:

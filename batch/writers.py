@@ -1,14 +1,17 @@
 """The final OUTPUT, chosen by its extension: CSV, JSON Lines or Parquet, written to a
-temporary name and renamed, so that OUTPUT is either absent or whole."""
+temporary name and renamed, so that OUTPUT is either absent or whole. Its columns are the
+job's layout (batch/columns.py)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
-from kiln.batch.chunks import COLUMNS, BatchError
+from kiln.batch.chunks import BatchError
+from kiln.batch.columns import Layout, layout_of
 from kiln.batch.store import ChunkStore
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
@@ -33,49 +36,67 @@ def write_output(path: Path, store: ChunkStore) -> None:
     suffix = path.suffix.lower()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if suffix == ".parquet":
-        _write_parquet(tmp, store.chunks())
+        _write_parquet(tmp, store.chunks(), store.layout)
     else:
         with open(tmp, "wb") as f:
             if suffix == ".csv":
-                f.write(",".join(COLUMNS).encode() + b"\r\n")
+                f.write(_csv_header(store.layout.columns))
                 for body in store.csv_bodies():
                     f.write(body)
             else:
-                _write_jsonl(f, store.chunks())
+                _write_jsonl(f, store.chunks(), store.layout)
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _write_jsonl(f, chunks) -> None:
-    for scored in chunks:
-        f.write("".join(json.dumps(r) + "\n" for r in scored.records()).encode())
+def _csv_header(columns) -> bytes:
+    text = io.StringIO()
+    csv.writer(text).writerow(columns)
+    return text.getvalue().encode()
 
 
-def _write_parquet(path: Path, chunks) -> None:
+def _write_jsonl(f, chunks, layout: Layout) -> None:
+    for scored in chunks:  # a JSON column holds the JSON value itself here
+        records = _parsed_json(scored.records(), layout)
+        f.write("".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def _write_parquet(path: Path, chunks, layout: Layout) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("id", pa.string()), ("label", pa.string()),
-                        ("probability", pa.float64()), ("error", pa.string())])
+    schema = pa.schema([(name, pa.float64() if name in layout.floats else pa.string())
+                        for name in layout.columns])
     with pq.ParquetWriter(path, schema) as writer:
         for scored in chunks:
             writer.write_table(pa.Table.from_pydict(
-                dict(zip(COLUMNS, (scored.ids, scored.labels, scored.probabilities,
-                                   scored.errors), strict=True)), schema=schema))
+                dict(zip(layout.columns, scored.columns, strict=True)), schema=schema))
 
 
 def read_output(path: Path) -> list[dict]:
-    """OUTPUT back as records (probability a float, empty cells None): for tests and checks."""
+    """OUTPUT back as records, the same whatever its format: numbers as floats, JSON columns
+    as their values, empty cells None. For tests and checks."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        return _parsed_json(table.to_pylist(), layout_of(table.column_names))
     if suffix != ".csv":
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [{"id": r["id"], "label": r["label"] or None,
-             "probability": float(r["probability"]) if r["probability"] else None,
-             "error": r["error"] or None} for r in rows]
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        layout = layout_of(reader.fieldnames)
+    records = [{name: (float(r[name]) if r[name] else None) if name in layout.floats
+                else r[name] or None for name in layout.columns} for r in rows]
+    return _parsed_json(records, layout)
+
+
+def _parsed_json(records: list[dict], layout: Layout) -> list[dict]:
+    for r in records:
+        for name in layout.json:
+            if r[name] is not None:
+                r[name] = json.loads(r[name])
+    return records

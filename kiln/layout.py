@@ -26,7 +26,7 @@ def package_folder(name: str) -> Path:
 
 
 def package_files() -> dict[str, Path]:
-    """{path inside the root, as "kiln/handlers/codec.py": source file} for the whole root."""
+    """{path inside the root, as "kiln/handlers/rest.py": source file} for the whole root."""
     files = {}
     for name in ("kiln", *(f"kiln.{sub}" for sub in SUBPACKAGES)):
         prefix = name.replace(".", "/")

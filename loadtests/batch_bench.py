@@ -32,6 +32,7 @@ from kiln.batch import job, scoring
 from kiln.batch.chunks import Scored
 from kiln.batch.local import LocalScorer
 from kiln.batch.readers import open_source
+from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared
 from kiln.training import declaration
 from kiln.training.declaration import Declaration, DeclarationError
@@ -71,32 +72,28 @@ def make_rows(decl: Declaration, path: Path, n: int) -> Path:
 def ceiling(name: str, inp: Path, batch_size: int) -> float:
     """rows/s of ONNX Runtime alone on the decoded inputs, with --via local's session."""
     artifacts = REPO / "artifacts" / name
-    signature = json_load(artifacts / "signature.json")
+    signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
-    rows = np.concatenate([scoring.decode_chunk(c, signature).rows
-                           for c in open_source(inp, signature, 10_000).chunks()])
-    scoring.run_batched(scorer.backend, rows[:batch_size], batch_size)  # warm up
+    parts = [part for c in open_source(inp, signature, 10_000).chunks()
+             for part in scoring.decode_chunk(c, signature).parts]
+    batches = list(scoring.model_batches(parts, batch_size, signature))
+    scorer.backend.run(batches[0])  # warm up
     start = time.perf_counter()
-    scoring.run_batched(scorer.backend, rows, batch_size)
-    return len(rows) / (time.perf_counter() - start)
+    for batch in batches:
+        scorer.backend.run(batch)
+    return sum(len(b[0]) for b in batches) / (time.perf_counter() - start)
 
 
 def decode_alone(name: str, inp: Path, batch_size: int) -> float:
     """rows/s of reading and decoding the inputs with --via local's pool, no model."""
     artifacts = REPO / "artifacts" / name
-    signature = json_load(artifacts / "signature.json")
+    signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     source = open_source(inp, signature, job.JobSettings.chunk_size)
     start = time.perf_counter()
     rows = sum(len(chunk) for chunk, _ in scorer.pipeline(
         source.chunks(), lambda part, decoded: Scored([], [], [], [])))
     return rows / (time.perf_counter() - start)
-
-
-def json_load(path: Path):
-    from kiln.handlers import codec
-
-    return codec.load_signature(path)
 
 
 def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:

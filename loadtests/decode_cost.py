@@ -1,8 +1,9 @@
 """What decoding a request costs next to the model call: `python -m kiln.loadtests.decode_cost`.
 
-Times Kiln's codec on one image model's input (its first declared example) sent as a JSON
-array of floats, a JSON array of integers, a PNG, and a .npy array (alone and eight to a body),
-against one ONNX Runtime call on the decoded input, in one run. Figures are medians per input.
+Times Kiln's request decoding on one image model's input (its first declared example) sent
+as a JSON array of floats, a JSON array of integers, a PNG, and a .npy array (alone and eight
+to a body), against one ONNX Runtime call on the decoded input, in one run. Figures are
+medians per input.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from kiln.handlers import codec
+from kiln.handlers import rest
+from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared, payloads
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -61,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     if declared.input_kind(decl) != "image":
         parser.error(f"{decl.name} does not take one image")
     artifacts = args.artifacts or ARTIFACTS / decl.name
-    signature = codec.load_signature(artifacts / "signature.json")
+    signature = load_signature(artifacts / "signature.json")
     session = ort.InferenceSession(str(artifacts / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     spec = decl.inputs[0]
     pixels = payloads.raw_values(payloads.examples(decl)[0], spec).astype(np.uint8)
-    x = codec.decode_request(pixels.tolist(), signature)[np.newaxis]
+    x = rest.decode_request(pixels.tolist(), signature)[np.newaxis]
     infer = median_seconds(lambda: session.run(None, {spec["name"]: x}), args.repeat)
     print(f"{'body':<15}{'bytes':>8}{'decode us/input':>17}{'x ONNX call':>13}")
     for name, (body, n) in bodies(pixels).items():
-        t = median_seconds(lambda b=body: codec.decode_instances(b, signature),
+        t = median_seconds(lambda b=body: rest.decode_body(b, signature),
                            args.repeat) / n
         print(f"{name:<15}{len(body):>8}{t * 1e6:>17.1f}{t / infer:>13.2f}")
     print(f"{'ONNX call':<15}{'':>8}{infer * 1e6:>17.1f}{1:>13.2f}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.handlers import codec
+from kiln.handlers import rest
+from kiln.handlers.signature import load_signature
 
 
 @dataclass
@@ -25,8 +26,8 @@ class Timing:
 
 def model_input(artifacts: Path, body: bytes):
     """float32 [1, ...]: the graph's input for one request body, as Kiln's handler makes it."""
-    signature = codec.load_signature(artifacts / "signature.json")
-    rows, _ = codec.decode_instances(body, signature)
+    signature = load_signature(artifacts / "signature.json")
+    (rows,), _ = rest.decode_body(body, signature)
     return rows
 
 

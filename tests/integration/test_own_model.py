@@ -50,6 +50,7 @@ def test_readme_steps_serve_a_users_own_model(tmp_path):
     shutil.copytree(REPO / "examples" / "iris", folder)
     steps = readme_steps()
     assert steps[-1] == "kiln stop --run-dir run"
+    repo_before = git_status()
     try:
         outputs = [run(line, folder) for line in steps[:-1]]
         assert (folder / "iris.toml").exists() and (folder / "iris.pt").exists()
@@ -58,6 +59,12 @@ def test_readme_steps_serve_a_users_own_model(tmp_path):
     finally:
         run(steps[-1], folder)
     assert not (folder / "run" / "torchserve.pid").exists()
+    assert git_status() == repo_before  # only git-ignored build outputs were written
+
+
+def git_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
 
 
 def served_elsewhere_too(folder: Path) -> None:

@@ -98,7 +98,7 @@ def _alive(pid):
 def test_decoding_workers_die_with_a_killed_job(tmp_path, image_model_dir, light_square_png):
     """SIGKILL gives a job no chance to stop its process pool: the workers must notice."""
     folder = _image_dir(tmp_path, light_square_png)
-    script = ("from pathlib import Path\nfrom batch import job\n"
+    script = ("from pathlib import Path\nfrom kiln.batch import job\n"
               f"job.run(job.JobSettings(name='t', input=Path({str(folder)!r}), "
               f"output=Path({str(tmp_path / 'out.csv')!r}), "
               f"artifacts=Path({str(image_model_dir)!r}), chunk_size=1, progress=False, "

@@ -143,4 +143,4 @@ def test_arrow_blocks_read_exactly_what_the_csv_module_reads(tmp_path, features_
     errors = [e for _, e, _ in got]
     assert errors[:6] == [None] * 6 and errors[8] is None and errors[12] is None
     assert [bool(e) for e in errors[6:12]] == [True, True, False, False, True, True]
-    assert errors[9] is None and np.isnan(got[9][2][0])  # NaN is the codec's to reject
+    assert errors[9] is None and np.isnan(got[9][2][0])  # NaN is the handler's to reject
