@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.loadtests.declared import add_models_dir
 from kiln.loadtests.shapes import SHAPES
+from kiln.training.declaration import add_models_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -165,7 +165,7 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
           models_dirs: list[Path]) -> list[Row]:
     """The rows for the model `decl` declares, sent its first example; `models_dirs` find it
     by its name."""
-    from kiln.cli.pipeline import ensure_built
+    from kiln.model_store.build import ensure_built
 
     name = decl.name
     ensure_built(name, models_dirs=models_dirs)

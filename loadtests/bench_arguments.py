@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.loadtests.declared import add_models_dir
+from kiln.training.declaration import add_models_dir
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

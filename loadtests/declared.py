@@ -11,21 +11,12 @@ from kiln.training import declaration
 from kiln.training.declaration import Declaration, DeclarationError
 
 
-def add_models_dir(parser: argparse.ArgumentParser) -> None:
-    """kiln train's --models-dir (dest models_dirs), defined here without importing torch:
-    `kiln loadtest`, `bench` and `tune` build their parsers on every kiln command."""
-    parser.add_argument("--models-dir", type=Path, action="append", default=[],
-                        dest="models_dirs", metavar="DIR",
-                        help="another folder of model declarations (repeatable; default: "
-                             f"Kiln's own and ${declaration.MODELS_DIR_ENV})")
-
-
 def add_model_argument(parser: argparse.ArgumentParser, kind: str | None = None) -> None:
     """--model NAME (default: see default_name) and --models-dir, for the studies."""
     of_kind = f" with one {kind} input" if kind else ""
     parser.add_argument("--model", help="declared model (or NAME.toml path) to measure "
                                         f"(default: the first of Kiln's default set{of_kind})")
-    add_models_dir(parser)
+    declaration.add_models_dir(parser)
 
 
 def resolve(name: str, models_dirs: list[Path]) -> tuple[Declaration, list[Path]]:

@@ -137,8 +137,8 @@ class TuneServer(Server):
 def build_store(name: str, backends: list[str], store: Path,
                 models_dirs: list[Path]) -> dict[str, str]:
     """Backend -> archive file name in `store` (the same model, one archive per backend)."""
-    from kiln.cli.pipeline import ensure_built
     from kiln.model_store import archive
+    from kiln.model_store.build import ensure_built
 
     files = {}
     for backend in backends:

@@ -31,7 +31,7 @@ from kiln.console import setup_logging
 from kiln.model_store import STORE
 from kiln.training import declaration
 from kiln.training.export import FORMS, MAX_ABS_DIFF
-from kiln.training.train import ARTIFACTS, add_models_dir
+from kiln.training.train import ARTIFACTS
 
 log = logging.getLogger("kiln.archive")
 
@@ -159,7 +159,7 @@ def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ArchiveConfig()
     parser.add_argument("name", help="model to archive: a declared name or a NAME.toml path")
-    add_models_dir(parser)
+    declaration.add_models_dir(parser)
     parser.add_argument("--backend", choices=list(FORMS), default="onnx",
                         help="exported form to serve: onnx (ONNX Runtime) or torchscript "
                              "(default: onnx)")

@@ -131,6 +131,14 @@ def discover(extra: list[Path] | None = None) -> dict[str, Path]:
     return found
 
 
+def add_models_dir(parser) -> None:
+    """The --models-dir flag (dest models_dirs) of every command that resolves a name."""
+    parser.add_argument("--models-dir", type=Path, action="append", default=[],
+                        dest="models_dirs", metavar="DIR",
+                        help="another folder of model declarations (repeatable; default: "
+                             f"Kiln's own and ${MODELS_DIR_ENV})")
+
+
 def names(extra: list[Path] | None = None) -> list[str]:
     return list(discover(extra))
 

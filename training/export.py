@@ -30,7 +30,7 @@ from kiln.handlers import errors, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
 from kiln.training import declaration, recipes
-from kiln.training.train import ARTIFACTS, add_models_dir, git_sha
+from kiln.training.train import ARTIFACTS, git_sha
 
 log = logging.getLogger("kiln.export")
 
@@ -39,6 +39,8 @@ FORMS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 # The graph's output tensor, by output kind.
 OUTPUT_NAMES = {"multiclass": "probabilities", "binary": "probabilities",
                 "multilabel": "probabilities", "regression": "values", "raw": "output"}
+# Colour codes the exporter puts in its messages, which a log file should not carry.
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RANDOM_ROWS = 64  # random inputs in the declared ranges, beside examples and the test split
 SIGNATURE_VERSION = 2
 
@@ -133,12 +135,12 @@ def export_onnx(module: nn.Module, inputs: list[dict], example: tuple, output_na
 
 def onnx_failure(err: Exception) -> str:
     """A short reason for a failed ONNX export, naming the operator where the error does."""
-    text = f"{type(err).__name__}: {err}"
-    match = re.search(r"(aten[:.]{1,2}[A-Za-z0-9_.]+)", text)
-    first = text.strip().splitlines()[0][:300]
-    if match:
-        return f"ONNX has no export for operator {match.group(1)} ({first})"
-    return f"ONNX export failed: {first}"
+    text = ANSI.sub("", f"{type(err).__name__}: {err}")
+    operator = re.search(r"\b(aten[:.]{1,2}[A-Za-z0-9_]+)", text)
+    if operator:
+        return (f"ONNX has no export for operator {operator.group(1)}: serve TorchScript, "
+                "or replace the operator in the model")
+    return f"ONNX export failed: {text.strip().splitlines()[0][:300]}"
 
 
 def top1(output: dict, probs: np.ndarray) -> np.ndarray | None:
@@ -412,7 +414,7 @@ def export(name: str, artifacts: Path | None = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="model to export: a declared name or a NAME.toml path")
-    add_models_dir(parser)
+    declaration.add_models_dir(parser)
     parser.add_argument("--artifacts", type=Path,
                         help="folder with state_dict.pt and meta.json (default: artifacts/NAME)")
 

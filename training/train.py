@@ -267,7 +267,7 @@ def _summary_writer(cfg: TrainConfig):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="model to train: a declared name or a NAME.toml path")
-    add_models_dir(parser)
+    declaration.add_models_dir(parser)
     parser.add_argument("--epochs", type=int,
                         help="epochs (default: the declaration's [train] epochs)")
     parser.add_argument("--batch-size", type=int, help="training batch size (default: model's)")
@@ -294,13 +294,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # What a declaration's [train] table may leave out.
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "optimizer": "adam",
                   "momentum": 0.9, "weight_decay": 0.0, "augment": False}
-
-
-def add_models_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models-dir", type=Path, action="append", default=[],
-                        dest="models_dirs", metavar="DIR",
-                        help="another folder of model declarations (repeatable; default: "
-                             f"Kiln's own and ${declaration.MODELS_DIR_ENV})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

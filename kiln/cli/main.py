@@ -128,7 +128,7 @@ def _shown(path: Path) -> str:
 
 
 def cmd_serve(args) -> int:
-    from kiln.cli.pipeline import ensure_built
+    from kiln.model_store.build import ensure_built
 
     try:
         models = ([declaration.get(m, args.models_dirs).name for m in args.models]
@@ -332,10 +332,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="NAME",
                    help="declared models (or NAME.toml paths) to serve (default: Kiln's "
                         "default set: " + ", ".join(declaration.default_set()) + ")")
-    p.add_argument("--models-dir", type=Path, action="append", default=[],
-                   dest="models_dirs", metavar="DIR",
-                   help="another folder of model declarations (repeatable; default: Kiln's "
-                        f"own and ${declaration.MODELS_DIR_ENV})")
+    declaration.add_models_dir(p)
     p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
                    help="exported form to archive when building (default: onnx)")
     p.add_argument("--no-build", action="store_true",

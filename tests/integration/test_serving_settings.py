@@ -4,8 +4,8 @@ declaration's [serving], and from an explicit flag over the declaration."""
 import pytest
 import requests
 
-from kiln.cli.pipeline import ensure_built
 from kiln.deploy.server import Ports, Server, ServerSettings, declared_serving
+from kiln.model_store.build import ensure_built
 from kiln.training import declaration
 
 DECLARED = "binary_declared"  # Kiln's binary model under another name, with a [serving] table

@@ -1,5 +1,6 @@
 """One import root: `kiln`, mapped over the top-level folders, and nothing else installed."""
 
+import ast
 import subprocess
 import sys
 import tomllib
@@ -56,3 +57,45 @@ def test_no_generic_top_level_names_and_no_module_under_two_names(tmp_path):
     done = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+# Who may import whom: each layer only what is below it. The leaves are the modules at the
+# root (logging set-up, the HTTP and gRPC clients, this layout): they import no layer.
+LAYERS = {
+    "leaf": set(),
+    "handlers": set(),
+    "training": {"handlers", "leaf"},
+    "model_store": {"training", "handlers", "leaf"},
+    "deploy": {"model_store", "training", "handlers", "leaf"},
+    "batch": {"handlers", "leaf"},
+    "loadtests": {"deploy", "model_store", "training", "batch", "handlers", "leaf"},
+    "cli": {"loadtests", "deploy", "model_store", "training", "batch", "handlers", "leaf"},
+}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "kiln" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in LAYERS else "leaf"
+
+
+def test_layers_import_downward_only():
+    wrong = []
+    for relative, path in layout.package_files().items():
+        if path.suffix != ".py":
+            continue
+        module = relative[:-3].replace("/", ".")
+        layer = _layer(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                target = _layer(name)
+                if target and target != layer and target not in LAYERS[layer or "leaf"]:
+                    wrong.append(f"{module} ({layer}) imports {name} ({target})")
+    assert wrong == []

@@ -6,6 +6,7 @@ product is absent or older than what it is made from.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -43,13 +44,19 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
         weights = [folder / "state_dict.pt", folder / "meta.json"]
         if not weights[0].exists():
             log.info("%s: no weights yet, training with the default settings", name)
-            train.train(train.config_for([name, *_dirs_args(dirs)]))
+            train.train(train.config_for([name, "--out", str(folder), *_dirs_args(dirs)]))
     else:
         weights = [decl.state_dict]
     signature = folder / "signature.json"
     if stale(signature, [*weights, decl.path, *decl.source_files()]):
         log.info("%s: exporting", name)
-        export.export(name, models_dirs=dirs)
+        export.export(name, folder, models_dirs=dirs)
+    exported = set(json.loads(signature.read_text()).get("parity", {}))
+    if backend not in exported and exported:
+        # A model ONNX cannot export is served by TorchScript (export said why).
+        fallback = sorted(exported)[0]
+        log.warning("%s: no %s export; archiving %s instead", name, backend, fallback)
+        backend = fallback
     mar = store / f"{name}.mar"
     inputs = archive.archive_inputs(decl, folder, backend)
     # Its model-config.yaml holds the handler's options and the response timeout; an archive
@@ -57,7 +64,7 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
     wanted = (backend, archive.config_for(decl).model_config())
     if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
-        archive.build(name, backend, store=store, models_dirs=dirs)
+        archive.build(name, backend, artifacts=folder, store=store, models_dirs=dirs)
     else:
         log.info("%s: %s is up to date", name, mar)
     return mar
