@@ -1,9 +1,12 @@
-"""Export a trained model to TorchScript and ONNX, gated on parity with eager PyTorch.
+"""Export a declared model to TorchScript and ONNX, gated on parity with eager PyTorch.
 
-`kiln export NAME` reads artifacts/NAME/state_dict.pt and meta.json and writes model.ts,
+`kiln export NAME` loads the model's weights (artifacts/NAME/state_dict.pt for a model Kiln
+trained, else the declaration's state_dict, always weights_only=True) and writes model.ts,
 model.onnx and signature.json (see docs/signature.md). Each exported form must agree with
-eager PyTorch on the whole test split, else nothing is written and the command fails with
-the figures.
+eager PyTorch on the declaration's examples (decoded as the server decodes them) and on the
+test split, or for a user's model on random inputs in the declared ranges; else nothing is
+written and the command fails with the figures. A model ONNX cannot export is served by
+TorchScript, with the operator named.
 """
 
 from __future__ import annotations

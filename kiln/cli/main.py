@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -25,34 +26,32 @@ from kiln.training import declaration
 log = logging.getLogger("kiln")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
-# Commands that need torch get their modules imported only when they run, so that
-# `kiln predict` and `kiln stop` answer in a fraction of a second.
-BUILD_COMMANDS = ("init", "train", "export", "archive", "serve")
+# The build commands are the modules' own entry points (add_arguments and run). They need
+# torch, so each module is imported only for its own command: `kiln predict` and `kiln stop`
+# answer in a fraction of a second.
+BUILD_STEPS = {
+    "init": ("kiln.training.init", "declare a model you trained: model file + weights",
+             "Write NAME.toml beside a model file from its weights and a few flags; a dry "
+             "forward pass checks the declared inputs and output against the model."),
+    "train": ("kiln.training.train", "train a model",
+              "Train a model; writes artifacts/NAME/state_dict.pt, meta.json and a "
+              "checkpoint, logs to TensorBoard."),
+    "export": ("kiln.training.export", "export to TorchScript and ONNX with the parity gate",
+               "Export to TorchScript and ONNX; fails unless both match eager PyTorch on the "
+               "declaration's examples and the test split (or random inputs in the declared "
+               "ranges)."),
+    "archive": ("kiln.model_store.archive", "build model_store/NAME.mar",
+                "Build model_store/NAME.mar with Kiln's handler, the signature and a "
+                "model-config.yaml."),
+}
+BUILD_COMMANDS = (*BUILD_STEPS, "serve")
 
 
-# -- train / export / archive: thin wrappers over the modules' own entry points ----------------
-def cmd_init(args) -> int:
-    from kiln.training import init
+def _run_step(module: str):
+    def run(args) -> int:
+        return importlib.import_module(module).run(args)
 
-    return init.run(args)
-
-
-def cmd_train(args) -> int:
-    from kiln.training import train
-
-    return train.run(args)
-
-
-def cmd_export(args) -> int:
-    from kiln.training import export
-
-    return export.run(args)
-
-
-def cmd_archive(args) -> int:
-    from kiln.model_store import archive
-
-    return archive.run(args)
+    return run
 
 
 # -- serve / stop / predict ------------------------------------------------------------------
@@ -288,42 +287,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", help="declare a model you trained: model file + weights",
-                       description="Write NAME.toml beside a model file from its weights and "
-                                   "a few flags; a dry forward pass checks the declared inputs "
-                                   "and output against the model.")
-    if wanted("init"):
-        from kiln.training import init
-
-        init.add_arguments(p)
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("train", help="train a model",
-                       description="Train a model; writes artifacts/NAME/state_dict.pt, "
-                                   "meta.json and a checkpoint, logs to TensorBoard.")
-    if wanted("train"):
-        from kiln.training import train
-
-        train.add_arguments(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("export", help="export to TorchScript and ONNX with the parity gate",
-                       description="Export to TorchScript and ONNX; fails unless both match "
-                                   "eager PyTorch on the test split.")
-    if wanted("export"):
-        from kiln.training import export
-
-        export.add_arguments(p)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("archive", help="build model_store/NAME.mar",
-                       description="Build model_store/NAME.mar with Kiln's handler, the "
-                                   "signature and a model-config.yaml.")
-    if wanted("archive"):
-        from kiln.model_store import archive
-
-        archive.add_arguments(p)
-    p.set_defaults(func=cmd_archive)
+    for command, (module, summary, description) in BUILD_STEPS.items():
+        p = sub.add_parser(command, help=summary, description=description)
+        if wanted(command):
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(func=_run_step(module))
 
     p = sub.add_parser("serve", help="build what is missing and start TorchServe on 127.0.0.1",
                        description="Train, export and archive what is missing or stale, start "
