@@ -55,18 +55,18 @@ class ArchiveConfig:
     # has a model-config.yaml (120 s when the file leaves it out), never from config.properties;
     # Kiln's archives always have one (for the handler's options), so the timeout lives here.
     response_timeout_s: int = 30
-    top_k: int = 3
+    # None: the declaration's [output] top_k (3 unless it says), kept in the signature.
+    top_k: int | None = None
     # "auto": the handler shares the machine's cores among all served workers.
     intra_op_threads: int | str = "auto"
     # Refuse to load (rather than fall back to the CPU) when TorchServe gives no GPU.
     require_gpu: bool = False
 
     def model_config(self) -> dict:
-        return {
-            "responseTimeout": self.response_timeout_s,
-            "handler": {"top_k": self.top_k, "intra_op_threads": self.intra_op_threads,
-                        "require_gpu": self.require_gpu},
-        }
+        handler = {"intra_op_threads": self.intra_op_threads, "require_gpu": self.require_gpu}
+        if self.top_k is not None:
+            handler = {"top_k": self.top_k, **handler}
+        return {"responseTimeout": self.response_timeout_s, "handler": handler}
 
 
 class ArchiveError(RuntimeError):
@@ -168,7 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"declaration's [serving], else {d.response_timeout_s}); workers "
                              f"and batching are kiln serve's flags")
     parser.add_argument("--top-k", type=int, default=d.top_k,
-                        help=f"classes listed in a multi-class answer (default: {d.top_k})")
+                        help="classes listed in a multi-class answer (default: the "
+                             "declaration's [output] top_k, else 3)")
     parser.add_argument("--intra-op-threads", type=_threads, default=d.intra_op_threads,
                         help=f"threads per worker inside the model (default: "
                              f"{d.intra_op_threads})")
