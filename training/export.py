@@ -258,15 +258,14 @@ def random_inputs(inputs: list[dict], rows: int, seed: int = 0) -> tuple[torch.T
 
 
 def gate_inputs(decl, inputs: list[dict]) -> tuple[torch.Tensor, ...]:
-    """The declaration's examples, decoded as the server decodes them, then the test split
-    (a recipe model) or random inputs in the declared ranges, the same on every run."""
+    """The declaration's examples, decoded as the server decodes them, the test split (a
+    model Kiln trained) and random inputs in the declared ranges, the same on every run."""
+    parts = [[x.numpy() for x in random_inputs(inputs, RANDOM_ROWS)]]
     if decl.recipe is not None:
-        rows = [np.asarray(x) for x in recipes.prepare(decl).splits["test"][0]]
-    else:
-        rows = [x.numpy() for x in random_inputs(inputs, RANDOM_ROWS)]
+        parts.insert(0, [np.asarray(x) for x in recipes.prepare(decl).splits["test"][0]])
     served = {"inputs": signature_inputs(inputs)}
-    parts = [example_inputs(decl, example, served) for example in decl.examples]
-    joined = serving_inputs.join([*parts, rows], served)
+    examples = [example_inputs(decl, example, served) for example in decl.examples]
+    joined = serving_inputs.join([*examples, *parts], served)
     return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in joined)
 
 
