@@ -57,8 +57,8 @@ def _run_step(module: str):
 # -- serve / stop / predict ------------------------------------------------------------------
 def _server(args, models: list[str] | None = None,
             serving: dict[str, ModelServing] | None = None) -> Server:
-    ports = Ports(args.inference_port, args.management_port, args.metrics_port,
-                  args.grpc_inference_port, args.grpc_management_port)
+    # Every port Ports defines has its flag (see _server_arguments): all pass through.
+    ports = Ports(**{api: getattr(args, f"{api}_port") for api in vars(Ports())})
     saved = Ports.saved(args.run_dir)
     if models is None and saved:  # stop talks to what serve started
         ports = saved

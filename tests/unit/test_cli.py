@@ -63,3 +63,21 @@ def test_describe_answers():
     assert describe("lenet", body) == "lenet: 7  (p=0.5000)   top-k: 7 0.5000, 1 0.2500"
     assert describe("binary", {"label": "benign", "probability": 0.75}) == \
         "binary: benign  (p=0.7500)"
+
+
+def test_every_port_flag_reaches_the_server_settings(tmp_path):
+    import dataclasses
+
+    from kiln.cli.main import _server
+    from kiln.deploy import plugins
+
+    given = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
+             "grpc_management": 17171, "oip": 18185}
+    argv = ["serve", "--run-dir", str(tmp_path)]
+    for api, port in given.items():
+        argv += [f"--{api.replace('_', '-')}-port", str(port)]
+    args = build_parser("serve").parse_args(argv)
+    server = _server(args, ["binary"])
+    assert vars(server.ports) == given
+    settings = dataclasses.replace(server.settings, models=[])  # no archive needed
+    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:18185 " in settings.config_properties()
