@@ -80,4 +80,4 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     server = _server(args, ["binary"])
     assert vars(server.ports) == given
     settings = dataclasses.replace(server.settings, models=[])  # no archive needed
-    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:18185 " in settings.config_properties()
+    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:18185\n" in settings.config_properties()
