@@ -45,6 +45,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 fi
 
+# nginx is the front proxy of Kiln's container (docs/deploy.md), run on the host by the
+# entrypoint's tests; haproxy is the load balancer of the rolling-restart drill.
+for tool in nginx haproxy; do
+    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
+        echo "bootstrap: installing Debian's $tool" >&2
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$tool"
+    fi
+done
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "bootstrap: creating $VENV" >&2
     "$PYTHON" -m venv "$VENV"
