@@ -78,16 +78,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def scrape_config(target):
+def scrape_config(target, labels=None):
+    """`labels`: added to every series, as Kubernetes service discovery adds namespace and pod."""
     host_port = target.split("://", 1)[1]
+    extra = "".join(f"          {k}: '{v}'\n" for k, v in (labels or {}).items())
     return (f"global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  scrape_timeout: {SCRAPE_INTERVAL}\n"
             f"scrape_configs:\n  - job_name: torchserve\n"
-            f"    static_configs:\n      - targets: ['{host_port}']\n")
+            f"    static_configs:\n      - targets: ['{host_port}']\n"
+            + (f"        labels:\n{extra}" if extra else ""))
 
 
 class Prometheus:
-    def __init__(self, folder, target):
-        (folder / "prometheus.yml").write_text(scrape_config(target))
+    def __init__(self, folder, target, labels=None):
+        (folder / "prometheus.yml").write_text(scrape_config(target, labels))
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = folder / "prometheus.log"
         with open(self.log_path, "w") as out:
