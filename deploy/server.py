@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import psutil
 import requests
 
 from kiln.deploy import plugins
@@ -30,6 +31,8 @@ log = logging.getLogger("kiln.serve")
 
 HOST = "127.0.0.1"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
+# The same loggers written to stdout, for a container (read-only root, logs collected).
+CONSOLE_LOG_CONFIG = LOG_CONFIG.with_name("log4j2-console.xml")
 PORTS_FILE = "ports.json"  # in the run folder: how stop, predict and loadtest find a server
 
 
@@ -152,6 +155,11 @@ class ServerSettings:
     models_dirs: list[Path] = field(default_factory=list)
     # Per served model, what it is served with; a model not listed gets its declaration's.
     serving: dict[str, ModelServing] = field(default_factory=dict)
+    # False only behind a front proxy that checks keys itself (kiln-container): TorchServe's
+    # own tokens are random at every start and cannot be supplied.
+    token_auth: bool = True
+    # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
+    console_logs: bool = False
 
     def model_serving(self, name: str) -> ModelServing | None:
         """What `name` is served with (None: TorchServe's own defaults)."""
@@ -210,6 +218,8 @@ class ServerSettings:
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.PLUGINS_DIR,
         }
+        if not self.token_auth:
+            lines["disable_token_authorization"] = "true"
         if not self.models:
             del lines["load_models"]  # a server for models registered later (benchmarks)
         if lines["models"] == "{}":
@@ -258,6 +268,13 @@ class Server:
         """Run the torchserve launcher; its output goes to a file, not a pipe, because the
         Java server it spawns inherits the launcher's streams and would hold a pipe open."""
         exe = Path(sys.executable).with_name("torchserve")
+        if self.settings.console_logs:
+            # A session of its own, which Java inherits: a signal to the caller's process group
+            # (Ctrl-C, timeout(1)) must not stop TorchServe behind the caller's back.
+            code = subprocess.run([str(exe), *args], cwd=self.run_dir, env=self._env(),
+                                  stdin=subprocess.DEVNULL, timeout=timeout,
+                                  start_new_session=True).returncode
+            return code, "(the launcher's output is above, on stdout)"
         out_path = self.log_dir / "launcher.out"
         with open(out_path, "a") as out:
             code = subprocess.run([str(exe), *args], cwd=self.run_dir, env=self._env(),
@@ -337,6 +354,35 @@ class Server:
             os.kill(pid, 9)
         self.key_file.unlink(missing_ok=True)
         return True
+
+    def terminate(self, timeout: float = 30) -> bool:
+        """Stop the frontend and every worker it started, within `timeout` seconds whatever it
+        takes. True when all of them exited on SIGTERM, False when some had to be killed.
+
+        Unlike `stop` this waits for the workers too (a worker outlives a frontend killed
+        hard); a process that reaps orphans (kiln-container) sees none left behind."""
+        deadline = time.monotonic() + timeout
+        pid = self.pid()
+        try:
+            frontend = psutil.Process(pid) if pid is not None else None
+            tree = [frontend, *frontend.children(recursive=True)] if frontend else []
+        except psutil.NoSuchProcess:
+            tree = []
+        kill_at = deadline - min(2.0, timeout / 4)  # keep a moment to kill and reap
+        if tree:
+            tree[0].terminate()
+            psutil.wait_procs(tree[:1], timeout=max(0.0, kill_at - time.monotonic()))
+        for proc in tree[1:]:  # the frontend stops its workers; these did not stop with it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=max(0.0, kill_at - time.monotonic()))
+        for proc in alive:
+            log.warning("killing pid %d: still running after SIGTERM", proc.pid)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
+        (self.run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
+        return not alive
 
     # -- keys and readiness ----------------------------------------------------------------
     def keys(self) -> dict[str, str]:

@@ -1,0 +1,480 @@
+"""kiln-container: the entrypoint of Kiln's serving container (docs/deploy.md is the contract).
+
+It starts TorchServe (loopback only, its token auth off, logs on stdout) and nginx in front of
+it (every public port, the keys, the probes), reloads nginx when the mounted keys file changes,
+and turns SIGTERM into a drain: readiness false at once, the drain delay, nginx's graceful quit
+(requests in flight are answered), then TorchServe and its workers stopped, exit 0, all within
+the grace period. TorchServe has no drain of its own: its shutdown closes channels at once.
+
+It reaps orphans (a child subreaper on Linux, or PID 1 itself), so TorchServe's frontend, which
+its launcher leaves behind, and any worker that outlives the frontend stay in its process tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import requests
+
+from kiln.deploy import contract
+from kiln.deploy.server import (
+    CONSOLE_LOG_CONFIG,
+    ModelServing,
+    Ports,
+    Server,
+    ServerError,
+    ServerSettings,
+    declared_serving,
+)
+from kiln.training.declaration import DeclarationError
+
+log = logging.getLogger("kiln.container")
+
+NGINX = "/usr/sbin/nginx"
+NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
+MIN_KEY_LENGTH = 22  # 128 bits of base64 randomness or more
+# Characters a key may hold: base64, base64url and hex keys all fit, and none needs quoting.
+KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
+KEYS_POLL_S = 1.0
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+PR_SET_CHILD_SUBREAPER = 36
+# Flag files in the run folder that nginx's readiness checks.
+DRAINING_FLAG = "draining"  # written on SIGTERM: readiness false from that moment
+LOADED_FLAG = "models-loaded"  # written once every served model has had a ready worker
+
+
+class KeysError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_store: Path = Path(contract.MODEL_STORE)
+    models: tuple[str, ...] = ()  # empty: every archive in the store
+    keys_file: Path = Path(contract.KEYS_FILE)
+    run_dir: Path = Path(contract.RUN_DIR)
+    grace_s: float = 30.0
+    drain_delay_s: float = 5.0
+    java_heap: str = "1g"
+    listen: str = "0.0.0.0"
+    # Added to every public and internal port: side-by-side copies on one host (tests).
+    port_offset: int = 0
+    public: Mapping[str, int] = field(default_factory=lambda: dict(contract.PUBLIC_PORTS))
+    internal: Ports = contract.INTERNAL_PORTS
+
+    def __post_init__(self):
+        if self.grace_s <= 0 or self.drain_delay_s < 0:
+            raise ValueError("the grace period must be > 0 and the drain delay >= 0 seconds")
+        if self.drain_delay_s >= self.grace_s:
+            raise ValueError(f"the drain delay ({self.drain_delay_s:g} s) must be shorter than "
+                             f"the grace period ({self.grace_s:g} s)")
+        ports = [*self.public.values(), *vars(self.internal).values()]
+        if not all(0 < p + self.port_offset < 65536 for p in ports):
+            raise ValueError(f"port offset {self.port_offset} puts a port outside 1-65535")
+
+    def public_ports(self) -> dict[str, int]:
+        return {name: port + self.port_offset for name, port in self.public.items()}
+
+    def internal_ports(self) -> Ports:
+        return Ports(**{k: v + self.port_offset for k, v in vars(self.internal).items()})
+
+    def served_models(self) -> list[str]:
+        if self.models:
+            return list(self.models)
+        return sorted(p.stem for p in self.model_store.glob("*.mar"))
+
+    def stop_reserve_s(self) -> float:
+        """Of the grace period, what is kept for stopping TorchServe after nginx's quit."""
+        return min(10.0, (self.grace_s - self.drain_delay_s) / 3)
+
+
+# -- settings -------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over the environment (contract.ENV), which wins over contract's defaults."""
+    env = os.environ if environ is None else environ
+    d = Settings()
+
+    def default(key: str, fallback):
+        return env.get(contract.ENV[key]) or fallback
+
+    p = argparse.ArgumentParser(prog="kiln-container", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=default("models", ""),
+                   help=f"comma-separated model names (env {contract.ENV['models']}; "
+                        f"default: every .mar in the store)")
+    p.add_argument("--model-store", type=Path, default=Path(default("model_store", d.model_store)),
+                   help=f"env {contract.ENV['model_store']} (default {d.model_store})")
+    p.add_argument("--keys-file", type=Path, default=Path(default("keys_file", d.keys_file)),
+                   help=f"one key per line, # comments (env {contract.ENV['keys_file']}; "
+                        f"default {d.keys_file})")
+    p.add_argument("--run-dir", type=Path, default=Path(default("run_dir", d.run_dir)),
+                   help=f"writable folder (env {contract.ENV['run_dir']}; default {d.run_dir})")
+    p.add_argument("--grace-seconds", type=float, default=float(default("grace_s", d.grace_s)),
+                   help=f"SIGTERM to exit, at most (env {contract.ENV['grace_s']}; "
+                        f"default {d.grace_s:g})")
+    p.add_argument("--drain-delay-seconds", type=float,
+                   default=float(default("drain_delay_s", d.drain_delay_s)),
+                   help=f"readiness false before listeners close (env "
+                        f"{contract.ENV['drain_delay_s']}; default {d.drain_delay_s:g})")
+    p.add_argument("--java-heap", default=default("java_heap", d.java_heap),
+                   help=f"TorchServe's -Xmx (env {contract.ENV['java_heap']}; "
+                        f"default {d.java_heap})")
+    p.add_argument("--listen", default=d.listen,
+                   help=f"address of the public listeners (default {d.listen})")
+    p.add_argument("--port-offset", type=int, default=0,
+                   help="added to every public and internal port, for side-by-side copies on "
+                        "one host (default 0: the contract's ports)")
+    args = p.parse_args(argv)
+    try:
+        return Settings(model_store=args.model_store,
+                        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                        keys_file=args.keys_file, run_dir=args.run_dir,
+                        grace_s=args.grace_seconds, drain_delay_s=args.drain_delay_seconds,
+                        java_heap=args.java_heap, listen=args.listen,
+                        port_offset=args.port_offset)
+    except ValueError as err:
+        p.error(str(err))
+
+
+def server_settings(settings: Settings) -> ServerSettings:
+    """TorchServe as the container runs it: loopback ports, token auth off (nginx checks keys),
+    logs on stdout, everything it writes in the run folder."""
+    models = settings.served_models()
+    serving = {}
+    for name in models:
+        try:
+            serving[name] = declared_serving(name)
+        except DeclarationError:  # a user's model whose declaration is not in the image
+            log.info("%s: no declaration here; served with Kiln's defaults %s", name,
+                     ModelServing())
+            serving[name] = ModelServing()
+    return ServerSettings(run_dir=settings.run_dir / "torchserve",
+                          model_store=settings.model_store, models=models,
+                          ports=settings.internal_ports(), java_heap=settings.java_heap,
+                          log_config=CONSOLE_LOG_CONFIG, serving=serving, token_auth=False,
+                          console_logs=True)
+
+
+# -- keys -----------------------------------------------------------------------------------------
+def parse_keys(text: str, source: str = "the keys file") -> list[str]:
+    """The keys in a keys file: one per line, blank lines and # comments ignored."""
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.split("#", 1)[0].strip()
+        if not key:
+            continue
+        if not KEY_CHARS.fullmatch(key):
+            raise KeysError(f"{source}, line {number}: a key may hold only letters, digits and "
+                            f"._~+/=- (base64, base64url or hex)")
+        if len(key) < MIN_KEY_LENGTH:
+            raise KeysError(f"{source}, line {number}: a key of {len(key)} characters is too "
+                            f"short; use {MIN_KEY_LENGTH} or more (e.g. openssl rand -base64 24)")
+        if key not in keys:
+            keys.append(key)
+    if not keys:
+        raise KeysError(f"{source} holds no key: every request would be refused")
+    return keys
+
+
+def keys_map(keys: list[str]) -> str:
+    """nginx map entries accepting `Authorization: Bearer <key>` for each key, exactly."""
+    # Of the characters a key may hold, only . and + mean something in a regex.
+    escaped = (re.sub(r"([.+])", r"\\\1", k) for k in keys)
+    return "".join(f'"~^[Bb]earer {k}$" 1;\n' for k in escaped)
+
+
+# -- nginx ----------------------------------------------------------------------------------------
+def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
+    public, internal = settings.public_ports(), server.ports
+    values = {
+        "RUN_DIR": str(run_dir), "LISTEN": settings.listen,
+        "HTTP_PORT": public["http"], "OIP_PORT": public["oip"],
+        "GRPC_PORT": public["grpc"], "METRICS_PORT": public["metrics"],
+        "TS_INFERENCE": internal.inference, "TS_OIP": internal.oip,
+        "TS_METRICS": internal.metrics, "TS_GRPC": internal.grpc_inference,
+        "MAX_BODY": server.max_request_size,
+        "SHUTDOWN_S": max(1, int(settings.grace_s - settings.drain_delay_s
+                                 - settings.stop_reserve_s())),
+        "READY_PATH": contract.READY_PATH, "LIVE_PATH": contract.LIVE_PATH,
+        "DRAINING_FLAG": str(run_dir / DRAINING_FLAG),
+        "LOADED_FLAG": str(run_dir / LOADED_FLAG),
+        "USER_LINE": worker_user(),
+    }
+    text = NGINX_TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", str(value))
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        raise ValueError(f"{NGINX_TEMPLATE}: no value for {', '.join(sorted(set(left)))}")
+    return text
+
+
+def worker_user() -> str:
+    """nginx's `user` line: as root (a host, or a misconfigured image) its workers would
+    otherwise become nobody, who cannot read the run folder; as anyone else it needs none."""
+    if os.geteuid() != 0:
+        return ""
+    import grp
+    import pwd
+
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def set_subreaper() -> None:
+    """Orphans of this process's tree become its children (Linux), so it can reap and stop
+    them; as PID 1 it is so already."""
+    if os.getpid() == 1 or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("could not become a child subreaper (errno %d): run under an init such "
+                    "as tini", ctypes.get_errno())
+
+
+# -- the entrypoint -------------------------------------------------------------------------------
+class Entrypoint:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.run_dir = settings.run_dir.resolve()
+        self.nginx_dir = self.run_dir / "nginx"
+        self.nginx_conf = self.nginx_dir / "nginx.conf"
+        self.draining_flag = self.run_dir / DRAINING_FLAG
+        self.loaded_flag = self.run_dir / LOADED_FLAG
+        self.server = Server(server_settings(replace(settings, run_dir=self.run_dir)))
+        self.signalled: int | None = None
+        self.nginx: subprocess.Popen | None = None  # kept: a dropped Popen may reap it
+        self.nginx_pid: int | None = None
+        self.frontend_pid: int | None = None
+        self.exited: dict[int, int] = {}  # pid -> wait status, of the children reaped
+        self.keys_text: str | None = None
+
+    def _on_signal(self, signum, _frame):
+        if self.signalled is None:
+            self.signalled = signum
+            # Readiness false now, not at the main loop's next turn.
+            with contextlib.suppress(OSError):
+                self.draining_flag.touch()
+
+    # -- start -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything nginx and TorchServe read, written under the run folder; raises on bad
+        keys or a configuration nginx refuses."""
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.nginx_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.draining_flag.unlink(missing_ok=True)
+        self.loaded_flag.unlink(missing_ok=True)
+        self.keys_text = self.settings.keys_file.read_text()
+        keys = parse_keys(self.keys_text, str(self.settings.keys_file))
+        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        self.nginx_conf.write_text(nginx_config(self.settings, self.server.settings,
+                                                self.run_dir))
+        done = subprocess.run(self._nginx("-t", "-q"), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ValueError(f"nginx refuses {self.nginx_conf}:\n{done.stderr}")
+        log.info("%d key(s) from %s", len(keys), self.settings.keys_file)
+
+    def _nginx(self, *args: str) -> list[str]:
+        return [NGINX, "-e", "stderr", "-p", str(self.nginx_dir), "-c", str(self.nginx_conf),
+                *args]
+
+    def start(self) -> None:
+        self.server.start()
+        self.frontend_pid = self.server.pid()
+        if self.frontend_pid is None:
+            raise ServerError("TorchServe's frontend exited at once (its log is above)")
+        # In a session of its own, like TorchServe: only this process decides when it stops.
+        self.nginx = subprocess.Popen(self._nginx(), stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        self.nginx_pid = self.nginx.pid
+        public = self.settings.public_ports()
+        log.info("serving %s: http %d, oip %d, grpc %d, metrics %d; probes %s and %s",
+                 ", ".join(self.server.settings.models), public["http"], public["oip"],
+                 public["grpc"], public["metrics"], contract.READY_PATH, contract.LIVE_PATH)
+
+    # -- while serving -----------------------------------------------------------------------
+    def reap(self) -> None:
+        """Collect every child that has exited (orphans this process adopted included)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exited[pid] = status
+
+    def died(self) -> str | None:
+        for name, pid in (("nginx", self.nginx_pid), ("TorchServe", self.frontend_pid)):
+            if pid in self.exited:
+                return f"{name} (pid {pid}) exited with status {self.exited[pid]}"
+        return None
+
+    def check_keys(self) -> None:
+        """Reload nginx when the keys file changed; keep the keys it has if the new file is
+        not valid (a key too short, a half-written file)."""
+        try:
+            text = self.settings.keys_file.read_text()
+        except OSError as err:
+            text = None
+            if self.keys_text is not None:
+                log.error("cannot read %s (%s): keeping the %s", self.settings.keys_file, err,
+                          "keys loaded before")
+        if text is None or text == self.keys_text:
+            return
+        self.keys_text = text
+        try:
+            keys = parse_keys(text, str(self.settings.keys_file))
+        except KeysError as err:
+            log.error("%s: keeping the keys loaded before", err)
+            return
+        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        os.kill(self.nginx_pid, signal.SIGHUP)  # what nginx -s reload sends
+        log.info("keys changed: nginx reloads with %d key(s)", len(keys))
+
+    def models_loaded(self) -> bool:
+        """Has every served model a ready worker? (Asked of the OIP plugin per model: its
+        server-wide readiness is true while TorchServe has registered no model yet.)"""
+        oip = f"http://127.0.0.1:{self.server.ports.oip}"
+        for name in self.server.settings.models:
+            try:
+                r = requests.get(f"{oip}/v2/models/{name}/ready", timeout=1)
+            except requests.RequestException:
+                return False
+            if r.status_code != 200:
+                return False
+        return True
+
+    def serve(self) -> str | None:
+        """Until a signal (None) or a child's unexpected exit (what happened)."""
+        started = time.monotonic()
+        next_keys_check = started + KEYS_POLL_S
+        while self.signalled is None:
+            self.reap()
+            died = self.died()
+            if died:
+                return died
+            if not self.loaded_flag.exists() and self.models_loaded():
+                self.loaded_flag.touch()
+                log.info("ready: every model has a loaded worker (%.1f s after start)",
+                         time.monotonic() - started)
+            if time.monotonic() >= next_keys_check:
+                self.check_keys()
+                next_keys_check = time.monotonic() + KEYS_POLL_S
+            time.sleep(0.1)
+        return None
+
+    # -- stop --------------------------------------------------------------------------------
+    def wait_for(self, pid: int, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            self.reap()
+            if pid in self.exited:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def drain(self) -> bool:
+        """SIGTERM's drain, all within the grace period; True when nothing had to be killed."""
+        s = self.settings
+        began = time.monotonic()
+        deadline = began + s.grace_s
+        self.draining_flag.touch()
+        log.info("%s: draining; readiness is false, listeners close in %g s",
+                 signal.Signals(self.signalled).name, s.drain_delay_s)
+        end_of_delay = began + s.drain_delay_s
+        while time.monotonic() < end_of_delay and not self.died():
+            self.reap()
+            time.sleep(0.05)
+        clean = True
+        if self.nginx_pid not in self.exited:
+            os.kill(self.nginx_pid, signal.SIGQUIT)  # graceful: answer what is in flight
+            if not self.wait_for(self.nginx_pid, deadline - s.stop_reserve_s()):
+                log.warning("nginx still draining at the end of its share of the grace "
+                            "period: stopping it")
+                os.kill(self.nginx_pid, signal.SIGKILL)
+                self.wait_for(self.nginx_pid, deadline)
+                clean = False
+        log.info("nginx stopped after %.1f s; stopping TorchServe", time.monotonic() - began)
+        clean &= self.stop_torchserve(deadline)
+        log.info("stopped %.1f s after %s", time.monotonic() - began,
+                 signal.Signals(self.signalled).name)
+        return clean
+
+    def stop_torchserve(self, deadline: float) -> bool:
+        clean = self.server.terminate(timeout=max(0.5, deadline - time.monotonic()))
+        self.reap()
+        return clean and not self.leftovers(deadline)
+
+    def leftovers(self, deadline: float) -> list[int]:
+        """Children still running (a worker of a frontend killed hard): stopped, then killed."""
+        import psutil
+
+        kids = psutil.Process().children(recursive=True)
+        for proc in kids:
+            proc.terminate()
+        _, alive = psutil.wait_procs(kids, timeout=max(0.1, deadline - time.monotonic()))
+        for proc in alive:
+            proc.kill()
+        psutil.wait_procs(alive, timeout=2)
+        self.reap()
+        if kids:
+            log.warning("stopped %d process(es) left behind: %s", len(kids),
+                        ", ".join(str(p.pid) for p in kids))
+        return [p.pid for p in alive]
+
+    def shutdown_after(self, died: str) -> None:
+        """A child exited unexpectedly: stop the other at once (the orchestrator restarts)."""
+        log.error("%s: stopping the container", died)
+        self.draining_flag.touch()
+        deadline = time.monotonic() + self.settings.grace_s
+        if self.nginx_pid not in self.exited:
+            os.kill(self.nginx_pid, signal.SIGTERM)  # fast: without TorchServe nothing answers
+            self.wait_for(self.nginx_pid, deadline)
+        self.stop_torchserve(deadline)
+
+    def run(self) -> int:
+        set_subreaper()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        try:
+            self.prepare()
+        except (OSError, ValueError) as err:
+            log.error("%s", err)
+            return EXIT_CONFIG
+        try:
+            self.start()
+        except (ServerError, OSError) as err:
+            log.error("%s", err)
+            self.stop_torchserve(time.monotonic() + self.settings.grace_s)
+            return EXIT_FAILED
+        died = self.serve()
+        if died:
+            self.shutdown_after(died)
+            return EXIT_FAILED
+        return EXIT_OK if self.drain() else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s kiln-container %(levelname)s %(message)s")
+    return Entrypoint(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""kiln-container's settings, keys and nginx configuration, with no server running."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kiln.deploy import container as kc
+from kiln.deploy import contract
+from kiln.deploy.server import ModelServing, ServerSettings
+
+KEY = "Abc+def/ghi.jkl_mno-pq="  # 23 characters, every kind of punctuation a key may hold
+
+
+def test_defaults_are_the_contracts():
+    s = kc.parse_args([], environ={})
+    assert (s.model_store, s.keys_file, s.run_dir) == (
+        Path(contract.MODEL_STORE), Path(contract.KEYS_FILE), Path(contract.RUN_DIR))
+    assert (s.grace_s, s.drain_delay_s, s.listen) == (30.0, 5.0, "0.0.0.0")
+    assert s.public_ports() == contract.PUBLIC_PORTS
+    assert s.internal_ports() == contract.INTERNAL_PORTS
+
+
+def test_flags_win_over_the_environment():
+    env = {contract.ENV["grace_s"]: "12", contract.ENV["drain_delay_s"]: "2",
+           contract.ENV["models"]: "a, b", contract.ENV["run_dir"]: "/env/run"}
+    s = kc.parse_args(["--grace-seconds", "9", "--run-dir", "/flag/run"], environ=env)
+    assert (s.grace_s, s.drain_delay_s, s.models, s.run_dir) == (
+        9.0, 2.0, ("a", "b"), Path("/flag/run"))
+
+
+def test_port_offset_shifts_every_port():
+    s = kc.parse_args(["--port-offset", "1000"], environ={})
+    assert s.public_ports() == {k: v + 1000 for k, v in contract.PUBLIC_PORTS.items()}
+    assert s.internal_ports().management == contract.INTERNAL_PORTS.management + 1000
+
+
+@pytest.mark.parametrize("args", [["--drain-delay-seconds", "30"], ["--grace-seconds", "0"],
+                                  ["--port-offset", "60000"]])
+def test_bad_settings_fail_at_once(args, capsys):
+    with pytest.raises(SystemExit):
+        kc.parse_args(args, environ={})
+    assert "kiln-container: error:" in capsys.readouterr().err
+
+
+def test_keys_file_comments_blank_lines_and_duplicates():
+    assert kc.parse_keys(f"# rotated 2024-05\n\n{KEY}\n  {KEY}  # again\n{KEY}x\n") == [
+        KEY, KEY + "x"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("short\n", "too short"),
+    ('has"quote' + "x" * 22 + "\n", "may hold only"),
+    ("# nothing\n\n", "holds no key"),
+])
+def test_bad_keys_files_are_refused(text, message):
+    with pytest.raises(kc.KeysError, match=message):
+        kc.parse_keys(text)
+
+
+def test_keys_map_matches_exactly_and_with_case():
+    line = kc.keys_map([KEY])
+    assert line == '"~^[Bb]earer Abc\\+def/ghi\\.jkl_mno-pq=$" 1;\n'
+    pattern = re.compile(line.split('"')[1][1:])  # PCRE and Python agree on this subset
+    assert pattern.match(f"Bearer {KEY}")
+    assert not pattern.match(f"Bearer {KEY.lower()}")
+    assert not pattern.match(f"Bearer {KEY}x")
+    assert not pattern.match(f"Bearer {KEY[:-1]}")
+
+
+def container_server(tmp_path, **given):
+    settings = kc.Settings(model_store=tmp_path, models=("tiny",), run_dir=tmp_path / "run",
+                           **given)
+    server = kc.server_settings(settings)
+    server.serving = {"tiny": ModelServing()}
+    return settings, server
+
+
+def test_torchserve_in_the_container_has_auth_off_and_internal_ports(tmp_path):
+    settings, server = container_server(tmp_path)
+    assert (server.token_auth, server.console_logs, server.ports) == (
+        False, True, contract.INTERNAL_PORTS)
+    assert server.log_config.name == "log4j2-console.xml"
+    server.models_setting = lambda: {}
+    props = server.config_properties()
+    assert "disable_token_authorization=true\n" in props
+    assert f"management_address=http://127.0.0.1:{contract.INTERNAL_PORTS.management}\n" in props
+    assert "enable_model_api=false\n" in props
+
+
+def test_kiln_serve_keeps_token_auth(tmp_path):
+    settings = ServerSettings(tmp_path, tmp_path, [])
+    assert "disable_token_authorization" not in settings.config_properties()
+
+
+def test_nginx_config_is_complete_and_forwards_no_management_route(tmp_path):
+    settings, server = container_server(tmp_path, port_offset=10)
+    text = kc.nginx_config(settings, server, tmp_path / "run")
+    assert not re.search(r"@[A-Z_]+@", text)
+    assert f"client_max_body_size {server.max_request_size};" in text
+    assert f"listen 0.0.0.0:{8080 + 10};" in text
+    upstreams = set(re.findall(r"server 127\.0\.0\.1:(\d+);", text))
+    ports = server.ports
+    assert upstreams == {str(p) for p in (ports.inference, ports.oip, ports.metrics,
+                                         ports.grpc_inference)}
+    assert str(ports.management) not in text and str(ports.grpc_management) not in text
+
+
+@pytest.mark.skipif(not Path(kc.NGINX).exists(), reason="nginx is not installed")
+def test_nginx_accepts_the_rendered_configuration(tmp_path):
+    settings, server = container_server(tmp_path, port_offset=10)
+    run = tmp_path / "run"
+    (run / "nginx").mkdir(parents=True)
+    (run / "nginx" / "keys.map").write_text(kc.keys_map([KEY]))
+    conf = run / "nginx" / "nginx.conf"
+    conf.write_text(kc.nginx_config(settings, server, run))
+    done = subprocess.run([kc.NGINX, "-e", "stderr", "-t", "-p", str(run / "nginx"),
+                           "-c", str(conf)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
