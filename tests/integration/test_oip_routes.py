@@ -2,6 +2,7 @@
 standard client calls it: health, server metadata, model metadata and readiness, then infer."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,36 @@ def test_ready_is_false_while_a_model_has_no_loaded_worker(oip, server):
         scale(server, "mlp", 1)
     r = oip.get("/models/mlp/ready")
     assert (r.status_code, r.json()) == (200, {"ready": True, "name": "mlp"})
+
+
+def test_server_readiness_waits_for_every_startup_model(tmp_path):
+    """Right after start TorchServe has registered no model yet: the OIP plugin must not call
+    "every model is ready" true then (it did, for about a second)."""
+    from kiln.deploy.server import Ports, Server, ServerSettings
+    from kiln.model_store.archive import STORE
+    from kiln.model_store.build import ensure_built
+
+    ensure_built("binary")
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+                                   ports=Ports.free()))
+    server.start()
+    try:
+        base, deadline, first_ready = server.url("oip"), time.monotonic() + 120, None
+        while time.monotonic() < deadline and first_ready is None:
+            try:
+                headers = {"Authorization": f"Bearer {server.keys()['inference']}"}
+            except (OSError, ValueError, KeyError):  # the key file is not written yet
+                time.sleep(0.02)
+                continue
+            try:
+                health = requests.get(f"{base}/v2/health/ready", headers=headers, timeout=2)
+            except requests.ConnectionError:
+                time.sleep(0.02)
+                continue
+            if health.status_code == 200:
+                first_ready = requests.get(f"{base}/v2/models/binary/ready", headers=headers,
+                                           timeout=2).status_code
+            time.sleep(0.02)
+        assert first_ready == 200
+    finally:
+        server.stop()

@@ -62,7 +62,7 @@ final class OipRoutes {
         } else if (parts.equals(List.of("health", "live"))) {
             return Reply.json(200, flag("live", true));
         } else if (parts.equals(List.of("health", "ready"))) {
-            boolean ready = models().values().stream().allMatch(OipRoutes::isReady);
+            boolean ready = serverReady(models(), ConfigManager.getInstance().getLoadModels());
             return Reply.json(ready ? 200 : 400, flag("ready", ready));
         }
         ModelRoute route = ModelRoute.parse(parts);
@@ -98,6 +98,44 @@ final class OipRoutes {
             return Reply.json(ready ? 200 : 400, body);
         }
         return Reply.error(405, "GET is not allowed on /v2/models/NAME/" + route.action);
+    }
+
+    /**
+     * The server is ready when every model it was started with is registered and ready. Right
+     * after start no model is registered yet: "all of none are ready" must not read as ready.
+     */
+    static boolean serverReady(Map<String, Model> models, String loadModels) {
+        List<String> expected = startupModels(loadModels);
+        if (expected == null) {  // "all" (or nothing named): every model registered so far
+            return !models.isEmpty() && models.values().stream().allMatch(OipRoutes::isReady);
+        }
+        return expected.stream().allMatch(name -> {
+            Model model = models.get(name);
+            return model != null && isReady(model);
+        });
+    }
+
+    /**
+     * Model names in config.properties' load_models ("a.mar,b.mar" or "name=file.mar,..."),
+     * or null when it says "all" or names nothing.
+     */
+    static List<String> startupModels(String loadModels) {
+        if (loadModels == null || loadModels.isBlank()
+                || loadModels.trim().equalsIgnoreCase("all")) {
+            return null;
+        }
+        List<String> names = new ArrayList<>();
+        for (String entry : loadModels.split(",")) {
+            String item = entry.trim();
+            if (item.isEmpty()) {
+                continue;
+            }
+            int eq = item.indexOf('=');
+            String name = eq >= 0 ? item.substring(0, eq) : item;
+            name = name.substring(name.lastIndexOf('/') + 1);
+            names.add(name.endsWith(".mar") ? name.substring(0, name.length() - 4) : name);
+        }
+        return names.isEmpty() ? null : names;
     }
 
     /** A model is ready when one of its workers has loaded it, not merely started. */
