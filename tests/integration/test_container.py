@@ -3,130 +3,36 @@ with the keys and the probes, TorchServe behind it on loopback, SIGTERM drained.
 
 One entrypoint serves the module; the drain test runs last and stops it."""
 
-import http.client
 import json
 import logging
-import random
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, fields
-from pathlib import Path
 
 import psutil
 import pytest
 import requests
+from container_harness import (
+    DRAIN_DELAY_S,
+    FIXTURES,
+    GRACE_S,
+    KEY_1,
+    KEY_2,
+    MODEL,
+    UNAUTHORIZED,
+    Container,
+    Load,
+    Probe,
+    benign_body,
+    write_keys,
+)
 
 from kiln.deploy import contract
 from kiln.grpc_client import GrpcClient
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
 
 log = logging.getLogger("kiln.tests")
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-MODEL = "binary"
-GRACE_S = 20
-DRAIN_DELAY_S = 1.5
-KEY_1 = "k1-" + "A" * 19 + "x9"
-KEY_2 = "k2-" + "b" * 19 + "Z7"
-UNAUTHORIZED = {"error": "missing or unknown key", "code": 401}
-
-
-def benign_body() -> bytes:
-    return (FIXTURES / "breast_cancer" / "benign.json").read_bytes()
-
-
-def port_offset() -> int:
-    """An offset that puts every public and internal port of the contract on a free port."""
-    ports = [*contract.PUBLIC_PORTS.values(),
-             *(getattr(contract.INTERNAL_PORTS, f.name) for f in fields(contract.INTERNAL_PORTS))]
-    for _ in range(50):
-        offset = random.randrange(20000, 65535 - max(ports))
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return offset
-    pytest.fail("no free set of ports")
-
-
-def write_keys(path: Path, *keys: str) -> None:
-    tmp = path.with_name(".keys.tmp")
-    tmp.write_text("# kiln keys\n" + "".join(f"{k}\n" for k in keys))
-    tmp.replace(path)  # as Kubernetes swaps a Secret's files: atomically
-
-
-@dataclass
-class Probe:
-    at: float
-    status: int | None  # None: connection refused
-
-
-class Container:
-    def __init__(self, folder: Path):
-        self.keys_file = folder / "keys"
-        write_keys(self.keys_file, KEY_1)
-        self.log_path = folder / "container.log"
-        self.offset = port_offset()
-        self.public = {k: v + self.offset for k, v in contract.PUBLIC_PORTS.items()}
-        with open(self.log_path, "w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "kiln.deploy.container", "--models", MODEL,
-                 "--model-store", str(STORE), "--keys-file", str(self.keys_file),
-                 "--run-dir", str(folder / "run"), "--listen", "127.0.0.1",
-                 "--port-offset", str(self.offset), "--grace-seconds", str(GRACE_S),
-                 "--drain-delay-seconds", str(DRAIN_DELAY_S)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        self.startup: list[Probe] = []
-
-    def url(self, port: str, path: str) -> str:
-        return f"http://127.0.0.1:{self.public[port]}{path}"
-
-    def probe(self, path: str, port: str = "http") -> int | None:
-        try:
-            return requests.get(self.url(port, path), timeout=5).status_code
-        except requests.ConnectionError:
-            return None
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"kiln-container exited {self.process.returncode}:\n{self.log()}")
-            status = self.probe(contract.READY_PATH)
-            self.startup.append(Probe(time.monotonic(), status))
-            if status == 200:
-                return
-            time.sleep(0.1)
-        pytest.fail(f"/ready not 200 after {timeout}s:\n{self.log()}")
-
-    def predict(self, key: str | None, port: str = "http") -> requests.Response:
-        headers = {"Content-Type": "application/json"}
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        return requests.post(self.url(port, f"/predictions/{MODEL}"), data=benign_body(),
-                             headers=headers, timeout=30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def tree(self) -> list[psutil.Process]:
-        parent = psutil.Process(self.process.pid)
-        return [parent, *parent.children(recursive=True)]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            for proc in reversed(self.tree()):
-                proc.kill()
-            self.process.wait()
-
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory):
@@ -226,66 +132,6 @@ def test_keys_rotate_without_a_restart(container):
 
 
 # -- (c) SIGTERM drains -----------------------------------------------------------------------
-@dataclass
-class Sent:
-    started: float
-    sent: float | None = None      # every byte of the request handed to the socket
-    answered: float | None = None
-    status: int | None = None
-    error: str | None = None
-
-
-class Load:
-    """A few clients sending real requests in a loop over keep-alive connections."""
-
-    def __init__(self, container: Container, clients: int = 4):
-        self.port = container.public["http"]
-        self.body = benign_body()
-        self.records: list[Sent] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.client, daemon=True)
-                        for _ in range(clients)]
-
-    def client(self) -> None:
-        conn = None
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY_1}"}
-        while not self.stop.is_set():
-            rec = Sent(time.monotonic())
-            with self.lock:
-                self.records.append(rec)
-            try:
-                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                conn.request("POST", f"/predictions/{MODEL}", body=self.body, headers=headers)
-                rec.sent = time.monotonic()
-                response = conn.getresponse()
-                response.read()
-                rec.answered, rec.status = time.monotonic(), response.status
-                if response.will_close:
-                    conn.close()
-                    conn = None
-            except OSError as err:
-                rec.error = type(err).__name__
-                if conn is not None:
-                    conn.close()
-                conn = None
-                time.sleep(0.02)  # pacing for a refused connection, not for a request
-            except http.client.HTTPException as err:
-                rec.error = type(err).__name__
-                conn.close()
-                conn = None
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=40)
-
-
 def test_sigterm_drains_answers_in_flight_and_leaves_nothing(container):
     tree = container.tree()
     names = sorted({p.name() for p in tree})
@@ -299,7 +145,7 @@ def test_sigterm_drains_answers_in_flight_and_leaves_nothing(container):
             time.sleep(0.02)
 
     prober = threading.Thread(target=probe_ready, daemon=True)
-    with Load(container) as load:
+    with Load(container.public["http"]) as load:
         prober.start()
         time.sleep(1.0)
         signalled = time.monotonic()
