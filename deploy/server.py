@@ -213,7 +213,10 @@ class ServerSettings:
             "enable_envvars_config": "false",
             "install_py_dep_per_model": "false",
             "disable_system_metrics": "false",
+            # java.io.tmpdir is where TorchServe extracts archives: the run folder's tmp, as
+            # TMPDIR is for the Python side (writable under a read-only root filesystem).
             "vmargs": f"-Xmx{self.java_heap} -XX:+UseContainerSupport "
+                      f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip}",
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.PLUGINS_DIR,

@@ -80,4 +80,7 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     server = _server(args, ["binary"])
     assert vars(server.ports) == given
     settings = dataclasses.replace(server.settings, models=[])  # no archive needed
-    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:18185\n" in settings.config_properties()
+    config = settings.config_properties()
+    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:18185\n" in config
+    # Archives are extracted under the run folder, never in a read-only root's /tmp.
+    assert f"-Djava.io.tmpdir={tmp_path.resolve() / 'tmp'} " in config
