@@ -64,6 +64,10 @@ def _numeric_array(value, shape):
     return array if np.isfinite(array).all() else None
 
 
+# The largest value a float32 model input holds; past it a value becomes infinity.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def finite_number(value, what):
     """value as a float, or BadInput: booleans, strings and NaN/Infinity are not numbers."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

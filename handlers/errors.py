@@ -7,15 +7,24 @@ import json
 REJECT_REASONS = ("empty_body", "bad_form", "not_image_or_json", "undecodable", "too_large",
                   "wrong_type", "bad_shape", "bad_features", "bad_value", "other")
 MAX_LISTED_NAMES = 5
+# A message quotes the request only as an excerpt: an error body stays small whatever was
+# sent (a 600 KB body of unknown names once got a 300 KB answer).
+MAX_MESSAGE_CHARS = 500
+MAX_NAME_CHARS = 40
 
 
 class BadInput(ValueError):
-    """A request that cannot be scored; str(error) is the message the client sees, `reason`
-    one of REJECT_REASONS."""
+    """A request that cannot be scored; str(error) is the message the client sees (at most
+    MAX_MESSAGE_CHARS), `reason` one of REJECT_REASONS."""
 
     def __init__(self, message, reason="other"):
-        super().__init__(message)
+        super().__init__(cut(message, MAX_MESSAGE_CHARS))
         self.reason = reason
+
+
+def cut(text, limit):
+    """text, or its first limit - 3 characters and "..."."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def error_body(message, code=400):
@@ -51,6 +60,6 @@ def describe(value, limit=40):
 
 def quoted(names):
     """'a', 'b' and 3 more."""
-    shown = ", ".join(f"'{name}'" for name in names[:MAX_LISTED_NAMES])
+    shown = ", ".join(f"'{cut(str(name), MAX_NAME_CHARS)}'" for name in names[:MAX_LISTED_NAMES])
     extra = len(names) - MAX_LISTED_NAMES
     return shown + (f" and {extra} more" if extra > 0 else "")

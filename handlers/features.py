@@ -80,7 +80,21 @@ def _bounds(values):
 
 
 def standardise_features(row, spec):
-    """Standardises feature rows ([F] or [N, F]) with the training split's mean and std."""
+    """Standardises feature rows ([F] or [N, F]) with the training split's mean and std; a
+    value the float32 model input cannot hold, before or after, is refused (it would reach
+    the model as infinity and come back as NaN)."""
+    check_float32(row, spec, "")
     x = (row - np.asarray(spec["mean"], dtype=np.float64)) / np.asarray(spec["std"], np.float64)
+    check_float32(x, spec, " once standardised")
     shape = spec["shape"][1:]
     return x.reshape(shape if row.ndim == 1 else [-1, *shape]).astype(np.float32)
+
+
+def check_float32(values, spec, when):
+    """Rejects the first value outside float32's finite range, naming its feature."""
+    bad = np.argwhere(np.abs(values) > arrays.FLOAT32_MAX)
+    if len(bad):
+        at = tuple(int(i) for i in bad[0])
+        raise BadInput(f"value for '{spec['names'][at[-1]]}' is {values[at]:g}{when}, outside "
+                       f"what a float32 model input can hold (±{arrays.FLOAT32_MAX:g})",
+                       reason="bad_value")

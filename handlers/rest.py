@@ -9,6 +9,8 @@ import base64
 import binascii
 import io
 import json
+import math
+import sys
 
 import numpy as np
 
@@ -88,6 +90,11 @@ def parse_json_text(text):
         raise BadInput("not a PNG or JPEG image and not JSON", reason="not_image_or_json") from None
     except RecursionError:
         raise BadInput("body is not valid JSON: nested too deeply", reason="undecodable") from None
+    except ValueError as err:  # Python refuses integers of more than sys.int_info digits
+        if "digits" not in str(err):
+            raise
+        raise BadInput(f"body is not valid JSON: a number has more than "
+                       f"{sys.get_int_max_str_digits()} digits", reason="undecodable") from None
 
 
 def decode_request(body, signature):
@@ -249,10 +256,7 @@ def _field_value(raw):
 def decode_npy(raw, spec):
     """A .npy body (no pickles) of raw values of one input, one instance or a batch, as
     (rows, many). The whole array is checked and preprocessed with vectorised numpy."""
-    try:
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise BadInput(f"not a readable .npy array: {err}", reason="undecodable") from None
+    array = read_npy(raw)
     if array.dtype.kind not in "iuf":
         raise BadInput(f".npy array has dtype {array.dtype}, expected integers or floats",
                        reason="wrong_type")
@@ -272,6 +276,31 @@ def decode_npy(raw, spec):
             values = values[np.newaxis]
         tensors.check_tensor_shape(list(values.shape[1:]), spec, ".npy array")
     return inputs.rows_from_raw(values, spec), many
+
+
+def read_npy(raw):
+    """The array of a .npy body, its header checked against the body's length before any
+    memory is taken: a few bytes can declare a terabyte."""
+    stream = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version[0]}.{version[1]} is not 1.0 or 2.0")
+        shape, fortran, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+        raise BadInput(f"not a readable .npy array: {err}", reason="undecodable") from None
+    if dtype.hasobject:
+        raise BadInput(".npy array holds Python objects (pickles): not accepted",
+                       reason="wrong_type")
+    count = math.prod(shape)
+    data = len(raw) - stream.tell()
+    if count * dtype.itemsize != data:
+        raise BadInput(f".npy header declares shape {list(shape)} ({count} values), but the "
+                       f"body holds {data} bytes of data", reason="undecodable")
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def _npy_pixels(values, spec):

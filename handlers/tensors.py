@@ -53,6 +53,10 @@ def tensor_rows_from_raw(values, spec):
     dtype = np.dtype(spec["dtype"])
     if dtype.kind in "iu":
         arrays.check_whole(values, np.iinfo(dtype), f"{spec['dtype']}")
+    elif dtype.kind == "f":  # past its largest value a float16/32 becomes infinity
+        largest = float(np.finfo(dtype).max)
+        arrays.check_bounds(values, -largest, largest,
+                            lambda at: f"value at {list(at)} (a {spec['dtype']} input)")
     if spec.get("min") is not None or spec.get("max") is not None:
         arrays.check_bounds(values, spec.get("min"), spec.get("max"),
                             lambda at: f"value at {list(at)}")
