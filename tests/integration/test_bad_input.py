@@ -1,8 +1,10 @@
 """Every bad input gets a 400 naming the problem; the worker lives and the next request works."""
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -16,6 +18,13 @@ GOOD = {
     "binary": (json.dumps(BENIGN).encode(), "application/json", "benign"),
 }
 ROW = [[0] * 28 for _ in range(28)]
+
+
+def npy_header(shape) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return out.getvalue()
 
 
 def as_json(value) -> bytes:
@@ -61,6 +70,17 @@ FEATURE_CASES = [
     ("short list", as_json(list(BENIGN.values())[:29]), "application/json",
      "expected 30 features, got 29"),
     ("an image", SEVEN, "image/png", "this model takes features, not an image"),
+    # Used to get a 500 (issue 11): too many digits for Python, past float32, a huge .npy.
+    ("5000-digit integer", json.dumps(BENIGN).replace(
+        json.dumps(BENIGN["mean area"]), "9" * 5000, 1).encode(), "application/json",
+     "body is not valid JSON: a number has more than 4300 digits"),
+    ("past float32", as_json({**BENIGN, "mean area": 1e40}), "application/json",
+     "value for 'mean area' is 1e+40, outside what a float32 model input can hold"),
+    ("just past float32", as_json({**BENIGN, "mean area": 1e39}), "application/json",
+     "value for 'mean area' is 1e+39, outside what a float32 model input can hold"),
+    ("npy declaring a huge shape", npy_header((1_000_000, 1_000_000)), "application/x-npy",
+     ".npy header declares shape [1000000, 1000000] (1000000000000 values), but the body "
+     "holds 0 bytes of data"),
 ]
 CASES = [(m, *c) for m in ("lenet", "mlp", "rnn") for c in IMAGE_CASES] + [
     ("binary", *c) for c in FEATURE_CASES]
@@ -94,3 +114,11 @@ def test_bad_input_gets_400_naming_the_problem(server, client, model, case, body
     after = post(server, client, model, good_body, good_type)
     assert after.status_code == 200 and after.json()["label"] == label
     assert workers(server, model) == before  # same worker process, still READY
+
+
+def test_an_error_body_quotes_only_an_excerpt(server, client):
+    """636 KB of unknown feature names once got a ~320 KB answer, cut by a reset."""
+    body = as_json({**BENIGN, "x" * 300_000: 1, "y" * 300_000: 2})
+    r = post(server, client, "binary", body, "application/json")
+    assert r.status_code == 400
+    assert len(r.content) < 1024 and r.json()["error"].startswith("unknown features: 'xxx")
