@@ -69,6 +69,10 @@ class Ports:
                 s.close()
 
 
+# What a TorchServe frontend's command line has, and nothing else's.
+FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
+
+
 class ServerError(RuntimeError):
     pass
 
@@ -286,20 +290,67 @@ class Server:
         return code, out_path.read_text(errors="replace")[-4000:]
 
     # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "tmp" / ".model_server.pid"
+
     def pid(self) -> int | None:
-        pid_file = self.run_dir / "tmp" / ".model_server.pid"
+        """The frontend of this run folder, if one runs: the pid in its pid file, and that
+        process a TorchServe frontend (a pid of a dead server may belong to anything now)."""
         try:
-            pid = int(pid_file.read_text().strip())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
+            pid = int(self.pid_file.read_text().strip())
+            return pid if FRONTEND_CLASS in psutil.Process(pid).cmdline() else None
+        except (OSError, ValueError, psutil.Error):
             return None
+
+    def orphan_workers(self) -> list[psutil.Process]:
+        """Workers of this run folder whose frontend is gone (a killed frontend leaves its
+        workers running: they hold memory and the model). Found by the socket path that
+        each worker is started with, which lives in this run folder."""
+        sockets = str(self.run_dir / "tmp") + os.sep
+        frontend = self.pid()
+        orphans = []
+        for proc in psutil.process_iter(["cmdline", "ppid"]):
+            cmdline = proc.info["cmdline"] or []
+            if not any(a.endswith("model_service_worker.py") for a in cmdline):
+                continue
+            if any(a.startswith(sockets) for a in cmdline) and proc.info["ppid"] != frontend:
+                orphans.append(proc)
+        return orphans
+
+    def clean_up_after_crash(self) -> list[str]:
+        """What a dead frontend left behind (pid file, key file, orphan workers), removed;
+        one line each, for the user."""
+        if self.pid() is not None:
+            return []
+        done = []
+        if self.pid_file.exists():
+            self.pid_file.unlink(missing_ok=True)
+            done.append(f"removed the pid file of a TorchServe that is gone ({self.pid_file})")
+            if self.key_file.exists():
+                self.key_file.unlink(missing_ok=True)
+                done.append(f"removed its key file ({self.key_file}): its tokens died with it")
+        orphans = self.orphan_workers()
+        for proc in orphans:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(orphans, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        if orphans:
+            done.append(f"stopped {len(orphans)} orphan worker(s) of it: pids "
+                        f"{', '.join(str(p.pid) for p in orphans)}")
+        for line in done:
+            log.warning("%s: %s", self.run_dir, line)
+        return done
 
     def start(self) -> None:
         if shutil.which("java") is None:
             raise ServerError("no Java runtime on PATH: install openjdk-17-jre-headless")
         if self.pid() is not None:
             raise ServerError(f"a TorchServe already runs from {self.run_dir} (kiln stop)")
+        self.clean_up_after_crash()
         for m in self.settings.models:
             mar = self.settings.model_store / f"{m}.mar"
             if not mar.exists():
@@ -341,9 +392,11 @@ class Server:
             self.stop()
 
     def stop(self, timeout: float = 30) -> bool:
-        """Stop the server of this run folder; False if none was running."""
+        """Stop the server of this run folder; False if none was running (what a dead one
+        left behind is cleaned up either way)."""
         pid = self.pid()
         if pid is None:
+            self.clean_up_after_crash()
             return False
         self._torchserve("--stop", timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -355,6 +408,8 @@ class Server:
             time.sleep(0.2)
         else:
             os.kill(pid, 9)
+            time.sleep(0.2)
+            self.clean_up_after_crash()  # the workers of a frontend killed outlive it
         self.key_file.unlink(missing_ok=True)
         return True
 
@@ -384,7 +439,7 @@ class Server:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
         psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
-        (self.run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
+        self.pid_file.unlink(missing_ok=True)
         return not alive
 
     # -- keys and readiness ----------------------------------------------------------------

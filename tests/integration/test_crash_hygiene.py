@@ -1,0 +1,47 @@
+"""A frontend killed hard leaves its pid file, its key file and its workers behind: kiln stop
+and kiln serve clean them up, and say so."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.model_store.archive import STORE
+from kiln.model_store.build import ensure_built
+
+
+def test_stop_and_serve_clean_up_after_a_killed_frontend(tmp_path):
+    ensure_built("binary")
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+                                   ports=Ports.free()))
+    server.start()
+    server.wait_ready(120)
+    frontend = psutil.Process(server.pid())
+    os.kill(frontend.pid, signal.SIGKILL)
+    frontend.wait(timeout=10)
+    # An idle worker exits when its frontend's socket closes; one busy in a long model call
+    # outlives it. This stand-in has such a worker's command line and never exits by itself.
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              "ts/model_service_worker.py", "--sock-type", "unix", "--sock-name",
+                              str(server.run_dir / "tmp" / ".ts.sock.9001")])
+    workers = [psutil.Process(stuck.pid)]
+    # What a killed frontend leaves: its pid file, its key file, a worker still running.
+    assert server.pid_file.exists() and server.key_file.exists()
+    assert server.pid() is None
+    assert [p.pid for p in server.orphan_workers()] == [stuck.pid]
+
+    done = subprocess.run([sys.executable, "-m", "kiln.cli", "stop", "--run-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "removed the pid file of a TorchServe that is gone" in done.stderr
+    assert f"stopped {len(workers)} orphan worker(s)" in done.stderr
+    assert not server.pid_file.exists() and not server.key_file.exists()
+    assert stuck.wait(timeout=10) == -signal.SIGTERM
+
+    # And serve again from the same folder, as if nothing had happened.
+    with server.running(timeout=120):
+        assert server.pid() is not None
+    assert server.orphan_workers() == []
