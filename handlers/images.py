@@ -22,6 +22,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # Checked from the header, before any pixel is decoded: a 30 kB PNG can declare a
 # gigapixel image, and decoding it would take the worker's memory.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# All the images of one request together, summed from their headers before any is decoded:
+# 205 images each under the limit above once kept a worker busy for 30 s.
+MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
 # After inversion, a pixel brighter than this is ink when framing a digit.
 INK_THRESHOLD = 0.1
 # MNIST scales each digit's longer side to 20 pixels inside its 28x28 canvas.
@@ -90,6 +93,32 @@ def unit_image_from_bytes(raw, channels):
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             logger.debug("undecodable %s: %s", fmt, err)
             raise _undecodable(fmt) from None
+
+
+def declared_pixels(raw):
+    """Width x height from an encoded image's header (no pixel decoded); 0 when the header
+    cannot be read (decoding it will say why)."""
+    fmt = "PNG" if raw.startswith(PNG_MAGIC) else "JPEG"
+    try:
+        with Image.open(io.BytesIO(raw), formats=(fmt,)) as img:
+            width, height = img.size
+    except Image.DecompressionBombError:
+        return MAX_IMAGE_PIXELS + 1
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return 0
+    return width * height
+
+
+def check_request_pixels(raws):
+    """Refuses a request whose images declare more pixels together than MAX_REQUEST_PIXELS,
+    from their headers alone, before any is decoded."""
+    total = 0
+    for raw in raws:
+        total += declared_pixels(raw)
+        if total > MAX_REQUEST_PIXELS:
+            raise BadInput(f"the request's images declare more than {MAX_REQUEST_PIXELS} pixels "
+                           "together (the limit per request): send fewer or smaller images",
+                           reason="too_large")
 
 
 def grey_from_image_bytes(raw):

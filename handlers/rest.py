@@ -130,10 +130,17 @@ def decode_body(body, signature):
     if items is None:
         return [inputs.stack([_decode_one(kind, value, spec)], spec)], False
     _check_items(items)
-    rows = []
+    decoded = []
     for i, item in enumerate(items):
         try:
-            rows.append(_decode_one(*_instance_kind(item), spec))
+            decoded.append(_instance_kind(item))
+        except BadInput as err:
+            raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
+    images.check_request_pixels([value for kind, value in decoded if kind == "image"])
+    rows = []
+    for i, (kind, value) in enumerate(decoded):
+        try:
+            rows.append(_decode_one(kind, value, spec))
         except BadInput as err:
             raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
     return [inputs.stack(rows, spec)], True

@@ -90,3 +90,43 @@ def test_a_float32_tensor_value_past_its_range_is_a_400():
     assert (str(err), err.reason) == (
         "value at [0, 1] (a float32 input) is 1e+39, above its maximum 3.40282e+38",
         "bad_value")
+
+
+def png_declaring(width, height):
+    """A tiny PNG whose header declares width x height (its data is one zlib'd row only)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def test_many_large_images_in_one_request_are_refused_from_their_headers(image_signature,
+                                                                          monkeypatch):
+    import base64
+
+    from kiln.handlers import images
+
+    def no_decoding(raw, channels):
+        raise AssertionError("an image was decoded before the request's pixels were counted")
+
+    monkeypatch.setattr(images, "unit_image_from_bytes", no_decoding)
+    big = base64.b64encode(png_declaring(4096, 4096)).decode()
+    body = json.dumps({"instances": [{"b64": big}] * 205}).encode()
+    err = reject(body, image_signature)
+    assert (str(err), err.reason) == (
+        f"the request's images declare more than {images.MAX_REQUEST_PIXELS} pixels together "
+        "(the limit per request): send fewer or smaller images", "too_large")
+
+
+def test_one_image_at_the_limit_is_still_counted_in(image_signature):
+    from kiln.handlers import images
+
+    images.check_request_pixels([png_declaring(4096, 4096)])  # exactly the limit: fine
+    with pytest.raises(errors.BadInput):
+        images.check_request_pixels([png_declaring(4096, 4096), png_declaring(1, 1)])
