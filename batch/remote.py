@@ -28,6 +28,9 @@ from kiln.handlers import inputs
 
 log = logging.getLogger("kiln.batch")
 RETRY_STATUSES = (502, 503, 504)
+# TorchServe's answer to the requests a dead worker held (HTTP 507, or 500, while it restarts
+# the worker): worth a retry, as inference is idempotent. Any other 5xx is not retried.
+WORKER_DIED = "Worker died."
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,10 @@ class ServerScorer:
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 answer = self._client().predict(self.name, *encoded)
-                if answer.status not in RETRY_STATUSES:
+                if answer.status not in RETRY_STATUSES and not _worker_died(answer):
                     return answer.status, answer.body
-                last = f"HTTP {answer.status}"
+                last = f"HTTP {answer.status}" + (f" ({WORKER_DIED})" if _worker_died(answer)
+                                                  else "")
             except (requests.ConnectionError, requests.Timeout) as err:
                 last = f"{err.__class__.__name__}: {err}"
             if attempt < self.retry.attempts:
@@ -144,3 +148,8 @@ class ServerScorer:
         raise BatchError(f"gave up on {self.url}/predictions/{self.name} after "
                          f"{self.retry.attempts} tries: {last[:300]}. Is TorchServe running "
                          "(kiln serve)? Finished chunks are kept: rerun with --resume")
+
+
+def _worker_died(answer) -> bool:
+    return (answer.status in (500, 507) and isinstance(answer.body, dict)
+            and answer.body.get("message") == WORKER_DIED)

@@ -116,3 +116,38 @@ def test_ray_answers_exactly_as_local(archives, image_dir, tmp_path):
     _, on_ray = _run("binary", inp, tmp_path / "ray.csv", chunk_size=4, via="ray",
                      batch_size=3, concurrency=2)
     assert on_ray == local
+
+
+def _worker_pid(server, model: str) -> int:
+    import requests
+
+    r = requests.get(f"{server.url('management')}/models/{model}", timeout=10,
+                     headers={"Authorization": f"Bearer {server.keys()['management']}"})
+    r.raise_for_status()
+    (worker,) = r.json()[0]["workers"]
+    return int(worker["pid"])
+
+
+def test_server_job_across_a_worker_sigkill_loses_and_repeats_nothing(server, tmp_path):
+    """TorchServe answers what its dead worker held with 500 "Worker died." and restarts the
+    worker: the job retries those requests, and every row comes out once, answered right."""
+    inp = _cancer_csv(tmp_path / "rows.csv", copies=1000, bad=False)  # 8,000 rows
+    out = tmp_path / "out.csv"
+    # One row per request and four in flight: the worker always holds some when it dies.
+    proc = _kiln_batch("binary", inp, out, "--via", "server", "--url", server.url("inference"),
+                       "--token", server.keys()["inference"], "--chunk-size", 500,
+                       "--batch-size", 1, "--concurrency", 4)
+    deadline = time.monotonic() + 60
+    while _manifest_chunks(out) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = _worker_pid(server, "binary")
+    os.kill(killed, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()
+    assert _worker_pid(server, "binary") != killed  # a new worker answered the rest
+    assert stdout.decode().startswith("8000 rows scored, 0 failed")
+    assert "Worker died." in stderr.decode()  # the kill did land on requests in flight
+    _, whole = _run("binary", inp, tmp_path / "local.csv", chunk_size=500)
+    after = read_output(out)
+    assert len({r["id"] for r in after}) == 8000
+    assert after == whole
