@@ -36,6 +36,10 @@ CONSOLE_LOG_CONFIG = LOG_CONFIG.with_name("log4j2-console.xml")
 PORTS_FILE = "ports.json"  # in the run folder: how stop, predict and loadtest find a server
 
 
+# Every port Ports.free() has returned in this process.
+_HANDED_OUT: set[int] = set()
+
+
 @dataclass(frozen=True)
 class Ports:
     """The one place TorchServe's ports are defined."""
@@ -56,14 +60,20 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Ports the OS says are free now (for tests and side-by-side servers)."""
-        sockets = []
+        """Ports the OS says are free now (for tests and side-by-side servers), never one this
+        process handed out before: two sets asked for before either server binds its ports
+        must not share one."""
+        sockets, ports = [], []
         try:
-            for _ in fields(cls):
+            while len(ports) < len(fields(cls)):
                 s = socket.socket()
                 s.bind((HOST, 0))
                 sockets.append(s)
-            return cls(*(s.getsockname()[1] for s in sockets))
+                port = s.getsockname()[1]
+                if port not in _HANDED_OUT:
+                    ports.append(port)
+            _HANDED_OUT.update(ports)
+            return cls(*ports)
         finally:
             for s in sockets:
                 s.close()

@@ -135,7 +135,7 @@ def test_server_job_across_a_worker_sigkill_loses_and_repeats_nothing(server, tm
     out = tmp_path / "out.csv"
     # One row per request and four in flight: the worker always holds some when it dies.
     proc = _kiln_batch("binary", inp, out, "--via", "server", "--url", server.url("inference"),
-                       "--token", server.keys()["inference"], "--chunk-size", 500,
+                       "--token=" + server.keys()["inference"], "--chunk-size", 500,
                        "--batch-size", 1, "--concurrency", 4)
     deadline = time.monotonic() + 60
     while _manifest_chunks(out) < 2 and time.monotonic() < deadline:

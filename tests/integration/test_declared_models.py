@@ -100,7 +100,7 @@ def test_batch_job_takes_one_column_per_input(two_input_server, tmp_path):
         done = subprocess.run(
             [sys.executable, "-m", "kiln.cli", "batch", MODEL, str(rows), str(out), "--via", via,
              "--url", two_input_server.url("inference"),
-             "--token", two_input_server.keys()["inference"], "--no-progress"],
+             "--token=" + two_input_server.keys()["inference"], "--no-progress"],
             capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         with out.open() as f:

@@ -88,11 +88,11 @@ def kiln(*args, cache):
 
 
 def test_kiln_predict_over_grpc(server, client, tmp_path):
-    grpc = ["--grpc", "--grpc-port", str(server.ports.grpc_inference), "--token", client.token]
+    grpc = ["--grpc", "--grpc-port", str(server.ports.grpc_inference), f"--token={client.token}"]
     done = kiln("lenet", str(SEVEN), *grpc, "--expect", "7", cache=tmp_path)
     assert done.returncode == 0, done.stderr
     over_http = kiln("lenet", str(SEVEN), "--url", server.url("inference"),
-                     "--token", client.token, cache=tmp_path)
+                     f"--token={client.token}", cache=tmp_path)
     assert done.stdout == over_http.stdout
     assert done.stdout.startswith("lenet: 7  (p=")
     wrong = kiln("lenet", str(SEVEN), *grpc, "--expect", "1", cache=tmp_path)

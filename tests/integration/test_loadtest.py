@@ -24,7 +24,7 @@ def loadtest(server, out, *flags, duration=10):
     command = [sys.executable, "-m", "kiln.cli", "loadtest", declared.default_name(),
                "--users", "4", "--spawn-rate", "4", "--duration", str(duration), "--out", str(out),
                "--url", server.url("inference"), "--oip-url", server.url("oip"),
-               "--metrics-url", server.url("metrics"), "--token", server.keys()["inference"],
+               "--metrics-url", server.url("metrics"), "--token=" + server.keys()["inference"],
                "--run-dir", str(server.run_dir), *flags]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 

@@ -96,7 +96,7 @@ def kiln(*args):
 
 
 def test_kiln_predict_checks_the_answer(server, client):
-    common = ["--url", server.url("inference"), "--token", client.token]
+    common = ["--url", server.url("inference"), f"--token={client.token}"]
     seven = str(FIXTURES / "digits" / "7.png")
     done = kiln("predict", "lenet", seven, *common, "--expect", "7")
     assert done.returncode == 0, done.stderr

@@ -164,3 +164,13 @@ def test_kiln_archive_takes_no_serve_time_settings():
 
     with pytest.raises(SystemExit):
         build_parser("archive").parse_args(["archive", "lenet", "--batch-size", "4"])
+
+
+def test_free_ports_asked_for_twice_never_overlap():
+    """Side-by-side servers ask for their ports before either binds them."""
+    from dataclasses import astuple
+
+    from kiln.deploy.server import Ports
+
+    sets = [set(astuple(Ports.free())) for _ in range(50)]
+    assert sum(len(s) for s in sets) == len(set().union(*sets)) == 50 * len(sets[0])
