@@ -26,8 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import requests
-
 from kiln.deploy import contract
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
@@ -52,7 +50,6 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 PR_SET_CHILD_SUBREAPER = 36
 # Flag files in the run folder that nginx's readiness checks.
 DRAINING_FLAG = "draining"  # written on SIGTERM: readiness false from that moment
-LOADED_FLAG = "models-loaded"  # written once every served model has had a ready worker
 
 
 class KeysError(ValueError):
@@ -208,7 +205,6 @@ def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> s
                                  - settings.stop_reserve_s())),
         "READY_PATH": contract.READY_PATH, "LIVE_PATH": contract.LIVE_PATH,
         "DRAINING_FLAG": str(run_dir / DRAINING_FLAG),
-        "LOADED_FLAG": str(run_dir / LOADED_FLAG),
         "USER_LINE": worker_user(),
     }
     text = NGINX_TEMPLATE.read_text()
@@ -256,7 +252,6 @@ class Entrypoint:
         self.nginx_dir = self.run_dir / "nginx"
         self.nginx_conf = self.nginx_dir / "nginx.conf"
         self.draining_flag = self.run_dir / DRAINING_FLAG
-        self.loaded_flag = self.run_dir / LOADED_FLAG
         self.server = Server(server_settings(replace(settings, run_dir=self.run_dir)))
         self.signalled: int | None = None
         self.nginx: subprocess.Popen | None = None  # kept: a dropped Popen may reap it
@@ -279,7 +274,6 @@ class Entrypoint:
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.nginx_dir / sub).mkdir(parents=True, exist_ok=True)
         self.draining_flag.unlink(missing_ok=True)
-        self.loaded_flag.unlink(missing_ok=True)
         self.keys_text = self.settings.keys_file.read_text()
         keys = parse_keys(self.keys_text, str(self.settings.keys_file))
         write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
@@ -348,32 +342,14 @@ class Entrypoint:
         os.kill(self.nginx_pid, signal.SIGHUP)  # what nginx -s reload sends
         log.info("keys changed: nginx reloads with %d key(s)", len(keys))
 
-    def models_loaded(self) -> bool:
-        """Has every served model a ready worker? (Asked of the OIP plugin per model: its
-        server-wide readiness is true while TorchServe has registered no model yet.)"""
-        oip = f"http://127.0.0.1:{self.server.ports.oip}"
-        for name in self.server.settings.models:
-            try:
-                r = requests.get(f"{oip}/v2/models/{name}/ready", timeout=1)
-            except requests.RequestException:
-                return False
-            if r.status_code != 200:
-                return False
-        return True
-
     def serve(self) -> str | None:
         """Until a signal (None) or a child's unexpected exit (what happened)."""
-        started = time.monotonic()
-        next_keys_check = started + KEYS_POLL_S
+        next_keys_check = time.monotonic() + KEYS_POLL_S
         while self.signalled is None:
             self.reap()
             died = self.died()
             if died:
                 return died
-            if not self.loaded_flag.exists() and self.models_loaded():
-                self.loaded_flag.touch()
-                log.info("ready: every model has a loaded worker (%.1f s after start)",
-                         time.monotonic() - started)
             if time.monotonic() >= next_keys_check:
                 self.check_keys()
                 next_keys_check = time.monotonic() + KEYS_POLL_S
