@@ -134,10 +134,10 @@ class ServerScorer:
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 answer = self._client().predict(self.name, *encoded)
-                if answer.status not in RETRY_STATUSES and not _worker_died(answer):
+                died = _worker_died(answer)
+                if answer.status not in RETRY_STATUSES and not died:
                     return answer.status, answer.body
-                last = f"HTTP {answer.status}" + (f" ({WORKER_DIED})" if _worker_died(answer)
-                                                  else "")
+                last = f"HTTP {answer.status}" + (f" ({WORKER_DIED})" if died else "")
             except (requests.ConnectionError, requests.Timeout) as err:
                 last = f"{err.__class__.__name__}: {err}"
             if attempt < self.retry.attempts:

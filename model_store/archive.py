@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from kiln import layout
-from kiln.console import setup_logging
+from kiln.console import run_command
 from kiln.model_store import STORE
 from kiln.training import declaration
 from kiln.training.export import FORMS, MAX_ABS_DIFF
@@ -198,11 +198,7 @@ def config_from_args(args: argparse.Namespace) -> ArchiveConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kiln archive", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run(args)
+    return run_command("kiln archive", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.console import setup_logging
+from kiln.console import run_command
 from kiln.handlers import errors, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
@@ -422,11 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kiln export", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run(args)
+    return run_command("kiln export", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.console import setup_logging
+from kiln.console import run_command
 from kiln.training import declaration, export
 
 log = logging.getLogger("kiln.init")
@@ -180,11 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kiln init", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run(args)
+    return run_command("kiln init", __doc__, add_arguments, run, argv)
 
 
 def run(args: argparse.Namespace) -> int:
