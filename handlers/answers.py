@@ -12,6 +12,15 @@ from kiln.handlers.signature import DEFAULT_THRESHOLD, DEFAULT_TOP_K
 LABELLED_KINDS = ("multiclass", "binary")
 
 
+class NonFiniteOutput(ValueError):
+    """The model returned NaN or infinity; `row` is the first row that holds one. The handler
+    answers that request with a 400 (the input was taken, the model has no answer for it)."""
+
+    def __init__(self, message, row):
+        super().__init__(message)
+        self.row = row
+
+
 def output_rows(model_output, output):
     """The model's output as float32 [N, K] checked against the signature's output (raw
     outputs keep their shape)."""
@@ -22,7 +31,8 @@ def output_rows(model_output, output):
     finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
     if not finite.all():
         what = "value" if kind in ("regression", "raw") else "probability"
-        raise ValueError(f"model returned a non-finite {what}: {rows[~finite][0].tolist()}")
+        row = int(np.argmin(finite))
+        raise NonFiniteOutput(f"model returned a non-finite {what}: {rows[row].tolist()}", row)
     if kind == "binary":
         if rows.shape[1] != 1:
             raise ValueError(f"binary model returned {rows.shape[1]} values per row, expected 1")

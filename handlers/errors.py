@@ -5,7 +5,14 @@ import json
 # Why a request is rejected, as a fixed set: metrics are labelled by it, and the message
 # (which quotes the request) would make a new label value for every bad request.
 REJECT_REASONS = ("empty_body", "bad_form", "not_image_or_json", "undecodable", "too_large",
-                  "wrong_type", "bad_shape", "bad_features", "bad_value", "other")
+                  "wrong_type", "bad_shape", "bad_features", "bad_value", "non_finite_output",
+                  "batch_full", "other")
+# A request over a size bound (handlers/limits.py) is 413; a legal request that does not fit
+# in what its server-side batch has left is 503 with Retry-After (sent again, it rides in
+# another batch); every other bad request 400. The status follows the reason, so that
+# "instance 3: ..." keeps both.
+STATUS_OF_REASON = {"too_large": 413, "batch_full": 503}
+RETRY_AFTER_S = 1
 MAX_LISTED_NAMES = 5
 # A message quotes the request only as an excerpt: an error body stays small whatever was
 # sent (a 600 KB body of unknown names once got a 300 KB answer).
@@ -20,6 +27,10 @@ class BadInput(ValueError):
     def __init__(self, message, reason="other"):
         super().__init__(cut(message, MAX_MESSAGE_CHARS))
         self.reason = reason
+
+    @property
+    def status(self):
+        return STATUS_OF_REASON.get(self.reason, 400)
 
 
 def cut(text, limit):
@@ -50,12 +61,24 @@ def json_type(value):
 
 
 def describe(value, limit=40):
-    """A value as JSON text, cut to `limit` characters."""
+    """A value as JSON text, cut to `limit` characters. Only that much is encoded: the value
+    may be a megabyte of arrays, or nested hundreds of levels deep."""
     try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
+        chunks = json.JSONEncoder().iterencode(value)  # lazy: the C encoder is one-shot
+        text = "".join(_until(chunks, limit + 1))
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)[:limit + 1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _until(chunks, length):
+    """Chunks of text until they hold `length` characters together."""
+    total = 0
+    for chunk in chunks:
+        yield chunk
+        total += len(chunk)
+        if total >= length:
+            return
 
 
 def quoted(names):

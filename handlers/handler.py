@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from kiln.handlers import answers, backends, inputs, metrics, oip, rest
-from kiln.handlers.errors import BadInput, error_body
+from kiln.handlers import answers, backends, forms, inputs, limits, metrics, oip, rest
+from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,12 @@ JSON_CONTENT_TYPE = "application/json"
 BATCH_SIZE_HEADER = "Kiln-Batch-Size"
 # Reason phrases stay fixed: they go into the HTTP status line, where text taken from a
 # request (a feature name, say) does not belong. The details are in the JSON body.
-PHRASES = {400: "Bad Request", 500: "Internal Server Error"}
+PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+# TorchServe's worker json.loads an application/json body before handle() unless this is
+# "false", with no bound on depth or size; Kiln's handler parses every body itself, after
+# limits.py's checks on the text (and so once, not twice for a body TorchServe cannot parse).
+DECODE_INPUT_ENV = "TS_DECODE_INPUT_REQUEST"
 
 
 def read_handler_options(model_yaml_config):
@@ -91,8 +96,18 @@ def route_logs_to_stderr(names=("kiln.handlers",)):
         log.propagate = False
 
 
+def non_finite_message(err, rows):
+    """What a client is told when the model's output for its input is NaN or infinite."""
+    where = f"instance {err.row}: " if rows > 1 else ""
+    return (f"{where}the model's output for this input is not a finite number (NaN or "
+            "infinity), so it has no answer: check the input is within the ranges the model "
+            "was trained on")
+
+
 def _error(context, idx, code, message):
     context.set_response_status(code, PHRASES[code], idx)
+    if code == 503:
+        context.set_response_header(idx, "Retry-After", str(RETRY_AFTER_S))
     return json.dumps(error_body(message, code))
 
 
@@ -108,6 +123,7 @@ class KilnHandler:
 
     def initialize(self, context):
         route_logs_to_stderr()
+        os.environ[DECODE_INPUT_ENV] = "false"  # read by the worker for each request
         properties = context.system_properties
         model_dir = properties["model_dir"]
         gpu_id = properties.get("gpu_id")
@@ -138,34 +154,42 @@ class KilnHandler:
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
+        budget = limits.Budget(self.signature["inputs"])  # what this batch may still take
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             # Which server-side batch a request rode in: clients and tests can see batching.
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
             started = self.metrics.now()
+            admitted = budget.state()
             try:
-                model_inputs, encode = self._decode(request, context, idx)
+                model_inputs, encode = self._decode(request, context, idx, budget)
                 parts.append(model_inputs)
                 good.append((idx, inputs.batch_size(model_inputs), encode))
             except BadInput as err:
                 logger.debug("request %d rejected: %s", idx, err)
+                budget.restore(admitted)  # a refused request takes none of the batch's bounds
                 self.metrics.record_rejection(err)
-                answers_out[idx] = _error(context, idx, 400, str(err))
+                answers_out[idx] = _error(context, idx, err.status, str(err))
             except Exception:  # a decoding bug must cost one request, not the batch
                 logger.exception("request %d: unexpected decoding failure", idx)
+                budget.restore(admitted)
                 answers_out[idx] = _error(context, idx, 500, "the request could not be decoded")
             self.metrics.record_stage("preprocess", started)
         if good:
             self._score(inputs.join(parts, self.signature), good, answers_out, context)
         return answers_out
 
-    def _decode(self, request, context, idx):
+    def _decode(self, request, context, idx, budget=None):
         """(model inputs, encode): the rows to score and how to answer them. The protocol is
-        the route's: the OIP plugin marks what it forwards, everything else is Kiln's own."""
+        the route's: the OIP plugin marks what it forwards, everything else is Kiln's own.
+        `budget`: what the server-side batch may still take (limits.py)."""
+        form_type = context.get_request_header(idx, forms.FORM_TYPE_HEADER)
+        if form_type and isinstance(request, dict) and "body" in request:
+            request = forms.decode_form(bytes(request["body"]), form_type)
         body = rest.request_body(request, self.signature)
         if context.get_request_header(idx, oip.PROTOCOL_HEADER) == oip.PROTOCOL:
-            return oip.decode_infer(body, self.signature)
-        model_inputs, many = rest.decode_body(body, self.signature)
+            return oip.decode_infer(body, self.signature, budget)
+        model_inputs, many = rest.decode_body(body, self.signature, budget)
         output, top_k = self.signature["output"], self.top_k
 
         def encode(model_output):
@@ -196,6 +220,13 @@ class KilnHandler:
             encoding = self.metrics.now()
             try:
                 answers_out[idx] = json.dumps(encode(own), allow_nan=False)
+            except answers.NonFiniteOutput as err:
+                # The input was taken, yet the model has no answer for it: the client's to
+                # change (a request must never get a 5xx), and its neighbours are answered.
+                logger.debug("request %d: %s", idx, err)  # counted by reason, as a 400 is
+                refused = BadInput(non_finite_message(err, count), reason="non_finite_output")
+                self.metrics.record_rejection(refused)
+                answers_out[idx] = _error(context, idx, refused.status, str(refused))
             except ValueError as err:
                 logger.error("request %d: %s", idx, err)
                 answers_out[idx] = _error(context, idx, 500, "the model returned an invalid output")

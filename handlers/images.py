@@ -14,17 +14,12 @@ from PIL import ExifTags, Image, ImageOps
 
 from kiln.handlers import arrays
 from kiln.handlers.errors import BadInput, json_type
+from kiln.handlers.limits import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS
 
 logger = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
-# Checked from the header, before any pixel is decoded: a 30 kB PNG can declare a
-# gigapixel image, and decoding it would take the worker's memory.
-MAX_IMAGE_PIXELS = 4096 * 4096
-# All the images of one request together, summed from their headers before any is decoded:
-# 205 images each under the limit above once kept a worker busy for 30 s.
-MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
 # After inversion, a pixel brighter than this is ink when framing a digit.
 INK_THRESHOLD = 0.1
 # MNIST scales each digit's longer side to 20 pixels inside its 28x28 canvas.
@@ -73,19 +68,12 @@ def unit_image_from_bytes(raw, channels):
     try:
         img = Image.open(io.BytesIO(raw), formats=(fmt,))
     except Image.DecompressionBombError:
-        # PIL refuses such a header itself, before we can read the size from it.
-        raise BadInput(f"image is larger than the limit of {MAX_IMAGE_PIXELS} pixels",
-                       reason="too_large") from None
+        raise _bomb() from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         logger.debug("unreadable %s header: %s", fmt, err)
         raise _undecodable(fmt) from None
     with img:
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise BadInput(
-                f"image is {width}x{height} pixels, "
-                f"more than the limit of {MAX_IMAGE_PIXELS} pixels", reason="too_large"
-            )
+        _check_size(*img.size)
         try:
             img.load()
             upright = _upright(img)
@@ -97,21 +85,34 @@ def unit_image_from_bytes(raw, channels):
 
 def declared_pixels(raw):
     """Width x height from an encoded image's header (no pixel decoded); 0 when the header
-    cannot be read (decoding it will say why)."""
+    cannot be read (decoding it will say why). An image over MAX_IMAGE_PIXELS is refused."""
     fmt = "PNG" if raw.startswith(PNG_MAGIC) else "JPEG"
     try:
         with Image.open(io.BytesIO(raw), formats=(fmt,)) as img:
             width, height = img.size
     except Image.DecompressionBombError:
-        return MAX_IMAGE_PIXELS + 1
+        raise _bomb() from None
     except (OSError, SyntaxError, ValueError, EOFError):
         return 0
+    _check_size(width, height)
     return width * height
 
 
+def _bomb():
+    # PIL refuses such a header itself, before we can read the size from it.
+    return BadInput(f"image is larger than the limit of {MAX_IMAGE_PIXELS} pixels",
+                    reason="too_large")
+
+
+def _check_size(width, height):
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadInput(f"image is {width}x{height} pixels, "
+                       f"more than the limit of {MAX_IMAGE_PIXELS} pixels", reason="too_large")
+
+
 def check_request_pixels(raws):
-    """Refuses a request whose images declare more pixels together than MAX_REQUEST_PIXELS,
-    from their headers alone, before any is decoded."""
+    """The pixels a request's images declare together, from their headers alone; refused
+    (before any is decoded) when more than MAX_REQUEST_PIXELS."""
     total = 0
     for raw in raws:
         total += declared_pixels(raw)
@@ -119,6 +120,7 @@ def check_request_pixels(raws):
             raise BadInput(f"the request's images declare more than {MAX_REQUEST_PIXELS} pixels "
                            "together (the limit per request): send fewer or smaller images",
                            reason="too_large")
+    return total
 
 
 def grey_from_image_bytes(raw):

@@ -7,11 +7,10 @@ each with the batch dimension first.
 
 import numpy as np
 
-from kiln.handlers import features, images, tensors
+from kiln.handlers import features, images, limits, tensors
 from kiln.handlers.errors import BadInput
 
-# One request may carry several inputs; past this many, a client should send a batch job.
-MAX_INSTANCES = 512
+MAX_INSTANCES = limits.MAX_INSTANCES  # batch jobs slice their rows by it
 
 
 def row_from_json(value, spec):
@@ -51,9 +50,7 @@ def rows_from_raw(values, spec):
 def check_count(n, empty_why):
     if not n:
         raise BadInput(f"no instances to score: {empty_why}", reason="bad_shape")
-    if n > MAX_INSTANCES:
-        raise BadInput(f"{n} instances in one request, more than {MAX_INSTANCES}",
-                       reason="too_large")
+    limits.check_instances(n)
 
 
 def stack(rows, spec):

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from kiln.handlers import answers, arrays, inputs, rest, tensors
+from kiln.handlers import answers, arrays, inputs, limits, rest, tensors
 from kiln.handlers.errors import BadInput, describe
 from kiln.handlers.signature import raw_shape
 
@@ -33,10 +33,13 @@ LABEL_OUTPUT = "label"
 PLATFORM = "kiln"
 
 
-def decode_infer(body, signature):
+def decode_infer(body, signature, budget=None):
     """(model inputs, encode) for an OIP infer body: one array per signature input, batch
-    first; encode(model output) gives the JSON-ready response."""
-    request = parse_infer(infer_body(body), signature)
+    first; encode(model output) gives the JSON-ready response. Its cost, from the tensors'
+    shapes, is admitted (limits.py; `budget`: the server-side batch's) before data is read."""
+    value = infer_body(body)
+    limits.admit(limits.infer_cost(value, signature["inputs"]), signature["inputs"], budget)
+    request = parse_infer(value, signature)
     model_inputs = []
     for spec in signature["inputs"]:
         try:

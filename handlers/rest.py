@@ -11,10 +11,11 @@ import io
 import json
 import math
 import sys
+import tokenize
 
 import numpy as np
 
-from kiln.handlers import arrays, images, inputs, tensors
+from kiln.handlers import arrays, images, inputs, limits, tensors
 from kiln.handlers.errors import BadInput, json_type, quoted
 from kiln.handlers.signature import raw_shape
 
@@ -75,10 +76,12 @@ def sniff_body(body):
 
 
 def parse_json_text(text):
-    """Parses JSON text; NaN and Infinity tokens pass here and are rejected with their field."""
+    """Parses JSON text, once its depth, size and numbers are within limits.py's bounds; NaN
+    and Infinity tokens pass here and are rejected with their field."""
     text = text.strip()
     if not text:
         raise BadInput("empty body", reason="empty_body")
+    limits.check_json_text(text)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -103,55 +106,93 @@ def decode_request(body, signature):
     return _decode_one(kind, value, signature["inputs"][0])
 
 
-def decode_body(body, signature):
+def decode_body(body, signature, budget=None):
     """One request body as (model inputs, many): a list of arrays, one per input, batch
     first; and whether the client sent several instances (then it gets a list of answers
     back, in order).
 
     Several instances come as {"instances": [...]}, as a JSON list of instances, or (for a
-    single-input model) as one .npy array with a leading batch dimension.
+    single-input model) as one .npy array with a leading batch dimension. What the request
+    costs is counted first (limits.py) and charged to `budget`, the server-side batch's,
+    before anything is decoded.
     """
     specs = signature["inputs"]
     if isinstance(body, InputFields):
         value = {name: _field_value(raw) for name, raw in body.items()}
-        return [row[np.newaxis] for row in _decode_named(value, signature)], False
+        return _decode_instances([_named_parts(value, signature)], False, signature, budget)
     if isinstance(body, (bytes, bytearray)) and bytes(body[:6]) == NPY_MAGIC:
         if len(specs) > 1:
             raise BadInput(f"a .npy body holds one array, and this model takes {len(specs)} "
                            f"inputs ({quoted([s['name'] for s in specs])}): send a JSON "
                            "object keyed by input name", reason="bad_form")
-        rows, many = decode_npy(bytes(body), specs[0])
+        rows, many = decode_npy(bytes(body), specs[0], budget)
         return [rows], many
     kind, value = sniff_body(body)
     if len(specs) > 1:
-        return _decode_several_inputs(kind, value, signature)
-    spec = specs[0]
-    items = _instances(value, spec) if kind == "json" else None
+        return _decode_several_inputs(kind, value, signature, budget)
+    items = _instances(value, specs[0]) if kind == "json" else None
     if items is None:
-        return [inputs.stack([_decode_one(kind, value, spec)], spec)], False
+        return _decode_instances([[(kind, value)]], False, signature, budget)
     _check_items(items)
-    decoded = []
+    return _decode_instances(_each(items, lambda item: [_instance_kind(item)]), True,
+                             signature, budget)
+
+
+def _each(items, part):
+    """part(item) for each instance, an error naming the instance's index."""
+    out = []
     for i, item in enumerate(items):
         try:
-            decoded.append(_instance_kind(item))
+            out.append(part(item))
         except BadInput as err:
             raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
-    images.check_request_pixels([value for kind, value in decoded if kind == "image"])
+    return out
+
+
+def _decode_instances(instances, many, signature, budget):
+    """Instances (each a list of (kind, value), one per input) as model inputs, once their
+    cost is admitted: nothing is decoded before."""
+    specs = signature["inputs"]
+    limits.admit(request_cost(instances, specs), specs, budget)
+    rows = _each(instances, lambda parts: _decode_parts(parts, specs)) if many else [
+        _decode_parts(instances[0], specs)]
+    return [inputs.stack([row[k] for row in rows], spec) for k, spec in enumerate(specs)], many
+
+
+def _decode_parts(parts, specs):
+    if len(specs) == 1:
+        return [_decode_one(*parts[0], specs[0])]
     rows = []
-    for i, (kind, value) in enumerate(decoded):
+    for (kind, value), spec in zip(parts, specs, strict=True):
         try:
             rows.append(_decode_one(kind, value, spec))
         except BadInput as err:
-            raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
-    return [inputs.stack(rows, spec)], True
+            raise BadInput(f"input '{spec['name']}': {err}", reason=err.reason) from None
+    return rows
+
+
+def request_cost(instances, specs):
+    """What decoding these instances will cost, from counts, headers and leading shapes."""
+    raws = [value for parts in instances for kind, value in parts if kind == "image"]
+    limits.check_images(len(raws))
+    pixels = images.check_request_pixels(raws)
+    lengths = [1] * len(specs)
+    for k, spec in enumerate(specs):
+        axis = tensors.variable_axis(spec) if spec["kind"] == "tensor" else None
+        if axis is None:
+            continue
+        for parts in instances:
+            kind, value = parts[k]
+            shape = arrays.leading_shape(_unwrapped(value, spec)) if kind == "json" else []
+            if len(shape) > axis:
+                lengths[k] = max(lengths[k], limits.clamp_length(shape[axis], spec))
+    return limits.Cost(len(instances), lengths, len(raws), pixels)
 
 
 def _check_items(items):
     if not items:
         raise BadInput("no instances to score: the list is empty", reason="bad_shape")
-    if len(items) > inputs.MAX_INSTANCES:
-        raise BadInput(f"{len(items)} instances in one request, more than {inputs.MAX_INSTANCES}",
-                       reason="too_large")
+    limits.check_instances(len(items))
 
 
 def _instances(value, spec):
@@ -179,6 +220,7 @@ def _instance_list(value):
 def _instance_kind(item):
     """An instance is JSON, or an encoded image as {"b64": "<base64 PNG/JPEG>"}."""
     if isinstance(item, dict) and list(item) == ["b64"]:
+        limits.check_b64(item["b64"])
         try:
             raw = base64.b64decode(item["b64"], validate=True)
         except (TypeError, ValueError, binascii.Error):
@@ -187,9 +229,15 @@ def _instance_kind(item):
     return "json", item
 
 
-def _decode_one(kind, value, spec):
+def _unwrapped(value, spec):
+    """A tensor may come keyed by its name, as several do."""
     if spec["kind"] == "tensor" and isinstance(value, dict) and list(value) == [spec["name"]]:
-        value = value[spec["name"]]  # a tensor may come keyed by its name, as several do
+        return value[spec["name"]]
+    return value
+
+
+def _decode_one(kind, value, spec):
+    value = _unwrapped(value, spec)
     if kind == "image":
         return inputs.row_from_image(value, spec)
     return inputs.row_from_json(value, spec)
@@ -198,7 +246,7 @@ def _decode_one(kind, value, spec):
 # --- several inputs --------------------------------------------------------------------
 
 
-def _decode_several_inputs(kind, value, signature):
+def _decode_several_inputs(kind, value, signature, budget):
     names = [spec["name"] for spec in signature["inputs"]]
     if kind == "image":
         raise BadInput(f"this model takes {len(names)} inputs ({quoted(names)}): send a JSON "
@@ -209,20 +257,14 @@ def _decode_several_inputs(kind, value, signature):
     elif isinstance(value, list):
         items = value
     else:
-        return [x[np.newaxis] for x in _decode_named(value, signature)], False
+        return _decode_instances([_named_parts(value, signature)], False, signature, budget)
     _check_items(items)
-    rows = []
-    for i, item in enumerate(items):
-        try:
-            rows.append(_decode_named(item, signature))
-        except BadInput as err:
-            raise BadInput(f"instance {i}: {err}", reason=err.reason) from None
-    return [inputs.stack([row[k] for row in rows], spec)
-            for k, spec in enumerate(signature["inputs"])], True
+    return _decode_instances(_each(items, lambda item: _named_parts(item, signature)), True,
+                             signature, budget)
 
 
-def _decode_named(value, signature):
-    """One instance of a several-input model, {name: value}, as one row per input."""
+def _named_parts(value, signature):
+    """One instance of a several-input model, {name: value}, as (kind, value) per input."""
     names = [spec["name"] for spec in signature["inputs"]]
     if not isinstance(value, dict):
         raise BadInput(f"expected a JSON object keyed by input name ({quoted(names)}), got "
@@ -234,13 +276,13 @@ def _decode_named(value, signature):
             [f"unknown inputs: {quoted(unknown)}"] if unknown else [])
         raise BadInput(f"expected the inputs {quoted(names)}: " + "; ".join(problems),
                        reason="bad_form")
-    rows = []
-    for spec in signature["inputs"]:
+    parts = []
+    for name in names:
         try:
-            rows.append(_decode_one(*_input_kind(value[spec["name"]]), spec))
+            parts.append(_input_kind(value[name]))
         except BadInput as err:
-            raise BadInput(f"input '{spec['name']}': {err}", reason=err.reason) from None
-    return rows
+            raise BadInput(f"input '{name}': {err}", reason=err.reason) from None
+    return parts
 
 
 def _input_kind(value):
@@ -260,29 +302,38 @@ def _field_value(raw):
 # --- .npy ------------------------------------------------------------------------------
 
 
-def decode_npy(raw, spec):
+def decode_npy(raw, spec, budget=None):
     """A .npy body (no pickles) of raw values of one input, one instance or a batch, as
-    (rows, many). The whole array is checked and preprocessed with vectorised numpy."""
+    (rows, many). Its cost is known from the header and admitted before any value is
+    converted; the whole array is then checked and preprocessed with vectorised numpy."""
     array = read_npy(raw)
     if array.dtype.kind not in "iuf":
         raise BadInput(f".npy array has dtype {array.dtype}, expected integers or floats",
                        reason="wrong_type")
-    values = array.astype(np.float64)
+    many, array = _npy_rows(array, spec)  # views: nothing is converted yet
+    inputs.check_count(len(array), "the array is empty")
+    axis = tensors.variable_axis(spec) if spec["kind"] == "tensor" else None
+    length = 1 if axis is None else limits.clamp_length(array.shape[axis + 1], spec)
+    limits.admit(limits.Cost(len(array), [length]), [spec], budget)
+    return inputs.rows_from_raw(array.astype(np.float64), spec), many
+
+
+def _npy_rows(array, spec):
+    """(many, the array with a batch dimension first) for the input's kind, shape checked."""
     if spec["kind"] == "features":
         width = len(spec["names"])
-        if values.shape not in ((width,), values.shape[:1] + (width,)) or values.ndim > 2:
-            raise BadInput(f".npy array has shape {list(values.shape)}, "
+        if array.shape not in ((width,), array.shape[:1] + (width,)) or array.ndim > 2:
+            raise BadInput(f".npy array has shape {list(array.shape)}, "
                            f"expected [{width}] or [N, {width}]", reason="bad_shape")
-        many, values = values.ndim == 2, values.reshape(-1, width)
-    elif spec["kind"] == "image":
-        many, values = _npy_pixels(values, spec)
-    else:
-        depth = len(spec["shape"]) - 1
-        many = values.ndim == depth + 1
-        if not many:
-            values = values[np.newaxis]
-        tensors.check_tensor_shape(list(values.shape[1:]), spec, ".npy array")
-    return inputs.rows_from_raw(values, spec), many
+        return array.ndim == 2, array.reshape(-1, width)
+    if spec["kind"] == "image":
+        return _npy_pixels(array, spec)
+    depth = len(spec["shape"]) - 1
+    many = array.ndim == depth + 1
+    if not many:
+        array = array[np.newaxis]
+    tensors.check_tensor_shape(list(array.shape[1:]), spec, ".npy array")
+    return many, array
 
 
 def read_npy(raw):
@@ -296,7 +347,8 @@ def read_npy(raw):
         if read_header is None:
             raise ValueError(f"format version {version[0]}.{version[1]} is not 1.0 or 2.0")
         shape, fortran, dtype = read_header(stream)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as err:
+        # numpy reads the header dict with Python's tokenizer: a cut one is a TokenError.
         raise BadInput(f"not a readable .npy array: {err}", reason="undecodable") from None
     if dtype.hasobject:
         raise BadInput(".npy array holds Python objects (pickles): not accepted",

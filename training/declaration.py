@@ -260,8 +260,10 @@ def _check_input(i: int, spec: dict, trained: bool) -> dict:
         _per_channel(spec, "mean", trained, where)
         _per_channel(spec, "std", trained, where)
     elif kind == "features":
-        _no_unknown(spec, ("name", "kind", "names", "mean", "std", "min", "max"), where)
+        _no_unknown(spec, ("name", "kind", "names", "mean", "std", "min", "max", "ranges"),
+                    where)
         names_ = spec.get("names")
+        _check_ranges(spec, where)
         if not trained:
             if not (isinstance(names_, list) and names_):
                 raise DeclarationError(f"{where}: features need names = [...]")
@@ -287,6 +289,51 @@ def _check_input(i: int, spec: dict, trained: bool) -> dict:
                 raise DeclarationError(f"{where}: a variable length needs max_length")
             spec.setdefault("pad_value", 0)
     return spec
+
+
+def _check_ranges(spec: dict, where: str) -> None:
+    """ranges = {feature = [low, high], ...}: what each named feature may take (inf for an open
+    side); export writes them into the signature as min/max, and the server refuses a value
+    outside with a 400 naming the feature."""
+    ranges = spec.get("ranges")
+    if ranges is None:
+        return
+    if "min" in spec or "max" in spec:
+        raise DeclarationError(f"{where}: give ranges or min/max, not both")
+    if not isinstance(ranges, dict) or not ranges:
+        raise DeclarationError(f"{where}: ranges must be a table of feature = [low, high]")
+    for name, bounds in ranges.items():
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and b == b
+                for b in bounds) and bounds[0] <= bounds[1]):
+            raise DeclarationError(f"{where}: ranges.{name} must be [low, high] with low <= "
+                                   f"high (inf or -inf for an open side), got {bounds!r}")
+    names = spec.get("names")
+    unknown = [name for name in ranges if isinstance(names, list) and name not in names]
+    if unknown:
+        raise DeclarationError(f"{where}: ranges name unknown features {unknown}")
+
+
+def feature_bounds(spec: dict) -> dict:
+    """A features input's declared ranges as the signature's min and max (one per name, null
+    for an open side): {} when it declares none. Its names must be known (a recipe fills
+    them in)."""
+    ranges = spec.get("ranges")
+    if not ranges:
+        return {}
+    names = spec["names"]
+    unknown = [name for name in ranges if name not in names]
+    if unknown:
+        raise DeclarationError(f"ranges name unknown features {unknown}; the features are "
+                               f"{names}")
+    bounds = {}
+    for key, side in (("min", 0), ("max", 1)):
+        values = [ranges[n][side] if n in ranges else None for n in names]
+        values = [float(v) if v is not None and abs(v) != float("inf") else None
+                  for v in values]
+        if any(v is not None for v in values):
+            bounds[key] = values
+    return bounds
 
 
 def _per_channel(spec: dict, key: str, trained: bool, where: str) -> None:

@@ -257,6 +257,21 @@ def random_inputs(inputs: list[dict], rows: int, seed: int = 0) -> tuple[torch.T
     return tuple(out)
 
 
+def with_ranges(inputs: list[dict], decl) -> list[dict]:
+    """The inputs with each features input's ranges, as the declaration states them now (not
+    as they were at training), written as the signature's min and max."""
+    out = []
+    for spec, declared in zip(inputs, decl.inputs, strict=True):
+        spec = {k: v for k, v in spec.items() if k != "ranges"}
+        if spec["kind"] == "features" and declared.get("ranges"):
+            try:
+                spec.update(declaration.feature_bounds({**spec, "ranges": declared["ranges"]}))
+            except declaration.DeclarationError as err:
+                raise ExportError(f"input {spec['name']!r}: {err}") from None
+        out.append(spec)
+    return out
+
+
 def gate_inputs(decl, inputs: list[dict]) -> tuple[torch.Tensor, ...]:
     """The declaration's examples, decoded as the server decodes them, the test split (a
     model Kiln trained) and random inputs in the declared ranges, the same on every run."""
@@ -363,7 +378,7 @@ def export(name: str, artifacts: Path | None = None,
     folder = artifacts or ARTIFACTS / decl.name
     folder.mkdir(parents=True, exist_ok=True)
     model, meta = load_weights(decl, folder)
-    inputs = meta.get("inputs") or [dict(spec) for spec in decl.inputs]
+    inputs = with_ranges(meta.get("inputs") or [dict(spec) for spec in decl.inputs], decl)
     output = meta.get("output") or dict(decl.output)
     module = served_module(decl, model)
     xs = gate_inputs(decl, inputs)

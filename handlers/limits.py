@@ -1,0 +1,232 @@
+"""How much work one request, and one server-side batch, may cost the handler: every bound in
+one place, each with its reason, each checked from sizes, headers and shapes before anything
+is decoded.
+
+A request over a bound gets 413 (too much of something) or 400 (a shape or format no model
+takes) with a short message naming the bound and the number. TorchServe hands several
+requests to one handle() call (a server-side batch); the batch has bounds of its own, and
+requests are admitted in order: one that would take the batch past a bound gets its own 413
+and the others are answered. Costs quoted below were measured on one core of the development
+machine (the report of issue 11 has the figures).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.handlers.errors import BadInput
+
+# --- JSON text, before json.loads -------------------------------------------------------------
+# The deepest body Kiln takes is about 8 levels ({"instances": [[[[...]]]]}, an OIP tensor's
+# nested data); json.loads recurses once per level, and a value 900 levels deep would pass it
+# and then cost every walk over it.
+MAX_JSON_DEPTH = 32
+# json.loads makes a Python object per array or object, ~0.4 us each: 4 MiB of "[0]," is a
+# million of them and took 0.4 s to parse. 512 digits as pixel arrays need 14,849.
+MAX_JSON_CONTAINERS = 65_536
+# Python's own bound for integers (sys.int_info.default_max_str_digits), for every number:
+# json.loads parses a float of 100,000 digits too, in time linear in its length, and no value
+# Kiln takes needs more than 17 significant digits.
+MAX_NUMBER_CHARS = 4300
+
+# --- one request --------------------------------------------------------------------------
+# Rows scored for one request; past this many, a client should send a batch job.
+MAX_INSTANCES = 512
+# Each encoded image costs ~0.12 ms beside its pixels (header, decoder set-up, resize):
+# 512 digit PNGs take ~60 ms.
+MAX_IMAGES = 512
+# One image, from its header: a 30 kB PNG can declare a gigapixel image, and decoding it
+# would take the worker's memory. A flat 4096x4096 PNG (15 KiB) takes ~0.27 s to decode and
+# frame, a noisy one ~0.85 s.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# All the images of one request together, summed from their headers: 205 images each under
+# the limit above once kept a worker busy for 30 s.
+MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
+# One {"b64": ...} image's text, measured with len() before base64 decodes it: what the
+# default 4 MiB body can carry, so that the bound holds when the body limit is raised.
+MAX_B64_CHARS = 4 * 1024 * 1024
+# An OIP request's "id" is echoed in its answer.
+MAX_ID_CHARS = 256
+# Values of the model's input for one request (rows x values per row, a variable length
+# padded to the request's longest): as many float32 values as 4 MiB hold. 512 digits are
+# 524,288 for lenet; 512 x 30 features 15,360.
+MAX_REQUEST_VALUES = 1 << 20
+
+# --- one server-side batch ------------------------------------------------------------------
+# Images are decoded one after another in the worker: two requests' worth at most (~0.5 s
+# of flat PNGs, ~1.7 s of noisy ones).
+MAX_BATCH_PIXELS = 2 * MAX_REQUEST_PIXELS
+# The model's input for one batch, variable lengths padded to the batch's longest: 16 MiB
+# of float32. Eight requests of 512 digits each fit (lenet: exactly 4,194,304).
+MAX_BATCH_VALUES = 1 << 22
+
+
+def too_large(message):
+    """A request over a size bound: 413."""
+    return BadInput(message, reason="too_large")
+
+
+# --- JSON text ------------------------------------------------------------------------------
+
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(_BRACKETS)))
+_DEPTH_STEP = np.zeros(256, np.int8)
+_DEPTH_STEP[list(b"[{")] = 1
+_DEPTH_STEP[list(b"]}")] = -1
+# Characters of a JSON number become "0", all others " ": a run of zeros is a number (or a
+# run of digits inside a string, which no request Kiln takes needs either).
+_NUMBER_MASK = bytes(0x30 if chr(i) in "-+.0123456789eE" else 0x20 for i in range(256))
+_LONG_NUMBER = b"0" * (MAX_NUMBER_CHARS + 1)
+
+
+def check_json_text(text):
+    """Refuses JSON text nested too deeply, with too many arrays and objects, or with too long
+    a number, by counting bytes (about 1 ms per MiB): json.loads never sees it.
+
+    Brackets and digits inside strings count too, which keeps the count to two passes of
+    bytes.translate: a string would need 33 unclosed "[" (or 4,301 digits in a row) to be
+    taken for nesting (or a number), and no request Kiln takes holds such a string."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    brackets = raw.translate(None, _NOT_BRACKETS)
+    # Well-formed JSON has one closer per opener: the depth is known from this many brackets.
+    head = brackets[: 2 * MAX_JSON_CONTAINERS]
+    if len(head) > MAX_JSON_DEPTH:
+        depth = int(np.cumsum(_DEPTH_STEP.take(np.frombuffer(head, np.uint8)),
+                              dtype=np.int64).max())
+        if depth > MAX_JSON_DEPTH:
+            raise BadInput(f"JSON nested {depth} levels deep, more than the limit of "
+                           f"{MAX_JSON_DEPTH}", reason="undecodable")
+    opened = brackets.count(b"[") + brackets.count(b"{")
+    if opened > MAX_JSON_CONTAINERS:
+        raise too_large(f"JSON body has {opened} arrays and objects, more than the limit of "
+                        f"{MAX_JSON_CONTAINERS}: send images as PNG or arrays as .npy")
+    if _LONG_NUMBER in raw.translate(_NUMBER_MASK):
+        raise BadInput(f"body is not valid JSON: a number has more than {MAX_NUMBER_CHARS} "
+                       "digits", reason="undecodable")
+
+
+# --- what a request costs ---------------------------------------------------------------------
+
+
+def check_instances(count):
+    if count > MAX_INSTANCES:
+        raise too_large(f"{count} instances in one request, more than {MAX_INSTANCES}")
+
+
+def check_images(count):
+    """Before any image header is read."""
+    if count > MAX_IMAGES:
+        raise too_large(f"{count} images in one request, more than the limit of {MAX_IMAGES}")
+
+
+def check_b64(text):
+    if isinstance(text, str) and len(text) > MAX_B64_CHARS:
+        raise too_large(f'"b64" image of {len(text)} characters, more than the limit of '
+                        f"{MAX_B64_CHARS}")
+
+
+def row_values(spec, length=1):
+    """Values of one row of the input `spec` for the model, a variable length set to `length`."""
+    return math.prod(length if d == -1 else d for d in spec["shape"][1:])
+
+
+def clamp_length(length, spec):
+    """A claimed variable length within [1, max_length]: a longer row is refused by its shape
+    check (400), and a request should not get a 413 for what is a shape error."""
+    return min(max(1, length), spec.get("max_length", 1))
+
+
+@dataclass
+class Cost:
+    """What one request asks of the handler, known before decoding: its rows, the longest
+    variable length per input (1 where fixed), its encoded images and their pixels."""
+
+    rows: int
+    lengths: list = field(default_factory=list)
+    images: int = 0
+    pixels: int = 0
+
+    def values(self, specs):
+        lengths = self.lengths or [1] * len(specs)
+        return self.rows * sum(row_values(s, n) for s, n in zip(specs, lengths, strict=True))
+
+
+class Budget:
+    """What one server-side batch has admitted so far. admit() refuses a request that would
+    take it past a bound, and leaves it as it was; restore() takes back a request that was
+    admitted but then failed to decode."""
+
+    def __init__(self, specs):
+        self.specs = specs
+        self.rows, self.pixels = 0, 0
+        self.lengths = [1] * len(specs)
+
+    def admit(self, cost):
+        check_request(cost, self.specs)
+        rows = self.rows + cost.rows
+        lengths = [max(a, b) for a, b in zip(self.lengths, cost.lengths or self.lengths,
+                                             strict=True)]
+        values = Cost(rows, lengths).values(self.specs)
+        if values > MAX_BATCH_VALUES:
+            raise BadInput(f"this server-side batch would hold {values} input values with this "
+                           f"request, more than the limit of {MAX_BATCH_VALUES} per batch: "
+                           "send it again, or with fewer rows", reason="batch_full")
+        if self.pixels + cost.pixels > MAX_BATCH_PIXELS:
+            raise BadInput(f"this server-side batch would decode {self.pixels + cost.pixels} "
+                           f"pixels with this request, more than the limit of "
+                           f"{MAX_BATCH_PIXELS} per batch: send it again", reason="batch_full")
+        self.rows, self.lengths, self.pixels = rows, lengths, self.pixels + cost.pixels
+
+    def state(self):
+        return self.rows, list(self.lengths), self.pixels
+
+    def restore(self, state):
+        self.rows, self.lengths, self.pixels = state[0], list(state[1]), state[2]
+
+
+def check_request(cost, specs):
+    """The bounds of one request (instances, images and pixels are also checked earlier, as
+    they are counted)."""
+    check_instances(cost.rows)
+    check_images(cost.images)
+    values = cost.values(specs)
+    if values > MAX_REQUEST_VALUES:
+        raise too_large(f"{values} input values in one request, more than the limit of "
+                        f"{MAX_REQUEST_VALUES}: send fewer rows")
+
+
+def admit(cost, specs, budget=None):
+    """Checks a request's cost against its own bounds and, inside a server-side batch, the
+    batch's (`budget`)."""
+    (budget or Budget(specs)).admit(cost)
+
+
+# --- the Open Inference Protocol ------------------------------------------------------------
+
+
+def infer_cost(request, specs):
+    """The cost of an OIP infer request, from its tensors' declared shapes (data unread). A
+    tensor this cannot read counts nothing: decoding it refuses it with its own 400."""
+    request_id = request.get("id")
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+        raise too_large(f'"id" of {len(request_id)} characters, more than the limit of '
+                        f"{MAX_ID_CHARS}")
+    tensors = request.get("inputs")
+    by_name = {spec["name"]: i for i, spec in enumerate(specs)}
+    rows, lengths = 0, [1] * len(specs)
+    for tensor in tensors if isinstance(tensors, list) else []:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            continue
+        shape, index = tensor.get("shape"), by_name.get(tensor["name"])
+        if index is None or not isinstance(shape, list) or not shape or not all(
+                type(d) is int and d >= 0 for d in shape[:8]):
+            continue
+        rows = max(rows, shape[0])
+        check_instances(rows)  # before a row of data is read
+        spec = specs[index]
+        dims = spec["shape"][1:]
+        axis = dims.index(-1) if -1 in dims else None
+        if axis is not None and len(shape) > axis + 1 and type(shape[axis + 1]) is int:
+            lengths[index] = clamp_length(shape[axis + 1], spec)
+    return Cost(rows, lengths)
