@@ -1,6 +1,10 @@
 """The OIP plugin jar is rebuilt when, and only when, its sources are newer."""
 
 import os
+import shutil
+import zipfile
+
+import pytest
 
 from kiln.deploy import plugins
 
@@ -36,3 +40,18 @@ def test_the_build_folder_is_not_a_source(tmp_path):
     (source / "build").mkdir()
     (source / "build" / "kiln-oip.jar").write_bytes(b"")
     assert [p.name for p in plugins.plugin_sources(source)] == ["build.sh", "A.java"]
+
+
+@pytest.mark.skipif(shutil.which("javac") is None, reason="javac is not installed")
+def test_the_plugin_builds_with_warnings_as_errors(tmp_path):
+    """build.sh compiles with -Xlint:all -Werror against the installed TorchServe."""
+    source = tmp_path / "oip_plugin"
+    shutil.copytree(plugins.OIP_PLUGIN_SOURCE, source, ignore=shutil.ignore_patterns("build"))
+    jar = plugins.ensure_built(source / "build" / "kiln-oip.jar", source)
+    with zipfile.ZipFile(jar) as built:
+        names = set(built.namelist())
+    assert {"kiln/oip/OipServer.class", "kiln/oip/BinaryTensors.class",
+            "META-INF/services/org.pytorch.serve.servingsdk.ModelServerEndpoint"} <= names
+    # The JDK's HTTP server is gone: Netty, which TorchServe carries, serves OIP.
+    for path in (source / "src").rglob("*.java"):
+        assert "com.sun.net.httpserver" not in path.read_text(), path.name

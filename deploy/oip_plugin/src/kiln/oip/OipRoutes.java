@@ -13,6 +13,8 @@ import java.util.Arrays;
 import java.util.List;
 import java.util.Map;
 import java.util.UUID;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.CompletionException;
 import java.util.concurrent.ConcurrentHashMap;
 import org.pytorch.serve.archive.model.ModelException;
 import org.pytorch.serve.servingsdk.Model;
@@ -22,6 +24,8 @@ import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.messages.InputParameter;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.ModelManager;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * The Open Inference Protocol routes under /v2, answered from the frontend's own state:
@@ -38,22 +42,33 @@ final class OipRoutes {
     private static final String LABEL_OUTPUT = "label";
     // Margin over the model's responseTimeout, after which TorchServe itself gives up.
     private static final long TIMEOUT_MARGIN_S = 5;
+    private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
 
     private final Map<String, JsonObject> signatureByDir = new ConcurrentHashMap<>();
 
-    /** path: the request path, /v2 included; body: null for a GET. */
-    Reply handle(String method, String path, byte[] body, String contentType) {
+    /**
+     * path: the request path, /v2 included; body: null for a GET; binaryHeader: the request's
+     * Inference-Header-Content-Length, or null. Only infer is answered later; the other routes
+     * answer from the frontend's state at once.
+     */
+    CompletableFuture<Reply> handle(String method, String path, byte[] body, String contentType,
+            String binaryHeader) {
         List<String> parts = segments(path);
         if (parts == null) {
-            return Reply.error(404, "no such route: " + path + " (the protocol is under /v2)");
+            return now(Reply.error(404, "no such route: " + path + " (the protocol is under /v2)"));
         }
         if (method.equals("POST")) {
             ModelRoute route = ModelRoute.parse(parts);
             if (route == null || !route.action.equals("infer")) {
-                return Reply.error(405, "POST is only for /v2/models/NAME/infer");
+                return now(Reply.error(405, "POST is only for /v2/models/NAME/infer"));
             }
-            return withModel(route, () -> infer(route.name, body, contentType));
+            Reply missing = missingModel(route);
+            return missing != null ? now(missing) : infer(route.name, body, contentType, binaryHeader);
         }
+        return now(get(method, path, parts));
+    }
+
+    private Reply get(String method, String path, List<String> parts) {
         if (!method.equals("GET")) {
             return Reply.error(405, method + " is not allowed on /v2");
         }
@@ -69,20 +84,17 @@ final class OipRoutes {
         if (route == null) {
             return Reply.error(404, "no such route: " + path);
         }
-        return withModel(route, () -> getModelRoute(route));
+        Reply missing = missingModel(route);
+        return missing != null ? missing : getModelRoute(route);
     }
 
-    private interface Action {
-        Reply run();
-    }
-
-    /** Runs action when route names a served model (and its served version, if any). */
-    private static Reply withModel(ModelRoute route, Action action) {
+    /** A 404 unless route names a served model (and its served version, if any). */
+    private static Reply missingModel(ModelRoute route) {
         org.pytorch.serve.wlm.Model model = served(route.name);
         if (model == null || !route.versionMatches(model.getVersion())) {
             return Reply.error(404, "no model " + route.describe());
         }
-        return action.run();
+        return null;
     }
 
     private Reply getModelRoute(ModelRoute route) {
@@ -153,19 +165,44 @@ final class OipRoutes {
 
     // --- infer ------------------------------------------------------------------------------
 
-    private static Reply infer(String name, byte[] body, String contentType) {
+    /**
+     * Queues the body to the model's workers; the answer completes off the caller's thread.
+     * A request using the binary tensor extension is translated on a pool thread, not here.
+     */
+    private static CompletableFuture<Reply> infer(String name, byte[] body, String contentType,
+            String binaryHeader) {
+        if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
+            return submit(name, body, contentType);
+        }
+        return CompletableFuture.supplyAsync(() -> {
+            try {
+                return BinaryTensors.parse(body, binaryHeader);
+            } catch (BinaryTensors.BadRequest e) {
+                throw new CompletionException(e);
+            }
+        }).thenCompose(binary -> binary == null ? submit(name, body, contentType)
+                : submit(name, binary.json(), Reply.JSON).thenApply(binary::answer))
+                .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
+                        ? Reply.error(400, e.getCause().getMessage())
+                        : failed(name, e));
+    }
+
+    private static CompletableFuture<Reply> submit(String name, byte[] body, String contentType) {
         WorkerJob job = new WorkerJob(name, requestInput(body, contentType));
         try {
             if (!ModelManager.getInstance().addJob(job)) {
-                return Reply.error(503, "model '" + name + "' has no worker or its queue is full");
+                return now(Reply.error(503, "model '" + name + "' has no worker or its queue is full")
+                        .withHeader("Retry-After", "1"));
             }
-            return job.await(served(name).getResponseTimeout() + TIMEOUT_MARGIN_S);
         } catch (ModelException e) {
-            return Reply.error(404, e.getMessage());
-        } catch (InterruptedException e) {
-            Thread.currentThread().interrupt();
-            return Reply.error(503, "the server is shutting down");
+            return now(Reply.error(404, e.getMessage()));
         }
+        return job.reply(served(name).getResponseTimeout() + TIMEOUT_MARGIN_S);
+    }
+
+    private static Reply failed(String name, Throwable e) {
+        LOG.error("OIP infer on model {} failed", name, e);
+        return Reply.error(500, "internal error");
     }
 
     private static RequestInput requestInput(byte[] body, String contentType) {
@@ -184,7 +221,9 @@ final class OipRoutes {
         JsonObject body = new JsonObject();
         body.addProperty("name", "kiln");
         body.addProperty("version", ConfigManager.getInstance().getVersion());
-        body.add("extensions", new JsonArray());
+        JsonArray extensions = new JsonArray();
+        extensions.add("binary_tensor_data");  // BinaryTensors: Triton's clients' default
+        body.add("extensions", extensions);
         return body;
     }
 
@@ -297,6 +336,10 @@ final class OipRoutes {
             return null;
         }
         return parts.subList(1, parts.size());
+    }
+
+    private static CompletableFuture<Reply> now(Reply reply) {
+        return CompletableFuture.completedFuture(reply);
     }
 
     private static JsonObject flag(String name, boolean value) {

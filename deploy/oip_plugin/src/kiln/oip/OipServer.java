@@ -1,21 +1,28 @@
 package kiln.oip;
 
-import com.sun.net.httpserver.HttpExchange;
-import com.sun.net.httpserver.HttpServer;
-import java.io.IOException;
-import java.io.InputStream;
-import java.io.OutputStream;
-import java.net.InetSocketAddress;
-import java.util.concurrent.ExecutorService;
-import java.util.concurrent.Executors;
+import io.netty.bootstrap.ServerBootstrap;
+import io.netty.channel.ChannelHandlerContext;
+import io.netty.channel.ChannelInitializer;
+import io.netty.channel.ChannelOption;
+import io.netty.channel.ChannelPipeline;
+import io.netty.channel.EventLoopGroup;
+import io.netty.channel.nio.NioEventLoopGroup;
+import io.netty.channel.socket.SocketChannel;
+import io.netty.channel.socket.nio.NioServerSocketChannel;
+import io.netty.handler.codec.http.HttpMessage;
+import io.netty.handler.codec.http.HttpObjectAggregator;
+import io.netty.handler.codec.http.HttpServerCodec;
+import io.netty.handler.codec.http.HttpUtil;
+import io.netty.util.concurrent.DefaultThreadFactory;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
 import org.pytorch.serve.util.ConfigManager;
-import org.pytorch.serve.util.TokenAuthorization;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
 /**
- * The Open Inference Protocol on its own address, inside TorchServe's JVM.
+ * The Open Inference Protocol on its own address, inside TorchServe's JVM, on the Netty that
+ * TorchServe carries.
  *
  * Not a plugin endpoint on the inference port: TorchServe 0.12 releases a request's body
  * before a plugin endpoint runs (pytorch/serve#2595), so a plugin cannot read an infer body
@@ -25,12 +32,15 @@ final class OipServer {
 
     /** host:port, set with -Dkiln.oip.address=... in config.properties' vmargs. */
     static final String ADDRESS_PROPERTY = "kiln.oip.address";
-    // Infer holds a thread until the worker answers; TorchServe's job queue does the waiting.
-    private static final int THREADS = 32;
+    // What a request may be: its request line (the URI), all its headers together, how many.
+    static final int MAX_INITIAL_LINE = 8192;
+    static final int MAX_HEADER_BYTES = 16384;
+    static final int MAX_HEADERS = 100;
+    private static final int MAX_CHUNK = 8192;
+    // The event loops only move bytes and wait on nothing: a few threads serve every connection.
+    private static final int LOOP_THREADS = Math.min(4, Runtime.getRuntime().availableProcessors());
     private static final Logger LOG = LoggerFactory.getLogger(OipServer.class);
     private static final AtomicBoolean STARTED = new AtomicBoolean();
-
-    private final OipRoutes routes = new OipRoutes();
 
     private OipServer() {}
 
@@ -41,81 +51,67 @@ final class OipServer {
             return;
         }
         try {
-            new OipServer().start(address);
-        } catch (IOException | RuntimeException e) {
+            start(address, ConnectionGuard.Limits.fromProperties());
+        } catch (RuntimeException e) {
             // A server that cannot offer what it was configured to offer must not start.
             throw new IllegalStateException("cannot serve OIP on " + address, e);
         }
     }
 
-    private void start(String address) throws IOException {
+    private static void start(String address, ConnectionGuard.Limits limits) {
         int colon = address.lastIndexOf(':');
-        InetSocketAddress bind = new InetSocketAddress(
-                address.substring(0, colon), Integer.parseInt(address.substring(colon + 1)));
-        HttpServer server = HttpServer.create(bind, 0);
-        ExecutorService pool = Executors.newFixedThreadPool(THREADS, task -> {
-            Thread thread = new Thread(task, "kiln-oip");
-            thread.setDaemon(true);  // never keeps TorchServe alive past its own shutdown
-            return thread;
-        });
-        server.setExecutor(pool);
-        server.createContext("/", this::serve);
-        server.start();
-        LOG.info("Open Inference Protocol served on http://{}/v2", address);
+        String host = address.substring(0, colon);
+        int port = Integer.parseInt(address.substring(colon + 1));
+        // Daemon threads: never keep TorchServe alive past its own shutdown.
+        EventLoopGroup boss = new NioEventLoopGroup(1, new DefaultThreadFactory("kiln-oip-accept", true));
+        EventLoopGroup loops = new NioEventLoopGroup(LOOP_THREADS, new DefaultThreadFactory("kiln-oip", true));
+        OipRoutes routes = new OipRoutes();
+        AtomicInteger open = new AtomicInteger();
+        int maxBody = ConfigManager.getInstance().getMaxRequestSize();
+        new ServerBootstrap()
+                .group(boss, loops)
+                .channel(NioServerSocketChannel.class)
+                .option(ChannelOption.SO_BACKLOG, 1024)
+                .childOption(ChannelOption.TCP_NODELAY, true)
+                .childHandler(new ChannelInitializer<SocketChannel>() {
+                    @Override
+                    protected void initChannel(SocketChannel channel) {
+                        ConnectionGuard guard = new ConnectionGuard(limits, open);
+                        channel.pipeline().addLast(guard,
+                                new HttpServerCodec(MAX_INITIAL_LINE, MAX_HEADER_BYTES, MAX_CHUNK),
+                                new BodyLimit(maxBody, guard),
+                                new OipHandler(routes, guard));
+                    }
+                })
+                .bind(host, port)
+                .syncUninterruptibly();
+        LOG.info("Open Inference Protocol served on http://{}/v2 (read timeout {} s, idle timeout "
+                + "{} s, at most {} connections)", address, limits.readTimeoutS, limits.idleTimeoutS,
+                limits.maxConnections);
     }
 
-    private void serve(HttpExchange exchange) throws IOException {
-        try {
-            reply(exchange, answer(exchange));
-        } catch (IOException | RuntimeException e) {
-            LOG.error("OIP request {} failed", exchange.getRequestURI(), e);
-            reply(exchange, Reply.error(500, "internal error"));
-        } finally {
-            exchange.close();
-        }
-    }
+    /** A request's body, whole, up to TorchServe's max_request_size; over it, a 413 at once. */
+    private static final class BodyLimit extends HttpObjectAggregator {
+        private final ConnectionGuard guard;
 
-    private Reply answer(HttpExchange exchange) throws IOException {
-        if (!authorised(exchange.getRequestHeaders().getFirst("Authorization"))) {
-            return Reply.error(401, "token authorization failed: send the inference token "
-                    + "as 'Authorization: Bearer <token>'");
+        BodyLimit(int maxBytes, ConnectionGuard guard) {
+            super(maxBytes);
+            this.guard = guard;
         }
-        String method = exchange.getRequestMethod();
-        byte[] body = method.equals("POST") ? readBody(exchange) : null;
-        if (body == null && method.equals("POST")) {
-            return Reply.error(413, "request body is larger than max_request_size");
-        }
-        return routes.handle(method, exchange.getRequestURI().getPath(), body,
-                exchange.getRequestHeaders().getFirst("Content-Type"));
-    }
 
-    /** The same tokens as the inference API, checked by TorchServe's own code. */
-    private static boolean authorised(String header) {
-        if (!TokenAuthorization.isEnabled()) {
-            return true;
+        @Override
+        protected Object newContinueResponse(HttpMessage start, int maxBytes, ChannelPipeline pipeline) {
+            // Too large for "Expect: 100-continue": the 413 below, not Netty's empty one.
+            return HttpUtil.getContentLength(start, -1L) > maxBytes
+                    ? null : super.newContinueResponse(start, maxBytes, pipeline);
         }
-        if (header == null) {
-            return false;
-        }
-        String token = TokenAuthorization.parseTokenFromBearerTokenHeader(header);
-        return token != null
-                && TokenAuthorization.checkTokenAuthorization(token, TokenAuthorization.TokenType.INFERENCE);
-    }
 
-    /** The body, or null when it is over TorchServe's max_request_size. */
-    private static byte[] readBody(HttpExchange exchange) throws IOException {
-        int limit = ConfigManager.getInstance().getMaxRequestSize();
-        try (InputStream in = exchange.getRequestBody()) {
-            byte[] body = in.readNBytes(limit + 1);
-            return body.length > limit ? null : body;
-        }
-    }
-
-    private static void reply(HttpExchange exchange, Reply reply) throws IOException {
-        exchange.getResponseHeaders().set("Content-Type", reply.contentType);
-        exchange.sendResponseHeaders(reply.status, reply.body.length == 0 ? -1 : reply.body.length);
-        try (OutputStream out = exchange.getResponseBody()) {
-            out.write(reply.body);
+        @Override
+        protected void handleOversizedMessage(ChannelHandlerContext ctx, HttpMessage oversized) {
+            // A Content-Length over the limit is answered before its body; a chunked body as
+            // soon as it grows past the limit.
+            guard.close(Reply.error(413, "the request body is over max_request_size ("
+                    + maxContentLength() + " bytes)"));
         }
     }
 }

@@ -2,7 +2,7 @@ package kiln.oip;
 
 import java.util.Map;
 import java.util.concurrent.CompletableFuture;
-import java.util.concurrent.ExecutionException;
+import java.util.concurrent.CompletionException;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
 import org.pytorch.serve.job.Job;
@@ -11,7 +11,7 @@ import org.pytorch.serve.util.messages.WorkerCommands;
 
 /**
  * One inference request queued to a model's workers as /predictions/NAME queues it, whose
- * answer is awaited here instead of being written to a Netty channel.
+ * answer completes a future instead of being written to TorchServe's own Netty channel.
  */
 final class WorkerJob extends Job {
 
@@ -36,17 +36,20 @@ final class WorkerJob extends Job {
 
     @Override
     public boolean isOpen() {
-        // The waiting thread is the "client": it listens until it gets an answer.
+        // Someone listens until the answer came or the wait timed out.
         return !reply.isDone();
     }
 
-    Reply await(long timeoutSeconds) throws InterruptedException {
-        try {
-            return reply.get(timeoutSeconds, TimeUnit.SECONDS);
-        } catch (TimeoutException e) {
-            return Reply.error(504, "the model did not answer within " + timeoutSeconds + " s");
-        } catch (ExecutionException e) {
-            return Reply.error(500, "the model failed");
-        }
+    /**
+     * The model's answer, or a 504 after timeoutSeconds. It completes on a TorchServe worker
+     * thread or on the JDK's timer thread, never by blocking the caller.
+     */
+    CompletableFuture<Reply> reply(long timeoutSeconds) {
+        return reply.orTimeout(timeoutSeconds, TimeUnit.SECONDS).exceptionally(e -> {
+            Throwable cause = e instanceof CompletionException ? e.getCause() : e;
+            return cause instanceof TimeoutException
+                    ? Reply.error(504, "the model did not answer within " + timeoutSeconds + " s")
+                    : Reply.error(500, "the model failed");
+        });
     }
 }

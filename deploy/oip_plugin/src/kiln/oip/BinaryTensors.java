@@ -1,0 +1,420 @@
+package kiln.oip;
+
+import com.google.gson.JsonArray;
+import com.google.gson.JsonElement;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParseException;
+import com.google.gson.JsonParser;
+import com.google.gson.JsonPrimitive;
+import java.io.ByteArrayOutputStream;
+import java.math.BigDecimal;
+import java.math.BigInteger;
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.HashMap;
+import java.util.List;
+import java.util.Map;
+
+/**
+ * The binary tensor data extension of the KServe v2 / Triton HTTP protocol, translated at the
+ * door: binary inputs become JSON "data" before the request goes to the model's workers, and
+ * the outputs a client asks for in binary are cut out of the handler's JSON answer. The
+ * handler knows one infer body, JSON (handlers/oip.py); the extension is transport framing.
+ *
+ * A request with the header Inference-Header-Content-Length: N holds N bytes of JSON, then
+ * the raw bytes of every input whose parameters carry binary_data_size, in input order.
+ * Little-endian, row-major; BYTES elements are a 4-byte little-endian length, then the bytes.
+ */
+final class BinaryTensors {
+
+    static final String HEADER = "Inference-Header-Content-Length";
+    static final String OCTET_STREAM = "application/octet-stream";
+    private static final String SIZE = "binary_data_size";
+    // Every parameter of the extension holds this in its name; a body without it uses none.
+    private static final byte[] MARK = "binary_data".getBytes(StandardCharsets.US_ASCII);
+    // Bytes per element; 0 for BYTES, whose elements carry their own length.
+    private static final Map<String, Integer> WIDTH = Map.ofEntries(
+            Map.entry("BOOL", 1), Map.entry("INT8", 1), Map.entry("UINT8", 1),
+            Map.entry("INT16", 2), Map.entry("UINT16", 2), Map.entry("FP16", 2),
+            Map.entry("INT32", 4), Map.entry("UINT32", 4), Map.entry("FP32", 4),
+            Map.entry("INT64", 8), Map.entry("UINT64", 8), Map.entry("FP64", 8),
+            Map.entry("BYTES", 0));
+
+    /** What is wrong with a request, said to the client as a 400. */
+    static final class BadRequest extends Exception {
+        private static final long serialVersionUID = 1L;
+
+        BadRequest(String message) {
+            super(message);
+        }
+    }
+
+    /** One input sent as binary data, its size checked against its shape and datatype. */
+    private static final class BinaryInput {
+        final JsonObject tensor;
+        final String what;
+        final String datatype;
+        final long count;
+        final int size;
+
+        BinaryInput(JsonObject tensor, String what, String datatype, long count, int size) {
+            this.tensor = tensor;
+            this.what = what;
+            this.datatype = datatype;
+            this.count = count;
+            this.size = size;
+        }
+    }
+
+    private final byte[] json;
+    private final boolean allOutputs;
+    private final Map<String, Boolean> outputs;
+
+    private BinaryTensors(byte[] json, boolean allOutputs, Map<String, Boolean> outputs) {
+        this.json = json;
+        this.allOutputs = allOutputs;
+        this.outputs = outputs;
+    }
+
+    /** Whether a body without the header may ask for binary outputs (a quick byte scan). */
+    static boolean mayUse(byte[] body) {
+        return contains(body, MARK);
+    }
+
+    /**
+     * The request's JSON with its binary inputs as "data", and what it asks of the answer;
+     * null when the request uses no part of the extension (its body goes on as it is).
+     * headerLength: the Inference-Header-Content-Length header, or null.
+     */
+    static BinaryTensors parse(byte[] body, String headerLength) throws BadRequest {
+        if (headerLength == null && !mayUse(body)) {
+            return null;
+        }
+        int jsonLength = headerLength == null ? body.length : jsonLength(headerLength, body.length);
+        JsonObject request = jsonObject(body, jsonLength);
+        List<BinaryInput> inputs = binaryInputs(request);
+        if (!inputs.isEmpty() && headerLength == null) {
+            throw new BadRequest(inputs.get(0).what + " has " + SIZE + ", but the request has no "
+                    + HEADER + " header to say where its JSON ends");
+        }
+        long sum = 0;
+        for (BinaryInput input : inputs) {
+            sum += input.size;
+        }
+        if (sum != body.length - jsonLength) {
+            throw new BadRequest("the inputs' " + SIZE + " add up to " + sum + " bytes, but "
+                    + (body.length - jsonLength) + " bytes follow the " + jsonLength
+                    + "-byte JSON header");
+        }
+        int offset = jsonLength;
+        for (BinaryInput input : inputs) {
+            decode(input, ByteBuffer.wrap(body, offset, input.size).slice());
+            offset += input.size;
+        }
+        byte[] json = inputs.isEmpty() && jsonLength == body.length
+                ? body : request.toString().getBytes(StandardCharsets.UTF_8);
+        return new BinaryTensors(json, isTrue(object(request, "parameters"), "binary_data_output"),
+                binaryOutputs(request));
+    }
+
+    /** The request as the handler takes it: JSON only. */
+    byte[] json() {
+        return json;
+    }
+
+    /** The handler's answer with the outputs asked for in binary moved after its JSON. */
+    Reply answer(Reply reply) {
+        if (reply.status != 200 || !(allOutputs || outputs.containsValue(true))) {
+            return reply;
+        }
+        JsonObject response = JsonParser.parseString(
+                new String(reply.body, StandardCharsets.UTF_8)).getAsJsonObject();
+        ByteArrayOutputStream data = new ByteArrayOutputStream();
+        boolean any = false;
+        for (JsonElement element : response.getAsJsonArray("outputs")) {
+            JsonObject output = element.getAsJsonObject();
+            if (!outputs.getOrDefault(output.get("name").getAsString(), allOutputs)) {
+                continue;
+            }
+            byte[] bytes = encode(output.get("datatype").getAsString(), output.get("data"));
+            if (bytes == null) {
+                continue;  // a datatype Kiln never answers with stays JSON, as the protocol allows
+            }
+            output.remove("data");
+            JsonObject parameters = object(output, "parameters");
+            parameters.addProperty(SIZE, bytes.length);
+            output.add("parameters", parameters);
+            data.writeBytes(bytes);
+            any = true;
+        }
+        if (!any) {
+            return reply;
+        }
+        byte[] header = response.toString().getBytes(StandardCharsets.UTF_8);
+        byte[] body = new byte[header.length + data.size()];
+        System.arraycopy(header, 0, body, 0, header.length);
+        System.arraycopy(data.toByteArray(), 0, body, header.length, data.size());
+        return new Reply(200, OCTET_STREAM, body).withHeader(HEADER, Integer.toString(header.length));
+    }
+
+    // --- the request ----------------------------------------------------------------------
+
+    private static int jsonLength(String header, int bodyLength) throws BadRequest {
+        long length;
+        try {
+            length = Long.parseLong(header.trim());
+        } catch (NumberFormatException e) {
+            length = -1;
+        }
+        if (length < 0) {
+            throw new BadRequest(HEADER + " must be a whole number >= 0, got '" + header + "'");
+        }
+        if (length > bodyLength) {
+            throw new BadRequest(HEADER + " is " + length + ", but the body has only "
+                    + bodyLength + " bytes");
+        }
+        return (int) length;
+    }
+
+    private static JsonObject jsonObject(byte[] body, int length) throws BadRequest {
+        JsonElement parsed;
+        try {
+            parsed = JsonParser.parseString(new String(body, 0, length, StandardCharsets.UTF_8));
+        } catch (JsonParseException e) {
+            throw new BadRequest("the request's JSON is not valid: " + e.getMessage());
+        }
+        if (!parsed.isJsonObject()) {
+            throw new BadRequest("an infer request is a JSON object with \"inputs\"");
+        }
+        return parsed.getAsJsonObject();
+    }
+
+    /** The inputs sent as binary data, in order, each size checked against its tensor. */
+    private static List<BinaryInput> binaryInputs(JsonObject request) throws BadRequest {
+        List<BinaryInput> found = new ArrayList<>();
+        JsonElement inputs = request.get("inputs");
+        if (inputs == null || !inputs.isJsonArray()) {
+            return found;  // the handler says what an infer request must hold
+        }
+        for (JsonElement element : inputs.getAsJsonArray()) {
+            if (!element.isJsonObject() || !object(element.getAsJsonObject(), "parameters").has(SIZE)) {
+                continue;
+            }
+            JsonObject tensor = element.getAsJsonObject();
+            JsonElement name = tensor.get("name");
+            String what = "input " + (name != null && name.isJsonPrimitive()
+                    ? "'" + name.getAsString() + "'" : String.valueOf(name));
+            long size = wholeNumber(object(tensor, "parameters").get(SIZE), what + " " + SIZE);
+            if (tensor.has("data")) {
+                throw new BadRequest(what + " has both " + SIZE + " and \"data\": send one");
+            }
+            JsonElement type = tensor.get("datatype");
+            String datatype = type != null && type.isJsonPrimitive() ? type.getAsString() : null;
+            if (datatype == null || !WIDTH.containsKey(datatype)) {
+                throw new BadRequest(what + " has datatype " + type + ", which has no binary form");
+            }
+            long count = elementCount(tensor.get("shape"), what);
+            long expected = WIDTH.get(datatype) * count;
+            if (WIDTH.get(datatype) > 0 && expected != size) {
+                throw new BadRequest(what + " of shape " + tensor.get("shape") + " and datatype "
+                        + datatype + " takes " + expected + " bytes, but its " + SIZE + " is " + size);
+            }
+            found.add(new BinaryInput(tensor, what, datatype, count, (int) size));
+        }
+        return found;
+    }
+
+    /** A whole number in [0, Integer.MAX_VALUE], or BadRequest naming the value. */
+    private static long wholeNumber(JsonElement value, String what) throws BadRequest {
+        if (value != null && value.isJsonPrimitive() && value.getAsJsonPrimitive().isNumber()) {
+            BigDecimal number = value.getAsBigDecimal();
+            if (number.signum() >= 0 && number.compareTo(BigDecimal.valueOf(Integer.MAX_VALUE)) <= 0
+                    && number.stripTrailingZeros().scale() <= 0) {
+                return number.longValue();
+            }
+        }
+        throw new BadRequest(what + " must be a whole number >= 0, got " + value);
+    }
+
+    private static long elementCount(JsonElement shape, String what) throws BadRequest {
+        if (shape == null || !shape.isJsonArray()) {
+            throw new BadRequest(what + " shape must be an array of whole numbers >= 0, got " + shape);
+        }
+        long count = 1;
+        for (JsonElement dim : shape.getAsJsonArray()) {
+            count = Math.multiplyExact(count, wholeNumber(dim, what + " shape dimension"));
+            if (count > Integer.MAX_VALUE) {
+                throw new BadRequest(what + " shape " + shape + " is too large");
+            }
+        }
+        return count;
+    }
+
+    /** The tensor's bytes as its JSON "data", flat and row-major. */
+    private static void decode(BinaryInput input, ByteBuffer bytes) throws BadRequest {
+        bytes.order(ByteOrder.LITTLE_ENDIAN);
+        JsonArray data = new JsonArray();
+        if (input.datatype.equals("BYTES")) {
+            while (bytes.remaining() >= 4 && data.size() < input.count) {
+                long length = bytes.getInt() & 0xffffffffL;
+                if (length > bytes.remaining()) {
+                    throw new BadRequest(input.what + " BYTES element " + data.size() + " is "
+                            + length + " bytes long, past the end of its " + SIZE);
+                }
+                byte[] element = new byte[(int) length];
+                bytes.get(element);
+                data.add(new String(element, StandardCharsets.UTF_8));
+            }
+            if (data.size() != input.count || bytes.hasRemaining()) {
+                throw new BadRequest(input.what + " BYTES data of " + input.size + " bytes does not "
+                        + "hold exactly the " + input.count + " elements its shape needs");
+            }
+        } else {
+            for (long i = 0; i < input.count; i++) {
+                data.add(element(input.datatype, bytes));
+            }
+        }
+        JsonObject parameters = input.tensor.getAsJsonObject("parameters");
+        parameters.remove(SIZE);
+        if (parameters.size() == 0) {
+            input.tensor.remove("parameters");
+        }
+        input.tensor.add("data", data);
+    }
+
+    private static JsonPrimitive element(String datatype, ByteBuffer bytes) {
+        switch (datatype) {
+            case "BOOL": return new JsonPrimitive(bytes.get() != 0);
+            case "INT8": return new JsonPrimitive(bytes.get());
+            case "UINT8": return new JsonPrimitive(bytes.get() & 0xff);
+            case "INT16": return new JsonPrimitive(bytes.getShort());
+            case "UINT16": return new JsonPrimitive(bytes.getShort() & 0xffff);
+            case "INT32": return new JsonPrimitive(bytes.getInt());
+            case "UINT32": return new JsonPrimitive(bytes.getInt() & 0xffffffffL);
+            case "INT64": return new JsonPrimitive(bytes.getLong());
+            case "UINT64": return new JsonPrimitive(new BigInteger(Long.toUnsignedString(bytes.getLong())));
+            case "FP16": return new JsonPrimitive((double) halfToFloat(bytes.getShort()));
+            // A float's exact value as a double: its shortest decimal reads back to the same float.
+            case "FP32": return new JsonPrimitive((double) bytes.getFloat());
+            case "FP64": return new JsonPrimitive(bytes.getDouble());
+            default: throw new IllegalArgumentException(datatype);
+        }
+    }
+
+    /** IEEE 754 half precision to float, subnormals, infinities and NaN included. */
+    static float halfToFloat(short half) {
+        int sign = (half & 0x8000) << 16;
+        int exponent = (half >> 10) & 0x1f;
+        int mantissa = half & 0x3ff;
+        if (exponent == 0x1f) {
+            return Float.intBitsToFloat(sign | 0x7f800000 | (mantissa << 13));
+        }
+        if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+            float value = mantissa * 0x1p-24f;
+            return sign == 0 ? value : -value;
+        }
+        return Float.intBitsToFloat(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    }
+
+    /** Per output named in the request, its binary_data parameter when it has one. */
+    private static Map<String, Boolean> binaryOutputs(JsonObject request) {
+        Map<String, Boolean> wanted = new HashMap<>();
+        JsonElement outputs = request.get("outputs");
+        if (outputs == null || !outputs.isJsonArray()) {
+            return wanted;
+        }
+        for (JsonElement element : outputs.getAsJsonArray()) {
+            if (!element.isJsonObject()) {
+                continue;
+            }
+            JsonObject output = element.getAsJsonObject();
+            JsonElement name = output.get("name");
+            JsonElement binary = object(output, "parameters").get("binary_data");
+            if (name != null && name.isJsonPrimitive() && binary != null && binary.isJsonPrimitive()
+                    && binary.getAsJsonPrimitive().isBoolean()) {
+                wanted.put(name.getAsString(), binary.getAsBoolean());
+            }
+        }
+        return wanted;
+    }
+
+    // --- the answer -----------------------------------------------------------------------
+
+    /** An output's data in binary form; null for FP16, which Kiln's handler never answers. */
+    private static byte[] encode(String datatype, JsonElement data) {
+        List<JsonElement> values = new ArrayList<>();
+        flatten(data, values);
+        if (datatype.equals("BYTES")) {
+            ByteArrayOutputStream out = new ByteArrayOutputStream();
+            for (JsonElement value : values) {
+                byte[] text = value.getAsString().getBytes(StandardCharsets.UTF_8);
+                out.writeBytes(ByteBuffer.allocate(4).order(ByteOrder.LITTLE_ENDIAN)
+                        .putInt(text.length).array());
+                out.writeBytes(text);
+            }
+            return out.toByteArray();
+        }
+        Integer width = WIDTH.get(datatype);
+        if (width == null || datatype.equals("FP16")) {
+            return null;
+        }
+        ByteBuffer out = ByteBuffer.allocate(values.size() * width).order(ByteOrder.LITTLE_ENDIAN);
+        for (JsonElement value : values) {
+            switch (datatype) {
+                case "BOOL": out.put((byte) (value.getAsBoolean() ? 1 : 0)); break;
+                case "FP32": out.putFloat(value.getAsFloat()); break;
+                case "FP64": out.putDouble(value.getAsDouble()); break;
+                default: putInteger(out, width, value.getAsBigInteger().longValue());
+            }
+        }
+        return out.array();
+    }
+
+    private static void putInteger(ByteBuffer out, int width, long value) {
+        switch (width) {
+            case 1: out.put((byte) value); break;
+            case 2: out.putShort((short) value); break;
+            case 4: out.putInt((int) value); break;
+            default: out.putLong(value);
+        }
+    }
+
+    private static void flatten(JsonElement data, List<JsonElement> into) {
+        if (data != null && data.isJsonArray()) {
+            for (JsonElement element : data.getAsJsonArray()) {
+                flatten(element, into);
+            }
+        } else if (data != null) {
+            into.add(data);
+        }
+    }
+
+    // --- plumbing -------------------------------------------------------------------------
+
+    /** The member that is an object, or an empty object (not added) when there is none. */
+    private static JsonObject object(JsonObject parent, String name) {
+        JsonElement member = parent.get(name);
+        return member != null && member.isJsonObject() ? member.getAsJsonObject() : new JsonObject();
+    }
+
+    private static boolean isTrue(JsonObject parent, String name) {
+        JsonElement member = parent.get(name);
+        return member != null && member.isJsonPrimitive() && member.getAsJsonPrimitive().isBoolean()
+                && member.getAsBoolean();
+    }
+
+    private static boolean contains(byte[] body, byte[] mark) {
+        outer:
+        for (int i = 0; i + mark.length <= body.length; i++) {
+            for (int j = 0; j < mark.length; j++) {
+                if (body[i + j] != mark[j]) {
+                    continue outer;
+                }
+            }
+            return true;
+        }
+        return false;
+    }
+}

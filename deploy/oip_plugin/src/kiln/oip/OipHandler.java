@@ -1,0 +1,176 @@
+package kiln.oip;
+
+import io.netty.buffer.ByteBufUtil;
+import io.netty.channel.ChannelFutureListener;
+import io.netty.channel.ChannelHandlerContext;
+import io.netty.channel.SimpleChannelInboundHandler;
+import io.netty.handler.codec.DecoderException;
+import io.netty.handler.codec.DecoderResult;
+import io.netty.handler.codec.TooLongFrameException;
+import io.netty.handler.codec.http.FullHttpRequest;
+import io.netty.handler.codec.http.HttpHeaderNames;
+import io.netty.handler.codec.http.HttpMethod;
+import io.netty.handler.codec.http.HttpUtil;
+import io.netty.handler.codec.http.HttpVersion;
+import io.netty.handler.codec.http.QueryStringDecoder;
+import java.io.IOException;
+import java.util.ArrayDeque;
+import java.util.Queue;
+import java.util.concurrent.CompletableFuture;
+import org.pytorch.serve.util.TokenAuthorization;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * Last in each connection's pipeline: answers its requests one at a time, in order (a client
+ * that pipelines waits its turn), checking the token, then asking OipRoutes. The event loop
+ * never waits: an infer's answer is written when its future completes.
+ */
+final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
+
+    private static final Logger LOG = LoggerFactory.getLogger(OipHandler.class);
+
+    /** What a request says, copied out of Netty's buffers (which are released on return). */
+    private static final class Call {
+        final String method;
+        final String path;
+        final byte[] body;
+        final String contentType;
+        final String binaryHeader;
+        final String authorization;
+        final HttpVersion version;
+        final boolean keepAlive;
+
+        Call(FullHttpRequest request) {
+            method = request.method().name();
+            path = new QueryStringDecoder(request.uri()).path();
+            body = request.method().equals(HttpMethod.POST) ? ByteBufUtil.getBytes(request.content()) : null;
+            contentType = request.headers().get(HttpHeaderNames.CONTENT_TYPE);
+            binaryHeader = request.headers().get(BinaryTensors.HEADER);
+            authorization = request.headers().get(HttpHeaderNames.AUTHORIZATION);
+            version = request.protocolVersion();
+            keepAlive = HttpUtil.isKeepAlive(request);
+        }
+    }
+
+    private final OipRoutes routes;
+    private final ConnectionGuard guard;
+    private final Queue<Call> waiting = new ArrayDeque<>();
+    private boolean answering;
+
+    OipHandler(OipRoutes routes, ConnectionGuard guard) {
+        this.routes = routes;
+        this.guard = guard;
+    }
+
+    @Override
+    protected void channelRead0(ChannelHandlerContext ctx, FullHttpRequest request) {
+        guard.received();
+        Reply refusal = refusal(request);
+        Call call = null;
+        if (refusal == null) {
+            try {
+                call = new Call(request);
+            } catch (IllegalArgumentException e) {  // a bad %-escape in the path
+                refusal = Reply.error(400, "malformed request URI: " + e.getMessage());
+            }
+        }
+        if (refusal != null) {
+            guard.close(refusal);
+        } else if (answering) {
+            waiting.add(call);
+            ctx.channel().config().setAutoRead(false);  // one waiting is enough
+        } else {
+            answer(ctx, call);
+        }
+    }
+
+    /** The answer to a request that cannot be served, after which the connection closes. */
+    private static Reply refusal(FullHttpRequest request) {
+        DecoderResult decoded = request.decoderResult();
+        if (decoded.isFailure()) {
+            Throwable cause = decoded.cause();
+            if (cause instanceof TooLongFrameException) {
+                // Netty 4.1.53 tells a too long request line from too large headers by message only.
+                return String.valueOf(cause.getMessage()).startsWith("HTTP header")
+                        ? Reply.error(431, "the request's headers are over "
+                                + OipServer.MAX_HEADER_BYTES + " bytes")
+                        : Reply.error(414, "the request line (its URI) is over "
+                                + OipServer.MAX_INITIAL_LINE + " bytes");
+            }
+            return Reply.error(400, "malformed HTTP request: " + cause.getMessage());
+        }
+        if (request.headers().size() > OipServer.MAX_HEADERS) {
+            return Reply.error(431, "the request has more than " + OipServer.MAX_HEADERS + " headers");
+        }
+        return null;
+    }
+
+    private void answer(ChannelHandlerContext ctx, Call call) {
+        answering = true;
+        CompletableFuture<Reply> reply;
+        try {
+            reply = authorised(call.authorization)
+                    ? routes.handle(call.method, call.path, call.body, call.contentType, call.binaryHeader)
+                    : CompletableFuture.completedFuture(Reply.error(401, "token authorization failed: "
+                            + "send the inference token as 'Authorization: Bearer <token>'"));
+        } catch (RuntimeException e) {
+            reply = CompletableFuture.failedFuture(e);
+        }
+        reply.whenCompleteAsync((answer, error) -> {
+            if (error != null) {
+                LOG.error("OIP request {} {} failed", call.method, call.path, error);
+                answer = Reply.error(500, "internal error");
+            }
+            send(ctx, call, answer);
+        }, ctx.executor());
+    }
+
+    private void send(ChannelHandlerContext ctx, Call call, Reply reply) {
+        if (guard.closing() || !ctx.channel().isActive()) {
+            return;
+        }
+        if (!call.keepAlive) {
+            ctx.writeAndFlush(reply.toHttp(call.version, false)).addListener(ChannelFutureListener.CLOSE);
+            return;
+        }
+        ctx.writeAndFlush(reply.toHttp(call.version, true));
+        Call next = waiting.poll();
+        if (next != null) {
+            answer(ctx, next);
+            return;
+        }
+        answering = false;
+        ctx.channel().config().setAutoRead(true);
+        guard.idle();
+    }
+
+    /** The same tokens as the inference API, checked by TorchServe's own code. */
+    private static boolean authorised(String header) {
+        if (!TokenAuthorization.isEnabled()) {
+            return true;
+        }
+        if (header == null) {
+            return false;
+        }
+        String token = TokenAuthorization.parseTokenFromBearerTokenHeader(header);
+        return token != null
+                && TokenAuthorization.checkTokenAuthorization(token, TokenAuthorization.TokenType.INFERENCE);
+    }
+
+    @Override
+    public void exceptionCaught(ChannelHandlerContext ctx, Throwable cause) {
+        if (cause instanceof DecoderException) {  // a request Netty could not take apart
+            Throwable reason = cause.getCause() == null ? cause : cause.getCause();
+            LOG.debug("OIP connection {}: malformed request", ctx.channel(), cause);
+            guard.close(Reply.error(400, "malformed HTTP request: " + reason.getMessage()));
+            return;
+        }
+        if (cause instanceof IOException) {  // the client went away
+            LOG.debug("OIP connection {} failed", ctx.channel(), cause);
+        } else {
+            LOG.warn("OIP connection {} failed", ctx.channel(), cause);
+        }
+        ctx.close();
+    }
+}
