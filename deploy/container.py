@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kiln.deploy import contract
+from kiln.deploy import contract, front
+from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
     ModelServing,
@@ -40,20 +40,11 @@ from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.container")
 
-NGINX = "/usr/sbin/nginx"
-NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
-MIN_KEY_LENGTH = 22  # 128 bits of base64 randomness or more
-# Characters a key may hold: base64, base64url and hex keys all fit, and none needs quoting.
-KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
 KEYS_POLL_S = 1.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 PR_SET_CHILD_SUBREAPER = 36
 # Flag files in the run folder that nginx's readiness checks.
 DRAINING_FLAG = "draining"  # written on SIGTERM: readiness false from that moment
-
-
-class KeysError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -163,74 +154,23 @@ def server_settings(settings: Settings) -> ServerSettings:
                           console_logs=True)
 
 
-# -- keys -----------------------------------------------------------------------------------------
-def parse_keys(text: str, source: str = "the keys file") -> list[str]:
-    """The keys in a keys file: one per line, blank lines and # comments ignored."""
-    keys = []
-    for number, line in enumerate(text.splitlines(), 1):
-        key = line.split("#", 1)[0].strip()
-        if not key:
-            continue
-        if not KEY_CHARS.fullmatch(key):
-            raise KeysError(f"{source}, line {number}: a key may hold only letters, digits and "
-                            f"._~+/=- (base64, base64url or hex)")
-        if len(key) < MIN_KEY_LENGTH:
-            raise KeysError(f"{source}, line {number}: a key of {len(key)} characters is too "
-                            f"short; use {MIN_KEY_LENGTH} or more (e.g. openssl rand -base64 24)")
-        if key not in keys:
-            keys.append(key)
-    if not keys:
-        raise KeysError(f"{source} holds no key: every request would be refused")
-    return keys
-
-
-def keys_map(keys: list[str]) -> str:
-    """nginx map entries accepting `Authorization: Bearer <key>` for each key, exactly."""
-    # Of the characters a key may hold, only . and + mean something in a regex.
-    escaped = (re.sub(r"([.+])", r"\\\1", k) for k in keys)
-    return "".join(f'"~^[Bb]earer {k}$" 1;\n' for k in escaped)
-
-
 # -- nginx ----------------------------------------------------------------------------------------
-def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
+def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) -> FrontSettings:
     public, internal = settings.public_ports(), server.ports
-    values = {
-        "RUN_DIR": str(run_dir), "LISTEN": settings.listen,
-        "HTTP_PORT": public["http"], "OIP_PORT": public["oip"],
-        "GRPC_PORT": public["grpc"], "METRICS_PORT": public["metrics"],
-        "TS_INFERENCE": internal.inference, "TS_OIP": internal.oip,
-        "TS_METRICS": internal.metrics, "TS_GRPC": internal.grpc_inference,
-        "MAX_BODY": server.max_request_size,
-        "SHUTDOWN_S": max(1, int(settings.grace_s - settings.drain_delay_s
-                                 - settings.stop_reserve_s())),
-        "READY_PATH": contract.READY_PATH, "LIVE_PATH": contract.LIVE_PATH,
-        "DRAINING_FLAG": str(run_dir / DRAINING_FLAG),
-        "USER_LINE": worker_user(),
-    }
-    text = NGINX_TEMPLATE.read_text()
-    for name, value in values.items():
-        text = text.replace(f"@{name}@", str(value))
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise ValueError(f"{NGINX_TEMPLATE}: no value for {', '.join(sorted(set(left)))}")
-    return text
+    return FrontSettings(
+        nginx_dir=run_dir / "nginx", keys_file=settings.keys_file, listen=settings.listen,
+        public=public,
+        upstream={"http": internal.inference, "oip": internal.oip,
+                  "grpc": internal.grpc_inference, "metrics": internal.metrics},
+        max_body=server.max_request_size, ready_path=contract.READY_PATH,
+        live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
+        shutdown_s=max(1, int(settings.grace_s - settings.drain_delay_s
+                              - settings.stop_reserve_s())),
+        run_as=front.run_as_line())
 
 
-def worker_user() -> str:
-    """nginx's `user` line: as root (a host, or a misconfigured image) its workers would
-    otherwise become nobody, who cannot read the run folder; as anyone else it needs none."""
-    if os.geteuid() != 0:
-        return ""
-    import grp
-    import pwd
-
-    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
+    return front.render(front_settings(settings, server, run_dir))
 
 
 def set_subreaper() -> None:
@@ -249,10 +189,9 @@ class Entrypoint:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.run_dir = settings.run_dir.resolve()
-        self.nginx_dir = self.run_dir / "nginx"
-        self.nginx_conf = self.nginx_dir / "nginx.conf"
         self.draining_flag = self.run_dir / DRAINING_FLAG
         self.server = Server(server_settings(replace(settings, run_dir=self.run_dir)))
+        self.front = front_settings(settings, self.server.settings, self.run_dir)
         self.signalled: int | None = None
         self.nginx: subprocess.Popen | None = None  # kept: a dropped Popen may reap it
         self.nginx_pid: int | None = None
@@ -271,22 +210,11 @@ class Entrypoint:
     def prepare(self) -> None:
         """Everything nginx and TorchServe read, written under the run folder; raises on bad
         keys or a configuration nginx refuses."""
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.nginx_dir / sub).mkdir(parents=True, exist_ok=True)
         self.draining_flag.unlink(missing_ok=True)
         self.keys_text = self.settings.keys_file.read_text()
         keys = parse_keys(self.keys_text, str(self.settings.keys_file))
-        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
-        self.nginx_conf.write_text(nginx_config(self.settings, self.server.settings,
-                                                self.run_dir))
-        done = subprocess.run(self._nginx("-t", "-q"), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ValueError(f"nginx refuses {self.nginx_conf}:\n{done.stderr}")
+        front.prepare(self.front, keys)
         log.info("%d key(s) from %s", len(keys), self.settings.keys_file)
-
-    def _nginx(self, *args: str) -> list[str]:
-        return [NGINX, "-e", "stderr", "-p", str(self.nginx_dir), "-c", str(self.nginx_conf),
-                *args]
 
     def start(self) -> None:
         self.server.start()
@@ -294,7 +222,7 @@ class Entrypoint:
         if self.frontend_pid is None:
             raise ServerError("TorchServe's frontend exited at once (its log is above)")
         # In a session of its own, like TorchServe: only this process decides when it stops.
-        self.nginx = subprocess.Popen(self._nginx(), stdin=subprocess.DEVNULL,
+        self.nginx = subprocess.Popen(front.nginx_command(self.front), stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         self.nginx_pid = self.nginx.pid
         public = self.settings.public_ports()
@@ -338,7 +266,7 @@ class Entrypoint:
         except KeysError as err:
             log.error("%s: keeping the keys loaded before", err)
             return
-        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        front.write_atomically(self.front.map_file, front.keys_map(keys))
         os.kill(self.nginx_pid, signal.SIGHUP)  # what nginx -s reload sends
         log.info("keys changed: nginx reloads with %d key(s)", len(keys))
 

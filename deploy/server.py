@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import psutil
 import requests
 
-from kiln.deploy import plugins
+from kiln.deploy import front, plugins
+from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 from kiln.training import declaration
 
@@ -34,6 +35,13 @@ LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 # The same loggers written to stdout, for a container (read-only root, logs collected).
 CONSOLE_LOG_CONFIG = LOG_CONFIG.with_name("log4j2-console.xml")
 PORTS_FILE = "ports.json"  # in the run folder: how stop, predict and loadtest find a server
+INTERNAL_PORTS_FILE = "internal_ports.json"  # TorchServe's own, behind the front proxy
+# TorchServe's own inference token behind the front proxy is a service credential that only
+# the proxy holds: it must not expire under it (TorchServe counts in minutes: ten years).
+FRONTED_TOKEN_MIN = 10 * 365 * 24 * 60
+# Probes the front proxy answers on the inference port without a key.
+READY_PATH = "/ready"
+LIVE_PATH = "/live"
 
 
 # Every port Ports.free() has returned in this process.
@@ -53,9 +61,10 @@ class Ports:
     oip: int = 8085
 
     @classmethod
-    def saved(cls, run_dir: Path) -> Ports | None:
-        """The ports a server started from `run_dir` wrote there, if any."""
-        path = run_dir / PORTS_FILE
+    def saved(cls, run_dir: Path, name: str = PORTS_FILE) -> Ports | None:
+        """The ports a server started from `run_dir` wrote there, if any (`name`:
+        INTERNAL_PORTS_FILE for TorchServe's own behind the front proxy)."""
+        path = run_dir / name
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
     @classmethod
@@ -159,6 +168,16 @@ class ServerSettings:
     # its printed curl lines is a trap, so Kiln asks for a day. Regenerate with the API key.
     token_expiration_min: int = 1440
     max_request_size: int = 4 * 1024 * 1024
+    # Requests a model holds waiting, beyond the batches its workers hold: past it TorchServe
+    # answers 503 at once (the front proxy adds Retry-After) instead of queueing a flood.
+    # TorchServe's default is 100; the largest legal request (handlers/limits.py, 4096x4096
+    # pixels) takes about 0.5 s on 2 cores and a batch holds two of them at most, so 64 keeps
+    # the last one's wait near 30 s while 64 clients of small requests queue without a 503.
+    job_queue_size: int = 64
+    # TorchServe replaces a worker that spends longer than this on one batch (its default:
+    # 120 s). The worst legal batch takes about 1 s here (two requests at the pixel bound,
+    # loadtests/reliability.py), so 30 s leaves a slower machine 30 times that.
+    response_timeout_s: int = 30
     enable_model_api: bool = False
     java_heap: str = "1g"
     access_log: bool = False
@@ -172,6 +191,11 @@ class ServerSettings:
     # False only behind a front proxy that checks keys itself (kiln-container): TorchServe's
     # own tokens are random at every start and cannot be supplied.
     token_auth: bool = True
+    # Where TorchServe itself listens for inference, OIP, gRPC inference and metrics when
+    # Kiln's front proxy (deploy/front.py) owns those of `ports` and checks the keys (kiln
+    # serve); None: TorchServe listens on `ports` and checks its own tokens. Management stays
+    # TorchServe's own, on `ports`, with its management token.
+    internal_ports: Ports | None = None
     # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
     console_logs: bool = False
 
@@ -197,9 +221,17 @@ class ServerSettings:
         """Workers of all served models together (handlers size their thread pools by it)."""
         return max(1, sum(s.workers if s else 1 for s in map(self.model_serving, self.models)))
 
+    def torchserve_ports(self) -> Ports:
+        """The ports TorchServe binds."""
+        if self.internal_ports is None:
+            return self.ports
+        i = self.internal_ports
+        return replace(self.ports, inference=i.inference, oip=i.oip,
+                       grpc_inference=i.grpc_inference, metrics=i.metrics)
+
     def config_properties(self) -> str:
         store = self.model_store.resolve()
-        p = self.ports
+        p = self.torchserve_ports()
         lines = {
             "inference_address": f"http://{HOST}:{p.inference}",
             "management_address": f"http://{HOST}:{p.management}",
@@ -216,8 +248,11 @@ class ServerSettings:
             # Only archives inside the local store may ever be registered.
             "allowed_urls": f"file://{store}/[^/]+\\\\.mar",
             "enable_model_api": str(self.enable_model_api).lower(),
-            "token_expiration_min": self.token_expiration_min,
+            "token_expiration_min": (self.token_expiration_min if self.internal_ports is None
+                                     else FRONTED_TOKEN_MIN),
             "max_request_size": self.max_request_size,
+            "job_queue_size": self.job_queue_size,
+            "default_response_timeout": self.response_timeout_s,
             "max_response_size": self.max_request_size,
             "metrics_mode": "prometheus",
             # Kiln's handlers declare their own metrics (handlers/metrics.yaml, in each
@@ -249,6 +284,7 @@ class Server:
         self.settings = settings
         self.run_dir = settings.run_dir.resolve()
         self.ports = settings.ports
+        self.front = front.Front(self.run_dir / "nginx", self.run_dir / KEYS_FILE)
 
     # -- paths and environment -------------------------------------------------------------
     @property
@@ -262,6 +298,10 @@ class Server:
     @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
+
+    @property
+    def fronted(self) -> bool:
+        return self.settings.internal_ports is not None
 
     def _env(self) -> dict[str, str]:
         tmp = self.run_dir / "tmp"
@@ -334,6 +374,9 @@ class Server:
         if self.pid() is not None:
             return []
         done = []
+        if self.front.stop():
+            done.append("stopped the front proxy (nginx) of a TorchServe that is gone")
+        (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         if self.pid_file.exists():
             self.pid_file.unlink(missing_ok=True)
             done.append(f"removed the pid file of a TorchServe that is gone ({self.pid_file})")
@@ -390,6 +433,42 @@ class Server:
         if code != 0:
             raise ServerError(f"torchserve --start failed:\n{output}")
         log.info("TorchServe starting from %s (logs in %s)", self.run_dir, self.log_dir)
+        if self.fronted:
+            self.start_front()
+
+    def front_settings(self, upstream_token: str | None = None) -> front.FrontSettings:
+        p, i = self.ports, self.settings.internal_ports
+        return front.FrontSettings(
+            nginx_dir=self.front.nginx_dir, keys_file=self.front.keys_file, listen=HOST,
+            public={"http": p.inference, "oip": p.oip, "grpc": p.grpc_inference,
+                    "metrics": p.metrics},
+            upstream={"http": i.inference, "oip": i.oip, "grpc": i.grpc_inference,
+                      "metrics": i.metrics},
+            max_body=self.settings.max_request_size, ready_path=READY_PATH,
+            live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
+            upstream_token=upstream_token, run_as=front.run_as_line())
+
+    def start_front(self, timeout: float = 60) -> None:
+        """nginx on the public ports, once TorchServe has written the token it holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                token = self.torchserve_keys()["inference"]
+                break
+            except (OSError, ValueError, KeyError):  # not written yet, or half written
+                pass
+            if self.pid() is None:
+                raise ServerError(f"TorchServe exited during start-up:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"TorchServe wrote no key file within {timeout:g} s")
+            time.sleep(0.05)
+        settings = self.front_settings(upstream_token=token)
+        try:
+            self.front.start(settings)
+        except front.FrontError as err:
+            raise ServerError(str(err)) from None
+        (self.run_dir / INTERNAL_PORTS_FILE).write_text(
+            json.dumps(vars(self.settings.internal_ports)))
 
     @contextlib.contextmanager
     def running(self, timeout: float = 180):
@@ -408,6 +487,8 @@ class Server:
         if pid is None:
             self.clean_up_after_crash()
             return False
+        self.front.stop(timeout=min(10.0, timeout))
+        (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         self._torchserve("--stop", timeout=timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -430,6 +511,7 @@ class Server:
         Unlike `stop` this waits for the workers too (a worker outlives a frontend killed
         hard); a process that reaps orphans (kiln-container) sees none left behind."""
         deadline = time.monotonic() + timeout
+        self.front.stop(timeout=min(5.0, timeout / 3))
         pid = self.pid()
         try:
             frontend = psutil.Process(pid) if pid is not None else None
@@ -453,10 +535,18 @@ class Server:
         return not alive
 
     # -- keys and readiness ----------------------------------------------------------------
-    def keys(self) -> dict[str, str]:
+    def torchserve_keys(self) -> dict[str, str]:
         """The management, inference and API tokens TorchServe wrote at start."""
         raw = json.loads(self.key_file.read_text())
         return {kind: raw[kind]["key"] for kind in ("management", "inference", "API")}
+
+    def keys(self) -> dict[str, str]:
+        """What a client of this server sends: TorchServe's management and API tokens, and as
+        inference key the front proxy's newest (TorchServe's own when there is no front)."""
+        keys = self.torchserve_keys()
+        if self.fronted:
+            keys["inference"] = front.current(self.front.keys()).value
+        return keys
 
     def url(self, api: str = "inference") -> str:
         return f"http://{HOST}:{getattr(self.ports, api)}"
@@ -464,15 +554,15 @@ class Server:
     def _api_up(self) -> bool:
         """The key file is complete and the management API answers with its token."""
         try:
-            r = requests.get(f"{self.url('management')}/models", timeout=5,
-                             headers={"Authorization": f"Bearer {self.keys()['management']}"})
+            r = requests.get(f"{self.url('management')}/models", timeout=5, headers={
+                "Authorization": f"Bearer {self.torchserve_keys()['management']}"})
         except (OSError, ValueError, KeyError):  # no or half-written key file, no socket yet
             return False
         return r.status_code == 200
 
     def model_status(self, name: str) -> list[dict]:
-        r = requests.get(f"{self.url('management')}/models/{name}", timeout=5,
-                         headers={"Authorization": f"Bearer {self.keys()['management']}"})
+        r = requests.get(f"{self.url('management')}/models/{name}", timeout=5, headers={
+            "Authorization": f"Bearer {self.torchserve_keys()['management']}"})
         r.raise_for_status()
         return r.json()[0].get("workers", [])
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import requests
+
+from kiln.keys import KEYS_FILE, KeyFile
 
 CONTENT_TYPES = {
     ".png": "image/png",
@@ -74,7 +77,12 @@ def encode_npy(array: np.ndarray) -> tuple[bytes, str]:
 
 
 def read_token(run_dir: Path, kind: str = "inference") -> str | None:
-    """The token a local TorchServe wrote into its run folder, if any."""
+    """What a client of the server run from `run_dir` sends: for inference the newest key of
+    its front proxy (run/keys), else (a server without one) the token TorchServe wrote."""
+    if kind == "inference":
+        key = KeyFile(run_dir / KEYS_FILE)()
+        if key is not None:
+            return key
     try:
         return json.loads((run_dir / "key_file.json").read_text())[kind]["key"]
     except (OSError, ValueError, KeyError):
@@ -92,8 +100,10 @@ class Answer:
 
 
 class Client:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30,
-                 session: requests.Session | None = None):
+    """`token`: a key, or a callable giving the key to send now (KeyFile)."""
+
+    def __init__(self, base_url: str, token: str | Callable[[], str | None] | None = None,
+                 timeout: float = 30, session: requests.Session | None = None):
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -101,15 +111,23 @@ class Client:
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        token = self.token() if callable(self.token) else self.token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         if content_type:
             headers["Content-Type"] = content_type
         return headers
 
     def predict(self, name: str, body: bytes, content_type: str) -> Answer:
-        r = self.session.post(f"{self.base_url}/predictions/{name}", data=body,
-                              headers=self._headers(content_type), timeout=self.timeout)
+        url = f"{self.base_url}/predictions/{name}"
+        try:
+            r = self.session.post(url, data=body, headers=self._headers(content_type),
+                                  timeout=self.timeout)
+        except requests.ConnectionError:
+            # A kept-alive connection the server closed as this request went out (nginx
+            # closes idle ones when it reloads keys): a prediction is safe to send again.
+            r = self.session.post(url, data=body, headers=self._headers(content_type),
+                                  timeout=self.timeout)
         try:
             payload = r.json()
         except ValueError:

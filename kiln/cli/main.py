@@ -11,8 +11,10 @@ from pathlib import Path
 
 from kiln import client as http
 from kiln.console import setup_logging
+from kiln.deploy import front
 from kiln.deploy.server import (
     HOST,
+    INTERNAL_PORTS_FILE,
     ModelServing,
     Ports,
     Server,
@@ -20,6 +22,7 @@ from kiln.deploy.server import (
     ServerSettings,
     declared_serving,
 )
+from kiln.keys import KEYS_FILE
 from kiln.model_store import STORE
 from kiln.training import declaration
 
@@ -62,8 +65,12 @@ def _server(args, models: list[str] | None = None,
     saved = Ports.saved(args.run_dir)
     if models is None and saved:  # stop talks to what serve started
         ports = saved
+    # TorchServe's own ports behind the front proxy: nobody else's business, so free ones
+    # (two kiln serve on one host must not share them), kept while it runs.
+    internal = Ports.saved(args.run_dir, INTERNAL_PORTS_FILE) or Ports.free()
     return Server(ServerSettings(run_dir=args.run_dir, model_store=args.store,
                                  models=models or declaration.default_set(), ports=ports,
+                                 internal_ports=internal,
                                  enable_model_api=getattr(args, "enable_model_api", False),
                                  access_log=getattr(args, "access_log", False),
                                  models_dirs=getattr(args, "models_dirs", []),
@@ -86,12 +93,15 @@ def how_to_call(server: Server) -> str:
     url = server.url("inference")
     lines = [
         f"TorchServe is serving {', '.join(server.settings.models)} on {HOST}",
-        f"  inference   {url}/predictions/NAME   (token required)",
-        f"  management  {server.url('management')}/models        (management token)",
+        f"  inference   {url}/predictions/NAME   (key required)",
+        f"  OIP / v2    {server.url('oip')}/v2/models/NAME       (key required)",
+        f"  gRPC        {HOST}:{server.ports.grpc_inference}     (key required)",
         f"  metrics     {server.url('metrics')}/metrics          (Prometheus)",
-        f"  OIP / v2    {server.url('oip')}/v2/models/NAME       (inference token)",
-        f"  gRPC        {HOST}:{server.ports.grpc_inference}     (inference token)",
-        f"  tokens      {server.key_file}",
+        f"  probes      {url}/ready  {url}/live",
+        f"  keys        {server.front.keys_file}   (kiln keys rotate: a new one, the old ones "
+        f"end after an overlap)",
+        f"  management  {server.url('management')}/models        (TorchServe's management "
+        f"token, in {server.key_file})",
         "",
         "Try:",
     ]
@@ -140,8 +150,16 @@ def cmd_serve(args) -> int:
     if server.pid() is not None:
         server = Server(ServerSettings(args.run_dir, args.store, models,
                                        Ports.saved(args.run_dir) or server.ports,
-                                       models_dirs=args.models_dirs))
+                                       models_dirs=args.models_dirs,
+                                       internal_ports=server.settings.internal_ports))
         log.info("TorchServe is already running from %s", args.run_dir)
+        if server.front.pid() is None:
+            log.warning("its front proxy (nginx) is not running: starting it")
+            try:
+                server.start_front()
+            except ServerError as err:
+                log.error("%s", err)
+                return 1
         print(how_to_call(server))
         return 0
     if not args.no_build:
@@ -164,6 +182,40 @@ def cmd_stop(args) -> int:
         log.info("TorchServe stopped (%s)", args.run_dir)
     else:
         log.info("no TorchServe running from %s", args.run_dir)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    """Show or rotate the front proxy's keys; a running front takes them at once."""
+    import time
+
+    path = args.run_dir / KEYS_FILE
+    run = front.Front(args.run_dir.resolve() / "nginx", path)
+    now = time.time()
+    try:
+        keys = front.read_keys(path) if path.exists() else []
+        if args.action == "rotate":
+            keys = front.rotate(keys, now, args.overlap, args.lifetime)
+            if run.pid() is not None:
+                run.apply(keys)  # nginx knows the new key before any client reads it
+            else:
+                front.write_keys(path, keys)
+    except (OSError, ValueError, front.FrontError) as err:
+        log.error("%s", err)
+        return 1
+    if not keys:
+        log.error("no keys in %s: kiln serve makes the first one", path)
+        return 1
+    newest = front.current(keys, now)
+    for key in keys:
+        state = ("in use" if key is newest else
+                 "expired" if not key.valid_at(now) else
+                 "ends in %.0f s" % (key.expires - now) if key.expires else "valid")
+        shown = key.value if args.show_keys or key is newest else key.value[:6] + "..."
+        print(f"{shown}  {state}")
+    if args.action == "rotate":
+        print(f"rotated: the new key is last; the others end in {args.overlap:g} s"
+              + ("" if run.pid() is not None else " (no front running: kiln serve reads it)"))
     return 0
 
 
@@ -328,6 +380,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Stop the TorchServe that kiln serve started.")
     _server_arguments(p)
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("keys", help="show or rotate the keys clients send",
+                       description="Show the front proxy's keys (the newest is the one to "
+                                   "use), or rotate: add a new key and end the others after an "
+                                   "overlap in which old and new both work. A running server "
+                                   "takes the change at once, without a restart.")
+    p.add_argument("action", nargs="?", choices=["show", "rotate"], default="show")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                   help="where kiln serve keeps its keys (default: run/)")
+    p.add_argument("--overlap", type=float, default=front.DEFAULT_OVERLAP_S,
+                   metavar="SECONDS",
+                   help=f"how long the replaced keys keep working (default: "
+                        f"{front.DEFAULT_OVERLAP_S})")
+    p.add_argument("--lifetime", type=float, metavar="SECONDS",
+                   help="the new key ends this long after now (default: never; it ends at a "
+                        "later rotation)")
+    p.add_argument("--show-keys", action="store_true",
+                   help="print every key whole (default: only the newest)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("predict", help="send one file to a served model",
                        description="Send one file (.png, .jpg or .json) to a served model and "

@@ -39,8 +39,10 @@ def archives():
 
 @pytest.fixture(scope="session")
 def server(archives, tmp_path_factory):
+    # As kiln serve runs it: Kiln's front proxy on the public ports, TorchServe behind it.
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("torchserve"),
-                                model_store=STORE, models=MODELS, ports=Ports.free()))
+                                model_store=STORE, models=MODELS, ports=Ports.free(),
+                                internal_ports=Ports.free()))
     with srv.running(timeout=240):
         yield srv
 

@@ -1,5 +1,5 @@
-"""A frontend killed hard leaves its pid file, its key file and its workers behind: kiln stop
-and kiln serve clean them up, and say so."""
+"""A frontend killed hard leaves its pid file, its key file, its workers and its front proxy
+behind: kiln stop and kiln serve clean them up, and say so."""
 
 import os
 import signal
@@ -16,9 +16,10 @@ from kiln.model_store.build import ensure_built
 def test_stop_and_serve_clean_up_after_a_killed_frontend(tmp_path):
     ensure_built("binary")
     server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
-                                   ports=Ports.free()))
+                                   ports=Ports.free(), internal_ports=Ports.free()))
     server.start()
     server.wait_ready(120)
+    nginx = psutil.Process(server.front.pid())
     frontend = psutil.Process(server.pid())
     os.kill(frontend.pid, signal.SIGKILL)
     frontend.wait(timeout=10)
@@ -32,12 +33,16 @@ def test_stop_and_serve_clean_up_after_a_killed_frontend(tmp_path):
     assert server.pid_file.exists() and server.key_file.exists()
     assert server.pid() is None
     assert [p.pid for p in server.orphan_workers()] == [stuck.pid]
+    assert server.front.pid() == nginx.pid
 
     done = subprocess.run([sys.executable, "-m", "kiln.cli", "stop", "--run-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "removed the pid file of a TorchServe that is gone" in done.stderr
     assert f"stopped {len(workers)} orphan worker(s)" in done.stderr
+    assert "stopped the front proxy (nginx) of a TorchServe that is gone" in done.stderr
+    assert psutil.wait_procs([nginx], timeout=10)[1] == []
+    assert server.front.pid() is None
     assert not server.pid_file.exists() and not server.key_file.exists()
     assert stuck.wait(timeout=10) == -signal.SIGTERM
 

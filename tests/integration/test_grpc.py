@@ -14,9 +14,8 @@ from kiln.grpc_client import GrpcClient
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SEVEN = FIXTURES / "digits" / "7.png"
-TOKEN_REFUSED = {"code": 403, "type": "PERMISSION_DENIED",
-                 "message": "Token Authorization failed. Token either incorrect, expired, or "
-                            "not provided correctly"}
+# Kiln's front proxy checks keys before TorchServe sees the call.
+KEY_REFUSED = {"code": 401, "type": "UNAUTHENTICATED", "message": "missing or unknown key"}
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +70,7 @@ def test_unknown_model_reads_like_http(rpc, client):
 def test_a_missing_or_wrong_token_is_refused(server, grpc_target, stub_cache, token):
     token = server.keys()["management"] if token == "management" else token
     with GrpcClient(grpc_target, token, cache_root=stub_cache) as refused:
-        assert refused.predict("lenet", *encode_file(SEVEN)) == Answer(403, TOKEN_REFUSED)
+        assert refused.predict("lenet", *encode_file(SEVEN)) == Answer(401, KEY_REFUSED)
 
 
 def test_nothing_listening_is_a_connection_error(stub_cache):

@@ -71,7 +71,7 @@ def ready_and_described(oip, model):
 def test_server_metadata_and_where_to_find_it(oip, server):
     r = oip.get()
     assert (r.status_code, r.json()) == (200, {"name": "kiln", "version": "0.12.0",
-                                               "extensions": []})
+                                               "extensions": ["binary_tensor_data"]})
     r = requests.get(f"{server.url('inference')}/kiln-oip", headers=oip.headers, timeout=30)
     assert r.json() == {"oip": oip.base}
 
@@ -153,15 +153,19 @@ def test_unknown_model_and_route_get_404(oip):
     assert oip.get("/models/mlp/versions/9.9/ready").status_code == 404
 
 
-@pytest.mark.parametrize("token", [None, "wrong"])
-def test_routes_need_the_inference_token(oip, server, token):
+@pytest.mark.parametrize("token", [None, "wrong", "management"])
+def test_routes_need_a_key_but_the_health_routes(oip, server, token):
+    token = server.keys()["management"] if token == "management" else token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = requests.get(f"{oip.base}/models/mlp", headers=headers, timeout=30)
-    assert (r.status_code, r.json()) == (401, {
-        "error": "token authorization failed: send the inference token as "
-                 "'Authorization: Bearer <token>'", "code": 401})
-    headers = {"Authorization": f"Bearer {server.keys()['management']}"}
-    assert requests.get(f"{oip.base}/health/live", headers=headers, timeout=30).status_code == 401
+    for path in ("/models/mlp", "/models/mlp/ready", "/"):
+        r = requests.get(f"{oip.base}{path}", headers=headers, timeout=30)
+        assert (r.status_code, r.json()) == (401, {"error": "missing or unknown key",
+                                                   "code": 401})
+    # KServe's probes ask these without a key.
+    assert requests.get(f"{oip.base}/health/live", headers=headers, timeout=30).json() == {
+        "live": True}
+    assert requests.get(f"{oip.base}/health/ready", headers=headers, timeout=30).json() == {
+        "ready": True}
 
 
 def scale(server, model, workers):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from kiln.client import read_token
 from kiln.deploy.server import Ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def git_status() -> str:
 def served_elsewhere_too(folder: Path) -> None:
     """The same model through OIP, a batch job through the server, and a load test."""
     ports = json.loads((folder / "run" / "ports.json").read_text())
-    token = json.loads((folder / "run" / "key_file.json").read_text())["inference"]["key"]
+    token = read_token(folder / "run")  # the front proxy's key, from run/keys
     auth = {"Authorization": f"Bearer {token}"}
     oip = f"http://127.0.0.1:{ports['oip']}/v2/models/iris"
     meta = requests.get(oip, headers=auth, timeout=10).json()

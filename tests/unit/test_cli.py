@@ -81,6 +81,15 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     assert vars(server.ports) == given
     settings = dataclasses.replace(server.settings, models=[])  # no archive needed
     config = settings.config_properties()
-    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:18185\n" in config
+    # The front proxy takes the public ports; TorchServe listens behind it on its own, but
+    # keeps the management ones (not proxied).
+    assert dict(server.front_settings().public) == {"http": 18180, "oip": 18185,
+                                                     "grpc": 17170, "metrics": 18182}
+    internal = server.settings.internal_ports
+    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:{internal.oip}\n" in config
+    assert f"inference_address=http://127.0.0.1:{internal.inference}\n" in config
+    assert "management_address=http://127.0.0.1:18181\n" in config
+    assert "grpc_management_port=17171\n" in config
+    assert not set(vars(internal).values()) & set(given.values())
     # Archives are extracted under the run folder, never in a read-only root's /tmp.
     assert f"-Djava.io.tmpdir={tmp_path.resolve() / 'tmp'} " in config

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kiln.deploy import container as kc
-from kiln.deploy import contract
+from kiln.deploy import contract, front
 from kiln.deploy.server import ModelServing, ServerSettings
 
 KEY = "Abc+def/ghi.jkl_mno-pq="  # 23 characters, every kind of punctuation a key may hold
@@ -42,31 +42,6 @@ def test_bad_settings_fail_at_once(args, capsys):
     with pytest.raises(SystemExit):
         kc.parse_args(args, environ={})
     assert "kiln-container: error:" in capsys.readouterr().err
-
-
-def test_keys_file_comments_blank_lines_and_duplicates():
-    assert kc.parse_keys(f"# rotated 2024-05\n\n{KEY}\n  {KEY}  # again\n{KEY}x\n") == [
-        KEY, KEY + "x"]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("short\n", "too short"),
-    ('has"quote' + "x" * 22 + "\n", "may hold only"),
-    ("# nothing\n\n", "holds no key"),
-])
-def test_bad_keys_files_are_refused(text, message):
-    with pytest.raises(kc.KeysError, match=message):
-        kc.parse_keys(text)
-
-
-def test_keys_map_matches_exactly_and_with_case():
-    line = kc.keys_map([KEY])
-    assert line == '"~^[Bb]earer Abc\\+def/ghi\\.jkl_mno-pq=$" 1;\n'
-    pattern = re.compile(line.split('"')[1][1:])  # PCRE and Python agree on this subset
-    assert pattern.match(f"Bearer {KEY}")
-    assert not pattern.match(f"Bearer {KEY.lower()}")
-    assert not pattern.match(f"Bearer {KEY}x")
-    assert not pattern.match(f"Bearer {KEY[:-1]}")
 
 
 def container_server(tmp_path, **given):
@@ -107,14 +82,14 @@ def test_nginx_config_is_complete_and_forwards_no_management_route(tmp_path):
     assert str(ports.management) not in text and str(ports.grpc_management) not in text
 
 
-@pytest.mark.skipif(not Path(kc.NGINX).exists(), reason="nginx is not installed")
+@pytest.mark.skipif(not Path(front.NGINX).exists(), reason="nginx is not installed")
 def test_nginx_accepts_the_rendered_configuration(tmp_path):
     settings, server = container_server(tmp_path, port_offset=10)
     run = tmp_path / "run"
     (run / "nginx").mkdir(parents=True)
-    (run / "nginx" / "keys.map").write_text(kc.keys_map([KEY]))
+    (run / "nginx" / "keys.map").write_text(front.keys_map([front.Key(KEY)]))
     conf = run / "nginx" / "nginx.conf"
     conf.write_text(kc.nginx_config(settings, server, run))
-    done = subprocess.run([kc.NGINX, "-e", "stderr", "-t", "-p", str(run / "nginx"),
+    done = subprocess.run([front.NGINX, "-e", "stderr", "-t", "-p", str(run / "nginx"),
                            "-c", str(conf)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

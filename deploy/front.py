@@ -1,0 +1,339 @@
+"""Kiln's front proxy: nginx in front of TorchServe's inference, OIP, gRPC and metrics ports.
+
+`kiln serve` and kiln-container run the same one (deploy/nginx/nginx.conf). It owns the public
+ports and what TorchServe cannot do itself:
+
+- keys: clients send `Authorization: Bearer KEY`, checked against a keys file of long random
+  keys that never expire unless rotated out. `rotate` adds a key and gives the others an end
+  time: both work until then, and nginx itself refuses a key past its end (the map compares
+  the request's time), so nothing has to run at that moment. A reload (SIGHUP) picks up a new
+  file without dropping a connection. TorchServe's own tokens are 8 characters, expire, and
+  are replaced in place on renewal: behind the front they are a service credential only the
+  proxy holds.
+- form bodies: TorchServe's form decoder answers 500 to a malformed form before any worker
+  sees it. The front hands multipart and urlencoded bodies to TorchServe as plain bytes, with
+  their content type in a header of their own, and the handler decodes them (handlers/forms.py).
+- every answer it makes itself (401, 404, 408, 413, 414, 431, a full queue's 503 with
+  Retry-After) is a short JSON error, and slow or idle clients are cut off by its timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use from here)
+    DEFAULT_OVERLAP_S,
+    Key,
+    KeysError,
+    current,
+    format_keys,
+    new_key,
+    parse_keys,
+    read_keys,
+    rotate,
+    write_keys,
+)
+
+NGINX = "/usr/sbin/nginx"
+TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
+# The request header that carries a form body's own content type past TorchServe
+# (as kiln.handlers.forms.FORM_TYPE_HEADER).
+FORM_TYPE_HEADER = "kiln-form-type"
+# Retry-After on a 503 (a model's queue full, nothing to forward to): about one batch later.
+RETRY_AFTER_S = 1
+# Public connections per listener before new ones get 503: each proxied request holds two of
+# nginx's worker_connections (client and upstream), so this leaves room under that bound.
+MAX_CONNECTIONS = 512
+WORKER_CONNECTIONS = 2048
+
+
+def below(limit: int, width: int = 10) -> str:
+    """A regex for the `width`-digit decimal numbers below `limit` (nginx's $msec has 10 digits
+    before its point until the year 2286, so string order is time order)."""
+    digits = f"{limit:0{width}d}"
+    if len(digits) != width:
+        raise ValueError(f"{limit} has more than {width} digits")
+    choices = []
+    for i, digit in enumerate(map(int, digits)):
+        if digit:
+            rest = width - i - 1
+            choices.append(digits[:i] + (f"[0-{digit - 1}]" if digit > 1 else "0")
+                           + (rf"\d{{{rest}}}" if rest else ""))
+    return f"(?:{'|'.join(choices)})" if choices else "(?!)"
+
+
+def keys_map(keys: list[Key], now: float | None = None) -> str:
+    """nginx map entries on "$http_authorization $msec", one per key valid now: the key, exactly
+    (a plain map string would ignore case), and, for a key that ends, a time before its end."""
+    now = time.time() if now is None else now
+    lines = []
+    for key in keys:
+        if not key.valid_at(now):
+            continue
+        # Of the characters a key may hold, only . and + mean something in a regex.
+        value = re.sub(r"([.+])", r"\\\1", key.value)
+        seconds = r"\d+" if key.expires is None else below(math.ceil(key.expires))
+        lines.append(f'"~^[Bb]earer {value} {seconds}\\.\\d+$" 1;\n')
+    return "".join(lines)
+
+
+# -- the configuration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FrontSettings:
+    nginx_dir: Path  # its configuration, keys map, temp folders, pid and log
+    keys_file: Path
+    listen: str
+    public: Mapping[str, int]  # http, oip, grpc, metrics: what clients reach
+    upstream: Mapping[str, int]  # the same names: TorchServe's ports on 127.0.0.1
+    max_body: int  # TorchServe's max_request_size
+    ready_path: str
+    live_path: str
+    draining_flag: Path  # readiness says no while it exists (kiln-container's drain)
+    shutdown_s: int = 10  # what a graceful quit gives requests in flight
+    # TorchServe's inference token when its token auth is on (kiln serve: its management API
+    # keeps it); the proxy replaces the client's key with it. None: TorchServe checks nothing.
+    upstream_token: str | None = None
+    run_as: str = ""  # nginx's `user` line (as root only)
+
+    @property
+    def conf(self) -> Path:
+        return self.nginx_dir / "nginx.conf"
+
+    @property
+    def map_file(self) -> Path:
+        return self.nginx_dir / "keys.map"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.nginx_dir / "nginx.pid"
+
+
+ERRORS = {  # nginx's own answers, as Kiln's JSON errors
+    400: "bad request",
+    404: "no such route",
+    405: "method not allowed",
+    408: "the request did not arrive in time",
+    414: "the request line is too long",
+    494: "the request headers are too large",
+    500: "internal error",
+    502: "TorchServe is not answering",
+    503: "too many connections or requests: retry later",
+    504: "TorchServe did not answer in time",
+}
+# Where those answers live: a URI, not a named location, because nginx cannot redirect a
+# request whose request line it refused (no URI) to a named location. Open without a key.
+ERROR_PREFIX = "/kiln-error/"
+
+
+def error_pages(max_body: int) -> str:
+    """error_page lines and internal locations answering each of nginx's errors as short JSON."""
+    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes"}
+    lines = []
+    for status, message in sorted(errors.items()):
+        shown = 431 if status == 494 else status  # 494 is nginx's own name for 431
+        lines.append(f"        error_page {status} ={shown} {ERROR_PREFIX}{status};\n"
+                     f"        location = {ERROR_PREFIX}{status} {{\n"
+                     f"            internal;\n"
+                     f"            default_type application/json;\n"
+                     f"            return {shown} '{{\"error\": \"{message}\", "
+                     f"\"code\": {shown}}}\\n';\n"
+                     f"        }}\n")
+    return "".join(lines)
+
+
+def render(s: FrontSettings) -> str:
+    values = {
+        "NGINX_DIR": str(s.nginx_dir), "LISTEN": s.listen,
+        "HTTP_PORT": s.public["http"], "OIP_PORT": s.public["oip"],
+        "GRPC_PORT": s.public["grpc"], "METRICS_PORT": s.public["metrics"],
+        "TS_INFERENCE": s.upstream["http"], "TS_OIP": s.upstream["oip"],
+        "TS_METRICS": s.upstream["metrics"], "TS_GRPC": s.upstream["grpc"],
+        "MAX_BODY": s.max_body, "SHUTDOWN_S": s.shutdown_s,
+        "READY_PATH": s.ready_path, "LIVE_PATH": s.live_path,
+        "DRAINING_FLAG": str(s.draining_flag), "USER_LINE": s.run_as,
+        "UPSTREAM_AUTH": f"Bearer {s.upstream_token}" if s.upstream_token else "",
+        "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "RETRY_AFTER_S": RETRY_AFTER_S,
+        "ERROR_PREFIX": ERROR_PREFIX,
+        "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
+        "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
+    }
+    text = TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", str(value))
+    left = re.findall(r"@[A-Z_]+@", text)
+    if left:
+        raise ValueError(f"{TEMPLATE}: no value for {', '.join(sorted(set(left)))}")
+    return text
+
+
+def run_as_line() -> str:
+    """nginx's `user` line: as root its workers would otherwise become nobody, who cannot read
+    the run folder; as anyone else it needs none."""
+    if os.geteuid() != 0:
+        return ""
+    import grp
+    import pwd
+
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def nginx_command(s: FrontSettings, *args: str) -> list[str]:
+    return [NGINX, "-e", "stderr", "-p", str(s.nginx_dir), "-c", str(s.conf), *args]
+
+
+def prepare(s: FrontSettings, keys: list[Key]) -> None:
+    """Everything nginx reads, written under its folder; raises when nginx refuses it."""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (s.nginx_dir / sub).mkdir(parents=True, exist_ok=True)
+    write_atomically(s.map_file, keys_map(keys))
+    s.conf.write_text(render(s))
+    done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"nginx refuses {s.conf}:\n{done.stderr}")
+
+
+# -- a front for `kiln serve` -------------------------------------------------------------------
+class FrontError(RuntimeError):
+    pass
+
+
+class Front:
+    """nginx in the background from `nginx_dir`, outliving the command that started it (as
+    TorchServe does); `kiln stop` finds it again by its folder."""
+
+    def __init__(self, nginx_dir: Path, keys_file: Path):
+        self.nginx_dir = nginx_dir
+        self.keys_file = keys_file
+
+    @property
+    def conf(self) -> Path:
+        return self.nginx_dir / "nginx.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.nginx_dir / "error.log"
+
+    def pid(self) -> int | None:
+        """The master of this folder's nginx, if it runs."""
+        try:
+            pid = int((self.nginx_dir / "nginx.pid").read_text().strip())
+            cmdline = psutil.Process(pid).cmdline()
+        except (OSError, ValueError, psutil.Error):
+            return None
+        return pid if str(self.conf) in cmdline else None
+
+    def keys(self) -> list[Key]:
+        """The keys file's keys; a new file with one new key when there is none (keys outlive
+        restarts: a client's key still works after `kiln stop` and `kiln serve`)."""
+        if self.keys_file.exists():
+            return read_keys(self.keys_file)
+        keys = [Key(new_key())]
+        write_keys(self.keys_file, keys)
+        return keys
+
+    def start(self, settings: FrontSettings, timeout: float = 10) -> None:
+        if (settings.nginx_dir, settings.keys_file) != (self.nginx_dir, self.keys_file):
+            raise ValueError("settings for another front")
+        if not os.access(NGINX, os.X_OK):
+            raise FrontError(f"no {NGINX}: install Debian's nginx (Kiln's front proxy)")
+        if self.pid() is not None:
+            raise FrontError(f"an nginx already runs from {self.nginx_dir}")
+        try:
+            prepare(settings, self.keys())
+        except ValueError as err:  # KeysError included
+            raise FrontError(str(err)) from None
+        with open(self.log_file, "ab") as log_out:
+            subprocess.Popen(nginx_command(settings), stdin=subprocess.DEVNULL,
+                             stdout=log_out, stderr=log_out, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pid() is not None and _accepts(settings.listen, settings.public["http"]):
+                return
+            time.sleep(0.05)
+        raise FrontError(f"nginx did not start within {timeout:g} s:\n{self.log_tail()}")
+
+    def reload(self, timeout: float = 5) -> list[Key]:
+        """Re-reads the keys file (raises on a bad one: nginx keeps what it has) and tells
+        nginx, which takes new requests with the new keys and drops no connection."""
+        keys = read_keys(self.keys_file)
+        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        self._reload(timeout)
+        return keys
+
+    def apply(self, keys: list[Key], timeout: float = 5) -> None:
+        """nginx takes `keys` first and the keys file says them after, so that a client that
+        reads the file never holds a key nginx does not know yet (kiln keys rotate)."""
+        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        self._reload(timeout)
+        write_keys(self.keys_file, keys)
+
+    def _reload(self, timeout: float) -> None:
+        """SIGHUP, then wait until a worker started by it runs and every old one has exited or
+        is shutting down: from then on no request is read with the old configuration (an old
+        worker closes its idle kept-alive connections as it starts shutting down)."""
+        pid = self.pid()
+        if pid is None:
+            return
+        master = psutil.Process(pid)
+        before = {p.pid for p in master.children()}
+        master.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = {}
+            for proc in master.children():
+                with contextlib.suppress(psutil.Error):
+                    workers[proc.pid] = " ".join(proc.cmdline())
+            new = set(workers) - before
+            old_serving = [p for p in before & set(workers)
+                           if "shutting down" not in workers[p]]
+            if new and not old_serving:
+                return
+            time.sleep(0.01)
+        raise FrontError(f"nginx did not reload within {timeout:g} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10) -> bool:
+        """Graceful quit (requests in flight are answered), killed after `timeout`; False when
+        none ran."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(psutil.Error):
+            master = psutil.Process(pid)
+            tree = [master, *master.children()]
+            master.send_signal(signal.SIGQUIT)
+            _, alive = psutil.wait_procs(tree, timeout=timeout)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        (self.nginx_dir / "nginx.pid").unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no nginx log)"
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
