@@ -1,0 +1,64 @@
+"""The reliability benchmark (loadtests/reliability.py), every part in its shortest run against
+the session's server: the table has every row, each a number, and the requests at the bounds
+got the answers the bounds promise."""
+
+import json
+import math
+
+import pytest
+
+from kiln.loadtests import reliability, wrk
+
+pytestmark = pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (apt-get)")
+
+FLAGS = ["--load-seconds", "3", "--clients", "2", "--slow", "8", "--cell-seconds", "1",
+         "--repeat", "1", "--soak-seconds", "2", "--sample-seconds", "0.5"]
+KILL = ["kill: lenet requests", "kill: lenet failed", "kill: until 200 again",
+        "kill: until replacement READY", "kill: mlp requests", "kill: mlp failed",
+        "kill: mlp max latency", "kill: wrk CPU"]
+SLOW = [f"slow {proto}: {figure}, {held}" for proto in ("rest", "oip")
+        for held in ("none held", "8 held")
+        for figure in ("p50", "p99", "req/s", "good failed")]
+AMPLIFICATION = {
+    "amp lenet: minimal": 200,
+    "amp lenet: most PNGs at pixel bound": 200,
+    "amp lenet: one PNG at pixel bound": 200,
+    "amp lenet: most JSON pixel arrays": 200,
+    "amp lenet: pixels over bound, refused": 413,
+    "amp lenet: body over size bound, refused": 413,
+    "amp binary: minimal": 200,
+    "amp binary: most rows": 200,
+    "amp binary: rows over bound, refused": 413,
+}
+SOAK = ["soak: requests", "soak: failed", "soak: wrk CPU"] + [
+    f"soak {process}: {figure}"
+    for process in ("frontend", "lenet workers", "mlp workers", "rnn workers", "binary workers")
+    for figure in ("RSS", "RSS max", "RSS slope", "PSS")]
+
+
+@pytest.fixture(scope="module")
+def report(server):
+    return reliability.measure(server, reliability.parse_args(FLAGS))
+
+
+def test_the_table_has_every_row_and_each_is_a_number(report):
+    names = [r.name for r in report.rows]
+    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK
+    table = reliability.format_table(report.rows).splitlines()
+    assert [line[:len(name)] for line, name in zip(table[1:], names, strict=True)] == names
+    for row in report.rows:
+        assert isinstance(row.value, int | float) and math.isfinite(row.value), row
+
+
+def test_requests_at_the_bounds_are_answered_and_those_over_refused(report):
+    amp = {r.name: r.detail for r in report.rows if r.name in AMPLIFICATION}
+    assert {name: detail.rsplit(", ", 1)[1] for name, detail in amp.items()} == {
+        name: f"{status} x1" for name, status in AMPLIFICATION.items()}
+
+
+def test_the_json_holds_the_table(report, tmp_path):
+    opts = reliability.parse_args(FLAGS)
+    reliability.write(report, opts, tmp_path)
+    saved = json.loads((tmp_path / "reliability.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == [r.name for r in report.rows]
+    assert (tmp_path / "reliability.html").read_text().count("<svg") == 3
