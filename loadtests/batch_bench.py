@@ -8,9 +8,12 @@ images and a copy shifted by one pixel) and for the first features model on 100,
 - reading and decoding alone: --via local's pool and parts, with no model;
 - --via local, whole jobs (read, decode, score, store chunks, write OUTPUT as CSV);
 - --via server, against a TorchServe started for the purpose on free ports;
+- the DataLoader baseline: what a user writes instead (loadtests/dataloader_baseline.py, a
+  torch DataLoader with 2 workers and the same ONNX model in onnxruntime);
 
-and the ratios local/ceiling, local/bound and server/local; each figure is the best of
---repeat runs. The bound is what a pipeline of
+and the ratios local/ceiling, local/bound, local/baseline and server/local; each figure is
+the best of --repeat runs, all of them taking turns within each repeat (a shared machine's
+busy spells then hit every figure alike). The bound is what a pipeline of
 the two stages can reach when both share the same cores: 1 / (1/ceiling + 1/decoding). Where
 decoding a row costs more CPU than scoring it (a PNG or a CSV line against one of Kiln's small
 models), the bound, not the ceiling, is the most a machine of this many cores can give.
@@ -106,6 +109,36 @@ def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
     return job.run(settings).rows_per_s
 
 
+def baseline(name: str, inp: Path, out: Path, args) -> float:
+    # Imported here: it imports torch, which nothing else here needs (nor any process that
+    # re-imports this module as its __main__).
+    from kiln.loadtests import dataloader_baseline
+
+    return dataloader_baseline.run(REPO / "artifacts" / name, inp, out, args.batch_size,
+                                   args.workers)
+
+
+def measures_for(name: str, inp: Path, tmp: Path, args, server) -> dict:
+    """What the table times for one model, by column."""
+    measures = {
+        "ceiling": lambda: ceiling(name, inp, args.batch_size),
+        "decoding": lambda: decode_alone(name, inp, args.batch_size),
+        "local": lambda: via(name, inp, tmp / f"{name}-local.csv", "local", args),
+        "baseline": lambda: baseline(name, inp, tmp / f"{name}-baseline.csv", args),
+    }
+    if server is not None:
+        measures["server"] = lambda: via(name, inp, tmp / f"{name}-server.csv", "server", args,
+                                         server)
+    return measures
+
+
+def taking_turns(repeat: int, measures: dict) -> dict[str, float]:
+    """The best of `repeat` runs of each measure, the measures taking turns within each
+    repeat: a shared machine's busy spells then hit every figure, not one."""
+    runs = [{name: measure() for name, measure in measures.items()} for _ in range(repeat)]
+    return {name: max(run[name] for run in runs) for name in measures}
+
+
 def start_server(folder: Path, models: list[str]):
     from kiln.deploy.server import Ports, Server, ServerSettings
     from kiln.model_store.archive import STORE
@@ -126,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each measurement, the best one counts (default: 3)")
     parser.add_argument("--no-server", action="store_true", help="skip --via server")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="the baseline DataLoader's num_workers (default: 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     image, table = (declaration.get(declared.default_name(kind)) for kind in ("image", "features"))
@@ -139,20 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"rows/s on {os.cpu_count()} cores, batch size {args.batch_size}")
             print(f"{'model':<8}{'rows':>8}{'ORT ceiling':>13}{'decoding':>10}{'bound':>11}"
-                  f"{'local':>10}{'local/ceil':>12}{'local/bound':>13}{'server':>9}"
-                  f"{'server/local':>14}")
+                  f"{'local':>10}{'local/ceil':>12}{'local/bound':>13}{'baseline':>10}"
+                  f"{'local/base':>12}{'server':>9}{'server/local':>14}")
             for name, inp in inputs.items():
-                def best(measure, *a, **kw):
-                    return max(measure(*a, **kw) for _ in range(args.repeat))
-
-                top = best(ceiling, name, inp, args.batch_size)
-                decoding = best(decode_alone, name, inp, args.batch_size)
+                measures = measures_for(name, inp, tmp, args, server)
+                got = taking_turns(args.repeat, measures)
+                top, decoding, local, base = (got[k] for k in ("ceiling", "decoding", "local",
+                                                               "baseline"))
                 bound = 1 / (1 / top + 1 / decoding)
-                local = best(via, name, inp, tmp / f"{name}-local.csv", "local", args)
-                remote = best(via, name, inp, tmp / f"{name}-server.csv", "server", args,
-                              server) if server else float("nan")
+                remote = got.get("server", float("nan"))
                 print(f"{name:<8}{counts[name]:>8}{top:>13,.0f}{decoding:>10,.0f}{bound:>11,.0f}"
                       f"{local:>10,.0f}{local / top:>12.1%}{local / bound:>13.0%}"
+                      f"{base:>10,.0f}{local / base:>11.1f}x"
                       f"{remote:>9,.0f}{remote / local:>14.0%}")
         finally:
             if server is not None:

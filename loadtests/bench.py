@@ -1,11 +1,19 @@
 """One model, side by side in one run: `kiln bench NAME`.
 
-Rows: the model alone in this process (the ceiling), the model served through Kiln's
-handler (its normal archive), the same TorchScript graph served by TorchServe's stock
-handler with TorchServe's default settings (what a user gets without Kiln), and the same
-TorchServe with a handler that answers a constant (the server's own ceiling). Each row gets
-its throughput, p50 and p99 at one client and at --clients, and its ratios to the ceiling,
-to the no-op server and to the stock handler.
+Rows, each measured with wrk at one client and at --clients:
+- in-process: the model alone in this process, no HTTP, no decoding (the ceiling);
+- kiln: Kiln's archive as `kiln serve` runs it, through its front proxy (nginx) to TorchServe,
+  Kiln's logging; at the comparison configuration (COMPARISON) and at the one `kiln serve
+  NAME` uses (its declaration's [serving], else Kiln's defaults) when that differs;
+- kiln direct: the same server at the comparison configuration, straight to TorchServe's own
+  port (like for like with plain);
+- plain: loadtests/plain_handler.py on the same ONNX file, at the comparison configuration,
+  straight to TorchServe, TorchServe's default logging;
+- noop: a handler that answers a constant at each configuration above, straight to
+  TorchServe, Kiln's logging: the server's own ceiling there;
+- stock: TorchServe's base_handler on TorchScript at TorchServe's defaults (stock.py).
+Ratios: to the best in-process row, and to the no-op and the plain rows of the same
+configuration and concurrency. Servers run one at a time, so that no idle one shares the CPU.
 """
 
 from __future__ import annotations
@@ -18,174 +26,214 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kiln.client import Client
-from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings, declared_serving
-from kiln.loadtests import declared, inprocess, payloads, stock, wrk
+from kiln.deploy.server import HOST, ModelServing, Ports, Server, declared_serving
+from kiln.loadtests import bench_gpu, declared, inprocess, payloads, stock, wrk
 from kiln.loadtests.batching import server_cpu_seconds
+from kiln.loadtests.bench_table import (
+    DIRECT,
+    FRONT,
+    Row,
+    add_ratios,
+    config_name,
+    format_table,
+    summary,
+)
 from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.bench")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-SERVED = ("kiln", "stock", "noop")
+# Where Kiln and the plain handler are compared: the same workers and batching for both.
+COMPARISON = ModelServing(workers=2, batch_size=16, max_batch_delay_ms=5)
+STOCK_CONFIG = "TorchServe defaults"
 
 
 @dataclass
-class Row:
+class Target:
+    """One served row: what it sends where."""
+
     name: str
-    clients: int  # 0: in-process, one caller
-    throughput: float  # inputs per second
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    errors: int = 0
-    client_cpu_pct: float | None = None
-    server_cpu_pct: float | None = None
-    x_ceiling: float | None = None
-    x_noop: float | None = None
-    x_stock: float | None = None
-    p99_x_stock: float | None = None
+    via: str
+    config: str
+    model: str
+    payload: tuple[bytes, str]
+    expect: str | None = None  # the label its answer must have; None: any answer
+
+    def endpoint(self, server: Server) -> tuple[str, str]:
+        """(base URL, inference token): the front proxy, or TorchServe's own port."""
+        if self.via == DIRECT and server.fronted:
+            return (f"http://{HOST}:{server.settings.internal_ports.inference}",
+                    server.torchserve_keys()["inference"])
+        return server.url("inference"), server.keys()["inference"]
 
 
-def _ratio(a: float, b: Row | None, field: str = "throughput") -> float | None:
-    base = getattr(b, field) if b else 0
-    # Three significant figures: the in-process ceiling can be 1000x a served row.
-    return float(f"{a / base:.3g}") if base else None
-
-
-def add_ratios(rows: list[Row]) -> list[Row]:
-    """Each row against the best in-process row, and against the no-op and stock servers at
-    the same concurrency (in-process rows: at the highest one, where throughput peaks)."""
-    inproc = [r for r in rows if r.clients == 0]
-    ceiling = max(inproc, key=lambda r: r.throughput) if inproc else None
-    peak = max((r.clients for r in rows), default=0)
-    by = {(r.name, r.clients): r for r in rows if r.name in SERVED}
-    for r in rows:
-        clients = r.clients or peak
-        noop, stock_row = by.get(("noop", clients)), by.get(("stock", clients))
-        r.x_ceiling = _ratio(r.throughput, ceiling)
-        r.x_noop = _ratio(r.throughput, noop)
-        r.x_stock = _ratio(r.throughput, stock_row)
-        r.p99_x_stock = _ratio(r.p99_ms, stock_row, "p99_ms")
-    return rows
-
-
-def _cell(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(rows: list[Row]) -> str:
-    head = (f"{'row':<24}{'clients':>8}{'inputs/s':>10}{'x ceil':>10}{'x noop':>8}"
-            f"{'x stock':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99 x st':>10}{'errors':>7}"
-            f"{'wrk CPU':>9}{'srv CPU':>9}")
-    lines = [head]
-    for r in rows:
-        lines.append(
-            f"{r.name:<24}{r.clients or '-':>8}{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>10}"
-            f"{_cell(r.x_noop, '.3g'):>8}{_cell(r.x_stock, '.3g'):>8}{r.p50_ms:>9.2f}"
-            f"{r.p99_ms:>9.2f}{_cell(r.p99_x_stock, '.3g'):>10}{r.errors:>7}"
-            f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%")
-    return "\n".join(lines)
-
-
-def inprocess_rows(artifacts: Path, body: bytes, batch: int, seconds: float) -> list[Row]:
+def inprocess_rows(artifacts: Path, body: bytes, batches: list[int], seconds: float
+                   ) -> list[Row]:
     return [Row(f"in-process {t.backend} b{t.batch}", 0, t.throughput, t.p50_ms, t.p99_ms,
                 t.calls)
-            for t in inprocess.measure(artifacts, body, sorted({1, batch}), seconds)]
+            for t in inprocess.measure(artifacts, body, batches, seconds)]
 
 
-def served_row(row: str, server: Server, model: str, payload: tuple[bytes, str],
-               clients: int, seconds: int) -> Row:
-    url = f"{server.url('inference')}/predictions/{model}"
-    token = server.keys()["inference"]
-    cpu0 = server_cpu_seconds(server.pid())
-    run = wrk.run(url, *payload, token, clients, seconds)
-    server_cpu = (server_cpu_seconds(server.pid()) - cpu0) / run.seconds * 100
-    return Row(row, clients, run.throughput_rps, run.p50_ms, run.p99_ms, run.requests,
-               run.errors, run.client_cpu_pct, server_cpu)
+def server_cpu(server: Server, via: str) -> float:
+    """CPU seconds of TorchServe's processes, and of nginx's for a row that goes through it."""
+    seconds = server_cpu_seconds(server.pid())
+    if via == FRONT:
+        seconds += server_cpu_seconds(server.front.pid())
+    return seconds
 
 
-def check_answers(targets: dict) -> None:
-    """One request per served row before timing: a benchmark of errors is no benchmark."""
-    for row, (server, model, payload) in targets.items():
-        answer = Client(server.url("inference"), server.keys()["inference"]).predict(
-            model, *payload)
-        if not answer.ok:
-            raise RuntimeError(f"{row}: HTTP {answer.status}: {answer.body}")
-        log.info("%s answers %s", row, json.dumps(answer.body)[:120])
+def served_row(target: Target, server: Server, clients: int, seconds: int) -> Row:
+    base, token = target.endpoint(server)
+    cpu0 = server_cpu(server, target.via)
+    run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
+                  seconds)
+    cpu = (server_cpu(server, target.via) - cpu0) / run.seconds * 100
+    return Row(target.name, clients, run.throughput_rps, run.p50_ms, run.p99_ms, run.requests,
+               run.errors, run.client_cpu_pct, cpu, via=target.via, config=target.config)
 
 
-def start_servers(name: str, stock_store: Path, run_root: Path,
-                  models_dirs: list[Path]) -> tuple[Server, Server]:
-    """Kiln's archive as `kiln serve NAME` serves it, and a stock TorchServe with the stock
-    and no-op archives, started together; both on free ports, token auth on."""
-    kiln = Server(ServerSettings(run_root / "kiln", STORE, [name], Ports.free(),
-                                 models_dirs=models_dirs))
-    names = [f"{name}_stock", f"{name}_noop"]
-    # The no-op gets Kiln's workers and batching: the ceiling of the server as Kiln runs it,
-    # so that no handler with those settings can beat it. The stock one, TorchServe's.
-    plain = Server(stock.StockSettings(run_root / "stock", stock_store, names, Ports.free(),
-                                       serving={names[1]: ModelServing()}))
-    kiln.start()
-    try:
-        plain.start()
-        kiln.wait_ready()
-        plain.wait_ready()
-    except BaseException:
-        kiln.stop()
-        plain.stop()
-        raise
-    return kiln, plain
+def check_answer(target: Target, server: Server) -> None:
+    """One request before timing: a benchmark of errors (or of wrong answers) is no
+    benchmark."""
+    answer = Client(*target.endpoint(server)).predict(target.model, *target.payload)
+    problem = None if answer.ok else f"HTTP {answer.status}: {answer.body}"
+    if answer.ok and target.expect is not None:
+        problem = payloads.rest_problem(answer.body, target.expect)
+    if problem:
+        raise RuntimeError(f"{target.name} ({target.config}): {problem}")
+    log.info("%s (%s) answers %s", target.name, target.config, json.dumps(answer.body)[:120])
 
 
-def served_rows(decl: declaration.Declaration, artifacts: Path, payload: tuple[bytes, str],
-                clients: list[int], seconds: int, models_dirs: list[Path]) -> list[Row]:
-    name = decl.name
-    stock_payload = stock.body(inprocess.model_input(artifacts, payload[0])[0])
+def measure_server(server: Server, targets: list[Target], clients: list[int],
+                   seconds: int) -> list[Row]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        models = stock.build_all(name, decl.version, artifacts, Path(tmp) / "store")
-        kiln, plain = start_servers(name, Path(tmp) / "store", Path(tmp), models_dirs)
-        try:
-            targets = {"kiln": (kiln, name, payload),
-                       "stock": (plain, models["stock"], stock_payload),
-                       "noop": (plain, models["noop"], stock_payload)}
-            check_answers(targets)
-            for row, (server, model, body) in targets.items():
-                served_row(row, server, model, body, max(clients), 1)  # warm-up
-                for n in clients:
-                    log.info("%s: %d client(s) for %ds", row, n, seconds)
-                    rows.append(served_row(row, server, model, body, n, seconds))
-        finally:
-            kiln.stop()
-            plain.stop()
+    try:  # stopped also when it fails half-way through starting (Server.running would not)
+        server.start()
+        server.wait_ready()
+        for target in targets:
+            check_answer(target, server)
+            served_row(target, server, max(clients), 1)  # warm-up
+            for n in clients:
+                log.info("%s (%s, %s): %d client(s) for %ds", target.name, target.config,
+                         target.via, n, seconds)
+                rows.append(served_row(target, server, n, seconds))
+    finally:
+        server.stop()
     return rows
+
+
+def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, root: Path,
+         payload: payloads.Payload, models_dirs: list[Path]) -> list[tuple[Server, list]]:
+    """The servers, in the order they run, each with its rows."""
+    name, store = decl.name, root / "store"
+    store.mkdir(parents=True)
+    body = (payload.body, payload.content_type)
+    configs = [COMPARISON, *([serve] if serve != COMPARISON else [])]
+    cmp_name = config_name(COMPARISON)
+
+    def kiln(config: ModelServing) -> Server:
+        tag = config_name(config).replace(" ", "")
+        return Server(stock.BenchSettings(
+            root / f"kiln-{tag}", STORE, [name], Ports.free(), models_dirs=models_dirs,
+            internal_ports=Ports.free(), serving={name: config}))
+
+    def target(row: str, via: str, config: ModelServing, model: str, expect=payload.label):
+        return Target(row, via, config_name(config), model, body, expect)
+
+    servers = []
+    for i, config in enumerate(configs):
+        rows = [target("kiln", FRONT, config, name)]
+        if i == 0:
+            rows.append(target("kiln direct", DIRECT, config, name))
+        servers.append((kiln(config), rows))
+    plain = stock.build_plain(name, decl.version, artifacts, store)
+    servers.append((Server(stock.BenchSettings(
+        root / "plain", store, [plain], Ports.free(), log_config=None,
+        serving={plain: COMPARISON})), [target("plain", DIRECT, COMPARISON, plain)]))
+    noops = {stock.build_noop(name, decl.version, artifacts, store,
+                              config_name(c).replace(" ", "")): c for c in configs}
+    servers.append((Server(stock.BenchSettings(root / "noop", store, list(noops), Ports.free(),
+                                               serving=noops)),
+                    [target("noop", DIRECT, c, m, None) for m, c in noops.items()]))
+    stock_name = stock.build_stock(name, decl.version, artifacts, store)
+    stock_body = stock.body(inprocess.model_input(artifacts, payload.body)[0])
+    servers.append((Server(stock.BenchSettings(
+        root / "stock", store, [stock_name], Ports.free(), log_config=None, envelope="json")),
+        [Target("stock", DIRECT, STOCK_CONFIG, stock_name, stock_body)]))
+    log.info("comparison configuration %s; kiln serve %s uses %s", cmp_name, name,
+             config_name(serve))
+    return servers
 
 
 def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
-          models_dirs: list[Path]) -> list[Row]:
-    """The rows for the model `decl` declares, sent its first example; `models_dirs` find it
-    by its name."""
+          models_dirs: list[Path]) -> tuple[list[Row], ModelServing, bench_gpu.Section]:
+    """The rows for the model `decl` declares, sent its first example, and its GPU section;
+    `models_dirs` find it by its name. Also what `kiln serve NAME` serves it with."""
     from kiln.model_store.build import ensure_built
 
     name = decl.name
     ensure_built(name, models_dirs=models_dirs)
     artifacts = ARTIFACTS / name
     first = payloads.first_payload(decl)
-    payload = (first.body, first.content_type)
-    batch = declared_serving(name, models_dirs).batch_size  # what `kiln serve NAME` batches
-    rows = inprocess_rows(artifacts, first.body, batch, min(seconds, 3))
-    rows += served_rows(decl, artifacts, payload, clients, seconds, models_dirs)
-    return add_ratios(rows)
+    serve = declared_serving(name, models_dirs)
+    batches = sorted({1, serve.batch_size, COMPARISON.batch_size})
+    rows = inprocess_rows(artifacts, first.body, batches, min(seconds, 3))
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        for server, targets in plan(decl, serve, artifacts, Path(tmp), first, models_dirs):
+            rows += measure_server(server, targets, clients, seconds)
+    gpu = gpu_section(decl, first, sorted({1, COMPARISON.batch_size}), clients, seconds,
+                      models_dirs)
+    return add_ratios(rows), serve, gpu
 
 
-def report(name: str, rows: list[Row], seconds: int) -> dict:
+def gpu_section(decl: declaration.Declaration, first: payloads.Payload, batches: list[int],
+                clients: list[int], seconds: int, models_dirs: list[Path]) -> bench_gpu.Section:
+    """In-process rows on cuda:0, then Kiln's ONNX and TorchScript archives served on one GPU
+    at the comparison configuration, through the front proxy; skipped without CUDA."""
+    from kiln.model_store import archive
+
+    artifacts = ARTIFACTS / decl.name
+    section = bench_gpu.inprocess_rows(artifacts, first.body, batches, min(seconds, 3))
+    if not section.ran:
+        return section
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-gpu-") as tmp:
+        ts_store = Path(tmp) / "store"
+        archive.build(decl.name, "torchscript", store=ts_store, models_dirs=models_dirs)
+        for backend, store in (("onnx", STORE), ("torchscript", ts_store)):
+            server = Server(stock.BenchSettings(
+                Path(tmp) / backend, store, [decl.name], Ports.free(), models_dirs=models_dirs,
+                internal_ports=Ports.free(), serving={decl.name: COMPARISON}, gpus=1))
+            target = Target(f"kiln {backend} {bench_gpu.DEVICE}", FRONT,
+                            config_name(COMPARISON), decl.name,
+                            (first.body, first.content_type), first.label)
+            section.rows += measure_server(server, [target], clients, seconds)
+    add_ratios(section.rows)
+    return section
+
+
+def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
+    return {
+        "ceiling": "best in-process row (ONNX Runtime / TorchScript on the CPU, no HTTP, no "
+                   "decoding)",
+        "kiln": f"Kiln's handler, its archive (model_store/{name}.mar), Kiln's logging, "
+                f"through Kiln's front proxy (nginx) as `kiln serve` runs it; at "
+                f"{config_name(serve)} it is `kiln serve {name}` (make serve) as it is",
+        "kiln direct": "the same Kiln server, straight to TorchServe's own port",
+        "plain": "loadtests/plain_handler.py (PIL, numpy, one ONNX Runtime call per batch) on "
+                 "the same model.onnx, TorchServe's default logging, straight to TorchServe",
+        "noop": "loadtests/noop_handler.py (answers a constant, reads nothing), Kiln's "
+                "logging, straight to TorchServe: the server's ceiling at that configuration",
+        "stock": stock.DESCRIPTION,
+        "config": "wN bN dN: workers, batch size, max batch delay in ms",
+    }
+
+
+def report(name: str, rows: list[Row], seconds: int, serve: ModelServing,
+           gpu: bench_gpu.Section) -> dict:
     return {"model": name, "seconds": seconds, "load_generator": wrk.NAME,
-            "ceiling": "best in-process row (ONNX Runtime / TorchScript, no HTTP, no decoding)",
-            "kiln": "Kiln's handler, the normal archive (model_store/NAME.mar)",
-            "stock": stock.DESCRIPTION,
-            "noop": "Kiln's workers and batching with loadtests/noop_handler.py (answers a "
-                    "constant, reads nothing)",
-            "rows": [asdict(r) for r in rows]}
+            "comparison": config_name(COMPARISON), "kiln_serve": config_name(serve),
+            **descriptions(name, serve), "rows": [asdict(r) for r in rows],
+            "gpu": {"notes": gpu.notes, "rows": [asdict(r) for r in gpu.rows]}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,12 +246,15 @@ def run(args: argparse.Namespace) -> int:
     except declaration.DeclarationError as err:
         log.error("%s", err)
         return 1
-    rows = bench(decl, sorted({1, args.clients}), args.seconds, models_dirs)
-    result = report(decl.name, rows, args.seconds)
+    clients = sorted({1, args.clients})
+    rows, serve, gpu = bench(decl, clients, args.seconds, models_dirs)
+    result = report(decl.name, rows, args.seconds, serve, gpu)
     print(f"{decl.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
-    for key in ("ceiling", "kiln", "stock", "noop"):
-        print(f"  {key:<8}{result[key]}")
+    for key, text in descriptions(decl.name, serve).items():
+        print(f"  {key:<12}{text}")
     print(format_table(rows))
+    print("\n".join(summary(rows, config_name(COMPARISON), max(clients))))
+    print("\n".join(bench_gpu.lines(gpu)))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -8,6 +8,12 @@ from pathlib import Path
 
 from kiln.training.declaration import add_models_dir
 
+# `kiln tune`'s fixed grid and load: the same for every model and every run, so that two
+# reports compare. batch_size:max_batch_delay_ms pairs; 1:0 (unbatched) is always measured.
+TUNE_CONFIGS = "1:0,4:1,8:2,16:5"
+TUNE_WORKERS = "1,2"
+TUNE_CLIENTS = 16
+
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="declared model (or NAME.toml path) to measure")
@@ -25,13 +31,15 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     add_models_dir(parser)
     parser.add_argument("--p99-ms", type=float, required=True,
                         help="p99 bound in ms, at load and at one client")
-    parser.add_argument("--configs", default="1:0,8:2",
-                        help="batch_size:max_batch_delay_ms list (default: 1:0,8:2)")
-    parser.add_argument("--workers", default="1,2", help="worker counts (default: 1,2)")
+    parser.add_argument("--configs", default=TUNE_CONFIGS,
+                        help="batch_size:max_batch_delay_ms list; 1:0 is always added "
+                             f"(default: the fixed grid, {TUNE_CONFIGS})")
+    parser.add_argument("--workers", default=TUNE_WORKERS,
+                        help=f"worker counts (default: the fixed grid's, {TUNE_WORKERS})")
     parser.add_argument("--backends", default="onnx,torchscript",
                         help="backends, onnx and/or torchscript (default: onnx,torchscript)")
-    parser.add_argument("--clients", type=int, default=16,
-                        help="connections of the runs at load (default: 16)")
+    parser.add_argument("--clients", type=int, default=TUNE_CLIENTS,
+                        help=f"connections of the runs at load (default: {TUNE_CLIENTS})")
     parser.add_argument("--seconds", type=int, default=3,
                         help="seconds per run, whole seconds (default: 3)")
     parser.add_argument("--out", type=Path, default=Path("tune"),

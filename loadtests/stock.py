@@ -1,5 +1,7 @@
-"""TorchServe without Kiln, for comparison: archives of the same TorchScript graph with
-TorchServe's stock `base_handler`, and with a handler that answers a constant.
+"""TorchServe archives of the benchmark's own, for comparison with Kiln's: the same model with
+TorchServe's stock `base_handler` (TorchScript), with the plain handler a user would write
+(loadtests/plain_handler.py, the same ONNX file Kiln serves), and with a handler that answers a
+constant (loadtests/noop_handler.py).
 
 TorchServe's image handlers (`image_classifier`, `vision_handler`) import torchvision and
 captum, which Kiln does not install, and resize every image to ImageNet's 224x224 with three
@@ -21,49 +23,70 @@ from pathlib import Path
 from kiln import client as http_client
 from kiln.deploy.server import ModelServing, ServerSettings
 
-NOOP_HANDLER = Path(__file__).resolve().parent / "noop_handler.py"
+HERE = Path(__file__).resolve().parent
+NOOP_HANDLER = HERE / "noop_handler.py"
+PLAIN_HANDLER = HERE / "plain_handler.py"
 STOCK_HANDLER = "base_handler"
-DESCRIPTION = ("TorchServe's stock base_handler + json envelope, TorchScript, default "
-               "settings (batch 1, one worker per core); body: the standardised input "
-               "tensor as JSON {\"instances\": [...]}")
+DESCRIPTION = ("TorchServe base_handler, TorchScript, TorchServe defaults: not a set-up anyone "
+               "would pick (batch 1, one worker per core, json envelope; body: the input "
+               "tensor, standardised by the client, as JSON {\"instances\": [...]})")
 
 
 @dataclass
-class StockSettings(ServerSettings):
-    """Kiln's server settings plus TorchServe's json envelope, for stock handlers only; a
-    model not listed in `serving` gets TorchServe's own defaults (it has no declaration)."""
+class BenchSettings(ServerSettings):
+    """Kiln's server settings for the benchmark's servers: a model gets the workers and
+    batching `serving` lists for it, else TorchServe's own defaults (the benchmark's archives
+    have no declaration); TorchServe uses `gpus` GPUs (0: a CPU row stays one on a GPU host);
+    `envelope`: TorchServe's service envelope (`json` for the stock handler only)."""
+
+    gpus: int = 0
+    envelope: str | None = None
 
     def model_serving(self, name: str) -> ModelServing | None:
         return self.serving.get(name)
 
     def config_properties(self) -> str:
-        return super().config_properties() + "service_envelope=json\n"
+        extra = f"number_of_gpu={self.gpus}\n"
+        if self.envelope:
+            extra += f"service_envelope={self.envelope}\n"
+        return super().config_properties() + extra
 
 
-def archive(name: str, version: str, handler: str, model_ts: Path, store: Path) -> Path:
-    """store/NAME.mar around a TorchScript file (base_handler loads only *.pt), without a
-    model-config.yaml: the server's settings apply."""
-    with tempfile.TemporaryDirectory(prefix="kiln-stock-") as tmp:
-        serialized = Path(tmp) / "model.pt"
-        shutil.copyfile(model_ts, serialized)
-        cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
-               "--model-name", name, "--version", version,
-               "--serialized-file", str(serialized), "--handler", handler,
-               "--export-path", str(store), "--force"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+def archive(name: str, version: str, handler: str, serialized: Path, store: Path,
+            extra_files: tuple[Path, ...] = ()) -> Path:
+    """store/NAME.mar around one model file, without a model-config.yaml: the server's
+    settings apply."""
+    cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
+           "--model-name", name, "--version", version, "--serialized-file", str(serialized),
+           "--handler", handler, "--export-path", str(store), "--force"]
+    if extra_files:
+        cmd += ["--extra-files", ",".join(map(str, extra_files))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
     return store / f"{name}.mar"
 
 
-def build_all(name: str, version: str, artifacts: Path, store: Path) -> dict[str, str]:
-    """Row name -> archive name for the stock and no-op archives in `store` (`version`: the
-    model's, as its Kiln archive has it)."""
-    store.mkdir(parents=True, exist_ok=True)
-    names = {"stock": f"{name}_stock", "noop": f"{name}_noop"}
-    archive(names["stock"], version, STOCK_HANDLER, artifacts / "model.ts", store)
-    archive(names["noop"], version, str(NOOP_HANDLER), artifacts / "model.ts", store)
-    return names
+def build_stock(name: str, version: str, artifacts: Path, store: Path) -> str:
+    """The stock archive's model name (`version`: the model's, as its Kiln archive has it)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-stock-") as tmp:
+        serialized = Path(tmp) / "model.pt"  # base_handler loads only *.pt
+        shutil.copyfile(artifacts / "model.ts", serialized)
+        archive(f"{name}_stock", version, STOCK_HANDLER, serialized, store)
+    return f"{name}_stock"
+
+
+def build_plain(name: str, version: str, artifacts: Path, store: Path) -> str:
+    archive(f"{name}_plain", version, str(PLAIN_HANDLER), artifacts / "model.onnx", store,
+            (artifacts / "signature.json",))
+    return f"{name}_plain"
+
+
+def build_noop(name: str, version: str, artifacts: Path, store: Path, tag: str) -> str:
+    """A no-op archive named for the configuration `tag` it will be served with (TorchServe
+    serves one configuration per model name)."""
+    archive(f"{name}_noop_{tag}", version, str(NOOP_HANDLER), artifacts / "model.onnx", store)
+    return f"{name}_noop_{tag}"
 
 
 def body(model_input) -> tuple[bytes, str]:

@@ -2,10 +2,14 @@
 
 One archive per backend; each variant is that archive registered through the management API
 with the variant's workers and batching (serve-time settings, as `kiln serve` gives them),
-and measured with wrk at --clients connections and at one. Rule: a variant qualifies when it
-answered every request and its p99 stays under X both at load and at one client; the pick is
-the highest throughput at load, where variants within --tie of the best count as equal and
-the lower one-client p50 wins (batching buys throughput at load and costs latency when idle).
+and measured with wrk at --clients connections and at one. The grid and the client count are
+fixed (bench_arguments.TUNE_*; flags may narrow them for a smoke run, and the report says so),
+and the unbatched variant (1:0) is always in it. Rule: a variant qualifies when it answered
+every request, its p99 stays under X both at load and at one client, and its one-client p50 is
+at most ONE_CLIENT_CAP times the unbatched one's (same backend and workers): batching may buy
+throughput at load, but not with more than half again the latency of an idle server. The pick
+is the highest throughput at load, where variants within --tie of the best count as equal and
+the lower one-client p50 wins.
 The pick becomes the declaration's [serving] table: written to --out, and into the
 declaration itself with --write-declaration.
 """
@@ -26,10 +30,14 @@ import yaml
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
 from kiln.loadtests import declared, payloads, serving_table, wrk
 from kiln.loadtests.batching import parse_configs, register
+from kiln.loadtests.bench_arguments import TUNE_CLIENTS, TUNE_CONFIGS, TUNE_WORKERS
 from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.tune")
 BACKENDS = ("onnx", "torchscript")
+UNBATCHED = (1, 0)
+# A variant's one-client p50 over the unbatched one's, at most: the batch delay's cost.
+ONE_CLIENT_CAP = 1.5
 
 
 @dataclass(frozen=True)
@@ -63,16 +71,43 @@ class Trial:
 
 def sweep(backends: list[str], configs: list[tuple[int, int]], workers: list[int]
           ) -> list[Variant]:
+    """The grid, the unbatched configuration first whether listed or not."""
+    configs = [UNBATCHED, *(c for c in configs if c != UNBATCHED)]
     return [Variant(b, bs, d, w) for b, (bs, d), w in product(backends, configs, workers)]
 
 
-def qualifies(t: Trial, p99_ms: float) -> bool:
-    return t.errors == 0 and t.p99_ms <= p99_ms and t.one_p99_ms <= p99_ms
+def grid_line(configs: str, workers: str, backends: str, clients: int) -> str:
+    """The grid and load in words, and whether they are the fixed ones."""
+    fixed = (configs, workers, clients) == (TUNE_CONFIGS, TUNE_WORKERS, TUNE_CLIENTS)
+    return (f"Grid: batch:delay {configs} (1:0 always), workers {workers}, backends "
+            f"{backends}; {clients} clients at load and 1 client. "
+            + ("The fixed grid." if fixed else "Not the fixed grid (flags narrowed it): do "
+               f"not compare with a report of the fixed one ({TUNE_CONFIGS}, workers "
+               f"{TUNE_WORKERS}, {TUNE_CLIENTS} clients)."))
+
+
+def unbatched_p50(trials: list[Trial]) -> dict[tuple[str, int], float]:
+    """(backend, workers) -> one-client p50 of its unbatched trial."""
+    return {(t.variant.backend, t.variant.workers): t.one_p50_ms for t in trials
+            if (t.variant.batch_size, t.variant.max_batch_delay_ms) == UNBATCHED}
+
+
+def one_client_ratio(t: Trial, base: dict[tuple[str, int], float]) -> float | None:
+    """One-client p50 over the unbatched one's; None when there is no unbatched trial."""
+    b = base.get((t.variant.backend, t.variant.workers))
+    return t.one_p50_ms / b if b else None
+
+
+def qualifies(t: Trial, p99_ms: float, base: dict[tuple[str, int], float]) -> bool:
+    ratio = one_client_ratio(t, base)
+    return (t.errors == 0 and t.p99_ms <= p99_ms and t.one_p99_ms <= p99_ms
+            and ratio is not None and ratio <= ONE_CLIENT_CAP)
 
 
 def choose(trials: list[Trial], p99_ms: float, tie: float = 0.05) -> Trial | None:
     """The rule in the module docstring; None when no trial qualifies."""
-    ok = [t for t in trials if qualifies(t, p99_ms)]
+    base = unbatched_p50(trials)
+    ok = [t for t in trials if qualifies(t, p99_ms, base)]
     if not ok:
         return None
     best = max(t.throughput for t in ok)
@@ -92,22 +127,28 @@ def serve_command(name: str, v: Variant) -> str:
 
 
 def markdown(name: str, trials: list[Trial], pick: Trial | None, p99_ms: float,
-             clients: int, seconds: int) -> str:
+             clients: int, seconds: int, grid: str = "") -> str:
+    base = unbatched_p50(trials)
     lines = [f"# kiln tune {name}: p99 <= {p99_ms:g} ms", "",
              f"{len(trials)} trials, {seconds}s each at {clients} clients and at 1 client, "
-             f"load generator: {wrk.NAME}.", "",
-             "Rule: every request answered, p99 <= the bound at load and at one client; then "
-             "the highest throughput at load, ties (within 5%) to the lower 1-client p50.", "",
+             f"load generator: {wrk.NAME}.", *([grid] if grid else []), "",
+             "Rule: every request answered, p99 <= the bound at load and at one client, "
+             f"1-client p50 <= {ONE_CLIENT_CAP:g}x the unbatched variant's (same backend and "
+             "workers); then the highest throughput at load, ties (within 5%) to the lower "
+             "1-client p50.", "",
              f"| variant | backend | batch | delay ms | workers | req/s @{clients} "
-             f"| p50 ms @{clients} | p99 ms @{clients} | p50 ms @1 | p99 ms @1 | errors "
-             "| meets |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"| p50 ms @{clients} | p99 ms @{clients} | p50 ms @1 | x b1 @1 | p99 ms @1 "
+             "| errors | meets |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- |"]
     for t in sorted(trials, key=lambda t: -t.throughput):
         v = t.variant
-        mark = "**pick**" if t is pick else ("yes" if qualifies(t, p99_ms) else "no")
+        mark = "**pick**" if t is pick else ("yes" if qualifies(t, p99_ms, base) else "no")
+        ratio = one_client_ratio(t, base)
         lines.append(f"| {v.name} | {v.backend} | {v.batch_size} | {v.max_batch_delay_ms} "
                      f"| {v.workers} | {t.throughput:.0f} | {t.p50_ms:.2f} | {t.p99_ms:.2f} "
-                     f"| {t.one_p50_ms:.2f} | {t.one_p99_ms:.2f} | {t.errors} | {mark} |")
+                     f"| {t.one_p50_ms:.2f} | {'-' if ratio is None else f'{ratio:.2f}'} "
+                     f"| {t.one_p99_ms:.2f} | {t.errors} | {mark} |")
     lines.append("")
     if pick is None:
         lines.append(f"No variant keeps p99 under {p99_ms:g} ms: nothing written.")
@@ -222,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     workers = [int(w) for w in args.workers.split(",")]
     variants = sweep(backends, parse_configs(args.configs), workers)
+    grid = grid_line(args.configs, args.workers, args.backends, args.clients)
+    print(grid, flush=True)
     try:
         for v in variants:
             v.serving()
@@ -231,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     trials = run_sweep(decl.name, variants, (first.body, first.content_type), args.clients,
                        args.seconds, models_dirs)
     pick = choose(trials, args.p99_ms)
-    report = markdown(decl.name, trials, pick, args.p99_ms, args.clients, args.seconds)
+    report = markdown(decl.name, trials, pick, args.p99_ms, args.clients, args.seconds, grid)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report)
     (args.out / "trials.yaml").write_text(yaml.safe_dump(

@@ -7,9 +7,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from kiln.loadtests import declared, wrk
+from kiln.deploy.server import declared_serving
+from kiln.loadtests import bench_gpu, declared, wrk
+from kiln.loadtests.bench import COMPARISON
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MODEL = declared.default_name("features")  # a features model: the quickest to serve
@@ -23,17 +26,31 @@ def kiln(*args, timeout=120):
 
 def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
     out = tmp_path / "bench.json"
-    done = kiln("bench", MODEL, "--seconds", "1", "--clients", "4", "--out", str(out))
+    done = kiln("bench", MODEL, "--seconds", "1", "--clients", "4", "--out", str(out),
+                timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["name"], r["clients"]) for r in rows] == [
-        ("in-process onnxruntime b1", 0), ("in-process onnxruntime b8", 0),
-        ("in-process torchscript b1", 0), ("in-process torchscript b8", 0),
-        ("kiln", 1), ("kiln", 4), ("stock", 1), ("stock", 4), ("noop", 1), ("noop", 4)]
+    result = json.loads(out.read_text())
+    cmp, serve = result["comparison"], result["kiln_serve"]
+    batches = sorted({1, declared_serving(MODEL).batch_size, COMPARISON.batch_size})
+    served = [("kiln", "nginx -> TorchServe", cmp), ("kiln direct", "TorchServe", cmp)]
+    served += [("kiln", "nginx -> TorchServe", serve)] if serve != cmp else []
+    served += [("plain", "TorchServe", cmp), ("noop", "TorchServe", cmp)]
+    served += [("noop", "TorchServe", serve)] if serve != cmp else []
+    served += [("stock", "TorchServe", "TorchServe defaults")]
+    rows = result["rows"]
+    assert [(r["name"], r["via"], r["config"], r["clients"]) for r in rows] == [
+        *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
+          for n in batches),
+        *((*row, n) for row in served for n in (1, 4))]
     for r in rows:
         assert r["throughput"] > 0 and r["p50_ms"] > 0 and r["p99_ms"] > 0, r
         assert r["errors"] == 0, r
-        assert r["x_ceiling"] > 0 and r["x_noop"] > 0 and r["x_stock"] > 0, r
+        assert r["x_ceiling"] > 0, r
+        if r["config"] == cmp:
+            assert r["x_noop"] > 0 and r["x_plain"] > 0, r
+    if not torch.cuda.is_available():
+        assert result["gpu"] == {"notes": [bench_gpu.SKIPPED], "rows": []}
+        assert bench_gpu.SKIPPED in done.stdout.splitlines()
 
 
 def test_tune_picks_a_member_of_the_sweep_under_the_bound(archives, tmp_path):

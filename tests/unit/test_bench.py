@@ -1,9 +1,26 @@
-"""The pure parts of `kiln bench`: wrk's report, the ratio table."""
+"""The pure parts of `kiln bench`: wrk's report, the rows, their ratios and labels, the GPU
+section's skip, and the plain handler on a tiny ONNX model."""
 
+import io
+import json
+import types
 from pathlib import Path
 
-from kiln.loadtests import wrk
-from kiln.loadtests.bench import Row, add_ratios, format_table
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from PIL import Image
+
+from kiln.loadtests import bench, bench_gpu, stock, wrk
+from kiln.loadtests.bench_table import (
+    DIRECT,
+    FRONT,
+    Row,
+    add_ratios,
+    format_table,
+    summary,
+)
+from kiln.loadtests.plain_handler import PlainHandler
 
 SAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "wrk" / "latency.txt"
 
@@ -30,35 +47,131 @@ def test_wrk_report_without_latency_is_refused():
         raise AssertionError("parsed a report without percentiles")
 
 
+CMP = "w2 b16 d5"
+
+
 def rows():
+    def served(name, via, config, clients, rps, p99, wrk_cpu=None):
+        return Row(name, clients, rps, p99 / 2, p99, 10, client_cpu_pct=wrk_cpu,
+                   server_cpu_pct=150.0 if wrk_cpu else None, via=via, config=config)
+
     return [Row("in-process onnxruntime b1", 0, 1000.0, 0.1, 0.2, 10),
-            Row("in-process onnxruntime b8", 0, 4000.0, 0.2, 0.4, 10),
-            Row("kiln", 1, 100.0, 8.0, 20.0, 10), Row("kiln", 16, 400.0, 30.0, 60.0, 10),
-            Row("stock", 1, 200.0, 4.0, 10.0, 10), Row("stock", 16, 200.0, 60.0, 120.0, 10),
-            Row("noop", 1, 400.0, 2.0, 5.0, 10), Row("noop", 16, 800.0, 20.0, 40.0, 10)]
+            Row("in-process onnxruntime b16", 0, 4000.0, 0.2, 0.4, 10),
+            served("kiln", FRONT, CMP, 1, 100.0, 20.0), served("kiln", FRONT, CMP, 16, 400.0, 60.0),
+            served("kiln direct", DIRECT, CMP, 16, 500.0, 50.0, 12.0),
+            served("kiln", FRONT, "w1 b8 d2", 16, 300.0, 80.0),
+            served("plain", DIRECT, CMP, 1, 200.0, 10.0),
+            served("plain", DIRECT, CMP, 16, 250.0, 100.0),
+            served("noop", DIRECT, CMP, 1, 400.0, 5.0),
+            served("noop", DIRECT, CMP, 16, 800.0, 40.0),
+            served("noop", DIRECT, "w1 b8 d2", 16, 600.0, 30.0),
+            served("stock", DIRECT, "TorchServe defaults", 16, 200.0, 120.0)]
 
 
-def test_ratios_against_ceiling_noop_and_stock_at_the_same_concurrency():
-    table = {(r.name, r.clients): r for r in add_ratios(rows())}
-    kiln16, kiln1 = table["kiln", 16], table["kiln", 1]
-    assert (kiln16.x_ceiling, kiln16.x_noop, kiln16.x_stock, kiln16.p99_x_stock) == (
-        0.1, 0.5, 2.0, 0.5)
-    assert (kiln1.x_ceiling, kiln1.x_noop, kiln1.x_stock, kiln1.p99_x_stock) == (
+def test_ratios_against_the_plain_and_noop_rows_of_the_same_configuration():
+    table = {(r.name, r.config, r.clients): r for r in add_ratios(rows())}
+    kiln16, kiln1 = table["kiln", CMP, 16], table["kiln", CMP, 1]
+    assert (kiln16.x_ceiling, kiln16.x_noop, kiln16.x_plain, kiln16.p99_x_plain) == (
+        0.1, 0.5, 1.6, 0.6)
+    assert (kiln1.x_ceiling, kiln1.x_noop, kiln1.x_plain, kiln1.p99_x_plain) == (
         0.025, 0.25, 0.5, 2.0)
+    assert (table["kiln direct", CMP, 16].x_plain, table["kiln direct", CMP, 16].x_noop) == (
+        2.0, 0.625)
 
 
-def test_in_process_rows_compare_with_the_servers_at_the_highest_concurrency():
+def test_kiln_serves_own_configuration_has_its_noop_and_no_plain():
+    kiln = {(r.name, r.config): r for r in add_ratios(rows()) if r.clients == 16}[
+        "kiln", "w1 b8 d2"]
+    assert (kiln.x_noop, kiln.x_plain, kiln.p99_x_plain) == (0.5, None, None)
+
+
+def test_stock_gets_no_ratio_to_plain_or_noop_and_in_process_rows_only_the_ceiling():
     table = {(r.name, r.clients): r for r in add_ratios(rows())}
-    b8 = table["in-process onnxruntime b8", 0]
-    assert (b8.x_ceiling, b8.x_noop, b8.x_stock) == (1.0, 5.0, 20.0)
+    stock_row, b16 = table["stock", 16], table["in-process onnxruntime b16", 0]
+    assert (stock_row.x_ceiling, stock_row.x_noop, stock_row.x_plain) == (0.05, None, None)
+    assert (b16.x_ceiling, b16.x_noop, b16.x_plain) == (1.0, None, None)
 
 
 def test_missing_base_rows_give_no_ratio():
-    only = add_ratios([Row("kiln", 16, 400.0, 30.0, 60.0, 10)])
-    assert (only[0].x_ceiling, only[0].x_noop, only[0].x_stock) == (None, None, None)
+    only = add_ratios([Row("kiln", 16, 400.0, 30.0, 60.0, 10, via=FRONT, config=CMP)])
+    assert (only[0].x_ceiling, only[0].x_noop, only[0].x_plain) == (None, None, None)
 
 
-def test_table_has_one_line_per_row():
+def test_table_has_one_line_per_row_and_says_what_each_goes_through():
     lines = format_table(add_ratios(rows())).splitlines()
-    assert len(lines) == 9
-    assert lines[3].split()[:5] == ["kiln", "1", "100", "0.025", "0.25"]
+    assert len(lines) == 13
+    assert lines[0].split()[:4] == ["row", "via", "config", "clients"]
+    assert lines[3].split()[:10] == ["kiln", "nginx", "->", "TorchServe", "w2", "b16", "d5",
+                                     "1", "100", "0.025"]
+    assert lines[5].split()[:8] == ["kiln", "direct", "TorchServe", "w2", "b16", "d5", "16",
+                                    "500"]
+
+
+def test_summary_compares_kiln_with_plain_and_noop_and_gives_wrk_cpu_at_the_peak():
+    assert summary(add_ratios(rows()), CMP, 16) == [
+        "At w2 b16 d5, 16 clients:",
+        "  Kiln through nginx: 400 inputs/s, 1.6x the plain handler's throughput (p99 0.6x), "
+        "0.5x the no-op's",
+        "  Kiln direct to TorchServe: 500 inputs/s, 2x the plain handler's throughput "
+        "(p99 0.5x), 0.625x the no-op's",
+        "  plain handler: 250 inputs/s, 0.312x the no-op's",
+        "Peak served: kiln direct (TorchServe, w2 b16 d5) at 16 clients, 500 inputs/s, p99 "
+        "50.00 ms; wrk used 12% of a core, the server 150%"]
+
+
+def test_stock_is_labelled_for_what_it_is():
+    assert bench.descriptions("lenet", bench.COMPARISON)["stock"] == stock.DESCRIPTION
+    assert stock.DESCRIPTION.startswith(
+        "TorchServe base_handler, TorchScript, TorchServe defaults: not a set-up anyone would "
+        "pick")
+
+
+def test_kiln_and_plain_are_compared_at_two_workers_batch_16_delay_5():
+    assert (bench.COMPARISON.workers, bench.COMPARISON.batch_size,
+            bench.COMPARISON.max_batch_delay_ms) == (2, 16, 5)
+
+
+def test_gpu_section_without_cuda_says_it_was_skipped(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_gpu, "cuda_available", lambda: False)
+    section = bench_gpu.inprocess_rows(tmp_path, b"", [1, 16], 1)
+    assert (section.rows, section.ran) == ([], False)
+    assert bench_gpu.lines(section) == [
+        "GPU section skipped: no CUDA here (torch.cuda.is_available() is False)"]
+
+
+# --- the plain handler, on a two-class ONNX model of a padded 2x2 image ---------------------
+def tiny_model(folder: Path) -> Path:
+    """[N, 1, 4, 4] -> flatten -> x @ W -> softmax, W's second column all ones."""
+    weights = np.stack([np.zeros(16), np.ones(16)], axis=1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor("W", TensorProto.FLOAT, [16, 2], weights.ravel().tolist())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+              folder / "model.onnx")
+    signature = {"inputs": [{"name": "input", "kind": "image", "shape": [-1, 1, 4, 4],
+                             "channels": 1, "size": [2, 2], "pad": 1, "mean": [0.0],
+                             "std": [0.5]}],
+                 "output": {"kind": "multiclass", "labels": ["dark", "bright"]}}
+    (folder / "signature.json").write_text(json.dumps(signature))
+    return folder
+
+
+def png(pixels) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_plain_handler_answers_each_request_of_a_batch(tmp_path):
+    handler = PlainHandler()
+    handler.initialize(types.SimpleNamespace(
+        system_properties={"model_dir": str(tiny_model(tmp_path))}))
+    answers = handler.handle([{"body": png([[0, 255], [255, 0]])},
+                              {"data": bytearray(png([[0, 0], [0, 0]]))}], None)
+    # Two white pixels, standardised to 2 each: logits (0, 4); all black: (0, 0).
+    assert [(a["label"], round(a["probability"], 6)) for a in answers] == [
+        ("bright", 0.982014), ("dark", 0.5)]

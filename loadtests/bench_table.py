@@ -1,0 +1,103 @@
+"""The pure parts of `kiln bench`: its rows, their ratios, the table and the summary lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.deploy.server import ModelServing
+
+INPROC = "in-process"
+FRONT = "nginx -> TorchServe"
+DIRECT = "TorchServe"
+
+
+@dataclass
+class Row:
+    name: str
+    clients: int  # 0: in-process, one caller
+    throughput: float  # inputs per second
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int = 0
+    client_cpu_pct: float | None = None  # wrk's, 100: one core
+    server_cpu_pct: float | None = None  # TorchServe's (and nginx's, for a row through it)
+    via: str = INPROC
+    config: str = ""  # workers, batch size and delay of a served row
+    x_ceiling: float | None = None
+    x_noop: float | None = None
+    x_plain: float | None = None
+    p99_x_plain: float | None = None
+
+
+def config_name(serving: ModelServing) -> str:
+    return f"w{serving.workers} b{serving.batch_size} d{serving.max_batch_delay_ms}"
+
+
+def _ratio(a: float, b: Row | None, field: str = "throughput") -> float | None:
+    base = getattr(b, field) if b else 0
+    # Three significant figures: the in-process ceiling can be 1000x a served row.
+    return float(f"{a / base:.3g}") if base else None
+
+
+def add_ratios(rows: list[Row]) -> list[Row]:
+    """Each row against the best in-process row; each served row also against the no-op and
+    the plain rows of its own configuration and concurrency (none there: no ratio)."""
+    inproc = [r for r in rows if r.via == INPROC]
+    ceiling = max(inproc, key=lambda r: r.throughput) if inproc else None
+    served = {(r.name, r.config, r.clients): r for r in rows if r.via != INPROC}
+    for r in rows:
+        r.x_ceiling = _ratio(r.throughput, ceiling)
+        if r.via == INPROC:
+            continue
+        noop = served.get(("noop", r.config, r.clients))
+        plain = served.get(("plain", r.config, r.clients))
+        r.x_noop = _ratio(r.throughput, noop)
+        r.x_plain = _ratio(r.throughput, plain)
+        r.p99_x_plain = _ratio(r.p99_ms, plain, "p99_ms")
+    return rows
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'row':<28}{'via':<21}{'config':<20}{'clients':>7}{'inputs/s':>10}"
+            f"{'x ceil':>10}{'x noop':>8}{'x plain':>8}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'p99 x pl':>9}{'errors':>7}{'wrk CPU':>9}{'srv CPU':>9}")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r.name:<28}{r.via:<21}{r.config or '-':<20}{r.clients or '-':>7}"
+            f"{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>10}{_cell(r.x_noop, '.3g'):>8}"
+            f"{_cell(r.x_plain, '.3g'):>8}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+            f"{_cell(r.p99_x_plain, '.3g'):>9}{r.errors:>7}"
+            f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%")
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row], config: str, clients: int) -> list[str]:
+    """The comparison in words: Kiln against the plain handler and the no-op at `config` and
+    `clients`, and the peak served row with the CPU wrk and the server used for it."""
+    at = {r.name: r for r in rows if r.config == config and r.clients == clients}
+    lines = [f"At {config}, {clients} clients:"]
+    for name, what in (("kiln", "Kiln through nginx"),
+                       ("kiln direct", "Kiln direct to TorchServe"),
+                       ("plain", "plain handler")):
+        r = at.get(name)
+        if r is None:
+            continue
+        vs_plain = ("" if name == "plain" or r.x_plain is None else
+                    f"{r.x_plain:.3g}x the plain handler's throughput "
+                    f"(p99 {r.p99_x_plain:.3g}x), ")
+        lines.append(f"  {what}: {r.throughput:.0f} inputs/s, {vs_plain}"
+                     f"{_cell(r.x_noop, '.3g')}x the no-op's")
+    served = [r for r in rows if r.via != INPROC and r.name != "noop"]
+    if served:
+        peak = max(served, key=lambda r: r.throughput)
+        lines.append(f"Peak served: {peak.name} ({peak.via}, {peak.config}) at {peak.clients} "
+                     f"clients, {peak.throughput:.0f} inputs/s, p99 {peak.p99_ms:.2f} ms; wrk "
+                     f"used {_cell(peak.client_cpu_pct, '.0f')}% of a core, the server "
+                     f"{_cell(peak.server_cpu_pct, '.0f')}%")
+    return lines
