@@ -106,6 +106,9 @@ class FrontSettings:
     # keeps it); the proxy replaces the client's key with it. None: TorchServe checks nothing.
     upstream_token: str | None = None
     run_as: str = ""  # nginx's `user` line (as root only)
+    # Kiln's metrics exporter (deploy/metrics_exporter.py), appended to TorchServe's /metrics
+    # and served alone on /kiln-metrics; None: the metrics port serves TorchServe's only.
+    kiln_metrics_socket: Path | None = None
 
     @property
     def conf(self) -> Path:
@@ -153,6 +156,36 @@ def error_pages(max_body: int) -> str:
     return "".join(lines)
 
 
+KILN_METRICS_PATH = "/kiln-metrics"
+
+
+def kiln_metrics(socket: Path | None) -> str:
+    """The metrics listener's locations: TorchServe's page, and with an exporter Kiln's
+    appended to it (nginx's addition module, by a subrequest), so that one scrape of /metrics
+    reads both. A missing exporter adds a comment line, never an error page: Prometheus
+    refuses a whole page that does not parse, and TorchServe's series would go with it."""
+    if socket is None:
+        return ("        location = /metrics {\n"
+                "            proxy_pass http://torchserve_metrics;\n"
+                "        }\n")
+    return (f"        location = /metrics {{\n"
+            f"            proxy_pass http://torchserve_metrics;\n"
+            # Any type: nginx 1.22 matches no listed type against TorchServe's
+            # "text/plain; version=0.0.4; charset=utf-8".
+            f"            addition_types *;\n"
+            f"            add_after_body {KILN_METRICS_PATH};\n"
+            f"        }}\n"
+            f"        location = {KILN_METRICS_PATH} {{\n"
+            f"            proxy_pass http://unix:{socket}:/metrics;\n"
+            f"            proxy_intercept_errors on;\n"
+            f"            error_page 404 500 502 503 504 = @kiln_metrics_down;\n"
+            f"        }}\n"
+            f"        location @kiln_metrics_down {{\n"
+            f"            default_type text/plain;\n"
+            f"            return 200 '# Kiln metrics exporter not answering\\n';\n"
+            f"        }}\n")
+
+
 def render(s: FrontSettings) -> str:
     values = {
         "NGINX_DIR": str(s.nginx_dir), "LISTEN": s.listen,
@@ -168,6 +201,7 @@ def render(s: FrontSettings) -> str:
         "ERROR_PREFIX": ERROR_PREFIX,
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
+        "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():

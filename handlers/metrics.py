@@ -1,36 +1,42 @@
 """Kiln's Prometheus metrics: stage times per request, batch sizes, rejections by reason.
 
-The metrics are declared in metrics.yaml beside this file (it ships in the archive). In
-prometheus mode a TorchServe worker reports each observation as a [METRICS] line on its
-stdout, and the frontend adds it to the series it serves on its metrics endpoint; see
-metrics.yaml for why times are in centiseconds.
+Recorded in the worker's own process with prometheus-client in multiprocess mode: each
+observation is a few writes to a memory-mapped file in PROMETHEUS_MULTIPROC_DIR (set by
+Kiln's server for its workers), which Kiln's metrics exporter (deploy/metrics_exporter.py)
+sums over every worker when Prometheus scrapes it. TorchServe's own metrics API would print
+a log line per observation for its frontend to parse: that cost more CPU per request than
+decoding the request did (docs/deploy.md has the figures). Times are in seconds, in buckets
+Kiln chooses.
 """
 
 import logging
-import os
 import time
 
-import yaml
-from ts.metrics.metric_type_enum import MetricTypes
+from prometheus_client import Counter, Histogram
 
 from kiln.handlers.errors import REJECT_REASONS
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.yaml"
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABEL = "model_name"
 REASON_LABEL = "reason"
 STAGES = ("preprocess", "inference", "postprocess")
 BATCH_SIZE_METRIC = "kiln_batch_size_requests"
 REJECTED_METRIC = "kiln_requests_rejected_total"
-CENTISECONDS_PER_SECOND = 100
+# From a feature row (tens of microseconds) through a PNG (about 0.5 ms) and a batch of them
+# (a few ms) to the largest legal image (about 0.5 s, handlers/limits.py).
+STAGE_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+                   50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5)
+# Requests in one TorchServe batch: at most the model's batch_size.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def stage_metric(stage):
-    return f"kiln_{stage}_centiseconds"
+    return f"kiln_{stage}_seconds"
 
 
-# What the handler records, as metrics.yaml must declare it: name -> (type, label names).
+# What the handler records: name -> (type, label names).
 RECORDED = {
     **{stage_metric(stage): ("histogram", [MODEL_LABEL]) for stage in STAGES},
     BATCH_SIZE_METRIC: ("histogram", [MODEL_LABEL]),
@@ -38,48 +44,32 @@ RECORDED = {
 }
 
 
-def read_declarations(path):
-    """metrics.yaml as {name: (type, unit, label names)}; a malformed file raises ValueError."""
-    with open(path, encoding="utf-8") as f:
-        document = yaml.safe_load(f) or {}
-    sections = document.get("model_metrics")
-    if not isinstance(sections, dict):
-        raise ValueError(f"{path}: expected a model_metrics mapping")
-    declared = {}
-    for kind, entries in sections.items():
-        if kind not in {t.value for t in MetricTypes}:
-            raise ValueError(f"{path}: unknown metric type {kind!r}")
-        for entry in entries or []:
-            try:
-                declared[entry["name"]] = (kind, entry["unit"], list(entry["dimensions"]))
-            except (KeyError, TypeError):
-                raise ValueError(
-                    f"{path}: each metric needs a name, a unit and dimensions, got {entry!r}"
-                ) from None
-    return declared
-
-
-def check_declarations(declared):
-    """Raises ValueError unless the declarations are exactly what the handler records: a
-    metric recorded but not declared, or declared with other labels, would be dropped."""
-    found = {name: (kind, labels) for name, (kind, _, labels) in declared.items()}
-    if found != RECORDED:
-        raise ValueError(f"metrics.yaml declares {found}, the handler records {RECORDED}")
-
-
-def recorder_for(context):
-    """A Recorder on the worker's metrics cache, with the archive's declarations registered;
-    a Recorder that records nothing where there is no cache (a handler outside TorchServe)."""
-    if context.metrics is None:
-        logger.info("no TorchServe metrics cache: Kiln's metrics are not recorded")
-        return Recorder()
-    declared = read_declarations(os.path.join(os.path.dirname(__file__), METRICS_FILE))
-    check_declarations(declared)
-    metrics = {
-        name: context.metrics.add_metric_to_cache(name, unit, labels, MetricTypes(kind))
-        for name, (kind, unit, labels) in declared.items()
+def declare(registry=None):
+    """Kiln's metric families, {name: metric}; `registry` None registers them nowhere (in
+    multiprocess mode the exporter reads the files, not a registry)."""
+    stages = {
+        stage_metric(stage): Histogram(stage_metric(stage), f"Time of the handler's {stage} "
+                                       "stage, once per request it served", [MODEL_LABEL],
+                                       buckets=STAGE_BUCKETS_S, registry=registry)
+        for stage in STAGES
     }
-    return Recorder(metrics, context.model_name)
+    batch = Histogram(BATCH_SIZE_METRIC, "Requests in one batch the handler received",
+                      [MODEL_LABEL], buckets=BATCH_SIZE_BUCKETS, registry=registry)
+    # prometheus-client adds the _total itself.
+    rejected = Counter(REJECTED_METRIC.removesuffix("_total"),
+                       "Requests answered 4xx by the handler, by reason",
+                       [MODEL_LABEL, REASON_LABEL], registry=registry)
+    return {**stages, BATCH_SIZE_METRIC: batch, REJECTED_METRIC: rejected}
+
+
+def recorder_for(model_name, environ, registry=None):
+    """A Recorder for `model_name`; one that records nothing where the process has no
+    multiprocess folder (a handler outside Kiln's server: batch jobs, benchmarks, tests).
+    `registry`: where the metrics are registered (tests read them back from it)."""
+    if registry is None and not environ.get(MULTIPROC_DIR_ENV):
+        logger.info("no %s: Kiln's metrics are not recorded", MULTIPROC_DIR_ENV)
+        return Recorder()
+    return Recorder(declare(registry), model_name)
 
 
 def rejection_reason(err):
@@ -92,13 +82,20 @@ def rejection_reason(err):
 
 
 class Recorder:
-    """Records one model's observations; `metrics` maps a metric name to TorchServe's
-    metric object. Without it (the default) every call is a no-op."""
+    """Records one model's observations; `metrics` is declare()'s mapping. Without it (the
+    default) every call is a no-op."""
 
     def __init__(self, metrics=None, model_name="", clock=time.perf_counter):
-        self._metrics = metrics or {}
-        self._model = model_name
         self._clock = clock
+        metrics = metrics or {}
+        # Children bound once: a labels() lookup per observation costs as much as the write.
+        self._stages = {stage: metrics[stage_metric(stage)].labels(model_name)
+                        for stage in STAGES if stage_metric(stage) in metrics}
+        batch = metrics.get(BATCH_SIZE_METRIC)
+        self._batch = batch.labels(model_name) if batch is not None else None
+        self._rejected = metrics.get(REJECTED_METRIC)
+        self._model = model_name
+        self._reasons = {}
 
     def now(self):
         """A start time for record_stage()."""
@@ -107,17 +104,22 @@ class Recorder:
     def record_stage(self, stage, started, requests=1):
         """How long `stage` took since `started`, once per request it served: a model call
         scores a whole batch, and each of its requests waited that long for it."""
-        centiseconds = (self._clock() - started) * CENTISECONDS_PER_SECOND
+        metric = self._stages.get(stage)
+        if metric is None:
+            return
+        seconds = self._clock() - started
         for _ in range(requests):
-            self._emit(stage_metric(stage), centiseconds)
+            metric.observe(seconds)
 
     def record_batch(self, size):
-        self._emit(BATCH_SIZE_METRIC, size)
+        if self._batch is not None:
+            self._batch.observe(size)
 
     def record_rejection(self, err):
-        self._emit(REJECTED_METRIC, 1, rejection_reason(err))
-
-    def _emit(self, name, value, *labels):
-        metric = self._metrics.get(name)
-        if metric is not None:
-            metric.add_or_update(value, [self._model, *labels])
+        if self._rejected is None:
+            return
+        reason = rejection_reason(err)
+        child = self._reasons.get(reason)
+        if child is None:
+            child = self._reasons[reason] = self._rejected.labels(self._model, reason)
+        child.inc()

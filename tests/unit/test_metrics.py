@@ -1,71 +1,30 @@
-"""Kiln's metrics, recorded through TorchServe's own metrics cache as a worker records them."""
+"""Kiln's metrics, recorded with prometheus-client as a worker records them: in a registry
+of the test's own, and in multiprocess mode in a process of its own."""
 
 import ast
 import json
-import logging
-import re
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import ts
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from ts.context import Context, RequestProcessor
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from kiln.deploy.metrics_exporter import Collector
 from kiln.handlers import arrays, errors, features, images, inputs, metrics, oip, rest, tensors
 from kiln.handlers import handler as kiln_handler
 from kiln.handlers.errors import BadInput
 
-HANDLERS = Path(metrics.__file__).parent
-METRICS_YAML = HANDLERS / "metrics.yaml"
-# TorchServe's default metrics configuration: what a worker's cache starts from.
-TS_METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
-# [METRICS]name.unit:value|#dimensions|#type:TYPE|#hostname:host,timestamp
-METRIC_LINE = re.compile(r"\[METRICS\](\w+)\.(\w+):([^|]+)\|#([^|]*)\|#type:(\w+)\|#hostname:")
 
-
-class Capture(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def emitted():
-    """The [METRICS] lines a worker would print to its stdout, for the frontend to read."""
-    log = logging.getLogger("ts.metrics.caching_metric")
-    capture, level = Capture(), log.level
-    log.addHandler(capture)
-    log.setLevel(logging.INFO)
-    yield capture.lines
-    log.removeHandler(capture)
-    log.setLevel(level)
-
-
-def parse(lines):
-    out = []
-    for line in lines:
-        match = METRIC_LINE.match(line)
-        assert match, f"not a metric line: {line}"
-        name, unit, value, dims, kind = match.groups()
-        out.append((name, unit, float(value), dims, kind))
-    return out
-
-
-def worker_context(model_dir, metrics):
+def worker_context(model_dir):
     manifest = {"model": {"modelName": "tiny", "serializedFile": "model.onnx",
                           "handler": "handler.py", "modelVersion": "1.0"}}
     return Context("tiny", str(model_dir), manifest, 8, None, "0.12.0",
-                   limit_max_image_pixels=True, metrics=metrics, model_yaml_config={})
-
-
-def worker_cache():
-    cache = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_YAML))
-    cache.initialize_cache()
-    return cache
+                   limit_max_image_pixels=True, metrics=None, model_yaml_config={})
 
 
 class Clock:
@@ -76,51 +35,28 @@ class Clock:
         return self.readings.pop(0)
 
 
-# --- declarations ----------------------------------------------------------------------
+def samples(registry):
+    """{(sample name, labels as a sorted tuple): value} of every sample with a value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect() for s in family.samples
+            if not s.name.endswith("_created")}
 
 
-def test_metrics_yaml_declares_exactly_what_the_handler_records():
-    declared = metrics.read_declarations(METRICS_YAML)
-    metrics.check_declarations(declared)
-    assert declared == {
-        "kiln_preprocess_centiseconds": ("histogram", "centiseconds", ["model_name"]),
-        "kiln_inference_centiseconds": ("histogram", "centiseconds", ["model_name"]),
-        "kiln_postprocess_centiseconds": ("histogram", "centiseconds", ["model_name"]),
-        "kiln_batch_size_requests": ("histogram", "requests", ["model_name"]),
-        "kiln_requests_rejected_total": ("counter", "count", ["model_name", "reason"]),
-    }
+TINY = (("model_name", "tiny"),)
 
 
-def test_a_declaration_with_other_labels_fails_the_check():
-    declared = metrics.read_declarations(METRICS_YAML)
-    declared["kiln_requests_rejected_total"] = ("counter", "count", ["model_name"])
-    with pytest.raises(ValueError, match="^metrics.yaml declares "):
-        metrics.check_declarations(declared)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("histogram: []\n", "expected a model_metrics mapping"),
-    ("model_metrics:\n  summary: []\n", "unknown metric type 'summary'"),
-    ("model_metrics:\n  counter:\n    - {name: x, unit: count}\n",
-     "each metric needs a name, a unit and dimensions, got {'name': 'x', 'unit': 'count'}"),
-])  # fmt: skip
-def test_a_malformed_metrics_yaml_is_refused(tmp_path, text, message):
-    path = tmp_path / "metrics.yaml"
-    path.write_text(text)
-    with pytest.raises(ValueError) as err:
-        metrics.read_declarations(path)
-    assert str(err.value) == f"{path}: {message}"
+def bucket(name, le):
+    return (f"{name}_bucket", (("le", le), *TINY))
 
 
 # --- recording -------------------------------------------------------------------------
 
 
-def test_recorder_writes_torchserve_metric_lines(tmp_path, emitted):
-    lines = emitted
-    shutil.copy(METRICS_YAML, tmp_path)
-    recorder = metrics.recorder_for(worker_context(tmp_path, worker_cache()))
-    # 1/128 s is exact in binary, so the centiseconds are exact too.
-    recorder._clock = Clock(0.5 + 1 / 128, 2.0 + 5 / 128)
+def test_recorder_observes_seconds_once_per_request_in_kiln_s_buckets():
+    registry = CollectorRegistry()
+    recorder = metrics.recorder_for("tiny", {}, registry)
+    # Binary fractions: the sums are exact.
+    recorder._clock = Clock(0.5 + 1 / 1024, 2.0 + 1 / 64)
 
     recorder.record_batch(3)
     recorder.record_stage("preprocess", 0.5)
@@ -128,59 +64,120 @@ def test_recorder_writes_torchserve_metric_lines(tmp_path, emitted):
     recorder.record_rejection(BadInput("expected 30 features", reason="bad_shape"))
     recorder.record_rejection(BadInput("some message"))
 
-    assert parse(lines) == [
-        ("kiln_batch_size_requests", "requests", 3.0, "model_name:tiny", "HISTOGRAM"),
-        ("kiln_preprocess_centiseconds", "centiseconds", 0.78125, "model_name:tiny",
-         "HISTOGRAM"),
-        ("kiln_inference_centiseconds", "centiseconds", 3.90625, "model_name:tiny",
-         "HISTOGRAM"),
-        ("kiln_inference_centiseconds", "centiseconds", 3.90625, "model_name:tiny",
-         "HISTOGRAM"),
-        ("kiln_requests_rejected_total", "Count", 1.0, "model_name:tiny,reason:bad_shape",
-         "COUNTER"),
-        ("kiln_requests_rejected_total", "Count", 1.0, "model_name:tiny,reason:other",
-         "COUNTER"),
-    ]  # fmt: skip
+    got = samples(registry)
+    pre, inf = "kiln_preprocess_seconds", "kiln_inference_seconds"
+    assert got[(f"{pre}_count", TINY)] == 1.0
+    assert got[(f"{pre}_sum", TINY)] == 1 / 1024
+    assert got[bucket(pre, "0.001")] == 1.0 and got[bucket(pre, "0.0005")] == 0.0
+    assert got[(f"{inf}_count", TINY)] == 2.0
+    assert got[(f"{inf}_sum", TINY)] == 2 / 64
+    assert got[bucket(inf, "0.025")] == 2.0 and got[bucket(inf, "0.01")] == 0.0
+    assert got[("kiln_postprocess_seconds_count", TINY)] == 0.0
+    assert got[("kiln_batch_size_requests_sum", TINY)] == 3.0
+    assert got[bucket("kiln_batch_size_requests", "4.0")] == 1.0
+    assert got[bucket("kiln_batch_size_requests", "2.0")] == 0.0
+    rejected = {k[1]: v for k, v in got.items() if k[0] == "kiln_requests_rejected_total"}
+    assert rejected == {(("model_name", "tiny"), ("reason", "bad_shape")): 1.0,
+                        (("model_name", "tiny"), ("reason", "other")): 1.0}
 
 
-def test_without_a_metrics_cache_nothing_is_recorded(tmp_path, emitted):
-    lines = emitted
-    recorder = metrics.recorder_for(worker_context(tmp_path, None))
+def test_recorded_families_are_the_declared_ones_in_base_units():
+    registry = CollectorRegistry()
+    metrics.recorder_for("tiny", {}, registry)
+    found = {f.name: (f.type, f.unit) for f in registry.collect()}
+    assert found == {
+        "kiln_preprocess_seconds": ("histogram", ""),
+        "kiln_inference_seconds": ("histogram", ""),
+        "kiln_postprocess_seconds": ("histogram", ""),
+        "kiln_batch_size_requests": ("histogram", ""),
+        "kiln_requests_rejected": ("counter", ""),
+    }
+    assert set(metrics.RECORDED) == {*list(found)[:4], "kiln_requests_rejected_total"}
+    assert metrics.STAGE_BUCKETS_S == tuple(sorted(metrics.STAGE_BUCKETS_S))
+
+
+def test_without_a_multiprocess_folder_nothing_is_recorded():
+    recorder = metrics.recorder_for("tiny", {})
     recorder.record_batch(2)
     recorder.record_stage("inference", recorder.now())
     recorder.record_rejection(BadInput("empty body", reason="empty_body"))
-    assert lines == []
+    assert REGISTRY.get_sample_value("kiln_batch_size_requests_count",
+                                     {"model_name": "tiny"}) is None
 
 
-def test_a_reason_outside_the_fixed_set_is_counted_as_other():
-    err = BadInput("x", reason="feature 'mean radius' is a string")
-    assert metrics.rejection_reason(err) == "other"
-    assert metrics.rejection_reason(ValueError("no reason at all")) == "other"
+# A worker as TorchServe starts it: PROMETHEUS_MULTIPROC_DIR in its environment from the start.
+WORKER = """
+import os
+from kiln.handlers import metrics
+from kiln.handlers.errors import BadInput
+
+recorder = metrics.recorder_for("tiny", os.environ)
+recorder.record_batch(2)
+recorder.record_stage("preprocess", recorder.now())
+recorder.record_stage("preprocess", recorder.now())
+recorder.record_stage("inference", recorder.now(), requests=2)
+recorder.record_rejection(BadInput("x", reason="bad_shape"))
+"""
 
 
-def test_handler_records_each_stage_per_request(features_model_dir, feature_row, tmp_path,
-                                                emitted):
-    lines = emitted
+def run_worker(folder):
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    done = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_workers_record_in_multiprocess_files_that_the_exporter_sums(tmp_path):
+    run_worker(tmp_path)
+    run_worker(tmp_path)  # a second worker (or the first one restarted)
+    page = Collector(tmp_path).page().decode()
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(page) for s in family.samples}
+    assert values[("kiln_batch_size_requests_count", TINY)] == 2.0
+    assert values[("kiln_batch_size_requests_sum", TINY)] == 4.0
+    assert values[("kiln_preprocess_seconds_count", TINY)] == 4.0
+    assert values[("kiln_inference_seconds_count", TINY)] == 4.0
+    assert values[("kiln_requests_rejected_total",
+                   (("model_name", "tiny"), ("reason", "bad_shape")))] == 2.0
+
+
+def test_the_exporter_marks_gone_workers_dead_once_and_keeps_their_counts(tmp_path):
+    run_worker(tmp_path)
+    collector = Collector(tmp_path)
+    (gone,) = collector.dead_pids()
+    assert list(tmp_path.glob(f"*_{gone}.db"))
+    first = collector.page()
+    assert collector.marked == {gone} and collector.dead_pids() == set()
+    assert collector.page() == first
+
+
+def test_handler_records_each_stage_per_request(features_model_dir, feature_row, tmp_path):
     model_dir = shutil.copytree(features_model_dir, tmp_path / "tiny")
-    shutil.copy(METRICS_YAML, model_dir)
-    context = worker_context(model_dir, worker_cache())
+    context = worker_context(model_dir)
     handler = kiln_handler.KilnHandler()
     handler.initialize(context)
+    registry = CollectorRegistry()
+    handler.metrics = metrics.recorder_for("tiny", {}, registry)
     requests = [{"body": json.dumps(feature_row)}, {"body": "[1, 2]"},
                 {"body": json.dumps(feature_row)}]
     context.request_processor = [RequestProcessor({}) for _ in requests]
 
     handler.handle(requests, context)
 
-    recorded = [(name, dims) for name, _, _, dims, _ in parse(lines)]
-    assert sorted(recorded) == sorted(
-        [("kiln_batch_size_requests", "model_name:tiny")]
-        + [("kiln_preprocess_centiseconds", "model_name:tiny")] * 3
-        + [("kiln_requests_rejected_total", "model_name:tiny,reason:bad_shape")]
-        + [("kiln_inference_centiseconds", "model_name:tiny")] * 2
-        + [("kiln_postprocess_centiseconds", "model_name:tiny")] * 2
-    )
-    assert all(value >= 0 for _, _, value, _, _ in parse(lines))
+    got = samples(registry)
+    counts = {name: got[(f"{name}_count", TINY)] for name in
+              ("kiln_batch_size_requests", *map(metrics.stage_metric, metrics.STAGES))}
+    assert counts == {"kiln_batch_size_requests": 1.0, "kiln_preprocess_seconds": 3.0,
+                      "kiln_inference_seconds": 2.0, "kiln_postprocess_seconds": 2.0}
+    assert got[("kiln_requests_rejected_total",
+                (("model_name", "tiny"), ("reason", "bad_shape")))] == 1.0
+    assert all(got[(f"{metrics.stage_metric(s)}_sum", TINY)] >= 0 for s in metrics.STAGES)
+
+
+def test_a_reason_outside_the_fixed_set_is_counted_as_other():
+    err = BadInput("x", reason="feature 'mean radius' is a string")
+    assert metrics.rejection_reason(err) == "other"
+    assert metrics.rejection_reason(ValueError("no reason at all")) == "other"
 
 
 # --- rejection reasons -----------------------------------------------------------------

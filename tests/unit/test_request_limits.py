@@ -402,3 +402,19 @@ def test_a_recipe_model_gets_its_ranges_checked_once_its_names_are_known():
     assert declaration.feature_bounds(spec) == {"min": [None, 0.0]}
     with pytest.raises(declaration.DeclarationError, match=r"unknown features \['c'\]"):
         declaration.feature_bounds({**spec, "ranges": {"c": [0, 1]}})
+
+
+@pytest.mark.parametrize("size", [(1, 1), (28, 28), (640, 17), (4096, 4096)])
+def test_png_header_read_directly_declares_what_pil_reads(size):
+    out = io.BytesIO()
+    Image.new("L", size).save(out, format="PNG")
+    raw = out.getvalue()
+    assert images._png_size(raw) == size
+    assert images.declared_pixels(raw) == size[0] * size[1]
+
+
+def test_a_png_without_a_plain_ihdr_goes_through_pil():
+    raw = images.PNG_MAGIC + b"\x00\x00\x00\x0dIHDX" + bytes(17)
+    assert images._png_size(raw) is None
+    assert images.declared_pixels(raw) == 0
+    assert images._png_size(images.PNG_MAGIC + b"\x00\x00\x00\x0dIHDR" + bytes(17)) is None

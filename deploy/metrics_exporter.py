@@ -1,0 +1,210 @@
+"""Kiln's metrics exporter: the handlers' metrics of every worker, as one Prometheus page.
+
+    python -m kiln.deploy.metrics_exporter --dir DIR --socket PATH
+
+Workers record into memory-mapped files in DIR (prometheus-client's multiprocess mode;
+Server._env gives them PROMETHEUS_MULTIPROC_DIR). TorchServe's plugin manager loads no
+metrics endpoint, so this small process serves them: GET /metrics on a Unix socket, which
+the front proxy appends to TorchServe's own page on the public metrics port (one scrape
+target holds both; docs/deploy.md). A socket needs no port of its own, its path is known
+before nginx's configuration is written, and nothing but the proxy can reach it.
+
+`Exporter` starts it detached (as nginx and TorchServe are), keeps its pid in the run
+folder, and stops it; `kiln serve`, `kiln stop` and kiln-container do so through Server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+log = logging.getLogger("kiln.metrics_exporter")
+
+METRICS_PATH = "/metrics"
+# A Unix socket's path must fit in sockaddr_un (108 bytes with its terminating NUL).
+MAX_SOCKET_PATH = 107
+# prometheus-client's files: <type>[_<gauge mode>]_<pid>.db
+PID_IN_FILE = re.compile(r"_(\d+)\.db$")
+
+
+class ExporterError(RuntimeError):
+    pass
+
+
+# -- the exporter process -------------------------------------------------------------------------
+class Collector:
+    """Reads DIR at each scrape; marks each worker gone since the last (a restarted worker's
+    live gauges must not be summed with the running ones')."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=str(folder))
+        self.marked: set[int] = set()
+
+    def dead_pids(self) -> set[int]:
+        pids = set()
+        for path in self.folder.glob("*.db"):
+            match = PID_IN_FILE.search(path.name)
+            if match:
+                pids.add(int(match.group(1)))
+        return {pid for pid in pids - self.marked if not psutil.pid_exists(pid)}
+
+    def page(self) -> bytes:
+        for pid in self.dead_pids():
+            mark_process_dead(pid, str(self.folder))
+            self.marked.add(pid)
+        return generate_latest(self.registry)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path.split("?", 1)[0] != METRICS_PATH:
+            self.send_error(404)
+            return
+        try:
+            body = self.server.collector.page()
+        except Exception:  # a half-written file of a worker starting: the next scrape reads it
+            log.exception("could not read %s", self.server.collector.folder)
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self):  # a Unix socket's peer has no address
+        return "unix"
+
+    def log_message(self, format, *args):  # noqa: A002 (no access log: nginx's is off too)
+        pass
+
+
+class _Server(socketserver.UnixStreamServer):
+    def __init__(self, path: Path, collector: Collector):
+        self.collector = collector
+        path.unlink(missing_ok=True)  # a socket file a killed exporter left
+        super().__init__(str(path), _Handler)
+
+
+def serve(folder: Path, socket_path: Path) -> None:
+    """Serves until SIGTERM or SIGINT."""
+    server = _Server(socket_path, Collector(folder))
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving %s on %s", folder, socket_path)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        socket_path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", type=Path, required=True, help="the workers' multiprocess folder")
+    p.add_argument("--socket", type=Path, required=True, help="the Unix socket to serve on")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve(args.dir, args.socket)
+    return 0
+
+
+# -- its lifecycle --------------------------------------------------------------------------------
+class Exporter:
+    """The exporter of one run folder: its multiprocess folder, socket, pid file and log."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.folder = run_dir / "kiln-metrics"
+        self.socket = run_dir / "kiln-metrics.sock"
+        self.pid_file = run_dir / "kiln-metrics.pid"
+        self.log_file = run_dir / "kiln-metrics.log"
+
+    def pid(self) -> int | None:
+        """The exporter of this folder, if it runs (a recorded pid may belong to anything now)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            return pid if str(self.socket) in psutil.Process(pid).cmdline() else None
+        except (OSError, ValueError, psutil.Error):
+            return None
+
+    def start(self, timeout: float = 10, console: bool = False) -> None:
+        """A fresh (emptied) folder and the exporter on it, answering when this returns.
+        `console`: its log on this process's stderr rather than in the run folder."""
+        if len(str(self.socket).encode()) > MAX_SOCKET_PATH:
+            raise ExporterError(f"{self.socket} is longer than a Unix socket path may be "
+                                f"({MAX_SOCKET_PATH} bytes): use a shorter run folder")
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        command = [sys.executable, "-m", "kiln.deploy.metrics_exporter",
+                   "--dir", str(self.folder), "--socket", str(self.socket)]
+        with contextlib.ExitStack() as stack:
+            out = None if console else stack.enter_context(open(self.log_file, "ab"))
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=out, start_new_session=True)
+        self.pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ExporterError(f"Kiln's metrics exporter exited ({proc.returncode}):\n"
+                                    f"{self.log_tail()}")
+            if _accepts(self.socket):
+                return
+            time.sleep(0.05)
+        raise ExporterError(f"Kiln's metrics exporter did not start within {timeout:g} s")
+
+    def stop(self, timeout: float = 5) -> bool:
+        """SIGTERM, killed after `timeout`; False when none ran."""
+        pid = self.pid()
+        self.pid_file.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.terminate()
+            _, alive = psutil.wait_procs([proc], timeout=timeout)
+            for p in alive:
+                p.kill()
+        self.socket.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no exporter log)"
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(str(path)) == 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
