@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kiln.deploy import contract, front
+from kiln.deploy import contract, front, metrics_exporter
 from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
@@ -36,6 +36,7 @@ from kiln.deploy.server import (
     ServerSettings,
     declared_serving,
 )
+from kiln.handlers.cores import usable_cores
 from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.container")
@@ -139,14 +140,16 @@ def server_settings(settings: Settings) -> ServerSettings:
     """TorchServe as the container runs it: loopback ports, token auth off (nginx checks keys),
     logs on stdout, everything it writes in the run folder."""
     models = settings.served_models()
+    # Derived from the cores the container may use (its --cpus quota, not the host's).
+    defaults = ModelServing.derived(usable_cores(), max(1, len(models)))
     serving = {}
     for name in models:
         try:
-            serving[name] = declared_serving(name)
+            serving[name] = declared_serving(name, defaults=defaults)
         except DeclarationError:  # a user's model whose declaration is not in the image
             log.info("%s: no declaration here; served with Kiln's defaults %s", name,
-                     ModelServing())
-            serving[name] = ModelServing()
+                     defaults)
+            serving[name] = defaults
     return ServerSettings(run_dir=settings.run_dir / "torchserve",
                           model_store=settings.model_store, models=models,
                           ports=settings.internal_ports(), java_heap=settings.java_heap,
@@ -166,7 +169,8 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
         live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
         shutdown_s=max(1, int(settings.grace_s - settings.drain_delay_s
                               - settings.stop_reserve_s())),
-        run_as=front.run_as_line())
+        run_as=front.run_as_line(),
+        kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket)
 
 
 def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from kiln.deploy import front, plugins
+from kiln.deploy import front, metrics_exporter, plugins
+from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 from kiln.training import declaration
@@ -34,6 +35,8 @@ HOST = "127.0.0.1"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 # The same loggers written to stdout, for a container (read-only root, logs collected).
 CONSOLE_LOG_CONFIG = LOG_CONFIG.with_name("log4j2-console.xml")
+# On the PYTHONPATH of TorchServe's processes: defers torch in its workers.
+WORKER_SITE = LOG_CONFIG.with_name("worker_site")
 PORTS_FILE = "ports.json"  # in the run folder: how stop, predict and loadtest find a server
 INTERNAL_PORTS_FILE = "internal_ports.json"  # TorchServe's own, behind the front proxy
 # TorchServe's own inference token behind the front proxy is a service credential that only
@@ -42,6 +45,9 @@ FRONTED_TOKEN_MIN = 10 * 365 * 24 * 60
 # Probes the front proxy answers on the inference port without a key.
 READY_PATH = "/ready"
 LIVE_PATH = "/live"
+# How often wait_ready asks: a poll is a few local requests (about 1 ms each) to the
+# management API, and half a second of polling was up to half a second of `kiln serve`.
+READY_POLL_S = 0.05
 
 
 # Every port Ports.free() has returned in this process.
@@ -101,9 +107,26 @@ class ServerError(RuntimeError):
 SHADOWING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")
 
 
+# The requests a model's workers batch together, shared among them, and the least one
+# worker batches. Measured with kiln tune lenet on 2 cores (wrk, 16 clients, 1 ms delay):
+# one worker reached 3140 req/s with batch 16 and 2284 with 8; two workers 3189 with 8 and
+# 2912 with 16 (the clients spread over the workers, so each worker's batch is smaller).
+# A batch waits for no one beyond the delay, so a bigger limit costs nothing when idle.
+BATCH_PER_MODEL = 16
+MIN_BATCH = 8
+# TorchServe holds a lone client's request for the whole delay, waiting for a second one:
+# 1-client p50 = unbatched p50 + delay. Keeping it within 1.5x the unbatched p50 caps the
+# delay at half of that. lenet's unbatched 1-client p50 on 2 cores, wrk straight to
+# TorchServe (kiln tune lenet, two runs): 1.5 to 1.7 ms, so 0.8 ms; 1 ms is the least a
+# batch can have (TorchServe reads 0 as its own 100 ms) and measured 1.4x to 1.6x, where 2 ms
+# measured 2.1x to 2.3x. Behind the front proxy the unbatched p50 is higher, the ratio lower.
+MAX_BATCH_DELAY_MS = 1
+
+
 @dataclass(frozen=True)
 class ModelServing:
-    """A served model's workers and batching: Kiln's defaults, in the one place they live.
+    """A served model's workers and batching: what a declaration's [serving] or a flag set,
+    over `derived`'s defaults for the machine and the models served beside it.
 
     They go into config.properties' `models` setting, never into the archive: TorchServe
     lets an archive's model-config.yaml win over config.properties for these keys. The
@@ -111,11 +134,8 @@ class ModelServing:
     """
 
     workers: int = 1
-    # Measured with loadtests/batching.py on lenet, 2 cores, 16 closed-loop clients:
-    # batch 8 / 2 ms gave 2.4x the unbatched throughput and 0.39x its p99, for +2.4 ms p50
-    # at a single client. 8 / 5 ms gains more at load (3.0x) but costs twice that when idle.
-    batch_size: int = 8
-    max_batch_delay_ms: int = 2
+    batch_size: int = BATCH_PER_MODEL
+    max_batch_delay_ms: int = MAX_BATCH_DELAY_MS
 
     def __post_init__(self):
         for f in fields(self):
@@ -128,11 +148,39 @@ class ModelServing:
                              "TorchServe as its own default (100 ms): use 1 or more")
 
     @classmethod
-    def resolve(cls, declared: Mapping[str, int], **given: int | None) -> ModelServing:
-        """Kiln's defaults, then `declared` (a declaration's [serving]), then what was given
-        (None: not given). Keys of `declared` that are not serve-time settings are ignored."""
+    def derived(cls, cores: int, models: int) -> ModelServing:
+        """Defaults that need no tuning, for `models` served together on `cores` usable cores
+        (kiln.handlers.cores: affinity and cgroup quota, not the host's count).
+
+        - workers: cores // models, at least 1. A worker is one process running one batch at
+          a time on about one core; all workers together about as many as the cores keeps
+          every core busy when traffic is spread and none oversubscribed when it all comes at
+          once, and memory (one process per worker) grows with the cores, not past them.
+        - intra-op threads (the handler's "auto", from KILN_SERVED_WORKERS): cores // all
+          workers, at least 1, so that workers running at once never fight for cores.
+        - batch size BATCH_PER_MODEL // workers, at least MIN_BATCH (16 for one worker, 8
+          for more): a model's clients spread over its workers, so each worker's batch fills
+          less as they grow; a lone request never waits for a batch to fill, only for the
+          delay, so a batch limit costs nothing when idle.
+        - max batch delay MAX_BATCH_DELAY_MS: TorchServe holds a lone client's request for the
+          whole delay, so it is capped to keep one client's p50 within 1.5x the unbatched
+          p50 (see the constant for the measurement).
+        """
+        if cores < 1 or models < 1:
+            raise ValueError(f"cores and models must be >= 1, got {cores} and {models}")
+        workers = max(1, cores // models)
+        return cls(workers=workers, batch_size=max(MIN_BATCH, BATCH_PER_MODEL // workers),
+                   max_batch_delay_ms=MAX_BATCH_DELAY_MS)
+
+    @classmethod
+    def resolve(cls, declared: Mapping[str, int], defaults: ModelServing | None = None,
+                **given: int | None) -> ModelServing:
+        """`defaults` (None: the class's), then `declared` (a declaration's [serving]), then
+        what was given (None: not given). Keys of `declared` that are not serve-time
+        settings are ignored."""
         names = {f.name for f in fields(cls)}
-        chosen = {k: v for k, v in declared.items() if k in names}
+        chosen = vars(defaults).copy() if defaults is not None else {}
+        chosen.update({k: v for k, v in declared.items() if k in names})
         chosen.update({k: v for k, v in given.items() if v is not None})
         return cls(**chosen)
 
@@ -143,9 +191,10 @@ class ModelServing:
 
 
 def declared_serving(name: str, models_dirs: list[Path] | None = None,
-                     **given: int | None) -> ModelServing:
-    """What `name` is served with: Kiln's defaults < its declaration's [serving] < `given`."""
-    return ModelServing.resolve(declaration.get(name, models_dirs).serving, **given)
+                     defaults: ModelServing | None = None, **given: int | None) -> ModelServing:
+    """What `name` is served with: `defaults` (ModelServing.derived's, for the machine and
+    the models served) < its declaration's [serving] < `given`."""
+    return ModelServing.resolve(declaration.get(name, models_dirs).serving, defaults, **given)
 
 
 def archive_version(mar: Path) -> str:
@@ -198,12 +247,18 @@ class ServerSettings:
     internal_ports: Ports | None = None
     # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
     console_logs: bool = False
+    # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
+    cores: int = field(default_factory=usable_cores)
+
+    def serving_defaults(self) -> ModelServing:
+        """ModelServing.derived for these cores and these models."""
+        return ModelServing.derived(self.cores, max(1, len(self.models)))
 
     def model_serving(self, name: str) -> ModelServing | None:
         """What `name` is served with (None: TorchServe's own defaults)."""
         if name in self.serving:
             return self.serving[name]
-        return declared_serving(name, self.models_dirs)
+        return declared_serving(name, self.models_dirs, self.serving_defaults())
 
     def models_setting(self) -> dict:
         """config.properties' `models`: per model and archive version, its settings."""
@@ -255,9 +310,8 @@ class ServerSettings:
             "default_response_timeout": self.response_timeout_s,
             "max_response_size": self.max_request_size,
             "metrics_mode": "prometheus",
-            # Kiln's handlers declare their own metrics (handlers/metrics.yaml, in each
-            # archive); the frontend drops any that its metrics_config does not list, unless
-            # it may register them as they first arrive.
+            # Kiln's handlers record theirs with prometheus-client, past the frontend
+            # (deploy/metrics_exporter.py); a user's handler may still use TorchServe's API.
             "model_metrics_auto_detect": "true",
             "enable_envvars_config": "false",
             "install_py_dep_per_model": "false",
@@ -285,6 +339,7 @@ class Server:
         self.run_dir = settings.run_dir.resolve()
         self.ports = settings.ports
         self.front = front.Front(self.run_dir / "nginx", self.run_dir / KEYS_FILE)
+        self.exporter = metrics_exporter.Exporter(self.run_dir)  # the handlers' metrics
 
     # -- paths and environment -------------------------------------------------------------
     @property
@@ -310,9 +365,14 @@ class Server:
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir),
                    METRICS_LOCATION=str(self.log_dir),
                    KILN_ACCESS_LOG="info" if self.settings.access_log else "off",
-                   KILN_SERVED_WORKERS=str(self.served_workers()))
+                   KILN_SERVED_WORKERS=str(self.served_workers()),
+                   PROMETHEUS_MULTIPROC_DIR=str(self.exporter.folder))
         # Workers must find the same Python (and its packages) as this process.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # Workers import torch on first use only (an ONNX worker never does: faster to ready,
+        # lighter); see worker_site/sitecustomize.py.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(WORKER_SITE), env.get("PYTHONPATH")) if p)
         return env
 
     def served_workers(self) -> int:
@@ -376,6 +436,8 @@ class Server:
         done = []
         if self.front.stop():
             done.append("stopped the front proxy (nginx) of a TorchServe that is gone")
+        if self.exporter.stop():
+            done.append("stopped Kiln's metrics exporter of a TorchServe that is gone")
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         if self.pid_file.exists():
             self.pid_file.unlink(missing_ok=True)
@@ -425,12 +487,17 @@ class Server:
         except ValueError as err:  # a declaration not found, or bad serving settings
             raise ServerError(str(err)) from None
         (self.run_dir / PORTS_FILE).write_text(json.dumps(vars(self.ports)))
+        try:  # before the workers, which record into its emptied folder
+            self.exporter.start(console=self.settings.console_logs)
+        except metrics_exporter.ExporterError as err:
+            raise ServerError(str(err)) from None
         log_config = self.settings.log_config
         code, output = self._torchserve(
             "--start", "--ncs", "--ts-config", str(self.config_file),
             *(["--log-config", str(log_config)] if log_config else []),
             "--model-store", str(self.settings.model_store.resolve()), timeout=60)
         if code != 0:
+            self.exporter.stop()
             raise ServerError(f"torchserve --start failed:\n{output}")
         log.info("TorchServe starting from %s (logs in %s)", self.run_dir, self.log_dir)
         if self.fronted:
@@ -446,7 +513,8 @@ class Server:
                       "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
-            upstream_token=upstream_token, run_as=front.run_as_line())
+            upstream_token=upstream_token, run_as=front.run_as_line(),
+            kiln_metrics_socket=self.exporter.socket)
 
     def start_front(self, timeout: float = 60) -> None:
         """nginx on the public ports, once TorchServe has written the token it holds."""
@@ -501,6 +569,7 @@ class Server:
             os.kill(pid, 9)
             time.sleep(0.2)
             self.clean_up_after_crash()  # the workers of a frontend killed outlive it
+        self.exporter.stop()
         self.key_file.unlink(missing_ok=True)
         return True
 
@@ -531,6 +600,7 @@ class Server:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
         psutil.wait_procs(alive, timeout=max(0.1, deadline - time.monotonic()))
+        self.exporter.stop(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
         self.pid_file.unlink(missing_ok=True)
         return not alive
 
@@ -591,7 +661,7 @@ class Server:
                 waiting = [m for m in self.settings.models if not (state or {}).get(m)]
                 log.info("waiting for workers: %s", ", ".join(waiting))
                 last_report = time.monotonic()
-            time.sleep(0.5)
+            time.sleep(READY_POLL_S)
         raise ServerError(f"models not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:

@@ -13,7 +13,17 @@ import logging
 import os
 import sys
 
-from kiln.handlers import answers, backends, forms, inputs, limits, metrics, oip, rest
+from kiln.handlers import (
+    answers,
+    backends,
+    cores,
+    forms,
+    inputs,
+    limits,
+    metrics,
+    oip,
+    rest,
+)
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
 
@@ -130,14 +140,14 @@ class KilnHandler:
         self.signature = load_signature(os.path.join(model_dir, SIGNATURE_FILE))
         options = read_handler_options(context.model_yaml_config)
         self.top_k = options["top_k"]
-        self.metrics = metrics.recorder_for(context)
+        self.metrics = metrics.recorder_for(context.model_name, os.environ)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = backends.load_backend(
             serialized,
             gpu_id=gpu_id,
             intra_op_threads=intra_op_threads(options["intra_op_threads"],
                                               context.model_yaml_config, os.environ,
-                                              os.cpu_count()),
+                                              cores.usable_cores()),
             require_gpu=options["require_gpu"],
             input_names=[spec["name"] for spec in self.signature["inputs"]],
         )

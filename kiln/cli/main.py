@@ -13,8 +13,11 @@ from kiln import client as http
 from kiln.console import setup_logging
 from kiln.deploy import front
 from kiln.deploy.server import (
+    BATCH_PER_MODEL,
     HOST,
     INTERNAL_PORTS_FILE,
+    MAX_BATCH_DELAY_MS,
+    MIN_BATCH,
     ModelServing,
     Ports,
     Server,
@@ -22,6 +25,7 @@ from kiln.deploy.server import (
     ServerSettings,
     declared_serving,
 )
+from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE
 from kiln.model_store import STORE
 from kiln.training import declaration
@@ -77,11 +81,17 @@ def _server(args, models: list[str] | None = None,
                                  serving=serving or {}))
 
 
-def _serving(args, models: list[str]) -> dict[str, ModelServing]:
-    """Per model: Kiln's defaults < its declaration's [serving] < the flags given."""
+def _serving(args, models: list[str], cores: int | None = None) -> dict[str, ModelServing]:
+    """Per model: the defaults derived for `cores` (None: the usable cores here) and these
+    models < its declaration's [serving] < the flags given."""
+    cores = usable_cores() if cores is None else cores
+    defaults = ModelServing.derived(cores, len(models))
     flags = dict(workers=args.workers, batch_size=args.batch_size,
                  max_batch_delay_ms=args.max_batch_delay)
-    serving = {m: declared_serving(m, args.models_dirs, **flags) for m in models}
+    serving = {m: declared_serving(m, args.models_dirs, defaults, **flags) for m in models}
+    log.info("%d usable core(s), %d model(s): by default %d worker(s) each, batch size %d, "
+             "max batch delay %d ms", cores, len(models), defaults.workers,
+             defaults.batch_size, defaults.max_batch_delay_ms)
     for m, s in serving.items():
         log.info("%s: %d worker(s), batch size %d, max batch delay %d ms", m, s.workers,
                  s.batch_size, s.max_batch_delay_ms)
@@ -137,8 +147,6 @@ def _shown(path: Path) -> str:
 
 
 def cmd_serve(args) -> int:
-    from kiln.model_store.build import ensure_built
-
     try:
         models = ([declaration.get(m, args.models_dirs).name for m in args.models]
                   or declaration.default_set())
@@ -163,6 +171,9 @@ def cmd_serve(args) -> int:
         print(how_to_call(server))
         return 0
     if not args.no_build:
+        # Imported only to build: it brings torch and the training code (seconds of CPU).
+        from kiln.model_store.build import ensure_built
+
         for name in models:
             ensure_built(name, args.backend, args.store, args.models_dirs)
     try:
@@ -339,9 +350,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for command, (module, summary, description) in BUILD_STEPS.items():
-        p = sub.add_parser(command, help=summary, description=description)
-        if wanted(command):
+    for step, (module, summary, description) in BUILD_STEPS.items():
+        p = sub.add_parser(step, help=summary, description=description)
+        if wanted(step):  # not `command`: that would rebind the one wanted() reads
             importlib.import_module(module).add_arguments(p)
         p.set_defaults(func=_run_step(module))
 
@@ -363,16 +374,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="write run/logs/access_log.log, one line per request (default: off)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
-    d = ModelServing()
     p.add_argument("--workers", type=int,
-                   help=f"workers per served model (default: each declaration's [serving] "
-                        f"workers, else {d.workers})")
+                   help="workers per served model (default: each declaration's [serving] "
+                        "workers, else usable cores // served models, at least 1)")
     p.add_argument("--batch-size", type=int,
                    help=f"server-side batch size of every served model (default: each "
-                        f"declaration's, else {d.batch_size})")
+                        f"declaration's, else {BATCH_PER_MODEL} // workers, at least "
+                        f"{MIN_BATCH})")
     p.add_argument("--max-batch-delay", type=int, metavar="MS",
                    help=f"ms to wait to fill a batch, for every served model (default: each "
-                        f"declaration's, else {d.max_batch_delay_ms})")
+                        f"declaration's, else {MAX_BATCH_DELAY_MS})")
     _server_arguments(p)
     p.set_defaults(func=cmd_serve)
 

@@ -39,10 +39,12 @@ def archives():
 
 @pytest.fixture(scope="session")
 def server(archives, tmp_path_factory):
-    # As kiln serve runs it: Kiln's front proxy on the public ports, TorchServe behind it.
+    # As kiln serve runs it: Kiln's front proxy on the public ports, TorchServe behind it;
+    # derived for as many cores as models (one worker each on any machine: tests find a
+    # model's worker by its pid).
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("torchserve"),
                                 model_store=STORE, models=MODELS, ports=Ports.free(),
-                                internal_ports=Ports.free()))
+                                internal_ports=Ports.free(), cores=len(MODELS)))
     with srv.running(timeout=240):
         yield srv
 

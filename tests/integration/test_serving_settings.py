@@ -4,7 +4,7 @@ declaration's [serving], and from an explicit flag over the declaration."""
 import pytest
 import requests
 
-from kiln.deploy.server import Ports, Server, ServerSettings, declared_serving
+from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings, declared_serving
 from kiln.model_store.build import ensure_built
 from kiln.training import declaration
 
@@ -23,10 +23,13 @@ def server(tmp_path_factory):
     for name in ("binary", DECLARED):
         ensure_built(name, store=store, models_dirs=[models])
     # DECLARED is not listed in `serving`: the server takes its declaration's, as `kiln serve
-    # NAME` with no flags does; binary gets what `kiln serve --batch-size 3` would give it.
+    # NAME` with no flags does; binary gets what `kiln serve --batch-size 3` would give it on
+    # 2 cores: the defaults derived for 2 models there (one worker each), its batch size 3.
+    derived = ModelServing.derived(cores=2, models=2)
     settings = ServerSettings(tmp_path_factory.mktemp("run"), store, ["binary", DECLARED],
-                              Ports.free(), models_dirs=[models],
-                              serving={"binary": declared_serving("binary", batch_size=3)})
+                              Ports.free(), models_dirs=[models], cores=2,
+                              serving={"binary": declared_serving("binary", defaults=derived,
+                                                                  batch_size=3)})
     srv = Server(settings)
     with srv.running(timeout=180):
         yield srv
@@ -41,7 +44,7 @@ def describe(server, name):
 
 @pytest.mark.parametrize("name,expected", [
     (DECLARED, dict(minWorkers=2, maxWorkers=2, batchSize=4, maxBatchDelay=7)),
-    ("binary", dict(minWorkers=1, maxWorkers=1, batchSize=3, maxBatchDelay=2)),
+    ("binary", dict(minWorkers=1, maxWorkers=1, batchSize=3, maxBatchDelay=1)),
 ])
 def test_describe_model_shows_the_serving_settings(server, name, expected):
     described = describe(server, name)

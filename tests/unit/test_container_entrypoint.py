@@ -8,6 +8,7 @@ import pytest
 
 from kiln.deploy import container as kc
 from kiln.deploy import contract, front
+from kiln.deploy.metrics_exporter import Exporter
 from kiln.deploy.server import ModelServing, ServerSettings
 
 KEY = "Abc+def/ghi.jkl_mno-pq="  # 23 characters, every kind of punctuation a key may hold
@@ -80,6 +81,10 @@ def test_nginx_config_is_complete_and_forwards_no_management_route(tmp_path):
     assert upstreams == {str(p) for p in (ports.inference, ports.oip, ports.metrics,
                                          ports.grpc_inference)}
     assert str(ports.management) not in text and str(ports.grpc_management) not in text
+    # The handlers' metrics: appended to TorchServe's /metrics, from the exporter's socket.
+    socket = Exporter(server.run_dir.resolve()).socket
+    assert f"proxy_pass http://unix:{socket}:/metrics;" in text
+    assert "add_after_body /kiln-metrics;" in text
 
 
 @pytest.mark.skipif(not Path(front.NGINX).exists(), reason="nginx is not installed")

@@ -84,14 +84,14 @@ def test_models_setting_has_each_model_s_workers_and_batching(tmp_path):
     store = tmp_path / "store"
     fake_archive(store, "lenet")
     fake_archive(store, "binary", "2.5")
-    settings = ServerSettings(tmp_path, store, ["lenet", "binary"], serving={
+    settings = ServerSettings(tmp_path, store, ["lenet", "binary"], cores=2, serving={
         "binary": ModelServing(workers=2, batch_size=4, max_batch_delay_ms=7)})
     cfg = parse(settings.config_properties())
     assert cfg["load_models"] == "lenet.mar,binary.mar"
     assert json.loads(cfg["models"]) == {
-        # lenet declares no [serving]: Kiln's defaults
+        # lenet declares no [serving]: derived for 2 cores and 2 models
         "lenet": {"1.0": {"defaultVersion": True, "marName": "lenet.mar", "minWorkers": 1,
-                          "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 2}},
+                          "maxWorkers": 1, "batchSize": 16, "maxBatchDelay": 1}},
         # keyed by the version inside the archive, which is what TorchServe matches
         "binary": {"2.5": {"defaultVersion": True, "marName": "binary.mar", "minWorkers": 2,
                            "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 7}},
@@ -102,19 +102,47 @@ def test_models_setting_has_each_model_s_workers_and_batching(tmp_path):
 
 def test_precedence_flag_over_declaration_over_defaults():
     declared = {"workers": 2, "batch_size": 4, "response_timeout_s": 60}  # timeout: archive's
-    assert ModelServing.resolve(declared) == ModelServing(2, 4, 2)
+    assert ModelServing.resolve(declared) == ModelServing(2, 4, 1)
     assert ModelServing.resolve(declared, workers=None, batch_size=16, max_batch_delay_ms=5) \
         == ModelServing(2, 16, 5)
-    assert ModelServing.resolve({}) == ModelServing(1, 8, 2)
+    assert ModelServing.resolve({}) == ModelServing(1, 16, 1)
+    derived = ModelServing.derived(cores=8, models=2)
+    assert ModelServing.resolve({}, derived) == ModelServing(4, 8, 1)
+    assert ModelServing.resolve({"batch_size": 4}, derived, workers=1) == ModelServing(1, 4, 1)
+
+
+@pytest.mark.parametrize("cores,models,expected", [
+    (2, 4, ModelServing(1, 16, 1)),   # make serve's default set on 2 cores: one worker each
+    (2, 1, ModelServing(2, 8, 1)),    # one model takes both cores, its batches halve
+    (8, 4, ModelServing(2, 8, 1)),
+    (8, 3, ModelServing(2, 8, 1)),    # whole workers: 6 of 8 cores, never oversubscribed
+    (1, 1, ModelServing(1, 16, 1)),
+    (64, 1, ModelServing(64, 8, 1)),  # never below 8: a burst still fills every worker's
+    (3, 5, ModelServing(1, 16, 1)),   # more models than cores: one worker each all the same
+])
+def test_defaults_derived_from_cores_and_models(cores, models, expected):
+    assert ModelServing.derived(cores, models) == expected
+
+
+def test_a_server_s_defaults_follow_its_cores_and_models(tmp_path):
+    for name in ("lenet", "mlp", "rnn", "binary"):
+        fake_archive(tmp_path, name)
+    on_8 = ServerSettings(tmp_path, tmp_path, ["lenet", "mlp", "rnn", "binary"], cores=8)
+    assert on_8.serving_defaults() == ModelServing(2, 8, 1)
+    assert on_8.served_workers() == 8
+    alone = ServerSettings(tmp_path, tmp_path, ["lenet"], cores=2)
+    assert json.loads(parse(alone.config_properties())["models"])["lenet"]["1.0"][
+        "minWorkers"] == 2
 
 
 def test_a_declaration_s_serving_reaches_config_properties(tmp_path):
     models = declared_model(tmp_path / "models", "tiny", "batch_size = 4\nworkers = 2\n")
     fake_archive(tmp_path / "store", "tiny")
-    settings = ServerSettings(tmp_path, tmp_path / "store", ["tiny"], models_dirs=[models])
+    settings = ServerSettings(tmp_path, tmp_path / "store", ["tiny"], models_dirs=[models],
+                              cores=8)
     assert json.loads(parse(settings.config_properties())["models"])["tiny"]["1.0"] == {
         "defaultVersion": True, "marName": "tiny.mar", "minWorkers": 2, "maxWorkers": 2,
-        "batchSize": 4, "maxBatchDelay": 2}
+        "batchSize": 4, "maxBatchDelay": 1}
 
 
 def test_kiln_serve_flags_win_over_the_declaration(tmp_path):
@@ -123,8 +151,9 @@ def test_kiln_serve_flags_win_over_the_declaration(tmp_path):
     models = declared_model(tmp_path / "models", "tiny", "batch_size = 4\nworkers = 2\n")
     args = build_parser("serve").parse_args(
         ["serve", "tiny", "--models-dir", str(models), "--batch-size", "16"])
-    assert _serving(args, ["tiny", "lenet"]) == {"tiny": ModelServing(2, 16, 2),
-                                                 "lenet": ModelServing(1, 16, 2)}
+    # on 6 cores, lenet (no [serving]) gets 6 // 2 workers; tiny keeps its declared 2
+    assert _serving(args, ["tiny", "lenet"], cores=6) == {"tiny": ModelServing(2, 16, 1),
+                                                          "lenet": ModelServing(3, 16, 1)}
     args.max_batch_delay = 0
     with pytest.raises(ValueError, match="use 1 or more"):
         _serving(args, ["tiny"])
@@ -138,15 +167,16 @@ def test_bad_serving_settings_fail_at_construction(given):
 
 
 def test_a_stock_model_gets_torchserve_s_defaults(tmp_path):
-    from kiln.loadtests.stock import StockSettings
+    from kiln.loadtests.stock import BenchSettings
 
     fake_archive(tmp_path, "m_stock")
     fake_archive(tmp_path, "m_noop")
-    settings = StockSettings(tmp_path, tmp_path, ["m_stock", "m_noop"],
-                             serving={"m_noop": ModelServing()})
+    settings = BenchSettings(tmp_path, tmp_path, ["m_stock", "m_noop"],
+                             serving={"m_noop": ModelServing()}, envelope="json")
     cfg = parse(settings.config_properties())
     assert cfg["load_models"] == "m_stock.mar,m_noop.mar"
     assert list(json.loads(cfg["models"])) == ["m_noop"]
+    assert (cfg["number_of_gpu"], cfg["service_envelope"]) == ("0", "json")
 
 
 def test_no_models_no_models_setting(tmp_path):
