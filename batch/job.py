@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,9 @@ def run(settings: JobSettings) -> Summary:
     scorer = make_scorer(settings, signature)
     with _progress(source.total, sum(e["rows"] for e in done.values()), settings) as bar:
         try:
-            for chunk, scored in scorer.score(todo):
-                store.write_chunk(chunk.index, scored)
-                rows_this_run += len(scored)
-                bar.update(len(scored))
+            for rows in _stored(scorer.score(todo), store, behind=settings.via == "local"):
+                rows_this_run += rows
+                bar.update(rows)
                 if settings.chunk_delay_s:
                     time.sleep(settings.chunk_delay_s)
         finally:
@@ -111,6 +111,35 @@ def run(settings: JobSettings) -> Summary:
     store.remove()
     log.debug("%s -> %s: %s", settings.input, settings.output, summary.describe())
     return summary
+
+
+def _stored(scored_chunks, store: ChunkStore, behind: bool = True):
+    """Each scored chunk written to the store, in order; yields each chunk's rows once it is
+    stored. `behind`: written by a thread of its own, at most one write in flight, so that
+    formatting and fsync overlap the next chunk's scoring (a local job, whose chunks come as
+    fast as the cores allow; a server job's come at the server's pace). Either way a chunk
+    not yet yielded may be lost to a crash, never one that was."""
+    if not behind:
+        for chunk, scored in scored_chunks:
+            store.write_chunk(chunk.index, scored)
+            yield len(scored)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="kiln-store") as writer:
+        pending = None
+        try:
+            for chunk, scored in scored_chunks:
+                writing = writer.submit(store.write_chunk, chunk.index, scored), len(scored)
+                if pending is not None:
+                    pending[0].result()
+                    yield pending[1]
+                pending = writing
+            if pending is not None:
+                pending[0].result()
+                yield pending[1]
+                pending = None
+        finally:
+            if pending is not None:  # the job failed or stopped: finish the write under way
+                pending[0].exception()
 
 
 def _progress(total, initial: int, settings: JobSettings):

@@ -1,8 +1,11 @@
-"""Ordered, bounded parallel work over the parts of chunks: the next parts are worked on in a
-pool while the current one is finished, and chunks come out whole and in input order."""
+"""Ordered, bounded parallel work over the parts of chunks: the next chunks are read in a
+thread, their parts worked on in a pool while the current one is finished, and chunks come
+out whole and in input order."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -60,3 +63,53 @@ def score_chunks(chunks: Iterable[Chunk], part_size: int, pool: Executor, work: 
         if last:
             yield chunk, Scored.concat(done)
             done = []
+
+
+_END = object()
+
+
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """The items in order, each exactly once, taken from `items` in a thread that keeps up
+    to `depth` of them ready: reading and parsing the next chunks (file reads and Arrow
+    release the GIL) overlaps whatever the caller does with the current one. An exception
+    raised by `items` comes out here, after the items before it; closing this generator
+    stops the thread (and closes `items`) before it returns."""
+    ready: queue.Queue = queue.Queue(max(1, depth))
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        it = iter(items)
+        try:
+            for item in it:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # noqa: BLE001 - handed over to the consumer
+            put((_END, err))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    reader = threading.Thread(target=produce, name="kiln-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join()

@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,24 @@ def _batched(items, size: int):
         yield batch
 
 
+def image_files(folder: Path) -> list[tuple[str, Path]]:
+    """(id, path) of the image files under `folder`, by id: what rglob would find (files and
+    links to files; links to folders are not followed), with os.scandir's cached entry
+    types in place of a stat and a Path per entry (a tenth of a short job's time)."""
+    found, todo, cut = [], [str(folder)], len(str(folder)) + 1
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and \
+                        entry.is_file():
+                    found.append(entry.path)
+    return sorted((path[cut:].replace(os.sep, "/"), Path(path)) for path in found)
+
+
 def image_source(folder: Path, chunk_size: int) -> Source:
-    files = sorted(
-        (p.relative_to(folder).as_posix(), p) for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    files = image_files(folder)
 
     def chunks():
         for index, batch in enumerate(_batched(files, chunk_size)):
@@ -158,16 +172,17 @@ def _count_lines(path: Path) -> int:
 def _scan(path: Path) -> tuple[int, bool]:
     """(newlines, whether each line is one CSV row): no quotes (which may hold line breaks)
     and no bare carriage returns (which the csv module also takes for line ends)."""
-    lines, quotes, crs, crlfs, last = 0, 0, 0, 0, b""
+    lines, quoted, crs, crlfs, last = 0, False, 0, 0, b""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            lines += block.count(b"\n")
-            quotes += block.count(b'"')
+            # numpy counts newlines ~15x faster than bytes.count; `in` is a memchr
+            lines += int(np.count_nonzero(np.frombuffer(block, np.uint8) == ord("\n")))
+            quoted = quoted or b'"' in block
             if b"\r" in block or last == b"\r":  # a CRLF may straddle two blocks
                 crs += block.count(b"\r")
                 crlfs += (last + block).count(b"\r\n")
             last = block[-1:]
-    return lines, quotes == 0 and crs == crlfs
+    return lines, not quoted and crs == crlfs
 
 
 def csv_source(path: Path, signature, chunk_size: int) -> Source:

@@ -118,3 +118,19 @@ def test_decoding_workers_die_with_a_killed_job(tmp_path, image_model_dir, light
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)]
+
+
+def test_many_images_come_out_once_each_in_order(tmp_path, image_model_dir):
+    """More parts than the pool and the read-ahead hold at once: none lost, none repeated."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(45):
+        Image.fromarray(np.full((28, 28), (i * 37) % 256, dtype=np.uint8)).save(
+            folder / f"{i:03d}.png")
+    summary, rows = _run(image_model_dir, "tinydigits", folder, tmp_path / "out.csv",
+                         chunk_size=4, batch_size=3)
+    _, serial = _run(image_model_dir, "tinydigits", folder, tmp_path / "one.csv",
+                     chunk_size=45, batch_size=45)
+    assert [r["id"] for r in rows] == [f"{i:03d}.png" for i in range(45)]
+    assert rows == serial
+    assert (summary.rows, summary.failed, summary.rows_this_run) == (45, 0, 45)
