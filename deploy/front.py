@@ -295,10 +295,13 @@ class Front:
         except ValueError as err:  # KeysError included
             raise FrontError(str(err)) from None
         with open(self.log_file, "ab") as log_out:
-            subprocess.Popen(nginx_command(settings), stdin=subprocess.DEVNULL,
-                             stdout=log_out, stderr=log_out, start_new_session=True)
+            master = subprocess.Popen(nginx_command(settings), stdin=subprocess.DEVNULL,
+                                      stdout=log_out, stderr=log_out, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if master.poll() is not None:  # a port taken, say: nginx says why in its log
+                raise FrontError(f"nginx exited with status {master.returncode}:\n"
+                                 f"{self.log_tail()}")
             if self.pid() is not None and _accepts(settings.listen, settings.public["http"]):
                 return
             time.sleep(0.05)

@@ -501,7 +501,11 @@ class Server:
             raise ServerError(f"torchserve --start failed:\n{output}")
         log.info("TorchServe starting from %s (logs in %s)", self.run_dir, self.log_dir)
         if self.fronted:
-            self.start_front()
+            try:
+                self.start_front()
+            except ServerError:
+                self.stop()  # no TorchServe left running behind a front that never came up
+                raise
 
     def front_settings(self, upstream_token: str | None = None) -> front.FrontSettings:
         p, i = self.ports, self.settings.internal_ports

@@ -1,14 +1,17 @@
 """A frontend killed hard leaves its pid file, its key file, its workers and its front proxy
 behind: kiln stop and kiln serve clean them up, and say so."""
 
+import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import psutil
+import pytest
 
-from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.deploy.server import Ports, Server, ServerError, ServerSettings
 from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
 
@@ -50,3 +53,23 @@ def test_stop_and_serve_clean_up_after_a_killed_frontend(tmp_path):
     with server.running(timeout=120):
         assert server.pid() is not None
     assert server.orphan_workers() == []
+
+
+def test_a_front_that_cannot_start_leaves_no_torchserve_behind(tmp_path):
+    ensure_built("binary")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = dataclasses.replace(Ports.free(), inference=taken.getsockname()[1])
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+                                   ports=ports, internal_ports=Ports.free()))
+    try:
+        with pytest.raises(ServerError, match="nginx exited with status 1"):
+            with server.running(timeout=120):
+                pass
+        assert "Address already in use" in server.front.log_tail()
+        assert server.pid() is None and server.front.pid() is None
+        assert server.orphan_workers() == []
+    finally:
+        taken.close()
+        server.stop()
