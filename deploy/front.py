@@ -33,6 +33,10 @@ from pathlib import Path
 
 import psutil
 
+# The header that carries a form body's content type past TorchServe to Kiln's handler, and
+# the Retry-After of a 503 (about one batch later): the handler's own, so that both agree.
+from kiln.handlers.errors import RETRY_AFTER_S
+from kiln.handlers.forms import FORM_TYPE_HEADER
 from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use from here)
     DEFAULT_OVERLAP_S,
     Key,
@@ -48,11 +52,6 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 
 NGINX = "/usr/sbin/nginx"
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
-# The request header that carries a form body's own content type past TorchServe
-# (as kiln.handlers.forms.FORM_TYPE_HEADER).
-FORM_TYPE_HEADER = "kiln-form-type"
-# Retry-After on a 503 (a model's queue full, nothing to forward to): about one batch later.
-RETRY_AFTER_S = 1
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
 MAX_CONNECTIONS = 512

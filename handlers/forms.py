@@ -14,7 +14,7 @@ from email.message import Message
 
 from kiln.handlers.errors import BadInput
 
-FORM_TYPE_HEADER = "kiln-form-type"  # as kiln.deploy.front.FORM_TYPE_HEADER
+FORM_TYPE_HEADER = "kiln-form-type"  # the front proxy (deploy/front.py) sets it
 MAX_FIELDS = 16  # a model takes one field per input; more is a client's mistake
 # RFC 2046: 1 to 70 characters, of these (a space not last).
 BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
