@@ -112,6 +112,16 @@ class Container:
         parent = psutil.Process(self.process.pid)
         return [parent, *parent.children(recursive=True)]
 
+    def wait_reloaded(self, timeout: float = 10) -> None:
+        """Until nginx runs one worker again after a reload. For about 100 ms after starting
+        the new worker, nginx's master keeps the old one accepting too, with the old keys."""
+        master = next(p for p in psutil.Process(self.process.pid).children()
+                      if p.name() == "nginx")
+        deadline = time.monotonic() + timeout
+        while len(master.children()) != 1:
+            assert time.monotonic() < deadline, f"nginx still has workers {master.children()}"
+            time.sleep(0.05)
+
     def kill(self) -> None:
         if self.process.poll() is None:
             for proc in reversed(self.tree()):

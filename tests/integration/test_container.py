@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 
 import psutil
 import pytest
@@ -128,6 +129,7 @@ def test_keys_rotate_without_a_restart(container):
     assert container.predict(KEY_2).status_code == 200
     write_keys(container.keys_file, KEY_1)
     eventually(lambda: container.predict(KEY_1).status_code == 200)
+    container.wait_reloaded()  # no old worker left to answer the next test with the old keys
     assert container.process.pid == pid and container.process.poll() is None
 
 
@@ -145,6 +147,7 @@ def test_sigterm_drains_answers_in_flight_and_leaves_nothing(container):
             time.sleep(0.02)
 
     prober = threading.Thread(target=probe_ready, daemon=True)
+    container.wait_reloaded()
     with Load(container.public["http"]) as load:
         prober.start()
         time.sleep(1.0)
@@ -180,13 +183,15 @@ def test_sigterm_drains_answers_in_flight_and_leaves_nothing(container):
         "first_refusal_after_s": round(first_refused - signalled, 3),
         "exit_after_s": round(exited - signalled, 3),
         "exit_code": code,
+        "not_200_before_sigterm": dict(Counter(f"{r.status or r.error}" for r in records
+                                               if r.started < signalled and r.status != 200)),
     }
     print("\ndrain figures:", json.dumps(figures))
     log.info("drain figures: %s", figures)
 
     assert code == 0, container.log()
     assert exited - signalled <= GRACE_S
-    assert not_ready < first_refused
+    assert not_ready < first_refused, (figures, container.log())
     # Listeners stayed open for the drain delay.
     assert first_refused - signalled >= DRAIN_DELAY_S - 0.1
     assert sent_before and all(r.status == 200 for r in sent_before), \
