@@ -13,7 +13,7 @@ import numpy as np
 from kiln.batch import columns
 from kiln.batch.chunks import Chunk, Scored
 from kiln.batch.columns import Layout
-from kiln.handlers import inputs, rest
+from kiln.handlers import images, inputs, rest
 from kiln.handlers.errors import BadInput
 
 
@@ -73,19 +73,29 @@ def _decode_images(chunk: Chunk, signature) -> Decoded:
 
 
 def decode_images(raws: list[bytes | None], errors: list[str | None], signature) -> Decoded:
-    """Encoded images (None where `errors` says why there is none) as model rows."""
+    """Encoded images (None where `errors` says why there is none) as model rows: each
+    decoded and framed as the server does it, then standardised together (one numpy pass
+    instead of one per image; the same arithmetic, so the same rows)."""
     errors = list(errors)
-    rows, positions = [], []
+    spec = signature["inputs"][0]
+    rows, framed, positions = [], {}, []
     for i, raw in enumerate(raws):
         if raw is None:
             continue
         try:
-            rows.append(rest.decode_request(raw, signature))
+            if spec["kind"] == "image" and images.is_encoded_image(raw):
+                framed[len(rows)] = images.framed_unit_from_bytes(raw, spec)
+                rows.append(None)
+            else:  # whatever else a file holds: as a request body of it
+                rows.append(rest.decode_request(raw, signature))
             positions.append(i)
         except BadInput as err:
             errors[i] = str(err)
-    return Decoded([[inputs.stack(rows, signature["inputs"][0])]] if rows else [],
-                   positions, errors)
+    if framed:
+        standardised = images.standardise_image(np.stack(list(framed.values())), spec)
+        for k, row in zip(framed, standardised, strict=True):
+            rows[k] = row
+    return Decoded([[inputs.stack(rows, spec)]] if rows else [], positions, errors)
 
 
 def _decode_instances(chunk: Chunk, signature) -> Decoded:

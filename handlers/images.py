@@ -17,6 +17,11 @@ from kiln.handlers import arrays
 from kiln.handlers.errors import BadInput, json_type
 from kiln.handlers.limits import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS
 
+try:
+    import pyspng
+except ImportError:  # no wheel for this platform: PIL decodes every image
+    pyspng = None
+
 logger = logging.getLogger(__name__)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +36,11 @@ RESAMPLE = Image.Resampling.LANCZOS
 _UNIT_LEVELS = np.arange(256, dtype=np.float64) / 255.0
 _UNIT_LEVELS.flags.writeable = False
 _16_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# PNG colour types (IHDR byte 25) that need no conversion for 1 and 3 channels: grey, RGB.
+_PLAIN_COLOUR_TYPE = {1: 0, 3: 2}
+# Chunks after which PIL's pixels differ from the stored ones: transparency is composited
+# on paper (_on_paper), EXIF orientation turns the image (_upright).
+_PIL_ONLY_CHUNKS = (b"tRNS", b"eXIf")
 
 
 def is_encoded_image(raw):
@@ -42,8 +52,13 @@ def is_encoded_image(raw):
 
 def image_row_from_bytes(raw, spec):
     """PNG/JPEG bytes as one model row of the input `spec`."""
-    unit = unit_image_from_bytes(raw, spec["channels"])
-    return standardise_image(fit_to_size(unit, spec), spec)
+    return standardise_image(framed_unit_from_bytes(raw, spec), spec)
+
+
+def framed_unit_from_bytes(raw, spec):
+    """PNG/JPEG bytes decoded to [0, 1] and brought to the input's size, not yet
+    standardised (standardise_image takes a stack of them at once)."""
+    return fit_to_size(unit_image_from_bytes(raw, spec["channels"]), spec)
 
 
 def image_row_from_json(value, spec):
@@ -65,6 +80,9 @@ def image_rows_from_raw(values, spec):
 
 def unit_image_from_bytes(raw, channels):
     """PNG/JPEG bytes as float64 in [0, 1]: [H, W] grey or [H, W, 3] RGB."""
+    plain = plain_png_pixels(raw, channels)
+    if plain is not None:
+        return _UNIT_LEVELS.take(plain)
     fmt = "PNG" if raw.startswith(PNG_MAGIC) else "JPEG"
     try:
         img = Image.open(io.BytesIO(raw), formats=(fmt,))
@@ -82,6 +100,32 @@ def unit_image_from_bytes(raw, channels):
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             logger.debug("undecodable %s: %s", fmt, err)
             raise _undecodable(fmt) from None
+
+
+def plain_png_pixels(raw, channels):
+    """The stored pixels of an 8-bit grey (channels 1) or RGB (channels 3) PNG with no
+    transparency and no EXIF, decoded by libspng: exactly the pixels PIL gives such an image
+    (lossless, no conversion), in a quarter of the time. None for any other image, or one
+    libspng cannot decode: PIL then decodes it, or says what is wrong with it."""
+    if pyspng is None or not raw.startswith(PNG_MAGIC) or _png_size(raw) is None:
+        return None
+    if raw[24] != 8 or raw[25] != _PLAIN_COLOUR_TYPE.get(channels):
+        return None
+    at = 8
+    while at + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[at:at + 8])
+        if kind in _PIL_ONLY_CHUNKS:
+            return None
+        if kind == b"IEND":
+            break
+        at += 12 + length
+    try:
+        pixels = pyspng.load(raw)
+    except Exception:  # noqa: BLE001 - libspng's errors are RuntimeErrors; PIL tells why
+        return None
+    width, height = struct.unpack(">II", raw[16:24])
+    expected = (height, width) if channels == 1 else (height, width, 3)
+    return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
 
 
 def _png_size(raw):
