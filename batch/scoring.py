@@ -119,11 +119,22 @@ def _decode_instances(chunk: Chunk, signature) -> Decoded:
 
 
 def _decode_values(chunk: Chunk, signature) -> Decoded:
-    """Vectorised in slices of at most MAX_INSTANCES rows (the handler's limit); a slice
-    with a bad row is decoded row by row, as the server sees a one-row request."""
+    """Every good row in one vectorised pass; where one of them is bad, in slices of at
+    most MAX_INSTANCES rows (the handler's limit), and a slice with a bad row row by row, as
+    the server sees a one-row request. Rows are independent: the same rows either way."""
     spec = signature["inputs"][0]
     errors = list(chunk.errors)
-    good = [i for i, e in enumerate(errors) if e is None]
+    if errors.count(None) == len(errors):
+        good = list(range(len(errors)))
+    else:
+        good = [i for i, e in enumerate(errors) if e is None]
+    if not good:
+        return Decoded([], [], errors)
+    try:
+        values = chunk.values if len(good) == len(chunk) else chunk.values[good]
+        return Decoded([[inputs.rows_from_raw(values, spec, bounded=False)]], good, errors)
+    except BadInput:
+        pass
     parts, positions = [], []
     for start in range(0, len(good), inputs.MAX_INSTANCES):
         idx = good[start:start + inputs.MAX_INSTANCES]
@@ -168,8 +179,15 @@ def answer_columns(backend, decoded: Decoded, batch_size: int, signature,
                    layout: Layout) -> list[list]:
     """The model over the decoded rows, batch_size rows a call, as the layout's answer
     columns (one cell per decoded row)."""
+    batches = model_batches(decoded.parts, batch_size, signature)
+    if layout == columns.LABELLED:  # [N, K] outputs: their answers in one vectorised pass
+        outputs = [backend.run(batch) for batch in batches]
+        if not outputs:
+            return [[] for _ in layout.answers]
+        joined = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return columns.from_model(joined, signature["output"], layout)
     out: list[list] = [[] for _ in layout.answers]
-    for batch in model_batches(decoded.parts, batch_size, signature):
+    for batch in batches:
         cells = columns.from_model(backend.run(batch), signature["output"], layout)
         for column, more in zip(out, cells, strict=True):
             column += more

@@ -82,21 +82,29 @@ def finite_number(value, what):
     return number
 
 
+def first_true(mask):
+    """The index of a boolean array's first True, as a tuple of ints; None where there is
+    none (checked with any(): a tenth of what np.argwhere costs over a clean array)."""
+    if not mask.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
 def check_finite(values, what):
     """Rejects the first value of a float64 array that is NaN or infinite."""
-    bad = np.argwhere(~np.isfinite(values))
-    if len(bad):
-        at = [int(i) for i in bad[0]]
+    bad = first_true(~np.isfinite(values))
+    if bad is not None:
+        at = list(bad)
         raise BadInput(f"{what} at {at} is not a finite number: {values[tuple(at)]}",
                        reason="bad_value")
 
 
 def check_whole(values, limits, what):
     """Rejects the first value that is not a whole number in [limits.min, limits.max]."""
-    bad = np.argwhere((values != np.floor(values)) | (values < limits.min) |
-                      (values > limits.max))
-    if len(bad):
-        at = [int(i) for i in bad[0]]
+    bad = first_true((values != np.floor(values)) | (values < limits.min) |
+                     (values > limits.max))
+    if bad is not None:
+        at = list(bad)
         raise BadInput(f"{what} value at {at} is {values[tuple(at)]:g}, not a whole number "
                        f"in [{limits.min}, {limits.max}]", reason="bad_value")
 
@@ -106,9 +114,8 @@ def check_bounds(values, low, high, what):
     broadcast against the values' last axis with NaN for no bound)."""
     below = values < low if low is not None else np.zeros(values.shape, bool)
     above = values > high if high is not None else np.zeros(values.shape, bool)
-    bad = np.argwhere(below | above)
-    if len(bad):
-        at = tuple(int(i) for i in bad[0])
+    at = first_true(below | above)
+    if at is not None:
         side, bound = ("below its minimum", low) if below[at] else ("above its maximum", high)
         bound = np.broadcast_to(bound, values.shape)[at]
         raise BadInput(f"{what(at)} is {values[at]:g}, {side} {bound:g}", reason="bad_value")

@@ -92,9 +92,8 @@ def standardise_features(row, spec):
 
 def check_float32(values, spec, when):
     """Rejects the first value outside float32's finite range, naming its feature."""
-    bad = np.argwhere(np.abs(values) > arrays.FLOAT32_MAX)
-    if len(bad):
-        at = tuple(int(i) for i in bad[0])
+    at = arrays.first_true(np.abs(values) > arrays.FLOAT32_MAX)
+    if at is not None:
         raise BadInput(f"value for '{spec['names'][at[-1]]}' is {values[at]:g}{when}, outside "
                        f"what a float32 model input can hold (±{arrays.FLOAT32_MAX:g})",
                        reason="bad_value")

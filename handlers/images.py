@@ -370,9 +370,9 @@ def pixels_from_json(value, spec):
 
 def check_pixel_range(pixels, pixel_max):
     """Rejects the first pixel outside [0, pixel_max]."""
-    bad = np.argwhere((pixels < 0) | (pixels > pixel_max))
-    if len(bad):
-        at = [int(i) for i in bad[0]]
+    bad = arrays.first_true((pixels < 0) | (pixels > pixel_max))
+    if bad is not None:
+        at = list(bad)
         raise BadInput(f"pixel at {at} is {pixels[tuple(at)]:g}, outside [0, {pixel_max:g}]",
                        reason="bad_value")
 

@@ -32,10 +32,11 @@ def row_from_image(raw, spec):
     raise BadInput(f"input '{spec['name']}' takes an array, not an image", reason="wrong_type")
 
 
-def rows_from_raw(values, spec):
+def rows_from_raw(values, spec, bounded=True):
     """Raw values with a batch dimension first (float64; pixels [N, H, W(, C)], features
     [N, F], a tensor [N, ...] of its row shape) as model rows, checked and preprocessed with
-    vectorised numpy. Used by .npy bodies, OIP tensors and batch jobs alike."""
+    vectorised numpy. Used by .npy bodies, OIP tensors and batch jobs alike; `bounded`: at
+    most MAX_INSTANCES rows, as in one request (a batch job's parts are not requests)."""
     kind = spec["kind"]
     if kind == "image":
         rows = images.image_rows_from_raw(values, spec)
@@ -43,7 +44,8 @@ def rows_from_raw(values, spec):
         rows = features.features_rows_from_raw(values, spec)
     else:
         rows = tensors.tensor_rows_from_raw(values, spec)
-    check_count(len(rows), "the array is empty")
+    if bounded or not len(rows):
+        check_count(len(rows), "the array is empty")
     return rows
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.batch import job
+from kiln.batch import job, scoring
+from kiln.batch.chunks import Chunk
 from kiln.batch.writers import read_output
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +74,25 @@ def test_feature_rows_with_bad_values(tmp_path, features_model_dir, features_sig
     assert rows[0] == {**rows[3], "id": "0"}
     assert rows[0]["label"] in ("malignant", "benign") and rows[0]["probability"] >= 0.5
     assert (summary.rows, summary.failed) == (4, 2)
+
+
+def test_a_bad_row_among_thousands_fails_alone(features_signature, feature_row):
+    """A part's rows are decoded in one pass; one bad row sends it back to slices of 512
+    and row by row, with the same rows for the others."""
+    names = features_signature["inputs"][0]["names"]
+    row = np.array([feature_row[n] for n in names], dtype=np.float64)
+    values = np.tile(row, (1500, 1)) * np.linspace(0.5, 1.5, 1500)[:, None]
+    clean = scoring.decode_chunk(Chunk(0, [str(i) for i in range(1500)], values=values),
+                                 features_signature)
+    assert len(clean.parts) == 1 and clean.positions == list(range(1500))
+    values[1000, 3] = 1e39
+    bad = scoring.decode_chunk(Chunk(0, [str(i) for i in range(1500)], values=values),
+                               features_signature)
+    assert bad.positions == [i for i in range(1500) if i != 1000]
+    assert bad.errors[1000].startswith(f"value for '{names[3]}' is 1e+39")
+    assert bad.errors.count(None) == 1499
+    rows = np.concatenate([part[0] for part in bad.parts])
+    np.testing.assert_array_equal(rows, np.delete(clean.parts[0][0], 1000, axis=0))
 
 
 def _children(pid):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from kiln.batch import store as store_module
 from kiln.batch.chunks import BatchError, Scored, record
 from kiln.batch.store import ChunkStore, csv_body, parse_rows, parts_dir
 
@@ -77,12 +78,29 @@ def test_an_earlier_run_needs_resume_and_the_same_job(tmp_path):
     assert parts_dir(tmp_path / "out.csv") == tmp_path / "out.csv.parts"
 
 
+def _read_back(body: bytes) -> Scored:
+    return parse_rows(csv.reader(io.StringIO(body.decode(), newline="")))
+
+
+@pytest.mark.parametrize("arrow", [True, False])
 @pytest.mark.parametrize("quoted", [False, True])
-def test_chunk_files_are_what_the_csv_module_writes(quoted):
+def test_chunk_files_read_back_as_the_rows(quoted, arrow, monkeypatch):
+    """Written by Arrow where it is installed and no cell needs quoting (floats in their
+    shortest form: "1" for 1.0), else as the csv module writes them, byte for byte."""
+    if not arrow:
+        monkeypatch.setattr(store_module, "arrow_csv", lambda: None)
     special = 'a "b", c\r\nd' if quoted else "plain"
-    scored = Scored(["0", "dir/1.png", special], ["7", None, "3"],
-                    [0.9999672174453735, None, 1 / 3], [None, f"bad: {special}", None])
+    probabilities = [0.9999672174453735, None, 1 / 3, 1.0, 1e-05, 5e-324, 0.1]
+    n = len(probabilities)
+    scored = Scored([str(i) for i in range(n - 2)] + ["dir/1.png", special],
+                    ["7", None, "3", "a", "b", "c", "d"], probabilities,
+                    [None, f"bad: {special}"] + [None] * (n - 2))
+    body = csv_body(scored)
+    assert _read_back(body) == scored
+    assert body.endswith(b"\r\n") and (quoted or body.count(b"\r\n") == n)
     text = io.StringIO()
     csv.writer(text).writerows(scored.rows())
-    assert csv_body(scored) == text.getvalue().encode()
-    assert parse_rows(csv.reader(io.StringIO(text.getvalue(), newline=""))) == scored
+    by_arrow = arrow and not quoted and store_module.arrow_csv() is not None
+    assert (body == text.getvalue().encode()) is not by_arrow
+    if by_arrow:
+        assert body.splitlines()[3:6] == [b"3,a,1,", b"4,b,0.00001,", b"dir/1.png,c,5e-324,"]
