@@ -17,6 +17,11 @@ busy spells then hit every figure alike). The bound is what a pipeline of
 the two stages can reach when both share the same cores: 1 / (1/ceiling + 1/decoding). Where
 decoding a row costs more CPU than scoring it (a PNG or a CSV line against one of Kiln's small
 models), the bound, not the ceiling, is the most a machine of this many cores can give.
+
+That bound leaves out the output. Where a row costs about a microsecond to read and decode
+(a CSV line), writing its answer (chunk file, manifest, OUTPUT) is no longer small next to
+it: "writing" times that stage alone on the job's own answers, and bound3 is the three-stage
+bound 1 / (1/ceiling + 1/decoding + 1/writing).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kiln.batch import job, scoring
+from kiln.batch import job, scoring, writers
 from kiln.batch.chunks import Scored
+from kiln.batch.columns import layout_for
 from kiln.batch.local import LocalScorer
 from kiln.batch.readers import open_source
+from kiln.batch.store import ChunkStore
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared
 from kiln.training import declaration
@@ -99,6 +106,25 @@ def decode_alone(name: str, inp: Path, batch_size: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
+def writing_alone(name: str, inp: Path, out: Path, batch_size: int) -> float:
+    """rows/s of storing already scored chunks and writing OUTPUT as CSV, as --via local
+    does after scoring (chunk files, manifest, the final file), with no reading or model."""
+    artifacts = REPO / "artifacts" / name
+    signature = load_signature(artifacts / "signature.json")
+    scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
+    source = open_source(inp, signature, job.JobSettings.chunk_size)
+    scored = [(chunk.index, rows) for chunk, rows in scorer.score(source.chunks())]
+    layout = layout_for(signature["output"])
+    start = time.perf_counter()
+    chunk_store = ChunkStore(out, {"name": name}, layout)
+    chunk_store.open(resume=False)
+    for index, rows in scored:
+        chunk_store.write_chunk(index, rows)
+    writers.write_output(out, chunk_store)
+    chunk_store.remove()
+    return sum(len(rows) for _, rows in scored) / (time.perf_counter() - start)
+
+
 def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
     extra = {}
     if server is not None:
@@ -123,6 +149,8 @@ def measures_for(name: str, inp: Path, tmp: Path, args, server) -> dict:
     measures = {
         "ceiling": lambda: ceiling(name, inp, args.batch_size),
         "decoding": lambda: decode_alone(name, inp, args.batch_size),
+        "writing": lambda: writing_alone(name, inp, tmp / f"{name}-writing.csv",
+                                         args.batch_size),
         "local": lambda: via(name, inp, tmp / f"{name}-local.csv", "local", args),
         "baseline": lambda: baseline(name, inp, tmp / f"{name}-baseline.csv", args),
     }
@@ -175,18 +203,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rows/s on {os.cpu_count()} cores, batch size {args.batch_size}")
             print(f"{'model':<8}{'rows':>8}{'ORT ceiling':>13}{'decoding':>10}{'bound':>11}"
                   f"{'local':>10}{'local/ceil':>12}{'local/bound':>13}{'baseline':>10}"
-                  f"{'local/base':>12}{'server':>9}{'server/local':>14}")
+                  f"{'local/base':>12}{'server':>9}{'server/local':>14}{'writing':>10}"
+                  f"{'bound3':>9}{'local/bound3':>14}")
             for name, inp in inputs.items():
                 measures = measures_for(name, inp, tmp, args, server)
                 got = taking_turns(args.repeat, measures)
-                top, decoding, local, base = (got[k] for k in ("ceiling", "decoding", "local",
-                                                               "baseline"))
+                top, decoding, local, base, writing = (
+                    got[k] for k in ("ceiling", "decoding", "local", "baseline", "writing"))
                 bound = 1 / (1 / top + 1 / decoding)
+                bound3 = 1 / (1 / top + 1 / decoding + 1 / writing)
                 remote = got.get("server", float("nan"))
                 print(f"{name:<8}{counts[name]:>8}{top:>13,.0f}{decoding:>10,.0f}{bound:>11,.0f}"
                       f"{local:>10,.0f}{local / top:>12.1%}{local / bound:>13.0%}"
                       f"{base:>10,.0f}{local / base:>11.1f}x"
-                      f"{remote:>9,.0f}{remote / local:>14.0%}")
+                      f"{remote:>9,.0f}{remote / local:>14.0%}"
+                      f"{writing:>10,.0f}{bound3:>9,.0f}{local / bound3:>14.0%}")
         finally:
             if server is not None:
                 server.stop()
