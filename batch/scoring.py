@@ -14,6 +14,7 @@ from kiln.batch import columns
 from kiln.batch.chunks import Chunk, Scored
 from kiln.batch.columns import Layout
 from kiln.handlers import images, inputs, rest
+from kiln.handlers.answers import NON_FINITE_ANSWER
 from kiln.handlers.errors import BadInput
 
 
@@ -176,41 +177,58 @@ def _joined(parts, signature) -> list[np.ndarray]:
 
 
 def answer_columns(backend, decoded: Decoded, batch_size: int, signature,
-                   layout: Layout) -> list[list]:
+                   layout: Layout) -> tuple[list[list], list[int]]:
     """The model over the decoded rows, batch_size rows a call, as the layout's answer
-    columns (one cell per decoded row)."""
-    batches = model_batches(decoded.parts, batch_size, signature)
-    if layout == columns.LABELLED:  # [N, K] outputs: their answers in one vectorised pass
-        outputs = [backend.run(batch) for batch in batches]
-        if not outputs:
-            return [[] for _ in layout.answers]
-        joined = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-        return columns.from_model(joined, signature["output"], layout)
+    columns (one cell per decoded row with an answer), and the rows (indices in decoded
+    order) whose model output is NaN or infinite: those have no answer, as the server
+    answers such a row with a 400 and its neighbours with theirs."""
     out: list[list] = [[] for _ in layout.answers]
-    for batch in batches:
-        cells = columns.from_model(backend.run(batch), signature["output"], layout)
+    finite_outputs, lost, seen = [], [], 0
+    for batch in model_batches(decoded.parts, batch_size, signature):
+        result = backend.run(batch)
+        finite = np.isfinite(np.asarray(result, np.float32).reshape(len(result), -1)).all(axis=1)
+        if not finite.all():
+            lost += (seen + np.flatnonzero(~finite)).tolist()
+            result = result[finite]
+        seen += len(finite)
+        if layout == columns.LABELLED:  # [N, K]: their answers in one vectorised pass below
+            finite_outputs.append(result)
+            continue
+        cells = columns.from_model(result, signature["output"], layout)
         for column, more in zip(out, cells, strict=True):
             column += more
-    return out
+    if finite_outputs:
+        joined = finite_outputs[0] if len(finite_outputs) == 1 else np.concatenate(
+            finite_outputs)
+        out = columns.from_model(joined, signature["output"], layout)
+    return out, lost
 
 
-def scored(chunk: Chunk, decoded: Decoded, answers: list[list], layout: Layout) -> Scored:
-    """The chunk's output rows, in order: answers where decoded, errors elsewhere."""
+def scored(chunk: Chunk, decoded: Decoded, answers: list[list], layout: Layout,
+           lost: list[int] = ()) -> Scored:
+    """The chunk's output rows, in order: answers where decoded (but for the `lost` decoded
+    rows, whose model output was not finite), errors elsewhere."""
     n = len(chunk)
-    if len(decoded.positions) < n:
+    positions, errors = decoded.positions, decoded.errors
+    if lost:
+        errors, gone = list(errors), set(lost)
+        for k in gone:
+            errors[positions[k]] = NON_FINITE_ANSWER
+        positions = [pos for k, pos in enumerate(positions) if k not in gone]
+    if len(positions) < n:
         spread = [[None] * n for _ in answers]
         for column, cells in zip(spread, answers, strict=True):
-            for pos, cell in zip(decoded.positions, cells, strict=True):
+            for pos, cell in zip(positions, cells, strict=True):
                 column[pos] = cell
         answers = spread
-    return Scored(list(chunk.ids), *answers, list(decoded.errors), layout=layout)
+    return Scored(list(chunk.ids), *answers, list(errors), layout=layout)
 
 
 def score(backend, chunk: Chunk, decoded: Decoded, batch_size: int, signature) -> Scored:
     """decoded (of chunk) through the model, as the chunk's output rows."""
     layout = columns.layout_for(signature["output"])
-    answers = answer_columns(backend, decoded, batch_size, signature, layout)
-    return scored(chunk, decoded, answers, layout)
+    answers, lost = answer_columns(backend, decoded, batch_size, signature, layout)
+    return scored(chunk, decoded, answers, layout, lost)
 
 
 def best_answers(model_output: np.ndarray, output) -> tuple[list[str], list[float]]:

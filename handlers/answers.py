@@ -12,6 +12,13 @@ from kiln.handlers.signature import DEFAULT_THRESHOLD, DEFAULT_TOP_K
 LABELLED_KINDS = ("multiclass", "binary")
 
 
+# What a client is told when the model's output for its input is NaN or infinite (a 400 for
+# that request; a batch job's error for that row).
+NON_FINITE_ANSWER = ("the model's output for this input is not a finite number (NaN or "
+                     "infinity), so it has no answer: check the input is within the ranges the "
+                     "model was trained on")
+
+
 class NonFiniteOutput(ValueError):
     """The model returned NaN or infinity; `row` is the first row that holds one. The handler
     answers that request with a 400 (the input was taken, the model has no answer for it)."""

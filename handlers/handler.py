@@ -109,9 +109,7 @@ def route_logs_to_stderr(names=("kiln.handlers",)):
 def non_finite_message(err, rows):
     """What a client is told when the model's output for its input is NaN or infinite."""
     where = f"instance {err.row}: " if rows > 1 else ""
-    return (f"{where}the model's output for this input is not a finite number (NaN or "
-            "infinity), so it has no answer: check the input is within the ranges the model "
-            "was trained on")
+    return where + answers.NON_FINITE_ANSWER
 
 
 def _error(context, idx, code, message):

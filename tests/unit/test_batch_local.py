@@ -15,6 +15,7 @@ from PIL import Image
 from kiln.batch import job, scoring
 from kiln.batch.chunks import Chunk
 from kiln.batch.writers import read_output
+from kiln.handlers.answers import NON_FINITE_ANSWER
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,6 +94,38 @@ def test_a_bad_row_among_thousands_fails_alone(features_signature, feature_row):
     assert bad.errors.count(None) == 1499
     rows = np.concatenate([part[0] for part in bad.parts])
     np.testing.assert_array_equal(rows, np.delete(clean.parts[0][0], 1000, axis=0))
+
+
+class NanAboveOne:
+    """A binary model that has no answer (NaN) where its first standardised input is > 1."""
+
+    def run(self, batch):
+        x = batch[0] if isinstance(batch, list) else batch
+        p = 1 / (1 + np.exp(-x[:, :1].astype(np.float32)))
+        return np.where(x[:, :1] > 1, np.float32("nan"), p).astype(np.float32)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 256])
+def test_a_row_without_a_finite_answer_fails_alone(features_signature, feature_row,
+                                                   batch_size):
+    """The server answers such a row with a 400 and its neighbours with theirs; a batch job
+    records that row's error, with the server's words, and scores the others."""
+    names = features_signature["inputs"][0]["names"]
+    row = np.array([feature_row[n] for n in names], dtype=np.float64)
+    values = np.tile(row, (7, 1))
+    values[:, 0] = [0.5, 5.0, 0.2, 9.0, 9.0, 0.9, 1.5]  # standardised: x - 0 over 1
+    chunk = Chunk(0, [str(i) for i in range(7)], values=values,
+                  errors=[None] * 6 + ["read error"])
+    decoded = scoring.decode_chunk(chunk, features_signature)
+    got = scoring.score(NanAboveOne(), chunk, decoded, batch_size, features_signature)
+    assert got.errors == [None, NON_FINITE_ANSWER, None, NON_FINITE_ANSWER,
+                          NON_FINITE_ANSWER, None, "read error"]
+    labels, probabilities = got.answers
+    assert [label is None for label in labels] == [e is not None for e in got.errors]
+    expected = 1 / (1 + np.exp(-np.float32([0.5, 0.2, 0.9])))
+    kept = [p for p in probabilities if p is not None]
+    np.testing.assert_allclose([max(p, 1 - p) for p in kept],
+                               [max(p, 1 - p) for p in expected], rtol=1e-6)
 
 
 def _children(pid):
