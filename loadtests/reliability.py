@@ -263,9 +263,10 @@ class Caller(threading.Thread):
     """One keep-alive client sending the same request in a loop, `pause` seconds apart, until
     stop(); `calls` holds (sent, answered, status) in monotonic seconds (status 0: none)."""
 
-    def __init__(self, server: Server, name: str, pause: float):
+    def __init__(self, server: Server, name: str, pause: float, timeout: float = 30):
         super().__init__(daemon=True)
-        self.client = http.Client(server.url("inference"), server.keys()["inference"])
+        self.client = http.Client(server.url("inference"), server.keys()["inference"],
+                                  timeout=timeout)
         self.model, self.payload, self.pause = name, rest_payload(name), pause
         self.calls: list[tuple[float, float, int]] = []
         self._halt = threading.Event()
@@ -309,6 +310,10 @@ def wait_replacement(server: Server, name: str, killed: int, timeout: float) -> 
     return None
 
 
+# A probe request not answered within this many seconds counts as failed (status 0).
+PROBE_TIMEOUT_S = 5
+
+
 def recovery(calls: list[tuple[float, float, int]], kill_at: float) -> float | None:
     """Seconds from the kill to the first 200 after the last failure among requests sent after
     it (the first 200 of those, when none failed)."""
@@ -325,7 +330,8 @@ def kill_part(server: Server, models: Models, opts) -> tuple[list[Row], dict]:
     log.info("kill: wrk on %s at %d connections for %ss, SIGKILL of its worker after %.0fs; "
              "%s in a loop throughout", victim, opts.clients, opts.load_seconds, kill_after,
              bystander)
-    probe, other = Caller(server, victim, pause=0.05), Caller(server, bystander, pause=0.0)
+    probe = Caller(server, victim, pause=0.05, timeout=PROBE_TIMEOUT_S)
+    other = Caller(server, bystander, pause=0.0)
     probe.start()
     other.start()
     load = Mix(server.url("inference"), [(f"/predictions/{victim}", payload.body,
@@ -337,7 +343,13 @@ def kill_part(server: Server, models: Models, opts) -> tuple[list[Row], dict]:
     log.info("kill: worker %d of %s killed; replacement READY after %s s", killed, victim,
              _num(ready_at - kill_at) if ready_at else "(none)")
     result = load.finish()
-    time.sleep(1.0)  # the probe's answers after the replacement came up
+    # The probe's answers after the replacement came up: at least a second of them, and
+    # until one is a 200 after the last failure (a request the dead worker held may go
+    # unanswered until the probe's timeout; TorchServe does not always fail it).
+    deadline = time.monotonic() + PROBE_TIMEOUT_S + 10
+    time.sleep(1.0)
+    while recovery(list(probe.calls), kill_at) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     probe_calls, other_calls = probe.stop(), other.stop()
     lost = Counter(c[2] for c in probe_calls) + result.statuses
     other_statuses = Counter(c[2] for c in other_calls)
