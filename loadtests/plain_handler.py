@@ -18,7 +18,9 @@ class PlainHandler:
         model_dir = Path(context.system_properties["model_dir"])
         signature = json.loads((model_dir / "signature.json").read_text())
         self.spec, self.output = signature["inputs"][0], signature["output"]
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"),
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # one worker per core: no thread pool to fight over
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.initialized = True
