@@ -141,7 +141,7 @@ def baseline(name: str, inp: Path, out: Path, args) -> float:
     from kiln.loadtests import dataloader_baseline
 
     return dataloader_baseline.run(REPO / "artifacts" / name, inp, out, args.batch_size,
-                                   args.workers)
+                                   args.workers, args.baseline_threads)
 
 
 def measures_for(name: str, inp: Path, tmp: Path, args, server) -> dict:
@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-server", action="store_true", help="skip --via server")
     parser.add_argument("--workers", type=int, default=2,
                         help="the baseline DataLoader's num_workers (default: 2)")
+    parser.add_argument("--baseline-threads", type=int,
+                        help="the baseline's ONNX Runtime intra-op threads (default: ONNX "
+                             "Runtime's own, as a straightforward script leaves it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     image, table = (declaration.get(declared.default_name(kind)) for kind in ("image", "features"))
