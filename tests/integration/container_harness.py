@@ -1,6 +1,7 @@
 """kiln-container on the host as a container would run it, and bounded load on it: shared by
 the container tests and the rolling-restart drill."""
 
+import contextlib
 import http.client
 import random
 import socket
@@ -123,9 +124,15 @@ class Container:
             time.sleep(0.05)
 
     def kill(self) -> None:
+        """SIGKILL to the whole tree, parents first: a parent killed after its child
+        (nginx's master, TorchServe's frontend) would start a replacement that outlives it,
+        still listening on the container's ports."""
         if self.process.poll() is None:
-            for proc in reversed(self.tree()):
-                proc.kill()
+            tree = self.tree()
+            for proc in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs(tree, timeout=10)
             self.process.wait()
 
 
