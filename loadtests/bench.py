@@ -8,7 +8,7 @@ Rows, each measured with wrk at one client and at --clients:
 - kiln direct: the same server at the comparison configuration, straight to TorchServe's own
   port (like for like with plain);
 - plain: loadtests/plain_handler.py on the same ONNX file, at the comparison configuration,
-  straight to TorchServe, TorchServe's default logging;
+  straight to TorchServe, Kiln's logging (as Kiln's rows: like for like);
 - noop: a handler that answers a constant at each configuration above, straight to
   TorchServe, Kiln's logging: the server's own ceiling there;
 - stock: TorchServe's base_handler on TorchScript at TorchServe's defaults (stock.py).
@@ -148,8 +148,8 @@ def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, ro
         servers.append((kiln(config), rows))
     plain = stock.build_plain(name, decl.version, artifacts, store)
     servers.append((Server(stock.BenchSettings(
-        root / "plain", store, [plain], Ports.free(), log_config=None,
-        serving={plain: COMPARISON})), [target("plain", DIRECT, COMPARISON, plain)]))
+        root / "plain", store, [plain], Ports.free(), serving={plain: COMPARISON})),
+        [target("plain", DIRECT, COMPARISON, plain)]))
     noops = {stock.build_noop(name, decl.version, artifacts, store,
                               config_name(c).replace(" ", "")): c for c in configs}
     servers.append((Server(stock.BenchSettings(root / "noop", store, list(noops), Ports.free(),
@@ -220,7 +220,7 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                 f"{config_name(serve)} it is `kiln serve {name}` (make serve) as it is",
         "kiln direct": "the same Kiln server, straight to TorchServe's own port",
         "plain": "loadtests/plain_handler.py (PIL, numpy, one ONNX Runtime call per batch) on "
-                 "the same model.onnx, TorchServe's default logging, straight to TorchServe",
+                 "the same model.onnx, Kiln's logging, straight to TorchServe",
         "noop": "loadtests/noop_handler.py (answers a constant, reads nothing), Kiln's "
                 "logging, straight to TorchServe: the server's ceiling at that configuration",
         "stock": stock.DESCRIPTION,
