@@ -156,14 +156,14 @@ def _arrow_csv_body(scored: Scored) -> bytes | None:
         return None
     import pyarrow as pa
 
-    ids, (labels, probabilities), errors = scored.ids, scored.answers, scored.errors
-    table = pa.table([pa.array(ids, pa.string()), pa.array(labels, pa.string()),
-                      pa.array(probabilities, pa.float64()), pa.array(errors, pa.string())],
-                     names=list(scored.layout.columns))
     try:
         options = pacsv.WriteOptions(include_header=False, quoting_style="none", eol="\r\n")
     except TypeError:  # a pyarrow older than its eol option
         return None
+    ids, (labels, probabilities), errors = scored.ids, scored.answers, scored.errors
+    table = pa.table([pa.array(ids, pa.string()), pa.array(labels, pa.string()),
+                      pa.array(probabilities, pa.float64()), pa.array(errors, pa.string())],
+                     names=list(scored.layout.columns))
     out = pa.BufferOutputStream()
     pacsv.write_csv(table, out, options)
     return out.getvalue().to_pybytes()

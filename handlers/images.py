@@ -107,7 +107,8 @@ def plain_png_pixels(raw, channels):
     transparency and no EXIF, decoded by libspng: exactly the pixels PIL gives such an image
     (lossless, no conversion), in a quarter of the time. None for any other image, or one
     libspng cannot decode: PIL then decodes it, or says what is wrong with it."""
-    if pyspng is None or not raw.startswith(PNG_MAGIC) or _png_size(raw) is None:
+    size = _png_size(raw) if pyspng is not None and raw.startswith(PNG_MAGIC) else None
+    if size is None:
         return None
     if raw[24] != 8 or raw[25] != _PLAIN_COLOUR_TYPE.get(channels):
         return None
@@ -123,7 +124,7 @@ def plain_png_pixels(raw, channels):
         pixels = pyspng.load(raw)
     except Exception:  # noqa: BLE001 - libspng's errors are RuntimeErrors; PIL tells why
         return None
-    width, height = struct.unpack(">II", raw[16:24])
+    width, height = size
     expected = (height, width) if channels == 1 else (height, width, 3)
     return pixels if pixels.shape == expected and pixels.dtype == np.uint8 else None
 
