@@ -33,6 +33,8 @@ from pathlib import Path
 
 import psutil
 
+from kiln.deploy import logs
+
 # The header that carries a form body's content type past TorchServe to Kiln's handler, and
 # the Retry-After of a 503 (about one batch later): the handler's own, so that both agree.
 from kiln.handlers.errors import RETRY_AFTER_S
@@ -363,10 +365,7 @@ class Front:
         return True
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no nginx log)"
+        return logs.tail(self.log_file, lines, "(no nginx log)")
 
 
 def _accepts(host: str, port: int) -> bool:

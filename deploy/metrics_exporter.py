@@ -34,6 +34,8 @@ import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from kiln.deploy import logs
+
 log = logging.getLogger("kiln.metrics_exporter")
 
 METRICS_PATH = "/metrics"
@@ -194,10 +196,7 @@ class Exporter:
         return True
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no exporter log)"
+        return logs.tail(self.log_file, lines, "(no exporter log)")
 
 
 def _accepts(path: Path) -> bool:

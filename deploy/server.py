@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from kiln.deploy import front, metrics_exporter, plugins
+from kiln.deploy import front, logs, metrics_exporter, plugins
 from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
@@ -669,7 +669,4 @@ class Server:
         raise ServerError(f"models not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        path = self.log_dir / "ts_log.log"
-        if not path.exists():
-            return "(no ts_log.log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return logs.tail(self.log_dir / "ts_log.log", lines, "(no ts_log.log)")
