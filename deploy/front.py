@@ -20,6 +20,7 @@ ports and what TorchServe cannot do itself:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -129,12 +130,16 @@ ERRORS = {  # nginx's own answers, as Kiln's JSON errors
     404: "no such route",
     405: "method not allowed",
     408: "the request did not arrive in time",
+    411: "the request needs a Content-Length",
     414: "the request line is too long",
+    429: "too many requests: retry later",
     494: "the request headers are too large",
     500: "internal error",
+    501: "the transfer encoding is not supported: send Content-Length or chunked",
     502: "TorchServe is not answering",
     503: "too many connections or requests: retry later",
     504: "TorchServe did not answer in time",
+    505: "the HTTP version is not supported",
 }
 # Where those answers live: a URI, not a named location, because nginx cannot redirect a
 # request whose request line it refused (no URI) to a named location. Open without a key.
@@ -157,6 +162,61 @@ def error_pages(max_body: int) -> str:
     return "".join(lines)
 
 
+# The longest path (query included) forwarded to TorchServe, whose request line may be 4,096
+# bytes (Netty's default) with its method and version.
+MAX_URI = 4000
+ODD_PATH = ("the path must be plain: no . or .. segment, no //, no encoded slash, dot or "
+            "backslash")
+# Requests with a missing or unknown key, per client address: this many a second, with a burst
+# of REFUSED_KEY_BURST, then 429 with Retry-After. A client that lost its key still sees its
+# 401s; a key guesser drops from ~160,000 tries a second to this. Clients behind one address
+# (a NAT, loopback) share the allowance; a known key is never counted.
+REFUSED_KEY_RATE = 50
+REFUSED_KEY_BURST = 100
+KEY_REFUSED_PATH = "/kiln-refused"
+TOO_MANY_REFUSED = "too many requests with a missing or unknown key: retry later"
+
+
+def json_error(status: int, message: str) -> str:
+    """A short JSON error as an nginx string literal: single-quoted, so its double quotes
+    stay as they are (nginx would unescape a backslash: none may be in it)."""
+    body = json.dumps({"error": message, "code": status})
+    if "'" in body or "\\" in body:
+        raise ValueError(f"{body} cannot be an nginx string as it is")
+    return body + "\\n"
+
+
+def key_check() -> str:
+    """What each keyed listener (http, oip) checks before routing: a path that needs
+    normalising (400), a path too long for TorchServe (414), then the key (401, or 429 for a
+    client that keeps sending unknown keys). The 401 comes from an internal location so that
+    nginx's request limiter, which runs after the rewrite phase that returns, can count it; a
+    jump to a named location does not run the listener's checks again."""
+    return f"""\
+        if ($kiln_path_refused) {{
+            return 400 '{json_error(400, ODD_PATH)}';
+        }}
+        if ($kiln_path_long) {{
+            return 414 '{json_error(414, f"the path is longer than {MAX_URI} characters")}';
+        }}
+        if ($kiln_refuse) {{
+            rewrite ^ {KEY_REFUSED_PATH} last;
+        }}
+        location = {KEY_REFUSED_PATH} {{
+            internal;
+            limit_req zone=kiln_refused_keys burst={REFUSED_KEY_BURST} nodelay;
+            error_page 429 = @kiln_too_many_refused;
+            try_files /kiln-no-such-file @kiln_unauthorized;
+        }}
+        location @kiln_unauthorized {{
+            return 401 '{json_error(401, "missing or unknown key")}';
+        }}
+        location @kiln_too_many_refused {{
+            return 429 '{json_error(429, TOO_MANY_REFUSED)}';
+        }}
+"""
+
+
 KILN_METRICS_PATH = "/kiln-metrics"
 
 
@@ -167,9 +227,11 @@ def kiln_metrics(socket: Path | None) -> str:
     refuses a whole page that does not parse, and TorchServe's series would go with it."""
     if socket is None:
         return ("        location = /metrics {\n"
+                "            rewrite ^ /metrics? break;\n"
                 "            proxy_pass http://torchserve_metrics;\n"
                 "        }\n")
     return (f"        location = /metrics {{\n"
+            f"            rewrite ^ /metrics? break;\n"
             f"            proxy_pass http://torchserve_metrics;\n"
             # Any type: nginx 1.22 matches no listed type against TorchServe's
             # "text/plain; version=0.0.4; charset=utf-8".
@@ -199,7 +261,10 @@ def render(s: FrontSettings) -> str:
         "DRAINING_FLAG": str(s.draining_flag), "USER_LINE": s.run_as,
         "UPSTREAM_AUTH": f"Bearer {s.upstream_token}" if s.upstream_token else "",
         "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "RETRY_AFTER_S": RETRY_AFTER_S,
-        "ERROR_PREFIX": ERROR_PREFIX,
+        "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,
+        "ODD_PATH_ERROR": json_error(400, ODD_PATH), "REFUSED_KEY_RATE": REFUSED_KEY_RATE,
+        "LONG_PATH_ERROR": json_error(414, f"the path is longer than {MAX_URI} characters"),
+        "KEY_CHECK": key_check().rstrip("\n").lstrip(),
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),

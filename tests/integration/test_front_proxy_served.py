@@ -4,15 +4,20 @@ model queue answered at once with 503 and Retry-After, short JSON errors for wha
 refuses."""
 
 import concurrent.futures
+import http.client
 import io
+import json
 import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
 
+from kiln.deploy import front
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
+from kiln.handlers.errors import RETRY_AFTER_S
 from kiln.model_store.archive import STORE
 
 SEVEN = (Path(__file__).resolve().parents[1] / "fixtures" / "digits" / "7.png").read_bytes()
@@ -69,10 +74,41 @@ def raw_request(server, request: bytes) -> tuple[int, bytes]:
     (b"GET /.. HTTP/1.1", 400, "bad request"),
     (b"TRACE /predictions/lenet HTTP/1.1", 405, "method not allowed"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1", 414, "the request line is too long"),
+    # TorchServe reads request lines of up to 4 KB: a longer one got its own error text.
+    (b"GET /predictions/lenet/" + b"a" * 5000 + b" HTTP/1.1", 414,
+     "the path is longer than 4000 characters"),
+    (b"POST /predictions/lenet HTTP/1.1\r\nTransfer-Encoding: chunked, identity", 501,
+     "the transfer encoding is not supported: send Content-Length or chunked"),
 ])
 def test_what_nginx_refuses_is_a_short_json_error(server, request_line, status, error):
     assert raw_request(server, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n") == (
         status, f'{{"error": "{error}", "code": {status}}}\n'.encode())
+
+
+def test_unknown_keys_are_limited_per_client_and_known_keys_are_not(server):
+    """A flood of requests without a known key gets 401s up to the burst, then 429s with
+    Retry-After; a known key from the same address is answered all along."""
+    statuses, known = Counter(), []
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports.inference, timeout=30)
+    try:
+        for i in range(400):
+            conn.request("GET", "/predictions/lenet", headers={"Authorization": "Bearer nope"})
+            reply = conn.getresponse()
+            body = reply.read()
+            statuses[reply.status] += 1
+            if reply.status == 429:
+                too_many = (reply.getheader("Retry-After"), json.loads(body))
+            if i % 50 == 0:
+                known.append(predict(server, data=SEVEN, headers=auth(server)).status_code)
+    finally:
+        conn.close()
+    assert set(statuses) == {401, 429}, statuses
+    assert statuses[401] > front.REFUSED_KEY_BURST, statuses
+    assert too_many == (str(RETRY_AFTER_S), {"error": front.TOO_MANY_REFUSED, "code": 429})
+    assert known == [200] * 8
+    # The allowance comes back: the next tests' 401s are 401s again.
+    while requests.get(f"{server.url('inference')}/ping/x", timeout=30).status_code == 429:
+        pass
 
 
 def test_too_many_headers_and_too_large_a_body_get_431_and_413(server):

@@ -98,3 +98,46 @@ def test_nginx_accepts_the_rendered_configuration(tmp_path):
     done = subprocess.run([front.NGINX, "-e", "stderr", "-t", "-p", str(run / "nginx"),
                            "-c", str(conf)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def locations(text: str) -> dict[str, str]:
+    """Each exact location of the rendered configuration, by path: its body (none nests)."""
+    return {m.group(1): m.group(2)
+            for m in re.finditer(r"location = (\S+) \{\n(.*?)\n        \}", text, re.S)}
+
+
+def test_every_route_open_without_a_key_forwards_only_its_own_path(tmp_path):
+    """The class of the /ping bypass: a location that skips the key check and forwards the
+    client's URI (proxy_pass without a path forwards it raw) lets that URI reach TorchServe
+    under the proxy's token. Each open one rewrites to a fixed path, query dropped."""
+    settings, server = container_server(tmp_path, port_offset=10)
+    text = kc.nginx_config(settings, server, tmp_path / "run")
+    open_map = re.search(r"map \$uri \$kiln_open \{\n(.*?)\n    \}", text, re.S).group(1)
+    open_paths = re.findall(r"^\s+(/\S+) 1;$", open_map, re.M)
+    assert sorted(open_paths) == sorted([contract.READY_PATH, contract.LIVE_PATH, "/ping",
+                                         "/v2/health/ready", "/v2/health/live"])
+    found = locations(text)
+    for path in [*open_paths, "/metrics", "/kiln-metrics"]:
+        body = found[path]
+        forwards = re.findall(r"(?:proxy|grpc)_pass (\S+);", body)
+        assert forwards, (path, body)
+        for target in forwards:
+            fixed_in_target = re.fullmatch(r"http://unix:[^:]+:/\w+", target)
+            assert fixed_in_target or re.search(r"rewrite \^ /[\w/]+\? break;", body), (path, body)
+
+
+def test_paths_that_need_normalising_are_refused_on_every_listener(tmp_path):
+    settings, server = container_server(tmp_path, port_offset=10)
+    text = kc.nginx_config(settings, server, tmp_path / "run")
+    servers = text.split("    server {")[1:]
+    assert len(servers) == 4
+    for block in servers:
+        assert "if ($kiln_path_refused) {" in block, block[:200]
+    odd = re.search(r'map \$request_uri \$kiln_odd_path \{.*?"~(.*?)" 1;', text, re.S).group(1)
+    pattern = re.compile(odd.replace("\\\\\\\\", "\\\\"))
+    for path in ["/a/../b", "/a/./b", "/a//b", "/..", "/a/.", "/a%2fb", "/a%2Eb", "/a%5cb",
+                 "/a\\b", "/a/..?x=1"]:
+        assert pattern.search(path), path
+    for path in ["/predictions/lenet", "/predictions/lenet/1.0", "/ping?x=/../y", "/a..b",
+                 "/v1/models/lenet:predict", "/a/.b", "/a?x=//"]:
+        assert not pattern.search(path), path
