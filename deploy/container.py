@@ -270,7 +270,7 @@ class Entrypoint:
         except KeysError as err:
             log.error("%s: keeping the keys loaded before", err)
             return
-        front.write_atomically(self.front.map_file, front.keys_map(keys))
+        front.write_private(self.front.map_file, front.keys_map(keys))
         os.kill(self.nginx_pid, signal.SIGHUP)  # what nginx -s reload sends
         log.info("keys changed: nginx reloads with %d key(s)", len(keys))
 
@@ -351,13 +351,19 @@ class Entrypoint:
         log.error("%s: stopping the container", died)
         self.draining_flag.touch()
         deadline = time.monotonic() + self.settings.grace_s
-        if self.nginx_pid not in self.exited:
+        if self.nginx_pid in self.exited:
+            # Its workers outlive a master killed hard and keep answering with the keys they
+            # hold, which no reload reaches any more: they go at once (their process group).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.nginx_pid, signal.SIGKILL)
+        else:
             os.kill(self.nginx_pid, signal.SIGTERM)  # fast: without TorchServe nothing answers
             self.wait_for(self.nginx_pid, deadline)
         self.stop_torchserve(deadline)
 
     def run(self) -> int:
         set_subreaper()
+        os.umask(0o077)  # the run folder's files (nginx's configuration and keys map) are private
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         try:

@@ -27,6 +27,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import logs
+from kiln.deploy import logs, supervise
 
 # The header that carries a form body's content type past TorchServe to Kiln's handler, and
 # the Retry-After of a 503 (about one batch later): the handler's own, so that both agree.
@@ -48,12 +49,14 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
     format_keys,
     new_key,
     parse_keys,
+    private_dir,
     read_keys,
     rotate,
     write_keys,
+    write_private,
 )
 
-NGINX = "/usr/sbin/nginx"
+NGINX = supervise.NGINX
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
@@ -289,22 +292,19 @@ def run_as_line() -> str:
     return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def nginx_command(s: FrontSettings, *args: str) -> list[str]:
-    return [NGINX, "-e", "stderr", "-p", str(s.nginx_dir), "-c", str(s.conf), *args]
+    return [*supervise.nginx_command(s.nginx_dir), *args]
 
 
 def prepare(s: FrontSettings, keys: list[Key]) -> None:
-    """Everything nginx reads, written under its folder; raises when nginx refuses it."""
+    """Everything nginx reads, written under its folder, which only its owner may enter (the
+    keys map holds every key, the configuration TorchServe's token, the temporary folders
+    request bodies); raises when nginx refuses it."""
+    private_dir(s.nginx_dir)
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (s.nginx_dir / sub).mkdir(parents=True, exist_ok=True)
-    write_atomically(s.map_file, keys_map(keys))
-    s.conf.write_text(render(s))
+        private_dir(s.nginx_dir / sub)
+    write_private(s.map_file, keys_map(keys))
+    write_private(s.conf, render(s))
     done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
     if done.returncode != 0:
         raise ValueError(f"nginx refuses {s.conf}:\n{done.stderr}")
@@ -316,8 +316,9 @@ class FrontError(RuntimeError):
 
 
 class Front:
-    """nginx in the background from `nginx_dir`, outliving the command that started it (as
-    TorchServe does); `kiln stop` finds it again by its folder."""
+    """nginx in the background from `nginx_dir`, under Kiln's supervisor (deploy/supervise.py),
+    outliving the command that started it (as TorchServe does); `kiln stop` finds both again
+    by the folder, and ends any nginx process left of it."""
 
     def __init__(self, nginx_dir: Path, keys_file: Path):
         self.nginx_dir = nginx_dir
@@ -329,16 +330,30 @@ class Front:
 
     @property
     def log_file(self) -> Path:
-        return self.nginx_dir / "error.log"
+        return self.nginx_dir / supervise.LOG_FILE
+
+    @property
+    def supervisor_pid_file(self) -> Path:
+        return self.nginx_dir / supervise.PID_FILE
 
     def pid(self) -> int | None:
         """The master of this folder's nginx, if it runs."""
-        try:
-            pid = int((self.nginx_dir / "nginx.pid").read_text().strip())
-            cmdline = psutil.Process(pid).cmdline()
-        except (OSError, ValueError, psutil.Error):
-            return None
-        return pid if str(self.conf) in cmdline else None
+        return _pid_from(self.nginx_dir / "nginx.pid", str(self.conf))
+
+    def supervisor_pid(self) -> int | None:
+        return _pid_from(self.supervisor_pid_file, str(self.nginx_dir))
+
+    def processes(self) -> list[psutil.Process]:
+        """Every nginx process of this folder, a master's orphaned workers included: nginx
+        runs with the folder as its working directory, which its workers inherit."""
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            if proc.info["name"] != "nginx":
+                continue
+            with contextlib.suppress(psutil.Error):
+                if Path(proc.cwd()) == self.nginx_dir:
+                    found.append(proc)
+        return found
 
     def keys(self) -> list[Key]:
         """The keys file's keys; a new file with one new key when there is none (keys outlive
@@ -356,37 +371,68 @@ class Front:
             raise FrontError(f"no {NGINX}: install Debian's nginx (Kiln's front proxy)")
         if self.pid() is not None:
             raise FrontError(f"an nginx already runs from {self.nginx_dir}")
+        self.stop()  # a supervisor, or nginx processes, left of an earlier run: they hold ports
         try:
             prepare(settings, self.keys())
         except ValueError as err:  # KeysError included
             raise FrontError(str(err)) from None
+        command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir",
+                   str(self.nginx_dir), "--quit-timeout", str(settings.shutdown_s)]
         with open(self.log_file, "ab") as log_out:
-            master = subprocess.Popen(nginx_command(settings), stdin=subprocess.DEVNULL,
-                                      stdout=log_out, stderr=log_out, start_new_session=True)
+            supervisor = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_out,
+                                          stderr=log_out, start_new_session=True)
+        write_private(self.supervisor_pid_file, f"{supervisor.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if master.poll() is not None:  # a port taken, say: nginx says why in its log
-                raise FrontError(f"nginx exited with status {master.returncode}:\n"
+            if supervisor.poll() is not None:  # a port taken, say: nginx says why in its log
+                raise FrontError(f"nginx exited with status {supervisor.returncode}:\n"
                                  f"{self.log_tail()}")
             if self.pid() is not None and _accepts(settings.listen, settings.public["http"]):
                 return
             time.sleep(0.05)
+        self.stop()
         raise FrontError(f"nginx did not start within {timeout:g} s:\n{self.log_tail()}")
 
     def reload(self, timeout: float = 5) -> list[Key]:
         """Re-reads the keys file (raises on a bad one: nginx keeps what it has) and tells
         nginx, which takes new requests with the new keys and drops no connection."""
         keys = read_keys(self.keys_file)
-        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        write_private(self.map_file, keys_map(keys))
         self._reload(timeout)
         return keys
 
     def apply(self, keys: list[Key], timeout: float = 5) -> None:
         """nginx takes `keys` first and the keys file says them after, so that a client that
-        reads the file never holds a key nginx does not know yet (kiln keys rotate)."""
-        write_atomically(self.nginx_dir / "keys.map", keys_map(keys))
+        reads the file never holds a key nginx does not know yet (kiln keys rotate). Raises,
+        changing nothing, when no master of this folder answers: a rotation nginx has not
+        taken must not be reported done."""
+        master = self.wait_master(timeout)
+        if master is None:
+            raise FrontError(self.not_running())
+        write_private(self.map_file, keys_map(keys))
         self._reload(timeout)
         write_keys(self.keys_file, keys)
+
+    @property
+    def map_file(self) -> Path:
+        return self.nginx_dir / "keys.map"
+
+    def wait_master(self, timeout: float) -> int | None:
+        """The master's pid; while the supervisor runs, waits for the one it is starting."""
+        deadline = time.monotonic() + timeout
+        while (pid := self.pid()) is None and self.supervisor_pid() is not None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pid
+
+    def not_running(self) -> str:
+        """Why no master of this folder can take a change, for the user."""
+        left = self.processes()
+        if left:
+            return (f"the front proxy of {self.nginx_dir} has no master but {len(left)} nginx "
+                    f"process(es) still answer (pids {', '.join(str(p.pid) for p in left)}), "
+                    f"with the keys they had: kiln stop, then kiln serve")
+        return f"no front proxy runs from {self.nginx_dir}"
 
     def _reload(self, timeout: float) -> None:
         """SIGHUP, then wait until a worker started by it runs and every old one has exited or
@@ -394,7 +440,7 @@ class Front:
         worker closes its idle kept-alive connections as it starts shutting down)."""
         pid = self.pid()
         if pid is None:
-            return
+            raise FrontError(self.not_running())
         master = psutil.Process(pid)
         before = {p.pid for p in master.children()}
         master.send_signal(signal.SIGHUP)
@@ -413,24 +459,49 @@ class Front:
         raise FrontError(f"nginx did not reload within {timeout:g} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10) -> bool:
-        """Graceful quit (requests in flight are answered), killed after `timeout`; False when
-        none ran."""
-        pid = self.pid()
-        if pid is None:
-            return False
+        """Graceful quit (requests in flight are answered), killed after `timeout`, and every
+        nginx process of the folder ended; False when none ran."""
+        supervisor, master = self.supervisor_pid(), self.pid()
+        stopped = False
         with contextlib.suppress(psutil.Error):
-            master = psutil.Process(pid)
-            tree = [master, *master.children()]
-            master.send_signal(signal.SIGQUIT)
-            _, alive = psutil.wait_procs(tree, timeout=timeout)
-            for proc in alive:
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
+            if supervisor is not None:  # it quits nginx gracefully, then kills what is left
+                proc = psutil.Process(supervisor)
+                proc.send_signal(signal.SIGTERM)
+                stopped = True
+                _, alive = psutil.wait_procs([proc], timeout=timeout + 2)
+                for p in alive:
+                    p.kill()
+            elif master is not None:  # a master whose supervisor was killed
+                proc = psutil.Process(master)
+                tree = [proc, *proc.children()]
+                proc.send_signal(signal.SIGQUIT)
+                stopped = True
+                _, alive = psutil.wait_procs(tree, timeout=timeout)
+                for p in alive:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+        left = self.processes()  # orphaned workers of a master killed hard
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(left, timeout=5)
+        self.supervisor_pid_file.unlink(missing_ok=True)
         (self.nginx_dir / "nginx.pid").unlink(missing_ok=True)
-        return True
+        return stopped or bool(left)
 
     def log_tail(self, lines: int = 20) -> str:
         return logs.tail(self.log_file, lines, "(no nginx log)")
+
+
+def _pid_from(pid_file: Path, mark: str) -> int | None:
+    """The pid in `pid_file` if that process runs and `mark` is in its command line (a
+    recorded pid may belong to anything now)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = psutil.Process(pid).cmdline()
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return pid if any(mark in part for part in cmdline) else None
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -25,7 +25,7 @@ import requests
 
 from kiln.deploy import front, logs, metrics_exporter, plugins
 from kiln.handlers.cores import usable_cores
-from kiln.keys import KEYS_FILE
+from kiln.keys import KEYS_FILE, private_dir
 from kiln.model_store import read_archive
 from kiln.training import declaration
 
@@ -333,6 +333,30 @@ class ServerSettings:
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
+@contextlib.contextmanager
+def owner_only_files():
+    """umask 077 inside the block: what this process and the processes it starts create is
+    readable by its owner only."""
+    mask = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(mask)
+
+
+def owner_only(folder: Path) -> None:
+    """`folder` and everything in it readable by its owner only (what an earlier run, or an
+    earlier Kiln, left readable by others included)."""
+    private_dir(folder)
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = Path(root, name)
+            with contextlib.suppress(OSError):
+                mode = path.lstat().st_mode
+                if mode & 0o077 and not path.is_symlink():
+                    path.chmod(mode & 0o700)
+
+
 class Server:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
@@ -461,11 +485,20 @@ class Server:
         return done
 
     def start(self) -> None:
+        """TorchServe, its metrics exporter and, when fronted, the front proxy, each writing
+        only owner-only files into a run folder that only its owner may enter: keys, tokens
+        and what derives from them (nginx's configuration and keys map, TorchServe's key
+        file, logs that may quote a request) are nobody else's (umask 077 for them all)."""
+        with owner_only_files():
+            self._start()
+
+    def _start(self) -> None:
         if shutil.which("java") is None:
             raise ServerError("no Java runtime on PATH: install openjdk-17-jre-headless")
         if self.pid() is not None:
             raise ServerError(f"a TorchServe already runs from {self.run_dir} (kiln stop)")
         self.clean_up_after_crash()
+        owner_only(self.run_dir)
         for m in self.settings.models:
             mar = self.settings.model_store / f"{m}.mar"
             if not mar.exists():
@@ -536,7 +569,8 @@ class Server:
             time.sleep(0.05)
         settings = self.front_settings(upstream_token=token)
         try:
-            self.front.start(settings)
+            with owner_only_files():
+                self.front.start(settings)
         except front.FrontError as err:
             raise ServerError(str(err)) from None
         (self.run_dir / INTERNAL_PORTS_FILE).write_text(

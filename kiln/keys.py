@@ -121,12 +121,25 @@ def read_keys(path: Path) -> list[Key]:
 
 
 def write_keys(path: Path, keys: list[Key]) -> None:
-    """Atomically, readable by its owner only (a half-written file is never read)."""
+    write_private(path, format_keys(keys))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomically (a half-written file is never read) and readable by its owner only: for
+    anything that holds a key or a token, or is derived from one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # O_CREAT keeps the mode of a file that exists
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(format_keys(keys))
+        out.write(text)
     tmp.replace(path)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner may enter (made, or its mode narrowed)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 class KeyFile:

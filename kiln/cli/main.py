@@ -99,7 +99,6 @@ def _serving(args, models: list[str], cores: int | None = None) -> dict[str, Mod
 
 
 def how_to_call(server: Server) -> str:
-    keys = server.keys()
     url = server.url("inference")
     lines = [
         f"TorchServe is serving {', '.join(server.settings.models)} on {HOST}",
@@ -113,9 +112,11 @@ def how_to_call(server: Server) -> str:
         f"  management  {server.url('management')}/models        (TorchServe's management "
         f"token, in {server.key_file})",
         "",
-        "Try:",
+        "Try (a key is printed only when asked for):",
     ]
-    auth = f'-H "Authorization: Bearer {keys["inference"]}"'
+    run_dir = "" if server.run_dir == RUN_DIR.resolve() else f" --run-dir {_shown(server.run_dir)}"
+    lines.append(f"  KEY=$(kiln keys show{run_dir})")
+    auth = '-H "Authorization: Bearer $KEY"'
     predict = []
     for name in server.settings.models:
         try:
@@ -197,7 +198,8 @@ def cmd_stop(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    """Show or rotate the front proxy's keys; a running front takes them at once."""
+    """List, show or rotate the front proxy's keys; a running front takes a rotation at once.
+    A key is printed whole only by `show`."""
     import time
 
     path = args.run_dir / KEYS_FILE
@@ -207,27 +209,42 @@ def cmd_keys(args) -> int:
         keys = front.read_keys(path) if path.exists() else []
         if args.action == "rotate":
             keys = front.rotate(keys, now, args.overlap, args.lifetime)
-            if run.pid() is not None:
-                run.apply(keys)  # nginx knows the new key before any client reads it
-            else:
-                front.write_keys(path, keys)
+            taken = _rotate(args.run_dir, run, keys)
     except (OSError, ValueError, front.FrontError) as err:
         log.error("%s", err)
         return 1
-    if not keys:
-        log.error("no keys in %s: kiln serve makes the first one", path)
-        return 1
     newest = front.current(keys, now)
+    if newest is None:
+        log.error("no valid key in %s: kiln serve makes the first one", path)
+        return 1
+    if args.action == "show":
+        print(newest.value)
+        return 0
     for key in keys:
         state = ("in use" if key is newest else
                  "expired" if not key.valid_at(now) else
                  "ends in %.0f s" % (key.expires - now) if key.expires else "valid")
-        shown = key.value if args.show_keys or key is newest else key.value[:6] + "..."
-        print(f"{shown}  {state}")
+        if key.expires and key.valid_at(now) and key is newest:
+            state += ", ends in %.0f s" % (key.expires - now)
+        print(f"{key.value[:6]}...  {state}")
     if args.action == "rotate":
-        print(f"rotated: the new key is last; the others end in {args.overlap:g} s"
-              + ("" if run.pid() is not None else " (no front running: kiln serve reads it)"))
+        print(f"rotated: the new key is last (kiln keys show prints it); the others end in "
+              f"{args.overlap:g} s" + ("" if taken else " (no server runs: kiln serve reads it)"))
     return 0
+
+
+def _rotate(run_dir: Path, run: front.Front, keys: list) -> bool:
+    """The rotated keys to the front that runs (True), or to the file alone when no server
+    runs from `run_dir` (False). Raises, writing nothing, when a server runs but no front
+    proxy of it can take them: nginx would go on with the old keys."""
+    if run.wait_master(timeout=5) is not None or run.processes():
+        run.apply(keys)  # raises when only a master's orphaned workers are left
+        return True
+    if Server(ServerSettings(run_dir, Path(), [])).pid() is not None:
+        raise front.FrontError(f"TorchServe runs from {run_dir} but its front proxy does not: "
+                               f"kiln serve starts it, with the keys of {run.keys_file}")
+    front.write_keys(run.keys_file, keys)
+    return False
 
 
 def _saved_port(run_dir: Path, api: str) -> int:
@@ -392,12 +409,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _server_arguments(p)
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("keys", help="show or rotate the keys clients send",
-                       description="Show the front proxy's keys (the newest is the one to "
-                                   "use), or rotate: add a new key and end the others after an "
-                                   "overlap in which old and new both work. A running server "
-                                   "takes the change at once, without a restart.")
-    p.add_argument("action", nargs="?", choices=["show", "rotate"], default="show")
+    p = sub.add_parser("keys", help="list, show or rotate the keys clients send",
+                       description="List the front proxy's keys (the start of each, and when "
+                                   "it ends), show the one to use (printed whole: KEY=$(kiln "
+                                   "keys show)), or rotate: add a new key and end the others "
+                                   "after an overlap in which old and new both work. A running "
+                                   "server takes a rotation at once, without a restart; a "
+                                   "rotation it cannot take fails and changes nothing.")
+    p.add_argument("action", nargs="?", choices=["list", "show", "rotate"], default="list")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR,
                    help="where kiln serve keeps its keys (default: run/)")
     p.add_argument("--overlap", type=float, default=front.DEFAULT_OVERLAP_S,
@@ -407,8 +426,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lifetime", type=float, metavar="SECONDS",
                    help="the new key ends this long after now (default: never; it ends at a "
                         "later rotation)")
-    p.add_argument("--show-keys", action="store_true",
-                   help="print every key whole (default: only the newest)")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("predict", help="send one file to a served model",
