@@ -41,6 +41,7 @@ from kiln.deploy import logs, supervise
 # the Retry-After of a 503 (about one batch later): the handler's own, so that both agree.
 from kiln.handlers.errors import RETRY_AFTER_S
 from kiln.handlers.forms import FORM_TYPE_HEADER
+from kiln.handlers.oip import PROTOCOL_HEADER
 from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use from here)
     DEFAULT_OVERLAP_S,
     Key,
@@ -263,7 +264,8 @@ def render(s: FrontSettings) -> str:
         "READY_PATH": s.ready_path, "LIVE_PATH": s.live_path,
         "DRAINING_FLAG": str(s.draining_flag), "USER_LINE": s.run_as,
         "UPSTREAM_AUTH": f"Bearer {s.upstream_token}" if s.upstream_token else "",
-        "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "RETRY_AFTER_S": RETRY_AFTER_S,
+        "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "PROTOCOL_HEADER": PROTOCOL_HEADER,
+        "RETRY_AFTER_S": RETRY_AFTER_S,
         "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,
         "ODD_PATH_ERROR": json_error(400, ODD_PATH), "REFUSED_KEY_RATE": REFUSED_KEY_RATE,
         "LONG_PATH_ERROR": json_error(414, f"the path is longer than {MAX_URI} characters"),

@@ -17,6 +17,7 @@ from PIL import Image
 
 from kiln.deploy import front
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
+from kiln.handlers import oip
 from kiln.handlers.errors import RETRY_AFTER_S
 from kiln.model_store.archive import STORE
 
@@ -33,6 +34,14 @@ def predict(server, **kwargs):
 
 def test_a_multipart_form_with_an_image_is_answered(server):
     r = predict(server, files={"data": ("7.png", SEVEN, "image/png")}, headers=auth(server))
+    assert (r.status_code, r.json()["label"]) == (200, "7")
+
+
+def test_a_client_cannot_pick_the_handlers_oip_decoder(server):
+    """kiln-protocol is the OIP plugin's mark on what it hands a worker; a REST request that
+    carries it is still a REST request (it was decoded as OIP framing: a 400)."""
+    r = predict(server, data=SEVEN, headers={**auth(server), "Content-Type": "image/png",
+                                             oip.PROTOCOL_HEADER: oip.PROTOCOL})
     assert (r.status_code, r.json()["label"]) == (200, "7")
 
 
