@@ -709,3 +709,25 @@ def header_sets():
         lambda b: b.replace(b"\r", b"").replace(b"\n", b"").strip()))
     return st.dictionaries(name.filter(lambda n: n.lower() not in (
         "content-length", "transfer-encoding")), value, max_size=4)
+
+
+# --- paths that need normalising (issue 16) ---------------------------------------------
+
+# Spellings of "." and ".." segments and of separators that nginx decodes or merges before it
+# routes, and that a server behind it may read otherwise.
+DOT_SEGMENTS = ["..", "%2e%2e", "%2E%2E", ".%2e", "%2e.", ".", "%2e"]
+SEPARATORS = ["/", "%2F", "%2f", "\\", "%5C", "%5c", "//"]
+
+
+@st.composite
+def climbing_paths(draw, starts, targets):
+    """A keyed route, then one to five dot segments in any spelling, then a route that needs no
+    key: a path that a normalising router may take for the open route while the server behind
+    it reads the keyed one. Every one needs normalising. Returns (label, path)."""
+    start, target = draw(st.sampled_from(starts)), draw(st.sampled_from(targets))
+    climb = "".join(draw(st.sampled_from(SEPARATORS)) + draw(st.sampled_from(DOT_SEGMENTS))
+                    for _ in range(draw(st.integers(1, 5))))
+    path = start + climb + target
+    if draw(st.booleans()):
+        path += "?" + draw(st.sampled_from(["", "x=/../ping", "model_name=lenet"]))
+    return f"{start} .. {target}", path

@@ -341,6 +341,29 @@ def test_any_method_path_and_headers_on_the_oip_port(fuzzer, parts):
     send_any(fuzzer, "oip", fuzzer.oip, parts)
 
 
+# Keyed routes, and the routes each port answers without a key.
+KEYED_ROUTES = ["/predictions/lenet", "/predictions/lenet/1.0", "/v1/models/binary:predict",
+                "/v2/models/lenet/infer", "/v2/models/lenet/versions/1.0/infer"]
+OPEN_ROUTES = {"inference": ["/ping", "/ready", "/live"],
+               "oip": ["/v2/health/ready", "/v2/health/live"]}
+
+
+@settings(FUZZ, max_examples=120)
+@given(port=st.sampled_from(sorted(OPEN_ROUTES)), data=st.data(),
+       token=st.sampled_from([None, "inference", "garbage"]))
+def test_paths_that_need_normalising_are_refused(fuzzer, port, data, token):
+    """Whatever the spelling of the climb, with a key or without: 400 before routing, never
+    an answer of a model (/predictions/lenet/1.0/../../../ping was a prediction without a key)."""
+    label, path = data.draw(fs.climbing_paths(KEYED_ROUTES, OPEN_ROUTES[port]))
+    headers = {"Content-Type": "image/png"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {fuzzer.keys.get(token, 'garbage')}"
+    base = fuzzer.inference if port == "inference" else fuzzer.oip
+    reply = fuzzer.send(f"{port} {label}", base, "POST", path, fs.SEVEN, headers,
+                        sent=(path, token))
+    assert reply.status == 400, (path, token, reply)
+
+
 @settings(FUZZ, max_examples=150)
 @given(model=st.sampled_from([*IMAGE_MODELS, FEATURE_MODEL]), body=fs.raw_bodies(),
        headers=fs.header_sets())
