@@ -1,6 +1,6 @@
 """Reliability, in one run and one table: `python -m kiln.loadtests.reliability`.
 
-Four parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
+Five parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
 TorchServe on free loopback ports), started for the purpose, or the server `kiln serve` runs
 from --run-dir; every request goes through server.url() with server.keys():
 
@@ -17,6 +17,9 @@ from --run-dir; every request goes through server.url() with server.keys():
 4. soak: --soak-seconds of steady mixed load (every served model, REST and OIP) while the
    RSS and PSS of the frontend and of each model's workers are sampled: start, end, max and
    the slope in MB per 100k requests.
+5. front_kill: wrk on the first image model for --load-seconds while the front proxy's nginx
+   master is killed hard a third of the way in: until its orphaned workers are gone, until a
+   new master, until a 200 again, and what the load lost (loadtests/front_kill.py).
 
 The load generator (wrk; in part 2 Python clients, which account for every request sent) shares
 the cores with the server: its CPU is in the table.
@@ -64,7 +67,7 @@ from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")
-PARTS = ("kill", "slow", "amplification", "soak")
+PARTS = ("kill", "slow", "amplification", "soak", "front_kill")
 # A good request unanswered this long while slow connections are held counts as failed: far
 # above its p99 on an idle server, far below TorchServe's own response timeout (minutes).
 GOOD_TIMEOUT_S = 2
@@ -764,6 +767,10 @@ def measure(server: Server, opts: argparse.Namespace) -> Report:
     if "soak" in opts.parts:
         rows, report.memory = soak_part(server, models, opts)
         report.rows += rows
+    if "front_kill" in opts.parts:
+        from kiln.loadtests.front_kill import front_kill_part  # it builds on this module
+
+        report.rows += front_kill_part(server, models, opts)
     return report
 
 
