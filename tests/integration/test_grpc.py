@@ -4,13 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import grpc
 import pytest
 
 from kiln.client import Answer, encode_file
-from kiln.deploy.server import Ports
-from kiln.grpc_client import GrpcClient
+from kiln.deploy.server import Ports, ServerSettings
+from kiln.grpc_client import GrpcClient, load_stubs
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SEVEN = FIXTURES / "digits" / "7.png"
@@ -101,3 +103,102 @@ def test_kiln_predict_over_grpc(server, client, tmp_path):
     assert bad.returncode == 1
     assert json.loads(bad.stdout) == {"error": "this model takes features, not an image",
                                       "code": 400}
+
+
+# -- statuses through the front proxy, as a plain gRPC client reads them ------------------------
+SERVICE = "/org.pytorch.serve.grpc.inference.InferenceAPIsService"
+
+
+def too_large(server):
+    return ("RESOURCE_EXHAUSTED", f"the message is over {server.settings.max_request_size} bytes "
+            "or the metadata over 8 KiB")
+
+
+@pytest.fixture()
+def channel(grpc_target):
+    with grpc.insecure_channel(grpc_target) as ch:
+        yield ch
+
+
+def call(server, channel, stub_cache, model, data=None, version="", metadata=()):
+    """(status name, details) of one Predictions call: ("OK", None) when answered."""
+    pb2, _ = load_stubs(stub_cache)
+    predictions = channel.unary_unary(f"{SERVICE}/Predictions",
+                                      request_serializer=pb2.PredictionsRequest.SerializeToString,
+                                      response_deserializer=pb2.PredictionResponse.FromString)
+    request = pb2.PredictionsRequest(model_name=model, model_version=version,
+                                     input={"data": SEVEN.read_bytes() if data is None else data})
+    key = (("authorization", f"Bearer {server.keys()['inference']}"),)
+    try:
+        predictions(request, metadata=key + tuple(metadata), timeout=30)
+    except grpc.RpcError as err:
+        return err.code().name, err.details()
+    return "OK", None
+
+
+@pytest.mark.parametrize("model, version, message", [
+    ("nope", "", "Model not found: nope\norg.pytorch.serve.archive.model.ModelNotFoundException"),
+    ("lenet", "9.9", "Model version: 9.9 does not exist for model: lenet\n"
+                     "org.pytorch.serve.archive.model.ModelVersionNotFoundException"),
+], ids=["model", "version"])
+def test_an_unknown_model_or_version_is_not_found(server, channel, stub_cache, model, version,
+                                                  message):
+    assert call(server, channel, stub_cache, model, version=version) == ("NOT_FOUND", message)
+
+
+def test_no_model_name_is_an_invalid_argument(server, channel, stub_cache):
+    assert call(server, channel, stub_cache, "") == (
+        "INVALID_ARGUMENT", "Parameter model_name is required.\nBadRequestException.()")
+
+
+@pytest.mark.parametrize("over", [1, ServerSettings.max_request_size])
+def test_a_message_over_max_request_size_is_resource_exhausted(server, channel, stub_cache, over):
+    data = b"x" * (server.settings.max_request_size + over)
+    assert call(server, channel, stub_cache, "lenet", data) == too_large(server)
+    assert call(server, channel, stub_cache, "lenet") == ("OK", None)
+
+
+class InFlight:
+    """A StreamPredictions2 call held open (headers sent, no message yet) on `channel`: it
+    ends OK once released if its connection lived, UNAVAILABLE if the connection went."""
+
+    def __init__(self, server, channel, stub_cache):
+        pb2, _ = load_stubs(stub_cache)
+        self.release = threading.Event()
+        stream = channel.stream_stream(f"{SERVICE}/StreamPredictions2",
+                                       request_serializer=pb2.PredictionsRequest.SerializeToString,
+                                       response_deserializer=pb2.PredictionResponse.FromString)
+        key = (("authorization", f"Bearer {server.keys()['inference']}"),)
+        self.responses = stream(self._requests(), metadata=key, timeout=30)
+
+    def _requests(self):
+        self.release.wait(timeout=30)
+        yield from ()
+
+    def end(self) -> str:
+        self.release.set()
+        try:
+            list(self.responses)
+        except grpc.RpcError as err:
+            return err.code().name
+        return "OK"
+
+
+@pytest.mark.parametrize("metadata", [
+    [("x-big", "a" * 9000)],
+    [("x-big", "a" * 16000)],  # nginx decodes a field of up to 16 KiB
+    [(f"x-big-{i}", "a" * 10000) for i in range(3)],  # past TorchServe's GOAWAY limit
+], ids=["9000", "16000", "3x10000"])
+def test_metadata_over_8_kib_ends_its_call_not_the_connection(server, channel, stub_cache,
+                                                              metadata):
+    grpc.channel_ready_future(channel).result(timeout=10)
+    neighbour = InFlight(server, channel, stub_cache)
+    try:
+        refused = call(server, channel, stub_cache, "lenet", metadata=metadata)
+    finally:
+        neighbour_ended = neighbour.end()
+    assert refused == too_large(server)
+    assert neighbour_ended == "OK"
+    assert call(server, channel, stub_cache, "lenet", metadata=[("x-small", "a" * 7000)]) == (
+        "OK", None)
+
