@@ -169,6 +169,7 @@ def error_pages(max_body: int) -> str:
 # The longest path (query included) forwarded to TorchServe, whose request line may be 4,096
 # bytes (Netty's default) with its method and version.
 MAX_URI = 4000
+LONG_PATH = f"the path with its query is longer than {MAX_URI} characters"
 ODD_PATH = ("the path must be plain: no . or .. segment, no //, no encoded slash, dot or "
             "backslash")
 # Requests with a missing or unknown key, per client address: this many a second, with a burst
@@ -201,7 +202,7 @@ def key_check() -> str:
             return 400 '{json_error(400, ODD_PATH)}';
         }}
         if ($kiln_path_long) {{
-            return 414 '{json_error(414, f"the path is longer than {MAX_URI} characters")}';
+            return 414 '{json_error(414, LONG_PATH)}';
         }}
         if ($kiln_refuse) {{
             rewrite ^ {KEY_REFUSED_PATH} last;
@@ -268,7 +269,7 @@ def render(s: FrontSettings) -> str:
         "RETRY_AFTER_S": RETRY_AFTER_S,
         "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,
         "ODD_PATH_ERROR": json_error(400, ODD_PATH), "REFUSED_KEY_RATE": REFUSED_KEY_RATE,
-        "LONG_PATH_ERROR": json_error(414, f"the path is longer than {MAX_URI} characters"),
+        "LONG_PATH_ERROR": json_error(414, LONG_PATH),
         "KEY_CHECK": key_check().rstrip("\n").lstrip(),
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),

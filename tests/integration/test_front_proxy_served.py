@@ -85,7 +85,7 @@ def raw_request(server, request: bytes) -> tuple[int, bytes]:
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1", 414, "the request line is too long"),
     # TorchServe reads request lines of up to 4 KB: a longer one got its own error text.
     (b"GET /predictions/lenet/" + b"a" * 5000 + b" HTTP/1.1", 414,
-     "the path is longer than 4000 characters"),
+     "the path with its query is longer than 4000 characters"),
     (b"POST /predictions/lenet HTTP/1.1\r\nTransfer-Encoding: chunked, identity", 501,
      "the transfer encoding is not supported: send Content-Length or chunked"),
 ])
