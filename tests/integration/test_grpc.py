@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import grpc
 import pytest
 
 from kiln.client import Answer, encode_file
+from kiln.deploy import front
 from kiln.deploy.server import Ports, ServerSettings
 from kiln.grpc_client import GrpcClient, load_stubs
 
@@ -202,3 +204,36 @@ def test_metadata_over_8_kib_ends_its_call_not_the_connection(server, channel, s
     assert call(server, channel, stub_cache, "lenet", metadata=[("x-small", "a" * 7000)]) == (
         "OK", None)
 
+
+
+def test_unknown_keys_are_limited_per_client_and_known_keys_are_not(server, channel,
+                                                                     stub_cache):
+    """As on the REST and OIP ports (and counted with them): a flood of calls with an unknown
+    key gets UNAUTHENTICATED up to the burst, then RESOURCE_EXHAUSTED; a known key is served."""
+    pb2, _ = load_stubs(stub_cache)
+    predictions = channel.unary_unary(f"{SERVICE}/Predictions",
+                                      request_serializer=pb2.PredictionsRequest.SerializeToString,
+                                      response_deserializer=pb2.PredictionResponse.FromString)
+    request = pb2.PredictionsRequest(model_name="lenet", input={"data": SEVEN.read_bytes()})
+    codes, known = Counter(), []
+    for i in range(400):
+        try:
+            predictions(request, metadata=(("authorization", "Bearer nope"),), timeout=30)
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[err.code().name] += 1
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                details = err.details()
+        if i % 50 == 0:
+            known.append(call(server, channel, stub_cache, "lenet"))
+    assert set(codes) == {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["UNAUTHENTICATED"] > front.REFUSED_KEY_BURST, codes
+    assert details == front.TOO_MANY_REFUSED
+    assert known == [("OK", None)] * 8
+    # The allowance comes back before the next test.
+    while True:
+        try:
+            predictions(request, metadata=(("authorization", "Bearer nope"),), timeout=30)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                break
