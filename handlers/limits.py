@@ -39,10 +39,23 @@ MAX_IMAGES = 512
 # One image, from its header: a 30 kB PNG can declare a gigapixel image, and decoding it
 # would take the worker's memory. A flat 4096x4096 PNG (15 KiB) takes ~0.27 s to decode and
 # frame, a noisy one ~0.85 s.
-MAX_IMAGE_PIXELS = 4096 * 4096
-# All the images of one request together, summed from their headers: 205 images each under
-# the limit above once kept a worker busy for 30 s.
-MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
+MAX_SIDE = 4096
+MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
+# An image costs per row and per column too, not only per pixel: libspng and PIL unfilter
+# each row (27-31 ns a row), and the resize computes Lanczos weights for every line of the
+# side it shrinks and, for an image narrower than the model's input, widens each row first
+# (160-166 ns a row or a column, whatever the policy); a pixel costs 15 ns in all (5 to
+# decode, 10 to frame). A 1 x 16,777,216 PNG (33 kB) within the pixel bound took 6 s, 12
+# times the square, and 512 images of 1 x 32,768 in one request would take 3 s. So each image
+# is charged its pixels plus ROW_PIXELS a row and COLUMN_PIXELS a column (measured by
+# loadtests/thin_images.py), and bounded by what the 4096x4096 square is charged: the
+# thinnest image admitted is 1 x 1,205,393 (0.25 s), the widest 1,406,292 x 1.
+ROW_PIXELS = 13
+COLUMN_PIXELS = 11
+MAX_IMAGE_COST = MAX_IMAGE_PIXELS + (ROW_PIXELS + COLUMN_PIXELS) * MAX_SIDE
+# All the images of one request together, each charged as above (image_cost), summed from
+# their headers: 205 images each under the limit above once kept a worker busy for 30 s.
+MAX_REQUEST_PIXELS = MAX_IMAGE_COST
 # One {"b64": ...} image's text, measured with len() before base64 decodes it: what the
 # default 4 MiB body can carry, so that the bound holds when the body limit is raised.
 MAX_B64_CHARS = 4 * 1024 * 1024
@@ -65,6 +78,24 @@ MAX_BATCH_VALUES = 1 << 22
 def too_large(message):
     """A request over a size bound: 413."""
     return BadInput(message, reason="too_large")
+
+
+def image_cost(width, height):
+    """What decoding and framing an image of this shape costs, in pixels (see ROW_PIXELS)."""
+    return width * height + ROW_PIXELS * height + COLUMN_PIXELS * width
+
+
+def check_image_shape(width, height):
+    """Refuses, from its header, an image of too many pixels, or too thin a shape for what it
+    would cost."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise too_large(f"image is {width}x{height} pixels, more than the limit of "
+                        f"{MAX_IMAGE_PIXELS} pixels")
+    cost = image_cost(width, height)
+    if cost > MAX_IMAGE_COST:
+        raise too_large(f"image is {width}x{height} pixels, too thin: its rows and columns "
+                        f"cost as much to decode and resize as {cost} pixels, more than the "
+                        f"limit of {MAX_IMAGE_COST} (a {MAX_SIDE}x{MAX_SIDE} image's)")
 
 
 # --- JSON text ------------------------------------------------------------------------------
@@ -140,7 +171,8 @@ def clamp_length(length, spec):
 @dataclass
 class Cost:
     """What one request asks of the handler, known before decoding: its rows, the longest
-    variable length per input (1 where fixed), its encoded images and their pixels."""
+    variable length per input (1 where fixed), its encoded images and their pixels (each
+    image charged for its rows and columns too: image_cost)."""
 
     rows: int
     lengths: list = field(default_factory=list)
