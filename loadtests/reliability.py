@@ -1,6 +1,6 @@
 """Reliability, in one run and one table: `python -m kiln.loadtests.reliability`.
 
-Four parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
+Five parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
 TorchServe on free loopback ports), started for the purpose, or the server `kiln serve` runs
 from --run-dir; every request goes through server.url() with server.keys():
 
@@ -17,6 +17,8 @@ from --run-dir; every request goes through server.url() with server.keys():
 4. soak: --soak-seconds of steady mixed load (every served model, REST and OIP) while the
    RSS and PSS of the frontend and of each model's workers are sampled: start, end, max and
    the slope in MB per 100k requests.
+5. thin: the time to answer or refuse the costliest images of any shape, and good requests of
+   the first image model while clients send one in a loop (loadtests/thin_images.py).
 
 The load generator (wrk; in part 2 Python clients, which account for every request sent) shares
 the cores with the server: its CPU is in the table.
@@ -64,7 +66,7 @@ from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")
-PARTS = ("kill", "slow", "amplification", "soak")
+PARTS = ("kill", "slow", "amplification", "soak", "thin")
 # A good request unanswered this long while slow connections are held counts as failed: far
 # above its p99 on an idle server, far below TorchServe's own response timeout (minutes).
 GOOD_TIMEOUT_S = 2
@@ -536,6 +538,9 @@ class Bounds:
     request_pixels: int
     image_pixels: int
     body_bytes: int
+    # What the handlers charge an image per row and per column, beside its pixels.
+    row_pixels: int = 0
+    column_pixels: int = 0
 
     @classmethod
     def served(cls, server: Server) -> Bounds:
@@ -548,7 +553,8 @@ class Bounds:
         return cls(getattr(limits, "MAX_INSTANCES", inputs.MAX_INSTANCES),
                    getattr(limits, "MAX_REQUEST_PIXELS", images.MAX_REQUEST_PIXELS),
                    getattr(limits, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS),
-                   server.settings.max_request_size)
+                   server.settings.max_request_size, getattr(limits, "ROW_PIXELS", 0),
+                   getattr(limits, "COLUMN_PIXELS", 0))
 
 
 def ring_png(width: int, height: int, channels: int) -> bytes:
@@ -567,9 +573,13 @@ def image_requests(spec: dict, b: Bounds) -> dict[str, tuple[bytes, str, str]]:
     one just over the request pixel bound."""
     n = b.instances
     side = math.isqrt(min(b.request_pixels // n, b.image_pixels))
+    row, column = b.row_pixels, b.column_pixels
+    while n * (side * side + (row + column) * side) > b.request_pixels:
+        side -= 1
     one = math.isqrt(min(b.request_pixels, b.image_pixels))
     tile = ring_png(side, side, spec["channels"])
-    extra = (b.request_pixels - n * side * side) // side + 1  # rows that cross the bound
+    # rows that cross the bound
+    extra = (b.request_pixels - n * (side * side + (row + column) * side)) // (side + row) + 1
     over = [tile] * (n - 1) + [ring_png(side, side + extra, spec["channels"])]
     rng = np.random.default_rng(0)
     shape = tuple(images.pixel_shape(spec))
@@ -764,6 +774,10 @@ def measure(server: Server, opts: argparse.Namespace) -> Report:
     if "soak" in opts.parts:
         rows, report.memory = soak_part(server, models, opts)
         report.rows += rows
+    if "thin" in opts.parts:
+        from kiln.loadtests import thin_images  # it builds on this module's clients and rows
+
+        report.rows += thin_images.thin_part(server, models, opts)
     return report
 
 

@@ -35,6 +35,12 @@ SOAK = ["soak: requests", "soak: failed", "soak: wrk CPU"] + [
     for process in ("frontend", "lenet workers", "mlp workers", "rnn workers", "binary workers")
     for figure in ("RSS", "RSS max", "RSS slope", "PSS")]
 
+THIN = [f"thin lenet: {case}" for case in ("square at pixel bound", "thinnest admitted",
+                                           "widest admitted", "1 x 16,777,216")] + [
+    "thin flood: good lenet p50, no flood"] + [
+    f"thin flood {image}: good {figure}" for image in ("thinnest admitted", "1 x 16,777,216")
+    for figure in ("p50", "max", "failed")]
+
 
 @pytest.fixture(scope="module")
 def report(server):
@@ -43,7 +49,7 @@ def report(server):
 
 def test_the_table_has_every_row_and_each_is_a_number(report):
     names = [r.name for r in report.rows]
-    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK
+    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK + THIN
     table = reliability.format_table(report.rows).splitlines()
     assert [line[:len(name)] for line, name in zip(table[1:], names, strict=True)] == names
     for row in report.rows:
@@ -62,3 +68,9 @@ def test_the_json_holds_the_table(report, tmp_path):
     saved = json.loads((tmp_path / "reliability.json").read_text())
     assert [r["name"] for r in saved["rows"]] == [r.name for r in report.rows]
     assert (tmp_path / "reliability.html").read_text().count("<svg") == 3
+
+
+def test_thin_images_are_answered_up_to_the_squares_cost_and_refused_past_it(report):
+    thin = {r.name: r.detail.rsplit(", ", 1)[1] for r in report.rows if r.name in THIN[:4]}
+    assert thin == {THIN[0]: "200 x1", THIN[1]: "200 x1", THIN[2]: "200 x1",
+                    THIN[3]: "413 x1"}
