@@ -84,20 +84,22 @@ def study(repeat: int) -> list[tuple[str, tuple[float, float, float]]]:
 
 
 # --- the reliability benchmark's part ------------------------------------------------------
-def longest_line() -> int:
-    """The most rows (or columns) of a one-pixel-wide (or tall) image the handlers admit
-    (the pixel bound alone where they charge nothing per line)."""
+def longest_line(along: int, across: int) -> int:
+    """The most lines of a one-pixel-wide image the handlers admit, charged `along` pixels a
+    line of that length and `across` for the one line across (rows, then columns, or the other
+    way round); the pixel bound alone where they charge nothing per line."""
     cost = getattr(limits, "MAX_IMAGE_COST", limits.MAX_IMAGE_PIXELS)
-    per_line = 1 + max(getattr(limits, "ROW_PIXELS", 0), getattr(limits, "COLUMN_PIXELS", 0))
-    return min(limits.MAX_IMAGE_PIXELS, cost // per_line)
+    return min(limits.MAX_IMAGE_PIXELS, (cost - across) // (1 + along))
 
 
 def thin_cases() -> dict[str, tuple[int, int]]:
     """label -> (width, height): the square at the pixel bound, the thinnest and the widest
     image admitted, and the issue's 1 x 16,777,216."""
-    side, line = int(limits.MAX_IMAGE_PIXELS ** 0.5), longest_line()
-    return {"square at pixel bound": (side, side), "thinnest admitted": (1, line),
-            "widest admitted": (line, 1), "1 x 16,777,216": (1, 16_777_216)}
+    row, column = getattr(limits, "ROW_PIXELS", 0), getattr(limits, "COLUMN_PIXELS", 0)
+    side = int(limits.MAX_IMAGE_PIXELS ** 0.5)
+    return {"square at pixel bound": (side, side),
+            "thinnest admitted": (1, longest_line(row, column)),
+            "widest admitted": (longest_line(column, row), 1), "1 x 16,777,216": (1, 16_777_216)}
 
 
 def thin_part(server, models, opts) -> list[Row]:
