@@ -104,8 +104,8 @@ def thin_cases() -> dict[str, tuple[int, int]]:
 
 def thin_part(server, models, opts) -> list[Row]:
     """Each case's median time to be answered or refused beside the square's; then good
-    requests of the image model, alone and while opts.clients connections send the thinnest
-    image admitted (then the issue's) in a loop."""
+    requests of the image model, alone and while opts.clients connections send the square,
+    the thinnest image admitted, then the issue's, in a loop."""
     name = models.image[0]
     client = http.Client(server.url("inference"), server.keys()["inference"], timeout=300)
     bodies = {label: blank_png(*size) for label, size in thin_cases().items()}
@@ -115,8 +115,12 @@ def thin_part(server, models, opts) -> list[Row]:
         rows.append(Row(f"thin {name}: {label}", ms, "ms", rows[0].value if rows else None,
                         f"{'x'.join(map(str, thin_cases()[label]))}, {len(body) / 1024:.0f} "
                         f"kB, {_codes(statuses)}"))
-    floods = {label: bodies[label] for label in ("thinnest admitted", "1 x 16,777,216")}
-    return rows + flood_rows(server, name, floods, opts)
+    return rows + flood_rows(server, name, {label: bodies[label] for label in FLOODS}, opts)
+
+
+# The images the flood rows send: the costliest admitted square and thin shape, and the
+# issue's, refused from its header.
+FLOODS = ("square at pixel bound", "thinnest admitted", "1 x 16,777,216")
 
 
 def flood_rows(server, name: str, bodies: dict[str, bytes], opts) -> list[Row]:
@@ -131,14 +135,23 @@ def flood_rows(server, name: str, bodies: dict[str, bytes], opts) -> list[Row]:
         got = good_requests(server.url("inference"), path, good, token, 1, opts.cell_seconds)
         load = flood.finish()
         detail = f"{opts.clients} clients sending it: {_codes(load.statuses)}"
-        rows += [Row(f"thin flood {label}: good p50", got.percentile(50), "ms",
-                     base.percentile(50), detail),
-                 Row(f"thin flood {label}: good max", max(got.ms, default=None), "ms",
-                     max(base.ms, default=None)),
-                 Row(f"thin flood {label}: good failed", sum(got.failed.values()), "req",
-                     sum(base.failed.values()),
-                     f"of {len(got.ms) + sum(got.failed.values())}; {_codes(got.failed)}")]
+        rows += good_rows(f"thin flood {label}", got, base, detail)
+        sent = sum(load.statuses.values())
+        rows.append(Row(f"thin flood {label}: 503 share", 100 * load.statuses[503] / sent
+                        if sent else None, "%", detail=f"of {sent} sent"))
     return rows
+
+
+def good_rows(prefix: str, got, base, detail: str) -> list[Row]:
+    """p50, p99 and max of the good requests answered beside `base`'s, and those that were
+    not; the max is "-" (None) only when none was answered, which `failed` then counts."""
+    sent = len(got.ms) + sum(got.failed.values())
+    return [Row(f"{prefix}: good p50", got.percentile(50), "ms", base.percentile(50), detail),
+            Row(f"{prefix}: good p99", got.percentile(99), "ms", base.percentile(99)),
+            Row(f"{prefix}: good max", max(got.ms, default=None), "ms",
+                max(base.ms, default=None)),
+            Row(f"{prefix}: good failed", sum(got.failed.values()), "req",
+                sum(base.failed.values()), f"of {sent}; {_codes(got.failed)}")]
 
 
 def main(argv: list[str] | None = None) -> int:

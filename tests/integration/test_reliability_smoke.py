@@ -38,8 +38,9 @@ SOAK = ["soak: requests", "soak: failed", "soak: wrk CPU"] + [
 THIN = [f"thin lenet: {case}" for case in ("square at pixel bound", "thinnest admitted",
                                            "widest admitted", "1 x 16,777,216")] + [
     "thin flood: good lenet p50, no flood"] + [
-    f"thin flood {image}: good {figure}" for image in ("thinnest admitted", "1 x 16,777,216")
-    for figure in ("p50", "max", "failed")]
+    f"thin flood {image}: {figure}"
+    for image in ("square at pixel bound", "thinnest admitted", "1 x 16,777,216")
+    for figure in ("good p50", "good p99", "good max", "good failed", "503 share")]
 
 
 @pytest.fixture(scope="module")
