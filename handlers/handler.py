@@ -127,6 +127,8 @@ class KilnHandler:
         self.backend = None
         self.top_k = HANDLER_OPTIONS["top_k"]
         self.metrics = metrics.Recorder()  # records nothing before initialize()
+        # This worker's share of time for large images, kept across batches (limits.py).
+        self.decode_bucket = limits.DecodeBucket()
         self.initialized = False
 
     def initialize(self, context):
@@ -162,7 +164,8 @@ class KilnHandler:
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
-        budget = limits.Budget(self.signature["inputs"])  # what this batch may still take
+        # What this batch may still take, and this worker over time.
+        budget = limits.Budget(self.signature["inputs"], self.decode_bucket)
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             # Which server-side batch a request rode in: clients and tests can see batching.

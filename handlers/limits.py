@@ -6,12 +6,14 @@ A request over a bound gets 413 (too much of something) or 400 (a shape or forma
 takes) with a short message naming the bound and the number. TorchServe hands several
 requests to one handle() call (a server-side batch); the batch has bounds of its own, and
 requests are admitted in order: one that would take the batch past a bound gets its own 413
-and the others are answered. Costs quoted below were measured on one core of the development
-machine (the report of issue 11 has the figures).
+and the others are answered. A worker gives requests of large images a share of its time
+(DecodeBucket): past it, such a request gets a 503 and is sent again. Costs quoted below were
+measured on one core of the development machine (the report of issue 11 has the figures).
 """
 
 import math
 from dataclasses import dataclass, field
+from time import monotonic
 
 import numpy as np
 
@@ -73,6 +75,19 @@ MAX_BATCH_PIXELS = 2 * MAX_REQUEST_PIXELS
 # The model's input for one batch, variable lengths padded to the batch's longest: 16 MiB
 # of float32. Eight requests of 512 digits each fit (lenet: exactly 4,194,304).
 MAX_BATCH_VALUES = 1 << 22
+
+# --- one worker, over time ------------------------------------------------------------------
+# The bounds above keep one request to a 4096x4096 square's decoding and a batch to two, but
+# not a worker's time: 8 clients sending the costliest image admitted kept lenet's worker
+# decoding, and a digit queued behind them waited 0.8 s (p50) to 1.7 s, or got a 503 (issue
+# 16). So a request whose images cost more than CHEAP_REQUEST_PIXELS is charged to its
+# worker's DecodeBucket, which holds one request at the bound and refills that much a second:
+# the square takes 0.25 s on an idle core and 0.5 s with the 2 cores shared with the load,
+# about half of each second, so a digit waits behind at most one such decode. A request over
+# what the bucket holds gets a 503 from its headers, in microseconds, and the queue drains.
+# 512 digits, the most a request holds, cost 745,472: ordinary requests are never charged.
+CHEAP_REQUEST_PIXELS = 1 << 20
+COSTLY_PIXELS_PER_S = MAX_REQUEST_PIXELS
 
 
 def too_large(message):
@@ -187,10 +202,11 @@ class Cost:
 class Budget:
     """What one server-side batch has admitted so far. admit() refuses a request that would
     take it past a bound, and leaves it as it was; restore() takes back a request that was
-    admitted but then failed to decode."""
+    admitted but then failed to decode. `bucket`, the worker's DecodeBucket, is charged last
+    and never given back: a request that failed to decode has spent its time."""
 
-    def __init__(self, specs):
-        self.specs = specs
+    def __init__(self, specs, bucket=None):
+        self.specs, self.bucket = specs, bucket
         self.rows, self.pixels = 0, 0
         self.lengths = [1] * len(specs)
 
@@ -208,6 +224,8 @@ class Budget:
             raise BadInput(f"this server-side batch would decode {self.pixels + cost.pixels} "
                            f"pixels with this request, more than the limit of "
                            f"{MAX_BATCH_PIXELS} per batch: send it again", reason="batch_full")
+        if self.bucket is not None:  # last: a request refused above is not charged
+            self.bucket.take(cost.pixels)
         self.rows, self.lengths, self.pixels = rows, lengths, self.pixels + cost.pixels
 
     def state(self):
@@ -215,6 +233,30 @@ class Budget:
 
     def restore(self, state):
         self.rows, self.lengths, self.pixels = state[0], list(state[1]), state[2]
+
+
+class DecodeBucket:
+    """The decoding one worker may still give costly requests, in image_cost pixels: full at
+    first, refilled at COSTLY_PIXELS_PER_S up to MAX_REQUEST_PIXELS. `clock`: seconds
+    (time.monotonic)."""
+
+    def __init__(self, clock=None):
+        self.clock = clock or monotonic
+        self.held, self.at = MAX_REQUEST_PIXELS, self.clock()
+
+    def take(self, pixels):
+        """Charges a request over CHEAP_REQUEST_PIXELS, or refuses it (503) and charges
+        nothing when the bucket holds less; a cheaper request passes free."""
+        if pixels <= CHEAP_REQUEST_PIXELS:
+            return
+        now = self.clock()
+        self.held = min(MAX_REQUEST_PIXELS, self.held + (now - self.at) * COSTLY_PIXELS_PER_S)
+        self.at = now
+        if pixels > self.held:
+            raise BadInput(f"this worker is busy decoding large images: the {pixels} pixels of "
+                           f"this request would take it past its share of "
+                           f"{COSTLY_PIXELS_PER_S} a second: send it again", reason="busy")
+        self.held -= pixels
 
 
 def check_request(cost, specs):

@@ -23,7 +23,15 @@ from PIL import Image
 
 from kiln import client as http
 from kiln.handlers import images, limits
-from kiln.loadtests.reliability import Mix, Row, _codes, good_requests, rest_payload, timed
+from kiln.loadtests.reliability import (
+    Bounds,
+    Mix,
+    Row,
+    _codes,
+    good_requests,
+    rest_payload,
+    timed,
+)
 
 # The thin side's length in the study: long enough that per-line costs dwarf fixed ones.
 LINES = 1 << 20
@@ -109,9 +117,9 @@ def thin_part(server, models, opts) -> list[Row]:
     name = models.image[0]
     client = http.Client(server.url("inference"), server.keys()["inference"], timeout=300)
     bodies = {label: blank_png(*size) for label, size in thin_cases().items()}
-    rows = []
+    rows, refill_s = [], Bounds.served(server).refill_s
     for label, body in bodies.items():
-        ms, statuses = timed(client, name, body, "image/png", opts.repeat)
+        ms, statuses = timed(client, name, body, "image/png", opts.repeat, refill_s)
         rows.append(Row(f"thin {name}: {label}", ms, "ms", rows[0].value if rows else None,
                         f"{'x'.join(map(str, thin_cases()[label]))}, {len(body) / 1024:.0f} "
                         f"kB, {_codes(statuses)}"))
