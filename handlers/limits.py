@@ -7,7 +7,7 @@ takes) with a short message naming the bound and the number. TorchServe hands se
 requests to one handle() call (a server-side batch); the batch has bounds of its own, and
 requests are admitted in order: one that would take the batch past a bound gets its own 413
 and the others are answered. A worker gives requests of large images a share of its time
-(DecodeBucket): past it, such a request gets a 503 and is sent again. Costs quoted below were
+(DecodeShare): past it, such a request gets a 503 and is sent again. Costs quoted below were
 measured on one core of the development machine (the report of issue 11 has the figures).
 """
 
@@ -80,15 +80,19 @@ MAX_BATCH_VALUES = 1 << 22
 # The bounds above keep one request to a 4096x4096 square's decoding and a batch to two, but
 # not a worker's time: 8 clients sending the costliest image admitted kept lenet's worker
 # decoding, and a digit queued behind them waited 0.8 s (p50) to 1.7 s, or got a 503 (issue
-# 16). So a request whose images cost more than CHEAP_REQUEST_PIXELS is charged to its
-# worker's DecodeBucket, which holds one request at the bound and refills that much a second:
-# the square takes 0.25 s on an idle core and 0.5 s with the 2 cores shared with the load,
-# about half of each second, so a digit waits behind at most one such decode. A request over
-# what the bucket holds gets a 503 from its headers, in microseconds, and the queue drains.
-# 512 digits, the most a request holds, cost 745,472: ordinary requests are never charged.
+# 16). So a worker gives requests whose images cost more than CHEAP_REQUEST_PIXELS at most
+# COSTLY_SHARE of its time (DecodeShare), counted in the seconds their decoding really took:
+# a square takes 0.25 s on an idle core but 0.5-1.1 s when the 2 cores are shared with the
+# load, and a budget of pixels a second (one square's) then let one into nearly every batch
+# (a digit waited up to 1.6 s, one over 2 s). A request past the share gets a 503 from its
+# headers, in microseconds, so the queue drains, and a digit waits behind one decode at most.
+# 512 digits, the most a request holds, cost 745,472: ordinary requests are never counted.
 CHEAP_REQUEST_PIXELS = 1 << 20
-COSTLY_PIXELS_PER_S = MAX_REQUEST_PIXELS
-
+COSTLY_SHARE = 0.5
+# What an idle worker saves up: a few mid-size images in a row pass, and the costly requests
+# of one batch take at most twice this beside the last one admitted (a square from an idle
+# worker leaves it owing 0.025 s; the next waits until that is earned back).
+COSTLY_CREDIT_S = 0.1
 
 def too_large(message):
     """A request over a size bound: 413."""
@@ -202,11 +206,11 @@ class Cost:
 class Budget:
     """What one server-side batch has admitted so far. admit() refuses a request that would
     take it past a bound, and leaves it as it was; restore() takes back a request that was
-    admitted but then failed to decode. `bucket`, the worker's DecodeBucket, is charged last
-    and never given back: a request that failed to decode has spent its time."""
+    admitted but then failed to decode. `share`, the worker's DecodeShare, is asked last, so
+    that a request refused by the batch's bounds never counts against the worker's."""
 
-    def __init__(self, specs, bucket=None):
-        self.specs, self.bucket = specs, bucket
+    def __init__(self, specs, share=None):
+        self.specs, self.share = specs, share
         self.rows, self.pixels = 0, 0
         self.lengths = [1] * len(specs)
 
@@ -224,8 +228,8 @@ class Budget:
             raise BadInput(f"this server-side batch would decode {self.pixels + cost.pixels} "
                            f"pixels with this request, more than the limit of "
                            f"{MAX_BATCH_PIXELS} per batch: send it again", reason="batch_full")
-        if self.bucket is not None:  # last: a request refused above is not charged
-            self.bucket.take(cost.pixels)
+        if self.share is not None:
+            self.share.admit(cost.pixels)
         self.rows, self.lengths, self.pixels = rows, lengths, self.pixels + cost.pixels
 
     def state(self):
@@ -235,28 +239,40 @@ class Budget:
         self.rows, self.lengths, self.pixels = state[0], list(state[1]), state[2]
 
 
-class DecodeBucket:
-    """The decoding one worker may still give costly requests, in image_cost pixels: full at
-    first, refilled at COSTLY_PIXELS_PER_S up to MAX_REQUEST_PIXELS. `clock`: seconds
-    (time.monotonic)."""
+class DecodeShare:
+    """The seconds one worker may still give costly requests: COSTLY_SHARE of each second is
+    added (while idle, up to COSTLY_CREDIT_S), and each costly request's decoding is taken
+    off once done. `clock`: seconds (time.monotonic)."""
 
     def __init__(self, clock=None):
         self.clock = clock or monotonic
-        self.held, self.at = MAX_REQUEST_PIXELS, self.clock()
+        self.held, self.at = COSTLY_CREDIT_S, self.clock()
+        self.started = None  # when the costly request admitted last began
 
-    def take(self, pixels):
-        """Charges a request over CHEAP_REQUEST_PIXELS, or refuses it (503) and charges
-        nothing when the bucket holds less; a cheaper request passes free."""
+    def _refill(self, most=COSTLY_CREDIT_S):
+        now = self.clock()
+        self.held = min(most, self.held + (now - self.at) * COSTLY_SHARE)
+        self.at = now
+        return now
+
+    def admit(self, pixels):
+        """Refuses (503) a request over CHEAP_REQUEST_PIXELS while the worker is in debt; a
+        cheaper one passes uncounted."""
         if pixels <= CHEAP_REQUEST_PIXELS:
             return
-        now = self.clock()
-        self.held = min(MAX_REQUEST_PIXELS, self.held + (now - self.at) * COSTLY_PIXELS_PER_S)
-        self.at = now
-        if pixels > self.held:
-            raise BadInput(f"this worker is busy decoding large images: the {pixels} pixels of "
-                           f"this request would take it past its share of "
-                           f"{COSTLY_PIXELS_PER_S} a second: send it again", reason="busy")
-        self.held -= pixels
+        now = self._refill()
+        if self.held <= 0:
+            raise BadInput(f"this request's images cost {pixels} pixels, and this worker has "
+                           "given its share of time to such large images: send it again",
+                           reason="busy")
+        self.started = now
+
+    def settle(self):
+        """After a request is decoded, or failed to be: a costly one's time is taken off."""
+        if self.started is not None:  # what it earned while decoding is kept
+            now = self._refill(most=math.inf)
+            self.held -= now - self.started
+            self.started = None
 
 
 def check_request(cost, specs):

@@ -541,8 +541,8 @@ class Bounds:
     # What the handlers charge an image per row and per column, beside its pixels.
     row_pixels: int = 0
     column_pixels: int = 0
-    # Seconds a worker's decode bucket takes to refill from empty (limits.DecodeBucket).
-    refill_s: float = 0
+    # Seconds to wait a second of costly decoding back (limits.DecodeShare).
+    rest_per_s: float = 0
 
     @classmethod
     def served(cls, server: Server) -> Bounds:
@@ -557,8 +557,7 @@ class Bounds:
                    getattr(limits, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS),
                    server.settings.max_request_size, getattr(limits, "ROW_PIXELS", 0),
                    getattr(limits, "COLUMN_PIXELS", 0),
-                   getattr(limits, "MAX_REQUEST_PIXELS", 0)
-                   / getattr(limits, "COSTLY_PIXELS_PER_S", math.inf))
+                   1 / getattr(limits, "COSTLY_SHARE", math.inf))
 
 
 def ring_png(width: int, height: int, channels: int) -> bytes:
@@ -608,13 +607,13 @@ def feature_requests(example, b: Bounds) -> dict[str, tuple[bytes, str, str]]:
 
 
 def timed(client: http.Client, name: str, body: bytes, content_type: str,
-          repeat: int, pause_s: float = 0) -> tuple[float, Counter]:
+          repeat: int, rest_per_s: float = 0) -> tuple[float, Counter]:
     """Median ms of `repeat` calls, and their statuses (0: the connection was closed), each
-    `pause_s` after the last: a worker admits costly images at a rate (Bounds.refill_s), and
-    each call is to be timed, not refused for the one before it."""
+    followed by a pause `rest_per_s` times as long as it took: a worker gives costly images a
+    share of its time (Bounds.rest_per_s), and each call, here or in the next case, is to be
+    timed, not refused for the one before it."""
     times, statuses = [], Counter()
     for _ in range(repeat):
-        time.sleep(pause_s)
         start = time.perf_counter()
         try:
             statuses[client.predict(name, body, content_type).status] += 1
@@ -622,6 +621,7 @@ def timed(client: http.Client, name: str, body: bytes, content_type: str,
             statuses[0] += 1
             client.session = requests.Session()
         times.append((time.perf_counter() - start) * 1000)
+        time.sleep(times[-1] / 1000 * rest_per_s)
     return statistics.median(times), statuses
 
 
@@ -642,9 +642,9 @@ def amplification_part(server: Server, models: Models, opts) -> list[Row]:
         least, statuses = timed(client, name, minimal.body, minimal.content_type, opts.repeat)
         rows.append(Row(f"amp {name}: minimal", least, "ms",
                         detail=f"{len(minimal.body):,} bytes, {_codes(statuses)}"))
-        pause_s = bounds.refill_s if name == image else 0
+        rest_per_s = bounds.rest_per_s if name == image else 0
         for label, (body, content_type, what) in cases[name].items():
-            ms, statuses = timed(client, name, body, content_type, opts.repeat, pause_s)
+            ms, statuses = timed(client, name, body, content_type, opts.repeat, rest_per_s)
             rows.append(Row(f"amp {name}: {label}", ms, "ms", least,
                             f"{what}, {len(body) / MB:.2f} MB, {_codes(statuses)}"))
     return rows

@@ -117,9 +117,9 @@ def thin_part(server, models, opts) -> list[Row]:
     name = models.image[0]
     client = http.Client(server.url("inference"), server.keys()["inference"], timeout=300)
     bodies = {label: blank_png(*size) for label, size in thin_cases().items()}
-    rows, refill_s = [], Bounds.served(server).refill_s
+    rows, rest_per_s = [], Bounds.served(server).rest_per_s
     for label, body in bodies.items():
-        ms, statuses = timed(client, name, body, "image/png", opts.repeat, refill_s)
+        ms, statuses = timed(client, name, body, "image/png", opts.repeat, rest_per_s)
         rows.append(Row(f"thin {name}: {label}", ms, "ms", rows[0].value if rows else None,
                         f"{'x'.join(map(str, thin_cases()[label]))}, {len(body) / 1024:.0f} "
                         f"kB, {_codes(statuses)}"))

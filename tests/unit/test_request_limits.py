@@ -6,7 +6,6 @@ it past its own bounds; a non-finite model output is that request's 400."""
 import base64
 import functools
 import io
-import itertools
 import json
 import math
 import os
@@ -261,8 +260,8 @@ def test_a_batch_refuses_only_the_requests_past_its_value_bound(tmp_path):
 
 
 def test_a_batch_refuses_only_the_requests_past_its_pixel_bound(tmp_path, monkeypatch):
-    # A minute passes at each look at the clock: the worker's share (below) never binds here.
-    monkeypatch.setattr(limits, "monotonic", itertools.count(step=60).__next__, raising=False)
+    # Decoding takes no time on this clock: the worker's share (below) never binds here.
+    monkeypatch.setattr(limits, "monotonic", lambda: 0.0, raising=False)
     decoded = []
     monkeypatch.setattr(images, "image_row_from_bytes",
                         lambda raw, spec: decoded.append(raw) or np.zeros((1, 28, 28)))
@@ -277,60 +276,81 @@ def test_a_batch_refuses_only_the_requests_past_its_pixel_bound(tmp_path, monkey
 
 
 # --- a worker's share of time for large images ------------------------------------------------
-AT_BOUND = limits.MAX_REQUEST_PIXELS  # what the costliest request admitted is charged
+COSTLY = limits.CHEAP_REQUEST_PIXELS + 1
 DIGIT = blank_png(28, 28)
 ANSWER = {"label": "b", "probability": 0.75, "top_k": [{"label": "b", "probability": 0.75}]}
 
 
 def busy(pixels):
-    return {"code": 503, "error": f"this worker is busy decoding large images: the {pixels} "
-            "pixels of this request would take it past its share of 16875520 a second: send "
-            "it again"}
+    return {"code": 503, "error": f"this request's images cost {pixels} pixels, and this "
+            "worker has given its share of time to such large images: send it again"}
 
 
-def test_a_worker_takes_one_request_at_the_bound_a_second_and_refusals_cost_nothing():
-    now = [0.0]
-    bucket = limits.DecodeBucket(lambda: now[0])
-    bucket.take(AT_BOUND)
+class Clock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def decode(share, clock, pixels, seconds):
+    """Admits a request and settles it after `seconds` of decoding."""
+    share.admit(pixels)
+    clock.now += seconds
+    share.settle()
+
+
+def test_a_worker_gives_large_images_half_its_time_and_refusals_cost_nothing():
+    clock = Clock()
+    share = limits.DecodeShare(clock)
+    decode(share, clock, COSTLY, 1.0)  # 0.1 s saved up, 0.5 earned while it ran: 0.4 owed
     with pytest.raises(errors.BadInput) as caught:
-        bucket.take(AT_BOUND)
-    assert ({"code": caught.value.status, "error": str(caught.value)}) == busy(AT_BOUND)
-    now[0] = 0.5
+        share.admit(COSTLY)
+    assert {"code": caught.value.status, "error": str(caught.value)} == busy(COSTLY)
+    clock.now += 0.75
+    with pytest.raises(errors.BadInput):  # 0.025 still owed, and the refusal took nothing
+        share.admit(COSTLY)
+    clock.now += 0.1  # 0.025 held
+    decode(share, clock, COSTLY, 0.1)  # 0.05 earned while it ran: 0.025 owed
+    clock.now += 0.04
     with pytest.raises(errors.BadInput):
-        bucket.take(AT_BOUND)
-    bucket.take(AT_BOUND // 2)  # half a second refilled half, and the refusal took none
-    now[0] = 1.5
-    bucket.take(AT_BOUND)
-    now[0] = 100.0  # an idle worker holds one request at the bound, not what it missed
-    bucket.take(AT_BOUND)
+        share.admit(limits.MAX_REQUEST_PIXELS)
+    clock.now += 100  # an idle worker saves up COSTLY_CREDIT_S, no more
+    decode(share, clock, COSTLY, 0.4)
     with pytest.raises(errors.BadInput):
-        bucket.take(AT_BOUND)
+        share.admit(COSTLY)
 
 
-def test_requests_of_small_images_are_never_charged_nor_refused():
+def test_requests_of_small_images_are_never_counted_nor_refused():
     assert 512 * limits.image_cost(28, 28) == 745_472 < limits.CHEAP_REQUEST_PIXELS
-    now = [0.0]
-    bucket = limits.DecodeBucket(lambda: now[0])
-    bucket.take(AT_BOUND)
+    clock = Clock()
+    share = limits.DecodeShare(clock)
+    decode(share, clock, COSTLY, 1.0)  # 0.4 s owed
     for _ in range(1000):
-        bucket.take(limits.CHEAP_REQUEST_PIXELS)
-    with pytest.raises(errors.BadInput):
-        bucket.take(limits.CHEAP_REQUEST_PIXELS + 1)
-    now[0] = 1.0
-    bucket.take(AT_BOUND)  # the small ones took nothing
+        decode(share, clock, limits.CHEAP_REQUEST_PIXELS, 0.0)
+    decode(share, clock, limits.CHEAP_REQUEST_PIXELS, 1.0)  # its second earned 0.5, took none
+    share.admit(COSTLY)
 
 
 def test_a_worker_refuses_large_images_past_its_share_and_answers_their_neighbours(
         tmp_path, monkeypatch):
     """Issue 16: clients sending the costliest images kept lenet's worker decoding while a
     digit queued behind them went unanswered for seconds."""
-    now = [0.0]
-    monkeypatch.setattr(limits, "monotonic", lambda: now[0], raising=False)
+    clock = Clock()
+    monkeypatch.setattr(limits, "monotonic", clock, raising=False)
     decoded = []
-    monkeypatch.setattr(images, "image_row_from_bytes",
-                        lambda raw, spec: decoded.append(raw) or np.zeros((1, 28, 28)))
+
+    def image_row_from_bytes(raw, spec):
+        decoded.append(raw)
+        clock.now += 0.5 if len(raw) > len(DIGIT) else 0.0  # a digit's time is not counted
+        return np.zeros((1, 28, 28))
+
+    monkeypatch.setattr(images, "image_row_from_bytes", image_row_from_bytes)
     handler, context = handler_for(signature_of(image_spec()), tmp_path)
-    square, half, thin = blank_png(4096, 4096), blank_png(2048, 2048), blank_png(1, 1_205_393)
+    square, half = blank_png(4096, 4096), blank_png(2048, 2048)
     digits = json.dumps({"instances": [{"b64": base64.b64encode(DIGIT).decode()}] * 512})
     statuses, answers = serve(handler, context, [DIGIT, square, half, digits, DIGIT])
     assert statuses == [200, 200, 503, 200, 200]
@@ -338,10 +358,11 @@ def test_a_worker_refuses_large_images_past_its_share_and_answers_their_neighbou
     assert answers[2] == busy(4_243_456)  # within the batch's bounds, past the worker's share
     assert answers[0] == answers[4] == ANSWER and answers[3] == [ANSWER] * 512
     assert decoded == [DIGIT, square] + [DIGIT] * 513  # the refused image was never decoded
-    # The worker's share is kept across batches, and refilled by its clock.
+    # Across batches: the square left 0.15 s owed (0.1 saved, 0.25 earned while it ran).
+    clock.now += 0.2
     assert serve(handler, context, [square, DIGIT])[0] == [503, 200]
-    now[0] = 1.0
-    assert serve(handler, context, [thin, DIGIT])[0] == [200, 200]
+    clock.now += 0.2
+    assert serve(handler, context, [half, DIGIT])[0] == [200, 200]
 
 
 def test_a_refused_request_gives_its_share_of_the_batch_back(tmp_path):
