@@ -5,7 +5,7 @@ is decoded.
 A request over a bound gets 413 (too much of something) or 400 (a shape or format no model
 takes) with a short message naming the bound and the number. TorchServe hands several
 requests to one handle() call (a server-side batch); the batch has bounds of its own, and
-requests are admitted in order: one that would take the batch past a bound gets its own 413
+requests are admitted in order: one that would take the batch past a bound gets its own 503
 and the others are answered. A worker gives requests of large images a share of its time
 (DecodeShare): past it, such a request gets a 503 and is sent again. Costs quoted below were
 measured on one core of the development machine (the report of issue 11 has the figures).
@@ -81,18 +81,21 @@ MAX_BATCH_VALUES = 1 << 22
 # not a worker's time: 8 clients sending the costliest image admitted kept lenet's worker
 # decoding, and a digit queued behind them waited 0.8 s (p50) to 1.7 s, or got a 503 (issue
 # 16). So a worker gives requests whose images cost more than CHEAP_REQUEST_PIXELS at most
-# COSTLY_SHARE of its time (DecodeShare), counted in the seconds their decoding really took:
-# a square takes 0.25 s on an idle core but 0.5-1.1 s when the 2 cores are shared with the
-# load, and a budget of pixels a second (one square's) then let one into nearly every batch
-# (a digit waited up to 1.6 s, one over 2 s). A request past the share gets a 503 from its
-# headers, in microseconds, so the queue drains, and a digit waits behind one decode at most.
-# 512 digits, the most a request holds, cost 745,472: ordinary requests are never counted.
+# COSTLY_SHARE of its time (DecodeShare), counted in the seconds their decoding really took,
+# not in pixels: a square takes 0.25 s on an idle core but 0.35-0.71 s (median) on the 2
+# cores shared with other work, and a budget of one square's pixels a second let a square
+# into nearly every batch (a digit waited up to 1.6 s, one over 2 s). A request past the
+# share gets a 503 from its headers, in microseconds, so the queue drains, and a digit waits
+# behind one decode at most: under the same flood, p99 0.47-0.60 s, max 0.67-1.26 s
+# (loadtests/thin_images.py). 512 digits, the most a request holds, cost 745,472: ordinary
+# requests are never counted.
 CHEAP_REQUEST_PIXELS = 1 << 20
 COSTLY_SHARE = 0.5
 # What an idle worker saves up: a few mid-size images in a row pass, and the costly requests
 # of one batch take at most twice this beside the last one admitted (a square from an idle
 # worker leaves it owing 0.025 s; the next waits until that is earned back).
 COSTLY_CREDIT_S = 0.1
+
 
 def too_large(message):
     """A request over a size bound: 413."""

@@ -276,7 +276,7 @@ def test_a_batch_refuses_only_the_requests_past_its_pixel_bound(tmp_path, monkey
 
 
 # --- a worker's share of time for large images ------------------------------------------------
-COSTLY = limits.CHEAP_REQUEST_PIXELS + 1
+COSTLY = 1_048_577  # one pixel over limits.CHEAP_REQUEST_PIXELS
 DIGIT = blank_png(28, 28)
 ANSWER = {"label": "b", "probability": 0.75, "top_k": [{"label": "b", "probability": 0.75}]}
 
@@ -325,7 +325,7 @@ def test_a_worker_gives_large_images_half_its_time_and_refusals_cost_nothing():
 
 
 def test_requests_of_small_images_are_never_counted_nor_refused():
-    assert 512 * limits.image_cost(28, 28) == 745_472 < limits.CHEAP_REQUEST_PIXELS
+    assert 512 * limits.image_cost(28, 28) == 745_472 < limits.CHEAP_REQUEST_PIXELS == COSTLY - 1
     clock = Clock()
     share = limits.DecodeShare(clock)
     decode(share, clock, COSTLY, 1.0)  # 0.4 s owed
