@@ -6,12 +6,12 @@ import json
 # (which quotes the request) would make a new label value for every bad request.
 REJECT_REASONS = ("empty_body", "bad_form", "not_image_or_json", "undecodable", "too_large",
                   "wrong_type", "bad_shape", "bad_features", "bad_value", "non_finite_output",
-                  "batch_full", "other")
+                  "batch_full", "busy", "other")
 # A request over a size bound (handlers/limits.py) is 413; a legal request that does not fit
-# in what its server-side batch has left is 503 with Retry-After (sent again, it rides in
-# another batch); every other bad request 400. The status follows the reason, so that
-# "instance 3: ..." keeps both.
-STATUS_OF_REASON = {"too_large": 413, "batch_full": 503}
+# in what its server-side batch has left, or in its worker's share of time for large images,
+# is 503 with Retry-After (sent again, it rides in another batch); every other bad request
+# 400. The status follows the reason, so that "instance 3: ..." keeps both.
+STATUS_OF_REASON = {"too_large": 413, "batch_full": 503, "busy": 503}
 RETRY_AFTER_S = 1
 MAX_LISTED_NAMES = 5
 # A message quotes the request only as an excerpt: an error body stays small whatever was

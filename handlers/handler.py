@@ -127,6 +127,8 @@ class KilnHandler:
         self.backend = None
         self.top_k = HANDLER_OPTIONS["top_k"]
         self.metrics = metrics.Recorder()  # records nothing before initialize()
+        # This worker's share of time for large images, kept across batches (limits.py).
+        self.decode_share = limits.DecodeShare()
         self.initialized = False
 
     def initialize(self, context):
@@ -162,7 +164,8 @@ class KilnHandler:
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
-        budget = limits.Budget(self.signature["inputs"])  # what this batch may still take
+        # What this batch may still take, and this worker over time.
+        budget = limits.Budget(self.signature["inputs"], self.decode_share)
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             # Which server-side batch a request rode in: clients and tests can see batching.
@@ -182,6 +185,7 @@ class KilnHandler:
                 logger.exception("request %d: unexpected decoding failure", idx)
                 budget.restore(admitted)
                 answers_out[idx] = _error(context, idx, 500, "the request could not be decoded")
+            self.decode_share.settle()
             self.metrics.record_stage("preprocess", started)
         if good:
             self._score(inputs.join(parts, self.signature), good, answers_out, context)

@@ -5,13 +5,15 @@ is decoded.
 A request over a bound gets 413 (too much of something) or 400 (a shape or format no model
 takes) with a short message naming the bound and the number. TorchServe hands several
 requests to one handle() call (a server-side batch); the batch has bounds of its own, and
-requests are admitted in order: one that would take the batch past a bound gets its own 413
-and the others are answered. Costs quoted below were measured on one core of the development
-machine (the report of issue 11 has the figures).
+requests are admitted in order: one that would take the batch past a bound gets its own 503
+and the others are answered. A worker gives requests of large images a share of its time
+(DecodeShare): past it, such a request gets a 503 and is sent again. Costs quoted below were
+measured on one core of the development machine (the report of issue 11 has the figures).
 """
 
 import math
 from dataclasses import dataclass, field
+from time import monotonic
 
 import numpy as np
 
@@ -39,10 +41,23 @@ MAX_IMAGES = 512
 # One image, from its header: a 30 kB PNG can declare a gigapixel image, and decoding it
 # would take the worker's memory. A flat 4096x4096 PNG (15 KiB) takes ~0.27 s to decode and
 # frame, a noisy one ~0.85 s.
-MAX_IMAGE_PIXELS = 4096 * 4096
-# All the images of one request together, summed from their headers: 205 images each under
-# the limit above once kept a worker busy for 30 s.
-MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
+MAX_SIDE = 4096
+MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
+# An image costs per row and per column too, not only per pixel: libspng and PIL unfilter
+# each row (27-31 ns a row), and the resize computes Lanczos weights for every line of the
+# side it shrinks and, for an image narrower than the model's input, widens each row first
+# (160-166 ns a row or a column, whatever the policy); a pixel costs 15 ns in all (5 to
+# decode, 10 to frame). A 1 x 16,777,216 PNG (33 kB) within the pixel bound took 6 s, 12
+# times the square, and 512 images of 1 x 32,768 in one request would take 3 s. So each image
+# is charged its pixels plus ROW_PIXELS a row and COLUMN_PIXELS a column (measured by
+# loadtests/thin_images.py), and bounded by what the 4096x4096 square is charged: the
+# thinnest image admitted is 1 x 1,205,393 (0.25 s), the widest 1,406,292 x 1.
+ROW_PIXELS = 13
+COLUMN_PIXELS = 11
+MAX_IMAGE_COST = MAX_IMAGE_PIXELS + (ROW_PIXELS + COLUMN_PIXELS) * MAX_SIDE
+# All the images of one request together, each charged as above (image_cost), summed from
+# their headers: 205 images each under the limit above once kept a worker busy for 30 s.
+MAX_REQUEST_PIXELS = MAX_IMAGE_COST
 # One {"b64": ...} image's text, measured with len() before base64 decodes it: what the
 # default 4 MiB body can carry, so that the bound holds when the body limit is raised.
 MAX_B64_CHARS = 4 * 1024 * 1024
@@ -61,10 +76,48 @@ MAX_BATCH_PIXELS = 2 * MAX_REQUEST_PIXELS
 # of float32. Eight requests of 512 digits each fit (lenet: exactly 4,194,304).
 MAX_BATCH_VALUES = 1 << 22
 
+# --- one worker, over time ------------------------------------------------------------------
+# The bounds above keep one request to a 4096x4096 square's decoding and a batch to two, but
+# not a worker's time: 8 clients sending the costliest image admitted kept lenet's worker
+# decoding, and a digit queued behind them waited 0.8 s (p50) to 1.7 s, or got a 503 (issue
+# 16). So a worker gives requests whose images cost more than CHEAP_REQUEST_PIXELS at most
+# COSTLY_SHARE of its time (DecodeShare), counted in the seconds their decoding really took,
+# not in pixels: a square takes 0.25 s on an idle core but 0.35-0.71 s (median) on the 2
+# cores shared with other work, and a budget of one square's pixels a second let a square
+# into nearly every batch (a digit waited up to 1.6 s, one over 2 s). A request past the
+# share gets a 503 from its headers, in microseconds, so the queue drains, and a digit waits
+# behind one decode at most: under the same flood, p99 0.47-0.60 s, max 0.67-1.26 s
+# (loadtests/thin_images.py). 512 digits, the most a request holds, cost 745,472: ordinary
+# requests are never counted.
+CHEAP_REQUEST_PIXELS = 1 << 20
+COSTLY_SHARE = 0.5
+# What an idle worker saves up: a few mid-size images in a row pass, and the costly requests
+# of one batch take at most twice this beside the last one admitted (a square from an idle
+# worker leaves it owing 0.025 s; the next waits until that is earned back).
+COSTLY_CREDIT_S = 0.1
+
 
 def too_large(message):
     """A request over a size bound: 413."""
     return BadInput(message, reason="too_large")
+
+
+def image_cost(width, height):
+    """What decoding and framing an image of this shape costs, in pixels (see ROW_PIXELS)."""
+    return width * height + ROW_PIXELS * height + COLUMN_PIXELS * width
+
+
+def check_image_shape(width, height):
+    """Refuses, from its header, an image of too many pixels, or too thin a shape for what it
+    would cost."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise too_large(f"image is {width}x{height} pixels, more than the limit of "
+                        f"{MAX_IMAGE_PIXELS} pixels")
+    cost = image_cost(width, height)
+    if cost > MAX_IMAGE_COST:
+        raise too_large(f"image is {width}x{height} pixels, too thin: its rows and columns "
+                        f"cost as much to decode and resize as {cost} pixels, more than the "
+                        f"limit of {MAX_IMAGE_COST} (a {MAX_SIDE}x{MAX_SIDE} image's)")
 
 
 # --- JSON text ------------------------------------------------------------------------------
@@ -140,7 +193,8 @@ def clamp_length(length, spec):
 @dataclass
 class Cost:
     """What one request asks of the handler, known before decoding: its rows, the longest
-    variable length per input (1 where fixed), its encoded images and their pixels."""
+    variable length per input (1 where fixed), its encoded images and their pixels (each
+    image charged for its rows and columns too: image_cost)."""
 
     rows: int
     lengths: list = field(default_factory=list)
@@ -155,10 +209,11 @@ class Cost:
 class Budget:
     """What one server-side batch has admitted so far. admit() refuses a request that would
     take it past a bound, and leaves it as it was; restore() takes back a request that was
-    admitted but then failed to decode."""
+    admitted but then failed to decode. `share`, the worker's DecodeShare, is asked last, so
+    that a request refused by the batch's bounds never counts against the worker's."""
 
-    def __init__(self, specs):
-        self.specs = specs
+    def __init__(self, specs, share=None):
+        self.specs, self.share = specs, share
         self.rows, self.pixels = 0, 0
         self.lengths = [1] * len(specs)
 
@@ -176,6 +231,8 @@ class Budget:
             raise BadInput(f"this server-side batch would decode {self.pixels + cost.pixels} "
                            f"pixels with this request, more than the limit of "
                            f"{MAX_BATCH_PIXELS} per batch: send it again", reason="batch_full")
+        if self.share is not None:
+            self.share.admit(cost.pixels)
         self.rows, self.lengths, self.pixels = rows, lengths, self.pixels + cost.pixels
 
     def state(self):
@@ -183,6 +240,42 @@ class Budget:
 
     def restore(self, state):
         self.rows, self.lengths, self.pixels = state[0], list(state[1]), state[2]
+
+
+class DecodeShare:
+    """The seconds one worker may still give costly requests: COSTLY_SHARE of each second is
+    added (while idle, up to COSTLY_CREDIT_S), and each costly request's decoding is taken
+    off once done. `clock`: seconds (time.monotonic)."""
+
+    def __init__(self, clock=None):
+        self.clock = clock or monotonic
+        self.held, self.at = COSTLY_CREDIT_S, self.clock()
+        self.started = None  # when the costly request admitted last began
+
+    def _refill(self, most=COSTLY_CREDIT_S):
+        now = self.clock()
+        self.held = min(most, self.held + (now - self.at) * COSTLY_SHARE)
+        self.at = now
+        return now
+
+    def admit(self, pixels):
+        """Refuses (503) a request over CHEAP_REQUEST_PIXELS while the worker is in debt; a
+        cheaper one passes uncounted."""
+        if pixels <= CHEAP_REQUEST_PIXELS:
+            return
+        now = self._refill()
+        if self.held <= 0:
+            raise BadInput(f"this request's images cost {pixels} pixels, and this worker has "
+                           "given its share of time to such large images: send it again",
+                           reason="busy")
+        self.started = now
+
+    def settle(self):
+        """After a request is decoded, or failed to be: a costly one's time is taken off."""
+        if self.started is not None:  # what it earned while decoding is kept
+            now = self._refill(most=math.inf)
+            self.held -= now - self.started
+            self.started = None
 
 
 def check_request(cost, specs):

@@ -1,6 +1,6 @@
 """Reliability, in one run and one table: `python -m kiln.loadtests.reliability`.
 
-Five parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
+Six parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
 TorchServe on free loopback ports), started for the purpose, or the server `kiln serve` runs
 from --run-dir; every request goes through server.url() with server.keys():
 
@@ -17,7 +17,9 @@ from --run-dir; every request goes through server.url() with server.keys():
 4. soak: --soak-seconds of steady mixed load (every served model, REST and OIP) while the
    RSS and PSS of the frontend and of each model's workers are sampled: start, end, max and
    the slope in MB per 100k requests.
-5. front_kill: wrk on the first image model for --load-seconds while the front proxy's nginx
+5. thin: the time to answer or refuse the costliest images of any shape, and good requests of
+   the first image model while clients send one in a loop (loadtests/thin_images.py).
+6. front_kill: wrk on the first image model for --load-seconds while the front proxy's nginx
    master is killed hard a third of the way in: until its orphaned workers are gone, until a
    new master, until a 200 again, and what the load lost (loadtests/front_kill.py).
 
@@ -67,7 +69,7 @@ from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")
-PARTS = ("kill", "slow", "amplification", "soak", "front_kill")
+PARTS = ("kill", "slow", "amplification", "soak", "thin", "front_kill")
 # A good request unanswered this long while slow connections are held counts as failed: far
 # above its p99 on an idle server, far below TorchServe's own response timeout (minutes).
 GOOD_TIMEOUT_S = 2
@@ -539,6 +541,11 @@ class Bounds:
     request_pixels: int
     image_pixels: int
     body_bytes: int
+    # What the handlers charge an image per row and per column, beside its pixels.
+    row_pixels: int = 0
+    column_pixels: int = 0
+    # Seconds to wait a second of costly decoding back (limits.DecodeShare).
+    rest_per_s: float = 0
 
     @classmethod
     def served(cls, server: Server) -> Bounds:
@@ -551,7 +558,9 @@ class Bounds:
         return cls(getattr(limits, "MAX_INSTANCES", inputs.MAX_INSTANCES),
                    getattr(limits, "MAX_REQUEST_PIXELS", images.MAX_REQUEST_PIXELS),
                    getattr(limits, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS),
-                   server.settings.max_request_size)
+                   server.settings.max_request_size, getattr(limits, "ROW_PIXELS", 0),
+                   getattr(limits, "COLUMN_PIXELS", 0),
+                   1 / getattr(limits, "COSTLY_SHARE", math.inf))
 
 
 def ring_png(width: int, height: int, channels: int) -> bytes:
@@ -570,9 +579,13 @@ def image_requests(spec: dict, b: Bounds) -> dict[str, tuple[bytes, str, str]]:
     one just over the request pixel bound."""
     n = b.instances
     side = math.isqrt(min(b.request_pixels // n, b.image_pixels))
+    row, column = b.row_pixels, b.column_pixels
+    while n * (side * side + (row + column) * side) > b.request_pixels:
+        side -= 1
     one = math.isqrt(min(b.request_pixels, b.image_pixels))
     tile = ring_png(side, side, spec["channels"])
-    extra = (b.request_pixels - n * side * side) // side + 1  # rows that cross the bound
+    # rows that cross the bound
+    extra = (b.request_pixels - n * (side * side + (row + column) * side)) // (side + row) + 1
     over = [tile] * (n - 1) + [ring_png(side, side + extra, spec["channels"])]
     rng = np.random.default_rng(0)
     shape = tuple(images.pixel_shape(spec))
@@ -597,8 +610,11 @@ def feature_requests(example, b: Bounds) -> dict[str, tuple[bytes, str, str]]:
 
 
 def timed(client: http.Client, name: str, body: bytes, content_type: str,
-          repeat: int) -> tuple[float, Counter]:
-    """Median ms of `repeat` calls, and their statuses (0: the connection was closed)."""
+          repeat: int, rest_per_s: float = 0) -> tuple[float, Counter]:
+    """Median ms of `repeat` calls, and their statuses (0: the connection was closed), each
+    followed by a pause `rest_per_s` times as long as it took: a worker gives costly images a
+    share of its time (Bounds.rest_per_s), and each call, here or in the next case, is to be
+    timed, not refused for the one before it."""
     times, statuses = [], Counter()
     for _ in range(repeat):
         start = time.perf_counter()
@@ -608,6 +624,7 @@ def timed(client: http.Client, name: str, body: bytes, content_type: str,
             statuses[0] += 1
             client.session = requests.Session()
         times.append((time.perf_counter() - start) * 1000)
+        time.sleep(times[-1] / 1000 * rest_per_s)
     return statistics.median(times), statuses
 
 
@@ -628,8 +645,9 @@ def amplification_part(server: Server, models: Models, opts) -> list[Row]:
         least, statuses = timed(client, name, minimal.body, minimal.content_type, opts.repeat)
         rows.append(Row(f"amp {name}: minimal", least, "ms",
                         detail=f"{len(minimal.body):,} bytes, {_codes(statuses)}"))
+        rest_per_s = bounds.rest_per_s if name == image else 0
         for label, (body, content_type, what) in cases[name].items():
-            ms, statuses = timed(client, name, body, content_type, opts.repeat)
+            ms, statuses = timed(client, name, body, content_type, opts.repeat, rest_per_s)
             rows.append(Row(f"amp {name}: {label}", ms, "ms", least,
                             f"{what}, {len(body) / MB:.2f} MB, {_codes(statuses)}"))
     return rows
@@ -767,10 +785,14 @@ def measure(server: Server, opts: argparse.Namespace) -> Report:
     if "soak" in opts.parts:
         rows, report.memory = soak_part(server, models, opts)
         report.rows += rows
-    if "front_kill" in opts.parts:
-        from kiln.loadtests.front_kill import front_kill_part  # it builds on this module
+    if "thin" in opts.parts:
+        from kiln.loadtests import thin_images  # it builds on this module's clients and rows
 
-        report.rows += front_kill_part(server, models, opts)
+        report.rows += thin_images.thin_part(server, models, opts)
+    if "front_kill" in opts.parts:  # last: it resets every connection the proxy holds
+        from kiln.loadtests import front_kill  # it builds on this module's clients and rows
+
+        report.rows += front_kill.front_kill_part(server, models, opts)
     return report
 
 

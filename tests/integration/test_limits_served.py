@@ -44,7 +44,7 @@ CASES = [
     ("513 instances", "rnn", json.dumps({"instances": [PIXEL_ROWS] * 513}).encode(), 413,
      "513 instances in one request, more than 512"),
     ("two 4096x4096 images", "lenet", json.dumps({"instances": [{"b64": BIG}] * 2}).encode(),
-     413, "the request's images declare more than 16777216 pixels together"),
+     413, "the request's images declare more than 16875520 pixels together"),
 ]
 
 
@@ -93,4 +93,19 @@ def test_oip_requests_are_counted_from_their_shapes(server, case, body, message)
                         "data": [0] * 784}]}
     answer = oip_infer(server, "lenet", good)
     assert answer.status_code == 200 and answer.json()["model_name"] == "lenet", answer.text
+    assert_good_answer(server, "lenet")
+
+
+def test_a_thin_png_is_refused_by_its_cost_and_the_thinnest_admitted_answered(server):
+    """Issue 16's 1 x 16,777,216 PNG (33 kB, within the pixel bound) took 5 s to answer; the
+    thinnest image the handlers admit is answered as the blank square it frames to."""
+    r = post(server, "lenet", blank_png(1, 16_777_216), "image/png")
+    assert (r.status_code, r.json()) == (413, {
+        "code": 413,
+        "error": "image is 1x16777216 pixels, too thin: its rows and columns cost as much to "
+                 "decode and resize as 234881035 pixels, more than the limit of 16875520 (a "
+                 "4096x4096 image's)"}), r.text
+    thinnest = post(server, "lenet", blank_png(1, 1_205_393), "image/png")
+    blank = post(server, "lenet", blank_png(28, 28), "image/png")
+    assert (thinnest.status_code, thinnest.json()) == (200, blank.json()), thinnest.text
     assert_good_answer(server, "lenet")

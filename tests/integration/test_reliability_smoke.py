@@ -38,6 +38,13 @@ FRONT_KILL = ["front kill: lenet requests", "front kill: lenet failed",
               "front kill: until orphaned workers gone", "front kill: until a new master",
               "front kill: until 200 again", "front kill: wrk CPU"]
 
+THIN = [f"thin lenet: {case}" for case in ("square at pixel bound", "thinnest admitted",
+                                           "widest admitted", "1 x 16,777,216")] + [
+    "thin flood: good lenet p50, no flood"] + [
+    f"thin flood {image}: {figure}"
+    for image in ("square at pixel bound", "thinnest admitted", "1 x 16,777,216")
+    for figure in ("good p50", "good p99", "good max", "good failed", "503 share")]
+
 
 @pytest.fixture(scope="module")
 def report(server):
@@ -46,11 +53,23 @@ def report(server):
 
 def test_the_table_has_every_row_and_each_is_a_number(report):
     names = [r.name for r in report.rows]
-    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK + FRONT_KILL
+    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK + THIN + FRONT_KILL
     table = reliability.format_table(report.rows).splitlines()
     assert [line[:len(name)] for line, name in zip(table[1:], names, strict=True)] == names
     for row in report.rows:
+        if row.value is None and none_answered(report, row):
+            continue  # "-": no good request of its cell was answered, and "failed" says so
         assert isinstance(row.value, int | float) and math.isfinite(row.value), row
+
+
+def none_answered(report, row):
+    """Whether `row` is a good-request latency of a thin flood cell in which every good
+    request failed."""
+    prefix, _, figure = row.name.rpartition(": good ")
+    if not prefix.startswith("thin flood ") or figure not in ("p50", "p99", "max"):
+        return False
+    failed = next(r for r in report.rows if r.name == f"{prefix}: good failed")
+    return failed.detail.startswith(f"of {failed.value};")
 
 
 def test_requests_at_the_bounds_are_answered_and_those_over_refused(report):
@@ -65,3 +84,9 @@ def test_the_json_holds_the_table(report, tmp_path):
     saved = json.loads((tmp_path / "reliability.json").read_text())
     assert [r["name"] for r in saved["rows"]] == [r.name for r in report.rows]
     assert (tmp_path / "reliability.html").read_text().count("<svg") == 3
+
+
+def test_thin_images_are_answered_up_to_the_squares_cost_and_refused_past_it(report):
+    thin = {r.name: r.detail.rsplit(", ", 1)[1] for r in report.rows if r.name in THIN[:4]}
+    assert thin == {THIN[0]: "200 x1", THIN[1]: "200 x1", THIN[2]: "200 x1",
+                    THIN[3]: "413 x1"}

@@ -120,8 +120,9 @@ def test_many_large_images_in_one_request_are_refused_from_their_headers(image_s
     body = json.dumps({"instances": [{"b64": big}] * 205}).encode()
     err = reject(body, image_signature)
     assert (str(err), err.reason) == (
-        f"the request's images declare more than {images.MAX_REQUEST_PIXELS} pixels together "
-        "(the limit per request): send fewer or smaller images", "too_large")
+        f"the request's images declare more than {images.MAX_REQUEST_PIXELS} pixels together, "
+        "rows and columns counted (the limit per request): send fewer or smaller images",
+        "too_large")
 
 
 def test_one_image_at_the_limit_is_still_counted_in(image_signature):

@@ -7,6 +7,7 @@ import base64
 import functools
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_the_request_pixel_bound_is_a_413(image_signature, monkeypatch):
     b64 = base64.b64encode(blank_png(4096, 4096)).decode()
     err = refused({"instances": [{"b64": b64}] * 2}, image_signature)
     assert err.status == 413
-    assert str(err).startswith("the request's images declare more than 16777216 pixels")
+    assert str(err).startswith("the request's images declare more than 16875520 pixels")
 
 
 def test_a_b64_string_over_its_bound_is_refused_before_base64_decodes_it(image_signature,
@@ -259,6 +260,8 @@ def test_a_batch_refuses_only_the_requests_past_its_value_bound(tmp_path):
 
 
 def test_a_batch_refuses_only_the_requests_past_its_pixel_bound(tmp_path, monkeypatch):
+    # Decoding takes no time on this clock: the worker's share (below) never binds here.
+    monkeypatch.setattr(limits, "monotonic", lambda: 0.0, raising=False)
     decoded = []
     monkeypatch.setattr(images, "image_row_from_bytes",
                         lambda raw, spec: decoded.append(raw) or np.zeros((1, 28, 28)))
@@ -267,9 +270,99 @@ def test_a_batch_refuses_only_the_requests_past_its_pixel_bound(tmp_path, monkey
     statuses, answers = serve(handler, context, [large, large, large, small])
     assert statuses == [200, 200, 503, 200]
     assert answers[2]["error"] == (
-        "this server-side batch would decode 36864000 pixels with this request, more than the "
-        "limit of 33554432 per batch: send it again")
+        "this server-side batch would decode 37116168 pixels with this request, more than the "
+        "limit of 33751040 per batch: send it again")
     assert decoded == [large, large, small]  # the refused image was never decoded
+
+
+# --- a worker's share of time for large images ------------------------------------------------
+COSTLY = 1_048_577  # one pixel over limits.CHEAP_REQUEST_PIXELS
+DIGIT = blank_png(28, 28)
+ANSWER = {"label": "b", "probability": 0.75, "top_k": [{"label": "b", "probability": 0.75}]}
+
+
+def busy(pixels):
+    return {"code": 503, "error": f"this request's images cost {pixels} pixels, and this "
+            "worker has given its share of time to such large images: send it again"}
+
+
+class Clock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def decode(share, clock, pixels, seconds):
+    """Admits a request and settles it after `seconds` of decoding."""
+    share.admit(pixels)
+    clock.now += seconds
+    share.settle()
+
+
+def test_a_worker_gives_large_images_half_its_time_and_refusals_cost_nothing():
+    clock = Clock()
+    share = limits.DecodeShare(clock)
+    decode(share, clock, COSTLY, 1.0)  # 0.1 s saved up, 0.5 earned while it ran: 0.4 owed
+    with pytest.raises(errors.BadInput) as caught:
+        share.admit(COSTLY)
+    assert {"code": caught.value.status, "error": str(caught.value)} == busy(COSTLY)
+    clock.now += 0.75
+    with pytest.raises(errors.BadInput):  # 0.025 still owed, and the refusal took nothing
+        share.admit(COSTLY)
+    clock.now += 0.1  # 0.025 held
+    decode(share, clock, COSTLY, 0.1)  # 0.05 earned while it ran: 0.025 owed
+    clock.now += 0.04
+    with pytest.raises(errors.BadInput):
+        share.admit(limits.MAX_REQUEST_PIXELS)
+    clock.now += 100  # an idle worker saves up COSTLY_CREDIT_S, no more
+    decode(share, clock, COSTLY, 0.4)
+    with pytest.raises(errors.BadInput):
+        share.admit(COSTLY)
+
+
+def test_requests_of_small_images_are_never_counted_nor_refused():
+    assert 512 * limits.image_cost(28, 28) == 745_472 < limits.CHEAP_REQUEST_PIXELS == COSTLY - 1
+    clock = Clock()
+    share = limits.DecodeShare(clock)
+    decode(share, clock, COSTLY, 1.0)  # 0.4 s owed
+    for _ in range(1000):
+        decode(share, clock, limits.CHEAP_REQUEST_PIXELS, 0.0)
+    decode(share, clock, limits.CHEAP_REQUEST_PIXELS, 1.0)  # its second earned 0.5, took none
+    share.admit(COSTLY)
+
+
+def test_a_worker_refuses_large_images_past_its_share_and_answers_their_neighbours(
+        tmp_path, monkeypatch):
+    """Issue 16: clients sending the costliest images kept lenet's worker decoding while a
+    digit queued behind them went unanswered for seconds."""
+    clock = Clock()
+    monkeypatch.setattr(limits, "monotonic", clock, raising=False)
+    decoded = []
+
+    def image_row_from_bytes(raw, spec):
+        decoded.append(raw)
+        clock.now += 0.5 if len(raw) > len(DIGIT) else 0.0  # a digit's time is not counted
+        return np.zeros((1, 28, 28))
+
+    monkeypatch.setattr(images, "image_row_from_bytes", image_row_from_bytes)
+    handler, context = handler_for(signature_of(image_spec()), tmp_path)
+    square, half = blank_png(4096, 4096), blank_png(2048, 2048)
+    digits = json.dumps({"instances": [{"b64": base64.b64encode(DIGIT).decode()}] * 512})
+    statuses, answers = serve(handler, context, [DIGIT, square, half, digits, DIGIT])
+    assert statuses == [200, 200, 503, 200, 200]
+    assert context.get_response_headers(2)["Retry-After"] == "1"
+    assert answers[2] == busy(4_243_456)  # within the batch's bounds, past the worker's share
+    assert answers[0] == answers[4] == ANSWER and answers[3] == [ANSWER] * 512
+    assert decoded == [DIGIT, square] + [DIGIT] * 513  # the refused image was never decoded
+    # Across batches: the square left 0.15 s owed (0.1 saved, 0.25 earned while it ran).
+    clock.now += 0.2
+    assert serve(handler, context, [square, DIGIT])[0] == [503, 200]
+    clock.now += 0.2
+    assert serve(handler, context, [half, DIGIT])[0] == [200, 200]
 
 
 def test_a_refused_request_gives_its_share_of_the_batch_back(tmp_path):
@@ -410,7 +503,7 @@ def test_png_header_read_directly_declares_what_pil_reads(size):
     Image.new("L", size).save(out, format="PNG")
     raw = out.getvalue()
     assert images._png_size(raw) == size
-    assert images.declared_pixels(raw) == size[0] * size[1]
+    assert images.declared_pixels(raw) == limits.image_cost(*size)
 
 
 def test_a_png_without_a_plain_ihdr_goes_through_pil():
@@ -418,3 +511,66 @@ def test_a_png_without_a_plain_ihdr_goes_through_pil():
     assert images._png_size(raw) is None
     assert images.declared_pixels(raw) == 0
     assert images._png_size(images.PNG_MAGIC + b"\x00\x00\x00\x0dIHDR" + bytes(17)) is None
+
+
+# --- an image's shape ---------------------------------------------------------------------
+# The thinnest and the widest image whose rows and columns cost no more than a 4096 x 4096
+# square (limits.ROW_PIXELS, limits.COLUMN_PIXELS).
+THINNEST, WIDEST = (1, 1_205_393), (1_406_292, 1)
+
+
+@pytest.mark.parametrize("size", [(4096, 4096), THINNEST, WIDEST, (64, 65_536)])
+def test_an_image_of_any_shape_within_the_squares_cost_is_admitted(size):
+    assert images.declared_pixels(blank_png(*size)) == limits.image_cost(*size)
+    assert limits.image_cost(*size) <= limits.MAX_IMAGE_COST == 16_875_520
+
+
+@pytest.mark.parametrize("size, cost", [((1, 16_777_216), 234_881_035),
+                                        ((16_777_216, 1), 201_326_605),
+                                        ((1, THINNEST[1] + 1), 16_875_527),
+                                        ((WIDEST[0] + 1, 1), 16_875_529)])
+def test_a_thin_png_is_refused_from_its_header_by_what_its_shape_costs(size, cost,
+                                                                       image_signature,
+                                                                       monkeypatch):
+    raw = blank_png(*size)
+    monkeypatch.setattr(images.pyspng, "load", pytest.fail)
+    monkeypatch.setattr(Image.Image, "load", pytest.fail)
+    message = (f"image is {size[0]}x{size[1]} pixels, too thin: its rows and columns cost as "
+               f"much to decode and resize as {cost} pixels, more than the limit of 16875520 "
+               "(a 4096x4096 image's)")
+    err = refused(raw, image_signature)
+    assert (str(err), err.status) == (message, 413)
+    with pytest.raises(errors.BadInput, match=r"^image is .* too thin"):
+        images.unit_image_from_bytes(raw, 1)  # a batch job's path: no request admitted first
+
+
+def test_a_thin_jpeg_is_refused_from_its_header_too(image_signature):
+    out = io.BytesIO()
+    Image.new("L", (256, 65_500)).save(out, "JPEG")  # libjpeg's longest side is 65,500
+    err = refused(out.getvalue(), image_signature)
+    assert (str(err), err.status) == (
+        "image is 256x65500 pixels, too thin: its rows and columns cost as much to decode and "
+        "resize as 17622316 pixels, more than the limit of 16875520 (a 4096x4096 image's)", 413)
+
+
+def scaled_then_cut(unit, height, width):
+    """The crop policy as it reads: the whole image scaled until its shorter side fits, then
+    its centre cut out."""
+    scale = max(height / unit.shape[0], width / unit.shape[1])
+    rows = max(height, math.floor(unit.shape[0] * scale + 0.5))
+    cols = max(width, math.floor(unit.shape[1] * scale + 0.5))
+    scaled = images.resize_planes(unit, rows, cols)
+    top, left = (rows - height) // 2, (cols - width) // 2
+    return scaled[top:top + height, left:left + width]
+
+
+@pytest.mark.parametrize("shape", [(1, 3000), (3000, 1), (300, 200), (29, 28), (7, 9, 3),
+                                   (100, 28), (640, 17, 3)])
+def test_crop_resizes_only_the_centre_it_keeps_and_answers_as_scaling_all_would(shape):
+    unit = np.random.default_rng(0).random(shape)
+    for size in ((28, 28), (4, 6), (32, 16)):
+        spec = {"channels": 1 if len(shape) == 2 else 3, "size": list(size), "resize": "crop"}
+        # Lanczos weights of the box and of the whole agree but for float rounding: a tap at
+        # the edge of the filter's reach can fall either side of it.
+        np.testing.assert_allclose(images.fit_to_size(unit, spec),
+                                   scaled_then_cut(unit, *size), rtol=0, atol=3e-5)
