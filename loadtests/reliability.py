@@ -1,6 +1,6 @@
 """Reliability, in one run and one table: `python -m kiln.loadtests.reliability`.
 
-Four parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
+Five parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
 TorchServe on free loopback ports), started for the purpose, or the server `kiln serve` runs
 from --run-dir; every request goes through server.url() with server.keys():
 
@@ -17,6 +17,9 @@ from --run-dir; every request goes through server.url() with server.keys():
 4. soak: --soak-seconds of steady mixed load (every served model, REST and OIP) while the
    RSS and PSS of the frontend and of each model's workers are sampled: start, end, max and
    the slope in MB per 100k requests.
+5. oip_flood: --clients clients for --load-seconds sending the first image model the largest
+   binary OIP requests it takes and refuses (loadtests/oip_flood.py): answers by status, the
+   frontend's RSS before, at its peak and after, and workers replaced.
 
 The load generator (wrk; in part 2 Python clients, which account for every request sent) shares
 the cores with the server: its CPU is in the table.
@@ -58,13 +61,13 @@ from kiln import client as http
 from kiln.console import setup_logging
 from kiln.deploy.server import INTERNAL_PORTS_FILE, Ports, Server, ServerSettings
 from kiln.handlers import images, inputs
-from kiln.loadtests import declared, payloads, svg, wrk
+from kiln.loadtests import declared, oip_flood, payloads, svg, wrk
 from kiln.loadtests.monitor import Sampler
 from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")
-PARTS = ("kill", "slow", "amplification", "soak")
+PARTS = ("kill", "slow", "amplification", "soak", "oip_flood")
 # A good request unanswered this long while slow connections are held counts as failed: far
 # above its p99 on an idle server, far below TorchServe's own response timeout (minutes).
 GOOD_TIMEOUT_S = 2
@@ -764,6 +767,9 @@ def measure(server: Server, opts: argparse.Namespace) -> Report:
     if "soak" in opts.parts:
         rows, report.memory = soak_part(server, models, opts)
         report.rows += rows
+    if "oip_flood" in opts.parts:
+        flooded = oip_flood.flood(server, models.image[0], opts.clients, opts.load_seconds)
+        report.rows += [Row(*row) for row in flooded.rows()]
     return report
 
 
