@@ -320,7 +320,8 @@ class ServerSettings:
             # TMPDIR is for the Python side (writable under a read-only root filesystem).
             "vmargs": f"-Xmx{self.java_heap} -XX:+UseContainerSupport "
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
-                      f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip}",
+                      f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
+                      + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.PLUGINS_DIR,
         }

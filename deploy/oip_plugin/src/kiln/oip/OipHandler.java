@@ -9,13 +9,16 @@ import io.netty.handler.codec.DecoderResult;
 import io.netty.handler.codec.TooLongFrameException;
 import io.netty.handler.codec.http.FullHttpRequest;
 import io.netty.handler.codec.http.HttpHeaderNames;
+import io.netty.handler.codec.http.HttpHeaders;
 import io.netty.handler.codec.http.HttpMethod;
 import io.netty.handler.codec.http.HttpUtil;
 import io.netty.handler.codec.http.HttpVersion;
 import io.netty.handler.codec.http.QueryStringDecoder;
 import java.io.IOException;
 import java.util.ArrayDeque;
+import java.util.Locale;
 import java.util.Queue;
+import java.util.Set;
 import java.util.concurrent.CompletableFuture;
 import org.pytorch.serve.util.TokenAuthorization;
 import org.slf4j.Logger;
@@ -53,14 +56,22 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         }
     }
 
+    // Kiln's front proxy sets these on every request it forwards, whether the client sent
+    // them or not (deploy/nginx/nginx.conf: Host, TorchServe's token, the form type of a form
+    // body, as kiln.handlers.forms.FORM_TYPE_HEADER): a client's MAX_HEADERS leave them out.
+    private static final Set<String> PROXY_HEADERS = Set.of("host", "authorization",
+            "kiln-form-type");
+
     private final OipRoutes routes;
     private final ConnectionGuard guard;
+    private final BytesInFlight bytes;
     private final Queue<Call> waiting = new ArrayDeque<>();
     private boolean answering;
 
-    OipHandler(OipRoutes routes, ConnectionGuard guard) {
+    OipHandler(OipRoutes routes, ConnectionGuard guard, BytesInFlight bytes) {
         this.routes = routes;
         this.guard = guard;
+        this.bytes = bytes;
     }
 
     @Override
@@ -100,10 +111,17 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
             }
             return Reply.error(400, "malformed HTTP request: " + cause.getMessage());
         }
-        if (request.headers().size() > OipServer.MAX_HEADERS) {
+        if (clientHeaders(request.headers()) > OipServer.MAX_HEADERS) {
             return Reply.error(431, "the request has more than " + OipServer.MAX_HEADERS + " headers");
         }
         return null;
+    }
+
+    /** The headers a client sent: all but those the front proxy sets itself. */
+    static long clientHeaders(HttpHeaders headers) {
+        return headers.entries().stream()
+                .filter(header -> !PROXY_HEADERS.contains(header.getKey().toLowerCase(Locale.ROOT)))
+                .count();
     }
 
     private void answer(ChannelHandlerContext ctx, Call call) {
@@ -127,6 +145,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
     }
 
     private void send(ChannelHandlerContext ctx, Call call, Reply reply) {
+        bytes.answered();
         if (guard.closing() || !ctx.channel().isActive()) {
             return;
         }

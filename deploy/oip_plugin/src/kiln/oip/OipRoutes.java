@@ -45,6 +45,11 @@ final class OipRoutes {
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
 
     private final Map<String, JsonObject> signatureByDir = new ConcurrentHashMap<>();
+    private final RequestLimits limits;
+
+    OipRoutes(RequestLimits limits) {
+        this.limits = limits;
+    }
 
     /**
      * path: the request path, /v2 included; body: null for a GET; binaryHeader: the request's
@@ -167,28 +172,30 @@ final class OipRoutes {
 
     /**
      * Queues the body to the model's workers; the answer completes off the caller's thread.
-     * A request using the binary tensor extension is translated on a pool thread, not here.
+     * A request using the binary tensor extension has its JSON header read on a pool
+     * thread, not here; its body goes on as it came.
      */
-    private static CompletableFuture<Reply> infer(String name, byte[] body, String contentType,
+    private CompletableFuture<Reply> infer(String name, byte[] body, String contentType,
             String binaryHeader) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
-            return submit(name, body, contentType);
+            return submit(name, requestInput(body, contentType));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
-                return BinaryTensors.parse(body, binaryHeader);
+                return BinaryTensors.parse(body, binaryHeader, limits);
             } catch (BinaryTensors.BadRequest e) {
                 throw new CompletionException(e);
             }
-        }).thenCompose(binary -> binary == null ? submit(name, body, contentType)
-                : submit(name, binary.json(), Reply.JSON).thenApply(binary::answer))
+        }).thenCompose(binary -> binary == null ? submit(name, requestInput(body, contentType))
+                : submit(name, binaryInput(body, binary)).thenApply(binary::answer))
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
-                        ? Reply.error(400, e.getCause().getMessage())
+                        ? Reply.error(((BinaryTensors.BadRequest) e.getCause()).status,
+                                e.getCause().getMessage())
                         : failed(name, e));
     }
 
-    private static CompletableFuture<Reply> submit(String name, byte[] body, String contentType) {
-        WorkerJob job = new WorkerJob(name, requestInput(body, contentType));
+    private static CompletableFuture<Reply> submit(String name, RequestInput input) {
+        WorkerJob job = new WorkerJob(name, input);
         try {
             if (!ModelManager.getInstance().addJob(job)) {
                 return now(Reply.error(503, "model '" + name + "' has no worker or its queue is full")
@@ -203,6 +210,19 @@ final class OipRoutes {
     private static Reply failed(String name, Throwable e) {
         LOG.error("OIP infer on model {} failed", name, e);
         return Reply.error(500, "internal error");
+    }
+
+    /**
+     * A body with binary inputs as raw bytes (never parsed as JSON on the way), marked with
+     * where its JSON header ends.
+     */
+    private static RequestInput binaryInput(byte[] body, BinaryTensors binary) {
+        if (!binary.hasBinaryInputs()) {
+            return requestInput(body, Reply.JSON);
+        }
+        RequestInput input = requestInput(body, BinaryTensors.OCTET_STREAM);
+        input.updateHeaders(BinaryTensors.WORKER_HEADER, Integer.toString(binary.jsonLength()));
+        return input;
     }
 
     private static RequestInput requestInput(byte[] body, String contentType) {
