@@ -140,7 +140,7 @@ def test_a_hundred_headers_pass_the_front_proxy(server, with_key):
 
 def test_more_than_a_hundred_headers_besides_host_and_authorization_get_431(server):
     line = "GET /v2/health/live HTTP/1.1\r\nHost: kiln\r\n"
-    sent = (line + pads(101) + "\r\n").encode()
+    sent = (line + pads(101) + "Connection: close\r\n\r\n").encode()
     status, _, body, _ = exchange(server, sent, to=(HOST, server.ports.oip))
     assert (status, body) == (431, error(431, "the request has more than 100 headers"))
 
