@@ -5,6 +5,7 @@ import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParseException;
 import com.google.gson.JsonParser;
+import io.netty.buffer.ByteBuf;
 import java.io.ByteArrayOutputStream;
 import java.math.BigDecimal;
 import java.nio.ByteBuffer;
@@ -18,7 +19,8 @@ import java.util.Map;
 /**
  * The binary tensor data extension of the KServe v2 / Triton HTTP protocol, checked at the
  * door: a request's framing and its size against the handler's limits are checked from its
- * JSON header, before a byte of tensor data is looked at, and the body then goes to the
+ * JSON header, read in place from Netty's buffer before a byte of tensor data is looked at or
+ * copied (a refused 4 MB request costs the heap its header only), and the body then goes to the
  * model's workers as it came, the JSON header's length in the header WORKER_HEADER: the
  * handler reads each tensor in place (handlers/oip.py). Tensors once became JSON text here,
  * some 25 MB for a 4 MB request, and eight clients ran the JVM out of heap (issue 16). The
@@ -91,21 +93,23 @@ final class BinaryTensors {
     }
 
     /** Whether a body without the header may ask for binary outputs (a quick byte scan). */
-    static boolean mayUse(byte[] body) {
+    static boolean mayUse(ByteBuf body) {
         return contains(body, MARK);
     }
 
     /**
      * The request's framing checked, and its binary inputs' rows and values within `limits`;
      * null when the request uses no part of the extension (its body goes on as it is).
-     * headerLength: the Inference-Header-Content-Length header, or null.
+     * headerLength: the Inference-Header-Content-Length header, or null. body: the whole
+     * request body, from index 0, only read.
      */
-    static BinaryTensors parse(byte[] body, String headerLength, RequestLimits limits)
+    static BinaryTensors parse(ByteBuf body, String headerLength, RequestLimits limits)
             throws BadRequest {
         if (headerLength == null && !mayUse(body)) {
             return null;
         }
-        int jsonLength = headerLength == null ? body.length : jsonLength(headerLength, body.length);
+        int bodyLength = body.readableBytes();
+        int jsonLength = headerLength == null ? bodyLength : jsonLength(headerLength, bodyLength);
         JsonObject request = jsonObject(body, jsonLength);
         List<BinaryInput> inputs = binaryInputs(request);
         if (!inputs.isEmpty() && headerLength == null) {
@@ -116,16 +120,16 @@ final class BinaryTensors {
         for (BinaryInput input : inputs) {
             sum += input.size;
         }
-        if (sum != body.length - jsonLength) {
+        if (sum != bodyLength - jsonLength) {
             throw new BadRequest("the inputs' " + SIZE + " add up to " + sum + " bytes, but "
-                    + (body.length - jsonLength) + " bytes follow the " + jsonLength
+                    + (bodyLength - jsonLength) + " bytes follow the " + jsonLength
                     + "-byte JSON header");
         }
         admit(inputs, limits);
         int offset = jsonLength;
         for (BinaryInput input : inputs) {
             if (input.datatype.equals("BYTES")) {
-                checkBytes(input, ByteBuffer.wrap(body, offset, input.size).slice());
+                checkBytes(input, body.slice(offset, input.size));
             }
             offset += input.size;
         }
@@ -196,10 +200,10 @@ final class BinaryTensors {
         return (int) length;
     }
 
-    private static JsonObject jsonObject(byte[] body, int length) throws BadRequest {
+    private static JsonObject jsonObject(ByteBuf body, int length) throws BadRequest {
         JsonElement parsed;
         try {
-            parsed = JsonParser.parseString(new String(body, 0, length, StandardCharsets.UTF_8));
+            parsed = JsonParser.parseString(body.toString(0, length, StandardCharsets.UTF_8));
         } catch (JsonParseException e) {
             throw new BadRequest("the request's JSON is not valid: " + e.getMessage());
         }
@@ -293,19 +297,18 @@ final class BinaryTensors {
     }
 
     /** BYTES data holds exactly its shape's elements, each length within the data. */
-    private static void checkBytes(BinaryInput input, ByteBuffer bytes) throws BadRequest {
-        bytes.order(ByteOrder.LITTLE_ENDIAN);
+    private static void checkBytes(BinaryInput input, ByteBuf bytes) throws BadRequest {
         long elements = 0;
-        while (bytes.remaining() >= 4 && elements < input.count) {
-            long length = bytes.getInt() & 0xffffffffL;
-            if (length > bytes.remaining()) {
+        while (bytes.readableBytes() >= 4 && elements < input.count) {
+            long length = bytes.readUnsignedIntLE();
+            if (length > bytes.readableBytes()) {
                 throw new BadRequest(input.what + " BYTES element " + elements + " is "
                         + length + " bytes long, past the end of its " + SIZE);
             }
-            bytes.position(bytes.position() + (int) length);
+            bytes.skipBytes((int) length);
             elements++;
         }
-        if (elements != input.count || bytes.hasRemaining()) {
+        if (elements != input.count || bytes.isReadable()) {
             throw new BadRequest(input.what + " BYTES data of " + input.size + " bytes does not "
                     + "hold exactly the " + input.count + " elements its shape needs");
         }
@@ -398,16 +401,27 @@ final class BinaryTensors {
                 && member.getAsBoolean();
     }
 
-    private static boolean contains(byte[] body, byte[] mark) {
-        outer:
-        for (int i = 0; i + mark.length <= body.length; i++) {
-            for (int j = 0; j < mark.length; j++) {
-                if (body[i + j] != mark[j]) {
-                    continue outer;
-                }
+    /** Whether body holds mark; its first byte found by Netty's scan, fast on any buffer. */
+    private static boolean contains(ByteBuf body, byte[] mark) {
+        int last = body.writerIndex() - mark.length;
+        for (int i = body.readerIndex(); i <= last; i++) {
+            i = body.indexOf(i, last + 1, mark[0]);
+            if (i < 0) {
+                return false;
             }
-            return true;
+            if (startsWith(body, i, mark)) {
+                return true;
+            }
         }
         return false;
+    }
+
+    private static boolean startsWith(ByteBuf body, int at, byte[] mark) {
+        for (int j = 1; j < mark.length; j++) {
+            if (body.getByte(at + j) != mark[j]) {
+                return false;
+            }
+        }
+        return true;
     }
 }

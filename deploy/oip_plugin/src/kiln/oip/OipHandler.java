@@ -1,6 +1,6 @@
 package kiln.oip;
 
-import io.netty.buffer.ByteBufUtil;
+import io.netty.buffer.ByteBuf;
 import io.netty.channel.ChannelFutureListener;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.SimpleChannelInboundHandler;
@@ -33,11 +33,15 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
 
     private static final Logger LOG = LoggerFactory.getLogger(OipHandler.class);
 
-    /** What a request says, copied out of Netty's buffers (which are released on return). */
+    /**
+     * What a request says, copied out of Netty's buffers (which are released on return), but
+     * its body: that stays in Netty's (pooled, off the heap) buffer, retained until release(),
+     * so that a request refused from its header is never copied.
+     */
     private static final class Call {
         final String method;
         final String path;
-        final byte[] body;
+        final ByteBuf body;
         final String contentType;
         final String binaryHeader;
         final String authorization;
@@ -47,12 +51,19 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         Call(FullHttpRequest request) {
             method = request.method().name();
             path = new QueryStringDecoder(request.uri()).path();
-            body = request.method().equals(HttpMethod.POST) ? ByteBufUtil.getBytes(request.content()) : null;
             contentType = request.headers().get(HttpHeaderNames.CONTENT_TYPE);
             binaryHeader = request.headers().get(BinaryTensors.HEADER);
             authorization = request.headers().get(HttpHeaderNames.AUTHORIZATION);
             version = request.protocolVersion();
             keepAlive = HttpUtil.isKeepAlive(request);
+            // Last: nothing above may throw once it is retained.
+            body = request.method().equals(HttpMethod.POST) ? request.content().retainedSlice() : null;
+        }
+
+        void release() {
+            if (body != null) {
+                body.release();
+            }
         }
     }
 
@@ -145,6 +156,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
     }
 
     private void send(ChannelHandlerContext ctx, Call call, Reply reply) {
+        call.release();
         bytes.answered();
         if (guard.closing() || !ctx.channel().isActive()) {
             return;
@@ -162,6 +174,15 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         answering = false;
         ctx.channel().config().setAutoRead(true);
         guard.idle();
+    }
+
+    /** Requests still waiting their turn are never answered once the connection is gone. */
+    @Override
+    public void channelInactive(ChannelHandlerContext ctx) {
+        for (Call call = waiting.poll(); call != null; call = waiting.poll()) {
+            call.release();
+        }
+        ctx.fireChannelInactive();
     }
 
     /** The same tokens as the inference API, checked by TorchServe's own code. */

@@ -4,6 +4,8 @@ import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
+import io.netty.buffer.ByteBuf;
+import io.netty.buffer.ByteBufUtil;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -52,11 +54,12 @@ final class OipRoutes {
     }
 
     /**
-     * path: the request path, /v2 included; body: null for a GET; binaryHeader: the request's
+     * path: the request path, /v2 included; body: null for a GET, else Netty's buffer, only
+     * read, and released by the caller once the answer completes; binaryHeader: the request's
      * Inference-Header-Content-Length, or null. Only infer is answered later; the other routes
      * answer from the frontend's state at once.
      */
-    CompletableFuture<Reply> handle(String method, String path, byte[] body, String contentType,
+    CompletableFuture<Reply> handle(String method, String path, ByteBuf body, String contentType,
             String binaryHeader) {
         List<String> parts = segments(path);
         if (parts == null) {
@@ -173,12 +176,13 @@ final class OipRoutes {
     /**
      * Queues the body to the model's workers; the answer completes off the caller's thread.
      * A request using the binary tensor extension has its JSON header read on a pool
-     * thread, not here; its body goes on as it came.
+     * thread, not here; its body goes on as it came. The body leaves Netty's buffer for the
+     * heap only once admitted: TorchServe's RequestInput holds a byte[] and nothing else.
      */
-    private CompletableFuture<Reply> infer(String name, byte[] body, String contentType,
+    private CompletableFuture<Reply> infer(String name, ByteBuf body, String contentType,
             String binaryHeader) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
-            return submit(name, requestInput(body, contentType));
+            return submit(name, requestInput(ByteBufUtil.getBytes(body), contentType));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
@@ -186,8 +190,10 @@ final class OipRoutes {
             } catch (BinaryTensors.BadRequest e) {
                 throw new CompletionException(e);
             }
-        }).thenCompose(binary -> binary == null ? submit(name, requestInput(body, contentType))
-                : submit(name, binaryInput(body, binary)).thenApply(binary::answer))
+        }).thenCompose(binary -> binary == null
+                ? submit(name, requestInput(ByteBufUtil.getBytes(body), contentType))
+                : submit(name, binaryInput(ByteBufUtil.getBytes(body), binary))
+                        .thenApply(binary::answer))
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
                         ? Reply.error(((BinaryTensors.BadRequest) e.getCause()).status,
                                 e.getCause().getMessage())
