@@ -23,7 +23,6 @@ import org.pytorch.serve.servingsdk.Model;
 import org.pytorch.serve.servingsdk.Worker;
 import org.pytorch.serve.servingsdk.impl.ModelServerContext;
 import org.pytorch.serve.util.ConfigManager;
-import org.pytorch.serve.util.messages.InputParameter;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.ModelManager;
 import org.slf4j.Logger;
@@ -235,7 +234,7 @@ final class OipRoutes {
         // TorchServe's worker parses application/json bodies; OIP bodies are JSON by definition.
         String type = contentType == null || contentType.isEmpty() ? Reply.JSON : contentType;
         RequestInput input = new RequestInput(UUID.randomUUID().toString());
-        input.addParameter(new InputParameter("body", body, type));
+        input.addParameter(new BodyParameter(body, type));
         // The handler picks the protocol by this mark, never by what the body looks like.
         input.updateHeaders(PROTOCOL_HEADER, PROTOCOL);
         return input;
