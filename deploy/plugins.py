@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kiln.handlers import limits
+
 log = logging.getLogger("kiln.plugins")
 
 OIP_PLUGIN_SOURCE = Path(__file__).resolve().parent / "oip_plugin"
@@ -24,6 +26,13 @@ PLUGINS_DIR = OIP_PLUGIN_SOURCE / "build"
 OIP_PLUGIN_JAR = PLUGINS_DIR / "kiln-oip.jar"
 # The JVM system property (set in vmargs) with the host:port the plugin serves OIP on.
 OIP_ADDRESS_PROPERTY = "kiln.oip.address"
+
+
+def limit_properties() -> dict[str, int]:
+    """The handler's bounds on one request, as JVM properties for the plugin, which checks a
+    binary request against them before its body goes anywhere (RequestLimits.java)."""
+    return {"kiln.oip.max_instances": limits.MAX_INSTANCES,
+            "kiln.oip.max_request_values": limits.MAX_REQUEST_VALUES}
 
 
 class PluginError(RuntimeError):

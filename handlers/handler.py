@@ -200,7 +200,8 @@ class KilnHandler:
             request = forms.decode_form(bytes(request["body"]), form_type)
         body = rest.request_body(request, self.signature)
         if context.get_request_header(idx, oip.PROTOCOL_HEADER) == oip.PROTOCOL:
-            return oip.decode_infer(body, self.signature, budget)
+            return oip.decode_infer(body, self.signature, budget,
+                                    context.get_request_header(idx, oip.BINARY_HEADER))
         model_inputs, many = rest.decode_body(body, self.signature, budget)
         output, top_k = self.signature["output"], self.top_k
 

@@ -19,6 +19,15 @@ from kiln.handlers.signature import raw_shape
 # Set by the OIP plugin on every request it forwards to a worker.
 PROTOCOL_HEADER = "kiln-protocol"
 PROTOCOL = "oip"
+# Set by the plugin on a request with binary inputs (the binary tensor data extension), which
+# it forwards as it came: the length of the JSON header that the tensors' bytes follow, in
+# input order, each `binary_data_size` bytes. The plugin has checked that framing.
+BINARY_HEADER = "kiln-binary-header-length"
+BINARY_SIZE = "binary_data_size"
+# The little-endian numpy dtype of each binary datatype the handler may take.
+BINARY_DTYPES = {"BOOL": "|b1", "INT8": "|i1", "UINT8": "|u1", "INT16": "<i2", "UINT16": "<u2",
+                 "INT32": "<i4", "UINT32": "<u4", "INT64": "<i8", "UINT64": "<u8",
+                 "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 REQUEST_FIELDS = ("id", "parameters", "inputs", "outputs")
 TENSOR_FIELDS = ("name", "shape", "datatype", "parameters", "data")
 # Whole-number datatypes and the range a value must fit; floats take any finite value.
@@ -33,11 +42,12 @@ LABEL_OUTPUT = "label"
 PLATFORM = "kiln"
 
 
-def decode_infer(body, signature, budget=None):
+def decode_infer(body, signature, budget=None, json_length=None):
     """(model inputs, encode) for an OIP infer body: one array per signature input, batch
     first; encode(model output) gives the JSON-ready response. Its cost, from the tensors'
-    shapes, is admitted (limits.py; `budget`: the server-side batch's) before data is read."""
-    value = infer_body(body)
+    shapes, is admitted (limits.py; `budget`: the server-side batch's) before data is read.
+    `json_length`: the plugin's BINARY_HEADER, for a body with binary inputs."""
+    value = infer_body(body) if json_length is None else binary_body(body, json_length)
     limits.admit(limits.infer_cost(value, signature["inputs"]), signature["inputs"], budget)
     request = parse_infer(value, signature)
     model_inputs = []
@@ -61,6 +71,30 @@ def infer_body(body):
     if not isinstance(body, dict) or "inputs" not in body:
         raise BadInput('an infer request is a JSON object with "inputs"', reason="bad_form")
     return body
+
+
+def binary_body(body, json_length):
+    """The request object of a body with binary inputs, each such input's "data" a numpy view
+    of its bytes in the body (nothing copied)."""
+    if not isinstance(body, (bytes, bytearray)) or not str(json_length).isdigit() or int(
+            json_length) > len(body):
+        raise BadInput("binary tensor data without its framing", reason="bad_form")
+    offset = int(json_length)
+    value = infer_body(bytes(memoryview(body)[:offset]))
+    tensors_in = value["inputs"] if isinstance(value["inputs"], list) else []
+    for tensor in tensors_in:
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        if not isinstance(parameters, dict) or BINARY_SIZE not in parameters:
+            continue
+        size, dtype = parameters[BINARY_SIZE], BINARY_DTYPES.get(tensor.get("datatype"))
+        if dtype is None:  # BYTES, whose datatype tensor_values refuses with its name
+            tensor["data"] = []
+        elif type(size) is not int or offset + size > len(body) or size % np.dtype(dtype).itemsize:
+            raise BadInput("binary tensor data without its framing", reason="bad_form")
+        else:
+            tensor["data"] = np.frombuffer(body, dtype, size // np.dtype(dtype).itemsize, offset)
+        offset += size
+    return value
 
 
 def parse_infer(value, signature):
@@ -171,6 +205,8 @@ def tensor_shape(shape, spec, what):
 
 def tensor_data(data, shape, what):
     """data, flattened (row-major) or nested as shape, as float64 of shape."""
+    if isinstance(data, np.ndarray):
+        return binary_values(data, shape, what)
     if not isinstance(data, list):
         raise BadInput(f"{what} data must be an array, got {describe(data)}",
                        reason="wrong_type")
@@ -181,6 +217,20 @@ def tensor_data(data, shape, what):
         raise BadInput(f"{what} has {len(data)} values, its shape {shape} needs {size}",
                        reason="bad_shape")
     return arrays.numbers_array(data, [size], f"{what} value").reshape(shape)
+
+
+def binary_values(data, shape, what):
+    """A binary tensor's flat values as float64 of shape, refused as their JSON form is."""
+    size = math.prod(shape)
+    if data.size != size:
+        raise BadInput(f"{what} has {data.size} values, its shape {shape} needs {size}",
+                       reason="bad_shape")
+    values = data.astype(np.float64)
+    bad = arrays.first_true(~np.isfinite(values))
+    if bad is not None:
+        raise BadInput(f"{what} value at {list(bad)} is not a finite number: "
+                       f"{describe(float(values[bad]))}", reason="bad_value")
+    return values.reshape(shape)
 
 
 def requested_outputs(outputs, signature):

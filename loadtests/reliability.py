@@ -1,6 +1,6 @@
 """Reliability, in one run and one table: `python -m kiln.loadtests.reliability`.
 
-Six parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
+Seven parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
 TorchServe on free loopback ports), started for the purpose, or the server `kiln serve` runs
 from --run-dir; every request goes through server.url() with server.keys():
 
@@ -19,7 +19,10 @@ from --run-dir; every request goes through server.url() with server.keys():
    the slope in MB per 100k requests.
 5. thin: the time to answer or refuse the costliest images of any shape, and good requests of
    the first image model while clients send one in a loop (loadtests/thin_images.py).
-6. front_kill: wrk on the first image model for --load-seconds while the front proxy's nginx
+6. oip_flood: --clients clients for --load-seconds sending the first image model the largest
+   binary OIP requests it takes and refuses (loadtests/oip_flood.py): answers by status, the
+   frontend's RSS before, at its peak and after, and workers replaced.
+7. front_kill: wrk on the first image model for --load-seconds while the front proxy's nginx
    master is killed hard a third of the way in: until its orphaned workers are gone, until a
    new master, until a 200 again, and what the load lost (loadtests/front_kill.py).
 
@@ -63,13 +66,13 @@ from kiln import client as http
 from kiln.console import setup_logging
 from kiln.deploy.server import INTERNAL_PORTS_FILE, Ports, Server, ServerSettings
 from kiln.handlers import images, inputs
-from kiln.loadtests import declared, payloads, svg, wrk
+from kiln.loadtests import declared, oip_flood, payloads, svg, wrk
 from kiln.loadtests.monitor import Sampler
 from kiln.model_store import STORE
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")
-PARTS = ("kill", "slow", "amplification", "soak", "thin", "front_kill")
+PARTS = ("kill", "slow", "amplification", "soak", "thin", "oip_flood", "front_kill")
 # A good request unanswered this long while slow connections are held counts as failed: far
 # above its p99 on an idle server, far below TorchServe's own response timeout (minutes).
 GOOD_TIMEOUT_S = 2
@@ -789,6 +792,9 @@ def measure(server: Server, opts: argparse.Namespace) -> Report:
         from kiln.loadtests import thin_images  # it builds on this module's clients and rows
 
         report.rows += thin_images.thin_part(server, models, opts)
+    if "oip_flood" in opts.parts:
+        flooded = oip_flood.flood(server, models.image[0], opts.clients, opts.load_seconds)
+        report.rows += [Row(*row) for row in flooded.rows()]
     if "front_kill" in opts.parts:  # last: it resets every connection the proxy holds
         from kiln.loadtests import front_kill  # it builds on this module's clients and rows
 

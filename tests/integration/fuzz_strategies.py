@@ -655,6 +655,41 @@ def oip_bodies(draw, kind):
     return dumps(body).encode("utf-8", "surrogatepass")
 
 
+# Bytes per element of each binary datatype; BYTES elements carry their own length.
+BINARY_WIDTH = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16": 2,
+                "INT32": 4, "UINT32": 4, "FP32": 4, "INT64": 8, "UINT64": 8, "FP64": 8,
+                "BYTES": 1}
+# The bounds a binary tensor's size is drawn around: rows (limits.MAX_INSTANCES), values
+# (limits.MAX_REQUEST_VALUES) and bytes (the 4 MiB body the server receives).
+MAX_ROWS = 512
+MAX_VALUES = 1 << 20
+MAX_BODY = 4 * 1024 * 1024
+
+
+@st.composite
+def binary_oip_bodies(draw, kind):
+    """(body, JSON header length) of the binary tensor data extension: one tensor whose
+    rows, values and bytes are drawn at, just under and just over the bounds (or tiny), its
+    binary_data_size true or off by a little, and the bytes that follow as many as it says
+    (cut to what a body may hold) or not."""
+    row = draw(st.sampled_from([[SIDE, SIDE], [1, SIDE, SIDE], [30], [2049], [],
+                                [MAX_VALUES // MAX_ROWS + 1]]))
+    if kind == "features" and draw(st.booleans()):
+        row = [30]
+    rows = draw(st.sampled_from([0, 1, 2, MAX_ROWS - 1, MAX_ROWS, MAX_ROWS + 1]))
+    shape = [rows, *row]
+    if draw(st.integers(0, 3)) == 0:  # flat, as large as a body may carry: the issue's probe
+        shape = [draw(st.sampled_from([MAX_VALUES, MAX_VALUES + 1, MAX_BODY // 4, MAX_BODY]))]
+    datatype = draw(st.sampled_from(list(BINARY_WIDTH)))
+    size = math.prod(shape) * BINARY_WIDTH[datatype] + draw(st.sampled_from([0, 0, 0, -1, 1]))
+    header = dumps({"inputs": [{"name": "input", "shape": shape, "datatype": datatype,
+                                "parameters": {"binary_data_size": size}}]}).encode()
+    sent = max(0, min(size + draw(st.sampled_from([0, 0, -1, 1])), MAX_BODY - len(header)))
+    seed = draw(st.integers(0, 2**16))
+    data = np.random.default_rng(seed).integers(0, 2, size=sent, dtype=np.uint8).tobytes()
+    return header + data, len(header)
+
+
 # --- methods, paths and headers --------------------------------------------------------
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE"]

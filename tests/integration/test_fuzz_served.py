@@ -395,6 +395,17 @@ def test_oip_infer_random_bytes(fuzzer, model, body):
     oip_infer(fuzzer, model, body.data, body.content_type)
 
 
+@settings(FUZZ, max_examples=40)
+@given(model=st.sampled_from([*IMAGE_MODELS, FEATURE_MODEL]), data=st.data())
+def test_oip_infer_binary_tensors_of_any_size(fuzzer, model, data):
+    kind = "features" if model == FEATURE_MODEL else "image"
+    body, json_length = data.draw(fs.binary_oip_bodies(kind), label="body")
+    headers = {**fuzzer.auth(), "Content-Type": "application/octet-stream",
+               "Inference-Header-Content-Length": str(json_length)}
+    fuzzer.send("oip binary /v2/models/NAME/infer", fuzzer.oip, "POST",
+                f"/v2/models/{model}/infer", body, headers, sent=(model, body[:json_length]))
+
+
 # --- gRPC --------------------------------------------------------------------------------
 
 

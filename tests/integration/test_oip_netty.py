@@ -24,6 +24,7 @@ DIGITS = [str(d) for d in range(10)]
 READ_TIMEOUT_S = 2
 IDLE_TIMEOUT_S = 5
 MAX_CONNECTIONS = 8
+MAX_BYTES_IN_FLIGHT = 1_000_000
 
 
 class TightSettings(ServerSettings):
@@ -48,7 +49,9 @@ def tight(tmp_path_factory):
                              models=["binary"], ports=Ports.free(),
                              jvm_properties={"kiln.oip.read_timeout_s": READ_TIMEOUT_S,
                                              "kiln.oip.idle_timeout_s": IDLE_TIMEOUT_S,
-                                             "kiln.oip.max_connections": MAX_CONNECTIONS})
+                                             "kiln.oip.max_connections": MAX_CONNECTIONS,
+                                             "kiln.oip.max_bytes_in_flight":
+                                                 MAX_BYTES_IN_FLIGHT})
     with Server(settings).running(timeout=240) as srv:
         yield srv
 
@@ -91,10 +94,10 @@ def read_response(reader):
     return int(status_line.split()[1]), headers, reader.read(int(headers["content-length"]))
 
 
-def exchange(server, data, more=()):
+def exchange(server, data, more=(), to=None):
     """Sends data (then each of `more` while the server reads), returns the one response and
-    what came after it before the server closed."""
-    with socket.create_connection(address(server), timeout=30) as sock:
+    what came after it before the server closed. `to`: (host, port), the plugin's if None."""
+    with socket.create_connection(to or address(server), timeout=30) as sock:
         sock.sendall(data)
         for piece in more:
             sock.sendall(piece)
@@ -116,6 +119,30 @@ def test_more_than_a_hundred_headers_get_431(server):
                                                            pads))
     assert (status, body) == (431, error(431, "the request has more than 100 headers"))
     assert (headers["connection"], rest) == ("close", b"")
+
+
+def pads(count):
+    return "".join(f"X-Pad-{i}: 1\r\n" for i in range(count))
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+def test_a_hundred_headers_pass_the_front_proxy(server, with_key):
+    """nginx sets Host and Authorization (TorchServe's token) on what it forwards, whether the
+    client sent them or not: a client's own 100 headers reached the plugin as 101."""
+    auth = f"Authorization: Bearer {server.keys()['inference']}\r\n" if with_key else ""
+    line = f"GET /v2/health/live HTTP/1.1\r\nHost: kiln\r\n{auth}"
+    hundred = (line + pads(99 - with_key) + "\r\n").encode()
+    with socket.create_connection((HOST, server.ports.oip), timeout=30) as sock:
+        sock.sendall(hundred)
+        with sock.makefile("rb") as reader:
+            assert read_response(reader)[::2] == (200, b'{"live":true}')
+
+
+def test_more_than_a_hundred_headers_besides_host_and_authorization_get_431(server):
+    line = "GET /v2/health/live HTTP/1.1\r\nHost: kiln\r\n"
+    sent = (line + pads(101) + "Connection: close\r\n\r\n").encode()
+    status, _, body, _ = exchange(server, sent, to=(HOST, server.ports.oip))
+    assert (status, body) == (431, error(431, "the request has more than 100 headers"))
 
 
 def test_one_huge_header_gets_431(server):
@@ -156,6 +183,30 @@ def test_a_chunked_body_over_the_limit_gets_413(server):
                         "Transfer-Encoding: chunked\r\n"),
         more=[chunk] * chunks + [b"0\r\n\r\n"])
     assert (status, body) == (413, too_large(server))
+
+
+def test_request_bodies_past_the_bytes_in_flight_bound_get_503(tight):
+    """A body's bytes are taken from the bound when its head arrives: the 100 Continue says
+    the first one holds them; the second finds no room, until the first is answered."""
+    size = MAX_BYTES_IN_FLIGHT // 2 + 1
+    head = request("POST /v2/models/binary/infer", token(tight),
+                   f"Content-Type: application/json\r\nContent-Length: {size}\r\n"
+                   "Expect: 100-continue\r\n")
+    for _ in range(2):  # the second time, what the first request held was given back
+        with socket.create_connection(address(tight), timeout=30) as first:
+            with first.makefile("rb") as reader:
+                first.sendall(head)
+                assert (reader.readline(), reader.readline()) == (
+                    b"HTTP/1.1 100 Continue\r\n", b"\r\n")
+                status, headers, body, rest = exchange(tight, head)
+                assert (status, body) == (503, error(503, f"the server holds "
+                                          f"{MAX_BYTES_IN_FLIGHT} bytes of requests, its "
+                                          "limit: try again later"))
+                assert (headers["retry-after"], headers["connection"], rest) == (
+                    "1", "close", b"")
+                first.sendall(b" " * size)
+                status, _, body = read_response(reader)
+                assert (status, json.loads(body)) == (400, error(400, "empty body"))
 
 
 # --- deadlines and the connection bound ---------------------------------------------------
@@ -380,6 +431,18 @@ HEAD = binary_request(120)  # 110 bytes of JSON for 120 bytes of [1, 30] FP32
 def test_bad_binary_framing_gets_400_naming_the_problem(server, body, json_length, message):
     assert len(HEAD) == 110
     assert post_raw(server, body, json_length) == (400, error(400, message))
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ([513, 28, 28], "513 instances in one request, more than 512"),
+    ([512, 2049], "1049088 input values in one request, more than the limit of 1048576: "
+     "send fewer rows"),
+])  # fmt: skip
+def test_binary_inputs_over_the_handlers_limits_get_413_from_their_header(server, shape,
+                                                                          message):
+    head = binary_request(int(np.prod(shape)), shape, "UINT8")
+    assert post_raw(server, head + bytes(int(np.prod(shape))), len(head), "lenet") == (
+        413, error(413, message))
 
 
 def test_binary_values_are_checked_as_json_ones_are(server):

@@ -34,6 +34,8 @@ SOAK = ["soak: requests", "soak: failed", "soak: wrk CPU"] + [
     f"soak {process}: {figure}"
     for process in ("frontend", "lenet workers", "mlp workers", "rnn workers", "binary workers")
     for figure in ("RSS", "RSS max", "RSS slope", "PSS")]
+OIP_FLOOD = [f"binary OIP flood (2 clients x 3 s): {figure}" for figure in (
+    "requests", "5xx or none", "JVM RSS peak", "JVM RSS after", "workers replaced")]
 FRONT_KILL = ["front kill: lenet requests", "front kill: lenet failed",
               "front kill: until orphaned workers gone", "front kill: until a new master",
               "front kill: until 200 again", "front kill: wrk CPU"]
@@ -53,7 +55,7 @@ def report(server):
 
 def test_the_table_has_every_row_and_each_is_a_number(report):
     names = [r.name for r in report.rows]
-    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK + THIN + FRONT_KILL
+    assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK + THIN + OIP_FLOOD + FRONT_KILL
     table = reliability.format_table(report.rows).splitlines()
     assert [line[:len(name)] for line, name in zip(table[1:], names, strict=True)] == names
     for row in report.rows:

@@ -142,3 +142,45 @@ def test_metadata_describes_raw_inputs_before_preprocess(image_signature, featur
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
     assert metadata["outputs"][0] == {"name": "probabilities", "datatype": "FP32",
                                       "shape": [-1, 2]}
+
+
+def binary(shape, values, datatype, name="input"):
+    """(body, JSON header length) of the binary tensor data extension, as the plugin forwards
+    it: the JSON header, then the tensor's little-endian bytes."""
+    data = np.asarray(values, dtype=oip.BINARY_DTYPES[datatype]).tobytes()
+    header = json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype,
+                                     "parameters": {oip.BINARY_SIZE: len(data)}}]}).encode()
+    return bytearray(header + data), str(len(header))
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64", "UINT8", "INT64"])
+def test_binary_tensors_decode_as_their_json_form(datatype, image_signature):
+    pixels = np.array(grid(2), dtype=oip.BINARY_DTYPES[datatype])
+    body, length = binary([2, 28, 28], pixels.ravel(), datatype)
+    (rows,), _ = oip.decode_infer(body, image_signature, json_length=length)
+    (expected,), _ = oip.decode_infer(
+        infer([2, 28, 28], pixels.astype(np.float64).ravel().tolist(), datatype), image_signature)
+    np.testing.assert_array_equal(rows, expected)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_binary_value_is_refused_as_its_json_form(value, features_signature):
+    values = np.zeros(30)
+    values[29] = value
+    body, length = binary([1, 30], values, "FP32")
+    with pytest.raises(BadInput) as binary_error:
+        oip.decode_infer(body, features_signature, json_length=length)
+    text = json.dumps(infer([1, 30], values.tolist()))  # NaN and Infinity tokens, as Java wrote
+    with pytest.raises(BadInput) as json_error:
+        oip.decode_infer(text, features_signature)
+    assert str(binary_error.value) == str(json_error.value)
+    assert str(binary_error.value).startswith("input 'input' value at [29] is not a finite")
+
+
+@pytest.mark.parametrize("length", ["x", "-1", "99999"])
+def test_binary_data_without_its_framing_is_a_400(length, features_signature):
+    body, _ = binary([1, 30], np.zeros(30), "FP32")
+    with pytest.raises(BadInput) as error:
+        oip.decode_infer(body, features_signature, json_length=length)
+    assert (str(error.value), error.value.status) == ("binary tensor data without its framing",
+                                                      400)

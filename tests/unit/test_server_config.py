@@ -204,3 +204,21 @@ def test_free_ports_asked_for_twice_never_overlap():
 
     sets = [set(astuple(Ports.free())) for _ in range(50)]
     assert sum(len(s) for s in sets) == len(set().union(*sets)) == 50 * len(sets[0])
+
+
+@pytest.mark.parametrize(("heap", "start"), [("1g", 128 * 1024**2), ("2G", 128 * 1024**2),
+                                             ("64m", 64 * 1024**2)])
+def test_the_frontend_heap_starts_at_a_fixed_size_never_above_its_maximum(tmp_path, heap,
+                                                                         start):
+    """Not the JVM's 1/64 of the host's memory: a flood touches all the heap it commits."""
+    fake_archive(tmp_path, "mlp")
+    settings = ServerSettings(run_dir=tmp_path / "run", model_store=tmp_path, models=["mlp"],
+                              java_heap=heap)
+    vmargs = parse(settings.config_properties())["vmargs"].split()
+    assert vmargs[:3] == [f"-Xms{start}", f"-Xmx{heap}", "-XX:+UseSerialGC"]
+
+
+def test_a_java_heap_that_is_no_jvm_size_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="not a JVM memory size: '1 GB'"):
+        ServerSettings(run_dir=tmp_path / "run", model_store=tmp_path, models=["mlp"],
+                       java_heap="1 GB")

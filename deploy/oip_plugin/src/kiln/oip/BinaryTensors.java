@@ -5,10 +5,9 @@ import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParseException;
 import com.google.gson.JsonParser;
-import com.google.gson.JsonPrimitive;
+import io.netty.buffer.ByteBuf;
 import java.io.ByteArrayOutputStream;
 import java.math.BigDecimal;
-import java.math.BigInteger;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
@@ -18,10 +17,14 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * The binary tensor data extension of the KServe v2 / Triton HTTP protocol, translated at the
- * door: binary inputs become JSON "data" before the request goes to the model's workers, and
- * the outputs a client asks for in binary are cut out of the handler's JSON answer. The
- * handler knows one infer body, JSON (handlers/oip.py); the extension is transport framing.
+ * The binary tensor data extension of the KServe v2 / Triton HTTP protocol, checked at the
+ * door: a request's framing and its size against the handler's limits are checked from its
+ * JSON header, read in place from Netty's buffer before a byte of tensor data is looked at or
+ * copied (a refused 4 MB request costs the heap its header only), and the body then goes to the
+ * model's workers as it came, the JSON header's length in the header WORKER_HEADER: the
+ * handler reads each tensor in place (handlers/oip.py). Tensors once became JSON text here,
+ * some 25 MB for a 4 MB request, and eight clients ran the JVM out of heap (issue 16). The
+ * outputs a client asks for in binary are cut out of the handler's JSON answer.
  *
  * A request with the header Inference-Header-Content-Length: N holds N bytes of JSON, then
  * the raw bytes of every input whose parameters carry binary_data_size, in input order.
@@ -30,6 +33,8 @@ import java.util.Map;
 final class BinaryTensors {
 
     static final String HEADER = "Inference-Header-Content-Length";
+    // As kiln.handlers.oip.BINARY_HEADER: set on a request forwarded with binary inputs.
+    static final String WORKER_HEADER = "kiln-binary-header-length";
     static final String OCTET_STREAM = "application/octet-stream";
     private static final String SIZE = "binary_data_size";
     // Every parameter of the extension holds this in its name; a body without it uses none.
@@ -42,57 +47,69 @@ final class BinaryTensors {
             Map.entry("INT64", 8), Map.entry("UINT64", 8), Map.entry("FP64", 8),
             Map.entry("BYTES", 0));
 
-    /** What is wrong with a request, said to the client as a 400. */
+    /** What is wrong with a request, said to the client with its status (400 or 413). */
     static final class BadRequest extends Exception {
         private static final long serialVersionUID = 1L;
+        final int status;
 
         BadRequest(String message) {
+            this(400, message);
+        }
+
+        BadRequest(int status, String message) {
             super(message);
+            this.status = status;
         }
     }
 
     /** One input sent as binary data, its size checked against its shape and datatype. */
     private static final class BinaryInput {
-        final JsonObject tensor;
         final String what;
         final String datatype;
+        final long rows;
         final long count;
         final int size;
 
-        BinaryInput(JsonObject tensor, String what, String datatype, long count, int size) {
-            this.tensor = tensor;
+        BinaryInput(String what, String datatype, long rows, long count, int size) {
             this.what = what;
             this.datatype = datatype;
+            this.rows = rows;
             this.count = count;
             this.size = size;
         }
     }
 
-    private final byte[] json;
+    private final int jsonLength;
+    private final boolean binaryInputs;
     private final boolean allOutputs;
     private final Map<String, Boolean> outputs;
 
-    private BinaryTensors(byte[] json, boolean allOutputs, Map<String, Boolean> outputs) {
-        this.json = json;
+    private BinaryTensors(int jsonLength, boolean binaryInputs, boolean allOutputs,
+            Map<String, Boolean> outputs) {
+        this.jsonLength = jsonLength;
+        this.binaryInputs = binaryInputs;
         this.allOutputs = allOutputs;
         this.outputs = outputs;
     }
 
     /** Whether a body without the header may ask for binary outputs (a quick byte scan). */
-    static boolean mayUse(byte[] body) {
+    static boolean mayUse(ByteBuf body) {
         return contains(body, MARK);
     }
 
     /**
-     * The request's JSON with its binary inputs as "data", and what it asks of the answer;
+     * The request's framing checked, and its binary inputs' rows and values within `limits`;
      * null when the request uses no part of the extension (its body goes on as it is).
-     * headerLength: the Inference-Header-Content-Length header, or null.
+     * headerLength: the Inference-Header-Content-Length header, or null. body: the whole
+     * request body, from index 0, only read.
      */
-    static BinaryTensors parse(byte[] body, String headerLength) throws BadRequest {
+    static BinaryTensors parse(ByteBuf body, String headerLength, RequestLimits limits)
+            throws BadRequest {
         if (headerLength == null && !mayUse(body)) {
             return null;
         }
-        int jsonLength = headerLength == null ? body.length : jsonLength(headerLength, body.length);
+        int bodyLength = body.readableBytes();
+        int jsonLength = headerLength == null ? bodyLength : jsonLength(headerLength, bodyLength);
         JsonObject request = jsonObject(body, jsonLength);
         List<BinaryInput> inputs = binaryInputs(request);
         if (!inputs.isEmpty() && headerLength == null) {
@@ -103,25 +120,30 @@ final class BinaryTensors {
         for (BinaryInput input : inputs) {
             sum += input.size;
         }
-        if (sum != body.length - jsonLength) {
+        if (sum != bodyLength - jsonLength) {
             throw new BadRequest("the inputs' " + SIZE + " add up to " + sum + " bytes, but "
-                    + (body.length - jsonLength) + " bytes follow the " + jsonLength
+                    + (bodyLength - jsonLength) + " bytes follow the " + jsonLength
                     + "-byte JSON header");
         }
+        admit(inputs, limits);
         int offset = jsonLength;
         for (BinaryInput input : inputs) {
-            decode(input, ByteBuffer.wrap(body, offset, input.size).slice());
+            if (input.datatype.equals("BYTES")) {
+                checkBytes(input, body.slice(offset, input.size));
+            }
             offset += input.size;
         }
-        byte[] json = inputs.isEmpty() && jsonLength == body.length
-                ? body : request.toString().getBytes(StandardCharsets.UTF_8);
-        return new BinaryTensors(json, isTrue(object(request, "parameters"), "binary_data_output"),
-                binaryOutputs(request));
+        return new BinaryTensors(jsonLength, !inputs.isEmpty(),
+                isTrue(object(request, "parameters"), "binary_data_output"), binaryOutputs(request));
     }
 
-    /** The request as the handler takes it: JSON only. */
-    byte[] json() {
-        return json;
+    /** The JSON header's length, for the handler, when the body holds binary inputs. */
+    boolean hasBinaryInputs() {
+        return binaryInputs;
+    }
+
+    int jsonLength() {
+        return jsonLength;
     }
 
     /** The handler's answer with the outputs asked for in binary moved after its JSON. */
@@ -178,10 +200,10 @@ final class BinaryTensors {
         return (int) length;
     }
 
-    private static JsonObject jsonObject(byte[] body, int length) throws BadRequest {
+    private static JsonObject jsonObject(ByteBuf body, int length) throws BadRequest {
         JsonElement parsed;
         try {
-            parsed = JsonParser.parseString(new String(body, 0, length, StandardCharsets.UTF_8));
+            parsed = JsonParser.parseString(body.toString(0, length, StandardCharsets.UTF_8));
         } catch (JsonParseException e) {
             throw new BadRequest("the request's JSON is not valid: " + e.getMessage());
         }
@@ -221,7 +243,9 @@ final class BinaryTensors {
                 throw new BadRequest(what + " of shape " + tensor.get("shape") + " and datatype "
                         + datatype + " takes " + expected + " bytes, but its " + SIZE + " is " + size);
             }
-            found.add(new BinaryInput(tensor, what, datatype, count, (int) size));
+            JsonArray shape = tensor.getAsJsonArray("shape");
+            long rows = shape.size() == 0 ? 0 : shape.get(0).getAsLong();
+            found.add(new BinaryInput(what, datatype, rows, count, (int) size));
         }
         return found;
     }
@@ -252,70 +276,42 @@ final class BinaryTensors {
         return count;
     }
 
-    /** The tensor's bytes as its JSON "data", flat and row-major. */
-    private static void decode(BinaryInput input, ByteBuffer bytes) throws BadRequest {
-        bytes.order(ByteOrder.LITTLE_ENDIAN);
-        JsonArray data = new JsonArray();
-        if (input.datatype.equals("BYTES")) {
-            while (bytes.remaining() >= 4 && data.size() < input.count) {
-                long length = bytes.getInt() & 0xffffffffL;
-                if (length > bytes.remaining()) {
-                    throw new BadRequest(input.what + " BYTES element " + data.size() + " is "
-                            + length + " bytes long, past the end of its " + SIZE);
-                }
-                byte[] element = new byte[(int) length];
-                bytes.get(element);
-                data.add(new String(element, StandardCharsets.UTF_8));
+    /**
+     * The handler's bounds on one request (kiln.handlers.limits.check_instances and
+     * check_request), in its words, from the binary inputs' shapes: refused here, a request
+     * over them costs the JVM nothing but its body.
+     */
+    private static void admit(List<BinaryInput> inputs, RequestLimits limits) throws BadRequest {
+        long values = 0;
+        for (BinaryInput input : inputs) {
+            if (input.rows > limits.maxInstances) {
+                throw new BadRequest(413, input.rows + " instances in one request, more than "
+                        + limits.maxInstances);
             }
-            if (data.size() != input.count || bytes.hasRemaining()) {
-                throw new BadRequest(input.what + " BYTES data of " + input.size + " bytes does not "
-                        + "hold exactly the " + input.count + " elements its shape needs");
-            }
-        } else {
-            for (long i = 0; i < input.count; i++) {
-                data.add(element(input.datatype, bytes));
-            }
+            values += input.count;
         }
-        JsonObject parameters = input.tensor.getAsJsonObject("parameters");
-        parameters.remove(SIZE);
-        if (parameters.size() == 0) {
-            input.tensor.remove("parameters");
-        }
-        input.tensor.add("data", data);
-    }
-
-    private static JsonPrimitive element(String datatype, ByteBuffer bytes) {
-        switch (datatype) {
-            case "BOOL": return new JsonPrimitive(bytes.get() != 0);
-            case "INT8": return new JsonPrimitive(bytes.get());
-            case "UINT8": return new JsonPrimitive(bytes.get() & 0xff);
-            case "INT16": return new JsonPrimitive(bytes.getShort());
-            case "UINT16": return new JsonPrimitive(bytes.getShort() & 0xffff);
-            case "INT32": return new JsonPrimitive(bytes.getInt());
-            case "UINT32": return new JsonPrimitive(bytes.getInt() & 0xffffffffL);
-            case "INT64": return new JsonPrimitive(bytes.getLong());
-            case "UINT64": return new JsonPrimitive(new BigInteger(Long.toUnsignedString(bytes.getLong())));
-            case "FP16": return new JsonPrimitive((double) halfToFloat(bytes.getShort()));
-            // A float's exact value as a double: its shortest decimal reads back to the same float.
-            case "FP32": return new JsonPrimitive((double) bytes.getFloat());
-            case "FP64": return new JsonPrimitive(bytes.getDouble());
-            default: throw new IllegalArgumentException(datatype);
+        if (values > limits.maxValues) {
+            throw new BadRequest(413, values + " input values in one request, more than the "
+                    + "limit of " + limits.maxValues + ": send fewer rows");
         }
     }
 
-    /** IEEE 754 half precision to float, subnormals, infinities and NaN included. */
-    static float halfToFloat(short half) {
-        int sign = (half & 0x8000) << 16;
-        int exponent = (half >> 10) & 0x1f;
-        int mantissa = half & 0x3ff;
-        if (exponent == 0x1f) {
-            return Float.intBitsToFloat(sign | 0x7f800000 | (mantissa << 13));
+    /** BYTES data holds exactly its shape's elements, each length within the data. */
+    private static void checkBytes(BinaryInput input, ByteBuf bytes) throws BadRequest {
+        long elements = 0;
+        while (bytes.readableBytes() >= 4 && elements < input.count) {
+            long length = bytes.readUnsignedIntLE();
+            if (length > bytes.readableBytes()) {
+                throw new BadRequest(input.what + " BYTES element " + elements + " is "
+                        + length + " bytes long, past the end of its " + SIZE);
+            }
+            bytes.skipBytes((int) length);
+            elements++;
         }
-        if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-            float value = mantissa * 0x1p-24f;
-            return sign == 0 ? value : -value;
+        if (elements != input.count || bytes.isReadable()) {
+            throw new BadRequest(input.what + " BYTES data of " + input.size + " bytes does not "
+                    + "hold exactly the " + input.count + " elements its shape needs");
         }
-        return Float.intBitsToFloat(sign | ((exponent + 112) << 23) | (mantissa << 13));
     }
 
     /** Per output named in the request, its binary_data parameter when it has one. */
@@ -405,16 +401,27 @@ final class BinaryTensors {
                 && member.getAsBoolean();
     }
 
-    private static boolean contains(byte[] body, byte[] mark) {
-        outer:
-        for (int i = 0; i + mark.length <= body.length; i++) {
-            for (int j = 0; j < mark.length; j++) {
-                if (body[i + j] != mark[j]) {
-                    continue outer;
-                }
+    /** Whether body holds mark; its first byte found by Netty's scan, fast on any buffer. */
+    private static boolean contains(ByteBuf body, byte[] mark) {
+        int last = body.writerIndex() - mark.length;
+        for (int i = body.readerIndex(); i <= last; i++) {
+            i = body.indexOf(i, last + 1, mark[0]);
+            if (i < 0) {
+                return false;
             }
-            return true;
+            if (startsWith(body, i, mark)) {
+                return true;
+            }
         }
         return false;
+    }
+
+    private static boolean startsWith(ByteBuf body, int at, byte[] mark) {
+        for (int j = 1; j < mark.length; j++) {
+            if (body.getByte(at + j) != mark[j]) {
+                return false;
+            }
+        }
+        return true;
     }
 }

@@ -40,7 +40,8 @@ final class ConnectionGuard extends ChannelInboundHandlerAdapter {
                     positive(MAX_CONNECTIONS, 1024));
         }
 
-        private static int positive(String property, int fallback) {
+        /** A JVM property that must be a whole number >= 1, or `fallback` when unset. */
+        static int positive(String property, int fallback) {
             String value = System.getProperty(property);
             if (value == null) {
                 return fallback;

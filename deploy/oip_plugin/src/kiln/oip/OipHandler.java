@@ -1,6 +1,6 @@
 package kiln.oip;
 
-import io.netty.buffer.ByteBufUtil;
+import io.netty.buffer.ByteBuf;
 import io.netty.channel.ChannelFutureListener;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.SimpleChannelInboundHandler;
@@ -9,13 +9,16 @@ import io.netty.handler.codec.DecoderResult;
 import io.netty.handler.codec.TooLongFrameException;
 import io.netty.handler.codec.http.FullHttpRequest;
 import io.netty.handler.codec.http.HttpHeaderNames;
+import io.netty.handler.codec.http.HttpHeaders;
 import io.netty.handler.codec.http.HttpMethod;
 import io.netty.handler.codec.http.HttpUtil;
 import io.netty.handler.codec.http.HttpVersion;
 import io.netty.handler.codec.http.QueryStringDecoder;
 import java.io.IOException;
 import java.util.ArrayDeque;
+import java.util.Locale;
 import java.util.Queue;
+import java.util.Set;
 import java.util.concurrent.CompletableFuture;
 import org.pytorch.serve.util.TokenAuthorization;
 import org.slf4j.Logger;
@@ -30,11 +33,15 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
 
     private static final Logger LOG = LoggerFactory.getLogger(OipHandler.class);
 
-    /** What a request says, copied out of Netty's buffers (which are released on return). */
+    /**
+     * What a request says, copied out of Netty's buffers (which are released on return), but
+     * its body: that stays in Netty's (pooled, off the heap) buffer, retained until release(),
+     * so that a request refused from its header is never copied.
+     */
     private static final class Call {
         final String method;
         final String path;
-        final byte[] body;
+        final ByteBuf body;
         final String contentType;
         final String binaryHeader;
         final String authorization;
@@ -44,23 +51,38 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         Call(FullHttpRequest request) {
             method = request.method().name();
             path = new QueryStringDecoder(request.uri()).path();
-            body = request.method().equals(HttpMethod.POST) ? ByteBufUtil.getBytes(request.content()) : null;
             contentType = request.headers().get(HttpHeaderNames.CONTENT_TYPE);
             binaryHeader = request.headers().get(BinaryTensors.HEADER);
             authorization = request.headers().get(HttpHeaderNames.AUTHORIZATION);
             version = request.protocolVersion();
             keepAlive = HttpUtil.isKeepAlive(request);
+            // Last: nothing above may throw once it is retained.
+            body = request.method().equals(HttpMethod.POST) ? request.content().retainedSlice() : null;
+        }
+
+        void release() {
+            if (body != null) {
+                body.release();
+            }
         }
     }
 
+    // Kiln's front proxy sets these on every request it forwards, whether the client sent
+    // them or not (deploy/nginx/nginx.conf: Host, TorchServe's token, the form type of a form
+    // body, as kiln.handlers.forms.FORM_TYPE_HEADER): a client's MAX_HEADERS leave them out.
+    private static final Set<String> PROXY_HEADERS = Set.of("host", "authorization",
+            "kiln-form-type");
+
     private final OipRoutes routes;
     private final ConnectionGuard guard;
+    private final BytesInFlight bytes;
     private final Queue<Call> waiting = new ArrayDeque<>();
     private boolean answering;
 
-    OipHandler(OipRoutes routes, ConnectionGuard guard) {
+    OipHandler(OipRoutes routes, ConnectionGuard guard, BytesInFlight bytes) {
         this.routes = routes;
         this.guard = guard;
+        this.bytes = bytes;
     }
 
     @Override
@@ -100,10 +122,17 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
             }
             return Reply.error(400, "malformed HTTP request: " + cause.getMessage());
         }
-        if (request.headers().size() > OipServer.MAX_HEADERS) {
+        if (clientHeaders(request.headers()) > OipServer.MAX_HEADERS) {
             return Reply.error(431, "the request has more than " + OipServer.MAX_HEADERS + " headers");
         }
         return null;
+    }
+
+    /** The headers a client sent: all but those the front proxy sets itself. */
+    static long clientHeaders(HttpHeaders headers) {
+        return headers.entries().stream()
+                .filter(header -> !PROXY_HEADERS.contains(header.getKey().toLowerCase(Locale.ROOT)))
+                .count();
     }
 
     private void answer(ChannelHandlerContext ctx, Call call) {
@@ -127,6 +156,8 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
     }
 
     private void send(ChannelHandlerContext ctx, Call call, Reply reply) {
+        call.release();
+        bytes.answered();
         if (guard.closing() || !ctx.channel().isActive()) {
             return;
         }
@@ -143,6 +174,15 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         answering = false;
         ctx.channel().config().setAutoRead(true);
         guard.idle();
+    }
+
+    /** Requests still waiting their turn are never answered once the connection is gone. */
+    @Override
+    public void channelInactive(ChannelHandlerContext ctx) {
+        for (Call call = waiting.poll(); call != null; call = waiting.poll()) {
+            call.release();
+        }
+        ctx.fireChannelInactive();
     }
 
     /** The same tokens as the inference API, checked by TorchServe's own code. */

@@ -4,6 +4,8 @@ import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
+import io.netty.buffer.ByteBuf;
+import io.netty.buffer.ByteBufUtil;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -21,7 +23,6 @@ import org.pytorch.serve.servingsdk.Model;
 import org.pytorch.serve.servingsdk.Worker;
 import org.pytorch.serve.servingsdk.impl.ModelServerContext;
 import org.pytorch.serve.util.ConfigManager;
-import org.pytorch.serve.util.messages.InputParameter;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.ModelManager;
 import org.slf4j.Logger;
@@ -45,13 +46,19 @@ final class OipRoutes {
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
 
     private final Map<String, JsonObject> signatureByDir = new ConcurrentHashMap<>();
+    private final RequestLimits limits;
+
+    OipRoutes(RequestLimits limits) {
+        this.limits = limits;
+    }
 
     /**
-     * path: the request path, /v2 included; body: null for a GET; binaryHeader: the request's
+     * path: the request path, /v2 included; body: null for a GET, else Netty's buffer, only
+     * read, and released by the caller once the answer completes; binaryHeader: the request's
      * Inference-Header-Content-Length, or null. Only infer is answered later; the other routes
      * answer from the frontend's state at once.
      */
-    CompletableFuture<Reply> handle(String method, String path, byte[] body, String contentType,
+    CompletableFuture<Reply> handle(String method, String path, ByteBuf body, String contentType,
             String binaryHeader) {
         List<String> parts = segments(path);
         if (parts == null) {
@@ -167,28 +174,33 @@ final class OipRoutes {
 
     /**
      * Queues the body to the model's workers; the answer completes off the caller's thread.
-     * A request using the binary tensor extension is translated on a pool thread, not here.
+     * A request using the binary tensor extension has its JSON header read on a pool
+     * thread, not here; its body goes on as it came. The body leaves Netty's buffer for the
+     * heap only once admitted: TorchServe's RequestInput holds a byte[] and nothing else.
      */
-    private static CompletableFuture<Reply> infer(String name, byte[] body, String contentType,
+    private CompletableFuture<Reply> infer(String name, ByteBuf body, String contentType,
             String binaryHeader) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
-            return submit(name, body, contentType);
+            return submit(name, requestInput(ByteBufUtil.getBytes(body), contentType));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
-                return BinaryTensors.parse(body, binaryHeader);
+                return BinaryTensors.parse(body, binaryHeader, limits);
             } catch (BinaryTensors.BadRequest e) {
                 throw new CompletionException(e);
             }
-        }).thenCompose(binary -> binary == null ? submit(name, body, contentType)
-                : submit(name, binary.json(), Reply.JSON).thenApply(binary::answer))
+        }).thenCompose(binary -> binary == null
+                ? submit(name, requestInput(ByteBufUtil.getBytes(body), contentType))
+                : submit(name, binaryInput(ByteBufUtil.getBytes(body), binary))
+                        .thenApply(binary::answer))
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
-                        ? Reply.error(400, e.getCause().getMessage())
+                        ? Reply.error(((BinaryTensors.BadRequest) e.getCause()).status,
+                                e.getCause().getMessage())
                         : failed(name, e));
     }
 
-    private static CompletableFuture<Reply> submit(String name, byte[] body, String contentType) {
-        WorkerJob job = new WorkerJob(name, requestInput(body, contentType));
+    private static CompletableFuture<Reply> submit(String name, RequestInput input) {
+        WorkerJob job = new WorkerJob(name, input);
         try {
             if (!ModelManager.getInstance().addJob(job)) {
                 return now(Reply.error(503, "model '" + name + "' has no worker or its queue is full")
@@ -205,11 +217,24 @@ final class OipRoutes {
         return Reply.error(500, "internal error");
     }
 
+    /**
+     * A body with binary inputs as raw bytes (never parsed as JSON on the way), marked with
+     * where its JSON header ends.
+     */
+    private static RequestInput binaryInput(byte[] body, BinaryTensors binary) {
+        if (!binary.hasBinaryInputs()) {
+            return requestInput(body, Reply.JSON);
+        }
+        RequestInput input = requestInput(body, BinaryTensors.OCTET_STREAM);
+        input.updateHeaders(BinaryTensors.WORKER_HEADER, Integer.toString(binary.jsonLength()));
+        return input;
+    }
+
     private static RequestInput requestInput(byte[] body, String contentType) {
         // TorchServe's worker parses application/json bodies; OIP bodies are JSON by definition.
         String type = contentType == null || contentType.isEmpty() ? Reply.JSON : contentType;
         RequestInput input = new RequestInput(UUID.randomUUID().toString());
-        input.addParameter(new InputParameter("body", body, type));
+        input.addParameter(new BodyParameter(body, type));
         // The handler picks the protocol by this mark, never by what the body looks like.
         input.updateHeaders(PROTOCOL_HEADER, PROTOCOL);
         return input;

@@ -16,6 +16,7 @@ import io.netty.handler.codec.http.HttpUtil;
 import io.netty.util.concurrent.DefaultThreadFactory;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicInteger;
+import java.util.concurrent.atomic.AtomicLong;
 import org.pytorch.serve.util.ConfigManager;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
@@ -65,8 +66,10 @@ final class OipServer {
         // Daemon threads: never keep TorchServe alive past its own shutdown.
         EventLoopGroup boss = new NioEventLoopGroup(1, new DefaultThreadFactory("kiln-oip-accept", true));
         EventLoopGroup loops = new NioEventLoopGroup(LOOP_THREADS, new DefaultThreadFactory("kiln-oip", true));
-        OipRoutes routes = new OipRoutes();
+        RequestLimits requestLimits = RequestLimits.fromProperties();
+        OipRoutes routes = new OipRoutes(requestLimits);
         AtomicInteger open = new AtomicInteger();
+        AtomicLong inFlight = new AtomicLong();
         int maxBody = ConfigManager.getInstance().getMaxRequestSize();
         new ServerBootstrap()
                 .group(boss, loops)
@@ -77,17 +80,19 @@ final class OipServer {
                     @Override
                     protected void initChannel(SocketChannel channel) {
                         ConnectionGuard guard = new ConnectionGuard(limits, open);
+                        BytesInFlight bytes = new BytesInFlight(inFlight,
+                                requestLimits.maxBytesInFlight, maxBody, guard);
                         channel.pipeline().addLast(guard,
                                 new HttpServerCodec(MAX_INITIAL_LINE, MAX_HEADER_BYTES, MAX_CHUNK),
-                                new BodyLimit(maxBody, guard),
-                                new OipHandler(routes, guard));
+                                bytes, new BodyLimit(maxBody, guard),
+                                new OipHandler(routes, guard, bytes));
                     }
                 })
                 .bind(host, port)
                 .syncUninterruptibly();
         LOG.info("Open Inference Protocol served on http://{}/v2 (read timeout {} s, idle timeout "
-                + "{} s, at most {} connections)", address, limits.readTimeoutS, limits.idleTimeoutS,
-                limits.maxConnections);
+                + "{} s, at most {} connections, {} bytes of requests)", address, limits.readTimeoutS,
+                limits.idleTimeoutS, limits.maxConnections, requestLimits.maxBytesInFlight);
     }
 
     /** A request's body, whole, up to TorchServe's max_request_size; over it, a 413 at once. */
