@@ -42,7 +42,7 @@ BUILD_STEPS = {
              "forward pass checks the declared inputs and output against the model."),
     "train": ("kiln.training.train", "train a model",
               "Train a model; writes artifacts/NAME/state_dict.pt, meta.json and a "
-              "checkpoint, logs to TensorBoard."),
+              "checkpoint (a --dry-run: artifacts/NAME/dry-run/), logs to TensorBoard."),
     "export": ("kiln.training.export", "export to TorchScript and ONNX with the parity gate",
                "Export to TorchScript and ONNX; fails unless both match eager PyTorch on the "
                "declaration's examples and the test split (or random inputs in the declared "
