@@ -381,6 +381,17 @@ def _server_arguments(p: argparse.ArgumentParser, selects: bool = False) -> None
                            help=f"{what} port on {HOST} (default: {default})")
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser reports an unknown flag itself, with its own usage: argparse
+    hands the leftovers to the top-level parser, whose usage names no subcommand's flags."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; the torch-heavy subcommands get their flags only when `command` is
     theirs (or None: all of them)."""
@@ -389,7 +400,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_SubcommandParser)
 
     for step, (module, summary, description) in BUILD_STEPS.items():
         p = sub.add_parser(step, help=summary, description=description)
