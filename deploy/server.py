@@ -102,6 +102,24 @@ class Ports:
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
 
 
+def run_dirs_on(ports: Mapping[str, int]) -> list[Path]:
+    """The run folders of the TorchServe frontends running here whose public ports include
+    every {api: port} given: how `kiln stop --inference-port P` finds a server started from
+    another folder. A frontend runs in its run folder (the launcher's working directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if FRONTEND_CLASS not in (proc.info["cmdline"] or []) or not proc.info["cwd"]:
+            continue
+        run_dir = Path(proc.info["cwd"])
+        try:
+            saved = Ports.saved(run_dir)
+        except (OSError, ValueError, TypeError):  # a folder that is not a Kiln run folder
+            continue
+        if saved and all(getattr(saved, api) == port for api, port in ports.items()):
+            found.append(run_dir)
+    return found
+
+
 class ServerError(RuntimeError):
     pass
 

@@ -8,10 +8,11 @@ import csv
 import math
 from pathlib import Path
 
+from kiln.handlers.metrics import BATCH_SIZE_METRIC, STAGES, stage_metric
+
 Series = list[tuple[float, float]]  # (seconds since the start, value)
 PERCENTILES = ("50%", "95%", "99%")
-STAGES = ("preprocess", "inference", "postprocess")
-MS_PER_CENTISECOND = 10.0
+MS_PER_SECOND = 1e3
 MS_PER_MICROSECOND = 1e-3
 
 
@@ -59,15 +60,15 @@ def server_split(scrapes: list, t0: float, model: str) -> dict[str, Series]:
     split = {"queue": _means(scrapes, t0, model, "ts_queue_latency_microseconds",
                              "ts_inference_requests_total", MS_PER_MICROSECOND)}
     for stage in STAGES:
-        name = f"kiln_{stage}_centiseconds"
+        name = stage_metric(stage)  # the handler's own name: the report reads what it records
         split[stage] = _means(scrapes, t0, model, f"{name}_sum", f"{name}_count",
-                              MS_PER_CENTISECOND)
+                              MS_PER_SECOND)
     return split
 
 
 def batch_sizes(scrapes: list, t0: float, model: str) -> Series:
-    return _means(scrapes, t0, model, "kiln_batch_size_requests_sum",
-                  "kiln_batch_size_requests_count", 1.0)
+    return _means(scrapes, t0, model, f"{BATCH_SIZE_METRIC}_sum",
+                  f"{BATCH_SIZE_METRIC}_count", 1.0)
 
 
 def cpu_series(samples: list, t0: float) -> dict[str, Series]:

@@ -3,6 +3,7 @@
 The model is built and its weights loaded (weights_only=True) and it runs one dry forward
 pass on inputs of the declared shapes, so a declaration that does not fit the model is
 refused here, with the given shape and the model's own complaint, never at request time.
+An example given with --expect is decoded as the server decodes it and must get that label.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kiln.console import run_command
+from kiln.handlers import answers
 from kiln.training import declaration, export
 
 log = logging.getLogger("kiln.init")
@@ -95,8 +97,9 @@ def _relative(path: Path, folder: Path) -> str:
         return str(path)
 
 
-def dry_run(decl: declaration.Declaration) -> list[int]:
-    """Builds the model, loads its weights and runs it once; returns the output's shape."""
+def dry_run(decl: declaration.Declaration) -> tuple[list[int], torch.nn.Module]:
+    """Builds the model, loads its weights and runs it once; returns the output's shape and
+    the module that is exported (the model and its activation)."""
     model = decl.build()
     try:
         state = torch.load(decl.state_dict, weights_only=True)
@@ -120,7 +123,33 @@ def dry_run(decl: declaration.Declaration) -> list[int]:
         export.check_output_fits(decl.output, shape)
     except export.ExportError as err:
         raise InitError(str(err)) from None
-    return shape
+    return shape, served
+
+
+def check_examples(decl: declaration.Declaration, served: torch.nn.Module) -> None:
+    """Each example with an expected label gets it from the model, else InitError naming both:
+    `kiln predict --expect` and the docs would otherwise promise an answer it never gives."""
+    for example in decl.examples:
+        if example.expect is None:
+            continue
+        if decl.output["kind"] not in answers.LABELLED_KINDS:
+            raise InitError(f"--expect: a {decl.output['kind']} output has no label to expect")
+        got = _label(decl, served, example)
+        if got != example.expect:
+            raise InitError(f"the example {example.file.name if example.file else 'value'} "
+                            f"gets {got!r} from the model, but --expect says {example.expect!r}")
+
+
+def _label(decl: declaration.Declaration, served: torch.nn.Module, example) -> str:
+    """The label the server would answer for `example`, by the one answer path."""
+    inputs = export.with_ranges([dict(spec) for spec in decl.inputs], decl)
+    try:
+        arrays = export.example_inputs(decl, example, {"inputs": export.signature_inputs(inputs)})
+    except export.ExportError as err:
+        raise InitError(str(err)) from None
+    with torch.inference_mode():
+        out = served(*(torch.from_numpy(a) for a in arrays))
+    return answers.best(out.numpy(), decl.output)[0][0]
 
 
 def _with_defaults(spec: dict) -> dict:
@@ -143,7 +172,8 @@ def init(args: argparse.Namespace) -> Path:
     try:
         decl = declaration.load(tmp)
         decl = declaration.Declaration(**{**vars(decl), "name": args.name, "path": target})
-        shape = dry_run(decl)
+        shape, served = dry_run(decl)
+        check_examples(decl, served)
     except (declaration.DeclarationError, InitError):
         tmp.unlink()
         raise

@@ -172,6 +172,7 @@ def train(cfg: TrainConfig) -> dict:
         aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
         augment = lambda x: data.random_affine(x, aug_gen, background)
 
+    _keep_trained_weights(cfg)
     model = decl.build().to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     # Cosine decay to zero over the run: the last epochs polish rather than jump.
@@ -258,6 +259,23 @@ def train(cfg: TrainConfig) -> dict:
     return meta
 
 
+def _keep_trained_weights(cfg: TrainConfig) -> None:
+    """A dry run's one-batch model must never replace a full run's weights: the next kiln
+    serve would export and serve it."""
+    weights, meta = cfg.out / "state_dict.pt", cfg.out / "meta.json"
+    if not cfg.dry_run or not weights.exists():
+        return
+    if meta.exists() and json.loads(meta.read_text())["hyperparameters"].get("dry_run"):
+        return
+    raise SystemExit(f"--dry-run: {cfg.out} holds the weights of a full run; a smoke run "
+                     f"writes elsewhere (leave out --out: {dry_run_folder(cfg.name)})")
+
+
+def dry_run_folder(name: str) -> Path:
+    """Where a dry run writes by default: beside the weights kiln serve exports, never on them."""
+    return ARTIFACTS / name / "dry-run"
+
+
 def _summary_writer(cfg: TrainConfig):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -282,13 +300,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or auto = cuda when present (default: auto)")
     parser.add_argument("--out", type=Path,
-                        help="output folder (default: artifacts/NAME)")
+                        help="output folder (default: artifacts/NAME; with --dry-run "
+                             "artifacts/NAME/dry-run)")
     parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs",
                         help="TensorBoard log root (default: runs/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt (default: start afresh)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="one batch of one epoch: a smoke test (default: off)")
+                        help="one batch of one epoch: a smoke test that never replaces a full "
+                             "run's weights (default: off)")
 
 
 # What a declaration's [train] table may leave out.
@@ -316,7 +336,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=d.augment and not args.no_augment,
         seed=args.seed,
         device=args.device,
-        out=args.out or ARTIFACTS / decl.name,
+        out=args.out or (dry_run_folder(decl.name) if args.dry_run else ARTIFACTS / decl.name),
         log_dir=args.log_dir,
         resume=args.resume,
         dry_run=args.dry_run,

@@ -24,6 +24,7 @@ from kiln.deploy.server import (
     ServerError,
     ServerSettings,
     declared_serving,
+    run_dirs_on,
 )
 from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE
@@ -42,7 +43,7 @@ BUILD_STEPS = {
              "forward pass checks the declared inputs and output against the model."),
     "train": ("kiln.training.train", "train a model",
               "Train a model; writes artifacts/NAME/state_dict.pt, meta.json and a "
-              "checkpoint, logs to TensorBoard."),
+              "checkpoint (a --dry-run: artifacts/NAME/dry-run/), logs to TensorBoard."),
     "export": ("kiln.training.export", "export to TorchScript and ONNX with the parity gate",
                "Export to TorchScript and ONNX; fails unless both match eager PyTorch on the "
                "declaration's examples and the test split (or random inputs in the declared "
@@ -65,7 +66,7 @@ def _run_step(module: str):
 def _server(args, models: list[str] | None = None,
             serving: dict[str, ModelServing] | None = None) -> Server:
     # Every port Ports defines has its flag (see _server_arguments): all pass through.
-    ports = Ports(**{api: getattr(args, f"{api}_port") for api in vars(Ports())})
+    ports = Ports(**_port_flags(args))
     saved = Ports.saved(args.run_dir)
     if models is None and saved:  # stop talks to what serve started
         ports = saved
@@ -79,6 +80,12 @@ def _server(args, models: list[str] | None = None,
                                  access_log=getattr(args, "access_log", False),
                                  models_dirs=getattr(args, "models_dirs", []),
                                  serving=serving or {}))
+
+
+def _port_flags(args) -> dict[str, int]:
+    """{api: port} of the port flags given (stop's are None unless given)."""
+    flags = {api: getattr(args, f"{api}_port") for api in vars(Ports())}
+    return {api: port for api, port in flags.items() if port is not None}
 
 
 def _serving(args, models: list[str], cores: int | None = None) -> dict[str, ModelServing]:
@@ -189,6 +196,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_stop(args) -> int:
+    asked = _port_flags(args)
+    if asked:  # the server on these ports, from whichever run folder it was started
+        found = run_dirs_on(asked)
+        named = ", ".join(f"{api.replace('_', ' ')} port {port}" for api, port in asked.items())
+        if len(found) != 1:
+            log.error("%s TorchServe of Kiln's runs here with %s%s", len(found) or "no", named,
+                      f": {', '.join(map(str, found))}; name one with --run-dir alone"
+                      if found else "")
+            return 1
+        args.run_dir = found[0]
     server = _server(args)
     if server.stop():
         log.info("TorchServe stopped (%s)", args.run_dir)
@@ -344,7 +361,9 @@ def cmd_tune(args) -> int:
 
 
 # -- the parser ---------------------------------------------------------------------------------
-def _server_arguments(p: argparse.ArgumentParser) -> None:
+def _server_arguments(p: argparse.ArgumentParser, selects: bool = False) -> None:
+    """--run-dir, --store and a flag per port: the ports to serve on, or (`selects`: stop)
+    the ports that pick the server to stop, whatever its run folder."""
     d = Ports()
     p.add_argument("--run-dir", type=Path, default=RUN_DIR,
                    help="folder for config, logs, tokens and pid (default: run/)")
@@ -353,8 +372,24 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
     for field, default in vars(d).items():
         flag = "--" + field.replace("_", "-") + "-port"
         what = field.replace("_", " ")
-        p.add_argument(flag, type=int, default=default,
-                       help=f"{what} port on {HOST} (default: {default})")
+        if selects:
+            p.add_argument(flag, type=int,
+                           help=f"stop the server whose {what} port on {HOST} this is, from "
+                                f"whichever run folder (default: the one of --run-dir)")
+        else:
+            p.add_argument(flag, type=int, default=default,
+                           help=f"{what} port on {HOST} (default: {default})")
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser reports an unknown flag itself, with its own usage: argparse
+    hands the leftovers to the top-level parser, whose usage names no subcommand's flags."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -365,7 +400,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_SubcommandParser)
 
     for step, (module, summary, description) in BUILD_STEPS.items():
         p = sub.add_parser(step, help=summary, description=description)
@@ -405,8 +441,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", help="stop the TorchServe that kiln serve started",
-                       description="Stop the TorchServe that kiln serve started.")
-    _server_arguments(p)
+                       description="Stop the TorchServe that kiln serve started from "
+                                   "--run-dir, or the one on the port a port flag names.")
+    _server_arguments(p, selects=True)
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("keys", help="list, show or rotate the keys clients send",

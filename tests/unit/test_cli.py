@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kiln import client as http
-from kiln.cli.main import build_parser, describe
+from kiln.cli.main import build_parser, describe, main
 
 SUBCOMMANDS = {
     "train": ["--epochs", "--optimizer", "--seed", "--resume", "--dry-run", "--device"],
@@ -30,6 +30,18 @@ def test_help_explains_every_flag(command, flags, capsys):
         assert flag in text
     # argparse prints no help text for a flag without one; each of ours has a default noted.
     assert "(default:" in text
+
+
+@pytest.mark.parametrize("argv", [["predict", "lenet", "x.png", "--bogus"],
+                                  ["stop", "--bogus", "1"], ["train", "lenet", "--bogus"]])
+def test_a_wrong_flag_gets_the_subcommand_s_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: kiln {argv[0]} [-h]")
+    bogus = " ".join(argv[argv.index("--bogus"):])
+    assert err.endswith(f"kiln {argv[0]}: error: unrecognized arguments: {bogus}\n")
 
 
 def test_console_script_runs():

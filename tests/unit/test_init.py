@@ -30,7 +30,11 @@ def folder(tmp_path):
     (tmp_path / "pair.py").write_text(MODEL)
     namespace = {}
     exec(MODEL, namespace)
-    torch.save(namespace["Pair"](hidden=8).state_dict(), tmp_path / "pair.pt")
+    model = namespace["Pair"](hidden=8)
+    with torch.no_grad():  # every input answers y (the second label), whatever the seed
+        model.out.weight.zero_()
+        model.out.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    torch.save(model.state_dict(), tmp_path / "pair.pt")
     (tmp_path / "example.json").write_text('{"a": 1, "b": 2, "c": 3, "d": 4}')
     return tmp_path
 
@@ -78,6 +82,19 @@ def test_a_declaration_that_does_not_fit_is_refused_and_not_written(folder, monk
     with pytest.raises((init.InitError, declaration.DeclarationError)) as err:
         init.init(args_for(folder, *argv))
     assert message in str(err.value)
+    assert sorted(p.name for p in folder.iterdir()) == ["example.json", "pair.pt", "pair.py"]
+
+
+@pytest.mark.parametrize("expect", ["x", "z"])
+def test_an_example_that_does_not_get_its_expected_label_is_refused(folder, monkeypatch,
+                                                                    expect):
+    monkeypatch.chdir(folder)
+    argv = [*GOOD[:-1], expect]
+    with pytest.raises(init.InitError) as err:
+        init.init(args_for(folder, *argv))
+    assert str(err.value) == (f"the example example.json gets 'y' from the model, but --expect "
+                              f"says {expect!r}")
+    assert init.run(args_for(folder, *argv)) == 1  # kiln init exits non-zero
     assert sorted(p.name for p in folder.iterdir()) == ["example.json", "pair.pt", "pair.py"]
 
 

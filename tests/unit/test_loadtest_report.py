@@ -1,9 +1,12 @@
-"""The load-test report's data preparation and charts, from a committed locust CSV sample and
-synthetic scrapes."""
+"""The load-test report's data preparation and charts, from a committed locust CSV sample,
+synthetic scrapes and the scrapes of what the handler's own recorder wrote."""
 
 import math
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, generate_latest
+
+from kiln.handlers import metrics
 from kiln.loadtests import monitor, report, report_data, svg
 from kiln.loadtests.thresholds import Check
 
@@ -12,8 +15,8 @@ T0 = 1795331535.0
 METRICS = """# TYPE ts_queue_latency_microseconds counter
 ts_queue_latency_microseconds{model_name="lenet",model_version="default",hostname="vm",} 3000.0
 ts_inference_requests_total{model_name="lenet",model_version="default",hostname="vm",} 4.0
-kiln_inference_centiseconds_sum{model_name="lenet",Hostname="vm",} 0.5
-kiln_inference_centiseconds_count{model_name="lenet",Hostname="vm",} 5.0
+kiln_inference_seconds_sum{model_name="lenet",Hostname="vm",} 0.25
+kiln_inference_seconds_count{model_name="lenet",Hostname="vm",} 5.0
 jvm_threads 12
 """
 
@@ -33,8 +36,8 @@ def test_parse_metrics_keeps_kiln_and_torchserve_series():
             3000.0,
         ("ts_inference_requests_total", (("model_name", "lenet"), ("model_version", "default"))):
             4.0,
-        ("kiln_inference_centiseconds_sum", (("model_name", "lenet"),)): 0.5,
-        ("kiln_inference_centiseconds_count", (("model_name", "lenet"),)): 5.0,
+        ("kiln_inference_seconds_sum", (("model_name", "lenet"),)): 0.25,
+        ("kiln_inference_seconds_count", (("model_name", "lenet"),)): 5.0,
     }  # fmt: skip
 
 
@@ -45,10 +48,29 @@ def scaled(factor):
 def test_server_split_is_per_interval_means_from_deltas():
     scrapes = [(T0, scaled(1)), (T0 + 2, scaled(1)), (T0 + 4, scaled(3))]
     split = report_data.server_split(scrapes, T0, "lenet")
-    # 6000 us over 8 requests; 1 cs over 10 requests. The idle interval has no point.
-    assert split == {"queue": [(4.0, 0.75)], "preprocess": [], "inference": [(4.0, 1.0)],
+    # 6000 us over 8 requests; 0.5 s over 10 requests. The idle interval has no point.
+    assert split == {"queue": [(4.0, 0.75)], "preprocess": [], "inference": [(4.0, 50.0)],
                      "postprocess": []}
     assert report_data.server_split(scrapes, T0, "mlp")["queue"] == []
+
+
+def test_server_split_reads_the_series_the_handler_records():
+    registry = CollectorRegistry()
+    ticks = iter([0.0, 0.125, 1.0, 1.0625, 2.0, 2.0])  # (start, end) of each stage, in seconds
+    recorder = metrics.Recorder(metrics.declare(registry), "lenet", clock=lambda: next(ticks))
+
+    def scrape():
+        return monitor.parse_metrics(generate_latest(registry).decode())
+
+    before = scrape()
+    for stage, requests in (("preprocess", 4), ("inference", 4), ("postprocess", 4)):
+        recorder.record_stage(stage, recorder.now(), requests)
+    recorder.record_batch(4)
+    scrapes = [(T0, before), (T0 + 2, scrape())]
+    split = report_data.server_split(scrapes, T0, "lenet")
+    assert split == {"queue": [], "preprocess": [(2.0, 125.0)], "inference": [(2.0, 62.5)],
+                     "postprocess": [(2.0, 0.0)]}
+    assert report_data.batch_sizes(scrapes, T0, "lenet") == [(2.0, 4.0)]
 
 
 def test_cpu_series_drops_psutil_s_first_baseline():

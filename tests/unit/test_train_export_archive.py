@@ -79,6 +79,20 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, mon
     assert resumed["metrics"]["test_accuracy"] == straight["metrics"]["test_accuracy"]
 
 
+def test_a_dry_run_never_replaces_trained_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ARTIFACTS", tmp_path / "artifacts")
+    trained = tmp_path / "artifacts" / "binary"
+    run_train("binary", trained, tmp_path / "runs", "--epochs", "1")
+    weights = {f: (trained / f).read_bytes() for f in ("state_dict.pt", "meta.json")}
+
+    assert train.main(["binary", "--dry-run", "--log-dir", str(tmp_path / "runs")]) == 0
+    smoke = json.loads((trained / "dry-run" / "meta.json").read_text())
+    assert smoke["hyperparameters"]["dry_run"] is True
+    with pytest.raises(SystemExit, match="holds the weights of a full run"):
+        run_train("binary", trained, tmp_path / "runs", "--dry-run")
+    assert {f: (trained / f).read_bytes() for f in weights} == weights
+
+
 @pytest.mark.parametrize("name", ["lenet", "binary"])
 def test_export_passes_parity_and_writes_the_signature(dry_runs, name):
     sig = export.export(name, dry_runs / name)

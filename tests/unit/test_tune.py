@@ -1,11 +1,15 @@
 """The pure parts of `kiln tune`: the sweep, the selection rule, the [serving] it writes."""
 
+import argparse
+import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from kiln.deploy.server import ModelServing
 from kiln.loadtests import serving_table
+from kiln.loadtests.bench_arguments import add_tune_arguments
 from kiln.loadtests.tune import (
     Trial,
     Variant,
@@ -122,3 +126,13 @@ def test_a_variant_kiln_serve_cannot_reproduce_is_refused():
     with pytest.raises(ValueError, match="100 ms"):
         Variant("onnx", 8, 0, 1).serving()
     Variant("onnx", 1, 0, 1).serving()  # one request per batch: the delay never counts
+
+
+def test_tune_s_default_output_is_git_ignored():
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    out = parser.parse_args(["lenet", "--p99-ms", "10"]).out
+    repo = Path(__file__).resolve().parents[2]
+    for written in ("serving.toml", "report.md", "trials.yaml"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(out / written)], cwd=repo)
+        assert ignored.returncode == 0, f"{out / written} is not git-ignored"
