@@ -98,7 +98,8 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     assert dict(server.front_settings().public) == {"http": 18180, "oip": 18185,
                                                      "grpc": 17170, "metrics": 18182}
     internal = server.settings.internal_ports
-    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:{internal.oip}\n" in config
+    vmargs = next(line for line in config.splitlines() if line.startswith("vmargs="))
+    assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:{internal.oip}" in vmargs.split()
     assert f"inference_address=http://127.0.0.1:{internal.inference}\n" in config
     assert "management_address=http://127.0.0.1:18181\n" in config
     assert "grpc_management_port=17171\n" in config
