@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from kiln import layout
-from kiln.model_store import archive
+from kiln.model_store import archive, build
 from kiln.training import declaration, export, train
 
 
@@ -154,6 +154,21 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
                                                          "require_gpu": False}}
     assert labels == {"0": "malignant", "1": "benign"}
 
+
+
+def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_path,
+                                                                 monkeypatch):
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
+    with zipfile.ZipFile(mar, "a") as z:  # as archives were built before: the whole root
+        z.writestr("kiln/training/train.py", "")
+    # Newer than every input, so only what it ships can make it stale.
+    assert build.ensure_built("binary", "onnx", tmp_path) == mar
+    with zipfile.ZipFile(mar) as z:
+        shipped = {name for name in z.namelist() if name.startswith("kiln/")}
+    assert "kiln/training/train.py" not in shipped
+    assert shipped == set(layout.worker_files())
 
 def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     folder = tmp_path / "binary"
