@@ -1,15 +1,17 @@
 """Build model_store/NAME.mar: `kiln archive NAME` or `python -m kiln.model_store.archive NAME`.
 
-The archive is self-describing: the whole `kiln` package (the serving core among it), a
-three-line entry module for TorchServe, the model file (the same one training imports), the
-exported graph, signature.json, index_to_name.json and a model-config.yaml with the
-handler's options. It is built only from an export that passed the parity gate. Workers and
-batching are not in it: `kiln serve` sets them (deploy/server.py), and TorchServe would let an
-archive's values win over the server's.
+The archive is self-describing: the serving core (`kiln/handlers/` under the root's
+`__init__.py`), a three-line entry module for TorchServe, the declaration's model files (the
+same ones training imports), the exported graph, signature.json, index_to_name.json and a
+model-config.yaml with the handler's options. It is built only from an export that passed the
+parity gate. Workers and batching are not in it: `kiln serve` sets them (deploy/server.py),
+and TorchServe would let an archive's values win over the server's.
 
-Why the whole package: TorchServe puts the model folder on the worker's PYTHONPATH ahead of
-site-packages, so a partial `kiln/` there would hide an installed Kiln's other modules. With
-the whole root inside, the archive serves the code it was built with, Kiln installed or not.
+Why only the serving core: it is all of Kiln a worker imports. TorchServe puts the model
+folder on the worker's PYTHONPATH ahead of site-packages, so `kiln` and `kiln.handlers` come
+from the archive, and the archive serves the code it was built with, Kiln installed or not.
+The `kiln/` there hides an installed Kiln's other subpackages from the worker, which never
+imports them (tests/integration/test_worker_imports.py).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def check_parity(signature: dict, backend: str) -> None:
 def archive_inputs(decl: declaration.Declaration, artifacts: Path, backend: str) -> list[Path]:
     """Every file the archive is built from (also what decides whether it is stale)."""
     return [artifacts / FORMS[backend], artifacts / "signature.json", decl.path,
-            *decl.source_files(), *layout.package_files().values()]
+            *decl.source_files(), *layout.worker_files().values()]
 
 
 def config_for(decl: declaration.Declaration, **given) -> ArchiveConfig:
@@ -95,8 +97,9 @@ def config_for(decl: declaration.Declaration, **given) -> ArchiveConfig:
 
 
 def stage_package(folder: Path) -> Path:
-    """Copies the whole `kiln` root under folder (as folder/kiln/...) and returns folder."""
-    for relative, source in layout.package_files().items():
+    """Copies what a worker imports of `kiln` under folder (as folder/kiln/...) and returns
+    folder."""
+    for relative, source in layout.worker_files().items():
         target = folder / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)

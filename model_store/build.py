@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from pathlib import Path
 
+from kiln import layout
 from kiln.model_store import archive, read_archive
 from kiln.training import declaration, export, train
 
@@ -23,14 +25,23 @@ def stale(target: Path, inputs: list[Path]) -> bool:
     return any(p.stat().st_mtime > built for p in inputs)
 
 
-def archive_manifest(mar: Path) -> tuple[str | None, dict | None]:
-    """(backend, model-config) of an existing archive, read back from inside it."""
+def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str]]:
+    """(backend, model-config, its files under kiln/) of an existing archive, read back from
+    inside it."""
     manifest, config = read_archive(mar)
     if manifest is None:
-        return None, None
+        return None, None, set()
     serialized = manifest.get("model", {}).get("serializedFile")
     backend = next((form for form, fname in export.FORMS.items() if fname == serialized), None)
-    return backend, config
+    return backend, config, shipped_package(mar)
+
+
+def shipped_package(mar: Path) -> set[str]:
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return {name for name in z.namelist() if name.startswith("kiln/")}
+    except (OSError, zipfile.BadZipFile):
+        return set()
 
 
 def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
@@ -60,8 +71,9 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
     mar = store / f"{name}.mar"
     inputs = archive.archive_inputs(decl, folder, backend)
     # Its model-config.yaml holds the handler's options and the response timeout; an archive
-    # from before workers and batching moved to kiln serve differs here too, and is rebuilt.
-    wanted = (backend, archive.config_for(decl).model_config())
+    # from before workers and batching moved to kiln serve differs here too, and is rebuilt,
+    # as is one that ships other files of Kiln than a worker imports (the whole root, once).
+    wanted = (backend, archive.config_for(decl).model_config(), set(layout.worker_files()))
     if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
         archive.build(name, backend, artifacts=folder, store=store, models_dirs=dirs)

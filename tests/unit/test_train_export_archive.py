@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from kiln import layout
-from kiln.model_store import archive
+from kiln.model_store import archive, build
 from kiln.training import declaration, export, train
 
 
@@ -152,11 +152,14 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
         config = yaml.safe_load(z.read("model-config.yaml"))
         labels = json.loads(z.read("index_to_name.json"))
     serialized = export.FORMS[backend]
-    assert {"kiln_handler.py", "signature.json", "binary.py", serialized, "model-config.yaml",
-            "index_to_name.json"} <= names
-    # The whole import root, laid out as installed, never a part of it.
-    assert set(layout.package_files()) <= names
-    assert {"kiln/handlers/rest.py", "kiln/training/train.py", "kiln/cli/main.py"} <= names
+    # Of Kiln only what a worker imports: the root's __init__ and the serving core, laid out
+    # as installed; nothing of training, batch, loadtests, deploy, cli or the root's modules.
+    core = layout.package_folder("kiln.handlers")
+    handlers = {f"kiln/handlers/{p.name}" for p in core.glob("*.py")}
+    assert names == {"kiln_handler.py", "signature.json", "binary.py", serialized,
+                     "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json",
+                     "kiln/__init__.py", *handlers}
+    assert {"kiln/handlers/handler.py", "kiln/handlers/rest.py"} <= handlers
     assert manifest["model"]["serializedFile"] == serialized
     assert manifest["model"]["handler"] == "kiln_handler.py"
     assert manifest["model"]["modelFile"] == "binary.py"
@@ -165,6 +168,21 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
                                                          "require_gpu": False}}
     assert labels == {"0": "malignant", "1": "benign"}
 
+
+
+def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_path,
+                                                                 monkeypatch):
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
+    with zipfile.ZipFile(mar, "a") as z:  # as archives were built before: the whole root
+        z.writestr("kiln/training/train.py", "")
+    # Newer than every input, so only what it ships can make it stale.
+    assert build.ensure_built("binary", "onnx", tmp_path) == mar
+    with zipfile.ZipFile(mar) as z:
+        shipped = {name for name in z.namelist() if name.startswith("kiln/")}
+    assert "kiln/training/train.py" not in shipped
+    assert shipped == set(layout.worker_files())
 
 def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     folder = tmp_path / "binary"
@@ -180,24 +198,29 @@ def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     assert not (tmp_path / "store" / "binary.mar").exists()
 
 
-# Run in a virtual environment that has Kiln's dependencies but not Kiln: the worker must
-# find the whole `kiln` root inside the model folder, and nothing from the checkout.
+# Run in a virtual environment that has Kiln's dependencies but not Kiln: the worker finds
+# `kiln` and its serving core inside the model folder, nothing from the checkout, and no
+# other part of Kiln at all.
 SERVE_FROM_ARCHIVE = textwrap.dedent("""
     import importlib.util, json, sys
     model_dir = sys.argv[1]
     sys.path.insert(0, model_dir)  # what TorchServe does for a worker
     from ts.context import Context, RequestProcessor
     import kiln_handler
-    for name in ("kiln", "kiln.handlers.rest", "kiln.training.train", "kiln.batch.job"):
-        origin = importlib.util.find_spec(name).origin
-        assert origin.startswith(model_dir), (name, origin)
+    origins = {name: importlib.util.find_spec(name).origin for name in ("kiln", "kiln.handlers")}
     manifest = json.load(open(model_dir + "/MAR-INF/MANIFEST.json"))
     context = Context("binary", model_dir, manifest, 1, None, "0.12.0")
     context.request_processor = [RequestProcessor({})]
     handler = kiln_handler.Handler()
     handler.initialize(context)
     row = json.load(open(sys.argv[2]))
-    print(handler.handle([{"body": json.dumps(row).encode()}], context)[0])
+    answer = json.loads(handler.handle([{"body": json.dumps(row).encode()}], context)[0])
+    parts = ("kiln.training", "kiln.batch", "kiln.loadtests", "kiln.deploy", "kiln.cli")
+    print(json.dumps({
+        "answer": answer, "origins": origins,
+        "imported": sorted(name for name in sys.modules if name.split(".")[0] == "kiln"),
+        "findable": [name for name in parts if importlib.util.find_spec(name) is not None],
+    }))
 """)
 
 
@@ -221,5 +244,12 @@ def test_archive_serves_in_a_venv_without_kiln(dry_runs, tmp_path):
                            str(model_dir), str(fixture)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(answer) == {"label", "probability"}
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(seen["answer"]) == {"label", "probability"}
+    assert seen["origins"] == {"kiln": str(model_dir / "kiln" / "__init__.py"),
+                               "kiln.handlers": str(model_dir / "kiln/handlers/__init__.py")}
+    assert seen["findable"] == []
+    # Every module of Kiln the archive ships is imported to answer, and no other.
+    shipped = sorted(str(p.relative_to(model_dir).with_suffix("")).replace("/", ".")
+                     .removesuffix(".__init__") for p in (model_dir / "kiln").rglob("*.py"))
+    assert seen["imported"] == shipped
