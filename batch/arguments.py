@@ -1,15 +1,19 @@
-"""`kiln batch` flags. Only argparse here: building the parser must stay cheap."""
+"""`kiln batch` flags. Only argparse and the export forms' names here: building the parser
+must stay cheap."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from kiln.handlers.backends import EXPORT_FILES
+
 VIAS = ("local", "server", "ray")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="model to run (its export in artifacts/NAME)")
+    p.add_argument("name", help="declared model (or NAME.toml path) to run: its export in "
+                   "artifacts/NAME")
     p.add_argument("input", type=Path, help="a folder of PNG/JPEG images (recursive), or a "
                    ".npy, .csv, .jsonl or .parquet file: feature columns or H*W pixel columns "
                    "for a model of one features or image input, else one column per input "
@@ -18,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "input: id, the answer's columns (label and probability; labels and "
                    "probabilities; one per regression output; or output), error")
     p.add_argument("--via", choices=VIAS, default="local",
-                   help="local ONNX Runtime, the running TorchServe, or Ray (default: local)")
+                   help="in this process (ONNX Runtime or TorchScript, see --backend), the running "
+                        "TorchServe, or Ray (default: local)")
+    p.add_argument("--backend", choices=list(EXPORT_FILES),
+                   help="the export --via local or ray runs, as kiln archive names them "
+                        "(default: onnx; the server runs its archive's)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="inputs per model call or per request (default: 256)")
     p.add_argument("--concurrency", type=int, default=4,

@@ -14,6 +14,7 @@ from kiln.batch.chunks import BatchError
 from kiln.batch.columns import layout_for
 from kiln.batch.readers import open_source
 from kiln.batch.store import ChunkStore
+from kiln.handlers.backends import EXPORT_FILES
 from kiln.handlers.signature import load_signature
 
 log = logging.getLogger("kiln.batch")
@@ -25,8 +26,9 @@ class JobSettings:
     name: str
     input: Path
     output: Path
-    artifacts: Path  # the exported model's folder: model.onnx + signature.json
+    artifacts: Path  # the exported model's folder: signature.json and its exports
     via: str = "local"
+    backend: str | None = None  # the export --via local and ray run (None: onnx)
     batch_size: int = 256
     concurrency: int = 4
     chunk_size: int = 10_000
@@ -56,11 +58,32 @@ class Summary:
                 f"({self.rows_per_s:,.0f} rows/s)")
 
 
+def model_path(settings: JobSettings) -> Path:
+    """The export a local or Ray job runs."""
+    return settings.artifacts / EXPORT_FILES[settings.backend or "onnx"]
+
+
+def check_form(settings: JobSettings) -> None:
+    """Refuses, before anything is read or written, a backend a job would not run."""
+    if settings.via == "server":
+        if settings.backend is not None:  # ignoring it would score with another form unsaid
+            raise BatchError("--backend picks the export of --via local or ray; the server "
+                             "runs the form its archive holds (kiln archive --backend)")
+        return
+    if (settings.backend or "onnx") not in EXPORT_FILES:
+        raise BatchError(f"--backend {settings.backend!r}: expected one of "
+                         f"{', '.join(EXPORT_FILES)}")
+    if not model_path(settings).exists():
+        raise BatchError(f"{model_path(settings)} is missing: kiln export {settings.name} "
+                         f"writes it (a model that form cannot export has none; its "
+                         f"signature's parity says which forms passed)")
+
+
 def make_scorer(settings: JobSettings, signature):
     if settings.via == "local":
         from kiln.batch.local import LocalScorer
 
-        return LocalScorer(settings.artifacts / "model.onnx", signature, settings.batch_size)
+        return LocalScorer(model_path(settings), signature, settings.batch_size)
     if settings.via == "server":
         from kiln.batch.remote import RetryPolicy, ServerScorer
 
@@ -70,7 +93,7 @@ def make_scorer(settings: JobSettings, signature):
     if settings.via == "ray":
         from kiln.batch.ray_job import RayScorer
 
-        return RayScorer(settings.artifacts / "model.onnx", signature, settings.batch_size,
+        return RayScorer(model_path(settings), signature, settings.batch_size,
                          settings.concurrency)
     raise BatchError(f"--via {settings.via!r}: expected one of {', '.join(VIAS)}")
 
@@ -87,6 +110,7 @@ def run(settings: JobSettings) -> Summary:
     if not signature_path.exists():
         raise BatchError(f"{signature_path} is missing: run kiln export {settings.name}")
     signature = load_signature(signature_path)
+    check_form(settings)
     writers.check_output(settings.output)
     source = open_source(settings.input, signature, settings.chunk_size)
     layout = layout_for(signature["output"])

@@ -1,4 +1,4 @@
-"""--via local: the exported ONNX model in this process, with ONNX Runtime, while the next
+"""--via local: the exported model in this process (ONNX Runtime or TorchScript), while the next
 chunks are read in a thread and their parts decoded elsewhere: images (a folder, or a table's
 image column) in worker processes (PNG/JPEG decoding and MNIST framing are Python and numpy
 per image, so threads would queue on the GIL), other table rows in threads (raw values are
@@ -43,8 +43,8 @@ class LocalScorer:
 
     @functools.cached_property
     def backend(self):
-        """The ONNX Runtime session, made at first use: after the decoding workers are
-        forked, so that they start with none of its threads."""
+        """The ONNX Runtime session or TorchScript module, made at first use: after the
+        decoding workers are forked, so that they start with none of its threads."""
         return backends.load_backend(str(self.model_path),
                                      intra_op_threads=self.intra_op_threads,
                                      input_names=input_names(self.signature))

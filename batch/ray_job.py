@@ -33,13 +33,14 @@ EXCLUDES = [".git", ".venv", "artifacts", "run", "runs", "model_store", "tests",
 WINDOW_CHUNKS = 8  # chunks per Ray dataset: bounded memory, and progress to store
 
 
-class OnnxActor:
-    """One ONNX Runtime session per actor; a batch of inputs in, a batch of output rows out
-    (each as the JSON of its cells after the id: strings cross Ray's batches as they are)."""
+class ModelActor:
+    """One backend (ONNX Runtime or TorchScript, by the export's suffix) per actor; a batch of
+    inputs in, a batch of output rows out (each as the JSON of its cells after the id: strings
+    cross Ray's batches as they are)."""
 
-    def __init__(self, model: bytes, signature, batch_size: int):
+    def __init__(self, model: bytes, suffix: str, signature, batch_size: int):
         self.signature, self.batch_size = signature, batch_size
-        with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
+        with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
             f.write(model)
         self.backend = backends.load_backend(f.name, intra_op_threads=1,
                                              input_names=input_names(signature))
@@ -71,7 +72,7 @@ class RayScorer:
         except ImportError:
             raise BatchError("--via ray needs Ray: pip install 'kiln[ray]'") from None
         self.ray = ray
-        self.model = Path(model_path).read_bytes()
+        self.model, self.suffix = Path(model_path).read_bytes(), Path(model_path).suffix
         self.signature, self.batch_size, self.actors = signature, batch_size, actors
         self.layout = columns.layout_for(signature["output"])
         self.started = not ray.is_initialized()
@@ -116,7 +117,8 @@ class RayScorer:
 
     def _score_window(self, window: list[Chunk]):
         ds = self._dataset(window).map_batches(
-            OnnxActor, fn_constructor_args=(self.model, self.signature, self.batch_size),
+            ModelActor,
+            fn_constructor_args=(self.model, self.suffix, self.signature, self.batch_size),
             batch_size=self.batch_size, batch_format="numpy",
             compute=self.ray.data.ActorPoolStrategy(size=self.actors))
         results = {}

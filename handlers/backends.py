@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
+# The file each export form is written to in a model's artifacts folder: export writes them,
+# archives and batch jobs pick one by the form's name (torch-free, so a batch job needs none).
+EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
 
 class Backend(ABC):

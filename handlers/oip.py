@@ -212,11 +212,21 @@ def tensor_data(data, shape, what):
                        reason="wrong_type")
     size = math.prod(shape)
     if data and isinstance(data[0], list):
+        check_nesting(data, shape, what)
         return arrays.numbers_array(data, shape, f"{what} value")
     if len(data) != size:
         raise BadInput(f"{what} has {len(data)} values, its shape {shape} needs {size}",
                        reason="bad_shape")
     return arrays.numbers_array(data, [size], f"{what} value").reshape(shape)
+
+
+def check_nesting(data, shape, what):
+    """Nested data must be nested as the tensor's shape: [28 rows] for [1, 28, 28] says it
+    left out a dimension, which 'ragged' would not tell the client."""
+    nested = arrays.leading_shape(data)
+    if nested != shape:
+        raise BadInput(f"{what} data must be flat or nested as its shape {shape}, "
+                       f"got an array nested as {nested}", reason="bad_shape")
 
 
 def binary_values(data, shape, what):

@@ -32,17 +32,20 @@ class Run:
     scrapes: list = field(default_factory=list)
     cpu: list = field(default_factory=list)
     cores: int = 1
+    endpoints: list = field(default_factory=list)  # report_data.read_endpoints' rows
 
 
-def _verdict_table(checks: list[Check]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.limit)}</td>"
-        f"<td>{c.actual:.4g}</td><td class='{'held' if c.held else 'failed'}'>"
-        f"{'held' if c.held else 'FAILED'}</td></tr>" for c in checks)
+def html_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _verdict(checks: list[Check]) -> str:
     ok = all(c.held for c in checks)
     return (f"<p class='{'held' if ok else 'failed'}'>{'PASSED' if ok else 'FAILED'}</p>"
-            f"<table><tr><th>threshold</th><th>limit</th><th>actual</th><th>result</th></tr>"
-            f"{rows}</table>")
+            + html_table(report_data.VERDICT_HEADER, report_data.verdict_rows(checks)))
 
 
 def _cpu_table(cpu: dict, cores: int) -> str:
@@ -88,7 +91,8 @@ def render(run: Run) -> str:
 <p>{html.escape(run.shape)} shape, up to {run.users} users (spawn rate {run.spawn_rate:g}/s) for
 {run.duration:g} s against {html.escape(run.target)}; {sent} requests, {failed} failed
 (ratio {ratio:.4g}).</p>
-<h2>Thresholds</h2>{_verdict_table(run.checks)}
+<h2>Thresholds</h2>{_verdict(run.checks)}
+<h2>Endpoints</h2>{html_table(report_data.ENDPOINT_HEADER, run.endpoints)}
 <h2>CPU</h2>{_cpu_table(cpu, run.cores)}
 <h2>Over time</h2><div class="grid">{figures}</div>
 </body></html>

@@ -20,6 +20,30 @@ def _number(text: str) -> float:
     return math.nan if text in ("", "N/A") else float(text)
 
 
+ENDPOINT_HEADER = ("endpoint", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms")
+VERDICT_HEADER = ("threshold", "limit", "actual", "result")
+
+
+def _cell(text: str, spec: str) -> str:
+    value = _number(text)
+    return "N/A" if math.isnan(value) else format(value, spec)
+
+
+def read_endpoints(path: Path) -> list[tuple[str, ...]]:
+    """locust's --csv stats file as rows of ENDPOINT_HEADER's cells, one per endpoint and the
+    Aggregated row last: the terminal and the HTML report print these same strings."""
+    with open(path, newline="") as f:
+        return [(f"{r['Type']} {r['Name']}".strip(), r["Request Count"], r["Failure Count"],
+                 _cell(r["Requests/s"], ".2f"),
+                 *(_cell(r[p], ".0f") for p in PERCENTILES)) for r in csv.DictReader(f)]
+
+
+def verdict_rows(checks) -> list[tuple[str, ...]]:
+    """The thresholds' checks as rows of VERDICT_HEADER's cells."""
+    return [(c.name, c.limit, f"{c.actual:.4g}", "held" if c.held else "FAILED")
+            for c in checks]
+
+
 def read_history(path: Path, t0: float | None = None) -> dict[str, Series]:
     """The Aggregated rows of locust's --csv-full-history file, as series over time (from
     t0, else from the first row): users, rps, failures/s, p50/p95/p99 (ms; locust's

@@ -1,5 +1,6 @@
 """`kiln loadtest`: locust, headless, in a subprocess, against a running TorchServe (or one
-it starts); metrics and CPU sampled meanwhile; one HTML report at the end. The exit code is
+it starts); metrics and CPU sampled meanwhile; at the end the per-endpoint table and the
+thresholds' verdict on stdout, and one HTML report with them and its charts. The exit code is
 locust's, which the locustfile's thresholds decide: 0 held, 1 failed, 2 could not run."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import psutil
 
 from kiln import client as http
 from kiln.deploy.server import HOST, Ports, Server, ServerError, ServerSettings
-from kiln.loadtests import declared, monitor, report, report_data, thresholds
+from kiln.loadtests import declared, monitor, report, report_data, report_text, thresholds
 from kiln.loadtests.locustfile_path import LOCUSTFILE, SHAPE_ENV, TOKEN_ENV
 
 log = logging.getLogger("kiln.loadtest")
@@ -101,13 +102,15 @@ def write_report(args, target, out, started, scrapes, cpu) -> None:
     verdict = out / "verdict.json"
     checks = ([thresholds.Check(**c) for c in json.loads(verdict.read_text())]
               if verdict.exists() else [])
-    history = out / "locust_stats_history.csv"
+    history, stats = out / "locust_stats_history.csv", out / "locust_stats.csv"
     run = report.Run(args.name, args.shape, args.users, args.spawn_rate, args.duration,
                      target.url, started, checks,
                      report_data.read_history(history, started) if history.exists() else {},
-                     scrapes, cpu, psutil.cpu_count() or 1)
+                     scrapes, cpu, psutil.cpu_count() or 1,
+                     report_data.read_endpoints(stats) if stats.exists() else [])
     path = report.write(run, out / "report.html")
-    log.info("report: %s", path)
+    print(report_text.render(run.endpoints, checks))
+    print(f"report: {path}")
 
 
 def default_out(args) -> Path:

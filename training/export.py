@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from kiln.console import run_command
-from kiln.handlers import errors, rest
+from kiln.handlers import backends, errors, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
 from kiln.training import declaration, recipes
@@ -38,7 +38,7 @@ from kiln.training.train import ARTIFACTS, git_sha
 log = logging.getLogger("kiln.export")
 
 MAX_ABS_DIFF = 1e-4
-FORMS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+FORMS = backends.EXPORT_FILES
 # The graph's output tensor, by output kind.
 OUTPUT_NAMES = {"multiclass": "probabilities", "binary": "probabilities",
                 "multilabel": "probabilities", "regression": "values", "raw": "output"}

@@ -325,10 +325,16 @@ def describe(name: str, body) -> str:
 def cmd_batch(args) -> int:
     from kiln.batch import job
 
+    try:
+        name = declaration.get(args.name, args.models_dirs).name
+    except declaration.DeclarationError as err:
+        log.error("%s", err)
+        return 1
     settings = job.JobSettings(
-        name=args.name, input=args.input, output=args.output,
-        artifacts=args.artifacts or REPO_ROOT / "artifacts" / args.name, via=args.via,
-        batch_size=args.batch_size, concurrency=args.concurrency, chunk_size=args.chunk_size,
+        name=name, input=args.input, output=args.output,
+        artifacts=args.artifacts or REPO_ROOT / "artifacts" / name, via=args.via,
+        backend=args.backend, batch_size=args.batch_size, concurrency=args.concurrency,
+        chunk_size=args.chunk_size,
         resume=args.resume, timeout=args.timeout, retries=args.retries,
         url=args.url or f"http://{HOST}:{_saved_port(args.run_dir, 'inference')}",
         token=args.token or http.read_token(args.run_dir),
@@ -494,6 +500,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from kiln.batch.arguments import add_arguments as add_batch_arguments
 
     add_batch_arguments(p)
+    declaration.add_models_dir(p)  # here: batch/ knows no declarations, only their exports
     p.set_defaults(func=cmd_batch)
     p = sub.add_parser("loadtest", help="load-test a served model with locust, write a report",
                        description="Run locust headless against a served model (or one it "

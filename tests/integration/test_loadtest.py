@@ -2,6 +2,7 @@
 the exit code, the CSV and the HTML report, and the report drawn by a headless chromium."""
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.loadtests import declared
+from kiln.loadtests import declared, report, report_data, report_text
+from kiln.loadtests.thresholds import Check
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -50,6 +52,23 @@ def test_generous_thresholds_pass_with_no_failures(passing):
     assert int(row["Failure Count"]) == 0
     assert (out / "locust_stats_history.csv").stat().st_size > 0
     assert (out / "report.html").exists()
+
+
+def test_the_terminal_shows_the_report_s_endpoints_and_verdict(passing):
+    done, out = passing
+    endpoints = report_data.read_endpoints(out / "locust_stats.csv")
+    checks = [Check(**c) for c in json.loads((out / "verdict.json").read_text())]
+    name = declared.default_name()
+    assert [row[0] for row in endpoints] == [f"POST /predictions/{name}",
+                                             f"POST /v2/models/{name}/infer", "Aggregated"]
+    assert endpoints[-1][1] == aggregated(out)["Request Count"]
+    assert [c.name for c in checks] == ["requests", "failure ratio", "p95 ms", "p99 ms"]
+    assert done.stdout == (f"{report_text.render(endpoints, checks)}\n"
+                           f"report: {out / 'report.html'}\n")
+    page = (out / "report.html").read_text()
+    assert report.html_table(report_data.ENDPOINT_HEADER, endpoints) in page
+    assert report.html_table(report_data.VERDICT_HEADER,
+                             report_data.verdict_rows(checks)) in page
 
 
 def test_an_impossible_p95_fails_the_run(server, tmp_path):

@@ -88,11 +88,17 @@ def served_elsewhere_too(folder: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["sepal_length", "sepal_width", "petal_length", "petal_width"])
         writer.writerows([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]])
-    run("kiln batch iris rows.csv predictions.csv --via server --run-dir run --no-progress",
-        folder)
+    run("kiln batch iris rows.csv predictions.csv --models-dir . --via server --run-dir run "
+        "--no-progress", folder)
     with (folder / "predictions.csv").open() as f:
         scored = {row["id"]: row["label"] for row in csv.DictReader(f)}
     assert scored == {"0": "setosa", "1": "virginica", "2": "versicolor"}  # ids: row numbers
+    # The declared name from this folder, run here by each export form, answers the same.
+    for backend in ("onnx", "torchscript"):
+        run(f"kiln batch iris rows.csv {backend}.csv --models-dir . --backend {backend} "
+            "--no-progress", folder)
+        with (folder / f"{backend}.csv").open() as f:
+            assert {row["id"]: row["label"] for row in csv.DictReader(f)} == scored, backend
 
     done = run("kiln loadtest iris --models-dir . --run-dir run --users 2 --spawn-rate 2 "
                "--duration 4 --no-oip --out loadtest --max-fail-ratio 0", folder)

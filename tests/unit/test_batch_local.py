@@ -2,6 +2,7 @@
 answers whichever batch and chunk size."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +188,51 @@ def test_many_images_come_out_once_each_in_order(tmp_path, image_model_dir):
     assert [r["id"] for r in rows] == [f"{i:03d}.png" for i in range(45)]
     assert rows == serial
     assert (summary.rows, summary.failed, summary.rows_this_run) == (45, 0, 45)
+
+
+def _as_exported(model_dir, tmp_path, forms=("model.onnx", "model.ts")):
+    """The fixture's exports under the names kiln export gives them (its TorchScript file is
+    model.pt, as an archive's model folder holds it)."""
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    shutil.copy(model_dir / "signature.json", folder)
+    for form in forms:
+        shutil.copy(model_dir / ("model.pt" if form == "model.ts" else form), folder / form)
+    return folder
+
+
+def test_torchscript_export_answers_as_the_onnx_one(tmp_path, image_model_dir,
+                                                    light_square_png):
+    folder = _image_dir(tmp_path, light_square_png)
+    artifacts = _as_exported(image_model_dir, tmp_path)
+    answers = {backend: _run(artifacts, "tinydigits", folder, tmp_path / f"{backend}.csv",
+                             backend=backend, batch_size=3)[1]
+               for backend in ("onnx", "torchscript")}
+    onnx, torchscript = answers["onnx"], answers["torchscript"]
+    assert [(r["id"], r["label"], r["error"]) for r in torchscript] == [
+        (r["id"], r["label"], r["error"]) for r in onnx]
+    assert sum(r["error"] is None for r in onnx) == 6
+    # Two runtimes' float32 sums may differ in the last bit; export's parity gate allows 1e-4.
+    np.testing.assert_allclose([r["probability"] for r in torchscript if r["error"] is None],
+                               [r["probability"] for r in onnx if r["error"] is None],
+                               atol=1e-6)
+
+
+def test_a_form_that_was_not_exported_is_named(tmp_path, image_model_dir, light_square_png):
+    folder = _image_dir(tmp_path, light_square_png)
+    artifacts = _as_exported(image_model_dir, tmp_path, forms=("model.onnx",))
+    with pytest.raises(job.BatchError) as err:
+        _run(artifacts, "tinydigits", folder, tmp_path / "out.csv", backend="torchscript")
+    assert str(err.value) == (f"{artifacts / 'model.ts'} is missing: kiln export tinydigits "
+                              "writes it (a model that form cannot export has none; its "
+                              "signature's parity says which forms passed)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts", "images"]
+
+
+def test_a_backend_is_refused_for_a_server_job(tmp_path, image_model_dir, light_square_png):
+    folder = _image_dir(tmp_path, light_square_png)
+    with pytest.raises(job.BatchError) as err:
+        _run(image_model_dir, "tinydigits", folder, tmp_path / "out.csv", via="server",
+             backend="onnx", url="http://127.0.0.1:9")
+    assert str(err.value) == ("--backend picks the export of --via local or ray; the server "
+                              "runs the form its archive holds (kiln archive --backend)")

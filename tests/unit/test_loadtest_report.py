@@ -1,13 +1,15 @@
 """The load-test report's data preparation and charts, from a committed locust CSV sample,
 synthetic scrapes and the scrapes of what the handler's own recorder wrote."""
 
+import html
 import math
+import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kiln.handlers import metrics
-from kiln.loadtests import monitor, report, report_data, svg
+from kiln.loadtests import monitor, report, report_data, report_text, svg
 from kiln.loadtests.thresholds import Check
 
 SAMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "loadtest" / "stats_history.csv"
@@ -99,3 +101,46 @@ def test_report_has_six_charts_and_the_verdict():
     assert page.count('<svg class="chart"') == 6
     assert "<script" not in page and "http://x" in page and "FAILED" in page
     assert "<td>server</td><td>90 %</td><td>90 %</td>" in page
+
+
+STATS = SAMPLE.parent / "stats.csv"
+CHECKS = [Check("requests", "> 0", 412, True), Check("p95 ms", "<= 20", 21, False)]
+
+
+def test_endpoint_rows_are_locust_s_totals_as_printed():
+    assert report_data.read_endpoints(STATS) == [
+        ("POST /predictions/lenet", "412", "0", "41.19", "11", "21", "67"),
+        ("POST /v2/models/lenet/infer", "0", "0", "0.00", "N/A", "N/A", "N/A"),
+        ("Aggregated", "412", "3", "41.19", "11", "21", "67"),
+    ]
+
+
+def test_terminal_summary_prints_the_endpoints_and_each_threshold():
+    assert report_text.render(report_data.read_endpoints(STATS), CHECKS) == """\
+endpoint                     requests  failures  req/s  p50 ms  p95 ms  p99 ms
+POST /predictions/lenet           412         0  41.19      11      21      67
+POST /v2/models/lenet/infer         0         0   0.00     N/A     N/A     N/A
+Aggregated                        412         3  41.19      11      21      67
+
+thresholds: FAILED
+threshold  limit  actual  result
+requests     > 0     412    held
+p95 ms     <= 20      21  FAILED"""
+    assert report_text.render([], []).endswith("thresholds: not evaluated\n"
+                                               "threshold  limit  actual  result")
+
+
+def test_report_holds_the_same_endpoint_and_verdict_cells():
+    endpoints = report_data.read_endpoints(STATS)
+    page = report.render(report.Run("lenet", "step", 4, 4.0, 12, "http://x", T0, CHECKS,
+                                    endpoints=endpoints))
+    assert html_rows(page) == [list(report_data.VERDICT_HEADER),
+                               *map(list, report_data.verdict_rows(CHECKS)),
+                               list(report_data.ENDPOINT_HEADER), *map(list, endpoints),
+                               ["processes", "mean", "peak"]]
+
+
+def html_rows(page):
+    """Every table row of a page as its cells' text."""
+    return [[html.unescape(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", page)]

@@ -90,6 +90,13 @@ def test_bad_feature_requests_name_what_is_wrong(body, message, features_signatu
      "expected [N, 28, 28] or [N, 1, 28, 28]"),
     (infer([1, 28, 28], [[[0] * 28] * 27 + [[0] * 27]]),
      "input 'input' value array is ragged at [0, 27]"),
+    # 28 rows in one list for [1, 28, 28]: the batch dimension left out of the nesting.
+    (infer([1, 28, 28], [[0] * 28] * 28), "input 'input' data must be flat or nested as "
+     "its shape [1, 28, 28], got an array nested as [28, 28]"),
+    (infer([1, 28, 28], [[[0] * 28] * 28] * 2), "input 'input' data must be flat or nested "
+     "as its shape [1, 28, 28], got an array nested as [2, 28, 28]"),
+    (infer([1, 28, 28], [[0] * 784]), "input 'input' data must be flat or nested as its "
+     "shape [1, 28, 28], got an array nested as [1, 784]"),
 ])  # fmt: skip
 def test_bad_pixel_requests_name_what_is_wrong(body, message, image_signature):
     with pytest.raises(BadInput) as err:
