@@ -1,12 +1,18 @@
-# The usual verbs. Each one installs what is missing first (scripts/bootstrap.sh).
+# The usual verbs. Each one installs what is missing first (scripts/bootstrap.sh): serving
+# verbs what serving needs, test verbs the test bench too.
 VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install serve stop test test-unit test-integration lint clean
+.PHONY: install install-test serve stop test test-unit test-integration lint clean
 
+## What serving needs: a JDK, nginx, the venv with kiln and its runtime extra.
 install:
-	@scripts/bootstrap.sh
+	@scripts/bootstrap.sh serve
+
+## That and the test bench: Prometheus, wrk, Chromium, HAProxy, the test/parquet/ray extras.
+install-test:
+	@scripts/bootstrap.sh test
 
 ## Train, export and archive what is missing, start TorchServe on 127.0.0.1, print how to call it.
 serve: install
@@ -17,17 +23,17 @@ stop:
 	@if [ -x $(BIN)/kiln ]; then $(BIN)/kiln stop; else echo "nothing to stop"; fi
 
 ## The whole suite: lint, unit tests, then integration tests against a real TorchServe.
-test: install
+test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest -ra
 
-test-unit: install
+test-unit: install-test
 	$(BIN)/pytest -ra tests/unit
 
-test-integration: install
+test-integration: install-test
 	$(BIN)/pytest -ra tests/integration
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 
 ## Remove what the build made (weights, exports, archives, run folder); keeps the venv.
