@@ -32,8 +32,7 @@ from kiln import layout
 from kiln.console import run_command
 from kiln.model_store import STORE
 from kiln.training import declaration
-from kiln.training.export import FORMS, MAX_ABS_DIFF
-from kiln.training.train import ARTIFACTS
+from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
 
 log = logging.getLogger("kiln.archive")
 

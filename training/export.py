@@ -29,16 +29,15 @@ import torch
 from torch import nn
 
 from kiln.console import run_command
-from kiln.handlers import backends, errors, rest
+from kiln.handlers import errors, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
 from kiln.training import declaration, recipes
-from kiln.training.train import ARTIFACTS, git_sha
+from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
+from kiln.training.train import git_sha
 
 log = logging.getLogger("kiln.export")
 
-MAX_ABS_DIFF = 1e-4
-FORMS = backends.EXPORT_FILES
 # The graph's output tensor, by output kind.
 OUTPUT_NAMES = {"multiclass": "probabilities", "binary": "probabilities",
                 "multilabel": "probabilities", "regression": "values", "raw": "output"}

@@ -23,10 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.console import setup_logging
 from kiln.training import data, declaration, recipes
+from kiln.training.artifacts import ARTIFACTS, REPO_ROOT
 
 log = logging.getLogger("kiln.train")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO_ROOT / "artifacts"
 
 
 @dataclass

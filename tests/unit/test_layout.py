@@ -1,10 +1,15 @@
 """One import root: `kiln`, mapped over the top-level folders, and nothing else installed."""
 
 import ast
+import json
+import shutil
+import socket
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from kiln import layout
 
@@ -101,3 +106,69 @@ def test_layers_import_downward_only():
                 if target and target != layer and target not in LAYERS[layer or "leaf"]:
                     wrong.append(f"{module} ({layer}) imports {name} ({target})")
     assert wrong == []
+
+
+# Runs one `kiln` command in a fresh interpreter, then names the heavy modules it loaded: torch
+# and the training code that imports it (data.py brings scikit-learn too).
+COMMAND_PROBE = """
+import json, sys
+from kiln.cli.main import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as done:
+    rc = done.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sklearn")
+               or m in ("kiln.training.train", "kiln.training.export", "kiln.training.data"))
+print(json.dumps({"rc": rc, "heavy": heavy}))
+"""
+
+
+def _kiln_loads(argv: list[str], cwd: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", COMMAND_PROBE, *map(str, argv)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture
+def exports(tmp_path, features_model_dir):
+    """A model folder as `kiln export binary` leaves it: a real graph, a passed gate."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    shutil.copy(features_model_dir / "model.onnx", folder / "model.onnx")
+    signature = json.loads((features_model_dir / "signature.json").read_text())
+    signature["parity"] = {"onnx": {"max_abs_diff": 0.0, "top1_agreement": 1.0, "samples": 2}}
+    (folder / "signature.json").write_text(json.dumps(signature))
+    return folder
+
+
+@pytest.fixture
+def closed_url():
+    """A loopback URL whose port is bound and not listening: connections are refused, and
+    nothing else can take the port meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
+def test_commands_that_neither_train_nor_export_import_no_torch(tmp_path, exports,
+                                                                 closed_url):
+    png = REPO / "training" / "models" / "examples" / "lenet_7.png"
+    (tmp_path / "images").mkdir()
+    shutil.copy(png, tmp_path / "images")
+    (tmp_path / "keys").mkdir()
+    # (argv, exit status): each runs for real as far as it goes without a server.
+    commands = [
+        (["--help"], 0),
+        (["archive", "--help"], 0),
+        (["archive", "binary", "--artifacts", exports, "--store", tmp_path / "store"], 0),
+        # No archive in the store: fails in Server.start, after all its imports.
+        (["serve", "--no-build", "lenet", "--store", tmp_path / "empty",
+          "--run-dir", tmp_path / "serve"], 1),
+        (["predict", "lenet", png, "--url", closed_url, "--token", "x"], 1),
+        (["keys", "rotate", "--run-dir", tmp_path / "keys"], 0),
+        (["batch", "lenet", tmp_path / "images", tmp_path / "out.jsonl", "--via", "server",
+          "--url", closed_url, "--token", "x", "--retries", "0", "--no-progress"], 1),
+    ]
+    loaded = [(argv[:2], _kiln_loads(argv, tmp_path)) for argv, _ in commands]
+    assert loaded == [(argv[:2], {"rc": rc, "heavy": []}) for argv, rc in commands]
+    assert (tmp_path / "store" / "binary.mar").is_file()
