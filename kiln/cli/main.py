@@ -27,7 +27,7 @@ from kiln.deploy.server import (
     run_dirs_on,
 )
 from kiln.handlers.cores import usable_cores
-from kiln.keys import KEYS_FILE
+from kiln.keys import KEYS_FILE, private_dir
 from kiln.model_store import STORE
 from kiln.training import declaration
 
@@ -260,6 +260,7 @@ def _rotate(run_dir: Path, run: front.Front, keys: list) -> bool:
     if Server(ServerSettings(run_dir, Path(), [])).pid() is not None:
         raise front.FrontError(f"TorchServe runs from {run_dir} but its front proxy does not: "
                                f"kiln serve starts it, with the keys of {run.keys_file}")
+    private_dir(run_dir)  # kiln serve's run folder, made as serve makes it
     front.write_keys(run.keys_file, keys)
     return False
 

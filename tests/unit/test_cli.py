@@ -8,6 +8,7 @@ import pytest
 
 from kiln import client as http
 from kiln.cli.main import build_parser, describe, main
+from kiln.deploy import front
 
 SUBCOMMANDS = {
     "train": ["--epochs", "--optimizer", "--seed", "--resume", "--dry-run", "--device"],
@@ -106,3 +107,10 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     assert not set(vars(internal).values()) & set(given.values())
     # Archives are extracted under the run folder, never in a read-only root's /tmp.
     assert f"-Djava.io.tmpdir={tmp_path.resolve() / 'tmp'} " in config
+
+
+def test_a_rotation_before_any_serve_makes_a_private_run_folder(tmp_path):
+    run = tmp_path / "new" / "run"
+    assert main(["keys", "rotate", "--run-dir", str(run)]) == 0
+    assert (run.stat().st_mode & 0o777, (run / "keys").stat().st_mode & 0o777) == (0o700, 0o600)
+    assert len(front.read_keys(run / "keys")) == 1
