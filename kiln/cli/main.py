@@ -178,6 +178,8 @@ def cmd_serve(args) -> int:
                 return 1
         print(how_to_call(server))
         return 0
+    if not _ports_free(server):
+        return 1
     if not args.no_build:
         # Imported only to build: it brings torch and the training code (seconds of CPU).
         from kiln.model_store.build import ensure_built
@@ -193,6 +195,21 @@ def cmd_serve(args) -> int:
         return 1
     print(how_to_call(server))
     return 0
+
+
+def _ports_free(server: Server) -> bool:
+    """Every port the server would bind is free; else each busy one is named with what
+    holds it, before anything is built."""
+    from kiln.deploy import port_holders
+
+    server.clean_up_after_crash()  # a dead server's front proxy of this run folder, if any
+    busy = port_holders.busy(server.settings)
+    for line in busy:
+        log.error("%s", line)
+    if busy:
+        log.error("nothing was built or started: stop what holds the port, or serve on "
+                  "another one (--inference-port and the other port flags)")
+    return not busy
 
 
 def cmd_stop(args) -> int:
