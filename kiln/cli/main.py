@@ -121,7 +121,10 @@ def how_to_call(server: Server) -> str:
         "",
         "Try (a key is printed only when asked for):",
     ]
-    run_dir = "" if server.run_dir == RUN_DIR.resolve() else f" --run-dir {_shown(server.run_dir)}"
+    # The run folder records the ports and keys, so it is the one flag the hints repeat:
+    # with it, predict and stop find this server whatever ports it was given.
+    default_run = server.run_dir == RUN_DIR.resolve()
+    run_dir = "" if default_run else f" --run-dir {_shown(server.run_dir)}"
     lines.append(f"  KEY=$(kiln keys show{run_dir})")
     auth = '-H "Authorization: Bearer $KEY"'
     predict = []
@@ -137,12 +140,13 @@ def how_to_call(server: Server) -> str:
             ctype = http.CONTENT_TYPES.get(example.file.suffix, "application/octet-stream")
             body = f"--data-binary @{_shown(example.file)}"
             expect = f" --expect {example.expect}" if example.expect is not None else ""
-            predict.append(f"  kiln predict {name} {_shown(example.file)}{expect}")
+            predict.append(f"  kiln predict {name} {_shown(example.file)}{expect}{run_dir}")
         else:
             ctype, body = "application/json", f"-d '{json.dumps(example.value)}'"
         lines.append(f'  curl -s {auth} -H "Content-Type: {ctype}" '
                      f"{body} {url}/predictions/{name}")
-    lines += ["", *predict[:1], "", "Stop it with: make stop   (or: kiln stop)"]
+    stop = "make stop   (or: kiln stop)" if default_run else f"kiln stop{run_dir}"
+    lines += ["", *predict[:1], "", f"Stop it with: {stop}"]
     return "\n".join(lines)
 
 

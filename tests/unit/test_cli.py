@@ -106,3 +106,27 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     assert not set(vars(internal).values()) & set(given.values())
     # Archives are extracted under the run folder, never in a read-only root's /tmp.
     assert f"-Djava.io.tmpdir={tmp_path.resolve() / 'tmp'} " in config
+
+
+@pytest.mark.parametrize("run_dir", ["elsewhere/run", None])
+def test_the_banner_s_hints_repeat_the_run_folder(run_dir, tmp_path, monkeypatch):
+    """A server run from another folder than run/ is found only with --run-dir (its keys and
+    ports are there): every hint says it, and `make stop` (the default run's) is not offered."""
+    from kiln.cli.main import RUN_DIR, how_to_call
+    from kiln.deploy.server import Ports, Server, ServerSettings
+    from kiln.training import declaration
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / run_dir if run_dir else RUN_DIR
+    server = Server(ServerSettings(run_dir=folder, model_store=tmp_path, models=["binary"],
+                                   ports=Ports(inference=18180), internal_ports=Ports.free()))
+    example = declaration.get("binary").examples[0]
+    flag = f" --run-dir {run_dir}" if run_dir else ""
+    lines = how_to_call(server).splitlines()
+    assert f"  KEY=$(kiln keys show{flag})" in lines
+    assert lines[-3:] == [
+        f"  kiln predict binary {example.file} --expect {example.expect}{flag}",
+        "",
+        f"Stop it with: kiln stop{flag}" if run_dir else
+        "Stop it with: make stop   (or: kiln stop)",
+    ]
