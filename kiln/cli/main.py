@@ -500,7 +500,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="a PNG/JPEG image or a JSON file")
     p.add_argument("--url", help="inference base URL (default: from run/ports.json, or "
                                  f"http://{HOST}:{Ports.inference})")
-    p.add_argument("--token", help="inference token (default: from run/key_file.json)")
+    p.add_argument("--token", help=http.TOKEN_HELP)
     p.add_argument("--run-dir", type=Path, default=RUN_DIR,
                    help="where kiln serve keeps its tokens and ports (default: run/)")
     p.add_argument("--expect", help="label the answer must have, else exit 2 (default: none)")

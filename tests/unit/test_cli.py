@@ -130,3 +130,15 @@ def test_the_banner_s_hints_repeat_the_run_folder(run_dir, tmp_path, monkeypatch
         f"Stop it with: kiln stop{flag}" if run_dir else
         "Stop it with: make stop   (or: kiln stop)",
     ]
+
+
+@pytest.mark.parametrize("command", ["predict", "batch", "loadtest"])
+def test_token_help_says_what_is_sent(command, capsys):
+    """The key of the front proxy, as read_token reads it: TorchServe's own inference token
+    behind the proxy gets 401."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--token TOKEN key sent as the Bearer token (default: the newest of the front "
+            "proxy's keys in --run-dir, as kiln keys show prints it; TorchServe's own inference "
+            "token in key_file.json for a server without Kiln's front proxy)") in text
