@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.client import TOKEN_HELP
 from kiln.handlers.backends import EXPORT_FILES
 
 VIAS = ("local", "server", "ray")
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "artifacts/NAME)")
     p.add_argument("--url", help="inference base URL for --via server (default: from "
                    "run/ports.json)")
-    p.add_argument("--token", help="inference token (default: from run/key_file.json)")
+    p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--run-dir", type=Path, default=Path("run"),
                    help="where kiln serve keeps its ports and tokens (default: run/)")
     p.add_argument("--timeout", type=float, default=30,

@@ -34,7 +34,7 @@ import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from kiln.deploy import logs
+from kiln.deploy import logs, processes
 
 log = logging.getLogger("kiln.metrics_exporter")
 
@@ -189,8 +189,7 @@ class Exporter:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             proc.terminate()
-            _, alive = psutil.wait_procs([proc], timeout=timeout)
-            for p in alive:
+            for p in processes.wait_exited([proc], timeout):
                 p.kill()
         self.socket.unlink(missing_ok=True)
         return True

@@ -76,6 +76,12 @@ def encode_npy(array: np.ndarray) -> tuple[bytes, str]:
     return buffer.getvalue(), CONTENT_TYPES[".npy"]
 
 
+# The --token help of every command that sends requests: what read_token reads.
+TOKEN_HELP = ("key sent as the Bearer token (default: the newest of the front proxy's keys in "
+              "--run-dir, as kiln keys show prints it; TorchServe's own inference token in "
+              "key_file.json for a server without Kiln's front proxy)")
+
+
 def read_token(run_dir: Path, kind: str = "inference") -> str | None:
     """What a client of the server run from `run_dir` sends: for inference the newest key of
     its front proxy (run/keys), else (a server without one) the token TorchServe wrote."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kiln.client import TOKEN_HELP
 from kiln.loadtests.shapes import SHAPES
 from kiln.training.declaration import add_models_dir
 
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="inference base URL (default: from run/ports.json)")
     p.add_argument("--oip-url", help="OIP base URL (default: from run/ports.json)")
     p.add_argument("--metrics-url", help="metrics base URL (default: from run/ports.json)")
-    p.add_argument("--token", help="inference token (default: from run/key_file.json)")
+    p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "run",
                    help="where kiln serve keeps ports, tokens and its pid (default: run/)")
     p.add_argument("--store", type=Path, default=REPO_ROOT / "model_store",

@@ -121,7 +121,10 @@ def how_to_call(server: Server) -> str:
         "",
         "Try (a key is printed only when asked for):",
     ]
-    run_dir = "" if server.run_dir == RUN_DIR.resolve() else f" --run-dir {_shown(server.run_dir)}"
+    # The run folder records the ports and keys, so it is the one flag the hints repeat:
+    # with it, predict and stop find this server whatever ports it was given.
+    default_run = server.run_dir == RUN_DIR.resolve()
+    run_dir = "" if default_run else f" --run-dir {_shown(server.run_dir)}"
     lines.append(f"  KEY=$(kiln keys show{run_dir})")
     auth = '-H "Authorization: Bearer $KEY"'
     predict = []
@@ -137,12 +140,13 @@ def how_to_call(server: Server) -> str:
             ctype = http.CONTENT_TYPES.get(example.file.suffix, "application/octet-stream")
             body = f"--data-binary @{_shown(example.file)}"
             expect = f" --expect {example.expect}" if example.expect is not None else ""
-            predict.append(f"  kiln predict {name} {_shown(example.file)}{expect}")
+            predict.append(f"  kiln predict {name} {_shown(example.file)}{expect}{run_dir}")
         else:
             ctype, body = "application/json", f"-d '{json.dumps(example.value)}'"
         lines.append(f'  curl -s {auth} -H "Content-Type: {ctype}" '
                      f"{body} {url}/predictions/{name}")
-    lines += ["", *predict[:1], "", "Stop it with: make stop   (or: kiln stop)"]
+    stop = "make stop   (or: kiln stop)" if default_run else f"kiln stop{run_dir}"
+    lines += ["", *predict[:1], "", f"Stop it with: {stop}"]
     return "\n".join(lines)
 
 
@@ -178,6 +182,8 @@ def cmd_serve(args) -> int:
                 return 1
         print(how_to_call(server))
         return 0
+    if not _ports_free(server):
+        return 1
     if not args.no_build:
         # Imported only to build: it brings torch and the training code (seconds of CPU).
         from kiln.model_store.build import ensure_built
@@ -193,6 +199,21 @@ def cmd_serve(args) -> int:
         return 1
     print(how_to_call(server))
     return 0
+
+
+def _ports_free(server: Server) -> bool:
+    """Every port the server would bind is free; else each busy one is named with what
+    holds it, before anything is built."""
+    from kiln.deploy import port_holders
+
+    server.clean_up_after_crash()  # a dead server's front proxy of this run folder, if any
+    busy = port_holders.busy(server.settings)
+    for line in busy:
+        log.error("%s", line)
+    if busy:
+        log.error("nothing was built or started: stop what holds the port, or serve on "
+                  "another one (--inference-port and the other port flags)")
+    return not busy
 
 
 def cmd_stop(args) -> int:
@@ -480,7 +501,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="a PNG/JPEG image or a JSON file")
     p.add_argument("--url", help="inference base URL (default: from run/ports.json, or "
                                  f"http://{HOST}:{Ports.inference})")
-    p.add_argument("--token", help="inference token (default: from run/key_file.json)")
+    p.add_argument("--token", help=http.TOKEN_HELP)
     p.add_argument("--run-dir", type=Path, default=RUN_DIR,
                    help="where kiln serve keeps its tokens and ports (default: run/)")
     p.add_argument("--expect", help="label the answer must have, else exit 2 (default: none)")

@@ -114,3 +114,39 @@ def test_a_rotation_before_any_serve_makes_a_private_run_folder(tmp_path):
     assert main(["keys", "rotate", "--run-dir", str(run)]) == 0
     assert (run.stat().st_mode & 0o777, (run / "keys").stat().st_mode & 0o777) == (0o700, 0o600)
     assert len(front.read_keys(run / "keys")) == 1
+
+
+@pytest.mark.parametrize("run_dir", ["elsewhere/run", None])
+def test_the_banner_s_hints_repeat_the_run_folder(run_dir, tmp_path, monkeypatch):
+    """A server run from another folder than run/ is found only with --run-dir (its keys and
+    ports are there): every hint says it, and `make stop` (the default run's) is not offered."""
+    from kiln.cli.main import RUN_DIR, how_to_call
+    from kiln.deploy.server import Ports, Server, ServerSettings
+    from kiln.training import declaration
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / run_dir if run_dir else RUN_DIR
+    server = Server(ServerSettings(run_dir=folder, model_store=tmp_path, models=["binary"],
+                                   ports=Ports(inference=18180), internal_ports=Ports.free()))
+    example = declaration.get("binary").examples[0]
+    flag = f" --run-dir {run_dir}" if run_dir else ""
+    lines = how_to_call(server).splitlines()
+    assert f"  KEY=$(kiln keys show{flag})" in lines
+    assert lines[-3:] == [
+        f"  kiln predict binary {example.file} --expect {example.expect}{flag}",
+        "",
+        f"Stop it with: kiln stop{flag}" if run_dir else
+        "Stop it with: make stop   (or: kiln stop)",
+    ]
+
+
+@pytest.mark.parametrize("command", ["predict", "batch", "loadtest"])
+def test_token_help_says_what_is_sent(command, capsys):
+    """The key of the front proxy, as read_token reads it: TorchServe's own inference token
+    behind the proxy gets 401."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--token TOKEN key sent as the Bearer token (default: the newest of the front "
+            "proxy's keys in --run-dir, as kiln keys show prints it; TorchServe's own inference "
+            "token in key_file.json for a server without Kiln's front proxy)") in text
