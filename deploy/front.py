@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import logs, supervise
+from kiln.deploy import logs, processes, supervise
 
 # The header that carries a form body's content type past TorchServe to Kiln's handler, and
 # the Retry-After of a 503 (about one batch later): the handler's own, so that both agree.
@@ -473,7 +473,7 @@ class Front:
                 proc = psutil.Process(supervisor)
                 proc.send_signal(signal.SIGTERM)
                 stopped = True
-                _, alive = psutil.wait_procs([proc], timeout=timeout + 2)
+                alive = processes.wait_exited([proc], timeout + 2)
                 for p in alive:
                     p.kill()
             elif master is not None:  # a master whose supervisor was killed
@@ -481,7 +481,7 @@ class Front:
                 tree = [proc, *proc.children()]
                 proc.send_signal(signal.SIGQUIT)
                 stopped = True
-                _, alive = psutil.wait_procs(tree, timeout=timeout)
+                alive = processes.wait_exited(tree, timeout)
                 for p in alive:
                     with contextlib.suppress(psutil.Error):
                         p.kill()
@@ -489,7 +489,7 @@ class Front:
         for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        psutil.wait_procs(left, timeout=5)
+        processes.wait_exited(left, 5)
         self.supervisor_pid_file.unlink(missing_ok=True)
         (self.nginx_dir / "nginx.pid").unlink(missing_ok=True)
         return stopped or bool(left)
