@@ -230,9 +230,3 @@ def score(backend, chunk: Chunk, decoded: Decoded, batch_size: int, signature) -
     answers, lost = answer_columns(backend, decoded, batch_size, signature, layout)
     return scored(chunk, decoded, answers, layout, lost)
 
-
-def best_answers(model_output: np.ndarray, output) -> tuple[list[str], list[float]]:
-    """(labels, probabilities) of the rows of a multiclass or binary model's output, as the
-    server's answers give them. ValueError where the output does not fit the signature."""
-    labels, probabilities = columns.from_model(model_output, output, columns.LABELLED)
-    return labels, probabilities

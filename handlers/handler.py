@@ -4,8 +4,10 @@ The batch contract: handle() gets one entry per request in TorchServe's batch an
 exactly one JSON answer per request, in the same order. A bad request gets its own 400 and
 never spoils its neighbours; a model failure answers 500 and the worker lives on.
 
-TorchServe requires exactly one class in this file; the helpers sit beside it in the model
-folder and are imported by their flat names.
+TorchServe does not load this file itself: the archive's entry module (model_store/archive.py,
+ENTRY_SOURCE) subclasses KilnHandler as the one class TorchServe looks for. The archive ships
+the `kiln` package beside it, so this module and its helpers are imported as `kiln.handlers.X`
+(the import root is `kiln`; `kiln.X` lives in the top-level folder X/, pyproject's mapping).
 """
 
 import json

@@ -184,11 +184,6 @@ def check_request_pixels(raws):
     return total
 
 
-def grey_from_image_bytes(raw):
-    """Decodes PNG/JPEG bytes to a float64 grey image in [0, 1], shape [H, W]."""
-    return unit_image_from_bytes(raw, 1)
-
-
 def _undecodable(fmt):
     return BadInput(f"{fmt} image could not be decoded (truncated or corrupt)",
                     reason="undecodable")

@@ -182,11 +182,6 @@ def check_output(output):
             raise ValueError(f"output.units is {units!r}: expected null or {width} units")
 
 
-def input_specs(signature):
-    """The input specs, in the order forward() takes them."""
-    return signature["inputs"]
-
-
 def input_names(signature):
     return [spec["name"] for spec in signature["inputs"]]
 

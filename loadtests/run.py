@@ -24,7 +24,6 @@ from kiln.loadtests import declared, monitor, report, report_data, report_text, 
 from kiln.loadtests.locustfile_path import LOCUSTFILE, SHAPE_ENV, TOKEN_ENV
 
 log = logging.getLogger("kiln.loadtest")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CANNOT_RUN = 2
 
 
@@ -76,12 +75,18 @@ def locust_command(args, target: Target, limit: thresholds.Thresholds, out: Path
     return command
 
 
+def locust_env(shape: str, token: str | None) -> dict[str, str]:
+    """This environment plus what the locustfile reads. The locustfile imports Kiln as the
+    installed `kiln` package; the repository root on PYTHONPATH would make its folders
+    importable under generic names too (`handlers`, `training`), a second copy of each module."""
+    return {**os.environ, SHAPE_ENV: shape, TOKEN_ENV: token or ""}
+
+
 def drive(args, target: Target, out: Path) -> int:
     """Runs locust with the samplers around it, then writes report.html; locust's exit code."""
     out.mkdir(parents=True, exist_ok=True)
     command = locust_command(args, target, limits(args), out)
-    env = {**os.environ, SHAPE_ENV: args.shape, TOKEN_ENV: target.token or "",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = locust_env(args.shape, target.token)
     scraper = monitor.MetricsScraper(args.scrape_interval, url=f"{target.metrics_url}/metrics")
     started = time.time()
     scraper.start()

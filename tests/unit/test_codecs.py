@@ -70,13 +70,13 @@ def with_pixel(row, col, value):
 
 
 def test_light_digit_is_cropped_and_centred_exactly(light_square_png):
-    grey = images.grey_from_image_bytes(light_square_png)
+    grey = images.unit_image_from_bytes(light_square_png, 1)
     framed = images.frame_like_mnist(grey, [28, 28])
     np.testing.assert_array_equal(framed, framed_square())
 
 
 def test_dark_digit_on_light_rgb_page_is_inverted_and_framed():
-    grey = images.grey_from_image_bytes(encode_image(dark_bar_on_paper_rgb()))
+    grey = images.unit_image_from_bytes(encode_image(dark_bar_on_paper_rgb()), 1)
     assert grey.shape == (400, 300)
     assert images.border_mean(grey) == 1.0
     framed = images.frame_like_mnist(grey, [28, 28])
@@ -85,7 +85,7 @@ def test_dark_digit_on_light_rgb_page_is_inverted_and_framed():
 
 def test_jpeg_frames_like_png_up_to_codec_loss():
     jpeg = encode_image(dark_bar_on_paper_rgb(), "JPEG", quality=95)
-    framed = images.frame_like_mnist(images.grey_from_image_bytes(jpeg), [28, 28])
+    framed = images.frame_like_mnist(images.unit_image_from_bytes(jpeg, 1), [28, 28])
     ink = np.argwhere(framed > 0.5)
     assert (ink.min(axis=0).tolist(), ink.max(axis=0).tolist()) == ([4, 9], [23, 18])
     # JPEG is lossy: the tolerance is the codec's, not the framing's.
@@ -95,13 +95,13 @@ def test_jpeg_frames_like_png_up_to_codec_loss():
 def test_transparent_canvas_drawing_counts_as_paper():
     canvas = np.zeros((60, 60, 4), dtype=np.uint8)  # transparent black everywhere
     canvas[10:30, 20:40] = (0, 0, 0, 255)  # an opaque black 20x20 stroke
-    grey = images.grey_from_image_bytes(encode_image(Image.fromarray(canvas, "RGBA")))
+    grey = images.unit_image_from_bytes(encode_image(Image.fromarray(canvas, "RGBA")), 1)
     np.testing.assert_array_equal(images.frame_like_mnist(grey, [28, 28]), framed_square())
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
     deep = Image.fromarray(np.array([[0, 32768], [65535, 0]], dtype=np.uint16))
-    grey = images.grey_from_image_bytes(encode_image(deep))
+    grey = images.unit_image_from_bytes(encode_image(deep), 1)
     np.testing.assert_array_equal(grey, np.array([[0.0, 32768 / 65535], [1.0, 0.0]]))
 
 

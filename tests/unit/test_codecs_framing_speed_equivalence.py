@@ -1,6 +1,6 @@
 """The image decode path, tuned for speed, against a plain float64 reference of it.
 
-The reference below is the straightforward version of grey_from_image_bytes ->
+The reference below is the straightforward version of unit_image_from_bytes (grey) ->
 frame_like_mnist -> standardise_image (np.pad, np.indices, ImageOps.exif_transpose,
 float64 throughout); the model inputs must match it exactly, not merely closely.
 """
@@ -140,11 +140,11 @@ def test_model_input_matches_the_float64_reference_exactly(name, image_signature
     got = rest.decode_request(raw, image_signature)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, reference_model_input(raw, image_signature))
-    np.testing.assert_array_equal(images.grey_from_image_bytes(raw), reference_grey(raw))
+    np.testing.assert_array_equal(images.unit_image_from_bytes(raw, 1), reference_grey(raw))
 
 
 def test_exif_orientation_still_turns_the_image():
-    upright, turned = (images.grey_from_image_bytes(BODIES[f"exif-{o}-png"]) for o in (1, 6))
+    upright, turned = (images.unit_image_from_bytes(BODIES[f"exif-{o}-png"], 1) for o in (1, 6))
     assert upright.shape == (60, 40) and turned.shape == (40, 60)
     np.testing.assert_array_equal(turned, np.rot90(upright, -1))
 

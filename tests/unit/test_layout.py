@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln import layout
+from kiln.loadtests import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +64,15 @@ def test_no_generic_top_level_names_and_no_module_under_two_names(tmp_path):
                "kiln.loadtests.bench", "kiln.training.export", "kiln.model_store.archive"]
     done = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_locust_imports_kiln_only_through_the_installed_package(tmp_path):
+    """What `kiln loadtest` hands locust: the locustfile's own imports, and no folder of Kiln's
+    importable under a generic name."""
+    env = run.locust_env("steady", "a-token")
+    done = subprocess.run([sys.executable, "-c", PROBE, "kiln.loadtests.locustfile"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
 
 

@@ -1,11 +1,15 @@
-"""batch.scoring.best_answers: the whole batch at once, and exactly the label and probability
-that the server's encode_answer gives each row."""
+"""batch.columns.from_model for labelled outputs: the whole batch at once, and exactly the
+label and probability that the server's encode_answer gives each row."""
 
 import numpy as np
 import pytest
 
-from kiln.batch.scoring import best_answers
+from kiln.batch import columns
 from kiln.handlers import answers
+
+
+def best_answers(model_output, output):
+    return columns.from_model(model_output, output, columns.LABELLED)
 
 
 def _one_by_one(probabilities, output):
@@ -36,7 +40,7 @@ def test_binary_rows_on_both_sides_of_one_half(features_signature):
 
 
 def test_empty_and_malformed_output(image_signature, features_signature):
-    assert best_answers(np.zeros((0,), np.float32), image_signature["output"]) == ([], [])
+    assert best_answers(np.zeros((0,), np.float32), image_signature["output"]) == [[], []]
     with pytest.raises(ValueError, match="non-finite probability"):
         best_answers(np.array([[0.5] * 9 + [np.nan]]), image_signature["output"])
     with pytest.raises(ValueError, match="returned 3 probabilities for 10 labels"):
