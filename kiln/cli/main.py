@@ -521,7 +521,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "on Ray, in resumable chunks; exit 1 if any input failed.")
     from kiln.batch.arguments import add_arguments as add_batch_arguments
 
-    add_batch_arguments(p)
+    add_batch_arguments(p, RUN_DIR)
     declaration.add_models_dir(p)  # here: batch/ knows no declarations, only their exports
     p.set_defaults(func=cmd_batch)
     p = sub.add_parser("loadtest", help="load-test a served model with locust, write a report",

@@ -1,5 +1,6 @@
 """Every subcommand explains its flags; the client encodes files by their type."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -150,3 +151,14 @@ def test_token_help_says_what_is_sent(command, capsys):
     assert ("--token TOKEN key sent as the Bearer token (default: the newest of the front "
             "proxy's keys in --run-dir, as kiln keys show prints it; TorchServe's own inference "
             "token in key_file.json for a server without Kiln's front proxy)") in text
+
+
+def test_every_run_dir_default_is_the_same():
+    # kiln batch --via server reads the key and port from it: a default of its own got 401.
+    from kiln.cli.main import RUN_DIR
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = {name: parser.get_default("run_dir") for name, parser in sub.choices.items()
+                if any(a.dest == "run_dir" for a in parser._actions)}
+    assert set(defaults) >= {"serve", "stop", "keys", "predict", "batch", "loadtest"}
+    assert defaults == dict.fromkeys(defaults, RUN_DIR)
