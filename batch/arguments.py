@@ -12,7 +12,8 @@ from kiln.handlers.backends import EXPORT_FILES
 VIAS = ("local", "server", "ray")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, run_dir: Path) -> None:
+    """`run_dir`: the --run-dir default, the one every other command has."""
     p.add_argument("name", help="declared model (or NAME.toml path) to run: its export in "
                    "artifacts/NAME")
     p.add_argument("input", type=Path, help="a folder of PNG/JPEG images (recursive), or a "
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="inference base URL for --via server (default: from "
                    "run/ports.json)")
     p.add_argument("--token", help=TOKEN_HELP)
-    p.add_argument("--run-dir", type=Path, default=Path("run"),
+    p.add_argument("--run-dir", type=Path, default=run_dir,
                    help="where kiln serve keeps its ports and tokens (default: run/)")
     p.add_argument("--timeout", type=float, default=30,
                    help="seconds per request (default: 30)")

@@ -16,6 +16,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,8 @@ class RayScorer:
         return data.from_items(items)
 
     def _score_window(self, window: list[Chunk]):
-        ds = self._dataset(window).map_batches(
+        sent = [absolute_paths(c) for c in window]
+        ds = self._dataset(sent).map_batches(
             ModelActor,
             fn_constructor_args=(self.model, self.suffix, self.signature, self.batch_size),
             batch_size=self.batch_size, batch_format="numpy",
@@ -125,11 +127,23 @@ class RayScorer:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
             for key, cells in zip(batch["key"], batch["cells"], strict=True):
                 results[str(key)] = json.loads(cells)
-        for k, chunk in enumerate(window):
-            keys = ([str(p) for p in chunk.paths] if chunk.paths is not None
+        for k, (chunk, as_sent) in enumerate(zip(window, sent, strict=True)):
+            keys = ([str(p) for p in as_sent.paths] if as_sent.paths is not None
                     else [f"{k}:{i}" for i in range(len(chunk))])
             yield chunk, Scored.from_rows([(row_id, *results[key]) for row_id, key
                                            in zip(chunk.ids, keys, strict=True)], self.layout)
+
+
+def absolute_paths(chunk: Chunk) -> Chunk:
+    """The chunk with its image files (and an instance's image-file cells) named from the
+    root: Ray's workers run in a folder of their own, where a path relative to this
+    process's current folder names nothing."""
+    paths = None if chunk.paths is None else [p.absolute() for p in chunk.paths]
+    instances = None if chunk.instances is None else [
+        None if row is None else {name: cell.absolute() if isinstance(cell, Path) else cell
+                                  for name, cell in row.items()}
+        for row in chunk.instances]
+    return replace(chunk, paths=paths, instances=instances)
 
 
 def _keyed_by_path(batch: dict) -> dict:

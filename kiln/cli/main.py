@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -370,19 +372,40 @@ def cmd_batch(args) -> int:
     return 0 if summary.failed == 0 or args.allow_failures else 1
 
 
+def _lacks_test_bench(command: str, *, module: str = "", program: str = "") -> bool:
+    """Whether `command` lacks a part of the test bench, which `make serve` does not install:
+    said in one line before any server starts, not as whatever the missing part breaks later.
+    The module is looked up without importing it (locust brings gevent's monkey-patching)."""
+    if module and importlib.util.find_spec(module) is None:
+        missing = f"the Python module {module}"
+    elif program and shutil.which(program) is None:
+        missing = f"the program {program}"
+    else:
+        return False
+    log.error("kiln %s needs %s, which is not installed: run make install-test", command,
+              missing)
+    return True
+
+
 def cmd_loadtest(args) -> int:
     from kiln.loadtests import run
 
+    if _lacks_test_bench("loadtest", module="locust"):
+        return run.CANNOT_RUN
     return run.run(args)
 
 
 def cmd_bench(args) -> int:
+    if _lacks_test_bench("bench", program="wrk"):
+        return 1
     from kiln.loadtests import bench
 
     return bench.run(args)
 
 
 def cmd_tune(args) -> int:
+    if _lacks_test_bench("tune", program="wrk"):
+        return 1
     from kiln.loadtests import tune
 
     return tune.run(args)
@@ -521,7 +544,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "on Ray, in resumable chunks; exit 1 if any input failed.")
     from kiln.batch.arguments import add_arguments as add_batch_arguments
 
-    add_batch_arguments(p)
+    add_batch_arguments(p, RUN_DIR)
     declaration.add_models_dir(p)  # here: batch/ knows no declarations, only their exports
     p.set_defaults(func=cmd_batch)
     p = sub.add_parser("loadtest", help="load-test a served model with locust, write a report",

@@ -1,5 +1,6 @@
 """Every subcommand explains its flags; the client encodes files by their type."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -150,3 +151,39 @@ def test_token_help_says_what_is_sent(command, capsys):
     assert ("--token TOKEN key sent as the Bearer token (default: the newest of the front "
             "proxy's keys in --run-dir, as kiln keys show prints it; TorchServe's own inference "
             "token in key_file.json for a server without Kiln's front proxy)") in text
+
+
+def test_every_run_dir_default_is_the_same():
+    # kiln batch --via server reads the key and port from it: a default of its own got 401.
+    from kiln.cli.main import RUN_DIR
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = {name: parser.get_default("run_dir") for name, parser in sub.choices.items()
+                if any(a.dest == "run_dir" for a in parser._actions)}
+    assert set(defaults) >= {"serve", "stop", "keys", "predict", "batch", "loadtest"}
+    assert defaults == dict.fromkeys(defaults, RUN_DIR)
+
+
+@pytest.mark.parametrize("argv,lacking,missing,code", [
+    (["loadtest", "lenet", "--start-server"], "locust", "the Python module locust", 2),
+    (["bench", "lenet"], "wrk", "the program wrk", 1),
+    (["tune", "lenet", "--p99-ms", "50"], "wrk", "the program wrk", 1)])
+def test_a_missing_test_bench_part_is_named_before_anything_starts(argv, lacking, missing, code,
+                                                                   monkeypatch, caplog):
+    # What `make serve` leaves out: locust is looked up, never imported; wrk found on PATH.
+    import importlib.util
+    import shutil
+
+    from kiln.loadtests import bench, run, tune
+
+    find_spec, which = importlib.util.find_spec, shutil.which
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == lacking else find_spec(name, *a))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **kw: None if name == lacking
+                        else which(name, *a, **kw))
+    for module in (run, bench, tune):  # the command itself, which would start servers
+        monkeypatch.setattr(module, "run", lambda args: pytest.fail("the command ran"))
+    assert main(argv) == code
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", f"kiln {argv[0]} needs {missing}, which is not installed: run make "
+                  "install-test")]
