@@ -160,8 +160,7 @@ def error_pages(max_body: int) -> str:
                      f"        location = {ERROR_PREFIX}{status} {{\n"
                      f"            internal;\n"
                      f"            default_type application/json;\n"
-                     f"            return {shown} '{{\"error\": \"{message}\", "
-                     f"\"code\": {shown}}}\\n';\n"
+                     f"            return {shown} '{json_error(shown, message)}';\n"
                      f"        }}\n")
     return "".join(lines)
 

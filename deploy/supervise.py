@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from kiln.deploy import processes
+
 log = logging.getLogger("kiln.front.supervisor")
 
 NGINX = "/usr/sbin/nginx"
@@ -45,19 +47,17 @@ def nginx_command(nginx_dir: Path) -> list[str]:
 def kill_group(pgid: int, timeout: float = 2.0) -> None:
     """SIGKILL to every process of the group and a wait until none runs (their sockets close
     as they exit, so a new master can bind the ports; a zombie holds none)."""
+    members = [p for p in psutil.process_iter() if _pgid(p) == pgid]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and group_runs(pgid):
-        time.sleep(0.01)
+    processes.wait_exited(members, timeout)
 
 
-def group_runs(pgid: int) -> bool:
-    for proc in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                return True
-    return False
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
 
 
 class Supervisor:

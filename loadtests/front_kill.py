@@ -15,6 +15,7 @@ from collections import Counter
 
 import psutil
 
+from kiln.deploy import processes
 from kiln.deploy.server import Server
 from kiln.loadtests.reliability import (
     PROBE_TIMEOUT_S,
@@ -42,7 +43,8 @@ def wait_until(condition) -> float | None:
 
 
 def gone(procs: list[psutil.Process]) -> bool:
-    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs)
+    """Exited, zombies included (init may be slow to reap them)."""
+    return all(map(processes.exited, procs))
 
 
 def front_kill_part(server: Server, models: Models, opts) -> list[Row]:

@@ -21,6 +21,7 @@ import requests
 
 from kiln.deploy.server import Server
 from kiln.handlers import limits
+from kiln.loadtests.monitor import Sampler
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 # The datatypes of the issue's probe: one byte a value (BOOL, UINT8) and four (FP32).
@@ -82,24 +83,14 @@ def worker_pids(server: Server, models: list[str]) -> dict[str, list[int]]:
     return {m: sorted(int(w.get("pid", -1)) for w in server.model_status(m)) for m in models}
 
 
-class RssSampler(threading.Thread):
-    """The frontend's RSS every `every` seconds until stop(): first and highest, in bytes."""
+@dataclass
+class RssSampler(Sampler):
+    """The frontend's RSS in bytes, at start(), every `interval` seconds and at stop()."""
 
-    def __init__(self, pid: int, every: float = 0.1):
-        super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
-        self.every = every
-        self.first = self.peak = self.process.memory_info().rss
-        self._halt = threading.Event()
+    pid: int = 0
 
-    def run(self):
-        while not self._halt.wait(self.every):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join(timeout=10)
-        return self.process.memory_info().rss
+    def sample(self):
+        self.samples.append(psutil.Process(self.pid).memory_info().rss)
 
 
 @dataclass
@@ -180,8 +171,7 @@ def flood(server: Server, model: str, clients: int = 8, seconds: float = 20) -> 
     cases = flood_cases(input_name, row_shape, server.settings.max_request_size)
     models = list(server.settings.models) or [model]
     result = Flood(clients, seconds, workers_before=worker_pids(server, models))
-    sampler = RssSampler(server.pid())
-    sampler.start()
+    sampler = RssSampler(0.1, pid=server.pid()).start()
     deadline = time.monotonic() + seconds
     url = f"{server.url('oip')}/v2/models/{model}/infer"
     threads = [Client(url, key, cases, deadline, first=i) for i in range(clients)]
@@ -189,8 +179,9 @@ def flood(server: Server, model: str, clients: int = 8, seconds: float = 20) -> 
         t.start()
     for t in threads:
         t.join(timeout=seconds + REQUEST_TIMEOUT_S + 10)
-    result.rss_after = sampler.stop()
-    result.rss_before, result.rss_peak = sampler.first, sampler.peak
+    sampler.stop()
+    rss = sampler.samples
+    result.rss_before, result.rss_peak, result.rss_after = rss[0], max(rss), rss[-1]
     result.workers_after = worker_pids(server, models)
     for case in cases:
         result.statuses[case.name] = sum((t.statuses[case.name] for t in threads), Counter())

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import requests
 
+from kiln.deploy import processes
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.keys import read_keys
 from kiln.model_store.archive import STORE
@@ -57,8 +58,9 @@ def workers_of(pid):
     return psutil.Process(pid).children()
 
 
-def gone(procs):
-    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs)
+def gone(procs: list[psutil.Process]) -> bool:
+    """Exited, zombies included (init may be slow to reap them)."""
+    return all(map(processes.exited, procs))
 
 
 def refuses(port):
