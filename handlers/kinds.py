@@ -18,6 +18,9 @@ from kiln.handlers.errors import BadInput
 RESIZE_POLICIES = ("mnist", "fit", "crop", "exact")
 TENSOR_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                  "uint8", "uint16", "uint32", "uint64")
+# What a declaration may give a tensor input (bool too, which no signature takes yet).
+DECLARED_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
+                   "bool")
 # The OIP datatype of each dtype a tensor input may declare.
 DATATYPE_OF_DTYPE = {"float16": "FP16", "float32": "FP32", "float64": "FP64",
                      **{name: name.upper() for name in TENSOR_DTYPES if name[0] in "iu"}}
@@ -38,6 +41,14 @@ class InputKind:
     raw_examples = True
     # Whether its raw values are pixels, whole ones of which travel as UINT8.
     pixels = False
+
+    # The keys a declaration's [[inputs]] table of this kind may hold, besides name and kind.
+    declared_keys = ()
+
+    def declared(self, spec, trained, where):
+        """A declaration's input table (a copy, its keys known) checked, with its defaults;
+        ValueError naming the problem. `trained`: Kiln's recipe fills in the rest."""
+        raise NotImplementedError
 
     def check(self, spec, where):
         """Raises ValueError naming what signature.json gets wrong about the input."""
@@ -128,6 +139,27 @@ class ImageKind(InputKind):
     takes_encoded_images = True
     pixels = True
     described = "an image"
+    declared_keys = ("channels", "size", "resize", "pad", "pixel_max", "mean", "std")
+
+    def declared(self, spec, trained, where):
+        spec.setdefault("channels", 1)
+        spec.setdefault("resize", "fit")
+        spec.setdefault("pad", 0)
+        spec.setdefault("pixel_max", 255)
+        if spec["channels"] not in (1, 3):
+            raise ValueError(f"{where}: channels must be 1 or 3, got {spec['channels']!r}")
+        if spec["resize"] not in RESIZE_POLICIES:
+            raise ValueError(f"{where}: resize {spec['resize']!r} is not one of "
+                             f"{', '.join(RESIZE_POLICIES)}")
+        if spec["resize"] == "mnist" and spec["channels"] != 1:
+            raise ValueError(f"{where}: resize = \"mnist\" frames grey digits: channels = 1")
+        size = spec.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(d, int) and d > 0 for d in size)):
+            raise ValueError(f"{where}: size must be [height, width], got {size!r}")
+        _per_channel(spec, "mean", trained, where)
+        _per_channel(spec, "std", trained, where)
+        return spec
 
     def check(self, spec, where):
         if spec.get("dtype") != "float32":
@@ -217,6 +249,20 @@ class ImageKind(InputKind):
 class FeaturesKind(InputKind):
     name = "features"
     described = "features"
+    declared_keys = ("names", "mean", "std", "min", "max", "ranges")
+
+    def declared(self, spec, trained, where):
+        names = spec.get("names")
+        _check_ranges(spec, where)
+        if not trained:
+            if not (isinstance(names, list) and names):
+                raise ValueError(f"{where}: features need names = [...]")
+            # Values go to the model as they come unless the declaration standardises them.
+            spec.setdefault("mean", [0.0] * len(names))
+            spec.setdefault("std", [1.0] * len(names))
+            if not len(spec["mean"]) == len(spec["std"]) == len(names):
+                raise ValueError(f"{where}: mean and std need one value per name")
+        return spec
 
     def check(self, spec, where):
         if spec.get("dtype") != "float32":
@@ -278,6 +324,23 @@ class TensorKind(InputKind):
     raw_table_rows = False
     raw_examples = False
     described = "a tensor"
+    declared_keys = ("dtype", "shape", "max_length", "pad_value", "min", "max")
+
+    def declared(self, spec, trained, where):
+        spec.setdefault("dtype", "float32")
+        if spec["dtype"] not in DECLARED_DTYPES:
+            raise ValueError(f"{where}: dtype {spec['dtype']!r} is not one of "
+                             f"{', '.join(DECLARED_DTYPES)}")
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and shape and all(
+                isinstance(d, int) and (d > 0 or d == -1) for d in shape)):
+            raise ValueError(f"{where}: shape (without the batch dimension) must be a "
+                             f"list of sizes, -1 for a variable length; got {shape!r}")
+        if -1 in shape:
+            if not isinstance(spec.get("max_length"), int) or spec["max_length"] < 1:
+                raise ValueError(f"{where}: a variable length needs max_length")
+            spec.setdefault("pad_value", 0)
+        return spec
 
     def check(self, spec, where):
         if spec.get("dtype") not in TENSOR_DTYPES:
@@ -395,3 +458,40 @@ def _check_bounds_list(values, n, where):
             v is None or is_number(v) for v in values):
         raise ValueError(f"{where} must be null, a number, or {n} numbers (or nulls), one per "
                          "name")
+
+
+def _per_channel(spec, key, trained, where):
+    if key not in spec:
+        if not trained:
+            spec[key] = [0.0 if key == "mean" else 1.0] * spec["channels"]
+        return
+    value = spec[key]
+    value = [value] if isinstance(value, (int, float)) else value
+    if not (isinstance(value, list) and len(value) == spec["channels"]):
+        raise ValueError(f"{where}: {key} needs one number per channel")
+    if key == "std" and min(value) <= 0:
+        raise ValueError(f"{where}: std must be positive")
+    spec[key] = [float(v) for v in value]
+
+
+def _check_ranges(spec, where):
+    """ranges = {feature = [low, high], ...}: what each named feature may take (inf for an open
+    side); export writes them into the signature as min/max, and the server refuses a value
+    outside with a 400 naming the feature."""
+    ranges = spec.get("ranges")
+    if ranges is None:
+        return
+    if "min" in spec or "max" in spec:
+        raise ValueError(f"{where}: give ranges or min/max, not both")
+    if not isinstance(ranges, dict) or not ranges:
+        raise ValueError(f"{where}: ranges must be a table of feature = [low, high]")
+    for name, bounds in ranges.items():
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and b == b
+                for b in bounds) and bounds[0] <= bounds[1]):
+            raise ValueError(f"{where}: ranges.{name} must be [low, high] with low <= "
+                             f"high (inf or -inf for an open side), got {bounds!r}")
+    names = spec.get("names")
+    unknown = [name for name in ranges if isinstance(names, list) and name not in names]
+    if unknown:
+        raise ValueError(f"{where}: ranges name unknown features {unknown}")

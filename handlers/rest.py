@@ -51,7 +51,7 @@ def request_body(request, signature):
 
 
 def sniff_body(body):
-    """Classifies a body as ("image", bytes) or ("json", parsed value).
+    """Classifies a body as ("encoded", image bytes) or ("json", parsed value).
 
     TorchServe hands over bytes (images, unparsed JSON), str (text/* content types) or the
     value it already parsed (application/json), so JSON is recognised by content, not by
@@ -60,7 +60,7 @@ def sniff_body(body):
     if isinstance(body, (bytes, bytearray)):
         raw = bytes(body)
         if images.is_encoded_image(raw):
-            return "image", raw
+            return "encoded", raw
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -172,7 +172,7 @@ def _decode_parts(parts, specs):
 
 def request_cost(instances, specs):
     """What decoding these instances will cost, from counts, headers and leading shapes."""
-    raws = [value for parts in instances for kind, value in parts if kind == "image"]
+    raws = [value for parts in instances for kind, value in parts if kind == "encoded"]
     limits.check_images(len(raws))
     pixels = images.check_request_pixels(raws)
     lengths = [1] * len(specs)
@@ -226,7 +226,7 @@ def _instance_kind(item):
 
 def _decode_one(kind, value, spec):
     value = kinds.of(spec).unwrapped(value, spec)
-    if kind == "image":
+    if kind == "encoded":
         return inputs.row_from_image(value, spec)
     return inputs.row_from_json(value, spec)
 
@@ -236,7 +236,7 @@ def _decode_one(kind, value, spec):
 
 def _decode_several_inputs(kind, value, signature, budget):
     names = [spec["name"] for spec in signature["inputs"]]
-    if kind == "image":
+    if kind == "encoded":
         raise BadInput(f"this model takes {len(names)} inputs ({quoted(names)}): send a JSON "
                        "object keyed by input name, images as {\"b64\": ...}",
                        reason="wrong_type")
