@@ -4,8 +4,8 @@ inputs, and the model's output as its output tensors.
 Pure functions over numpy and json: no TorchServe, no torch. The routes around infer (health,
 readiness, metadata) are served by Kiln's frontend plugin (deploy/oip_plugin), which also
 marks the requests it forwards (PROTOCOL_HEADER), so that the handler decodes them here and
-nowhere else. model_metadata() states the plugin's metadata for clients and tests. The
-contract is docs/signature.md.
+nowhere else. The metadata's tensors are built here (tensor_metadata), written into the
+archive and served from there by the plugin. The contract is docs/signature.md.
 """
 
 import math
@@ -37,6 +37,8 @@ FLOAT_DATATYPES = ("FP16", "FP32", "FP64")
 # Each row's predicted label, a string tensor beside the probabilities.
 LABEL_OUTPUT = "label"
 PLATFORM = "kiln"
+# In every archive (beside signature.json): tensor_metadata(), which the plugin serves.
+METADATA_FILE = "oip-metadata.json"
 
 
 def decode_infer(body, signature, budget=None, json_length=None):
@@ -269,8 +271,15 @@ def encode_response(model_output, signature, request_id=None, wanted=None):
 
 
 def model_metadata(signature, version):
-    """GET /v2/models/NAME as Kiln's frontend plugin answers it: what infer takes (raw
-    values, before preprocess) and what it returns."""
+    """GET /v2/models/NAME as Kiln's frontend plugin answers it: the served model's name and
+    version, then the archive's METADATA_FILE."""
+    return {"name": signature["name"], "versions": [version], **tensor_metadata(signature)}
+
+
+def tensor_metadata(signature):
+    """What infer takes (raw values, before preprocess) and what it returns. The archive
+    carries it as METADATA_FILE, built here once: the plugin serves that file, it does not
+    build the tensors again in Java."""
     out = signature["output"]
     if out["kind"] in ("regression", "raw"):
         shape = out["shape"] if out["kind"] == "raw" else [-1, len(out["names"])]
@@ -279,8 +288,6 @@ def model_metadata(signature, version):
         outputs = [{"name": out["name"], "datatype": "FP32", "shape": [-1, len(out["labels"])]},
                    {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
     return {
-        "name": signature["name"],
-        "versions": [version],
         "platform": PLATFORM,
         "inputs": [{"name": spec["name"], "datatype": kinds.of(spec).datatype(spec),
                     "shape": [-1, *kinds.of(spec).raw_shape(spec)]}

@@ -33,7 +33,6 @@ ALLOWED = {
     "loadtests/declared.py": "picks a model by its input kind's name",
     "loadtests/reliability.py": "picks models by their input kind's name",
     "loadtests/decode_cost.py": "a study of image decoding picks an image model",
-    "deploy/oip_plugin/src/kiln/oip/OipRoutes.java": "builds OIP metadata a second time",
 }
 SOURCES = ("batch", "deploy", "handlers", "kiln", "loadtests", "model_store", "training")
 
