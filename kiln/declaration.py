@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kiln import layout
 from kiln.handlers import kinds
 
 if TYPE_CHECKING:
     import torch
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "models"
+# Kiln's own declarations sit beside their model files, which training imports.
+BUILTIN_DIR = layout.package_folder("kiln.training.models")
 MODELS_DIR_ENV = "KILN_MODELS_DIR"
 SUFFIX = ".toml"
 

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from kiln import client as http
+from kiln.declaration import Declaration, DeclarationError, Example
 from kiln.handlers import kinds
-from kiln.training.declaration import Declaration, DeclarationError, Example
 
 
 @dataclass(frozen=True)

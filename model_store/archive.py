@@ -29,11 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from kiln import layout
+from kiln import declaration, layout
 from kiln.console import run_command
 from kiln.handlers import oip
 from kiln.model_store import STORE
-from kiln.training import declaration
 from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
 
 log = logging.getLogger("kiln.archive")

@@ -11,10 +11,10 @@ import logging
 import zipfile
 from pathlib import Path
 
-from kiln import layout
+from kiln import declaration, layout
 from kiln.handlers import oip
 from kiln.model_store import archive, read_archive
-from kiln.training import declaration, export, train
+from kiln.training import export, train
 
 log = logging.getLogger("kiln.build")
 

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln import declaration
 from kiln.console import run_command
 from kiln.handlers import errors, kinds, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
-from kiln.training import declaration, recipes
+from kiln.training import recipes
 from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
 from kiln.training.train import git_sha
 

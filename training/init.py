@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from kiln import declaration
 from kiln.console import run_command
 from kiln.handlers import answers
-from kiln.training import declaration, export
+from kiln.training import export
 
 log = logging.getLogger("kiln.init")
 

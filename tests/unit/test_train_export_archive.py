@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from kiln import layout
+from kiln import declaration, layout
 from kiln.model_store import archive, build
-from kiln.training import declaration, export, train
+from kiln.training import export, train
 
 
 def run_train(name, out, log_dir, *extra):
