@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import psutil
-import requests
 
-from kiln.deploy import front, logs, metrics_exporter, plugins, processes
+from kiln.deploy import front, logs, metrics_exporter, orphans, plugins, processes, readiness
+from kiln.deploy.detached import pid_from
 from kiln.deploy.owner_only import owner_only, owner_only_files
 
 # What callers import from here besides Server: the settings, ports and serving policy that
@@ -136,26 +136,11 @@ class Server:
     def pid(self) -> int | None:
         """The frontend of this run folder, if one runs: the pid in its pid file, and that
         process a TorchServe frontend (a pid of a dead server may belong to anything now)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            return pid if FRONTEND_CLASS in psutil.Process(pid).cmdline() else None
-        except (OSError, ValueError, psutil.Error):
-            return None
+        return pid_from(self.pid_file, FRONTEND_CLASS)
 
     def orphan_workers(self) -> list[psutil.Process]:
-        """Workers of this run folder whose frontend is gone (a killed frontend leaves its
-        workers running: they hold memory and the model). Found by the socket path that
-        each worker is started with, which lives in this run folder."""
-        sockets = str(self.run_dir / "tmp") + os.sep
-        frontend = self.pid()
-        orphans = []
-        for proc in psutil.process_iter(["cmdline", "ppid"]):
-            cmdline = proc.info["cmdline"] or []
-            if not any(a.endswith("model_service_worker.py") for a in cmdline):
-                continue
-            if any(a.startswith(sockets) for a in cmdline) and proc.info["ppid"] != frontend:
-                orphans.append(proc)
-        return orphans
+        """Workers of this run folder whose frontend is gone (deploy/orphans.py)."""
+        return orphans.orphan_workers(self.run_dir, self.pid())
 
     def clean_up_after_crash(self) -> list[str]:
         """What a dead frontend left behind (pid file, key file, orphan workers), removed;
@@ -174,17 +159,11 @@ class Server:
             if self.key_file.exists():
                 self.key_file.unlink(missing_ok=True)
                 done.append(f"removed its key file ({self.key_file}): its tokens died with it")
-        orphans = self.orphan_workers()
-        for proc in orphans:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(orphans, timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        if orphans:
-            done.append(f"stopped {len(orphans)} orphan worker(s) of it: pids "
-                        f"{', '.join(str(p.pid) for p in orphans)}")
+        left = self.orphan_workers()
+        orphans.end(left)
+        if left:
+            done.append(f"stopped {len(left)} orphan worker(s) of it: pids "
+                        f"{', '.join(str(p.pid) for p in left)}")
         for line in done:
             log.warning("%s: %s", self.run_dir, line)
         return done
@@ -369,32 +348,23 @@ class Server:
     def url(self, api: str = "inference") -> str:
         return f"http://{HOST}:{getattr(self.ports, api)}"
 
-    def _api_up(self) -> bool:
-        """The key file is complete and the management API answers with its token."""
+    def _management_token(self) -> str | None:
+        """None while the key file is missing or half written."""
         try:
-            r = requests.get(f"{self.url('management')}/models", timeout=5, headers={
-                "Authorization": f"Bearer {self.torchserve_keys()['management']}"})
-        except (OSError, ValueError, KeyError):  # no or half-written key file, no socket yet
-            return False
-        return r.status_code == 200
+            return self.torchserve_keys()["management"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def model_status(self, name: str) -> list[dict]:
-        r = requests.get(f"{self.url('management')}/models/{name}", timeout=5, headers={
-            "Authorization": f"Bearer {self.torchserve_keys()['management']}"})
-        r.raise_for_status()
-        return r.json()[0].get("workers", [])
+        return readiness.workers(self.url("management"), self.torchserve_keys()["management"],
+                                 name)
 
     def ready(self) -> dict[str, bool]:
-        """Per model: has a worker loaded it? (/ping says Healthy well before that.)"""
-        out = {}
-        for name in self.settings.models:
-            try:
-                workers = self.model_status(name)
-            except (requests.RequestException, OSError, ValueError, KeyError):
-                out[name] = False
-                continue
-            out[name] = any(w.get("status") == "READY" for w in workers)
-        return out
+        """Per model: has a worker loaded it? (deploy/readiness.py)"""
+        token = self._management_token()
+        if token is None:
+            return dict.fromkeys(self.settings.models, False)
+        return readiness.models_ready(self.url("management"), token, self.settings.models)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -402,7 +372,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.pid() is None:
                 raise ServerError(f"TorchServe exited during start-up:\n{self.log_tail()}")
-            state = self.ready() if self._api_up() else None
+            token = self._management_token()
+            up = token is not None and readiness.api_up(self.url("management"), token)
+            state = self.ready() if up else None
             if state is not None and all(state.values()):
                 return
             if time.monotonic() - last_report > 10:
