@@ -22,7 +22,8 @@ import psutil
 
 from kiln.console import setup_logging
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
-from kiln.loadtests.reliability import pss_mb, worker_pids
+from kiln.loadtests.reliability.served import worker_pids
+from kiln.loadtests.reliability.soak import pss_mb
 from kiln.model_store import STORE
 from kiln.training import declaration
 

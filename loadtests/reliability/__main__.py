@@ -1,0 +1,3 @@
+from kiln.loadtests.reliability.cli import main
+
+raise SystemExit(main())
