@@ -19,7 +19,7 @@ CONSOLE_LOG_CONFIG = LOG_CONFIG.with_name("log4j2-console.xml")
 # the proxy holds: it must not expire under it (TorchServe counts in minutes: ten years).
 FRONTED_TOKEN_MIN = 10 * 365 * 24 * 60
 # The frontend JVM's heap at start: about twice what it holds live (some 60 MB after a full
-# collection, under the binary OIP flood of loadtests/oip_flood.py too).
+# collection, under the binary OIP flood of loadtests/studies/oip_flood.py too).
 JAVA_HEAP_START = 128 * 1024 * 1024
 JAVA_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -66,7 +66,7 @@ class ServerSettings:
     job_queue_size: int = 64
     # TorchServe replaces a worker that spends longer than this on one batch (its default:
     # 120 s). The worst legal batch takes about 1 s here (two requests at the pixel bound,
-    # loadtests/reliability.py), so 30 s leaves a slower machine 30 times that.
+    # loadtests/studies/reliability/), so 30 s leaves a slower machine 30 times that.
     response_timeout_s: int = 30
     enable_model_api: bool = False
     java_heap: str = "1g"

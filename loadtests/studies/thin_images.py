@@ -1,4 +1,5 @@
-"""What an image's shape costs, beside its pixel count: `python -m kiln.loadtests.thin_images`.
+"""What an image's shape costs, beside its pixel count:
+`python -m kiln.loadtests.studies.thin_images`.
 
 A PNG of 1 x 16,777,216 pixels is within the pixel bound and compresses to 33 kB, but its
 decoder works per row and its resize per row and per column: it cost 12 times a square
@@ -23,11 +24,11 @@ from PIL import Image
 
 from kiln import client as http
 from kiln.handlers import images, limits
-from kiln.loadtests.reliability.amplification import Bounds, timed
-from kiln.loadtests.reliability.load import Mix
-from kiln.loadtests.reliability.served import rest_payload
-from kiln.loadtests.reliability.slow import good_requests
-from kiln.loadtests.reliability.table import Row, codes
+from kiln.loadtests.studies.reliability.amplification import Bounds, timed
+from kiln.loadtests.studies.reliability.load import Mix
+from kiln.loadtests.studies.reliability.served import rest_payload
+from kiln.loadtests.studies.reliability.slow import good_requests
+from kiln.loadtests.studies.reliability.table import Row, codes
 
 # The thin side's length in the study: long enough that per-line costs dwarf fixed ones.
 LINES = 1 << 20

@@ -1,6 +1,6 @@
-"""The reliability benchmark (loadtests/reliability/), every part in its shortest run against
-the session's server: the table has every row, each a number, and the requests at the bounds
-got the answers the bounds promise."""
+"""The reliability benchmark (loadtests/studies/reliability/), every part in its shortest run
+against the session's server: the table has every row, each a number, and the requests at the
+bounds got the answers the bounds promise."""
 
 import json
 import math
@@ -8,9 +8,9 @@ import math
 import pytest
 
 from kiln.loadtests import wrk
-from kiln.loadtests.reliability.cli import measure, parse_args
-from kiln.loadtests.reliability.report import write
-from kiln.loadtests.reliability.table import format_table
+from kiln.loadtests.studies.reliability.cli import measure, parse_args
+from kiln.loadtests.studies.reliability.report import write
+from kiln.loadtests.studies.reliability.table import format_table
 
 pytestmark = pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (apt-get)")
 

@@ -1,4 +1,4 @@
-"""Reliability, in one run and one table: `python -m kiln.loadtests.reliability`.
+"""Reliability, in one run and one table: `python -m kiln.loadtests.studies.reliability`.
 
 Seven parts, against Kiln's default set served as `kiln serve` serves it (front proxy and
 TorchServe on free loopback ports), started for the purpose, or the server `kiln serve` runs
@@ -18,13 +18,13 @@ from --run-dir; every request goes through server.url() with server.keys():
    RSS and PSS of the frontend and of each model's workers are sampled: start, end, max and
    the slope in MB per 100k requests.
 5. thin: the time to answer or refuse the costliest images of any shape, and good requests of
-   the first image model while clients send one in a loop (loadtests/thin_images.py).
+   the first image model while clients send one in a loop (loadtests/studies/thin_images.py).
 6. oip_flood: --clients clients for --load-seconds sending the first image model the largest
-   binary OIP requests it takes and refuses (loadtests/oip_flood.py): answers by status, the
+   binary OIP requests it takes and refuses (loadtests/studies/oip_flood.py): answers by status, the
    frontend's RSS before, at its peak and after, and workers replaced.
 7. front_kill: wrk on the first image model for --load-seconds while the front proxy's nginx
    master is killed hard a third of the way in: until its orphaned workers are gone, until a
-   new master, until a 200 again, and what the load lost (loadtests/front_kill.py).
+   new master, until a 200 again, and what the load lost (loadtests/studies/front_kill.py).
 
 The load generator (wrk; in part 2 Python clients, which account for every request sent) shares
 the cores with the server: its CPU is in the table.

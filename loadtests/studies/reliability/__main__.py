@@ -1,3 +1,3 @@
-from kiln.loadtests.reliability.cli import main
+from kiln.loadtests.studies.reliability.cli import main
 
 raise SystemExit(main())

@@ -18,11 +18,11 @@ from PIL import Image, ImageDraw
 from kiln import client as http
 from kiln.deploy.server import Server
 from kiln.handlers import images, inputs
-from kiln.loadtests.reliability.served import (
+from kiln.loadtests.studies.reliability.served import (
     Models,
     rest_payload,
 )
-from kiln.loadtests.reliability.table import Row, codes
+from kiln.loadtests.studies.reliability.table import Row, codes
 from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")

@@ -11,17 +11,18 @@ from pathlib import Path
 
 from kiln.console import setup_logging
 from kiln.deploy.server import INTERNAL_PORTS_FILE, Ports, Server, ServerSettings
-from kiln.loadtests import oip_flood, reliability, wrk
-from kiln.loadtests.reliability.amplification import amplification_part
-from kiln.loadtests.reliability.kill import kill_part
-from kiln.loadtests.reliability.report import Report, write
-from kiln.loadtests.reliability.served import (
+from kiln.loadtests import wrk
+from kiln.loadtests.studies import oip_flood, reliability
+from kiln.loadtests.studies.reliability.amplification import amplification_part
+from kiln.loadtests.studies.reliability.kill import kill_part
+from kiln.loadtests.studies.reliability.report import Report, write
+from kiln.loadtests.studies.reliability.served import (
     Models,
     SetupError,
 )
-from kiln.loadtests.reliability.slow import slow_part
-from kiln.loadtests.reliability.soak import soak_part
-from kiln.loadtests.reliability.table import Row, format_table
+from kiln.loadtests.studies.reliability.slow import slow_part
+from kiln.loadtests.studies.reliability.soak import soak_part
+from kiln.loadtests.studies.reliability.table import Row, format_table
 from kiln.model_store import STORE
 from kiln.training import declaration
 
@@ -45,14 +46,16 @@ def measure(server: Server, opts: argparse.Namespace) -> Report:
         rows, report.memory = soak_part(server, models, opts)
         report.rows += rows
     if "thin" in opts.parts:
-        from kiln.loadtests import thin_images  # it builds on this package's clients and rows
+        # It builds on this package's clients and rows.
+        from kiln.loadtests.studies import thin_images
 
         report.rows += thin_images.thin_part(server, models, opts)
     if "oip_flood" in opts.parts:
         flooded = oip_flood.flood(server, models.image[0], opts.clients, opts.load_seconds)
         report.rows += [Row(*row) for row in flooded.rows()]
     if "front_kill" in opts.parts:  # last: it resets every connection the proxy holds
-        from kiln.loadtests import front_kill  # it builds on this package's clients and rows
+        # It builds on this package's clients and rows.
+        from kiln.loadtests.studies import front_kill
 
         report.rows += front_kill.front_kill_part(server, models, opts)
     return report
@@ -112,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kiln.loadtests.reliability",
+    parser = argparse.ArgumentParser(prog="python -m kiln.loadtests.studies.reliability",
                                      description=reliability.__doc__.splitlines()[0])
     add_arguments(parser)
     opts = parser.parse_args(argv)

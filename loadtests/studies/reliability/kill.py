@@ -13,13 +13,13 @@ import psutil
 import requests
 
 from kiln.deploy.server import Server
-from kiln.loadtests.reliability.load import Caller, Mix
-from kiln.loadtests.reliability.served import (
+from kiln.loadtests.studies.reliability.load import Caller, Mix
+from kiln.loadtests.studies.reliability.served import (
     Models,
     rest_payload,
     worker_pids,
 )
-from kiln.loadtests.reliability.table import Row, failures, num, statuses_text
+from kiln.loadtests.studies.reliability.table import Row, failures, num, statuses_text
 
 log = logging.getLogger("kiln.reliability")
 

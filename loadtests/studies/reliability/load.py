@@ -18,8 +18,8 @@ import requests
 from kiln import client as http
 from kiln.deploy.server import Server
 from kiln.loadtests import wrk
-from kiln.loadtests.reliability.served import rest_payload
-from kiln.loadtests.reliability.table import failures
+from kiln.loadtests.studies.reliability.served import rest_payload
+from kiln.loadtests.studies.reliability.table import failures
 
 MIX_LUA = Path(__file__).with_name("mix.lua")
 

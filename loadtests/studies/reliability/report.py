@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kiln.loadtests import svg
-from kiln.loadtests.reliability.table import Row, num
+from kiln.loadtests.studies.reliability.table import Row, num
 
 
 @dataclass

@@ -17,12 +17,12 @@ import numpy as np
 
 from kiln.deploy.server import Server
 from kiln.loadtests import payloads
-from kiln.loadtests.reliability.served import (
+from kiln.loadtests.studies.reliability.served import (
     Models,
     oip_payload,
     rest_payload,
 )
-from kiln.loadtests.reliability.table import Row, statuses_text
+from kiln.loadtests.studies.reliability.table import Row, statuses_text
 
 log = logging.getLogger("kiln.reliability")
 

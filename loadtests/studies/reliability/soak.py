@@ -17,14 +17,14 @@ import requests
 
 from kiln.deploy.server import Server
 from kiln.loadtests.monitor import Sampler
-from kiln.loadtests.reliability.load import Mix
-from kiln.loadtests.reliability.served import (
+from kiln.loadtests.studies.reliability.load import Mix
+from kiln.loadtests.studies.reliability.served import (
     Models,
     oip_payload,
     rest_payload,
     worker_pids,
 )
-from kiln.loadtests.reliability.table import Row, failures, statuses_text
+from kiln.loadtests.studies.reliability.table import Row, failures, statuses_text
 
 log = logging.getLogger("kiln.reliability")
 
