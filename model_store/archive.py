@@ -5,7 +5,7 @@ The archive is self-describing: the serving core (`kiln/handlers/` under the roo
 same ones training imports), the exported graph, signature.json, index_to_name.json, the OIP
 metadata the plugin serves (oip-metadata.json) and a model-config.yaml with the handler's
 options. It is built only from an export that passed the
-parity gate. Workers and batching are not in it: `kiln serve` sets them (deploy/server.py),
+parity gate. Workers and batching are not in it: `kiln serve` sets them (deploy/serving.py),
 and TorchServe would let an archive's values win over the server's.
 
 Why only the serving core: it is all of Kiln a worker imports. TorchServe puts the model

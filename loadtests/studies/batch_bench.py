@@ -1,4 +1,4 @@
-"""`kiln batch` throughput: `python -m kiln.loadtests.batch_bench`.
+"""`kiln batch` throughput: `python -m kiln.loadtests.studies.batch_bench`.
 
 In one run, for the first image model of Kiln's default set on 10,000 PNG images (its recipe's
 images and a copy shifted by one pixel) and for the first features model on 100,000 CSV rows
@@ -8,7 +8,7 @@ images and a copy shifted by one pixel) and for the first features model on 100,
 - reading and decoding alone: --via local's pool and parts, with no model;
 - --via local, whole jobs (read, decode, score, store chunks, write OUTPUT as CSV);
 - --via server, against a TorchServe started for the purpose on free ports;
-- the DataLoader baseline: what a user writes instead (loadtests/dataloader_baseline.py, a
+- the DataLoader baseline: what a user writes instead (loadtests/studies/dataloader_baseline.py, a
   torch DataLoader with 2 workers and the same ONNX model in onnxruntime);
 
 and the ratios local/ceiling, local/bound, local/baseline and server/local; each figure is
@@ -47,7 +47,7 @@ from kiln.declaration import Declaration, DeclarationError
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kiln.bench")
 
 
@@ -138,7 +138,7 @@ def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
 def baseline(name: str, inp: Path, out: Path, args) -> float:
     # Imported here: it imports torch, which nothing else here needs (nor any process that
     # re-imports this module as its __main__).
-    from kiln.loadtests import dataloader_baseline
+    from kiln.loadtests.studies import dataloader_baseline
 
     return dataloader_baseline.run(REPO / "artifacts" / name, inp, out, args.batch_size,
                                    args.workers, args.baseline_threads)

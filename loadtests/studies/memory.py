@@ -1,4 +1,4 @@
-"""Memory of a served set, per process: `python -m kiln.loadtests.memory [MODEL ...]`.
+"""Memory of a served set, per process: `python -m kiln.loadtests.studies.memory [MODEL ...]`.
 
 Starts TorchServe with the models (default: the default set) on free loopback ports, waits
 until every model is ready, and prints RSS, PSS and USS of the frontend (the JVM), of each
@@ -23,7 +23,8 @@ import psutil
 from kiln import declaration
 from kiln.console import setup_logging
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
-from kiln.loadtests.reliability import pss_mb, worker_pids
+from kiln.loadtests.studies.reliability.served import worker_pids
+from kiln.loadtests.studies.reliability.soak import pss_mb
 from kiln.model_store import STORE
 
 log = logging.getLogger("kiln.memory")

@@ -1,6 +1,6 @@
 """Server CPU per request, by process and by handler stage, under closed-loop wrk load.
 
-    python -m kiln.loadtests.handler_cost [--model lenet] [--seconds 20] [--profile OUT]
+    python -m kiln.loadtests.studies.handler_cost [--model lenet] [--seconds 20] [--profile OUT]
 
 Serves one model behind Kiln's front proxy (2 workers, batch 16 / 5 ms by default), sends
 the same body from `--clients` wrk connections, and prints the CPU microseconds per request
@@ -27,7 +27,7 @@ from kiln.handlers import metrics
 from kiln.loadtests import wrk
 
 log = logging.getLogger("kiln.loadtests")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BODY = ROOT / "tests" / "fixtures" / "digits" / "0.png"
 WORKER_SCRIPT = "model_service_worker.py"
 

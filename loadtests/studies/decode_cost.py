@@ -1,4 +1,5 @@
-"""What decoding a request costs next to the model call: `python -m kiln.loadtests.decode_cost`.
+"""What decoding a request costs next to the model call:
+`python -m kiln.loadtests.studies.decode_cost`.
 
 Times Kiln's request decoding on one image model's input (its first declared example) sent
 as a JSON array of floats, a JSON array of integers, a PNG, and a .npy array (alone and eight
@@ -23,7 +24,7 @@ from kiln.handlers import rest
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared, payloads
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 
 def median_seconds(fn, repeat: int) -> float:
