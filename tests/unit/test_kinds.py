@@ -31,8 +31,8 @@ ALLOWED = {
     "handlers/kinds.py": "the kinds themselves",
     "loadtests/plain_handler.py": "the plain baseline a user writes imports no Kiln code",
     "loadtests/declared.py": "picks a model by its input kind's name",
-    "loadtests/reliability.py": "picks models by their input kind's name",
-    "loadtests/decode_cost.py": "a study of image decoding picks an image model",
+    "loadtests/studies/reliability/served.py": "picks models by their input kind's name",
+    "loadtests/studies/decode_cost.py": "a study of image decoding picks an image model",
 }
 SOURCES = ("batch", "deploy", "handlers", "kiln", "loadtests", "model_store", "training")
 
