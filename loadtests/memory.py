@@ -23,8 +23,8 @@ import psutil
 from kiln.console import setup_logging
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
 from kiln.loadtests.reliability import pss_mb, worker_pids
-from kiln.model_store import STORE
 from kiln.training import declaration
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.memory")
 MB = 1024 * 1024
@@ -94,8 +94,8 @@ class EagerTorchServer(Server):
 
 
 def served(models: list[str], server_class: type[Server], run_dir: Path) -> list[Usage]:
-    server = server_class(ServerSettings(run_dir, STORE, models, Ports.free(),
-                                         internal_ports=Ports.free()))
+    server = server_class(ServerSettings(run_dir, Workspace.current().model_store, models,
+                                         Ports.free(), internal_ports=Ports.free()))
     with server.running(timeout=240):
         return measure(server)
 

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,12 +31,10 @@ from kiln.deploy.server import (
 )
 from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE, private_dir
-from kiln.model_store import STORE
 from kiln.training import declaration
+from kiln.workspace import ENV, Workspace, add_run_dir
 
 log = logging.getLogger("kiln")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RUN_DIR = REPO_ROOT / "run"
 # The build commands are the modules' own entry points (add_arguments and run). They need
 # torch, so each module is imported only for its own command: `kiln predict` and `kiln stop`
 # answer in a fraction of a second.
@@ -125,7 +124,7 @@ def how_to_call(server: Server) -> str:
     ]
     # The run folder records the ports and keys, so it is the one flag the hints repeat:
     # with it, predict and stop find this server whatever ports it was given.
-    default_run = server.run_dir == RUN_DIR.resolve()
+    default_run = server.run_dir == Workspace.current().run
     run_dir = "" if default_run else f" --run-dir {_shown(server.run_dir)}"
     lines.append(f"  KEY=$(kiln keys show{run_dir})")
     auth = '-H "Authorization: Bearer $KEY"'
@@ -356,7 +355,7 @@ def cmd_batch(args) -> int:
         return 1
     settings = job.JobSettings(
         name=name, input=args.input, output=args.output,
-        artifacts=args.artifacts or REPO_ROOT / "artifacts" / name, via=args.via,
+        artifacts=args.artifacts or Workspace.current().exports(name), via=args.via,
         backend=args.backend, batch_size=args.batch_size, concurrency=args.concurrency,
         chunk_size=args.chunk_size,
         resume=args.resume, timeout=args.timeout, retries=args.retries,
@@ -416,10 +415,10 @@ def _server_arguments(p: argparse.ArgumentParser, selects: bool = False) -> None
     """--run-dir, --store and a flag per port: the ports to serve on, or (`selects`: stop)
     the ports that pick the server to stop, whatever its run folder."""
     d = Ports()
-    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
-                   help="folder for config, logs, tokens and pid (default: run/)")
-    p.add_argument("--store", type=Path, default=STORE,
-                   help="model store with the .mar files (default: model_store/)")
+    add_run_dir(p, "folder for config, logs, tokens and pid")
+    p.add_argument("--store", type=Path, default=Workspace.current().model_store,
+                   help="model store with the .mar files (default: the workspace's "
+                        "model_store/)")
     for field, default in vars(d).items():
         flag = "--" + field.replace("_", "-") + "-port"
         what = field.replace("_", " ")
@@ -451,6 +450,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # Read by main() before this parser is built (its defaults are the workspace's paths);
+    # declared here for --help.
+    parser.add_argument("--workspace", type=Path, metavar="DIR",
+                        help=f"the folder everything a command writes goes under, here or "
+                             f"after the subcommand (default: ${ENV}, else the current "
+                             f"folder)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_SubcommandParser)
 
@@ -505,8 +510,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "server takes a rotation at once, without a restart; a "
                                    "rotation it cannot take fails and changes nothing.")
     p.add_argument("action", nargs="?", choices=["list", "show", "rotate"], default="list")
-    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
-                   help="where kiln serve keeps its keys (default: run/)")
+    add_run_dir(p, "where kiln serve keeps its keys")
     p.add_argument("--overlap", type=float, default=front.DEFAULT_OVERLAP_S,
                    metavar="SECONDS",
                    help=f"how long the replaced keys keep working (default: "
@@ -525,8 +529,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--url", help="inference base URL (default: from run/ports.json, or "
                                  f"http://{HOST}:{Ports.inference})")
     p.add_argument("--token", help=http.TOKEN_HELP)
-    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
-                   help="where kiln serve keeps its tokens and ports (default: run/)")
+    add_run_dir(p, "where kiln serve keeps its tokens and ports")
     p.add_argument("--expect", help="label the answer must have, else exit 2 (default: none)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.add_argument("--timeout", type=float, default=30, help="seconds (default: 30)")
@@ -544,7 +547,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "on Ray, in resumable chunks; exit 1 if any input failed.")
     from kiln.batch.arguments import add_arguments as add_batch_arguments
 
-    add_batch_arguments(p, RUN_DIR)
+    add_batch_arguments(p)
     declaration.add_models_dir(p)  # here: batch/ knows no declarations, only their exports
     p.set_defaults(func=cmd_batch)
     p = sub.add_parser("loadtest", help="load-test a served model with locust, write a report",
@@ -573,8 +576,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _take_workspace(argv: list[str]) -> list[str]:
+    """argv less --workspace DIR, wherever it was given; DIR becomes KILN_WORKSPACE, for this
+    command and whatever it starts."""
+    pick = argparse.ArgumentParser(prog="kiln", add_help=False, allow_abbrev=False)
+    pick.add_argument("--workspace", type=Path)
+    given, rest = pick.parse_known_args(argv)
+    if given.workspace is not None:
+        if not given.workspace.is_dir():
+            pick.error(f"--workspace {given.workspace}: no such folder")
+        os.environ[ENV] = str(given.workspace.resolve())
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _take_workspace(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command if command in BUILD_COMMANDS else "").parse_args(argv)
     setup_logging(args.verbose)

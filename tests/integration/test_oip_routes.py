@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from kiln.handlers import oip as oip_codec
-from kiln.training.train import ARTIFACTS
+from kiln.workspace import Workspace
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 IMAGE_MODELS = ["lenet", "mlp", "rnn"]
@@ -39,7 +39,7 @@ def oip(server):
 
 
 def signature(model):
-    return json.loads((ARTIFACTS / model / "signature.json").read_text())
+    return json.loads((Workspace.current().exports(model) / "signature.json").read_text())
 
 
 def digit_pixels():
@@ -197,11 +197,11 @@ def test_server_readiness_waits_for_every_startup_model(tmp_path):
     """Right after start TorchServe has registered no model yet: the OIP plugin must not call
     "every model is ready" true then (it did, for about a second)."""
     from kiln.deploy.server import Ports, Server, ServerSettings
-    from kiln.model_store.archive import STORE
     from kiln.model_store.build import ensure_built
 
     ensure_built("binary")
-    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=Workspace.current().model_store,
+                                   models=["binary"],
                                    ports=Ports.free()))
     server.start()
     try:
