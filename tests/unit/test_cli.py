@@ -9,7 +9,8 @@ import pytest
 
 from kiln import client as http
 from kiln import workspace
-from kiln.cli.main import build_parser, describe, main
+from kiln.cli.main import build_parser, main
+from kiln.cli.predict import describe
 from kiln.deploy import front
 
 SUBCOMMANDS = {
@@ -83,7 +84,7 @@ def test_describe_answers():
 def test_every_port_flag_reaches_the_server_settings(tmp_path):
     import dataclasses
 
-    from kiln.cli.main import _server
+    from kiln.cli.serve import _server
     from kiln.deploy import plugins
 
     given = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
@@ -122,7 +123,7 @@ def test_a_rotation_before_any_serve_makes_a_private_run_folder(tmp_path):
 def test_the_banner_s_hints_repeat_the_run_folder(run_dir, tmp_path, monkeypatch):
     """A server run from another folder than run/ is found only with --run-dir (its keys and
     ports are there): every hint says it, and `make stop` (the default run's) is not offered."""
-    from kiln.cli.main import how_to_call
+    from kiln.cli.serve import how_to_call
     from kiln.deploy.server import Ports, Server, ServerSettings
     from kiln.training import declaration
 
