@@ -12,7 +12,7 @@ from kiln import client as http
 from kiln.cli.keys import cmd_keys
 from kiln.cli.measure import cmd_bench, cmd_loadtest, cmd_tune
 from kiln.cli.predict import cmd_batch, cmd_predict
-from kiln.cli.serve import _server_arguments, cmd_serve, cmd_stop
+from kiln.cli.serve import cmd_serve, cmd_stop, server_arguments
 from kiln.console import setup_logging
 from kiln.deploy import front
 from kiln.deploy.server import (
@@ -116,13 +116,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=int, metavar="MS",
                    help=f"ms to wait to fill a batch, for every served model (default: each "
                         f"declaration's, else {MAX_BATCH_DELAY_MS})")
-    _server_arguments(p)
+    server_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", help="stop the TorchServe that kiln serve started",
                        description="Stop the TorchServe that kiln serve started from "
                                    "--run-dir, or the one on the port a port flag names.")
-    _server_arguments(p, selects=True)
+    server_arguments(p, selects=True)
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("keys", help="list, show or rotate the keys clients send",

@@ -28,7 +28,7 @@ log = logging.getLogger("kiln")
 
 def _server(args, models: list[str] | None = None,
             serving: dict[str, ModelServing] | None = None) -> Server:
-    # Every port Ports defines has its flag (see _server_arguments): all pass through.
+    # Every port Ports defines has its flag (see server_arguments): all pass through.
     ports = Ports(**_port_flags(args))
     saved = Ports.saved(args.run_dir)
     if models is None and saved:  # stop talks to what serve started
@@ -198,7 +198,7 @@ def cmd_stop(args) -> int:
     return 0
 
 
-def _server_arguments(p: argparse.ArgumentParser, selects: bool = False) -> None:
+def server_arguments(p: argparse.ArgumentParser, selects: bool = False) -> None:
     """--run-dir, --store and a flag per port: the ports to serve on, or (`selects`: stop)
     the ports that pick the server to stop, whatever its run folder."""
     d = Ports()
