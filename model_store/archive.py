@@ -32,8 +32,8 @@ import yaml
 from kiln import declaration, layout
 from kiln.console import run_command
 from kiln.handlers import oip
-from kiln.model_store import STORE
-from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
+from kiln.training.artifacts import FORMS, MAX_ABS_DIFF
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.archive")
 
@@ -107,12 +107,13 @@ def stage_package(folder: Path) -> Path:
 
 
 def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
-          artifacts: Path | None = None, store: Path = STORE,
+          artifacts: Path | None = None, store: Path | None = None,
           models_dirs: list[Path] | None = None) -> Path:
     decl = declaration.get(name, models_dirs)
     name = decl.name
     config = config or config_for(decl)
-    artifacts = artifacts or ARTIFACTS / name
+    artifacts = artifacts or Workspace.current().exports(name)
+    store = store or Workspace.current().model_store
     missing = [p for p in archive_inputs(decl, artifacts, backend) if not p.exists()]
     if missing:
         raise ArchiveError(f"missing {', '.join(map(str, missing))}: run kiln export {name}")
@@ -181,9 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail the model load instead of running on the CPU when no GPU "
                              "is given or CUDA is not obtained (default: off)")
     parser.add_argument("--artifacts", type=Path,
-                        help="folder with the exports (default: artifacts/NAME)")
-    parser.add_argument("--store", type=Path, default=STORE,
-                        help="where to write NAME.mar (default: model_store/)")
+                        help="folder with the exports (default: the workspace's "
+                             "artifacts/NAME)")
+    parser.add_argument("--store", type=Path,
+                        help="where to write NAME.mar (default: the workspace's model_store/)")
 
 
 def _threads(text: str) -> int | str:

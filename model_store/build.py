@@ -15,6 +15,7 @@ from kiln import declaration, layout
 from kiln.handlers import oip
 from kiln.model_store import archive, read_archive
 from kiln.training import export, train
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.build")
 
@@ -53,13 +54,15 @@ def shipped_package(mar: Path) -> set[str]:
         return set()
 
 
-def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
+def ensure_built(name: str, backend: str = "onnx", store: Path | None = None,
                  models_dirs: list[Path] | None = None) -> Path:
-    """Path of an up-to-date model_store/NAME.mar, building what it needs."""
+    """Path of an up-to-date NAME.mar in `store` (default: the workspace's), building what it
+    needs."""
     decl = declaration.get(name, models_dirs)
     name = decl.name
     dirs = [*(models_dirs or []), decl.folder]
-    folder = train.ARTIFACTS / name
+    folder = Workspace.current().exports(name)
+    store = store or Workspace.current().model_store
     if decl.recipe is not None:
         weights = [folder / "state_dict.pt", folder / "meta.json"]
         if not weights[0].exists():

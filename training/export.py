@@ -34,8 +34,9 @@ from kiln.handlers import errors, kinds, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
 from kiln.training import recipes
-from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
+from kiln.training.artifacts import FORMS, MAX_ABS_DIFF
 from kiln.training.train import git_sha
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.export")
 
@@ -339,7 +340,7 @@ def load_weights(decl, folder: Path) -> tuple[nn.Module, dict]:
 def export(name: str, artifacts: Path | None = None,
            models_dirs: list[Path] | None = None) -> dict:
     decl = declaration.get(name, models_dirs)
-    folder = artifacts or ARTIFACTS / decl.name
+    folder = artifacts or Workspace.current().exports(decl.name)
     folder.mkdir(parents=True, exist_ok=True)
     model, meta = load_weights(decl, folder)
     inputs = with_ranges(meta.get("inputs") or [dict(spec) for spec in decl.inputs], decl)

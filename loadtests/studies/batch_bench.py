@@ -46,8 +46,8 @@ from kiln.batch.store import ChunkStore
 from kiln.declaration import Declaration, DeclarationError
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared
+from kiln.workspace import Workspace
 
-REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kiln.bench")
 
 
@@ -81,7 +81,7 @@ def make_rows(decl: Declaration, path: Path, n: int) -> Path:
 
 def ceiling(name: str, inp: Path, batch_size: int) -> float:
     """rows/s of ONNX Runtime alone on the decoded inputs, with --via local's session."""
-    artifacts = REPO / "artifacts" / name
+    artifacts = Workspace.current().exports(name)
     signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     parts = [part for c in open_source(inp, signature, 10_000).chunks()
@@ -96,7 +96,7 @@ def ceiling(name: str, inp: Path, batch_size: int) -> float:
 
 def decode_alone(name: str, inp: Path, batch_size: int) -> float:
     """rows/s of reading and decoding the inputs with --via local's pool, no model."""
-    artifacts = REPO / "artifacts" / name
+    artifacts = Workspace.current().exports(name)
     signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     source = open_source(inp, signature, job.JobSettings.chunk_size)
@@ -109,7 +109,7 @@ def decode_alone(name: str, inp: Path, batch_size: int) -> float:
 def writing_alone(name: str, inp: Path, out: Path, batch_size: int) -> float:
     """rows/s of storing already scored chunks and writing OUTPUT as CSV, as --via local
     does after scoring (chunk files, manifest, the final file), with no reading or model."""
-    artifacts = REPO / "artifacts" / name
+    artifacts = Workspace.current().exports(name)
     signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     source = open_source(inp, signature, job.JobSettings.chunk_size)
@@ -130,8 +130,8 @@ def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
     if server is not None:
         extra = dict(url=server.url("inference"), token=server.keys()["inference"])
     settings = job.JobSettings(name=name, input=inp, output=out, via=how, progress=False,
-                               artifacts=REPO / "artifacts" / name, batch_size=args.batch_size,
-                               concurrency=args.concurrency, **extra)
+                               artifacts=Workspace.current().exports(name),
+                               batch_size=args.batch_size, concurrency=args.concurrency, **extra)
     return job.run(settings).rows_per_s
 
 
@@ -140,7 +140,7 @@ def baseline(name: str, inp: Path, out: Path, args) -> float:
     # re-imports this module as its __main__).
     from kiln.loadtests.studies import dataloader_baseline
 
-    return dataloader_baseline.run(REPO / "artifacts" / name, inp, out, args.batch_size,
+    return dataloader_baseline.run(Workspace.current().exports(name), inp, out, args.batch_size,
                                    args.workers, args.baseline_threads)
 
 
@@ -169,10 +169,9 @@ def taking_turns(repeat: int, measures: dict) -> dict[str, float]:
 
 def start_server(folder: Path, models: list[str]):
     from kiln.deploy.server import Ports, Server, ServerSettings
-    from kiln.model_store.archive import STORE
 
-    srv = Server(ServerSettings(run_dir=folder, model_store=STORE, models=models,
-                                ports=Ports.free()))
+    srv = Server(ServerSettings(run_dir=folder, model_store=Workspace.current().model_store,
+                                models=models, ports=Ports.free()))
     srv.start()
     srv.wait_ready(timeout=240)
     return srv

@@ -25,10 +25,11 @@ import requests
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
 from kiln.handlers import metrics
 from kiln.loadtests import wrk
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.loadtests")
-ROOT = Path(__file__).resolve().parents[2]
-BODY = ROOT / "tests" / "fixtures" / "digits" / "0.png"
+# Read only: a committed test fixture of Kiln's checkout, the body this study has always sent.
+BODY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "digits" / "0.png"
 WORKER_SCRIPT = "model_service_worker.py"
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     serving = ModelServing(workers=args.workers, batch_size=args.batch_size,
                            max_batch_delay_ms=args.max_batch_delay_ms)
     with tempfile.TemporaryDirectory(prefix="kiln-cost-") as run_dir:
-        server = Server(ServerSettings(Path(run_dir), ROOT / "model_store", [args.model],
+        server = Server(ServerSettings(Path(run_dir), Workspace.current().model_store, [args.model],
                                        Ports.free(), internal_ports=Ports.free(),
                                        serving={args.model: serving}))
         with server.running():

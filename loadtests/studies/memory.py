@@ -25,7 +25,7 @@ from kiln.console import setup_logging
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
 from kiln.loadtests.studies.reliability.served import worker_pids
 from kiln.loadtests.studies.reliability.soak import pss_mb
-from kiln.model_store import STORE
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.memory")
 MB = 1024 * 1024
@@ -95,8 +95,8 @@ class EagerTorchServer(Server):
 
 
 def served(models: list[str], server_class: type[Server], run_dir: Path) -> list[Usage]:
-    server = server_class(ServerSettings(run_dir, STORE, models, Ports.free(),
-                                         internal_ports=Ports.free()))
+    server = server_class(ServerSettings(run_dir, Workspace.current().model_store, models,
+                                         Ports.free(), internal_ports=Ports.free()))
     with server.running(timeout=240):
         return measure(server)
 

@@ -194,3 +194,65 @@ def test_commands_that_neither_train_nor_export_import_no_torch(tmp_path, export
     loaded = [(argv[:2], _kiln_loads(argv, tmp_path)) for argv, _ in commands]
     assert loaded == [(argv[:2], {"rc": rc, "heavy": []}) for argv, rc in commands]
     assert (tmp_path / "store" / "binary.mar").is_file()
+
+
+# Module-level names that hold a path derived from the module's own __file__, each with why
+# it is only ever read: what commands write goes under the workspace (kiln/workspace.py), never
+# beside Kiln's code, which an installed Kiln keeps in site-packages.
+READ_ONLY_NEAR_CODE = {
+    "kiln/training/train.py:CODE": "the checkout whose git commit a run records",
+    "kiln/deploy/front.py:TEMPLATE": "nginx.conf template",
+    "kiln/deploy/torchserve_config.py:LOG_CONFIG": "log4j2 configuration",
+    "kiln/deploy/torchserve_config.py:CONSOLE_LOG_CONFIG": "log4j2 configuration",
+    "kiln/deploy/plugins.py:OIP_PLUGIN_SOURCE": "the OIP plugin's Java sources",
+    "kiln/loadtests/locustfile_path.py:LOCUSTFILE": "the locustfile locust is given",
+    "kiln/loadtests/wrk.py:SCRIPT": "the Lua script wrk is given",
+    "kiln/loadtests/studies/reliability/load.py:MIX_LUA": "the Lua script of the mixed load",
+    "kiln/loadtests/stock.py:HERE": "the folder of the two handlers below",
+    "kiln/loadtests/stock.py:NOOP_HANDLER": "a handler the bench archives",
+    "kiln/loadtests/stock.py:PLAIN_HANDLER": "a handler the bench archives",
+    "kiln/loadtests/studies/handler_cost.py:BODY": "a committed test image the study sends",
+    "kiln/batch/ray_job.py:REPO": "the code Ray ships to its workers",
+}
+# Not read-only yet: the OIP plugin's jar is built beside its sources. Where it goes is the
+# installed-wheel part of issue 17; whoever moves it takes these out (the test then says so).
+BUILT_NEAR_CODE = {"kiln/deploy/plugins.py:PLUGINS_DIR", "kiln/deploy/plugins.py:OIP_PLUGIN_JAR"}
+
+
+def paths_from_own_file(tree: ast.Module, where: str) -> tuple[set[str], list[str]]:
+    """(module-level names whose value derives from __file__, directly or through another
+    such name; the uses of __file__ that no module-level assignment names)."""
+    uses = {id(n) for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "__file__"}
+    derived: set[str] = set()
+    named: set[int] = set()
+    changed = True
+    while changed:  # a fixed point: B = A / "x" after A = Path(__file__)...
+        changed = False
+        for node in tree.body:
+            if not isinstance(node, ast.Assign | ast.AnnAssign) or node.value is None:
+                continue
+            inside = list(ast.walk(node.value))
+            if not any(id(n) in uses or isinstance(n, ast.Name) and n.id in derived
+                       for n in inside):
+                continue
+            named |= {id(n) for n in inside}
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id not in derived:
+                    derived.add(t.id)
+                    changed = True
+    bare = [f"{where}:{n.lineno}" for n in ast.walk(tree)
+            if id(n) in uses and id(n) not in named]
+    return {f"{where}:{name}" for name in derived}, bare
+
+
+def test_no_module_derives_a_writable_path_from_its_own_file():
+    derived, bare = set(), []
+    for where, path in layout.package_files().items():
+        if path.suffix == ".py":
+            names, uses = paths_from_own_file(ast.parse(path.read_text()), where)
+            derived |= names
+            bare += uses
+    assert bare == []  # a __file__ path used in place, with no name saying what it is
+    assert derived - set(READ_ONLY_NEAR_CODE) == BUILT_NEAR_CODE
+    assert set(READ_ONLY_NEAR_CODE) <= derived  # no stale entry

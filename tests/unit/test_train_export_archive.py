@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from kiln import declaration, layout
+from kiln import declaration, layout, workspace
 from kiln.model_store import archive, build
 from kiln.training import export, train
 
@@ -25,7 +25,7 @@ def run_train(name, out, log_dir, *extra):
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
     """A one-batch model each for an image and a features model: fixed weights (seed 0)."""
-    root = tmp_path_factory.mktemp("artifacts")
+    root = tmp_path_factory.mktemp("workspace") / "artifacts"  # a workspace's exports
     for name in ("lenet", "binary"):
         run_train(name, root / name, root / "runs", "--dry-run")
     return root
@@ -80,7 +80,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, mon
 
 
 def test_a_dry_run_never_replaces_trained_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "ARTIFACTS", tmp_path / "artifacts")
+    monkeypatch.setenv(workspace.ENV, str(tmp_path))
     trained = tmp_path / "artifacts" / "binary"
     run_train("binary", trained, tmp_path / "runs", "--epochs", "1")
     weights = {f: (trained / f).read_bytes() for f in ("state_dict.pt", "meta.json")}
@@ -180,7 +180,7 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
 def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_path,
                                                                  monkeypatch):
     export.export("binary", dry_runs / "binary")
-    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
     mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
     with zipfile.ZipFile(mar, "a") as z:  # as archives were built before: the whole root
         z.writestr("kiln/training/train.py", "")
@@ -195,7 +195,7 @@ def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_pa
 def test_ensure_built_rebuilds_an_archive_without_oip_metadata(dry_runs, tmp_path, monkeypatch):
     """An archive from before the plugin read its metadata from the archive would get 404s."""
     export.export("binary", dry_runs / "binary")
-    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
     mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
     with zipfile.ZipFile(mar) as z:
         kept = {name: z.read(name) for name in z.namelist() if name != "oip-metadata.json"}

@@ -24,7 +24,7 @@ from kiln.loadtests.studies.reliability.served import (
 from kiln.loadtests.studies.reliability.slow import slow_part
 from kiln.loadtests.studies.reliability.soak import soak_part
 from kiln.loadtests.studies.reliability.table import Row, format_table
-from kiln.model_store import STORE
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.reliability")
 
@@ -70,7 +70,7 @@ def own_server(folder: Path):
     models = declaration.default_set()
     for name in models:
         ensure_built(name)
-    server = Server(ServerSettings(folder, STORE, models, Ports.free(),
+    server = Server(ServerSettings(folder, Workspace.current().model_store, models, Ports.free(),
                                    internal_ports=Ports.free()))
     with server.running(timeout=240):
         yield server
@@ -79,7 +79,7 @@ def own_server(folder: Path):
 def attached(run_dir: Path) -> Server:
     """The server `kiln serve` runs from `run_dir`, with its front proxy if it has one."""
     ports = Ports.saved(run_dir)
-    server = Server(ServerSettings(run_dir, STORE, [], ports or Ports(),
+    server = Server(ServerSettings(run_dir, Workspace.current().model_store, [], ports or Ports(),
                                    internal_ports=Ports.saved(run_dir, INTERNAL_PORTS_FILE)))
     if ports is None or server.pid() is None:
         raise SetupError(f"no TorchServe runs from {run_dir}: start one with kiln serve")
