@@ -38,4 +38,4 @@ lint: install-test
 
 ## Remove what the build made (weights, exports, archives, run folder); keeps the venv.
 clean:
-	rm -rf artifacts runs run model_store/*.mar deploy/oip_plugin/build
+	rm -rf artifacts runs run model_store/*.mar
