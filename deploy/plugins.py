@@ -10,7 +10,7 @@ into a per-user cache keyed by the sources' digest and TorchServe's version, not
 wheel: javac compiles against the model-server.jar of the TorchServe installed beside Kiln,
 which a wheel build has neither (no JDK nor torchserve in its isolated environment) nor can
 know; the wheel stays pure Python; and site-packages is never written to. The cost is javac
-(openjdk-17-jdk-headless, which `make serve` installs) at that first serve, about 3 s.
+(openjdk-17-jdk-headless, which `make serve` installs) at that first serve: 3.1-4.2 s here.
 """
 
 from __future__ import annotations
