@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import requests
 
+from kiln import declaration
 from kiln.deploy import front, logs, metrics_exporter, plugins, processes
 from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE, private_dir
 from kiln.model_store import read_archive
-from kiln.training import declaration
 
 log = logging.getLogger("kiln.serve")
 

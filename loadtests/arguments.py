@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from kiln.client import TOKEN_HELP
+from kiln.declaration import add_models_dir
 from kiln.loadtests.shapes import SHAPES
-from kiln.training.declaration import add_models_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

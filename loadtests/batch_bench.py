@@ -36,16 +36,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kiln import declaration
 from kiln.batch import job, scoring, writers
 from kiln.batch.chunks import Scored
 from kiln.batch.columns import layout_for
 from kiln.batch.local import LocalScorer
 from kiln.batch.readers import open_source
 from kiln.batch.store import ChunkStore
+from kiln.declaration import Declaration, DeclarationError
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared
-from kiln.training import declaration
-from kiln.training.declaration import Declaration, DeclarationError
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("kiln.bench")

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kiln import declaration
 from kiln.client import Client
 from kiln.deploy.server import HOST, ModelServing, Ports, Server, declared_serving
 from kiln.loadtests import bench_gpu, declared, inprocess, payloads, stock, wrk
@@ -39,7 +40,6 @@ from kiln.loadtests.bench_table import (
     summary,
 )
 from kiln.model_store import STORE
-from kiln.training import declaration
 
 log = logging.getLogger("kiln.bench")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.training.declaration import add_models_dir
+from kiln.declaration import add_models_dir
 
 # `kiln tune`'s fixed grid and load: the same for every model and every run, so that two
 # reports compare. batch_size:max_batch_delay_ms pairs; 1:0 (unbatched) is always measured.

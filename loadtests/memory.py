@@ -20,11 +20,11 @@ from pathlib import Path
 
 import psutil
 
+from kiln import declaration
 from kiln.console import setup_logging
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
 from kiln.loadtests.reliability import pss_mb, worker_pids
 from kiln.model_store import STORE
-from kiln.training import declaration
 
 log = logging.getLogger("kiln.memory")
 MB = 1024 * 1024

@@ -63,13 +63,13 @@ import requests
 from PIL import Image, ImageDraw
 
 from kiln import client as http
+from kiln import declaration
 from kiln.console import setup_logging
 from kiln.deploy.server import INTERNAL_PORTS_FILE, Ports, Server, ServerSettings
 from kiln.handlers import images, inputs
 from kiln.loadtests import declared, oip_flood, payloads, svg, wrk
 from kiln.loadtests.monitor import Sampler
 from kiln.model_store import STORE
-from kiln.training import declaration
 
 log = logging.getLogger("kiln.reliability")
 PARTS = ("kill", "slow", "amplification", "soak", "thin", "oip_flood", "front_kill")

@@ -2,8 +2,9 @@
 
 The archive is self-describing: the serving core (`kiln/handlers/` under the root's
 `__init__.py`), a three-line entry module for TorchServe, the declaration's model files (the
-same ones training imports), the exported graph, signature.json, index_to_name.json and a
-model-config.yaml with the handler's options. It is built only from an export that passed the
+same ones training imports), the exported graph, signature.json, index_to_name.json, the OIP
+metadata the plugin serves (oip-metadata.json) and a model-config.yaml with the handler's
+options. It is built only from an export that passed the
 parity gate. Workers and batching are not in it: `kiln serve` sets them (deploy/server.py),
 and TorchServe would let an archive's values win over the server's.
 
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from kiln import layout
+from kiln import declaration, layout
 from kiln.console import run_command
+from kiln.handlers import oip
 from kiln.model_store import STORE
-from kiln.training import declaration
 from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
 
 log = logging.getLogger("kiln.archive")
@@ -126,10 +127,11 @@ def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
         (staging / "model-config.yaml").write_text(
             yaml.safe_dump(config.model_config(), sort_keys=False))
         (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
+        (staging / oip.METADATA_FILE).write_text(json.dumps(oip.tensor_metadata(signature)))
         # A folder among --extra-files has its contents copied: this one holds kiln/.
         package = stage_package(staging / "package")
-        extra = [artifacts / "signature.json", staging / "index_to_name.json", package,
-                 *decl.extra_files]
+        extra = [artifacts / "signature.json", staging / "index_to_name.json",
+                 staging / oip.METADATA_FILE, package, *decl.extra_files]
         if decl.requirements:
             (staging / "requirements.txt").write_text("\n".join(decl.requirements) + "\n")
         cmd = [

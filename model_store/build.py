@@ -11,9 +11,10 @@ import logging
 import zipfile
 from pathlib import Path
 
-from kiln import layout
+from kiln import declaration, layout
+from kiln.handlers import oip
 from kiln.model_store import archive, read_archive
-from kiln.training import declaration, export, train
+from kiln.training import export, train
 
 log = logging.getLogger("kiln.build")
 
@@ -25,15 +26,23 @@ def stale(target: Path, inputs: list[Path]) -> bool:
     return any(p.stat().st_mtime > built for p in inputs)
 
 
-def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str]]:
-    """(backend, model-config, its files under kiln/) of an existing archive, read back from
-    inside it."""
+def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str], dict | None]:
+    """(backend, model-config, its files under kiln/, its OIP metadata) of an existing
+    archive, read back from inside it."""
     manifest, config = read_archive(mar)
     if manifest is None:
-        return None, None, set()
+        return None, None, set(), None
     serialized = manifest.get("model", {}).get("serializedFile")
     backend = next((form for form, fname in export.FORMS.items() if fname == serialized), None)
-    return backend, config, shipped_package(mar)
+    return backend, config, shipped_package(mar), shipped_metadata(mar)
+
+
+def shipped_metadata(mar: Path) -> dict | None:
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return json.loads(z.read(oip.METADATA_FILE))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def shipped_package(mar: Path) -> set[str]:
@@ -72,8 +81,10 @@ def ensure_built(name: str, backend: str = "onnx", store: Path = archive.STORE,
     inputs = archive.archive_inputs(decl, folder, backend)
     # Its model-config.yaml holds the handler's options and the response timeout; an archive
     # from before workers and batching moved to kiln serve differs here too, and is rebuilt,
-    # as is one that ships other files of Kiln than a worker imports (the whole root, once).
-    wanted = (backend, archive.config_for(decl).model_config(), set(layout.worker_files()))
+    # as is one that ships other files of Kiln than a worker imports (the whole root, once),
+    # or other OIP metadata than its signature gives (or none, as before the plugin read it).
+    wanted = (backend, archive.config_for(decl).model_config(), set(layout.worker_files()),
+              oip.tensor_metadata(json.loads(signature.read_text())))
     if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
         archive.build(name, backend, artifacts=folder, store=store, models_dirs=dirs)

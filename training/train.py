@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kiln import declaration
 from kiln.console import setup_logging
-from kiln.training import data, declaration, recipes
+from kiln.training import data, recipes
 from kiln.training.artifacts import ARTIFACTS, REPO_ROOT
 
 log = logging.getLogger("kiln.train")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from kiln import client as http
+from kiln import declaration
 from kiln.console import setup_logging
 from kiln.deploy import front
 from kiln.deploy.server import (
@@ -31,7 +32,6 @@ from kiln.deploy.server import (
 from kiln.handlers.cores import usable_cores
 from kiln.keys import KEYS_FILE, private_dir
 from kiln.model_store import STORE
-from kiln.training import declaration
 
 log = logging.getLogger("kiln")
 REPO_ROOT = Path(__file__).resolve().parents[2]

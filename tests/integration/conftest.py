@@ -12,10 +12,10 @@ import pytest
 import requests
 
 from kiln import client as http
+from kiln import declaration
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
-from kiln.training import declaration
 
 MODELS = declaration.default_set()
 log = logging.getLogger("kiln.tests")

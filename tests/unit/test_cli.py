@@ -121,9 +121,9 @@ def test_a_rotation_before_any_serve_makes_a_private_run_folder(tmp_path):
 def test_the_banner_s_hints_repeat_the_run_folder(run_dir, tmp_path, monkeypatch):
     """A server run from another folder than run/ is found only with --run-dir (its keys and
     ports are there): every hint says it, and `make stop` (the default run's) is not offered."""
+    from kiln import declaration
     from kiln.cli.main import RUN_DIR, how_to_call
     from kiln.deploy.server import Ports, Server, ServerSettings
-    from kiln.training import declaration
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / run_dir if run_dir else RUN_DIR

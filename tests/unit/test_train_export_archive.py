@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from kiln import layout
+from kiln import declaration, layout
 from kiln.model_store import archive, build
-from kiln.training import declaration, export, train
+from kiln.training import export, train
 
 
 def run_train(name, out, log_dir, *extra):
@@ -151,6 +151,7 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(z.read("model-config.yaml"))
         labels = json.loads(z.read("index_to_name.json"))
+        metadata = json.loads(z.read("oip-metadata.json"))
     serialized = export.FORMS[backend]
     # Of Kiln only what a worker imports: the root's __init__ and the serving core, laid out
     # as installed; nothing of training, batch, loadtests, deploy, cli or the root's modules.
@@ -158,7 +159,7 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
     handlers = {f"kiln/handlers/{p.name}" for p in core.glob("*.py")}
     assert names == {"kiln_handler.py", "signature.json", "binary.py", serialized,
                      "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json",
-                     "kiln/__init__.py", *handlers}
+                     "oip-metadata.json", "kiln/__init__.py", *handlers}
     assert {"kiln/handlers/handler.py", "kiln/handlers/rest.py"} <= handlers
     assert manifest["model"]["serializedFile"] == serialized
     assert manifest["model"]["handler"] == "kiln_handler.py"
@@ -167,6 +168,12 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
     assert config == {"responseTimeout": 45, "handler": {"top_k": 2, "intra_op_threads": "auto",
                                                          "require_gpu": False}}
     assert labels == {"0": "malignant", "1": "benign"}
+    # What the OIP plugin serves, built once here from the signature (the plugin builds none).
+    assert metadata == {"platform": "kiln",
+                        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
+                        "outputs": [{"name": "probabilities", "datatype": "FP32",
+                                     "shape": [-1, 2]},
+                                    {"name": "label", "datatype": "BYTES", "shape": [-1]}]}
 
 
 
@@ -183,6 +190,22 @@ def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_pa
         shipped = {name for name in z.namelist() if name.startswith("kiln/")}
     assert "kiln/training/train.py" not in shipped
     assert shipped == set(layout.worker_files())
+
+
+def test_ensure_built_rebuilds_an_archive_without_oip_metadata(dry_runs, tmp_path, monkeypatch):
+    """An archive from before the plugin read its metadata from the archive would get 404s."""
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
+    with zipfile.ZipFile(mar) as z:
+        kept = {name: z.read(name) for name in z.namelist() if name != "oip-metadata.json"}
+    with zipfile.ZipFile(mar, "w") as z:  # the same archive, less the file
+        for name, data in kept.items():
+            z.writestr(name, data)
+    assert build.ensure_built("binary", "onnx", tmp_path) == mar
+    with zipfile.ZipFile(mar) as z:
+        assert json.loads(z.read("oip-metadata.json"))["inputs"] == [
+            {"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
 
 def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     folder = tmp_path / "binary"
