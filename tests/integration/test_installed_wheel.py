@@ -21,7 +21,7 @@ import requests
 from kiln.deploy.server import Ports
 from kiln.keys import KEYS_FILE, read_keys
 
-# Building, installing (torch alone is 700 MB) and serving take 3.5 to 6 minutes on 2 cores:
+# Building, installing (torch alone is 700 MB) and serving take 2.5 to 6 minutes on 2 cores:
 # a run of its own (make test-installed), not part of make test.
 pytestmark = pytest.mark.installed
 
