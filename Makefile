@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install install-test serve stop test test-unit test-integration lint clean
+.PHONY: install install-test serve stop test test-unit test-integration test-installed lint clean
 
 ## What serving needs: a JDK, nginx, the venv with kiln and its runtime extra.
 install:
@@ -22,20 +22,25 @@ serve: install
 stop:
 	@if [ -x $(BIN)/kiln ]; then $(BIN)/kiln stop; else echo "nothing to stop"; fi
 
-## The whole suite: lint, unit tests, then integration tests against a real TorchServe.
+## The whole suite: lint, unit tests, then integration tests against a real TorchServe
+## (but the installed wheel's test, which takes minutes on its own: make test-installed).
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra -m "not installed"
 
 test-unit: install-test
 	$(BIN)/pytest -ra tests/unit
 
 test-integration: install-test
-	$(BIN)/pytest -ra tests/integration
+	$(BIN)/pytest -ra -m "not installed" tests/integration
+
+## The wheel, installed into a fresh venv outside the repository, serving a model of a user's.
+test-installed: install-test
+	$(BIN)/pytest -ra -m installed tests/integration/test_installed_wheel.py
 
 lint: install-test
 	$(BIN)/ruff check .
 
 ## Remove what the build made (weights, exports, archives, run folder); keeps the venv.
 clean:
-	rm -rf artifacts runs run model_store/*.mar deploy/oip_plugin/build
+	rm -rf artifacts runs run model_store/*.mar

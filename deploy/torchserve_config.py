@@ -176,7 +176,7 @@ class ServerSettings:
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
                       + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
-            "plugins_path": plugins.PLUGINS_DIR,
+            "plugins_path": plugins.plugins_dir(),
         }
         if not self.token_auth:
             lines["disable_token_authorization"] = "true"
