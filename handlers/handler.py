@@ -39,6 +39,10 @@ SERVED_WORKERS_ENV = "KILN_SERVED_WORKERS"
 SIGNATURE_FILE = "signature.json"
 JSON_CONTENT_TYPE = "application/json"
 BATCH_SIZE_HEADER = "Kiln-Batch-Size"
+# Which version gave an answer (the archive's manifest's modelVersion): with versions served
+# side by side, a client and a test can see where the route sent it. The OIP plugin passes it
+# on; TorchServe's gRPC API drops handler headers, so gRPC answers do not carry it.
+VERSION_HEADER = "X-Kiln-Model-Version"
 # Reason phrases stay fixed: they go into the HTTP status line, where text taken from a
 # request (a feature name, say) does not belong. The details are in the JSON body.
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
@@ -128,6 +132,7 @@ class KilnHandler:
         self.signature = None
         self.backend = None
         self.top_k = HANDLER_OPTIONS["top_k"]
+        self.version = ""
         self.metrics = metrics.Recorder()  # records nothing before initialize()
         # This worker's share of time for large images, kept across batches (limits.py).
         self.decode_share = limits.DecodeShare()
@@ -142,7 +147,8 @@ class KilnHandler:
         self.signature = load_signature(os.path.join(model_dir, SIGNATURE_FILE))
         options = read_handler_options(context.model_yaml_config)
         self.top_k = options["top_k"]
-        self.metrics = metrics.recorder_for(context.model_name, os.environ)
+        self.version = str(context.manifest["model"]["modelVersion"])
+        self.metrics = metrics.recorder_for(context.model_name, os.environ, version=self.version)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = backends.load_backend(
             serialized,
@@ -172,6 +178,7 @@ class KilnHandler:
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             # Which server-side batch a request rode in: clients and tests can see batching.
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
+            context.set_response_header(idx, VERSION_HEADER, self.version)
             started = self.metrics.now()
             admitted = budget.state()
             try:
@@ -203,7 +210,8 @@ class KilnHandler:
         body = rest.request_body(request, self.signature)
         if context.get_request_header(idx, oip.PROTOCOL_HEADER) == oip.PROTOCOL:
             return oip.decode_infer(body, self.signature, budget,
-                                    context.get_request_header(idx, oip.BINARY_HEADER))
+                                    context.get_request_header(idx, oip.BINARY_HEADER),
+                                    self.version)
         model_inputs, many = rest.decode_body(body, self.signature, budget)
         output, top_k = self.signature["output"], self.top_k
 

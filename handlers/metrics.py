@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABEL = "model_name"
+# The archive's version (its manifest's modelVersion): versions served side by side are told
+# apart, as TorchServe's own series tell them apart by model_version.
+VERSION_LABEL = "version"
 REASON_LABEL = "reason"
 STAGES = ("preprocess", "inference", "postprocess")
 BATCH_SIZE_METRIC = "kiln_batch_size_requests"
@@ -38,9 +41,9 @@ def stage_metric(stage):
 
 # What the handler records: name -> (type, label names).
 RECORDED = {
-    **{stage_metric(stage): ("histogram", [MODEL_LABEL]) for stage in STAGES},
-    BATCH_SIZE_METRIC: ("histogram", [MODEL_LABEL]),
-    REJECTED_METRIC: ("counter", [MODEL_LABEL, REASON_LABEL]),
+    **{stage_metric(stage): ("histogram", [MODEL_LABEL, VERSION_LABEL]) for stage in STAGES},
+    BATCH_SIZE_METRIC: ("histogram", [MODEL_LABEL, VERSION_LABEL]),
+    REJECTED_METRIC: ("counter", [MODEL_LABEL, VERSION_LABEL, REASON_LABEL]),
 }
 
 
@@ -49,27 +52,28 @@ def declare(registry=None):
     multiprocess mode the exporter reads the files, not a registry)."""
     stages = {
         stage_metric(stage): Histogram(stage_metric(stage), f"Time of the handler's {stage} "
-                                       "stage, once per request it served", [MODEL_LABEL],
+                                       "stage, once per request it served",
+                                       [MODEL_LABEL, VERSION_LABEL],
                                        buckets=STAGE_BUCKETS_S, registry=registry)
         for stage in STAGES
     }
     batch = Histogram(BATCH_SIZE_METRIC, "Requests in one batch the handler received",
-                      [MODEL_LABEL], buckets=BATCH_SIZE_BUCKETS, registry=registry)
+                      [MODEL_LABEL, VERSION_LABEL], buckets=BATCH_SIZE_BUCKETS, registry=registry)
     # prometheus-client adds the _total itself.
     rejected = Counter(REJECTED_METRIC.removesuffix("_total"),
                        "Requests answered 4xx by the handler, by reason",
-                       [MODEL_LABEL, REASON_LABEL], registry=registry)
+                       [MODEL_LABEL, VERSION_LABEL, REASON_LABEL], registry=registry)
     return {**stages, BATCH_SIZE_METRIC: batch, REJECTED_METRIC: rejected}
 
 
-def recorder_for(model_name, environ, registry=None):
-    """A Recorder for `model_name`; one that records nothing where the process has no
+def recorder_for(model_name, environ, registry=None, version=""):
+    """A Recorder for `model_name` at `version`; one that records nothing where the process has no
     multiprocess folder (a handler outside Kiln's server: batch jobs, benchmarks, tests).
     `registry`: where the metrics are registered (tests read them back from it)."""
     if registry is None and not environ.get(MULTIPROC_DIR_ENV):
         logger.info("no %s: Kiln's metrics are not recorded", MULTIPROC_DIR_ENV)
         return Recorder()
-    return Recorder(declare(registry), model_name)
+    return Recorder(declare(registry), model_name, version=version)
 
 
 def rejection_reason(err):
@@ -85,16 +89,16 @@ class Recorder:
     """Records one model's observations; `metrics` is declare()'s mapping. Without it (the
     default) every call is a no-op."""
 
-    def __init__(self, metrics=None, model_name="", clock=time.perf_counter):
+    def __init__(self, metrics=None, model_name="", clock=time.perf_counter, version=""):
         self._clock = clock
         metrics = metrics or {}
         # Children bound once: a labels() lookup per observation costs as much as the write.
-        self._stages = {stage: metrics[stage_metric(stage)].labels(model_name)
+        self._stages = {stage: metrics[stage_metric(stage)].labels(model_name, version)
                         for stage in STAGES if stage_metric(stage) in metrics}
         batch = metrics.get(BATCH_SIZE_METRIC)
-        self._batch = batch.labels(model_name) if batch is not None else None
+        self._batch = batch.labels(model_name, version) if batch is not None else None
         self._rejected = metrics.get(REJECTED_METRIC)
-        self._model = model_name
+        self._model, self._version = model_name, version
         self._reasons = {}
 
     def now(self):
@@ -121,5 +125,6 @@ class Recorder:
         reason = rejection_reason(err)
         child = self._reasons.get(reason)
         if child is None:
-            child = self._reasons[reason] = self._rejected.labels(self._model, reason)
+            child = self._rejected.labels(self._model, self._version, reason)
+            self._reasons[reason] = child
         child.inc()

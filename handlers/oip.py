@@ -41,11 +41,12 @@ PLATFORM = "kiln"
 METADATA_FILE = "oip-metadata.json"
 
 
-def decode_infer(body, signature, budget=None, json_length=None):
+def decode_infer(body, signature, budget=None, json_length=None, version=None):
     """(model inputs, encode) for an OIP infer body: one array per signature input, batch
     first; encode(model output) gives the JSON-ready response. Its cost, from the tensors'
     shapes, is admitted (limits.py; `budget`: the server-side batch's) before data is read.
-    `json_length`: the plugin's BINARY_HEADER, for a body with binary inputs."""
+    `json_length`: the plugin's BINARY_HEADER, for a body with binary inputs; `version`: the
+    served version, the answer's model_version."""
     value = infer_body(body) if json_length is None else binary_body(body, json_length)
     limits.admit(limits.infer_cost(value, signature["inputs"]), signature["inputs"], budget)
     request = parse_infer(value, signature)
@@ -57,7 +58,8 @@ def decode_infer(body, signature, budget=None, json_length=None):
             raise BadInput(f"input {spec['name']!r}: {err}", reason=err.reason) from None
 
     def encode(model_output):
-        return encode_response(model_output, signature, request["id"], request["outputs"])
+        return encode_response(model_output, signature, request["id"], request["outputs"],
+                               version)
 
     return model_inputs, encode
 
@@ -260,10 +262,12 @@ def _tensor(name, values, datatype):
             "data": values.ravel().tolist()}
 
 
-def encode_response(model_output, signature, request_id=None, wanted=None):
+def encode_response(model_output, signature, request_id=None, wanted=None, version=None):
     """The OIP inference response for a request's rows of model output."""
     tensors_out = output_tensors(model_output, signature["output"])
     response = {"model_name": signature["name"]}
+    if version is not None:
+        response["model_version"] = version
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = [tensors_out[name] for name in (wanted or output_names(signature))]

@@ -8,21 +8,21 @@ import pytest
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
-from kiln.handlers import answers, backends, rest
+from kiln.handlers import answers, backends, oip, rest
 from kiln.handlers import handler as kiln_handler
 from kiln.model_store import archive
 
 CUDA_IN_ORT = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def make_context(model_dir, serialized, model_yaml_config=None, gpu=None):
+def make_context(model_dir, serialized, model_yaml_config=None, gpu=None, version="1.0"):
     """TorchServe's own Context, filled in as its model loader fills it in."""
     manifest = {
         "model": {
             "modelName": model_dir.name,
             "serializedFile": serialized,
             "handler": "handler.py",
-            "modelVersion": "1.0",
+            "modelVersion": version,
         }
     }
     return Context(
@@ -113,6 +113,25 @@ def test_features_batch_on_torchscript(features_model_dir, features_signature, f
         good[1],
     ]
     assert [context.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
+
+
+def test_every_answer_says_the_archives_version(features_model_dir, feature_row):
+    context = make_context(features_model_dir, "model.onnx", version="2.0")
+    handler = loaded_handler(context)
+    answers = serve(handler, context, [{"body": json.dumps(feature_row)}, {"body": "[1, 2]"}])
+    assert [json.loads(a).get("code", 200) for a in answers] == [200, 400]
+    assert [context.get_response_headers(i)[kiln_handler.VERSION_HEADER] for i in (0, 1)] == [
+        "2.0", "2.0"]
+
+
+def test_oip_answers_carry_the_version_in_the_body(image_model_dir):
+    context = make_context(image_model_dir, "model.onnx", version="2.0")
+    handler = loaded_handler(context)
+    body = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+                        "data": [diagonal_pixels()]}]}
+    context.request_processor = [RequestProcessor({oip.PROTOCOL_HEADER: oip.PROTOCOL})]
+    (answer,) = handler.handle([{"body": json.dumps(body)}], context)
+    assert json.loads(answer)["model_version"] == "2.0"
 
 
 def test_all_bad_batch_never_calls_the_model(features_model_dir):

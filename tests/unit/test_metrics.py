@@ -42,7 +42,7 @@ def samples(registry):
             if not s.name.endswith("_created")}
 
 
-TINY = (("model_name", "tiny"),)
+TINY = (("model_name", "tiny"), ("version", "1.0"))
 
 
 def bucket(name, le):
@@ -54,7 +54,7 @@ def bucket(name, le):
 
 def test_recorder_observes_seconds_once_per_request_in_kiln_s_buckets():
     registry = CollectorRegistry()
-    recorder = metrics.recorder_for("tiny", {}, registry)
+    recorder = metrics.recorder_for("tiny", {}, registry, version="1.0")
     # Binary fractions: the sums are exact.
     recorder._clock = Clock(0.5 + 1 / 1024, 2.0 + 1 / 64)
 
@@ -77,13 +77,13 @@ def test_recorder_observes_seconds_once_per_request_in_kiln_s_buckets():
     assert got[bucket("kiln_batch_size_requests", "4.0")] == 1.0
     assert got[bucket("kiln_batch_size_requests", "2.0")] == 0.0
     rejected = {k[1]: v for k, v in got.items() if k[0] == "kiln_requests_rejected_total"}
-    assert rejected == {(("model_name", "tiny"), ("reason", "bad_shape")): 1.0,
-                        (("model_name", "tiny"), ("reason", "other")): 1.0}
+    assert rejected == {(("model_name", "tiny"), ("reason", "bad_shape"), ("version", "1.0")): 1.0,
+                        (("model_name", "tiny"), ("reason", "other"), ("version", "1.0")): 1.0}
 
 
 def test_recorded_families_are_the_declared_ones_in_base_units():
     registry = CollectorRegistry()
-    metrics.recorder_for("tiny", {}, registry)
+    metrics.recorder_for("tiny", {}, registry, version="1.0")
     found = {f.name: (f.type, f.unit) for f in registry.collect()}
     assert found == {
         "kiln_preprocess_seconds": ("histogram", ""),
@@ -111,7 +111,7 @@ import os
 from kiln.handlers import metrics
 from kiln.handlers.errors import BadInput
 
-recorder = metrics.recorder_for("tiny", os.environ)
+recorder = metrics.recorder_for("tiny", os.environ, version="1.0")
 recorder.record_batch(2)
 recorder.record_stage("preprocess", recorder.now())
 recorder.record_stage("preprocess", recorder.now())
@@ -138,7 +138,7 @@ def test_workers_record_in_multiprocess_files_that_the_exporter_sums(tmp_path):
     assert values[("kiln_preprocess_seconds_count", TINY)] == 4.0
     assert values[("kiln_inference_seconds_count", TINY)] == 4.0
     assert values[("kiln_requests_rejected_total",
-                   (("model_name", "tiny"), ("reason", "bad_shape")))] == 2.0
+                   (("model_name", "tiny"), ("reason", "bad_shape"), ("version", "1.0")))] == 2.0
 
 
 def test_the_exporter_marks_gone_workers_dead_once_and_keeps_their_counts(tmp_path):
@@ -157,7 +157,7 @@ def test_handler_records_each_stage_per_request(features_model_dir, feature_row,
     handler = kiln_handler.KilnHandler()
     handler.initialize(context)
     registry = CollectorRegistry()
-    handler.metrics = metrics.recorder_for("tiny", {}, registry)
+    handler.metrics = metrics.recorder_for("tiny", {}, registry, version="1.0")
     requests = [{"body": json.dumps(feature_row)}, {"body": "[1, 2]"},
                 {"body": json.dumps(feature_row)}]
     context.request_processor = [RequestProcessor({}) for _ in requests]
@@ -170,7 +170,7 @@ def test_handler_records_each_stage_per_request(features_model_dir, feature_row,
     assert counts == {"kiln_batch_size_requests": 1.0, "kiln_preprocess_seconds": 3.0,
                       "kiln_inference_seconds": 2.0, "kiln_postprocess_seconds": 2.0}
     assert got[("kiln_requests_rejected_total",
-                (("model_name", "tiny"), ("reason", "bad_shape")))] == 1.0
+                (("model_name", "tiny"), ("reason", "bad_shape"), ("version", "1.0")))] == 1.0
     assert all(got[(f"{metrics.stage_metric(s)}_sum", TINY)] >= 0 for s in metrics.STAGES)
 
 

@@ -14,7 +14,7 @@ from kiln.deploy.metrics_exporter import MAX_SOCKET_PATH, Exporter, ExporterErro
 RECORD = """
 import os
 from kiln.handlers import metrics
-metrics.recorder_for("tiny", os.environ).record_batch(5)
+metrics.recorder_for("tiny", os.environ, version="1.0").record_batch(5)
 """
 
 
@@ -60,7 +60,7 @@ def test_started_on_an_emptied_folder_it_serves_what_workers_recorded(exporter):
     status, content_type, page = get(exporter)
 
     assert (status, content_type.split(";")[0]) == (200, "text/plain")
-    assert 'kiln_batch_size_requests_sum{model_name="tiny"} 5.0' in page.splitlines()
+    assert 'kiln_batch_size_requests_sum{model_name="tiny",version="1.0"} 5.0' in page.splitlines()
     assert get(exporter, "/other")[0] == 404
 
 

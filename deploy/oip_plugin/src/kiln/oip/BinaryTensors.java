@@ -178,7 +178,9 @@ final class BinaryTensors {
         byte[] body = new byte[header.length + data.size()];
         System.arraycopy(header, 0, body, 0, header.length);
         System.arraycopy(data.toByteArray(), 0, body, header.length, data.size());
-        return new Reply(200, OCTET_STREAM, body).withHeader(HEADER, Integer.toString(header.length));
+        Reply binary = new Reply(200, OCTET_STREAM, body);
+        binary.headers.putAll(reply.headers);  // which version answered, say
+        return binary.withHeader(HEADER, Integer.toString(header.length));
     }
 
     // --- the request ----------------------------------------------------------------------

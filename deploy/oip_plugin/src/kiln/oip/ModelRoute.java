@@ -31,11 +31,6 @@ final class ModelRoute {
         return new ModelRoute(path.get(1), version, rest.isEmpty() ? "" : rest.get(0));
     }
 
-    /** No version asked for means the default one. */
-    boolean versionMatches(String actual) {
-        return version == null || version.equals(actual);
-    }
-
     String describe() {
         return "'" + name + "'" + (version == null ? "" : " version '" + version + "'");
     }

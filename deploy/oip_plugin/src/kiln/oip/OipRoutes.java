@@ -18,9 +18,11 @@ import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.CompletionException;
 import java.util.concurrent.ConcurrentHashMap;
 import org.pytorch.serve.archive.model.ModelException;
+import org.pytorch.serve.archive.model.ModelVersionNotFoundException;
 import org.pytorch.serve.servingsdk.Model;
 import org.pytorch.serve.servingsdk.Worker;
 import org.pytorch.serve.servingsdk.impl.ModelServerContext;
+import org.pytorch.serve.servingsdk.impl.ModelServerModel;
 import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.ModelManager;
@@ -40,6 +42,8 @@ final class OipRoutes {
     // As kiln.handlers.oip.PROTOCOL_HEADER and PROTOCOL.
     static final String PROTOCOL_HEADER = "kiln-protocol";
     static final String PROTOCOL = "oip";
+    // As kiln.handlers.handler.VERSION_HEADER: which version answered, passed on to the client.
+    static final String VERSION_HEADER = "X-Kiln-Model-Version";
     // Margin over the model's responseTimeout, after which TorchServe itself gives up.
     private static final long TIMEOUT_MARGIN_S = 5;
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
@@ -69,7 +73,7 @@ final class OipRoutes {
                 return now(Reply.error(405, "POST is only for /v2/models/NAME/infer"));
             }
             Reply missing = missingModel(route);
-            return missing != null ? now(missing) : infer(route.name, body, contentType, binaryHeader);
+            return missing != null ? now(missing) : infer(route, body, contentType, binaryHeader);
         }
         return now(get(method, path, parts));
     }
@@ -94,22 +98,21 @@ final class OipRoutes {
         return missing != null ? missing : getModelRoute(route);
     }
 
-    /** A 404 unless route names a served model (and its served version, if any). */
+    /** A 404 unless route names a served model (and one of its served versions, if any). */
     private static Reply missingModel(ModelRoute route) {
-        org.pytorch.serve.wlm.Model model = served(route.name);
-        if (model == null || !route.versionMatches(model.getVersion())) {
+        if (served(route.name, route.version) == null) {
             return Reply.error(404, "no model " + route.describe());
         }
         return null;
     }
 
     private Reply getModelRoute(ModelRoute route) {
+        org.pytorch.serve.wlm.Model served = served(route.name, route.version);
         if (route.action.isEmpty()) {
-            return modelMetadata(route.name);
+            return modelMetadata(served);
         }
         if (route.action.equals("ready")) {
-            Model model = models().get(route.name);
-            boolean ready = model != null && isReady(model);
+            boolean ready = isReady(new ModelServerModel(served));
             JsonObject body = flag("ready", ready);
             body.addProperty("name", route.name);
             // OIP health routes: 200 means true, a 4xx means false.
@@ -165,8 +168,13 @@ final class OipRoutes {
         return new ModelServerContext().getModels();
     }
 
-    private static org.pytorch.serve.wlm.Model served(String name) {
-        return ModelManager.getInstance().getDefaultModels().get(name);
+    /** The model's version `version`, its default one when null; null when not served. */
+    private static org.pytorch.serve.wlm.Model served(String name, String version) {
+        try {
+            return ModelManager.getInstance().getModel(name, version);
+        } catch (ModelVersionNotFoundException e) {
+            return null;
+        }
     }
 
     // --- infer ------------------------------------------------------------------------------
@@ -177,10 +185,10 @@ final class OipRoutes {
      * thread, not here; its body goes on as it came. The body leaves Netty's buffer for the
      * heap only once admitted: TorchServe's RequestInput holds a byte[] and nothing else.
      */
-    private CompletableFuture<Reply> infer(String name, ByteBuf body, String contentType,
+    private CompletableFuture<Reply> infer(ModelRoute route, ByteBuf body, String contentType,
             String binaryHeader) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
-            return submit(name, requestInput(ByteBufUtil.getBytes(body), contentType));
+            return submit(route, requestInput(ByteBufUtil.getBytes(body), contentType));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
@@ -189,26 +197,30 @@ final class OipRoutes {
                 throw new CompletionException(e);
             }
         }).thenCompose(binary -> binary == null
-                ? submit(name, requestInput(ByteBufUtil.getBytes(body), contentType))
-                : submit(name, binaryInput(ByteBufUtil.getBytes(body), binary))
+                ? submit(route, requestInput(ByteBufUtil.getBytes(body), contentType))
+                : submit(route, binaryInput(ByteBufUtil.getBytes(body), binary))
                         .thenApply(binary::answer))
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
                         ? Reply.error(((BinaryTensors.BadRequest) e.getCause()).status,
                                 e.getCause().getMessage())
-                        : failed(name, e));
+                        : failed(route.name, e));
     }
 
-    private static CompletableFuture<Reply> submit(String name, RequestInput input) {
-        WorkerJob job = new WorkerJob(name, input);
+    private static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
+        org.pytorch.serve.wlm.Model model = served(route.name, route.version);
+        if (model == null) {  // retired since missingModel looked
+            return now(Reply.error(404, "no model " + route.describe()));
+        }
+        WorkerJob job = new WorkerJob(route.name, route.version, input);
         try {
             if (!ModelManager.getInstance().addJob(job)) {
-                return now(Reply.error(503, "model '" + name + "' has no worker or its queue is full")
-                        .withHeader("Retry-After", "1"));
+                return now(Reply.error(503, "model " + route.describe()
+                        + " has no worker or its queue is full").withHeader("Retry-After", "1"));
             }
         } catch (ModelException e) {
             return now(Reply.error(404, e.getMessage()));
         }
-        return job.reply(served(name).getResponseTimeout() + TIMEOUT_MARGIN_S);
+        return job.reply(model.getResponseTimeout() + TIMEOUT_MARGIN_S);
     }
 
     private static Reply failed(String name, Throwable e) {
@@ -251,8 +263,8 @@ final class OipRoutes {
         return body;
     }
 
-    private Reply modelMetadata(String name) {
-        org.pytorch.serve.wlm.Model model = served(name);
+    private Reply modelMetadata(org.pytorch.serve.wlm.Model model) {
+        String name = model.getModelName();
         Path dir = model.getModelDir().toPath();
         // A model's folder does not change once extracted: read its metadata once.
         JsonObject tensors = metadataByDir.computeIfAbsent(dir.toString(), k -> readMetadata(dir));

@@ -17,16 +17,18 @@ final class WorkerJob extends Job {
 
     private final CompletableFuture<Reply> reply = new CompletableFuture<>();
 
-    WorkerJob(String model, RequestInput input) {
+    WorkerJob(String model, String version, RequestInput input) {
         // A null version means the model's default version, as for /predictions/NAME.
-        super(model, null, WorkerCommands.PREDICT, input);
+        super(model, version, WorkerCommands.PREDICT, input);
     }
 
     @Override
     public void response(byte[] body, CharSequence contentType, int status, String phrase,
             Map<String, String> headers) {
         String type = contentType == null ? Reply.JSON : contentType.toString();
-        reply.complete(new Reply(status, type, body));
+        Reply answer = new Reply(status, type, body);
+        String version = headers == null ? null : headers.get(OipRoutes.VERSION_HEADER);
+        reply.complete(version == null ? answer : answer.withHeader(OipRoutes.VERSION_HEADER, version));
     }
 
     @Override

@@ -1,0 +1,160 @@
+"""Two versions of lenet served side by side (issue 18): pinned requests reach the version
+they name on REST, OIP and gRPC, and every REST and OIP answer says which version gave it."""
+
+import json
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from kiln.client import encode_file
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.grpc_client import answer_from_reply, load_stubs
+from kiln.handlers.handler import VERSION_HEADER
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+SEVEN = FIXTURES / "digits" / "7.png"
+MODEL = "lenet"
+VERSIONS = ("1.0", "2.0")
+
+
+def versioned_archive(source: Path, store: Path, version: str) -> Path:
+    """A copy of `source` whose manifest says `version`, as NAME-V.mar (issue 18's naming)."""
+    out = store / f"{MODEL}-{version}.mar"
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            zout.writestr(item, data)
+    return out
+
+
+def register(srv: Server, archive: Path) -> None:
+    r = requests.post(f"{srv.url('management')}/models", timeout=180,
+                      params={"url": archive.name, "initial_workers": 1, "synchronous": "true"},
+                      headers={"Authorization": f"Bearer {srv.keys()['management']}"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def two_versions(archives, tmp_path_factory):
+    """lenet 1.0 (the default, served from start) and 2.0 registered beside it through
+    TorchServe's management API, behind Kiln's front proxy."""
+    store = tmp_path_factory.mktemp("versions-store")
+    shutil.copy(archives[MODEL], store / f"{MODEL}.mar")
+    second = versioned_archive(archives[MODEL], store, "2.0")
+    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("versions-run"),
+                                model_store=store, models=[MODEL], ports=Ports.free(),
+                                internal_ports=Ports.free(), enable_model_api=True, cores=2))
+    with srv.running(timeout=240):
+        register(srv, second)
+        yield srv
+
+
+def auth(srv: Server) -> dict[str, str]:
+    return {"Authorization": f"Bearer {srv.keys()['inference']}"}
+
+
+def rest(srv: Server, path: str) -> requests.Response:
+    body, content_type = encode_file(SEVEN)
+    return requests.post(f"{srv.url('inference')}{path}", data=body, timeout=30,
+                         headers={**auth(srv), "Content-Type": content_type})
+
+
+def oip_infer(srv: Server, path: str) -> requests.Response:
+    pixels = np.asarray(Image.open(SEVEN)).tolist()
+    body = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+                        "data": [pixels]}]}
+    return requests.post(f"{srv.url('oip')}{path}", json=body, headers=auth(srv), timeout=30)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_pinned_rest_request_is_answered_by_that_version_and_says_so(two_versions, version):
+    r = rest(two_versions, f"/predictions/{MODEL}/{version}")
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] == "7"
+    assert r.headers[VERSION_HEADER] == version
+
+
+def test_unpinned_rest_request_says_the_default_version(two_versions):
+    r = rest(two_versions, f"/predictions/{MODEL}")
+    assert r.status_code == 200, r.text
+    assert r.headers[VERSION_HEADER] == "1.0"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_pinned_oip_routes_reach_that_version_and_say_so(two_versions, version):
+    base = f"/v2/models/{MODEL}/versions/{version}"
+    r = oip_infer(two_versions, f"{base}/infer")
+    assert r.status_code == 200, r.text
+    assert r.headers[VERSION_HEADER] == version
+    assert r.json()["model_version"] == version
+    assert r.json()["model_name"] == MODEL
+    ready = requests.get(f"{two_versions.url('oip')}{base}/ready", headers=auth(two_versions),
+                         timeout=30)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True, "name": MODEL})
+    meta = requests.get(f"{two_versions.url('oip')}{base}", headers=auth(two_versions), timeout=30)
+    assert meta.status_code == 200, meta.text
+    assert meta.json()["versions"] == [version]
+
+
+def test_a_binary_oip_answer_says_its_version_too(two_versions):
+    """The plugin rewrites an answer with binary outputs: the version header stays."""
+    pixels = np.asarray(Image.open(SEVEN)).tolist()
+    body = {"parameters": {"binary_data_output": True},
+            "inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+                        "data": [pixels]}]}
+    r = requests.post(f"{two_versions.url('oip')}/v2/models/{MODEL}/versions/2.0/infer",
+                      json=body, headers=auth(two_versions), timeout=30)
+    assert r.status_code == 200, r.text
+    assert "Inference-Header-Content-Length" in r.headers
+    assert r.headers[VERSION_HEADER] == "2.0"
+
+
+def test_unpinned_oip_infer_says_the_default_version(two_versions):
+    r = oip_infer(two_versions, f"/v2/models/{MODEL}/infer")
+    assert r.status_code == 200, r.text
+    assert (r.headers[VERSION_HEADER], r.json()["model_version"]) == ("1.0", "1.0")
+
+
+def test_an_unknown_version_is_a_404_on_oip(two_versions):
+    r = oip_infer(two_versions, f"/v2/models/{MODEL}/versions/3.0/infer")
+    assert r.status_code == 404
+    assert r.json() == {"error": f"no model '{MODEL}' version '3.0'", "code": 404}
+
+
+def batches_by_version(srv: Server) -> dict[str, float]:
+    """Kiln's batch-size histogram's count per version of lenet, from the scrape page."""
+    page = requests.get(f"{srv.url('metrics')}/metrics", timeout=10).text
+    found = re.findall(r'^kiln_batch_size_requests_count\{model_name="lenet",version="([^"]+)"\}'
+                       r" ([0-9.e+]+)$", page, re.M)
+    return {version: float(count) for version, count in found}
+
+
+def test_pinned_grpc_request_reaches_that_version(two_versions, tmp_path_factory):
+    """TorchServe's gRPC Predictions reply has no place for a handler's headers (its GRPCJob
+    drops them), so which version answered is read from Kiln's per-version batch counts."""
+    pb2, pb2_grpc = load_stubs(tmp_path_factory.mktemp("grpc-stubs"))
+    body, _ = encode_file(SEVEN)
+    before = batches_by_version(two_versions)
+    with grpc.insecure_channel(f"127.0.0.1:{two_versions.ports.grpc_inference}") as channel:
+        stub = pb2_grpc.InferenceAPIsServiceStub(channel)
+        for _ in range(3):  # one at a time: each is a batch of its own
+            reply = stub.Predictions(
+                pb2.PredictionsRequest(model_name=MODEL, model_version="2.0",
+                                       input={"data": body}),
+                metadata=(("authorization", f"Bearer {two_versions.keys()['inference']}"),),
+                timeout=30)
+            assert answer_from_reply(reply.prediction).body["label"] == "7"
+    after = batches_by_version(two_versions)
+    assert after["2.0"] - before.get("2.0", 0) == 3
+    assert after.get("1.0", 0) == before.get("1.0", 0)
