@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import processes, supervise
+from kiln.deploy import processes, routing, supervise
 from kiln.deploy.detached import Detached, pid_from
 
 # The header that carries a form body's content type past TorchServe to Kiln's handler, and
@@ -266,7 +266,9 @@ def render(s: FrontSettings) -> str:
         "DRAINING_FLAG": str(s.draining_flag), "USER_LINE": s.run_as,
         "UPSTREAM_AUTH": f"Bearer {s.upstream_token}" if s.upstream_token else "",
         "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "PROTOCOL_HEADER": PROTOCOL_HEADER,
-        "RETRY_AFTER_S": RETRY_AFTER_S,
+        "RETRY_AFTER_S": RETRY_AFTER_S, "ROUTE_STATE": routing.STATE_FILE,
+        "ROUTE_HEADER_VAR": routing.nginx_variable(routing.ROUTE_HEADER),
+        "ROUTE_PREFIX": routing.ROUTE_PREFIX,
         "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,
         "ODD_PATH_ERROR": json_error(400, ODD_PATH), "REFUSED_KEY_RATE": REFUSED_KEY_RATE,
         "REFUSED_KEY_BURST": REFUSED_KEY_BURST, "KEY_REFUSED_PATH": KEY_REFUSED_PATH,

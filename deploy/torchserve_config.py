@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kiln.deploy import plugins
+from kiln.deploy import plugins, routing
 from kiln.deploy.ports import HOST, Ports
 from kiln.deploy.serving import ModelServing, declared_serving
 from kiln.handlers.cores import usable_cores
@@ -174,6 +174,7 @@ class ServerSettings:
                       "-XX:+UseContainerSupport "
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
+                      f"-D{routing.STATE_PROPERTY}={routing.state_file(self.run_dir)} "
                       + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.plugins_dir(),

@@ -1,10 +1,15 @@
 """Two versions of lenet served side by side (issue 18): pinned requests reach the version
 they name on REST, OIP and gRPC, and every REST and OIP answer says which version gave it."""
 
+import http.client
 import json
+import math
+import os
 import re
 import shutil
+import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -14,6 +19,7 @@ import requests
 from PIL import Image
 
 from kiln.client import encode_file
+from kiln.deploy import routing
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import answer_from_reply, load_stubs
 from kiln.handlers.handler import VERSION_HEADER
@@ -70,11 +76,12 @@ def rest(srv: Server, path: str) -> requests.Response:
                          headers={**auth(srv), "Content-Type": content_type})
 
 
+OIP_BODY = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+                        "data": [np.asarray(Image.open(SEVEN)).tolist()]}]}
+
+
 def oip_infer(srv: Server, path: str) -> requests.Response:
-    pixels = np.asarray(Image.open(SEVEN)).tolist()
-    body = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
-                        "data": [pixels]}]}
-    return requests.post(f"{srv.url('oip')}{path}", json=body, headers=auth(srv), timeout=30)
+    return requests.post(f"{srv.url('oip')}{path}", json=OIP_BODY, headers=auth(srv), timeout=30)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -158,3 +165,113 @@ def test_pinned_grpc_request_reaches_that_version(two_versions, tmp_path_factory
     after = batches_by_version(two_versions)
     assert after["2.0"] - before.get("2.0", 0) == 3
     assert after.get("1.0", 0) == before.get("1.0", 0)
+
+
+# --- routes: unpinned requests follow run/versions.json, with no reload --------------------
+
+
+def write_route(srv: Server, route: dict[str, int] | None, default: str = "1.0") -> None:
+    """The state file as Kiln's admin commands write it (deploy/versions.py): atomically."""
+    state = {MODEL: {"versions": {v: {"archive": f"{MODEL}-{v}.mar", "digest": "", "state": "ready"}
+                                  for v in VERSIONS},
+                     "default": default, "previous": None, "route": route, "shadows": {}}}
+    path = routing.state_file(srv.run_dir)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(state))
+    os.replace(part, path)
+
+
+@pytest.fixture
+def routed(two_versions):
+    """The server, its state file removed afterwards (unpinned requests back to the default)."""
+    try:
+        yield two_versions
+    finally:
+        routing.state_file(two_versions.run_dir).unlink(missing_ok=True)
+        wait_version(two_versions, "1.0")
+
+
+def unpinned(srv: Server, session: requests.Session, key: str | None = None,
+             protocol: str = "rest") -> str:
+    """The version that answered one unpinned request (asserting it was answered)."""
+    headers = {routing.ROUTING_KEY_HEADER: key} if key else {}
+    if protocol == "rest":
+        body, content_type = encode_file(SEVEN)
+        r = session.post(f"{srv.url('inference')}/predictions/{MODEL}", data=body, timeout=30,
+                         headers={**auth(srv), **headers, "Content-Type": content_type})
+    else:
+        r = session.post(f"{srv.url('oip')}/v2/models/{MODEL}/infer", json=OIP_BODY,
+                         headers={**auth(srv), **headers}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.headers[VERSION_HEADER]
+
+
+def wait_version(srv: Server, version: str, within_s: float = 10) -> float:
+    """Seconds until an unpinned request is answered by `version` (polling, no sleep)."""
+    started = time.monotonic()
+    with requests.Session() as session:
+        while unpinned(srv, session) != version:
+            assert time.monotonic() - started < within_s, f"the route never reached {version}"
+    return time.monotonic() - started
+
+
+# Within 4.5 standard deviations of a binomial count: a correct split fails this about once in
+# 150,000 runs; 50/50 instead of 70/30 (a route ignored or read wrong) always does.
+def within_binomial(count: int, n: int, p: float) -> bool:
+    return abs(count - n * p) <= 4.5 * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize(("protocol", "n"), [("rest", 1000), ("oip", 400)])
+def test_unpinned_requests_split_by_the_routes_weights(routed, protocol, n):
+    write_route(routed, {"2.0": 100})
+    wait_version(routed, "2.0")
+    write_route(routed, {"1.0": 70, "2.0": 30})
+    wait_version(routed, "1.0")
+    with requests.Session() as session:
+        counts = Counter(unpinned(routed, session, protocol=protocol) for _ in range(n))
+    assert set(counts) == {"1.0", "2.0"}
+    assert within_binomial(counts["2.0"], n, 0.3), counts
+
+
+def test_a_routing_key_always_lands_on_the_same_version(routed):
+    write_route(routed, {"2.0": 100})
+    wait_version(routed, "2.0")
+    write_route(routed, {"1.0": 50, "2.0": 50})
+    wait_version(routed, "1.0")
+    with requests.Session() as session:
+        seen = {key: {unpinned(routed, session, key, protocol) for _ in range(3)
+                      for protocol in ("rest", "oip")}
+                for key in (f"user-{i}" for i in range(20))}
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    assert {v for versions in seen.values() for v in versions} == {"1.0", "2.0"}
+
+
+def test_a_route_change_takes_effect_within_a_second_without_a_failed_request(routed):
+    """One keep-alive client sends throughout; the route moves all traffic to 2.0."""
+    write_route(routed, {"1.0": 100})
+    conn = http.client.HTTPConnection("127.0.0.1", routed.ports.inference, timeout=30)
+    body, content_type = encode_file(SEVEN)
+    headers = {**auth(routed), "Content-Type": content_type}
+    answers = []
+
+    def send() -> str:
+        conn.request("POST", f"/predictions/{MODEL}", body, headers)
+        r = conn.getresponse()
+        r.read()
+        answers.append((r.status, r.getheader(VERSION_HEADER), conn.sock))
+        return r.getheader(VERSION_HEADER)
+
+    try:
+        while send() != "1.0":
+            pass
+        write_route(routed, {"2.0": 100})
+        changed = time.monotonic()
+        while send() != "2.0":
+            assert time.monotonic() - changed < 1.0, "the route change took over 1 s"
+        for _ in range(50):  # and it stays
+            send()
+    finally:
+        conn.close()
+    assert {status for status, _, _ in answers} == {200}
+    assert [v for _, v, _ in answers[-50:]] == ["2.0"] * 50
+    assert all(s is answers[0][2] for _, _, s in answers), "the client's connection was replaced"

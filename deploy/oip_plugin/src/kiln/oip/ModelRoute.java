@@ -31,6 +31,11 @@ final class ModelRoute {
         return new ModelRoute(path.get(1), version, rest.isEmpty() ? "" : rest.get(0));
     }
 
+    /** The same route to another version (null: the default one). */
+    ModelRoute withVersion(String other) {
+        return new ModelRoute(name, other, action);
+    }
+
     String describe() {
         return "'" + name + "'" + (version == null ? "" : " version '" + version + "'");
     }

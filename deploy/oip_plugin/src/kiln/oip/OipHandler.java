@@ -44,6 +44,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         final ByteBuf body;
         final String contentType;
         final String binaryHeader;
+        final String routingKey;
         final String authorization;
         final HttpVersion version;
         final boolean keepAlive;
@@ -53,6 +54,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
             path = new QueryStringDecoder(request.uri()).path();
             contentType = request.headers().get(HttpHeaderNames.CONTENT_TYPE);
             binaryHeader = request.headers().get(BinaryTensors.HEADER);
+            routingKey = request.headers().get(Router.KEY_HEADER);
             authorization = request.headers().get(HttpHeaderNames.AUTHORIZATION);
             version = request.protocolVersion();
             keepAlive = HttpUtil.isKeepAlive(request);
@@ -140,7 +142,8 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         CompletableFuture<Reply> reply;
         try {
             reply = authorised(call.authorization)
-                    ? routes.handle(call.method, call.path, call.body, call.contentType, call.binaryHeader)
+                    ? routes.handle(call.method, call.path, call.body, call.contentType,
+                            call.binaryHeader, call.routingKey)
                     : CompletableFuture.completedFuture(Reply.error(401, "token authorization failed: "
                             + "send the inference token as 'Authorization: Bearer <token>'"));
         } catch (RuntimeException e) {

@@ -49,20 +49,31 @@ final class OipRoutes {
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
 
     private final Map<String, JsonObject> metadataByDir = new ConcurrentHashMap<>();
-    private final RequestLimits limits;
+    // What the front proxy asks before it forwards an unpinned REST prediction: GET
+    // ROUTE_PREFIX + NAME, answered 200 with the version in ROUTE_HEADER (empty: the default).
+    static final String ROUTE_PREFIX = "/kiln-route/";
+    static final String ROUTE_HEADER = "X-Kiln-Route-Version";
 
-    OipRoutes(RequestLimits limits) {
+    private final RequestLimits limits;
+    private final Router router;
+
+    OipRoutes(RequestLimits limits, Router router) {
         this.limits = limits;
+        this.router = router;
     }
 
     /**
      * path: the request path, /v2 included; body: null for a GET, else Netty's buffer, only
      * read, and released by the caller once the answer completes; binaryHeader: the request's
-     * Inference-Header-Content-Length, or null. Only infer is answered later; the other routes
-     * answer from the frontend's state at once.
+     * Inference-Header-Content-Length, or null; routingKey: the client's Router.KEY_HEADER, or
+     * null. Only infer is answered later; the other routes answer from the frontend's state at
+     * once.
      */
     CompletableFuture<Reply> handle(String method, String path, ByteBuf body, String contentType,
-            String binaryHeader) {
+            String binaryHeader, String routingKey) {
+        if (path.startsWith(ROUTE_PREFIX) && method.equals("GET")) {
+            return now(routed(path.substring(ROUTE_PREFIX.length()), routingKey));
+        }
         List<String> parts = segments(path);
         if (parts == null) {
             return now(Reply.error(404, "no such route: " + path + " (the protocol is under /v2)"));
@@ -71,6 +82,9 @@ final class OipRoutes {
             ModelRoute route = ModelRoute.parse(parts);
             if (route == null || !route.action.equals("infer")) {
                 return now(Reply.error(405, "POST is only for /v2/models/NAME/infer"));
+            }
+            if (route.version == null) {  // unpinned: the route picks the version
+                route = route.withVersion(servedOrNull(route.name, router.pick(route.name, routingKey)));
             }
             Reply missing = missingModel(route);
             return missing != null ? now(missing) : infer(route, body, contentType, binaryHeader);
@@ -166,6 +180,21 @@ final class OipRoutes {
 
     private static Map<String, Model> models() {
         return new ModelServerContext().getModels();
+    }
+
+    /**
+     * The version the route picks for an unpinned REST prediction; an empty one (the default)
+     * when the model has no route or the picked version is not registered (any other answer
+     * than 2xx would be the client's 500: nginx's auth_request).
+     */
+    private Reply routed(String name, String routingKey) {
+        String version = servedOrNull(name, router.pick(name, routingKey));
+        return Reply.json(200, new JsonObject()).withHeader(ROUTE_HEADER, version == null ? "" : version);
+    }
+
+    /** `version` when `name` serves it, else null (the default version). */
+    private static String servedOrNull(String name, String version) {
+        return version != null && served(name, version) != null ? version : null;
     }
 
     /** The model's version `version`, its default one when null; null when not served. */

@@ -67,7 +67,7 @@ final class OipServer {
         EventLoopGroup boss = new NioEventLoopGroup(1, new DefaultThreadFactory("kiln-oip-accept", true));
         EventLoopGroup loops = new NioEventLoopGroup(LOOP_THREADS, new DefaultThreadFactory("kiln-oip", true));
         RequestLimits requestLimits = RequestLimits.fromProperties();
-        OipRoutes routes = new OipRoutes(requestLimits);
+        OipRoutes routes = new OipRoutes(requestLimits, Router.fromProperty());
         AtomicInteger open = new AtomicInteger();
         AtomicLong inFlight = new AtomicLong();
         int maxBody = ConfigManager.getInstance().getMaxRequestSize();

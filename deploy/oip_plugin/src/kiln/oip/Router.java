@@ -1,0 +1,136 @@
+package kiln.oip;
+
+import com.google.gson.JsonElement;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.NoSuchFileException;
+import java.nio.file.Path;
+import java.nio.file.attribute.BasicFileAttributes;
+import java.util.LinkedHashMap;
+import java.util.Map;
+import java.util.concurrent.ThreadLocalRandom;
+import java.util.zip.CRC32;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * Which version an unpinned request goes to: the model's route in the run folder's state file
+ * (run/versions.json, written atomically by Kiln's admin commands, deploy/versions.py). The
+ * file is read again when it changed, looked at no more often than every CHECK_EVERY_NS, so a
+ * route change takes effect within that without reloading the front proxy, which would close
+ * kept-alive client connections (loadtests/studies/reload_keepalive.py).
+ */
+final class Router {
+
+    /** The state file's path, set with -Dkiln.route.state=... in config.properties' vmargs. */
+    static final String STATE_PROPERTY = "kiln.route.state";
+    /** A client's routing key: the same key always lands on the same version of a route. */
+    static final String KEY_HEADER = "X-Kiln-Routing-Key";
+    private static final long CHECK_EVERY_NS = 100_000_000L;
+    private static final Logger LOG = LoggerFactory.getLogger(Router.class);
+
+    private final Path state;
+    private volatile Map<String, Map<String, Double>> weights = Map.of();
+    private volatile long checkedAt = System.nanoTime() - CHECK_EVERY_NS;
+    private volatile String stamp = "";
+
+    Router(Path state) {
+        this.state = state;
+    }
+
+    static Router fromProperty() {
+        String path = System.getProperty(STATE_PROPERTY);
+        return new Router(path == null ? null : Path.of(path));
+    }
+
+    /** The version to serve `model` with; null for TorchServe's default version. */
+    String pick(String model, String key) {
+        Map<String, Double> route = current().get(model);
+        if (route == null || route.isEmpty()) {
+            return null;
+        }
+        double total = route.values().stream().mapToDouble(Double::doubleValue).sum();
+        double at = fraction(key) * total;
+        String last = null;
+        for (Map.Entry<String, Double> entry : route.entrySet()) {
+            last = entry.getKey();
+            at -= entry.getValue();
+            if (at < 0) {
+                return last;
+            }
+        }
+        return last;  // rounding at the very top end
+    }
+
+    /** Where in [0, 1) a request falls: by its key's hash, or at random without one. */
+    private static double fraction(String key) {
+        if (key == null || key.isEmpty()) {
+            return ThreadLocalRandom.current().nextDouble();
+        }
+        CRC32 crc = new CRC32();
+        crc.update(key.getBytes(StandardCharsets.UTF_8));
+        return crc.getValue() / (double) (1L << 32);
+    }
+
+    private Map<String, Map<String, Double>> current() {
+        long now = System.nanoTime();
+        if (state == null || now - checkedAt < CHECK_EVERY_NS) {
+            return weights;
+        }
+        synchronized (this) {
+            if (now - checkedAt >= CHECK_EVERY_NS) {
+                reload();
+                checkedAt = now;
+            }
+        }
+        return weights;
+    }
+
+    /** Reads the file when its modification time or size changed; keeps the last good one. */
+    private void reload() {
+        String seen;
+        try {
+            BasicFileAttributes attrs = Files.readAttributes(state, BasicFileAttributes.class);
+            seen = attrs.lastModifiedTime().toMillis() + ":" + attrs.size() + ":" + attrs.fileKey();
+            if (seen.equals(stamp)) {
+                return;
+            }
+            weights = parse(JsonParser.parseString(Files.readString(state)).getAsJsonObject());
+            stamp = seen;
+        } catch (NoSuchFileException e) {
+            weights = Map.of();
+            stamp = "";
+        } catch (IOException | RuntimeException e) {
+            LOG.warn("cannot read the route state {}: keeping the routes in force", state, e);
+        }
+    }
+
+    /**
+     * Per model, version -> weight: its route's positive weights, or its default alone. The
+     * state file says, per model: {"versions": {...}, "default": V, "route": {V: w}|null, ...}.
+     */
+    static Map<String, Map<String, Double>> parse(JsonObject root) {
+        Map<String, Map<String, Double>> out = new LinkedHashMap<>();
+        for (Map.Entry<String, JsonElement> model : root.entrySet()) {
+            JsonObject entry = model.getValue().getAsJsonObject();
+            Map<String, Double> route = new LinkedHashMap<>();
+            JsonElement given = entry.get("route");
+            if (given != null && given.isJsonObject()) {
+                for (Map.Entry<String, JsonElement> w : given.getAsJsonObject().entrySet()) {
+                    if (w.getValue().getAsDouble() > 0) {
+                        route.put(w.getKey(), w.getValue().getAsDouble());
+                    }
+                }
+            }
+            JsonElement fallback = entry.get("default");
+            if (route.isEmpty() && fallback != null && fallback.isJsonPrimitive()) {
+                route.put(fallback.getAsString(), 1.0);
+            }
+            out.put(model.getKey(), route);
+        }
+        return out;
+    }
+}
