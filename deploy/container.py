@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kiln.declaration import DeclarationError
-from kiln.deploy import contract, front, metrics_exporter
+from kiln.deploy import contract, front, metrics_exporter, routing
 from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
@@ -167,6 +167,7 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
                   "grpc": internal.grpc_inference, "metrics": internal.metrics},
         max_body=server.max_request_size, ready_path=contract.READY_PATH,
         live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
+        route_state=routing.state_file(server.run_dir),
         shutdown_s=max(1, int(settings.grace_s - settings.drain_delay_s
                               - settings.stop_reserve_s())),
         run_as=front.run_as_line(),

@@ -108,6 +108,7 @@ class FrontSettings:
     ready_path: str
     live_path: str
     draining_flag: Path  # readiness says no while it exists (kiln-container's drain)
+    route_state: Path  # the versions served and their routes (deploy/routing.py), if any
     shutdown_s: int = 10  # what a graceful quit gives requests in flight
     # TorchServe's inference token when its token auth is on (kiln serve: its management API
     # keeps it); the proxy replaces the client's key with it. None: TorchServe checks nothing.
@@ -266,7 +267,7 @@ def render(s: FrontSettings) -> str:
         "DRAINING_FLAG": str(s.draining_flag), "USER_LINE": s.run_as,
         "UPSTREAM_AUTH": f"Bearer {s.upstream_token}" if s.upstream_token else "",
         "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "PROTOCOL_HEADER": PROTOCOL_HEADER,
-        "RETRY_AFTER_S": RETRY_AFTER_S, "ROUTE_STATE": routing.STATE_FILE,
+        "RETRY_AFTER_S": RETRY_AFTER_S, "ROUTE_STATE": str(s.route_state),
         "ROUTE_HEADER_VAR": routing.nginx_variable(routing.ROUTE_HEADER),
         "ROUTE_PREFIX": routing.ROUTE_PREFIX,
         "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,

@@ -33,6 +33,7 @@ from kiln.deploy.ports import (  # noqa: F401
     Ports,
     run_dirs_on,
 )
+from kiln.deploy.routing import state_file as route_state_file
 from kiln.deploy.serving import (  # noqa: F401
     BATCH_PER_MODEL,
     MAX_BATCH_DELAY_MS,
@@ -234,6 +235,7 @@ class Server:
                       "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
+            route_state=route_state_file(self.run_dir),
             upstream_token=upstream_token, run_as=front.run_as_line(),
             kiln_metrics_socket=self.exporter.socket)
 

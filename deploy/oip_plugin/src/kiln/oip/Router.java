@@ -8,7 +8,6 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.NoSuchFileException;
 import java.nio.file.Path;
-import java.nio.file.attribute.BasicFileAttributes;
 import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.concurrent.ThreadLocalRandom;
@@ -19,9 +18,11 @@ import org.slf4j.LoggerFactory;
 /**
  * Which version an unpinned request goes to: the model's route in the run folder's state file
  * (run/versions.json, written atomically by Kiln's admin commands, deploy/versions.py). The
- * file is read again when it changed, looked at no more often than every CHECK_EVERY_NS, so a
- * route change takes effect within that without reloading the front proxy, which would close
- * kept-alive client connections (loadtests/studies/reload_keepalive.py).
+ * file (a few hundred bytes) is read at most every CHECK_EVERY_NS and parsed when its text
+ * changed, so a route change takes effect within that without reloading the front proxy, which
+ * would close kept-alive client connections (loadtests/studies/reload_keepalive.py). Its
+ * modification time cannot tell: two writes within one kernel tick share it, and an
+ * atomically replaced file of the same size may reuse the inode.
  */
 final class Router {
 
@@ -35,7 +36,7 @@ final class Router {
     private final Path state;
     private volatile Map<String, Map<String, Double>> weights = Map.of();
     private volatile long checkedAt = System.nanoTime() - CHECK_EVERY_NS;
-    private volatile String stamp = "";
+    private String text = "";
 
     Router(Path state) {
         this.state = state;
@@ -89,20 +90,18 @@ final class Router {
         return weights;
     }
 
-    /** Reads the file when its modification time or size changed; keeps the last good one. */
+    /** Parses the file when its text changed; a bad one keeps the routes in force. */
     private void reload() {
-        String seen;
         try {
-            BasicFileAttributes attrs = Files.readAttributes(state, BasicFileAttributes.class);
-            seen = attrs.lastModifiedTime().toMillis() + ":" + attrs.size() + ":" + attrs.fileKey();
-            if (seen.equals(stamp)) {
+            String now = Files.readString(state);
+            if (now.equals(text)) {
                 return;
             }
-            weights = parse(JsonParser.parseString(Files.readString(state)).getAsJsonObject());
-            stamp = seen;
+            weights = parse(JsonParser.parseString(now).getAsJsonObject());
+            text = now;
         } catch (NoSuchFileException e) {
             weights = Map.of();
-            stamp = "";
+            text = "";
         } catch (IOException | RuntimeException e) {
             LOG.warn("cannot read the route state {}: keeping the routes in force", state, e);
         }
