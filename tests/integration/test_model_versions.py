@@ -282,3 +282,12 @@ def test_a_route_change_takes_effect_within_a_second_without_a_failed_request(ro
     assert {status for status, _, _ in answers} == {200}
     assert [v for _, v, _ in answers[-50:]] == ["2.0"] * 50
     assert all(s is answers[0][2] for _, _, s in answers), "the client's connection was replaced"
+
+
+@pytest.mark.parametrize("path", ["/kiln-route", "/kiln-routed-prediction",
+                                  f"/kiln-route/{MODEL}"])
+def test_the_route_lookup_is_not_a_public_route(two_versions, path):
+    r = requests.get(f"{two_versions.url('inference')}{path}", headers=auth(two_versions),
+                     timeout=30)
+    assert r.status_code == 404
+    assert VERSION_HEADER not in r.headers
