@@ -55,9 +55,9 @@ def shipped_package(mar: Path) -> set[str]:
 
 
 def ensure_built(name: str, backend: str = "onnx", store: Path | None = None,
-                 models_dirs: list[Path] | None = None) -> Path:
-    """Path of an up-to-date NAME.mar in `store` (default: the workspace's), building what it
-    needs."""
+                 models_dirs: list[Path] | None = None, version: str | None = None) -> Path:
+    """Path of an up-to-date NAME.mar (NAME-V.mar for a `version`) in `store` (default: the
+    workspace's), building what it needs."""
     decl = declaration.get(name, models_dirs)
     name = decl.name
     dirs = [*(models_dirs or []), decl.folder]
@@ -80,17 +80,21 @@ def ensure_built(name: str, backend: str = "onnx", store: Path | None = None,
         fallback = sorted(exported)[0]
         log.warning("%s: no %s export; archiving %s instead", name, backend, fallback)
         backend = fallback
-    mar = store / f"{name}.mar"
+    mar = store / archive.archive_name(name, version)
     inputs = archive.archive_inputs(decl, folder, backend)
     # Its model-config.yaml holds the handler's options and the response timeout; an archive
     # from before workers and batching moved to kiln serve differs here too, and is rebuilt,
     # as is one that ships other files of Kiln than a worker imports (the whole root, once),
     # or other OIP metadata than its signature gives (or none, as before the plugin read it).
-    wanted = (backend, archive.config_for(decl).model_config(), set(layout.worker_files()),
+    # Its weights digest too: an archive without one (or another) is rebuilt.
+    digest = archive.weights_digest(folder / export.FORMS[backend])
+    wanted = (backend, archive.model_config(archive.config_for(decl), digest),
+              set(layout.worker_files()),
               oip.tensor_metadata(json.loads(signature.read_text())))
     if stale(mar, inputs) or archive_manifest(mar) != wanted:
         log.info("%s: archiving (%s)", name, backend)
-        archive.build(name, backend, artifacts=folder, store=store, models_dirs=dirs)
+        archive.build(name, backend, artifacts=folder, store=store, models_dirs=dirs,
+                      version=version)
     else:
         log.info("%s: %s is up to date", name, mar)
     return mar
