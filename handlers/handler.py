@@ -39,6 +39,8 @@ SERVED_WORKERS_ENV = "KILN_SERVED_WORKERS"
 SIGNATURE_FILE = "signature.json"
 JSON_CONTENT_TYPE = "application/json"
 BATCH_SIZE_HEADER = "Kiln-Batch-Size"
+# The worker's pid: `kiln deploy` warms a version until each of its workers has answered.
+WORKER_HEADER = "Kiln-Worker"
 # Reason phrases stay fixed: they go into the HTTP status line, where text taken from a
 # request (a feature name, say) does not belong. The details are in the JSON body.
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
@@ -172,6 +174,7 @@ class KilnHandler:
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             # Which server-side batch a request rode in: clients and tests can see batching.
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
+            context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
             started = self.metrics.now()
             admitted = budget.state()
             try:
