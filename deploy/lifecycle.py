@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ CALL_TIMEOUT_S = 10
 # warm-up input batch-size times at once, which TorchServe spreads over idle workers.
 WARM_ROUNDS = 20
 RANDOM_INPUTS = 4
-# How often retire asks whether the version's queue has drained.
-DRAIN_POLL_S = 0.05
 
 
 class LifecycleError(RuntimeError):
@@ -271,28 +268,29 @@ def rollback(target: Target, name: str) -> str:
     return f"{name}: rolled back to {state[name]['default']}"
 
 
-def retire(target: Target, name: str, v: str, timeout: float = 60) -> str:
-    """Forget `v` (no route sends it traffic now), let what its queue holds finish, then
-    unregister it and remove its versioned archive."""
+def retire(target: Target, name: str, v: str) -> str:
+    """Forget `v` (no route sends it traffic from now on), let the requests it holds finish,
+    then unregister it and remove its versioned archive."""
     with versions.transaction(target.run_dir) as state:
         archive = versions.version(state, name, v)["archive"]
         versions.retire(state, name, v)
         versions.write(target.run_dir, state)  # the proxy stops sending it requests
-        drain(target.management, name, v, timeout)
+        drain(target, name, v)
         target.management.unregister(name, v)
     if archive != f"{name}.mar":
         (target.store / archive).unlink(missing_ok=True)
     return f"{name} {v} retired"
 
 
-def drain(management: Management, name: str, v: str, timeout: float) -> None:
-    """Until TorchServe holds no request of `v` waiting (those its workers hold are answered
-    before an unregister stops them)."""
-    deadline = time.monotonic() + timeout
-    while management.describe(name, v).get("jobQueueStatus", {}).get("pendingRequests", 0):
-        if time.monotonic() > deadline:
-            raise LifecycleError(f"{name} {v} still has requests waiting after {timeout:g} s")
-        time.sleep(DRAIN_POLL_S)
+def drain(target: Target, name: str, v: str) -> None:
+    """Return once every request `v` held has been answered. TorchServe 0.12 does not wait
+    for them: an unregister (or a scale to 0 workers) leaves the requests its workers hold
+    unanswered until the client gives up, and answers those queued 404 or 503 (measured: 6
+    of 24 requests in flight hung for 60 s, the rest got 404). Its queue is first in, first
+    out and a worker takes a batch only when done with the last: once each worker has
+    answered a request sent now, all sent before have been answered."""
+    like = target.management.describe(name, v)
+    warm(target, name, v, int(like["batchSize"]))
 
 
 # -- a restart ----------------------------------------------------------------------------------

@@ -1,16 +1,22 @@
 """kiln deploy, promote, rollback, retire and a restart, on a real TorchServe serving lenet
 (its 1.0 the workspace's trained weights, its 2.0 a one-batch run with another seed)."""
 
+import concurrent.futures
+import contextlib
+import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from kiln.cli.main import main
-from kiln.deploy import versions
+from kiln.deploy import lifecycle, versions
 from kiln.deploy.ports import Ports
 from kiln.deploy.server import Server, ServerSettings
+from kiln.handlers import limits
 from kiln.model_store import archived_digest
 from kiln.training import export, train
 
@@ -112,13 +118,45 @@ def test_promote_then_a_restart_brings_the_versions_back(served, capsys):
         ["lenet", "2.0", "ready", "2/2", "default", "100"]]
 
 
+IN_FLIGHT = 24
+
+
+@contextlib.contextmanager
+def in_flight(ws, v):
+    """IN_FLIGHT requests pinned to version `v` (large images: they take a while), sent
+    straight to TorchServe; inside the block at least one was answered and others are still
+    in flight; after it, the answers (a request that was never answered raises)."""
+    target = lifecycle.Target.of(ws / "run", ws / "model_store")
+    # Under the pixels past which a worker in debt answers 503 (handlers/limits.py).
+    side = int(limits.CHEAP_REQUEST_PIXELS ** 0.5) - 24
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
+                    ).save(png, format="PNG")
+    url = f"{target.inference_url}/predictions/{NAME}/{v}"
+    headers = {"Authorization": f"Bearer {target.inference_token}",
+               "Content-Type": "image/png"}
+    answers = []
+    with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT) as pool:
+        jobs = [pool.submit(requests.post, url, data=png.getvalue(), headers=headers,
+                            timeout=30) for _ in range(IN_FLIGHT)]
+        first = next(concurrent.futures.as_completed(jobs))
+        assert first.result().status_code == 200
+        assert not all(job.done() for job in jobs)
+        yield answers
+        answers.extend(job.result() for job in jobs)
+
+
 def test_rollback_and_retire(served, caplog):
     ws, flags = served
     assert kiln(ws, "rollback", NAME, *flags) == 0
     assert served_versions(ws)["default"] == "1.0"
     assert kiln(ws, "retire", NAME, "1.0", *flags) == 1
     assert "lenet 1.0 is the default: promote another version first" in caplog.text
-    assert kiln(ws, "retire", NAME, "2.0", *flags) == 0
+    with in_flight(ws, "2.0") as answers:
+        assert kiln(ws, "retire", NAME, "2.0", *flags) == 0
+    # What 2.0 held when it was retired was answered, not dropped.
+    assert [(a.status_code, a.text[:150]) for a in answers if a.status_code != 200] == []
+    assert [a.status_code for a in answers] == [200] * IN_FLIGHT
     assert served_versions(ws) == {"1.0": "lenet.mar", "default": "1.0"}
     assert not (ws / "model_store" / "lenet-2.0.mar").exists()
     assert json.loads(versions.state_file(ws / "run").read_text())[NAME]["versions"].keys() \
