@@ -78,7 +78,8 @@ def test_a_deploy_failing_its_parity_gate_changes_nothing(served, monkeypatch, c
         "checkpoint.pt", "meta.json", "state_dict.pt"]
 
 
-def test_deploy_registers_and_warms_the_new_version_beside_the_default(served, capsys):
+def test_deploy_registers_and_warms_the_new_version_beside_the_default(served, capsys,
+                                                                        caplog):
     ws, flags = served
     assert kiln(ws, "deploy", NAME, "--version", "2.0", *flags) == 0
     assert "lenet 2.0 deployed and warm (lenet-2.0.mar); the default is still 1.0" in \
@@ -100,6 +101,11 @@ def test_deploy_registers_and_warms_the_new_version_beside_the_default(served, c
     assert kiln(ws, "deploy", NAME, "--version", "2.0", *flags) == 0
     assert "already deployed with these weights: nothing to do" in capsys.readouterr().out
     assert versions.load(ws / "run") == state
+    # The declaration's version, 1.0, is served with the trained weights, not these.
+    assert kiln(ws, "deploy", NAME, *flags) == 1
+    assert "lenet 1.0 is already served with other weights" in caplog.text
+    assert versions.load(ws / "run") == state
+    assert sorted(p.name for p in store.iterdir()) == ["lenet-2.0.mar", "lenet.mar"]
 
 
 def test_promote_then_a_restart_brings_the_versions_back(served, capsys):

@@ -6,10 +6,11 @@ import stat
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 
-from kiln.deploy import versions
+from kiln.deploy import lifecycle, versions
 from kiln.deploy.versions import Route, VersionsError
 
 D1, D2 = "a" * 64, "b" * 64
@@ -161,3 +162,24 @@ def test_an_unreadable_state_file_is_named(tmp_path):
     versions.state_file(tmp_path).write_text("{half")
     with pytest.raises(VersionsError, match="versions.json is not valid JSON"):
         versions.load(tmp_path)
+
+
+def archive_with(path, signature):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("signature.json", json.dumps(signature))
+    return path
+
+
+def test_a_version_with_other_inputs_or_outputs_needs_the_flag(tmp_path):
+    served = {"inputs": [{"name": "input", "shape": [-1, 30]}], "output": {"labels": ["a", "b"]},
+              "parity": {"onnx": {}}}
+    other = {**served, "output": {"labels": ["a", "b", "c"]}, "parity": {}}
+    old = archive_with(tmp_path / "m.mar", served)
+    new = archive_with(tmp_path / "m-2.0.mar", other)
+    # Parity figures and provenance may differ: clients see inputs and outputs only.
+    lifecycle.check_signature(old, archive_with(tmp_path / "m-1.1.mar", {**served,
+                                                                          "parity": {}}), False)
+    with pytest.raises(VersionsError, match=r"m-2.0.mar's output differ from the served "
+                                            r"default's \(m.mar\)"):
+        lifecycle.check_signature(old, new, False)
+    lifecycle.check_signature(old, new, True)
