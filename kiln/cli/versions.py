@@ -64,6 +64,42 @@ def cmd_retire(args) -> int:
     return _run(lambda: lifecycle.retire(_target(args), args.name, args.version))
 
 
+def cmd_route(args) -> int:
+    def action() -> str:
+        weights = parse_weights(args.weights) if args.weights else None
+        with versions.transaction(args.run_dir) as state:
+            versions.set_route(state, args.name, weights)
+        shown = ", ".join(f"{v}={w:g}" for v, w in weights.items()) if weights else "default"
+        return f"{args.name}: unpinned requests follow {shown}"
+
+    return _run(action)
+
+
+def parse_weights(given: list[str]) -> dict[str, float]:
+    """["1.0=90", "2.0=10"] as {version: percent}."""
+    weights = {}
+    for item in given:
+        v, _, weight = item.partition("=")
+        if v in weights:
+            raise versions.VersionsError(f"{v} is given two weights")
+        try:
+            weights[v] = float(weight)
+        except ValueError:
+            raise versions.VersionsError(f"{item!r}: say VERSION=PERCENT (1.0=90)") from None
+    return weights
+
+
+def cmd_shadow(args) -> int:
+    def action() -> str:
+        with versions.transaction(args.run_dir) as state:
+            versions.set_shadow(state, args.name, args.version, args.fraction)
+        if args.fraction == 0:
+            return f"{args.name} {args.version} shadows nothing"
+        return f"{args.name} {args.version} shadows {args.fraction:g} of the routed requests"
+
+    return _run(action)
+
+
 def cmd_models(args) -> int:
     return _run(lambda: models_table(_target(args)))
 
@@ -122,6 +158,25 @@ def add_parsers(sub) -> None:
             p.add_argument("version", help="its version")
         server_arguments(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("route", help="split a model's unpinned requests among its versions",
+                       description="Record the weights (percent, adding up to 100) by which "
+                                   "unpinned requests go to ready versions, in "
+                                   "run/versions.json; no weights: all to the default.")
+    p.add_argument("name", help="served model")
+    p.add_argument("weights", nargs="*", metavar="VERSION=PERCENT",
+                   help="say 1.0=90 2.0=10 (default: none, all to the default)")
+    server_arguments(p)
+    p.set_defaults(func=cmd_route)
+    p = sub.add_parser("shadow", help="have a version also score a sample of the requests",
+                       description="Record that a ready version also scores this fraction of "
+                                   "the unpinned requests routed elsewhere (its answers reach "
+                                   "no client), in run/versions.json; 0 ends it.")
+    p.add_argument("name", help="served model")
+    p.add_argument("version", help="the shadowing version")
+    p.add_argument("--fraction", type=float, required=True,
+                   help="share of the routed requests, from 0 to 1 (0: stop shadowing)")
+    server_arguments(p)
+    p.set_defaults(func=cmd_shadow)
     p = sub.add_parser("models", help="each served model's versions, default, route, shadows",
                        description="List run/versions.json with each version's ready workers.")
     server_arguments(p)

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 
+from kiln.cli.main import main
 from kiln.deploy import lifecycle, versions
 from kiln.deploy.versions import Route, VersionsError
 
@@ -183,3 +184,23 @@ def test_a_version_with_other_inputs_or_outputs_needs_the_flag(tmp_path):
                                             r"default's \(m.mar\)"):
         lifecycle.check_signature(old, new, False)
     lifecycle.check_signature(old, new, True)
+
+
+def test_route_and_shadow_commands_write_the_state(tmp_path, capsys):
+    deployed(tmp_path)
+    run = ["--run-dir", str(tmp_path)]
+    assert main(["route", "lenet", "1.0=90", "2.0=10", *run]) == 0
+    assert main(["shadow", "lenet", "2.0", "--fraction", "0.2", *run]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "lenet: unpinned requests follow 1.0=90, 2.0=10",
+        "lenet 2.0 shadows 0.2 of the routed requests"]
+    assert versions.route(versions.load(tmp_path), "lenet") == Route(
+        "1.0", {"1.0": 90, "2.0": 10}, {"2.0": 0.2})
+    before = versions.state_file(tmp_path).read_bytes()
+    for argv in (["route", "lenet", "1.0=90", "2.0=20"], ["route", "lenet", "1.0=x"],
+                 ["route", "lenet", "1.0=50", "1.0=50"],
+                 ["shadow", "lenet", "3.0", "--fraction", "0.1"]):
+        assert main([*argv, *run]) == 1
+    assert versions.state_file(tmp_path).read_bytes() == before
+    assert main(["route", "lenet", *run]) == 0
+    assert versions.load(tmp_path)["lenet"]["route"] is None
