@@ -13,7 +13,8 @@ from pathlib import Path
 
 from kiln import layout
 from kiln.model_store import archive, read_archive
-from kiln.training import declaration, export, train
+from kiln.training import declaration
+from kiln.training.artifacts import ARTIFACTS, FORMS
 
 log = logging.getLogger("kiln.build")
 
@@ -32,7 +33,7 @@ def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str]]:
     if manifest is None:
         return None, None, set()
     serialized = manifest.get("model", {}).get("serializedFile")
-    backend = next((form for form, fname in export.FORMS.items() if fname == serialized), None)
+    backend = next((form for form, fname in FORMS.items() if fname == serialized), None)
     return backend, config, shipped_package(mar)
 
 
@@ -56,7 +57,7 @@ def ensure_built(name: str, backend: str | None = None, store: Path = archive.ST
     decl = declaration.get(name, models_dirs)
     name = decl.name
     dirs = [*(models_dirs or []), decl.folder]
-    folder = train.ARTIFACTS / name
+    folder = ARTIFACTS / name
     _export_if_stale(decl, folder, dirs)
     mar = store / f"{name}.mar"
     built_backend, built_config, shipped = archive_manifest(mar)
@@ -82,15 +83,20 @@ def ensure_built(name: str, backend: str | None = None, store: Path = archive.ST
 
 def _export_if_stale(decl: declaration.Declaration, folder: Path, dirs: list[Path]) -> None:
     """Train (a recipe's model without weights) and export when the exports are missing or
-    older than what they come from."""
+    older than what they come from. Only then are torch and the training code imported
+    (seconds, hundreds of MB): serving archives that are up to date needs neither."""
     if decl.recipe is not None:
         weights = [folder / "state_dict.pt", folder / "meta.json"]
         if not weights[0].exists():
+            from kiln.training import train
+
             log.info("%s: no weights yet, training with the default settings", decl.name)
             train.train(train.config_for([decl.name, "--out", str(folder), *_dirs_args(dirs)]))
     else:
         weights = [decl.state_dict]
     if stale(folder / "signature.json", [*weights, decl.path, *decl.source_files()]):
+        from kiln.training import export
+
         log.info("%s: exporting", decl.name)
         export.export(decl.name, folder, models_dirs=dirs)
 

@@ -174,7 +174,7 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
 def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_path,
                                                                  monkeypatch):
     export.export("binary", dry_runs / "binary")
-    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    monkeypatch.setattr(build, "ARTIFACTS", dry_runs)
     mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
     with zipfile.ZipFile(mar, "a") as z:  # as archives were built before: the whole root
         z.writestr("kiln/training/train.py", "")
@@ -187,7 +187,7 @@ def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_pa
 
 def test_ensure_built_keeps_what_kiln_archive_chose(dry_runs, tmp_path, monkeypatch, caplog):
     export.export("binary", dry_runs / "binary")
-    monkeypatch.setattr(build.train, "ARTIFACTS", dry_runs)
+    monkeypatch.setattr(build, "ARTIFACTS", dry_runs)
     options = {"top_k": 2, "intra_op_threads": 1, "require_gpu": True}
     decl = declaration.get("binary")
     chosen = archive.config_for(decl, response_timeout_s=45, **options)
