@@ -8,12 +8,12 @@ from pathlib import Path
 
 from kiln.client import TOKEN_HELP
 from kiln.handlers.backends import EXPORT_FILES
+from kiln.workspace import add_run_dir
 
 VIAS = ("local", "server", "ray")
 
 
-def add_arguments(p: argparse.ArgumentParser, run_dir: Path) -> None:
-    """`run_dir`: the --run-dir default, the one every other command has."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="declared model (or NAME.toml path) to run: its export in "
                    "artifacts/NAME")
     p.add_argument("input", type=Path, help="a folder of PNG/JPEG images (recursive), or a "
@@ -39,13 +39,12 @@ def add_arguments(p: argparse.ArgumentParser, run_dir: Path) -> None:
                    help="continue an interrupted run from its finished chunks (default: off)")
     p.add_argument("--allow-failures", action="store_true",
                    help="exit 0 even if some inputs could not be scored (default: exit 1)")
-    p.add_argument("--artifacts", type=Path, help="exported model folder (default: "
-                   "artifacts/NAME)")
+    p.add_argument("--artifacts", type=Path, help="exported model folder (default: the "
+                   "workspace's artifacts/NAME)")
     p.add_argument("--url", help="inference base URL for --via server (default: from "
                    "run/ports.json)")
     p.add_argument("--token", help=TOKEN_HELP)
-    p.add_argument("--run-dir", type=Path, default=run_dir,
-                   help="where kiln serve keeps its ports and tokens (default: run/)")
+    add_run_dir(p, "where kiln serve keeps its ports and tokens")
     p.add_argument("--timeout", type=float, default=30,
                    help="seconds per request (default: 30)")
     p.add_argument("--retries", type=int, default=6,

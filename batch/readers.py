@@ -11,7 +11,6 @@ import csv
 import functools
 import itertools
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 
 from kiln.batch import columns, tables
 from kiln.batch.chunks import BatchError, Chunk
-from kiln.handlers import features, images
+from kiln.handlers import kinds
 from kiln.handlers.errors import BadInput, quoted
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -41,7 +40,7 @@ def open_source(path: Path, signature, chunk_size: int) -> Source:
     check_batchable(signature)
     if path.is_dir():
         specs = signature["inputs"]
-        if len(specs) > 1 or specs[0]["kind"] != "image":
+        if len(specs) > 1 or not kinds.of(specs[0]).takes_encoded_images:
             raise BatchError(f"{path} is a folder of images but {signature['name']} takes "
                              f"{_what_it_takes(signature)}: give it a "
                              f"{'.npy, ' if takes_npy(signature) else ''}CSV, "
@@ -61,7 +60,7 @@ def open_source(path: Path, signature, chunk_size: int) -> Source:
 def _what_it_takes(signature) -> str:
     specs = signature["inputs"]
     if len(specs) == 1:
-        return "features" if specs[0]["kind"] == "features" else "a tensor"
+        return kinds.of(specs[0]).described
     return f"{len(specs)} inputs ({quoted([s['name'] for s in specs])}), one column each"
 
 
@@ -269,13 +268,7 @@ def _json_row(line: str, signature) -> np.ndarray:
     """One JSON Lines row as raw values, or BadInput with the handler's own message."""
     value = _json_value(line)
     spec = signature["inputs"][0]
-    if spec["kind"] == "features":
-        return features.features_from_json(value, spec)
-    shape = images.pixel_shape(spec)
-    if isinstance(value, list) and len(value) == math.prod(shape) and not isinstance(
-            value[0], list):
-        value = np.asarray(value).reshape(shape).tolist()
-    return images.pixels_from_json(value, spec)
+    return kinds.of(spec).raw_from_json(value, spec)
 
 
 def jsonl_source(path: Path, signature, chunk_size: int) -> Source:

@@ -13,7 +13,7 @@ import numpy as np
 from kiln.batch import columns
 from kiln.batch.chunks import Chunk, Scored
 from kiln.batch.columns import Layout
-from kiln.handlers import images, inputs, rest
+from kiln.handlers import images, inputs, kinds, rest
 from kiln.handlers.answers import NON_FINITE_ANSWER
 from kiln.handlers.errors import BadInput
 
@@ -54,7 +54,7 @@ def load_instance(instance: dict) -> tuple[dict | None, str | None]:
 def decodes_images(chunk: Chunk, signature) -> bool:
     """Whether decoding the chunk means decoding images (per-row Python work)."""
     return chunk.paths is not None or (chunk.instances is not None and any(
-        spec["kind"] == "image" for spec in signature["inputs"]))
+        kinds.of(spec).takes_encoded_images for spec in signature["inputs"]))
 
 
 def decode_chunk(chunk: Chunk, signature) -> Decoded:
@@ -84,7 +84,7 @@ def decode_images(raws: list[bytes | None], errors: list[str | None], signature)
         if raw is None:
             continue
         try:
-            if spec["kind"] == "image" and images.is_encoded_image(raw):
+            if kinds.of(spec).takes_encoded_images and images.is_encoded_image(raw):
                 framed[len(rows)] = images.framed_unit_from_bytes(raw, spec)
                 rows.append(None)
             else:  # whatever else a file holds: as a request body of it

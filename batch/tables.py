@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from kiln.batch.chunks import BatchError
+from kiln.handlers import kinds
 from kiln.handlers.errors import json_type, quoted
-from kiln.handlers.signature import input_names, raw_shape
+from kiln.handlers.signature import input_names
 
 IGNORED_COLUMNS = ("id", "label")
 BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
@@ -33,7 +34,7 @@ BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 def takes_instances(signature) -> bool:
     """Whether a table's rows are instances (one column per input) rather than raw values."""
     specs = signature["inputs"]
-    return len(specs) > 1 or specs[0]["kind"] == "tensor"
+    return len(specs) > 1 or not kinds.of(specs[0]).raw_table_rows
 
 
 def width(signature) -> int:
@@ -42,13 +43,14 @@ def width(signature) -> int:
 
 def value_shape(signature) -> tuple[int, ...]:
     """Shape of one row's raw values: [F], [H, W] or [H, W, C] (a single-input model)."""
-    return tuple(raw_shape(signature["inputs"][0]))
+    spec = signature["inputs"][0]
+    return tuple(kinds.of(spec).raw_shape(spec))
 
 
 def column_plan(header: list[str], signature, source: str) -> list[int]:
     """Indices of the header's columns that make one row, in model order."""
     spec = signature["inputs"][0]
-    names = spec.get("names") if spec["kind"] == "features" else None
+    names = spec.get("names")
     if names and set(names) <= set(header):
         return [header.index(name) for name in names]
     kept = [i for i, name in enumerate(header) if str(name).lower() not in IGNORED_COLUMNS]
@@ -97,7 +99,7 @@ def cell_value(cell, spec, folder: Path):
     name = spec["name"]
     if cell is None or (isinstance(cell, str) and not cell.strip()):
         raise ValueError(f"column '{name}' is empty")
-    if spec["kind"] == "image":
+    if kinds.of(spec).takes_encoded_images:
         return _image_cell(cell, name, folder)
     if not isinstance(cell, str):
         return cell  # a list, an object or a number, as JSON Lines and Parquet hold them

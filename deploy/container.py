@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kiln.declaration import DeclarationError
 from kiln.deploy import contract, front, metrics_exporter
 from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
@@ -37,7 +38,6 @@ from kiln.deploy.server import (
     declared_serving,
 )
 from kiln.handlers.cores import usable_cores
-from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.container")
 

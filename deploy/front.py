@@ -35,7 +35,8 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import logs, processes, supervise
+from kiln.deploy import processes, supervise
+from kiln.deploy.detached import Detached, pid_from
 
 # The header that carries a form body's content type past TorchServe to Kiln's handler, and
 # the Retry-After of a 503 (about one batch later): the handler's own, so that both agree.
@@ -327,25 +328,19 @@ class Front:
     def __init__(self, nginx_dir: Path, keys_file: Path):
         self.nginx_dir = nginx_dir
         self.keys_file = keys_file
+        self.supervisor = Detached("nginx", nginx_dir / supervise.PID_FILE,
+                                   nginx_dir / supervise.LOG_FILE, str(nginx_dir), FrontError)
 
     @property
     def conf(self) -> Path:
         return self.nginx_dir / "nginx.conf"
 
-    @property
-    def log_file(self) -> Path:
-        return self.nginx_dir / supervise.LOG_FILE
-
-    @property
-    def supervisor_pid_file(self) -> Path:
-        return self.nginx_dir / supervise.PID_FILE
-
     def pid(self) -> int | None:
         """The master of this folder's nginx, if it runs."""
-        return _pid_from(self.nginx_dir / "nginx.pid", str(self.conf))
+        return pid_from(self.nginx_dir / "nginx.pid", str(self.conf))
 
     def supervisor_pid(self) -> int | None:
-        return _pid_from(self.supervisor_pid_file, str(self.nginx_dir))
+        return self.supervisor.pid()
 
     def processes(self) -> list[psutil.Process]:
         """Every nginx process of this folder, a master's orphaned workers included: nginx
@@ -382,20 +377,12 @@ class Front:
             raise FrontError(str(err)) from None
         command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir",
                    str(self.nginx_dir), "--quit-timeout", str(settings.shutdown_s)]
-        with open(self.log_file, "ab") as log_out:
-            supervisor = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_out,
-                                          stderr=log_out, start_new_session=True)
-        write_private(self.supervisor_pid_file, f"{supervisor.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if supervisor.poll() is not None:  # a port taken, say: nginx says why in its log
-                raise FrontError(f"nginx exited with status {supervisor.returncode}:\n"
-                                 f"{self.log_tail()}")
-            if self.pid() is not None and _accepts(settings.listen, settings.public["http"]):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise FrontError(f"nginx did not start within {timeout:g} s:\n{self.log_tail()}")
+        try:
+            self.supervisor.start(command, timeout=timeout, ready=lambda: (
+                self.pid() is not None and _accepts(settings.listen, settings.public["http"])))
+        except FrontError:
+            self.stop()  # nginx processes its supervisor left
+            raise
 
     def reload(self, timeout: float = 5) -> list[Key]:
         """Re-reads the keys file (raises on a bad one: nginx keeps what it has) and tells
@@ -465,17 +452,11 @@ class Front:
     def stop(self, timeout: float = 10) -> bool:
         """Graceful quit (requests in flight are answered), killed after `timeout`, and every
         nginx process of the folder ended; False when none ran."""
-        supervisor, master = self.supervisor_pid(), self.pid()
-        stopped = False
+        master = self.pid()
+        # The supervisor quits nginx gracefully, then kills what is left.
+        stopped = self.supervisor.stop(timeout + 2)
         with contextlib.suppress(psutil.Error):
-            if supervisor is not None:  # it quits nginx gracefully, then kills what is left
-                proc = psutil.Process(supervisor)
-                proc.send_signal(signal.SIGTERM)
-                stopped = True
-                alive = processes.wait_exited([proc], timeout + 2)
-                for p in alive:
-                    p.kill()
-            elif master is not None:  # a master whose supervisor was killed
+            if not stopped and master is not None:  # a master whose supervisor was killed
                 proc = psutil.Process(master)
                 tree = [proc, *proc.children()]
                 proc.send_signal(signal.SIGQUIT)
@@ -489,23 +470,11 @@ class Front:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         processes.wait_exited(left, 5)
-        self.supervisor_pid_file.unlink(missing_ok=True)
         (self.nginx_dir / "nginx.pid").unlink(missing_ok=True)
         return stopped or bool(left)
 
     def log_tail(self, lines: int = 20) -> str:
-        return logs.tail(self.log_file, lines, "(no nginx log)")
-
-
-def _pid_from(pid_file: Path, mark: str) -> int | None:
-    """The pid in `pid_file` if that process runs and `mark` is in its command line (a
-    recorded pid may belong to anything now)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        cmdline = psutil.Process(pid).cmdline()
-    except (OSError, ValueError, psutil.Error):
-        return None
-    return pid if any(mark in part for part in cmdline) else None
+        return self.supervisor.log_tail(lines)
 
 
 def _accepts(host: str, port: int) -> bool:

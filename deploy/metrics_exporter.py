@@ -9,24 +9,21 @@ the front proxy appends to TorchServe's own page on the public metrics port (one
 target holds both; docs/deploy.md). A socket needs no port of its own, its path is known
 before nginx's configuration is written, and nothing but the proxy can reach it.
 
-`Exporter` starts it detached (as nginx and TorchServe are), keeps its pid in the run
-folder, and stops it; `kiln serve`, `kiln stop` and kiln-container do so through Server.
+`Exporter` starts it detached (deploy/detached.py, as nginx's supervisor is), keeps its pid in
+the run folder, and stops it; `kiln serve`, `kiln stop` and kiln-container do so through Server.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import re
 import shutil
 import signal
 import socket
 import socketserver
-import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -34,7 +31,7 @@ import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from kiln.deploy import logs, processes
+from kiln.deploy.detached import Detached
 
 log = logging.getLogger("kiln.metrics_exporter")
 
@@ -143,16 +140,11 @@ class Exporter:
         self.run_dir = run_dir
         self.folder = run_dir / "kiln-metrics"
         self.socket = run_dir / "kiln-metrics.sock"
-        self.pid_file = run_dir / "kiln-metrics.pid"
-        self.log_file = run_dir / "kiln-metrics.log"
+        self.process = Detached("Kiln's metrics exporter", run_dir / "kiln-metrics.pid",
+                                run_dir / "kiln-metrics.log", str(self.socket), ExporterError)
 
     def pid(self) -> int | None:
-        """The exporter of this folder, if it runs (a recorded pid may belong to anything now)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            return pid if str(self.socket) in psutil.Process(pid).cmdline() else None
-        except (OSError, ValueError, psutil.Error):
-            return None
+        return self.process.pid()
 
     def start(self, timeout: float = 10, console: bool = False) -> None:
         """A fresh (emptied) folder and the exporter on it, answering when this returns.
@@ -165,37 +157,17 @@ class Exporter:
         self.folder.mkdir(parents=True)
         command = [sys.executable, "-m", "kiln.deploy.metrics_exporter",
                    "--dir", str(self.folder), "--socket", str(self.socket)]
-        with contextlib.ExitStack() as stack:
-            out = None if console else stack.enter_context(open(self.log_file, "ab"))
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=out, start_new_session=True)
-        self.pid_file.write_text(f"{proc.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise ExporterError(f"Kiln's metrics exporter exited ({proc.returncode}):\n"
-                                    f"{self.log_tail()}")
-            if _accepts(self.socket):
-                return
-            time.sleep(0.05)
-        raise ExporterError(f"Kiln's metrics exporter did not start within {timeout:g} s")
+        self.process.start(command, lambda: _accepts(self.socket), timeout, console)
 
     def stop(self, timeout: float = 5) -> bool:
         """SIGTERM, killed after `timeout`; False when none ran."""
-        pid = self.pid()
-        self.pid_file.unlink(missing_ok=True)
-        if pid is None:
+        if not self.process.stop(timeout):
             return False
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            proc.terminate()
-            for p in processes.wait_exited([proc], timeout):
-                p.kill()
         self.socket.unlink(missing_ok=True)
         return True
 
     def log_tail(self, lines: int = 20) -> str:
-        return logs.tail(self.log_file, lines, "(no exporter log)")
+        return self.process.log_tail(lines)
 
 
 def _accepts(path: Path) -> bool:

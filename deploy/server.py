@@ -12,394 +12,54 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import psutil
-import requests
 
-from kiln.deploy import front, logs, metrics_exporter, plugins, processes
-from kiln.handlers.cores import usable_cores
-from kiln.keys import KEYS_FILE, private_dir
+from kiln.deploy import front, logs, metrics_exporter, orphans, plugins, processes, readiness
+from kiln.deploy.detached import pid_from
+from kiln.deploy.owner_only import owner_only, owner_only_files
+
+# What callers import from here besides Server: the settings, ports and serving policy that
+# a server is made of live in their own modules (ports, serving, torchserve_config).
+from kiln.deploy.ports import (  # noqa: F401
+    FRONTEND_CLASS,
+    HOST,
+    INTERNAL_PORTS_FILE,
+    PORTS_FILE,
+    Ports,
+    run_dirs_on,
+)
+from kiln.deploy.serving import (  # noqa: F401
+    BATCH_PER_MODEL,
+    MAX_BATCH_DELAY_MS,
+    MIN_BATCH,
+    SHADOWING_KEYS,
+    ModelServing,
+    declared_serving,
+)
+from kiln.deploy.torchserve_config import (  # noqa: F401
+    CONSOLE_LOG_CONFIG,
+    LOG_CONFIG,
+    ServerError,
+    ServerSettings,
+)
+from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
-from kiln.training import declaration
 
 log = logging.getLogger("kiln.serve")
 
-HOST = "127.0.0.1"
-LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
-# The same loggers written to stdout, for a container (read-only root, logs collected).
-CONSOLE_LOG_CONFIG = LOG_CONFIG.with_name("log4j2-console.xml")
 # On the PYTHONPATH of TorchServe's processes: defers torch in its workers.
 WORKER_SITE = LOG_CONFIG.with_name("worker_site")
-PORTS_FILE = "ports.json"  # in the run folder: how stop, predict and loadtest find a server
-INTERNAL_PORTS_FILE = "internal_ports.json"  # TorchServe's own, behind the front proxy
-# TorchServe's own inference token behind the front proxy is a service credential that only
-# the proxy holds: it must not expire under it (TorchServe counts in minutes: ten years).
-FRONTED_TOKEN_MIN = 10 * 365 * 24 * 60
-# The frontend JVM's heap at start: about twice what it holds live (some 60 MB after a full
-# collection, under the binary OIP flood of loadtests/oip_flood.py too).
-JAVA_HEAP_START = 128 * 1024 * 1024
-JAVA_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 # Probes the front proxy answers on the inference port without a key.
 READY_PATH = "/ready"
 LIVE_PATH = "/live"
 # How often wait_ready asks: a poll is a few local requests (about 1 ms each) to the
 # management API, and half a second of polling was up to half a second of `kiln serve`.
 READY_POLL_S = 0.05
-
-
-# Every port Ports.free() has returned in this process.
-_HANDED_OUT: set[int] = set()
-
-
-@dataclass(frozen=True)
-class Ports:
-    """The one place TorchServe's ports are defined."""
-
-    inference: int = 8080
-    management: int = 8081
-    metrics: int = 8082
-    grpc_inference: int = 7070
-    grpc_management: int = 7071
-    # The Open Inference Protocol (KServe v2 REST), served by Kiln's frontend plugin.
-    oip: int = 8085
-
-    @classmethod
-    def saved(cls, run_dir: Path, name: str = PORTS_FILE) -> Ports | None:
-        """The ports a server started from `run_dir` wrote there, if any (`name`:
-        INTERNAL_PORTS_FILE for TorchServe's own behind the front proxy)."""
-        path = run_dir / name
-        return cls(**json.loads(path.read_text())) if path.exists() else None
-
-    @classmethod
-    def free(cls) -> Ports:
-        """Ports the OS says are free now (for tests and side-by-side servers), never one this
-        process handed out before: two sets asked for before either server binds its ports
-        must not share one."""
-        sockets, ports = [], []
-        try:
-            while len(ports) < len(fields(cls)):
-                s = socket.socket()
-                s.bind((HOST, 0))
-                sockets.append(s)
-                port = s.getsockname()[1]
-                if port not in _HANDED_OUT:
-                    ports.append(port)
-            _HANDED_OUT.update(ports)
-            return cls(*ports)
-        finally:
-            for s in sockets:
-                s.close()
-
-
-# What a TorchServe frontend's command line has, and nothing else's.
-FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
-
-
-def run_dirs_on(ports: Mapping[str, int]) -> list[Path]:
-    """The run folders of the TorchServe frontends running here whose public ports include
-    every {api: port} given: how `kiln stop --inference-port P` finds a server started from
-    another folder. A frontend runs in its run folder (the launcher's working directory)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        if FRONTEND_CLASS not in (proc.info["cmdline"] or []) or not proc.info["cwd"]:
-            continue
-        run_dir = Path(proc.info["cwd"])
-        try:
-            saved = Ports.saved(run_dir)
-        except (OSError, ValueError, TypeError):  # a folder that is not a Kiln run folder
-            continue
-        if saved and all(getattr(saved, api) == port for api, port in ports.items()):
-            found.append(run_dir)
-    return found
-
-
-class ServerError(RuntimeError):
-    pass
-
-
-# What an archive built before Kiln moved workers and batching to config.properties may still
-# carry: TorchServe lets these win over kiln serve's settings.
-SHADOWING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")
-
-
-# The requests a model's workers batch together, shared among them, and the least one
-# worker batches. Measured with kiln tune lenet on 2 cores (wrk, 16 clients, 1 ms delay):
-# one worker reached 3140 req/s with batch 16 and 2284 with 8; two workers 3189 with 8 and
-# 2912 with 16 (the clients spread over the workers, so each worker's batch is smaller).
-# A batch waits for no one beyond the delay, so a bigger limit costs nothing when idle.
-BATCH_PER_MODEL = 16
-MIN_BATCH = 8
-# TorchServe holds a lone client's request for the whole delay, waiting for a second one:
-# 1-client p50 = unbatched p50 + delay. Keeping it within 1.5x the unbatched p50 caps the
-# delay at half of that. lenet's unbatched 1-client p50 on 2 cores, wrk straight to
-# TorchServe (kiln tune lenet, two runs): 1.5 to 1.7 ms, so 0.8 ms; 1 ms is the least a
-# batch can have (TorchServe reads 0 as its own 100 ms) and measured 1.4x to 1.6x, where 2 ms
-# measured 2.1x to 2.3x. Behind the front proxy the unbatched p50 is higher, the ratio lower.
-MAX_BATCH_DELAY_MS = 1
-
-
-@dataclass(frozen=True)
-class ModelServing:
-    """A served model's workers and batching: what a declaration's [serving] or a flag set,
-    over `derived`'s defaults for the machine and the models served beside it.
-
-    They go into config.properties' `models` setting, never into the archive: TorchServe
-    lets an archive's model-config.yaml win over config.properties for these keys. The
-    field names are a declaration's [serving] keys.
-    """
-
-    workers: int = 1
-    batch_size: int = BATCH_PER_MODEL
-    max_batch_delay_ms: int = MAX_BATCH_DELAY_MS
-
-    def __post_init__(self):
-        for f in fields(self):
-            value, least = getattr(self, f.name), 0 if f.name == "max_batch_delay_ms" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{f.name} must be a whole number >= {least}, got {value!r}")
-        if self.max_batch_delay_ms == 0 and self.batch_size > 1:
-            # config.properties cannot say 0: TorchServe reads a value <= 0 there as unset.
-            raise ValueError("max_batch_delay_ms 0 with batch_size > 1 would be read by "
-                             "TorchServe as its own default (100 ms): use 1 or more")
-
-    @classmethod
-    def derived(cls, cores: int, models: int) -> ModelServing:
-        """Defaults that need no tuning, for `models` served together on `cores` usable cores
-        (kiln.handlers.cores: affinity and cgroup quota, not the host's count).
-
-        - workers: cores // models, at least 1. A worker is one process running one batch at
-          a time on about one core; all workers together about as many as the cores keeps
-          every core busy when traffic is spread and none oversubscribed when it all comes at
-          once, and memory (one process per worker) grows with the cores, not past them.
-        - intra-op threads (the handler's "auto", from KILN_SERVED_WORKERS): cores // all
-          workers, at least 1, so that workers running at once never fight for cores.
-        - batch size BATCH_PER_MODEL // workers, at least MIN_BATCH (16 for one worker, 8
-          for more): a model's clients spread over its workers, so each worker's batch fills
-          less as they grow; a lone request never waits for a batch to fill, only for the
-          delay, so a batch limit costs nothing when idle.
-        - max batch delay MAX_BATCH_DELAY_MS: TorchServe holds a lone client's request for the
-          whole delay, so it is capped to keep one client's p50 within 1.5x the unbatched
-          p50 (see the constant for the measurement).
-        """
-        if cores < 1 or models < 1:
-            raise ValueError(f"cores and models must be >= 1, got {cores} and {models}")
-        workers = max(1, cores // models)
-        return cls(workers=workers, batch_size=max(MIN_BATCH, BATCH_PER_MODEL // workers),
-                   max_batch_delay_ms=MAX_BATCH_DELAY_MS)
-
-    @classmethod
-    def resolve(cls, declared: Mapping[str, int], defaults: ModelServing | None = None,
-                **given: int | None) -> ModelServing:
-        """`defaults` (None: the class's), then `declared` (a declaration's [serving]), then
-        what was given (None: not given). Keys of `declared` that are not serve-time
-        settings are ignored."""
-        names = {f.name for f in fields(cls)}
-        chosen = vars(defaults).copy() if defaults is not None else {}
-        chosen.update({k: v for k, v in declared.items() if k in names})
-        chosen.update({k: v for k, v in given.items() if v is not None})
-        return cls(**chosen)
-
-    def torchserve(self) -> dict[str, int]:
-        """The settings as TorchServe names them in config.properties' `models`."""
-        return {"minWorkers": self.workers, "maxWorkers": self.workers,
-                "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay_ms}
-
-
-def declared_serving(name: str, models_dirs: list[Path] | None = None,
-                     defaults: ModelServing | None = None, **given: int | None) -> ModelServing:
-    """What `name` is served with: `defaults` (ModelServing.derived's, for the machine and
-    the models served) < its declaration's [serving] < `given`."""
-    return ModelServing.resolve(declaration.get(name, models_dirs).serving, defaults, **given)
-
-
-def archive_version(mar: Path) -> str:
-    """The version in an archive's manifest: TorchServe keys `models` by name and version."""
-    manifest, _ = read_archive(mar)
-    try:
-        return str(manifest["model"]["modelVersion"])
-    except (TypeError, KeyError):
-        raise ServerError(f"{mar} is missing or has no readable manifest: run kiln archive "
-                          f"{mar.stem}") from None
-
-
-def java_bytes(size: str) -> int:
-    """A JVM memory size ("1g", "512m", "1048576") in bytes."""
-    number, unit = size[:-1], size[-1].lower()
-    if unit.isdigit():
-        number, unit = size, ""
-    if not number.isdigit() or unit not in JAVA_SIZE_UNITS:
-        raise ValueError(f"not a JVM memory size: {size!r} (say 1g or 512m)")
-    return int(number) * JAVA_SIZE_UNITS[unit]
-
-
-@dataclass
-class ServerSettings:
-    run_dir: Path
-    model_store: Path
-    models: list[str]
-    ports: Ports = field(default_factory=Ports)
-    # TorchServe's tokens expire after 60 minutes by default; a local server that outlives
-    # its printed curl lines is a trap, so Kiln asks for a day. Regenerate with the API key.
-    token_expiration_min: int = 1440
-    max_request_size: int = 4 * 1024 * 1024
-    # Requests a model holds waiting, beyond the batches its workers hold: past it TorchServe
-    # answers 503 at once (the front proxy adds Retry-After) instead of queueing a flood.
-    # TorchServe's default is 100; the largest legal request (handlers/limits.py, 4096x4096
-    # pixels) takes about 0.5 s on 2 cores and a batch holds two of them at most, so 64 keeps
-    # the last one's wait near 30 s while 64 clients of small requests queue without a 503.
-    job_queue_size: int = 64
-    # TorchServe replaces a worker that spends longer than this on one batch (its default:
-    # 120 s). The worst legal batch takes about 1 s here (two requests at the pixel bound,
-    # loadtests/reliability.py), so 30 s leaves a slower machine 30 times that.
-    response_timeout_s: int = 30
-    enable_model_api: bool = False
-    java_heap: str = "1g"
-    access_log: bool = False
-    # None: TorchServe's stock log4j2.xml (only to measure what Kiln's saves).
-    log_config: Path | None = LOG_CONFIG
-    # Where the served models' declarations were found besides Kiln's own (for the banner,
-    # and for the serving settings of a model that `serving` does not list).
-    models_dirs: list[Path] = field(default_factory=list)
-    # Per served model, what it is served with; a model not listed gets its declaration's.
-    serving: dict[str, ModelServing] = field(default_factory=dict)
-    # False only behind a front proxy that checks keys itself (kiln-container): TorchServe's
-    # own tokens are random at every start and cannot be supplied.
-    token_auth: bool = True
-    # Where TorchServe itself listens for inference, OIP, gRPC inference and metrics when
-    # Kiln's front proxy (deploy/front.py) owns those of `ports` and checks the keys (kiln
-    # serve); None: TorchServe listens on `ports` and checks its own tokens. Management stays
-    # TorchServe's own, on `ports`, with its management token.
-    internal_ports: Ports | None = None
-    # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
-    console_logs: bool = False
-    # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
-    cores: int = field(default_factory=usable_cores)
-
-    def serving_defaults(self) -> ModelServing:
-        """ModelServing.derived for these cores and these models."""
-        return ModelServing.derived(self.cores, max(1, len(self.models)))
-
-    def model_serving(self, name: str) -> ModelServing | None:
-        """What `name` is served with (None: TorchServe's own defaults)."""
-        if name in self.serving:
-            return self.serving[name]
-        return declared_serving(name, self.models_dirs, self.serving_defaults())
-
-    def models_setting(self) -> dict:
-        """config.properties' `models`: per model and archive version, its settings."""
-        out = {}
-        for name in self.models:
-            settings = self.model_serving(name)
-            if settings is None:
-                continue
-            mar = f"{name}.mar"
-            out[name] = {archive_version(self.model_store / mar): {
-                "defaultVersion": True, "marName": mar, **settings.torchserve()}}
-        return out
-
-    def served_workers(self) -> int:
-        """Workers of all served models together (handlers size their thread pools by it)."""
-        return max(1, sum(s.workers if s else 1 for s in map(self.model_serving, self.models)))
-
-    def torchserve_ports(self) -> Ports:
-        """The ports TorchServe binds."""
-        if self.internal_ports is None:
-            return self.ports
-        i = self.internal_ports
-        return replace(self.ports, inference=i.inference, oip=i.oip,
-                       grpc_inference=i.grpc_inference, metrics=i.metrics)
-
-    def __post_init__(self):
-        java_bytes(self.java_heap)  # a bad -Xmx fails here, not when the JVM starts
-
-    def config_properties(self) -> str:
-        store = self.model_store.resolve()
-        p = self.torchserve_ports()
-        lines = {
-            "inference_address": f"http://{HOST}:{p.inference}",
-            "management_address": f"http://{HOST}:{p.management}",
-            "metrics_address": f"http://{HOST}:{p.metrics}",
-            "grpc_inference_address": HOST,
-            "grpc_inference_port": p.grpc_inference,
-            "grpc_management_address": HOST,
-            "grpc_management_port": p.grpc_management,
-            "model_store": store,
-            "load_models": ",".join(f"{m}.mar" for m in self.models),
-            # Workers and batching per model (the archives carry none), for the archives
-            # that load_models names; one line, as Java properties want it.
-            "models": json.dumps(self.models_setting(), separators=(",", ":")),
-            # Only archives inside the local store may ever be registered.
-            "allowed_urls": f"file://{store}/[^/]+\\\\.mar",
-            "enable_model_api": str(self.enable_model_api).lower(),
-            "token_expiration_min": (self.token_expiration_min if self.internal_ports is None
-                                     else FRONTED_TOKEN_MIN),
-            "max_request_size": self.max_request_size,
-            "job_queue_size": self.job_queue_size,
-            "default_response_timeout": self.response_timeout_s,
-            "max_response_size": self.max_request_size,
-            "metrics_mode": "prometheus",
-            # Kiln's handlers record theirs with prometheus-client, past the frontend
-            # (deploy/metrics_exporter.py); a user's handler may still use TorchServe's API.
-            "model_metrics_auto_detect": "true",
-            "enable_envvars_config": "false",
-            "install_py_dep_per_model": "false",
-            "disable_system_metrics": "false",
-            # java.io.tmpdir is where TorchServe extracts archives: the run folder's tmp, as
-            # TMPDIR is for the Python side (writable under a read-only root filesystem).
-            # The frontend's heap starts at a fixed size, not the JVM's 1/64 of the host's
-            # memory (all of -Xmx on a 64 GB host), and with the serial collector, which the
-            # JVM picks itself on a small host: the frontend routes bytes and keeps little.
-            # Under 8 clients x 20 s of the binary OIP flood, G1 grew or touched the heap it
-            # committed (RSS +104 to +192 MB in 5 runs, young pauses 19 ms median, 47 MB of
-            # its own tables); the serial collector held 128-149 MB (RSS +85 to +105 MB in
-            # 3 runs, young pauses 3.5 ms median, 79 ms at most).
-            "vmargs": f"-Xms{min(JAVA_HEAP_START, java_bytes(self.java_heap))} "
-                      f"-Xmx{self.java_heap} -XX:+UseSerialGC "
-                      "-XX:+UseContainerSupport "
-                      f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
-                      f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
-                      + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
-            # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
-            "plugins_path": plugins.PLUGINS_DIR,
-        }
-        if not self.token_auth:
-            lines["disable_token_authorization"] = "true"
-        if not self.models:
-            del lines["load_models"]  # a server for models registered later (benchmarks)
-        if lines["models"] == "{}":
-            del lines["models"]
-        return "".join(f"{k}={v}\n" for k, v in lines.items())
-
-
-@contextlib.contextmanager
-def owner_only_files():
-    """umask 077 inside the block: what this process and the processes it starts create is
-    readable by its owner only."""
-    mask = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(mask)
-
-
-def owner_only(folder: Path) -> None:
-    """`folder` and everything in it readable by its owner only (what an earlier run, or an
-    earlier Kiln, left readable by others included)."""
-    private_dir(folder)
-    for root, dirs, files in os.walk(folder):
-        for name in (*dirs, *files):
-            path = Path(root, name)
-            with contextlib.suppress(OSError):
-                mode = path.lstat().st_mode
-                if mode & 0o077 and not path.is_symlink():
-                    path.chmod(mode & 0o700)
 
 
 class Server:
@@ -476,26 +136,11 @@ class Server:
     def pid(self) -> int | None:
         """The frontend of this run folder, if one runs: the pid in its pid file, and that
         process a TorchServe frontend (a pid of a dead server may belong to anything now)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            return pid if FRONTEND_CLASS in psutil.Process(pid).cmdline() else None
-        except (OSError, ValueError, psutil.Error):
-            return None
+        return pid_from(self.pid_file, FRONTEND_CLASS)
 
     def orphan_workers(self) -> list[psutil.Process]:
-        """Workers of this run folder whose frontend is gone (a killed frontend leaves its
-        workers running: they hold memory and the model). Found by the socket path that
-        each worker is started with, which lives in this run folder."""
-        sockets = str(self.run_dir / "tmp") + os.sep
-        frontend = self.pid()
-        orphans = []
-        for proc in psutil.process_iter(["cmdline", "ppid"]):
-            cmdline = proc.info["cmdline"] or []
-            if not any(a.endswith("model_service_worker.py") for a in cmdline):
-                continue
-            if any(a.startswith(sockets) for a in cmdline) and proc.info["ppid"] != frontend:
-                orphans.append(proc)
-        return orphans
+        """Workers of this run folder whose frontend is gone (deploy/orphans.py)."""
+        return orphans.orphan_workers(self.run_dir, self.pid())
 
     def clean_up_after_crash(self) -> list[str]:
         """What a dead frontend left behind (pid file, key file, orphan workers), removed;
@@ -514,17 +159,11 @@ class Server:
             if self.key_file.exists():
                 self.key_file.unlink(missing_ok=True)
                 done.append(f"removed its key file ({self.key_file}): its tokens died with it")
-        orphans = self.orphan_workers()
-        for proc in orphans:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(orphans, timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        if orphans:
-            done.append(f"stopped {len(orphans)} orphan worker(s) of it: pids "
-                        f"{', '.join(str(p.pid) for p in orphans)}")
+        left = self.orphan_workers()
+        orphans.end(left)
+        if left:
+            done.append(f"stopped {len(left)} orphan worker(s) of it: pids "
+                        f"{', '.join(str(p.pid) for p in left)}")
         for line in done:
             log.warning("%s: %s", self.run_dir, line)
         return done
@@ -709,32 +348,23 @@ class Server:
     def url(self, api: str = "inference") -> str:
         return f"http://{HOST}:{getattr(self.ports, api)}"
 
-    def _api_up(self) -> bool:
-        """The key file is complete and the management API answers with its token."""
+    def _management_token(self) -> str | None:
+        """None while the key file is missing or half written."""
         try:
-            r = requests.get(f"{self.url('management')}/models", timeout=5, headers={
-                "Authorization": f"Bearer {self.torchserve_keys()['management']}"})
-        except (OSError, ValueError, KeyError):  # no or half-written key file, no socket yet
-            return False
-        return r.status_code == 200
+            return self.torchserve_keys()["management"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def model_status(self, name: str) -> list[dict]:
-        r = requests.get(f"{self.url('management')}/models/{name}", timeout=5, headers={
-            "Authorization": f"Bearer {self.torchserve_keys()['management']}"})
-        r.raise_for_status()
-        return r.json()[0].get("workers", [])
+        return readiness.workers(self.url("management"), self.torchserve_keys()["management"],
+                                 name)
 
     def ready(self) -> dict[str, bool]:
-        """Per model: has a worker loaded it? (/ping says Healthy well before that.)"""
-        out = {}
-        for name in self.settings.models:
-            try:
-                workers = self.model_status(name)
-            except (requests.RequestException, OSError, ValueError, KeyError):
-                out[name] = False
-                continue
-            out[name] = any(w.get("status") == "READY" for w in workers)
-        return out
+        """Per model: has a worker loaded it? (deploy/readiness.py)"""
+        token = self._management_token()
+        if token is None:
+            return dict.fromkeys(self.settings.models, False)
+        return readiness.models_ready(self.url("management"), token, self.settings.models)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -742,7 +372,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.pid() is None:
                 raise ServerError(f"TorchServe exited during start-up:\n{self.log_tail()}")
-            state = self.ready() if self._api_up() else None
+            token = self._management_token()
+            up = token is not None and readiness.api_up(self.url("management"), token)
+            state = self.ready() if up else None
             if state is not None and all(state.values()):
                 return
             if time.monotonic() - last_report > 10:

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import numbers
 
 import numpy as np
 
@@ -119,3 +120,11 @@ def check_bounds(values, low, high, what):
         side, bound = ("below its minimum", low) if below[at] else ("above its maximum", high)
         bound = np.broadcast_to(bound, values.shape)[at]
         raise BadInput(f"{what(at)} is {values[at]:g}, {side} {bound:g}", reason="bad_value")
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

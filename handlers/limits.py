@@ -50,7 +50,7 @@ MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
 # decode, 10 to frame). A 1 x 16,777,216 PNG (33 kB) within the pixel bound took 6 s, 12
 # times the square, and 512 images of 1 x 32,768 in one request would take 3 s. So each image
 # is charged its pixels plus ROW_PIXELS a row and COLUMN_PIXELS a column (measured by
-# loadtests/thin_images.py), and bounded by what the 4096x4096 square is charged: the
+# loadtests/studies/thin_images.py), and bounded by what the 4096x4096 square is charged: the
 # thinnest image admitted is 1 x 1,205,393 (0.25 s), the widest 1,406,292 x 1.
 ROW_PIXELS = 13
 COLUMN_PIXELS = 11
@@ -87,7 +87,7 @@ MAX_BATCH_VALUES = 1 << 22
 # into nearly every batch (a digit waited up to 1.6 s, one over 2 s). A request past the
 # share gets a 503 from its headers, in microseconds, so the queue drains, and a digit waits
 # behind one decode at most: under the same flood, p99 0.47-0.60 s, max 0.67-1.26 s
-# (loadtests/thin_images.py). 512 digits, the most a request holds, cost 745,472: ordinary
+# (loadtests/studies/thin_images.py). 512 digits, the most a request holds, cost 745,472: ordinary
 # requests are never counted.
 CHEAP_REQUEST_PIXELS = 1 << 20
 COSTLY_SHARE = 0.5

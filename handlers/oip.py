@@ -4,17 +4,16 @@ inputs, and the model's output as its output tensors.
 Pure functions over numpy and json: no TorchServe, no torch. The routes around infer (health,
 readiness, metadata) are served by Kiln's frontend plugin (deploy/oip_plugin), which also
 marks the requests it forwards (PROTOCOL_HEADER), so that the handler decodes them here and
-nowhere else. model_metadata() states the plugin's metadata for clients and tests. The
-contract is docs/signature.md.
+nowhere else. The metadata's tensors are built here (tensor_metadata), written into the
+archive and served from there by the plugin. The contract is docs/signature.md.
 """
 
 import math
 
 import numpy as np
 
-from kiln.handlers import answers, arrays, inputs, limits, rest, tensors
+from kiln.handlers import answers, arrays, inputs, kinds, limits, rest
 from kiln.handlers.errors import BadInput, describe
-from kiln.handlers.signature import raw_shape
 
 # Set by the OIP plugin on every request it forwards to a worker.
 PROTOCOL_HEADER = "kiln-protocol"
@@ -35,11 +34,11 @@ INTEGER_DATATYPES = {name: np.iinfo(getattr(np, name.lower()))
                      for name in ("UINT8", "UINT16", "UINT32", "UINT64",
                                   "INT8", "INT16", "INT32", "INT64")}
 FLOAT_DATATYPES = ("FP16", "FP32", "FP64")
-DATATYPE_OF_DTYPE = {"float16": "FP16", "float32": "FP32", "float64": "FP64",
-                     **{name.lower(): name for name in INTEGER_DATATYPES}}
 # Each row's predicted label, a string tensor beside the probabilities.
 LABEL_OUTPUT = "label"
 PLATFORM = "kiln"
+# In every archive (beside signature.json): tensor_metadata(), which the plugin serves.
+METADATA_FILE = "oip-metadata.json"
 
 
 def decode_infer(body, signature, budget=None, json_length=None):
@@ -166,22 +165,7 @@ def tensor_values(tensor, spec):
     values = tensor_data(tensor["data"], shape, what)
     if datatype in INTEGER_DATATYPES:
         arrays.check_whole(values, INTEGER_DATATYPES[datatype], f"{what} ({datatype})")
-    return values.reshape(len(values), *row_shape(shape, spec))
-
-
-def row_shape(shape, spec):
-    """One row's raw shape: grey pixels [H, W] (from [1, H, W] too), else the tensor's."""
-    if spec["kind"] == "tensor":
-        return shape[1:]
-    return raw_shape(spec)
-
-
-def allowed_shapes(spec):
-    """The row shapes (batch dimension excluded) an input tensor may have."""
-    shape = raw_shape(spec)
-    if spec["kind"] == "image" and spec["channels"] == 1:
-        return [shape, [1, *shape]]
-    return [shape]
+    return values.reshape(len(values), *kinds.of(spec).oip_row_shape(shape, spec))
 
 
 def tensor_shape(shape, spec, what):
@@ -190,17 +174,7 @@ def tensor_shape(shape, spec, what):
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadInput(f"{what} shape must be an array of whole numbers >= 0, "
                        f"got {describe(shape)}", reason="bad_shape")
-    if spec["kind"] == "tensor":
-        if len(shape) < 2:
-            raise BadInput(f"{what} has shape {shape}, expected [N] + "
-                           f"{tensors.expected_shape_text(spec)}", reason="bad_shape")
-        tensors.check_tensor_shape(shape[1:], spec, what)
-        return shape
-    allowed = allowed_shapes(spec)
-    if len(shape) < 2 or shape[1:] not in allowed:
-        expected = " or ".join(str(["N", *dims]).replace("'", "") for dims in allowed)
-        raise BadInput(f"{what} has shape {shape}, expected {expected}", reason="bad_shape")
-    return shape
+    return kinds.of(spec).oip_shape(shape, spec, what)
 
 
 def tensor_data(data, shape, what):
@@ -297,8 +271,15 @@ def encode_response(model_output, signature, request_id=None, wanted=None):
 
 
 def model_metadata(signature, version):
-    """GET /v2/models/NAME as Kiln's frontend plugin answers it: what infer takes (raw
-    values, before preprocess) and what it returns."""
+    """GET /v2/models/NAME as Kiln's frontend plugin answers it: the served model's name and
+    version, then the archive's METADATA_FILE."""
+    return {"name": signature["name"], "versions": [version], **tensor_metadata(signature)}
+
+
+def tensor_metadata(signature):
+    """What infer takes (raw values, before preprocess) and what it returns. The archive
+    carries it as METADATA_FILE, built here once: the plugin serves that file, it does not
+    build the tensors again in Java."""
     out = signature["output"]
     if out["kind"] in ("regression", "raw"):
         shape = out["shape"] if out["kind"] == "raw" else [-1, len(out["names"])]
@@ -307,18 +288,12 @@ def model_metadata(signature, version):
         outputs = [{"name": out["name"], "datatype": "FP32", "shape": [-1, len(out["labels"])]},
                    {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
     return {
-        "name": signature["name"],
-        "versions": [version],
         "platform": PLATFORM,
-        "inputs": [{"name": spec["name"], "datatype": input_datatype(spec),
-                    "shape": [-1, *raw_shape(spec)]} for spec in signature["inputs"]],
+        "inputs": [{"name": spec["name"], "datatype": kinds.of(spec).datatype(spec),
+                    "shape": [-1, *kinds.of(spec).raw_shape(spec)]}
+                   for spec in signature["inputs"]],
         "outputs": outputs,
     }
-
-
-def input_datatype(spec):
-    """FP32 for raw pixels and features; a tensor's own dtype."""
-    return DATATYPE_OF_DTYPE[spec["dtype"]] if spec["kind"] == "tensor" else "FP32"
 
 
 def _names(names):

@@ -15,9 +15,8 @@ import tokenize
 
 import numpy as np
 
-from kiln.handlers import arrays, images, inputs, limits, tensors
+from kiln.handlers import arrays, images, inputs, kinds, limits
 from kiln.handlers.errors import BadInput, json_type, quoted
-from kiln.handlers.signature import raw_shape
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -52,7 +51,7 @@ def request_body(request, signature):
 
 
 def sniff_body(body):
-    """Classifies a body as ("image", bytes) or ("json", parsed value).
+    """Classifies a body as ("encoded", image bytes) or ("json", parsed value).
 
     TorchServe hands over bytes (images, unparsed JSON), str (text/* content types) or the
     value it already parsed (application/json), so JSON is recognised by content, not by
@@ -61,7 +60,7 @@ def sniff_body(body):
     if isinstance(body, (bytes, bytearray)):
         raw = bytes(body)
         if images.is_encoded_image(raw):
-            return "image", raw
+            return "encoded", raw
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -173,17 +172,18 @@ def _decode_parts(parts, specs):
 
 def request_cost(instances, specs):
     """What decoding these instances will cost, from counts, headers and leading shapes."""
-    raws = [value for parts in instances for kind, value in parts if kind == "image"]
+    raws = [value for parts in instances for kind, value in parts if kind == "encoded"]
     limits.check_images(len(raws))
     pixels = images.check_request_pixels(raws)
     lengths = [1] * len(specs)
     for k, spec in enumerate(specs):
-        axis = tensors.variable_axis(spec) if spec["kind"] == "tensor" else None
+        axis = kinds.of(spec).variable_axis(spec)
         if axis is None:
             continue
         for parts in instances:
             kind, value = parts[k]
-            shape = arrays.leading_shape(_unwrapped(value, spec)) if kind == "json" else []
+            shape = (arrays.leading_shape(kinds.of(spec).unwrapped(value, spec))
+                     if kind == "json" else [])
             if len(shape) > axis:
                 lengths[k] = max(lengths[k], limits.clamp_length(shape[axis], spec))
     return limits.Cost(len(instances), lengths, len(raws), pixels)
@@ -201,12 +201,7 @@ def _instances(value, spec):
         return _instance_list(value)
     if not isinstance(value, list) or not value:
         return None
-    if spec["kind"] == "features":
-        nested = isinstance(value[0], (list, dict))
-    else:  # one image is [H][W] (or [H][W][C]): a list of them is a level deeper
-        depth = len(raw_shape(spec))
-        nested = len(arrays.leading_shape(value)) > depth
-    return value if nested else None
+    return value if kinds.of(spec).is_instance_list(value, spec) else None
 
 
 def _instance_list(value):
@@ -229,16 +224,9 @@ def _instance_kind(item):
     return "json", item
 
 
-def _unwrapped(value, spec):
-    """A tensor may come keyed by its name, as several do."""
-    if spec["kind"] == "tensor" and isinstance(value, dict) and list(value) == [spec["name"]]:
-        return value[spec["name"]]
-    return value
-
-
 def _decode_one(kind, value, spec):
-    value = _unwrapped(value, spec)
-    if kind == "image":
+    value = kinds.of(spec).unwrapped(value, spec)
+    if kind == "encoded":
         return inputs.row_from_image(value, spec)
     return inputs.row_from_json(value, spec)
 
@@ -248,7 +236,7 @@ def _decode_one(kind, value, spec):
 
 def _decode_several_inputs(kind, value, signature, budget):
     names = [spec["name"] for spec in signature["inputs"]]
-    if kind == "image":
+    if kind == "encoded":
         raise BadInput(f"this model takes {len(names)} inputs ({quoted(names)}): send a JSON "
                        "object keyed by input name, images as {\"b64\": ...}",
                        reason="wrong_type")
@@ -310,30 +298,12 @@ def decode_npy(raw, spec, budget=None):
     if array.dtype.kind not in "iuf":
         raise BadInput(f".npy array has dtype {array.dtype}, expected integers or floats",
                        reason="wrong_type")
-    many, array = _npy_rows(array, spec)  # views: nothing is converted yet
+    many, array = kinds.of(spec).npy_rows(array, spec)  # views: nothing is converted yet
     inputs.check_count(len(array), "the array is empty")
-    axis = tensors.variable_axis(spec) if spec["kind"] == "tensor" else None
+    axis = kinds.of(spec).variable_axis(spec)
     length = 1 if axis is None else limits.clamp_length(array.shape[axis + 1], spec)
     limits.admit(limits.Cost(len(array), [length]), [spec], budget)
     return inputs.rows_from_raw(array.astype(np.float64), spec), many
-
-
-def _npy_rows(array, spec):
-    """(many, the array with a batch dimension first) for the input's kind, shape checked."""
-    if spec["kind"] == "features":
-        width = len(spec["names"])
-        if array.shape not in ((width,), array.shape[:1] + (width,)) or array.ndim > 2:
-            raise BadInput(f".npy array has shape {list(array.shape)}, "
-                           f"expected [{width}] or [N, {width}]", reason="bad_shape")
-        return array.ndim == 2, array.reshape(-1, width)
-    if spec["kind"] == "image":
-        return _npy_pixels(array, spec)
-    depth = len(spec["shape"]) - 1
-    many = array.ndim == depth + 1
-    if not many:
-        array = array[np.newaxis]
-    tensors.check_tensor_shape(list(array.shape[1:]), spec, ".npy array")
-    return many, array
 
 
 def read_npy(raw):
@@ -361,19 +331,3 @@ def read_npy(raw):
     array = np.frombuffer(raw, dtype=dtype, count=count, offset=stream.tell())
     return array.reshape(shape, order="F" if fortran else "C")
 
-
-def _npy_pixels(values, spec):
-    pixels = images.pixel_shape(spec)
-    shown = ", ".join(map(str, pixels))
-    if spec["channels"] == 1:
-        h, w = pixels
-        if values.shape[-2:] != (h, w) or values.ndim not in (2, 3, 4) or (
-                values.ndim == 4 and values.shape[1] != 1):
-            raise BadInput(f".npy array has shape {list(values.shape)}, "
-                           f"expected [{h}, {w}], [N, {h}, {w}] or [N, 1, {h}, {w}]",
-                           reason="bad_shape")
-        return values.ndim > 2, values.reshape(-1, h, w)
-    if list(values.shape[-3:]) != pixels or values.ndim not in (3, 4):
-        raise BadInput(f".npy array has shape {list(values.shape)}, "
-                       f"expected [{shown}] or [N, {shown}]", reason="bad_shape")
-    return values.ndim == 4, values.reshape(-1, *pixels)

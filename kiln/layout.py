@@ -11,7 +11,8 @@ import importlib.util
 from pathlib import Path
 
 SUBPACKAGES = ("cli", "training", "training.models", "handlers", "model_store", "deploy",
-               "loadtests", "batch")
+               "loadtests", "loadtests.studies",
+               "loadtests.studies.reliability", "batch")
 # All a worker imports of Kiln besides the root's __init__: the handler package imports
 # nothing else of Kiln's (test_layout keeps it a leaf; test_worker_imports watches a worker).
 WORKER_SUBPACKAGES = ("handlers",)

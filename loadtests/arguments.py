@@ -7,10 +7,9 @@ import argparse
 from pathlib import Path
 
 from kiln.client import TOKEN_HELP
+from kiln.declaration import add_models_dir
 from kiln.loadtests.shapes import SHAPES
-from kiln.training.declaration import add_models_dir
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from kiln.workspace import Workspace, add_run_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,10 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oip-url", help="OIP base URL (default: from run/ports.json)")
     p.add_argument("--metrics-url", help="metrics base URL (default: from run/ports.json)")
     p.add_argument("--token", help=TOKEN_HELP)
-    p.add_argument("--run-dir", type=Path, default=REPO_ROOT / "run",
-                   help="where kiln serve keeps ports, tokens and its pid (default: run/)")
-    p.add_argument("--store", type=Path, default=REPO_ROOT / "model_store",
-                   help="model store for --start-server (default: model_store/)")
+    add_run_dir(p, "where kiln serve keeps ports, tokens and its pid")
+    p.add_argument("--store", type=Path, default=Workspace.current().model_store,
+                   help="model store for --start-server (default: the workspace's "
+                        "model_store/)")
     p.add_argument("--out", type=Path,
                    help="folder for the CSVs and report.html "
                         "(default: run/loadtests/NAME-YYYYmmdd-HHMMSS)")

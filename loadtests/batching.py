@@ -27,7 +27,7 @@ import requests
 from kiln.console import setup_logging
 from kiln.deploy.server import HOST, Ports, Server, ServerSettings
 from kiln.loadtests import declared, payloads
-from kiln.model_store import STORE
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.bench")
 
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = payloads.first_payload(decl)
     configs = parse_configs(args.configs)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as run_dir:
-        server = Server(ServerSettings(Path(run_dir), STORE, [], Ports.free(),
-                                       enable_model_api=True))
+        server = Server(ServerSettings(Path(run_dir), Workspace.current().model_store, [],
+                                       Ports.free(), enable_model_api=True))
         server.start()
         results = []
         try:

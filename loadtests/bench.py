@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kiln import declaration
 from kiln.client import Client
 from kiln.deploy.server import HOST, ModelServing, Ports, Server, declared_serving
 from kiln.loadtests import bench_gpu, declared, inprocess, payloads, stock, wrk
@@ -38,11 +39,9 @@ from kiln.loadtests.bench_table import (
     format_table,
     summary,
 )
-from kiln.model_store import STORE
-from kiln.training import declaration
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.bench")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 # Where Kiln and the plain handler are compared: the same workers and batching for both.
 COMPARISON = ModelServing(workers=2, batch_size=16, max_batch_delay_ms=5)
 STOCK_CONFIG = "TorchServe defaults"
@@ -134,7 +133,8 @@ def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, ro
     def kiln(config: ModelServing) -> Server:
         tag = config_name(config).replace(" ", "")
         return Server(stock.BenchSettings(
-            root / f"kiln-{tag}", STORE, [name], Ports.free(), models_dirs=models_dirs,
+            root / f"kiln-{tag}", Workspace.current().model_store, [name], Ports.free(),
+            models_dirs=models_dirs,
             internal_ports=Ports.free(), serving={name: config}))
 
     def target(row: str, via: str, config: ModelServing, model: str, expect=payload.label):
@@ -173,7 +173,7 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
 
     name = decl.name
     ensure_built(name, models_dirs=models_dirs)
-    artifacts = ARTIFACTS / name
+    artifacts = Workspace.current().exports(name)
     first = payloads.first_payload(decl)
     serve = declared_serving(name, models_dirs)
     batches = sorted({1, serve.batch_size, COMPARISON.batch_size})
@@ -192,14 +192,15 @@ def gpu_section(decl: declaration.Declaration, first: payloads.Payload, batches:
     at the comparison configuration, through the front proxy; skipped without CUDA."""
     from kiln.model_store import archive
 
-    artifacts = ARTIFACTS / decl.name
+    artifacts = Workspace.current().exports(decl.name)
     section = bench_gpu.inprocess_rows(artifacts, first.body, batches, min(seconds, 3))
     if not section.ran:
         return section
     with tempfile.TemporaryDirectory(prefix="kiln-bench-gpu-") as tmp:
         ts_store = Path(tmp) / "store"
         archive.build(decl.name, "torchscript", store=ts_store, models_dirs=models_dirs)
-        for backend, store in (("onnx", STORE), ("torchscript", ts_store)):
+        stores = (("onnx", Workspace.current().model_store), ("torchscript", ts_store))
+        for backend, store in stores:
             server = Server(stock.BenchSettings(
                 Path(tmp) / backend, store, [decl.name], Ports.free(), models_dirs=models_dirs,
                 internal_ports=Ports.free(), serving={decl.name: COMPARISON}, gpus=1))

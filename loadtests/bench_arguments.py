@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.training.declaration import add_models_dir
+from kiln.declaration import add_models_dir
+from kiln.workspace import Workspace
 
 # `kiln tune`'s fixed grid and load: the same for every model and every run, so that two
 # reports compare. batch_size:max_batch_delay_ms pairs; 1:0 (unbatched) is always measured.
@@ -42,9 +43,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"connections of the runs at load (default: {TUNE_CLIENTS})")
     parser.add_argument("--seconds", type=int, default=3,
                         help="seconds per run, whole seconds (default: 3)")
-    parser.add_argument("--out", type=Path, default=Path("tune"),
+    parser.add_argument("--out", type=Path, default=Workspace.current().tune,
                         help="folder for serving.toml (the pick as a [serving] table), "
-                             "report.md and trials.yaml (default: tune/)")
+                             "report.md and trials.yaml (default: the workspace's tune/)")
     parser.add_argument("--write-declaration", action="store_true",
                         help="also write the pick into the model's declaration, rewriting its "
                              "[serving] table and nothing else (default: off; the pick "

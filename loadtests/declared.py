@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.training import declaration
-from kiln.training.declaration import Declaration, DeclarationError
+from kiln import declaration
+from kiln.declaration import Declaration, DeclarationError
 
 
 def add_model_argument(parser: argparse.ArgumentParser, kind: str | None = None) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
+from kiln import declaration
 from kiln.loadtests import declared, payloads, shapes, thresholds
 from kiln.loadtests.locustfile_path import SHAPE_ENV, TOKEN_ENV
-from kiln.training import declaration
 
 log = logging.getLogger("kiln.loadtest")
 CANNOT_RUN = 2  # as run.py reports a run that could not start

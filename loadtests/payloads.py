@@ -11,10 +11,8 @@ import numpy as np
 from PIL import Image
 
 from kiln import client as http
-from kiln.training.declaration import Declaration, DeclarationError, Example
-
-# Input kinds the Open Inference Protocol user sends as one raw tensor.
-OIP_KINDS = ("image", "features")
+from kiln.declaration import Declaration, DeclarationError, Example
+from kiln.handlers import kinds
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ def first_payload(decl: Declaration) -> Payload:
 
 def oip_input(decl: Declaration) -> dict | None:
     """The one image or features input the OIP user can send raw; None for other models."""
-    if len(decl.inputs) == 1 and decl.inputs[0]["kind"] in OIP_KINDS:
+    if len(decl.inputs) == 1 and kinds.of(decl.inputs[0]).raw_examples:
         return decl.inputs[0]
     return None
 
@@ -75,7 +73,7 @@ def raw_values(example: Example, spec: dict) -> np.ndarray:
 
 def oip_tensor(spec: dict, values: np.ndarray) -> dict:
     """A one-row KServe v2 request: whole pixels as UINT8, anything else as FP64."""
-    pixels = (spec["kind"] == "image" and values.size > 0
+    pixels = (kinds.of(spec).pixels and values.size > 0
               and np.array_equal(values, np.round(values))
               and values.min() >= 0 and values.max() <= 255)
     datatype, dtype = ("UINT8", np.uint8) if pixels else ("FP64", np.float64)

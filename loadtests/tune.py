@@ -27,11 +27,11 @@ from pathlib import Path
 import requests
 import yaml
 
+from kiln.declaration import DeclarationError
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
 from kiln.loadtests import declared, payloads, serving_table, wrk
 from kiln.loadtests.batching import parse_configs, register
 from kiln.loadtests.bench_arguments import TUNE_CLIENTS, TUNE_CONFIGS, TUNE_WORKERS
-from kiln.training.declaration import DeclarationError
 
 log = logging.getLogger("kiln.tune")
 BACKENDS = ("onnx", "torchscript")

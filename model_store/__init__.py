@@ -1,12 +1,11 @@
-"""Builds TorchServe model archives; the built .mar files live here too (git-ignored)."""
+"""Builds TorchServe model archives; they are written to the workspace's model_store/
+(kiln/workspace.py), which in Kiln's repository is this folder."""
 
 import json
 import zipfile
 from pathlib import Path
 
 import yaml
-
-STORE = Path(__file__).resolve().parent
 
 
 def read_archive(mar: Path) -> tuple[dict | None, dict | None]:

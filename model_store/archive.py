@@ -2,9 +2,10 @@
 
 The archive is self-describing: the serving core (`kiln/handlers/` under the root's
 `__init__.py`), a three-line entry module for TorchServe, the declaration's model files (the
-same ones training imports), the exported graph, signature.json, index_to_name.json and a
-model-config.yaml with the handler's options. It is built only from an export that passed the
-parity gate. Workers and batching are not in it: `kiln serve` sets them (deploy/server.py),
+same ones training imports), the exported graph, signature.json, index_to_name.json, the OIP
+metadata the plugin serves (oip-metadata.json) and a model-config.yaml with the handler's
+options. It is built only from an export that passed the
+parity gate. Workers and batching are not in it: `kiln serve` sets them (deploy/serving.py),
 and TorchServe would let an archive's values win over the server's.
 
 Why only the serving core: it is all of Kiln a worker imports. TorchServe puts the model
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from kiln import layout
+from kiln import declaration, layout
 from kiln.console import run_command
-from kiln.model_store import STORE
-from kiln.training import declaration
-from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
+from kiln.handlers import oip
+from kiln.training.artifacts import FORMS, MAX_ABS_DIFF
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.archive")
 
@@ -123,12 +124,13 @@ def stage_package(folder: Path) -> Path:
 
 
 def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
-          artifacts: Path | None = None, store: Path = STORE,
+          artifacts: Path | None = None, store: Path | None = None,
           models_dirs: list[Path] | None = None) -> Path:
     decl = declaration.get(name, models_dirs)
     name = decl.name
     config = config or config_for(decl)
-    artifacts = artifacts or ARTIFACTS / name
+    artifacts = artifacts or Workspace.current().exports(name)
+    store = store or Workspace.current().model_store
     missing = [p for p in archive_inputs(decl, artifacts, backend) if not p.exists()]
     if missing:
         raise ArchiveError(f"missing {', '.join(map(str, missing))}: run kiln export {name}")
@@ -143,10 +145,11 @@ def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
         (staging / "model-config.yaml").write_text(
             yaml.safe_dump(config.model_config(), sort_keys=False))
         (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
+        (staging / oip.METADATA_FILE).write_text(json.dumps(oip.tensor_metadata(signature)))
         # A folder among --extra-files has its contents copied: this one holds kiln/.
         package = stage_package(staging / "package")
-        extra = [artifacts / "signature.json", staging / "index_to_name.json", package,
-                 *decl.extra_files]
+        extra = [artifacts / "signature.json", staging / "index_to_name.json",
+                 staging / oip.METADATA_FILE, package, *decl.extra_files]
         if decl.requirements:
             (staging / "requirements.txt").write_text("\n".join(decl.requirements) + "\n")
         cmd = [
@@ -196,9 +199,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail the model load instead of running on the CPU when no GPU "
                              "is given or CUDA is not obtained (default: off)")
     parser.add_argument("--artifacts", type=Path,
-                        help="folder with the exports (default: artifacts/NAME)")
-    parser.add_argument("--store", type=Path, default=STORE,
-                        help="where to write NAME.mar (default: model_store/)")
+                        help="folder with the exports (default: the workspace's "
+                             "artifacts/NAME)")
+    parser.add_argument("--store", type=Path,
+                        help="where to write NAME.mar (default: the workspace's model_store/)")
 
 
 def _threads(text: str) -> int | str:

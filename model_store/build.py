@@ -11,10 +11,11 @@ import logging
 import zipfile
 from pathlib import Path
 
-from kiln import layout
+from kiln import declaration, layout
+from kiln.handlers import oip
 from kiln.model_store import archive, read_archive
-from kiln.training import declaration
-from kiln.training.artifacts import ARTIFACTS, FORMS
+from kiln.training.artifacts import FORMS
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.build")
 
@@ -26,15 +27,23 @@ def stale(target: Path, inputs: list[Path]) -> bool:
     return any(p.stat().st_mtime > built for p in inputs)
 
 
-def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str]]:
-    """(backend, model-config, its files under kiln/) of an existing archive, read back from
-    inside it."""
+def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str], dict | None]:
+    """(backend, model-config, its files under kiln/, its OIP metadata) of an existing
+    archive, read back from inside it."""
     manifest, config = read_archive(mar)
     if manifest is None:
-        return None, None, set()
+        return None, None, set(), None
     serialized = manifest.get("model", {}).get("serializedFile")
     backend = next((form for form, fname in FORMS.items() if fname == serialized), None)
-    return backend, config, shipped_package(mar)
+    return backend, config, shipped_package(mar), shipped_metadata(mar)
+
+
+def shipped_metadata(mar: Path) -> dict | None:
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return json.loads(z.read(oip.METADATA_FILE))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def shipped_package(mar: Path) -> set[str]:
@@ -45,9 +54,10 @@ def shipped_package(mar: Path) -> set[str]:
         return set()
 
 
-def ensure_built(name: str, backend: str | None = None, store: Path = archive.STORE,
+def ensure_built(name: str, backend: str | None = None, store: Path | None = None,
                  models_dirs: list[Path] | None = None) -> Path:
-    """Path of an up-to-date store/NAME.mar, building what it needs.
+    """Path of an up-to-date NAME.mar in `store` (default: the workspace's), building what it
+    needs.
 
     An archive is rebuilt only when what it is made from changed, when it is not one this
     Kiln builds, or when `backend` (a flag given) is not the one it holds. `kiln archive`'s
@@ -57,19 +67,23 @@ def ensure_built(name: str, backend: str | None = None, store: Path = archive.ST
     decl = declaration.get(name, models_dirs)
     name = decl.name
     dirs = [*(models_dirs or []), decl.folder]
-    folder = ARTIFACTS / name
+    folder = Workspace.current().exports(name)
+    store = store or Workspace.current().model_store
     _export_if_stale(decl, folder, dirs)
     mar = store / f"{name}.mar"
-    built_backend, built_config, shipped = archive_manifest(mar)
+    built_backend, built_config, shipped, metadata = archive_manifest(mar)
     if backend and built_backend and backend != built_backend:
         log.warning("%s: %s holds the %s export; rebuilding it with --backend %s", name, mar,
                     built_backend, backend)
-    backend = _exported(name, folder, backend or built_backend or "onnx")
+    signature = json.loads((folder / "signature.json").read_text())
+    backend = _exported(name, signature, backend or built_backend or "onnx")
     kept = archive.ArchiveConfig.read(built_config)
-    # An archive of an older Kiln (workers and batching in its model-config.yaml, or the
-    # whole root shipped) reads back as none of this Kiln's, and is rebuilt.
+    # An archive of an older Kiln (workers and batching in its model-config.yaml, the whole
+    # root shipped, no OIP metadata or other than its signature gives) reads back as none of
+    # this Kiln's, and is rebuilt.
     if (kept is not None and backend == built_backend
             and shipped == set(layout.worker_files())
+            and metadata == oip.tensor_metadata(signature)
             and not stale(mar, archive.archive_inputs(decl, folder, backend))):
         log.info("%s: %s is up to date", name, mar)
         return mar
@@ -101,9 +115,9 @@ def _export_if_stale(decl: declaration.Declaration, folder: Path, dirs: list[Pat
         export.export(decl.name, folder, models_dirs=dirs)
 
 
-def _exported(name: str, folder: Path, backend: str) -> str:
+def _exported(name: str, signature: dict, backend: str) -> str:
     """`backend`, or the form that was exported when it was not."""
-    exported = set(json.loads((folder / "signature.json").read_text()).get("parity", {}))
+    exported = set(signature.get("parity", {}))
     if backend not in exported and exported:
         # A model ONNX cannot export is served by TorchScript (export said why).
         fallback = sorted(exported)[0]

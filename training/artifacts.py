@@ -1,15 +1,12 @@
-"""Where a model's exports live and the parity gate they passed.
+"""The exported forms of a model and the parity gate they passed (where they live: the
+workspace, kiln/workspace.py).
 
 Torch-free, unlike train.py and export.py that write them: `kiln archive` and everything else
 that only reads an export imports this, not the training code (seconds and ~300 MB of torch).
 """
 
-from pathlib import Path
-
 from kiln.handlers.backends import EXPORT_FILES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO_ROOT / "artifacts"
 # The file of each exported form, by its name (onnx, torchscript).
 FORMS = EXPORT_FILES
 # The most an exported form may differ from eager PyTorch: export writes no form beyond it,

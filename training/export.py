@@ -28,13 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln import declaration
 from kiln.console import run_command
-from kiln.handlers import errors, rest
+from kiln.handlers import errors, kinds, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
-from kiln.training import declaration, recipes
-from kiln.training.artifacts import ARTIFACTS, FORMS, MAX_ABS_DIFF
+from kiln.training import recipes
+from kiln.training.artifacts import FORMS, MAX_ABS_DIFF
 from kiln.training.train import git_sha
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.export")
 
@@ -211,49 +213,14 @@ def check_parity(output: dict, names: list[str], module: nn.Module, paths: dict[
 
 def graph_shape(spec: dict) -> list[int]:
     """An input's graph shape, batch first (-1)."""
-    if spec["kind"] == "image":
-        pad = spec.get("pad", 0)
-        height, width = spec["size"]
-        return [-1, spec["channels"], height + 2 * pad, width + 2 * pad]
-    if spec["kind"] == "features":
-        return [-1, len(spec["names"])]
-    return [-1, *spec["shape"]]
+    return kinds.of(spec).graph_shape(spec)
 
 
 def random_inputs(inputs: list[dict], rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Graph inputs drawn in each input's declared range: images from uniform pixels,
-    features standardised from within min/max (else the training distribution's +-3 std),
-    tensors uniform in [min, max] (integers) with variable lengths at half their maximum."""
+    """Graph inputs drawn in each input's declared range (kinds.py says how, by kind)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for spec in inputs:
-        if spec["kind"] == "image":
-            shape = graph_shape(spec)
-            x = rng.uniform(0, 1, (rows, *shape[1:]))
-            mean = np.asarray(spec["mean"]).reshape(-1, 1, 1)
-            std = np.asarray(spec["std"]).reshape(-1, 1, 1)
-            out.append(torch.from_numpy(((x - mean) / std).astype(np.float32)))
-        elif spec["kind"] == "features":
-            width = len(spec["names"])
-            mean, std = np.asarray(spec["mean"]), np.asarray(spec["std"])
-            low = np.asarray([v if v is not None else m - 3 * s for v, m, s in
-                              zip(spec.get("min") or [None] * width, mean, std, strict=True)])
-            high = np.asarray([v if v is not None else m + 3 * s for v, m, s in
-                               zip(spec.get("max") or [None] * width, mean, std, strict=True)])
-            raw = rng.uniform(low, high, (rows, width))
-            out.append(torch.from_numpy(((raw - mean) / std).astype(np.float32)))
-        else:
-            shape = [max(1, spec.get("max_length", 2) // 2) if d == -1 else d
-                     for d in spec["shape"]]
-            dtype = np.dtype(spec["dtype"])
-            if dtype.kind in "iub":
-                low, high = spec.get("min", 0), spec.get("max", 1)
-                x = rng.integers(low, high, (rows, *shape), endpoint=True).astype(dtype)
-            else:
-                x = rng.uniform(spec.get("min", -1.0), spec.get("max", 1.0),
-                                (rows, *shape)).astype(dtype)
-            out.append(torch.from_numpy(x))
-    return tuple(out)
+    return tuple(torch.from_numpy(kinds.of(spec).random_rows(spec, rows, rng))
+                 for spec in inputs)
 
 
 def with_ranges(inputs: list[dict], decl) -> list[dict]:
@@ -262,7 +229,7 @@ def with_ranges(inputs: list[dict], decl) -> list[dict]:
     out = []
     for spec, declared in zip(inputs, decl.inputs, strict=True):
         spec = {k: v for k, v in spec.items() if k != "ranges"}
-        if spec["kind"] == "features" and declared.get("ranges"):
+        if declared.get("ranges"):  # only features inputs declare ranges
             try:
                 spec.update(declaration.feature_bounds({**spec, "ranges": declared["ranges"]}))
             except declaration.DeclarationError as err:
@@ -300,8 +267,7 @@ def signature_inputs(inputs: list[dict]) -> list[dict]:
     described = []
     for spec in inputs:
         entry = {"name": spec["name"], "kind": spec["kind"],
-                 "dtype": spec.get("dtype", "float32") if spec["kind"] == "tensor" else "float32",
-                 "shape": graph_shape(spec)}
+                 "dtype": kinds.of(spec).dtype(spec), "shape": graph_shape(spec)}
         entry.update({k: v for k, v in spec.items() if k not in ("name", "kind", "dtype", "shape")})
         described.append(entry)
     return described
@@ -374,7 +340,7 @@ def load_weights(decl, folder: Path) -> tuple[nn.Module, dict]:
 def export(name: str, artifacts: Path | None = None,
            models_dirs: list[Path] | None = None) -> dict:
     decl = declaration.get(name, models_dirs)
-    folder = artifacts or ARTIFACTS / decl.name
+    folder = artifacts or Workspace.current().exports(decl.name)
     folder.mkdir(parents=True, exist_ok=True)
     model, meta = load_weights(decl, folder)
     inputs = with_ranges(meta.get("inputs") or [dict(spec) for spec in decl.inputs], decl)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from kiln import declaration
 from kiln.console import run_command
 from kiln.handlers import answers
-from kiln.training import declaration, export
+from kiln.training import export
 
 log = logging.getLogger("kiln.init")
 
@@ -107,14 +108,14 @@ def dry_run(decl: declaration.Declaration) -> tuple[list[int], torch.nn.Module]:
     except (RuntimeError, OSError, ValueError) as err:
         raise InitError(f"the weights in {decl.state_dict} do not load into "
                         f"{type(model).__name__}: {str(err).splitlines()[0]}") from None
-    filled = [_with_defaults(spec) for spec in decl.inputs]
-    xs = export.random_inputs(filled, 2)
+    # A declaration Kiln does not train has its inputs' statistics filled in already.
+    xs = export.random_inputs(list(decl.inputs), 2)
     served = export.served_module(decl, model)
     try:
         with torch.inference_mode():
             out = served(*xs)
     except Exception as err:  # whatever the model raises on a misfit input
-        given = ", ".join(f"{spec['name']} {list(x.shape)}" for spec, x in zip(filled, xs,
+        given = ", ".join(f"{spec['name']} {list(x.shape)}" for spec, x in zip(decl.inputs, xs,
                                                                                strict=True))
         raise InitError(f"the declared input does not fit the model: given {given}; "
                         f"the model says: {str(err).splitlines()[0]}") from None
@@ -150,15 +151,6 @@ def _label(decl: declaration.Declaration, served: torch.nn.Module, example) -> s
     with torch.inference_mode():
         out = served(*(torch.from_numpy(a) for a in arrays))
     return answers.best(out.numpy(), decl.output)[0][0]
-
-
-def _with_defaults(spec: dict) -> dict:
-    spec = dict(spec)
-    if spec["kind"] == "features":
-        n = len(spec["names"])
-        spec.setdefault("mean", [0.0] * n)
-        spec.setdefault("std", [1.0] * n)
-    return spec
 
 
 def init(args: argparse.Namespace) -> Path:

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kiln import declaration
 from kiln.console import setup_logging
-from kiln.training import data, declaration, recipes
-from kiln.training.artifacts import ARTIFACTS, REPO_ROOT
+from kiln.training import data, recipes
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.train")
+# Read, never written: the checkout whose commit a run records (none when Kiln is installed).
+CODE = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -50,11 +53,11 @@ class TrainConfig:
 def git_sha() -> str:
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=CODE, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+            cwd=CODE, capture_output=True, text=True, check=True,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -272,7 +275,7 @@ def _keep_trained_weights(cfg: TrainConfig) -> None:
 
 def dry_run_folder(name: str) -> Path:
     """Where a dry run writes by default: beside the weights kiln serve exports, never on them."""
-    return ARTIFACTS / name / "dry-run"
+    return Workspace.current().exports(name) / "dry-run"
 
 
 def _summary_writer(cfg: TrainConfig):
@@ -299,10 +302,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or auto = cuda when present (default: auto)")
     parser.add_argument("--out", type=Path,
-                        help="output folder (default: artifacts/NAME; with --dry-run "
-                             "artifacts/NAME/dry-run)")
-    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs",
-                        help="TensorBoard log root (default: runs/)")
+                        help="output folder (default: the workspace's artifacts/NAME; with "
+                             "--dry-run artifacts/NAME/dry-run)")
+    parser.add_argument("--log-dir", type=Path,
+                        help="TensorBoard log root (default: the workspace's runs/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt (default: start afresh)")
     parser.add_argument("--dry-run", action="store_true",
@@ -335,8 +338,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=d.augment and not args.no_augment,
         seed=args.seed,
         device=args.device,
-        out=args.out or (dry_run_folder(decl.name) if args.dry_run else ARTIFACTS / decl.name),
-        log_dir=args.log_dir,
+        out=args.out or (dry_run_folder(decl.name) if args.dry_run
+                         else Workspace.current().exports(decl.name)),
+        log_dir=args.log_dir or Workspace.current().tensorboard,
         resume=args.resume,
         dry_run=args.dry_run,
         models_dirs=list(args.models_dirs),

@@ -4,7 +4,7 @@ worker, `torch` is imported on first use rather than at start.
 TorchServe's worker imports torch in its protocol module only to ask whether an answer is a
 tensor, which a Kiln answer (JSON text) never is; an ONNX Runtime worker has no other use
 for it. Importing it cost each worker about 1 s of CPU at start and 180 MiB of RSS (140 MiB
-of PSS: loadtests/memory.py --eager-torch). The stand-in below imports the real torch the
+of PSS: loadtests/studies/memory.py --eager-torch). The stand-in below imports the real torch the
 first time anything reads an attribute of it (a TorchScript model, a handler of someone
 else's), so nothing that uses torch sees a difference.
 """

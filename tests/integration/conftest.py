@@ -12,10 +12,10 @@ import pytest
 import requests
 
 from kiln import client as http
+from kiln import declaration
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
-from kiln.training import declaration
+from kiln.workspace import Workspace
 
 MODELS = declaration.default_set()
 log = logging.getLogger("kiln.tests")
@@ -43,7 +43,8 @@ def server(archives, tmp_path_factory):
     # derived for as many cores as models (one worker each on any machine: tests find a
     # model's worker by its pid).
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("torchserve"),
-                                model_store=STORE, models=MODELS, ports=Ports.free(),
+                                model_store=Workspace.current().model_store,
+                                models=MODELS, ports=Ports.free(),
                                 internal_ports=Ports.free(), cores=len(MODELS)))
     with srv.running(timeout=240):
         yield srv

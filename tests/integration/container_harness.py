@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from kiln.deploy import contract
-from kiln.model_store.archive import STORE
+from kiln.workspace import Workspace
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MODEL = "binary"
@@ -70,7 +70,8 @@ class Container:
         with open(self.log_path, "w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "kiln.deploy.container", "--models", MODEL,
-                 "--model-store", str(STORE), "--keys-file", str(self.keys_file),
+                 "--model-store", str(Workspace.current().model_store), "--keys-file",
+                 str(self.keys_file),
                  "--run-dir", str(folder / "run"), "--listen", "127.0.0.1",
                  "--port-offset", str(self.offset), "--grace-seconds", str(GRACE_S),
                  "--drain-delay-seconds", str(DRAIN_DELAY_S)],

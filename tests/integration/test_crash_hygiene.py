@@ -12,13 +12,14 @@ import psutil
 import pytest
 
 from kiln.deploy.server import Ports, Server, ServerError, ServerSettings
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
+from kiln.workspace import Workspace
 
 
 def test_stop_and_serve_clean_up_after_a_killed_frontend(tmp_path):
     ensure_built("binary")
-    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=Workspace.current().model_store,
+                                   models=["binary"],
                                    ports=Ports.free(), internal_ports=Ports.free()))
     server.start()
     server.wait_ready(120)
@@ -61,7 +62,8 @@ def test_a_front_that_cannot_start_leaves_no_torchserve_behind(tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     ports = dataclasses.replace(Ports.free(), inference=taken.getsockname()[1])
-    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=Workspace.current().model_store,
+                                   models=["binary"],
                                    ports=ports, internal_ports=Ports.free()))
     try:
         with pytest.raises(ServerError, match="nginx exited with status 1"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kiln.training import declaration
+from kiln import declaration
 
 MODELS = declaration.default_set()
 ROOT = Path(__file__).resolve().parents[2]

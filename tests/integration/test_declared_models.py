@@ -15,10 +15,10 @@ import pytest
 import requests
 
 from kiln import client as http
+from kiln import declaration
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
-from kiln.training import declaration
+from kiln.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "digit_tokens"
@@ -31,7 +31,8 @@ def two_input_server(tmp_path_factory):
     for name in (MODEL, REGRESSION):
         ensure_built(name)
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("two-inputs"),
-                                model_store=STORE, models=[MODEL, REGRESSION],
+                                model_store=Workspace.current().model_store, models=[MODEL,
+                                REGRESSION],
                                 ports=Ports.free()))
     with srv.running(timeout=240):
         yield srv

@@ -15,7 +15,7 @@ from kiln import client as http
 from kiln.deploy import front
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import GrpcClient
-from kiln.model_store.archive import STORE
+from kiln.workspace import Workspace
 
 MODEL = "binary"
 ROW = {"instances": [[0.1] * 30]}
@@ -23,7 +23,8 @@ ROW = {"instances": [[0.1] * 30]}
 
 @pytest.fixture(scope="module")
 def keyed(archives, tmp_path_factory):
-    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("keys"), model_store=STORE,
+    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("keys"),
+                                model_store=Workspace.current().model_store,
                                 models=[MODEL], ports=Ports.free(), internal_ports=Ports.free()))
     with srv.running(timeout=240):
         yield srv

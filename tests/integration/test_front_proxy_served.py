@@ -19,7 +19,7 @@ from kiln.deploy import front
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
 from kiln.handlers import oip
 from kiln.handlers.errors import RETRY_AFTER_S
-from kiln.model_store.archive import STORE
+from kiln.workspace import Workspace
 
 SEVEN = (Path(__file__).resolve().parents[1] / "fixtures" / "digits" / "7.png").read_bytes()
 
@@ -133,7 +133,8 @@ def test_too_many_headers_and_too_large_a_body_get_431_and_413(server):
 def one_slot(archives, tmp_path_factory):
     """lenet with one worker, batches of one and room for two waiting requests."""
     srv = Server(ServerSettings(
-        run_dir=tmp_path_factory.mktemp("queue"), model_store=STORE, models=["lenet"],
+        run_dir=tmp_path_factory.mktemp("queue"), model_store=Workspace.current().model_store,
+        models=["lenet"],
         ports=Ports.free(), internal_ports=Ports.free(), job_queue_size=2,
         serving={"lenet": ModelServing(workers=1, batch_size=1, max_batch_delay_ms=1)}))
     with srv.running(timeout=240):

@@ -22,7 +22,7 @@ import requests
 from kiln.deploy import processes
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.keys import read_keys
-from kiln.model_store.archive import STORE
+from kiln.workspace import Workspace
 
 MODEL = "binary"
 ROW = {"instances": [[0.1] * 30]}
@@ -31,7 +31,8 @@ WAIT_S = 30  # an upper bound for a state to come, never a measured time
 
 @pytest.fixture
 def served(archives, tmp_path):
-    srv = Server(ServerSettings(run_dir=tmp_path / "run", model_store=STORE, models=[MODEL],
+    srv = Server(ServerSettings(run_dir=tmp_path / "run",
+                                model_store=Workspace.current().model_store, models=[MODEL],
                                 ports=Ports.free(), internal_ports=Ports.free()))
     with srv.running(timeout=240):
         yield srv

@@ -14,7 +14,7 @@ import requests
 import yaml
 from conftest import Prometheus, install_prometheus
 
-from kiln.training import declaration
+from kiln import declaration
 
 MODELS = declaration.default_set()
 ROOT = Path(__file__).resolve().parents[2]

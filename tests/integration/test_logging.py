@@ -3,7 +3,7 @@
 import pytest
 
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.model_store import STORE
+from kiln.workspace import Workspace
 
 
 def log_lines(srv, name):
@@ -34,7 +34,8 @@ def test_per_request_worker_chatter_stays_out_of_the_log(server, client):
 
 @pytest.fixture(scope="module")
 def access_logged(archives, tmp_path_factory):
-    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("access"), model_store=STORE,
+    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("access"),
+                                model_store=Workspace.current().model_store,
                                 models=["binary"], ports=Ports.free(), access_log=True))
     with srv.running(timeout=120):
         yield srv

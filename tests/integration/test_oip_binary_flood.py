@@ -6,7 +6,7 @@ RSS stays within 300 MB of where it started."""
 
 from collections import Counter
 
-from kiln.loadtests import oip_flood
+from kiln.loadtests.studies import oip_flood
 
 CLIENTS = 8
 SECONDS = 20

@@ -15,8 +15,8 @@ import tritonclient.http as triton
 from PIL import Image
 
 from kiln.deploy.server import HOST, Ports, Server, ServerSettings
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
+from kiln.workspace import Workspace
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DIGITS = [str(d) for d in range(10)]
@@ -45,7 +45,8 @@ class TightSettings(ServerSettings):
 def tight(tmp_path_factory):
     """A server of its own with short read and idle timeouts and a small connection bound."""
     ensure_built("binary")
-    settings = TightSettings(run_dir=tmp_path_factory.mktemp("tight"), model_store=STORE,
+    settings = TightSettings(run_dir=tmp_path_factory.mktemp("tight"),
+                             model_store=Workspace.current().model_store,
                              models=["binary"], ports=Ports.free(),
                              jvm_properties={"kiln.oip.read_timeout_s": READ_TIMEOUT_S,
                                              "kiln.oip.idle_timeout_s": IDLE_TIMEOUT_S,

@@ -3,6 +3,7 @@ standard client calls it: health, server metadata, model metadata and readiness,
 
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import requests
 from PIL import Image
 
 from kiln.handlers import oip as oip_codec
-from kiln.training.train import ARTIFACTS
+from kiln.workspace import Workspace
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 IMAGE_MODELS = ["lenet", "mlp", "rnn"]
@@ -39,7 +40,7 @@ def oip(server):
 
 
 def signature(model):
-    return json.loads((ARTIFACTS / model / "signature.json").read_text())
+    return json.loads((Workspace.current().exports(model) / "signature.json").read_text())
 
 
 def digit_pixels():
@@ -66,6 +67,17 @@ def ready_and_described(oip, model):
     assert r.status_code == 200
     assert r.json() == oip_codec.model_metadata(signature(model), "1.0")
     return r.json()
+
+
+@pytest.mark.parametrize("model", ["lenet", "binary"])
+def test_model_metadata_is_the_archives_file_built_once_in_python(oip, model):
+    """The plugin serves the archive's oip-metadata.json with the served name and version; it
+    builds no tensors of its own (kiln.handlers.oip.tensor_metadata is the one place)."""
+    with zipfile.ZipFile(Workspace.current().model_store / f"{model}.mar") as mar:
+        shipped = json.loads(mar.read(oip_codec.METADATA_FILE))
+    assert shipped == oip_codec.tensor_metadata(signature(model))
+    r = oip.get(f"/models/{model}")
+    assert (r.status_code, r.json()) == (200, {"name": model, "versions": ["1.0"], **shipped})
 
 
 def test_server_metadata_and_where_to_find_it(oip, server):
@@ -197,11 +209,11 @@ def test_server_readiness_waits_for_every_startup_model(tmp_path):
     """Right after start TorchServe has registered no model yet: the OIP plugin must not call
     "every model is ready" true then (it did, for about a second)."""
     from kiln.deploy.server import Ports, Server, ServerSettings
-    from kiln.model_store.archive import STORE
     from kiln.model_store.build import ensure_built
 
     ensure_built("binary")
-    server = Server(ServerSettings(run_dir=tmp_path, model_store=STORE, models=["binary"],
+    server = Server(ServerSettings(run_dir=tmp_path, model_store=Workspace.current().model_store,
+                                   models=["binary"],
                                    ports=Ports.free()))
     server.start()
     try:

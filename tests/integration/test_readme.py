@@ -5,8 +5,8 @@ A block is left out only by the HTML comment just above it: `<!-- not run by tes
 or `<!-- not run by tests: WHY; they run instead: COMMAND -->` (the stand-in that makes the
 next blocks' state: `make serve` installs and serves four models, so `kiln serve lenet`).
 Two things differ from a reader's run, so that it never meets their server or files: the
-workspace is a temporary folder (KILN_WORKSPACE), seeded with lenet's exports and archive, and
-Kiln's ports are free ones: `kiln serve` gets them as flags and 127.0.0.1:<default> in a block
+workspace is a temporary folder (KILN_WORKSPACE), seeded with lenet's exports and archive from
+the tests' workspace (which the run leaves as it was), and Kiln's ports are free ones: `kiln serve` gets them as flags and 127.0.0.1:<default> in a block
 becomes 127.0.0.1:<free>.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kiln.deploy.server import Ports
 from kiln.model_store.build import ensure_built
+from kiln.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -57,13 +58,13 @@ def on_free_ports(script: str, ports: Ports) -> str:
     return re.sub(r"\bkiln serve\b", f"kiln serve {flags}", script)
 
 
-def seeded_workspace(folder: Path) -> Path:
-    """A workspace with lenet's exports and archive as the repository's (built if missing), so
-    that serving it builds nothing; copies keep their times, so they stay up to date."""
-    ensure_built("lenet")
-    shutil.copytree(REPO / "artifacts" / "lenet", folder / "artifacts" / "lenet")
+def seeded_workspace(folder: Path, source: Workspace) -> Path:
+    """A workspace with lenet's exports and archive as `source` has them (built if missing),
+    so that serving it builds nothing: copies keep their times, so they stay up to date."""
+    mar = ensure_built("lenet", store=source.model_store)
+    shutil.copytree(source.exports("lenet"), folder / "artifacts" / "lenet")
     (folder / "model_store").mkdir()
-    shutil.copy2(REPO / "model_store" / "lenet.mar", folder / "model_store")
+    shutil.copy2(mar, folder / "model_store")
     return folder
 
 
@@ -75,7 +76,9 @@ def bash(script: str, env: dict) -> subprocess.CompletedProcess:
 def test_readme_shell_blocks_run_in_order(tmp_path):
     blocks = readme_blocks((REPO / "README.md").read_text())
     ports = Ports.free()
-    workspace = seeded_workspace(tmp_path / "workspace")
+    source = Workspace.current()
+    workspace = seeded_workspace(tmp_path / "workspace", source)
+    before = (git_status(), (source.model_store / "lenet.mar").stat().st_mtime_ns)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "KILN_WORKSPACE": str(workspace)}
     env.pop("KILN_MODELS_DIR", None)
@@ -88,9 +91,16 @@ def test_readme_shell_blocks_run_in_order(tmp_path):
                                           f"{done.stdout}\n{done.stderr}")
     finally:
         bash(on_free_ports("kiln stop", ports), env)
+    # Everything went to the temporary workspace: no tracked file, no source archive changed.
+    assert (git_status(), (source.model_store / "lenet.mar").stat().st_mtime_ns) == before
     ran = [b for b in blocks if b.skipped is None]
     assert len(ran) >= 3
     assert all(b.skipped.strip() for b in blocks if b.skipped is not None)
+
+
+def git_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
 
 
 def test_a_block_is_skipped_only_by_the_comment_right_above_it():

@@ -1,13 +1,16 @@
-"""The reliability benchmark (loadtests/reliability.py), every part in its shortest run against
-the session's server: the table has every row, each a number, and the requests at the bounds
-got the answers the bounds promise."""
+"""The reliability benchmark (loadtests/studies/reliability/), every part in its shortest run
+against the session's server: the table has every row, each a number, and the requests at the
+bounds got the answers the bounds promise."""
 
 import json
 import math
 
 import pytest
 
-from kiln.loadtests import reliability, wrk
+from kiln.loadtests import wrk
+from kiln.loadtests.studies.reliability.cli import measure, parse_args
+from kiln.loadtests.studies.reliability.report import write
+from kiln.loadtests.studies.reliability.table import format_table
 
 pytestmark = pytest.mark.skipif(not wrk.available(), reason="wrk is not installed (apt-get)")
 
@@ -50,13 +53,13 @@ THIN = [f"thin lenet: {case}" for case in ("square at pixel bound", "thinnest ad
 
 @pytest.fixture(scope="module")
 def report(server):
-    return reliability.measure(server, reliability.parse_args(FLAGS))
+    return measure(server, parse_args(FLAGS))
 
 
 def test_the_table_has_every_row_and_each_is_a_number(report):
     names = [r.name for r in report.rows]
     assert names == KILL + SLOW + list(AMPLIFICATION) + SOAK + THIN + OIP_FLOOD + FRONT_KILL
-    table = reliability.format_table(report.rows).splitlines()
+    table = format_table(report.rows).splitlines()
     assert [line[:len(name)] for line, name in zip(table[1:], names, strict=True)] == names
     for row in report.rows:
         if row.value is None and none_answered(report, row):
@@ -81,8 +84,8 @@ def test_requests_at_the_bounds_are_answered_and_those_over_refused(report):
 
 
 def test_the_json_holds_the_table(report, tmp_path):
-    opts = reliability.parse_args(FLAGS)
-    reliability.write(report, opts, tmp_path)
+    opts = parse_args(FLAGS)
+    write(report, opts, tmp_path)
     saved = json.loads((tmp_path / "reliability.json").read_text())
     assert [r["name"] for r in saved["rows"]] == [r.name for r in report.rows]
     assert (tmp_path / "reliability.html").read_text().count("<svg") == 3

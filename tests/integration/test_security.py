@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.model_store import STORE
+from kiln.workspace import Workspace
 
 
 def test_oversized_body_gets_413_and_the_server_keeps_serving(server, client):
@@ -22,7 +22,8 @@ def test_oversized_body_gets_413_and_the_server_keeps_serving(server, client):
 @pytest.fixture(scope="module")
 def model_api_server(archives, tmp_path_factory):
     """A second server, started with the model API on (kiln serve --enable-model-api)."""
-    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("model-api"), model_store=STORE,
+    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("model-api"),
+                                model_store=Workspace.current().model_store,
                                 models=[], ports=Ports.free(), enable_model_api=True))
     with srv.running(timeout=120):
         yield srv
@@ -47,7 +48,7 @@ def test_registration_from_a_remote_url_is_refused(model_api_server, url):
 
 def test_registration_from_outside_the_store_is_refused(model_api_server, tmp_path):
     outside = tmp_path / "lenet.mar"
-    shutil.copy(STORE / "lenet.mar", outside)
+    shutil.copy(Workspace.current().model_store / "lenet.mar", outside)
     r = register(model_api_server, f"file://{outside}", "outside")
     assert 400 <= r.status_code < 500
     r = register(model_api_server, "../" + str(outside), "relative")

@@ -9,8 +9,8 @@ from dataclasses import replace
 import psutil
 
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
+from kiln.workspace import Workspace
 
 
 def serve(run_dir, store, ports: Ports, *flags: str) -> subprocess.CompletedProcess:
@@ -41,13 +41,14 @@ def test_a_port_held_by_another_process_is_named_and_nothing_is_built(tmp_path):
 
 def test_a_port_held_by_a_kiln_server_names_its_run_folder_and_how_to_stop_it(tmp_path):
     ensure_built("binary")
-    server = Server(ServerSettings(run_dir=tmp_path / "elsewhere", model_store=STORE,
+    server = Server(ServerSettings(run_dir=tmp_path / "elsewhere",
+                                   model_store=Workspace.current().model_store,
                                    models=["binary"], ports=Ports.free(),
                                    internal_ports=Ports.free()))
     try:
         server.start()
         server.wait_ready(120)
-        done = serve(tmp_path / "run", STORE, server.ports, "--no-build")
+        done = serve(tmp_path / "run", Workspace.current().model_store, server.ports, "--no-build")
         assert done.returncode == 1, done.stderr
         lines = [line.split(" kiln ", 1)[1] for line in done.stderr.splitlines()
                  if " kiln " in line]

@@ -4,9 +4,9 @@ declaration's [serving], and from an explicit flag over the declaration."""
 import pytest
 import requests
 
+from kiln import declaration
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings, declared_serving
 from kiln.model_store.build import ensure_built
-from kiln.training import declaration
 
 DECLARED = "binary_declared"  # Kiln's binary model under another name, with a [serving] table
 SERVING = "[serving]\nworkers = 2\nbatch_size = 4\nmax_batch_delay_ms = 7\n"

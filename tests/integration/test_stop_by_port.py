@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.model_store.archive import STORE
 from kiln.model_store.build import ensure_built
+from kiln.workspace import Workspace
 
 
 def test_stop_finds_the_server_on_the_port_it_is_given(tmp_path):
     ensure_built("binary")
-    server = Server(ServerSettings(run_dir=tmp_path / "elsewhere", model_store=STORE,
+    server = Server(ServerSettings(run_dir=tmp_path / "elsewhere",
+                                   model_store=Workspace.current().model_store,
                                    models=["binary"], ports=Ports.free(),
                                    internal_ports=Ports.free()))
     empty = tmp_path / "run"

@@ -16,10 +16,9 @@ import pytest
 import requests
 
 from kiln import client as http
-from kiln import layout
+from kiln import declaration, layout
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
 from kiln.model_store.build import ensure_built
-from kiln.training import declaration
 
 BACKENDS = {"lenet": "onnx", "binary": "torchscript"}
 NOT_SERVING = ("kiln.training", "kiln.batch", "kiln.loadtests", "kiln.deploy", "kiln.cli")

@@ -3,7 +3,7 @@ bad request (deploy/worker_site/sitecustomize.py; about 140 MiB of PSS per worke
 
 import psutil
 
-from kiln.training import declaration
+from kiln import declaration
 
 
 def torch_mapped(pid: int) -> bool:

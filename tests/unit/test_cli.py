@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from kiln import client as http
-from kiln.cli.main import build_parser, describe, main
+from kiln import workspace
+from kiln.cli.main import build_parser, main
+from kiln.cli.predict import describe
 from kiln.deploy import front
 
 SUBCOMMANDS = {
@@ -82,7 +84,7 @@ def test_describe_answers():
 def test_every_port_flag_reaches_the_server_settings(tmp_path):
     import dataclasses
 
-    from kiln.cli.main import _server
+    from kiln.cli.serve import _server
     from kiln.deploy import plugins
 
     given = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
@@ -121,12 +123,13 @@ def test_a_rotation_before_any_serve_makes_a_private_run_folder(tmp_path):
 def test_the_banner_s_hints_repeat_the_run_folder(run_dir, tmp_path, monkeypatch):
     """A server run from another folder than run/ is found only with --run-dir (its keys and
     ports are there): every hint says it, and `make stop` (the default run's) is not offered."""
-    from kiln.cli.main import RUN_DIR, how_to_call
+    from kiln import declaration
+    from kiln.cli.serve import how_to_call
     from kiln.deploy.server import Ports, Server, ServerSettings
-    from kiln.training import declaration
 
     monkeypatch.chdir(tmp_path)
-    folder = tmp_path / run_dir if run_dir else RUN_DIR
+    monkeypatch.delenv(workspace.ENV, raising=False)  # the current folder is the workspace
+    folder = tmp_path / (run_dir or "run")
     server = Server(ServerSettings(run_dir=folder, model_store=tmp_path, models=["binary"],
                                    ports=Ports(inference=18180), internal_ports=Ports.free()))
     example = declaration.get("binary").examples[0]
@@ -153,15 +156,14 @@ def test_token_help_says_what_is_sent(command, capsys):
             "token in key_file.json for a server without Kiln's front proxy)") in text
 
 
-def test_every_run_dir_default_is_the_same():
+def test_every_run_dir_default_is_the_same(tmp_path, monkeypatch):
     # kiln batch --via server reads the key and port from it: a default of its own got 401.
-    from kiln.cli.main import RUN_DIR
-
+    monkeypatch.setenv(workspace.ENV, str(tmp_path))
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     defaults = {name: parser.get_default("run_dir") for name, parser in sub.choices.items()
                 if any(a.dest == "run_dir" for a in parser._actions)}
     assert set(defaults) >= {"serve", "stop", "keys", "predict", "batch", "loadtest"}
-    assert defaults == dict.fromkeys(defaults, RUN_DIR)
+    assert defaults == dict.fromkeys(defaults, tmp_path.resolve() / "run")
 
 
 @pytest.mark.parametrize("argv,lacking,missing,code", [

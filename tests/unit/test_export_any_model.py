@@ -6,6 +6,7 @@ import zipfile
 
 import torch
 
+from kiln import workspace
 from kiln.model_store import build
 from kiln.training import export
 
@@ -75,7 +76,7 @@ def test_the_build_archives_torchscript_when_onnx_is_missing(tmp_path, monkeypat
     namespace = {}
     exec(MODEL, namespace)
     torch.save(namespace["RunningMax"]().state_dict(), folder / "running_max.pt")
-    monkeypatch.setattr(build, "ARTIFACTS", tmp_path / "artifacts")
+    monkeypatch.setenv(workspace.ENV, str(tmp_path))
     mar = build.ensure_built("running_max", "onnx", tmp_path / "store", [folder])
     with zipfile.ZipFile(mar) as z:
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))

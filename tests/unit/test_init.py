@@ -7,7 +7,8 @@ import tomllib
 import pytest
 import torch
 
-from kiln.training import declaration, init
+from kiln import declaration
+from kiln.training import init
 
 MODEL = """
 import torch

@@ -80,16 +80,26 @@ def test_locust_imports_kiln_only_through_the_installed_package(tmp_path):
 
 # Who may import whom: each layer only what is below it. The leaves are the modules at the
 # root (logging set-up, the HTTP and gRPC clients, this layout): they import no layer.
+# kiln.declaration reads a model's declaration with no training: it knows the input kinds
+# (handlers) and, when a declaration names one, Kiln's recipe names (RECIPE_NAMES).
 LAYERS = {
     "leaf": set(),
     "handlers": set(),
-    "training": {"handlers", "leaf"},
-    "model_store": {"training", "handlers", "leaf"},
-    "deploy": {"model_store", "training", "handlers", "leaf"},
+    "declaration": {"handlers", "leaf"},
+    "training": {"declaration", "handlers", "leaf"},
+    "model_store": {"declaration", "training", "handlers", "leaf"},
+    "deploy": {"declaration", "model_store", "training", "handlers", "leaf"},
     "batch": {"handlers", "leaf"},
-    "loadtests": {"deploy", "model_store", "training", "batch", "handlers", "leaf"},
-    "cli": {"loadtests", "deploy", "model_store", "training", "batch", "handlers", "leaf"},
+    "loadtests": {"declaration", "deploy", "model_store", "training", "batch", "handlers",
+                  "leaf"},
+    "cli": {"declaration", "loadtests", "deploy", "model_store", "training", "batch", "handlers",
+            "leaf"},
 }
+
+
+# The one module of a higher layer that kiln.declaration imports: a tuple of names, with
+# nothing imported beside it.
+RECIPE_NAMES = ("kiln.training", "kiln.training.recipes")
 
 
 def _layer(module: str) -> str | None:
@@ -115,6 +125,8 @@ def test_layers_import_downward_only():
                 continue
             for name in names:
                 target = _layer(name)
+                if layer == "declaration" and name in RECIPE_NAMES:
+                    continue
                 if target and target != layer and target not in LAYERS[layer or "leaf"]:
                     wrong.append(f"{module} ({layer}) imports {name} ({target})")
     assert wrong == []
@@ -131,14 +143,13 @@ except SystemExit as done:
     rc = done.code
 """
 # What a plain `kiln serve` does beyond `--no-build`, in a fresh interpreter: the build step,
-# finding binary's archive (in the store argv[2], from the exports under argv[1]) up to date.
+# finding binary's archive (in the workspace argv[1]) up to date.
 BUILD_PROBE = """
-import sys
-from pathlib import Path
+import os, sys
+from kiln import workspace
 from kiln.model_store import build
-build.ARTIFACTS = Path(sys.argv[1])
-mar = build.ensure_built("binary", None, Path(sys.argv[2]))
-rc = mar.stat().st_mtime_ns
+os.environ[workspace.ENV] = sys.argv[1]
+rc = build.ensure_built("binary").stat().st_mtime_ns
 """
 HEAVY_PROBE = """
 import json, sys
@@ -207,7 +218,69 @@ def test_serving_archives_that_are_up_to_date_imports_no_torch(tmp_path, exports
     for name in ("state_dict.pt", "meta.json"):  # the weights, older than their export
         (folder / name).write_bytes(b"")
         os.utime(folder / name, ns=(0, 0))
-    mar = archive.build("binary", "onnx", artifacts=folder, store=tmp_path / "store")
+    mar = archive.build("binary", "onnx", artifacts=folder, store=tmp_path / "model_store")
     built_at = mar.stat().st_mtime_ns
-    loaded = _kiln_loads([tmp_path / "artifacts", tmp_path / "store"], tmp_path, BUILD_PROBE)
+    loaded = _kiln_loads([tmp_path], tmp_path, BUILD_PROBE)
     assert loaded == {"rc": built_at, "heavy": []}
+
+
+# Module-level names that hold a path derived from the module's own __file__, each with why
+# it is only ever read: what commands write goes under the workspace (kiln/workspace.py), never
+# beside Kiln's code, which an installed Kiln keeps in site-packages.
+READ_ONLY_NEAR_CODE = {
+    "kiln/training/train.py:CODE": "the checkout whose git commit a run records",
+    "kiln/deploy/front.py:TEMPLATE": "nginx.conf template",
+    "kiln/deploy/torchserve_config.py:LOG_CONFIG": "log4j2 configuration",
+    "kiln/deploy/torchserve_config.py:CONSOLE_LOG_CONFIG": "log4j2 configuration",
+    "kiln/deploy/plugins.py:OIP_PLUGIN_SOURCE": "the OIP plugin's Java sources",
+    "kiln/loadtests/locustfile_path.py:LOCUSTFILE": "the locustfile locust is given",
+    "kiln/loadtests/wrk.py:SCRIPT": "the Lua script wrk is given",
+    "kiln/loadtests/studies/reliability/load.py:MIX_LUA": "the Lua script of the mixed load",
+    "kiln/loadtests/stock.py:HERE": "the folder of the two handlers below",
+    "kiln/loadtests/stock.py:NOOP_HANDLER": "a handler the bench archives",
+    "kiln/loadtests/stock.py:PLAIN_HANDLER": "a handler the bench archives",
+    "kiln/loadtests/studies/handler_cost.py:BODY": "a committed test image the study sends",
+    "kiln/batch/ray_job.py:REPO": "the code Ray ships to its workers",
+}
+# Not read-only yet: the OIP plugin's jar is built beside its sources. Where it goes is the
+# installed-wheel part of issue 17; whoever moves it takes these out (the test then says so).
+BUILT_NEAR_CODE = {"kiln/deploy/plugins.py:PLUGINS_DIR", "kiln/deploy/plugins.py:OIP_PLUGIN_JAR"}
+
+
+def paths_from_own_file(tree: ast.Module, where: str) -> tuple[set[str], list[str]]:
+    """(module-level names whose value derives from __file__, directly or through another
+    such name; the uses of __file__ that no module-level assignment names)."""
+    uses = {id(n) for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "__file__"}
+    derived: set[str] = set()
+    named: set[int] = set()
+    changed = True
+    while changed:  # a fixed point: B = A / "x" after A = Path(__file__)...
+        changed = False
+        for node in tree.body:
+            if not isinstance(node, ast.Assign | ast.AnnAssign) or node.value is None:
+                continue
+            inside = list(ast.walk(node.value))
+            if not any(id(n) in uses or isinstance(n, ast.Name) and n.id in derived
+                       for n in inside):
+                continue
+            named |= {id(n) for n in inside}
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id not in derived:
+                    derived.add(t.id)
+                    changed = True
+    bare = [f"{where}:{n.lineno}" for n in ast.walk(tree)
+            if id(n) in uses and id(n) not in named]
+    return {f"{where}:{name}" for name in derived}, bare
+
+
+def test_no_module_derives_a_writable_path_from_its_own_file():
+    derived, bare = set(), []
+    for where, path in layout.package_files().items():
+        if path.suffix == ".py":
+            names, uses = paths_from_own_file(ast.parse(path.read_text()), where)
+            derived |= names
+            bare += uses
+    assert bare == []  # a __file__ path used in place, with no name saying what it is
+    assert derived - set(READ_ONLY_NEAR_CODE) == BUILT_NEAR_CODE
+    assert set(READ_ONLY_NEAR_CODE) <= derived  # no stale entry

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kiln import declaration
+from kiln.declaration import DeclarationError
 from kiln.loadtests import arguments, bench_arguments, declared, payloads, run
-from kiln.training import declaration
-from kiln.training.declaration import DeclarationError
 
 FEATURES = """
 [model]

@@ -69,7 +69,7 @@ def test_stop_ends_it_and_forgets_it(exporter):
     pid = exporter.pid()
     assert exporter.stop() is True
     assert exporter.pid() is None and not exporter.socket.exists()
-    assert not exporter.pid_file.exists()
+    assert not exporter.process.pid_file.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert exporter.stop() is False

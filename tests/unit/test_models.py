@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kiln.training import declaration, export
+from kiln import declaration
+from kiln.training import export
 
 NAMES = declaration.names()
 

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from ts.context import Context, RequestProcessor
 
+from kiln import declaration
 from kiln.handlers import errors, images, limits, oip, rest
 from kiln.handlers import handler as kiln_handler
 from kiln.handlers.signature import check_signature
-from kiln.training import declaration, export
+from kiln.training import export
 
 OUTPUT = {"name": "probabilities", "dtype": "float32", "shape": [-1, 2], "kind": "multiclass",
           "labels": ["a", "b"], "top_k": 1}

@@ -146,7 +146,8 @@ def test_a_declaration_s_serving_reaches_config_properties(tmp_path):
 
 
 def test_kiln_serve_flags_win_over_the_declaration(tmp_path):
-    from kiln.cli.main import _serving, build_parser
+    from kiln.cli.main import build_parser
+    from kiln.cli.serve import _serving
 
     models = declared_model(tmp_path / "models", "tiny", "batch_size = 4\nworkers = 2\n")
     args = build_parser("serve").parse_args(

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from kiln import layout
+from kiln import declaration, layout, workspace
 from kiln.model_store import archive, build
-from kiln.training import declaration, export, train
+from kiln.training import export, train
 
 
 def run_train(name, out, log_dir, *extra):
@@ -26,7 +26,7 @@ def run_train(name, out, log_dir, *extra):
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
     """A one-batch model each for an image and a features model: fixed weights (seed 0)."""
-    root = tmp_path_factory.mktemp("artifacts")
+    root = tmp_path_factory.mktemp("workspace") / "artifacts"  # a workspace's exports
     for name in ("lenet", "binary"):
         run_train(name, root / name, root / "runs", "--dry-run")
     return root
@@ -81,7 +81,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, mon
 
 
 def test_a_dry_run_never_replaces_trained_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "ARTIFACTS", tmp_path / "artifacts")
+    monkeypatch.setenv(workspace.ENV, str(tmp_path))
     trained = tmp_path / "artifacts" / "binary"
     run_train("binary", trained, tmp_path / "runs", "--epochs", "1")
     weights = {f: (trained / f).read_bytes() for f in ("state_dict.pt", "meta.json")}
@@ -152,6 +152,7 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(z.read("model-config.yaml"))
         labels = json.loads(z.read("index_to_name.json"))
+        metadata = json.loads(z.read("oip-metadata.json"))
     serialized = export.FORMS[backend]
     # Of Kiln only what a worker imports: the root's __init__ and the serving core, laid out
     # as installed; nothing of training, batch, loadtests, deploy, cli or the root's modules.
@@ -159,7 +160,7 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
     handlers = {f"kiln/handlers/{p.name}" for p in core.glob("*.py")}
     assert names == {"kiln_handler.py", "signature.json", "binary.py", serialized,
                      "model-config.yaml", "index_to_name.json", "MAR-INF/MANIFEST.json",
-                     "kiln/__init__.py", *handlers}
+                     "oip-metadata.json", "kiln/__init__.py", *handlers}
     assert {"kiln/handlers/handler.py", "kiln/handlers/rest.py"} <= handlers
     assert manifest["model"]["serializedFile"] == serialized
     assert manifest["model"]["handler"] == "kiln_handler.py"
@@ -168,13 +169,19 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
     assert config == {"responseTimeout": 45, "handler": {"top_k": 2, "intra_op_threads": "auto",
                                                          "require_gpu": False}}
     assert labels == {"0": "malignant", "1": "benign"}
+    # What the OIP plugin serves, built once here from the signature (the plugin builds none).
+    assert metadata == {"platform": "kiln",
+                        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
+                        "outputs": [{"name": "probabilities", "datatype": "FP32",
+                                     "shape": [-1, 2]},
+                                    {"name": "label", "datatype": "BYTES", "shape": [-1]}]}
 
 
 
 def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_path,
                                                                  monkeypatch):
     export.export("binary", dry_runs / "binary")
-    monkeypatch.setattr(build, "ARTIFACTS", dry_runs)
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
     mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
     with zipfile.ZipFile(mar, "a") as z:  # as archives were built before: the whole root
         z.writestr("kiln/training/train.py", "")
@@ -185,9 +192,26 @@ def test_ensure_built_rebuilds_an_archive_shipping_more_of_kiln(dry_runs, tmp_pa
     assert "kiln/training/train.py" not in shipped
     assert shipped == set(layout.worker_files())
 
+
+def test_ensure_built_rebuilds_an_archive_without_oip_metadata(dry_runs, tmp_path, monkeypatch):
+    """An archive from before the plugin read its metadata from the archive would get 404s."""
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
+    with zipfile.ZipFile(mar) as z:
+        kept = {name: z.read(name) for name in z.namelist() if name != "oip-metadata.json"}
+    with zipfile.ZipFile(mar, "w") as z:  # the same archive, less the file
+        for name, data in kept.items():
+            z.writestr(name, data)
+    assert build.ensure_built("binary", "onnx", tmp_path) == mar
+    with zipfile.ZipFile(mar) as z:
+        assert json.loads(z.read("oip-metadata.json"))["inputs"] == [
+            {"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+
+
 def test_ensure_built_keeps_what_kiln_archive_chose(dry_runs, tmp_path, monkeypatch, caplog):
     export.export("binary", dry_runs / "binary")
-    monkeypatch.setattr(build, "ARTIFACTS", dry_runs)
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
     options = {"top_k": 2, "intra_op_threads": 1, "require_gpu": True}
     decl = declaration.get("binary")
     chosen = archive.config_for(decl, response_timeout_s=45, **options)

@@ -1,7 +1,6 @@
 package kiln.oip;
 
 import com.google.gson.JsonArray;
-import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import io.netty.buffer.ByteBuf;
@@ -31,21 +30,21 @@ import org.slf4j.LoggerFactory;
 /**
  * The Open Inference Protocol routes under /v2, answered from the frontend's own state:
  * readiness from its workers (a model is ready once a worker has loaded it), metadata from the
- * model's signature.json, and infer queued to the model's workers as /predictions/NAME is.
+ * archive's oip-metadata.json (built at archive time by kiln.handlers.oip.tensor_metadata, the one
+ * place that knows it), and infer queued to the model's workers as /predictions/NAME is.
  */
 final class OipRoutes {
 
-    private static final String SIGNATURE_FILE = "signature.json";
+    // As kiln.handlers.oip.METADATA_FILE.
+    private static final String METADATA_FILE = "oip-metadata.json";
     // As kiln.handlers.oip.PROTOCOL_HEADER and PROTOCOL.
     static final String PROTOCOL_HEADER = "kiln-protocol";
     static final String PROTOCOL = "oip";
-    // Kiln's handler answers each row with its label: a string tensor beside the probabilities.
-    private static final String LABEL_OUTPUT = "label";
     // Margin over the model's responseTimeout, after which TorchServe itself gives up.
     private static final long TIMEOUT_MARGIN_S = 5;
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
 
-    private final Map<String, JsonObject> signatureByDir = new ConcurrentHashMap<>();
+    private final Map<String, JsonObject> metadataByDir = new ConcurrentHashMap<>();
     private final RequestLimits limits;
 
     OipRoutes(RequestLimits limits) {
@@ -106,7 +105,7 @@ final class OipRoutes {
 
     private Reply getModelRoute(ModelRoute route) {
         if (route.action.isEmpty()) {
-            return Reply.json(200, modelMetadata(route.name));
+            return modelMetadata(route.name);
         }
         if (route.action.equals("ready")) {
             Model model = models().get(route.name);
@@ -252,103 +251,36 @@ final class OipRoutes {
         return body;
     }
 
-    private JsonObject modelMetadata(String name) {
+    private Reply modelMetadata(String name) {
         org.pytorch.serve.wlm.Model model = served(name);
         Path dir = model.getModelDir().toPath();
-        // A model's folder does not change once extracted: read its signature once.
-        JsonObject signature = signatureByDir.computeIfAbsent(dir.toString(), k -> readSignature(dir));
+        // A model's folder does not change once extracted: read its metadata once.
+        JsonObject tensors = metadataByDir.computeIfAbsent(dir.toString(), k -> readMetadata(dir));
+        if (tensors == null) {
+            return Reply.error(404, "model " + name + " has no " + METADATA_FILE
+                    + ": it was not archived by kiln archive");
+        }
         JsonObject body = new JsonObject();
         body.addProperty("name", name);
         JsonArray versions = new JsonArray();
         versions.add(model.getVersion());
         body.add("versions", versions);
-        body.addProperty("platform", "kiln");
-        body.add("inputs", inputTensors(signature));
-        body.add("outputs", outputTensors(signature));
-        return body;
+        tensors.entrySet().forEach(entry -> body.add(entry.getKey(), entry.getValue()));
+        return Reply.json(200, body);
     }
 
-    private static JsonObject readSignature(Path dir) {
+    /** The archive's platform, inputs and outputs; null when it has none. */
+    private static JsonObject readMetadata(Path dir) {
+        Path file = dir.resolve(METADATA_FILE);
+        if (!Files.isRegularFile(file)) {
+            return null;
+        }
         try {
-            String text = Files.readString(dir.resolve(SIGNATURE_FILE), StandardCharsets.UTF_8);
-            return JsonParser.parseString(text).getAsJsonObject();
+            return JsonParser.parseString(Files.readString(file, StandardCharsets.UTF_8))
+                    .getAsJsonObject();
         } catch (IOException e) {
-            throw new IllegalStateException("cannot read " + dir.resolve(SIGNATURE_FILE), e);
+            throw new IllegalStateException("cannot read " + file, e);
         }
-    }
-
-    /**
-     * What infer takes, one tensor per signature input (signature version 2): raw pixels
-     * [-1, H, W] (or [-1, H, W, C]) and raw features [-1, F] as FP32, before preprocess; a
-     * tensor input with its declared shape and dtype. As kiln.handlers.oip.model_metadata.
-     */
-    static JsonArray inputTensors(JsonObject signature) {
-        JsonArray tensors = new JsonArray();
-        for (JsonElement element : signature.getAsJsonArray("inputs")) {
-            JsonObject input = element.getAsJsonObject();
-            String kind = input.get("kind").getAsString();
-            JsonArray shape = new JsonArray();
-            shape.add(-1);
-            String datatype = "FP32";
-            if ("image".equals(kind)) {
-                input.getAsJsonArray("size").forEach(shape::add);
-                int channels = input.get("channels").getAsInt();
-                if (channels > 1) {
-                    shape.add(channels);
-                }
-            } else if ("features".equals(kind)) {
-                shape.add(input.getAsJsonArray("names").size());
-            } else {
-                JsonArray declared = input.getAsJsonArray("shape");
-                for (int i = 1; i < declared.size(); i++) {
-                    shape.add(declared.get(i));
-                }
-                datatype = datatype(input.get("dtype").getAsString());
-            }
-            tensors.add(tensor(input.get("name").getAsString(), datatype, shape));
-        }
-        return tensors;
-    }
-
-    /** float32 -> FP32, int64 -> INT64, uint8 -> UINT8 (the dtypes a signature may declare). */
-    static String datatype(String dtype) {
-        return dtype.startsWith("float") ? "FP" + dtype.substring(5) : dtype.toUpperCase();
-    }
-
-    /**
-     * By output kind: one probability per label (binary models too) and the predicted label
-     * per row; or the values (regression, raw) under the output's name.
-     */
-    static JsonArray outputTensors(JsonObject signature) {
-        JsonObject output = signature.getAsJsonObject("output");
-        String kind = output.get("kind").getAsString();
-        String name = output.get("name").getAsString();
-        JsonArray tensors = new JsonArray();
-        if ("raw".equals(kind)) {
-            tensors.add(tensor(name, "FP32", output.getAsJsonArray("shape")));
-            return tensors;
-        }
-        JsonArray values = new JsonArray();
-        values.add(-1);
-        if ("regression".equals(kind)) {
-            values.add(output.getAsJsonArray("names").size());
-            tensors.add(tensor(name, "FP32", values));
-            return tensors;
-        }
-        values.add(output.getAsJsonArray("labels").size());
-        JsonArray labels = new JsonArray();
-        labels.add(-1);
-        tensors.add(tensor(name, "FP32", values));
-        tensors.add(tensor(LABEL_OUTPUT, "BYTES", labels));
-        return tensors;
-    }
-
-    private static JsonObject tensor(String name, String datatype, JsonArray shape) {
-        JsonObject tensor = new JsonObject();
-        tensor.addProperty("name", name);
-        tensor.addProperty("datatype", datatype);
-        tensor.add("shape", shape);
-        return tensor;
     }
 
     // --- plumbing ---------------------------------------------------------------------------

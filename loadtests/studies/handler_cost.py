@@ -1,6 +1,6 @@
 """Server CPU per request, by process and by handler stage, under closed-loop wrk load.
 
-    python -m kiln.loadtests.handler_cost [--model lenet] [--seconds 20] [--profile OUT]
+    python -m kiln.loadtests.studies.handler_cost [--model lenet] [--seconds 20] [--profile OUT]
 
 Serves one model behind Kiln's front proxy (2 workers, batch 16 / 5 ms by default), sends
 the same body from `--clients` wrk connections, and prints the CPU microseconds per request
@@ -25,10 +25,11 @@ import requests
 from kiln.deploy.server import ModelServing, Ports, Server, ServerSettings
 from kiln.handlers import metrics
 from kiln.loadtests import wrk
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.loadtests")
-ROOT = Path(__file__).resolve().parent.parent
-BODY = ROOT / "tests" / "fixtures" / "digits" / "0.png"
+# Read only: a committed test fixture of Kiln's checkout, the body this study has always sent.
+BODY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "digits" / "0.png"
 WORKER_SCRIPT = "model_service_worker.py"
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     serving = ModelServing(workers=args.workers, batch_size=args.batch_size,
                            max_batch_delay_ms=args.max_batch_delay_ms)
     with tempfile.TemporaryDirectory(prefix="kiln-cost-") as run_dir:
-        server = Server(ServerSettings(Path(run_dir), ROOT / "model_store", [args.model],
+        server = Server(ServerSettings(Path(run_dir), Workspace.current().model_store, [args.model],
                                        Ports.free(), internal_ports=Ports.free(),
                                        serving={args.model: serving}))
         with server.running():

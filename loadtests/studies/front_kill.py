@@ -17,17 +17,10 @@ import psutil
 
 from kiln.deploy import processes
 from kiln.deploy.server import Server
-from kiln.loadtests.reliability import (
-    PROBE_TIMEOUT_S,
-    Caller,
-    Mix,
-    Models,
-    Row,
-    failures,
-    recovery,
-    rest_payload,
-    statuses_text,
-)
+from kiln.loadtests.studies.reliability.kill import PROBE_TIMEOUT_S, recovery
+from kiln.loadtests.studies.reliability.load import Caller, Mix
+from kiln.loadtests.studies.reliability.served import Models, rest_payload
+from kiln.loadtests.studies.reliability.table import Row, failures, statuses_text
 
 WAIT_S = 30  # the longest any state below is waited for
 

@@ -1,4 +1,5 @@
-"""What decoding a request costs next to the model call: `python -m kiln.loadtests.decode_cost`.
+"""What decoding a request costs next to the model call:
+`python -m kiln.loadtests.studies.decode_cost`.
 
 Times Kiln's request decoding on one image model's input (its first declared example) sent
 as a JSON array of floats, a JSON array of integers, a PNG, and a .npy array (alone and eight
@@ -22,8 +23,7 @@ from PIL import Image
 from kiln.handlers import rest
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared, payloads
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+from kiln.workspace import Workspace
 
 
 def median_seconds(fn, repeat: int) -> float:
@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     declared.add_model_argument(parser, "image")
     parser.add_argument("--artifacts", type=Path,
-                        help="the model's export (default: artifacts/MODEL)")
+                        help="the model's export (default: the workspace's artifacts/MODEL)")
     parser.add_argument("--repeat", type=int, default=300, help="timings each (default: 300)")
     args = parser.parse_args(argv)
     decl = declared.chosen(parser, args, "image")
     if declared.input_kind(decl) != "image":
         parser.error(f"{decl.name} does not take one image")
-    artifacts = args.artifacts or ARTIFACTS / decl.name
+    artifacts = args.artifacts or Workspace.current().exports(decl.name)
     signature = load_signature(artifacts / "signature.json")
     session = ort.InferenceSession(str(artifacts / "model.onnx"),
                                    providers=["CPUExecutionProvider"])

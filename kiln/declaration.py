@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kiln import layout
+from kiln.handlers import kinds
+
 if TYPE_CHECKING:
     import torch
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "models"
+# Kiln's own declarations sit beside their model files, which training imports.
+BUILTIN_DIR = layout.package_folder("kiln.training.models")
 MODELS_DIR_ENV = "KILN_MODELS_DIR"
 SUFFIX = ".toml"
 
-INPUT_KINDS = ("image", "features", "tensor")
 OUTPUT_KINDS = ("multiclass", "binary", "multilabel", "regression", "raw")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
-RESIZE_POLICIES = ("mnist", "fit", "crop", "exact")
-TENSOR_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8",
-                 "bool")
 SERVING_KEYS = ("workers", "batch_size", "max_batch_delay_ms", "response_timeout_s")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "augment")
 TOP_KEYS = ("version", "description", "serve_by_default", "model", "weights", "train", "inputs",
@@ -236,82 +236,13 @@ def _check_input(i: int, spec: dict, trained: bool) -> dict:
     if not isinstance(spec, dict) or "name" not in spec or "kind" not in spec:
         raise DeclarationError(f"{where} needs a name and a kind")
     kind = spec["kind"]
-    if kind not in INPUT_KINDS:
-        raise DeclarationError(f"{where}: kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
-    spec = dict(spec)
-    if kind == "image":
-        _no_unknown(spec, ("name", "kind", "channels", "size", "resize", "pad", "pixel_max",
-                           "mean", "std"), where)
-        spec.setdefault("channels", 1)
-        spec.setdefault("resize", "fit")
-        spec.setdefault("pad", 0)
-        spec.setdefault("pixel_max", 255)
-        if spec["channels"] not in (1, 3):
-            raise DeclarationError(f"{where}: channels must be 1 or 3, got {spec['channels']!r}")
-        if spec["resize"] not in RESIZE_POLICIES:
-            raise DeclarationError(f"{where}: resize {spec['resize']!r} is not one of "
-                                   f"{', '.join(RESIZE_POLICIES)}")
-        if spec["resize"] == "mnist" and spec["channels"] != 1:
-            raise DeclarationError(f"{where}: resize = \"mnist\" frames grey digits: channels = 1")
-        size = spec.get("size")
-        if not (isinstance(size, list) and len(size) == 2 and all(
-                isinstance(d, int) and d > 0 for d in size)):
-            raise DeclarationError(f"{where}: size must be [height, width], got {size!r}")
-        _per_channel(spec, "mean", trained, where)
-        _per_channel(spec, "std", trained, where)
-    elif kind == "features":
-        _no_unknown(spec, ("name", "kind", "names", "mean", "std", "min", "max", "ranges"),
-                    where)
-        names_ = spec.get("names")
-        _check_ranges(spec, where)
-        if not trained:
-            if not (isinstance(names_, list) and names_):
-                raise DeclarationError(f"{where}: features need names = [...]")
-            # Values go to the model as they come unless the declaration standardises them.
-            spec.setdefault("mean", [0.0] * len(names_))
-            spec.setdefault("std", [1.0] * len(names_))
-            if not len(spec["mean"]) == len(spec["std"]) == len(names_):
-                raise DeclarationError(f"{where}: mean and std need one value per name")
-    else:
-        _no_unknown(spec, ("name", "kind", "dtype", "shape", "max_length", "pad_value", "min",
-                           "max"), where)
-        spec.setdefault("dtype", "float32")
-        if spec["dtype"] not in TENSOR_DTYPES:
-            raise DeclarationError(f"{where}: dtype {spec['dtype']!r} is not one of "
-                                   f"{', '.join(TENSOR_DTYPES)}")
-        shape = spec.get("shape")
-        if not (isinstance(shape, list) and shape and all(
-                isinstance(d, int) and (d > 0 or d == -1) for d in shape)):
-            raise DeclarationError(f"{where}: shape (without the batch dimension) must be a "
-                                   f"list of sizes, -1 for a variable length; got {shape!r}")
-        if -1 in shape:
-            if not isinstance(spec.get("max_length"), int) or spec["max_length"] < 1:
-                raise DeclarationError(f"{where}: a variable length needs max_length")
-            spec.setdefault("pad_value", 0)
-    return spec
-
-
-def _check_ranges(spec: dict, where: str) -> None:
-    """ranges = {feature = [low, high], ...}: what each named feature may take (inf for an open
-    side); export writes them into the signature as min/max, and the server refuses a value
-    outside with a 400 naming the feature."""
-    ranges = spec.get("ranges")
-    if ranges is None:
-        return
-    if "min" in spec or "max" in spec:
-        raise DeclarationError(f"{where}: give ranges or min/max, not both")
-    if not isinstance(ranges, dict) or not ranges:
-        raise DeclarationError(f"{where}: ranges must be a table of feature = [low, high]")
-    for name, bounds in ranges.items():
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and b == b
-                for b in bounds) and bounds[0] <= bounds[1]):
-            raise DeclarationError(f"{where}: ranges.{name} must be [low, high] with low <= "
-                                   f"high (inf or -inf for an open side), got {bounds!r}")
-    names = spec.get("names")
-    unknown = [name for name in ranges if isinstance(names, list) and name not in names]
-    if unknown:
-        raise DeclarationError(f"{where}: ranges name unknown features {unknown}")
+    if kind not in kinds.NAMES:
+        raise DeclarationError(f"{where}: kind {kind!r} is not one of {', '.join(kinds.NAMES)}")
+    _no_unknown(spec, ("name", "kind", *kinds.of(spec).declared_keys), where)
+    try:
+        return kinds.of(spec).declared(dict(spec), trained, where)
+    except ValueError as err:
+        raise DeclarationError(str(err)) from None
 
 
 def feature_bounds(spec: dict) -> dict:
@@ -334,20 +265,6 @@ def feature_bounds(spec: dict) -> dict:
         if any(v is not None for v in values):
             bounds[key] = values
     return bounds
-
-
-def _per_channel(spec: dict, key: str, trained: bool, where: str) -> None:
-    if key not in spec:
-        if not trained:
-            spec[key] = [0.0 if key == "mean" else 1.0] * spec["channels"]
-        return
-    value = spec[key]
-    value = [value] if isinstance(value, (int, float)) else value
-    if not (isinstance(value, list) and len(value) == spec["channels"]):
-        raise DeclarationError(f"{where}: {key} needs one number per channel")
-    if key == "std" and min(value) <= 0:
-        raise DeclarationError(f"{where}: std must be positive")
-    spec[key] = [float(v) for v in value]
 
 
 def _check_output(spec: dict, trained: bool) -> dict:

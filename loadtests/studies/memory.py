@@ -1,4 +1,4 @@
-"""Memory of a served set, per process: `python -m kiln.loadtests.memory [MODEL ...]`.
+"""Memory of a served set, per process: `python -m kiln.loadtests.studies.memory [MODEL ...]`.
 
 Starts TorchServe with the models (default: the default set) on free loopback ports, waits
 until every model is ready, and prints RSS, PSS and USS of the frontend (the JVM), of each
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import psutil
 
+from kiln import declaration
 from kiln.console import setup_logging
 from kiln.deploy.server import WORKER_SITE, Ports, Server, ServerSettings
-from kiln.loadtests.reliability import pss_mb, worker_pids
-from kiln.model_store import STORE
-from kiln.training import declaration
+from kiln.loadtests.studies.reliability.served import worker_pids
+from kiln.loadtests.studies.reliability.soak import pss_mb
+from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.memory")
 MB = 1024 * 1024
@@ -94,8 +95,8 @@ class EagerTorchServer(Server):
 
 
 def served(models: list[str], server_class: type[Server], run_dir: Path) -> list[Usage]:
-    server = server_class(ServerSettings(run_dir, STORE, models, Ports.free(),
-                                         internal_ports=Ports.free()))
+    server = server_class(ServerSettings(run_dir, Workspace.current().model_store, models,
+                                         Ports.free(), internal_ports=Ports.free()))
     with server.running(timeout=240):
         return measure(server)
 

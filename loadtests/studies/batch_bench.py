@@ -1,4 +1,4 @@
-"""`kiln batch` throughput: `python -m kiln.loadtests.batch_bench`.
+"""`kiln batch` throughput: `python -m kiln.loadtests.studies.batch_bench`.
 
 In one run, for the first image model of Kiln's default set on 10,000 PNG images (its recipe's
 images and a copy shifted by one pixel) and for the first features model on 100,000 CSV rows
@@ -8,7 +8,7 @@ images and a copy shifted by one pixel) and for the first features model on 100,
 - reading and decoding alone: --via local's pool and parts, with no model;
 - --via local, whole jobs (read, decode, score, store chunks, write OUTPUT as CSV);
 - --via server, against a TorchServe started for the purpose on free ports;
-- the DataLoader baseline: what a user writes instead (loadtests/dataloader_baseline.py, a
+- the DataLoader baseline: what a user writes instead (loadtests/studies/dataloader_baseline.py, a
   torch DataLoader with 2 workers and the same ONNX model in onnxruntime);
 
 and the ratios local/ceiling, local/bound, local/baseline and server/local; each figure is
@@ -36,18 +36,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kiln import declaration
 from kiln.batch import job, scoring, writers
 from kiln.batch.chunks import Scored
 from kiln.batch.columns import layout_for
 from kiln.batch.local import LocalScorer
 from kiln.batch.readers import open_source
 from kiln.batch.store import ChunkStore
+from kiln.declaration import Declaration, DeclarationError
 from kiln.handlers.signature import load_signature
 from kiln.loadtests import declared
-from kiln.training import declaration
-from kiln.training.declaration import Declaration, DeclarationError
+from kiln.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("kiln.bench")
 
 
@@ -81,7 +81,7 @@ def make_rows(decl: Declaration, path: Path, n: int) -> Path:
 
 def ceiling(name: str, inp: Path, batch_size: int) -> float:
     """rows/s of ONNX Runtime alone on the decoded inputs, with --via local's session."""
-    artifacts = REPO / "artifacts" / name
+    artifacts = Workspace.current().exports(name)
     signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     parts = [part for c in open_source(inp, signature, 10_000).chunks()
@@ -96,7 +96,7 @@ def ceiling(name: str, inp: Path, batch_size: int) -> float:
 
 def decode_alone(name: str, inp: Path, batch_size: int) -> float:
     """rows/s of reading and decoding the inputs with --via local's pool, no model."""
-    artifacts = REPO / "artifacts" / name
+    artifacts = Workspace.current().exports(name)
     signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     source = open_source(inp, signature, job.JobSettings.chunk_size)
@@ -109,7 +109,7 @@ def decode_alone(name: str, inp: Path, batch_size: int) -> float:
 def writing_alone(name: str, inp: Path, out: Path, batch_size: int) -> float:
     """rows/s of storing already scored chunks and writing OUTPUT as CSV, as --via local
     does after scoring (chunk files, manifest, the final file), with no reading or model."""
-    artifacts = REPO / "artifacts" / name
+    artifacts = Workspace.current().exports(name)
     signature = load_signature(artifacts / "signature.json")
     scorer = LocalScorer(artifacts / "model.onnx", signature, batch_size)
     source = open_source(inp, signature, job.JobSettings.chunk_size)
@@ -130,17 +130,17 @@ def via(name: str, inp: Path, out: Path, how: str, args, server=None) -> float:
     if server is not None:
         extra = dict(url=server.url("inference"), token=server.keys()["inference"])
     settings = job.JobSettings(name=name, input=inp, output=out, via=how, progress=False,
-                               artifacts=REPO / "artifacts" / name, batch_size=args.batch_size,
-                               concurrency=args.concurrency, **extra)
+                               artifacts=Workspace.current().exports(name),
+                               batch_size=args.batch_size, concurrency=args.concurrency, **extra)
     return job.run(settings).rows_per_s
 
 
 def baseline(name: str, inp: Path, out: Path, args) -> float:
     # Imported here: it imports torch, which nothing else here needs (nor any process that
     # re-imports this module as its __main__).
-    from kiln.loadtests import dataloader_baseline
+    from kiln.loadtests.studies import dataloader_baseline
 
-    return dataloader_baseline.run(REPO / "artifacts" / name, inp, out, args.batch_size,
+    return dataloader_baseline.run(Workspace.current().exports(name), inp, out, args.batch_size,
                                    args.workers, args.baseline_threads)
 
 
@@ -169,10 +169,9 @@ def taking_turns(repeat: int, measures: dict) -> dict[str, float]:
 
 def start_server(folder: Path, models: list[str]):
     from kiln.deploy.server import Ports, Server, ServerSettings
-    from kiln.model_store.archive import STORE
 
-    srv = Server(ServerSettings(run_dir=folder, model_store=STORE, models=models,
-                                ports=Ports.free()))
+    srv = Server(ServerSettings(run_dir=folder, model_store=Workspace.current().model_store,
+                                models=models, ports=Ports.free()))
     srv.start()
     srv.wait_ready(timeout=240)
     return srv

@@ -1,6 +1,6 @@
 """What a user writes instead of `kiln batch`: a torch DataLoader over the same files, the
 same ONNX model in onnxruntime, labels to a CSV. batch_bench times Kiln's --via local
-against it: `python -m kiln.loadtests.dataloader_baseline ARTIFACTS INPUT OUTPUT`."""
+against it: `python -m kiln.loadtests.studies.dataloader_baseline ARTIFACTS INPUT OUTPUT`."""
 
 from __future__ import annotations
 

@@ -14,14 +14,15 @@ from kiln.console import setup_logging
 from kiln.deploy.server import LOG_CONFIG, Ports, Server, ServerSettings
 from kiln.loadtests import declared, payloads
 from kiln.loadtests.batching import measure, print_table, register
-from kiln.model_store import STORE
+from kiln.workspace import Workspace
 
 
 def run(log_config: Path | None, model: str, payload: payloads.Payload, clients: int,
         seconds: float, label: str):
     with tempfile.TemporaryDirectory(prefix="kiln-logcost-") as run_dir:
-        server = Server(ServerSettings(Path(run_dir), STORE, [], Ports.free(),
-                                       enable_model_api=True, log_config=log_config))
+        server = Server(ServerSettings(Path(run_dir), Workspace.current().model_store, [],
+                                       Ports.free(), enable_model_api=True,
+                                       log_config=log_config))
         server.start()
         try:
             server.wait_ready()

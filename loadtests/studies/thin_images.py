@@ -1,4 +1,5 @@
-"""What an image's shape costs, beside its pixel count: `python -m kiln.loadtests.thin_images`.
+"""What an image's shape costs, beside its pixel count:
+`python -m kiln.loadtests.studies.thin_images`.
 
 A PNG of 1 x 16,777,216 pixels is within the pixel bound and compresses to 33 kB, but its
 decoder works per row and its resize per row and per column: it cost 12 times a square
@@ -23,15 +24,11 @@ from PIL import Image
 
 from kiln import client as http
 from kiln.handlers import images, limits
-from kiln.loadtests.reliability import (
-    Bounds,
-    Mix,
-    Row,
-    _codes,
-    good_requests,
-    rest_payload,
-    timed,
-)
+from kiln.loadtests.studies.reliability.amplification import Bounds, timed
+from kiln.loadtests.studies.reliability.load import Mix
+from kiln.loadtests.studies.reliability.served import rest_payload
+from kiln.loadtests.studies.reliability.slow import good_requests
+from kiln.loadtests.studies.reliability.table import Row, codes
 
 # The thin side's length in the study: long enough that per-line costs dwarf fixed ones.
 LINES = 1 << 20
@@ -122,7 +119,7 @@ def thin_part(server, models, opts) -> list[Row]:
         ms, statuses = timed(client, name, body, "image/png", opts.repeat, rest_per_s)
         rows.append(Row(f"thin {name}: {label}", ms, "ms", rows[0].value if rows else None,
                         f"{'x'.join(map(str, thin_cases()[label]))}, {len(body) / 1024:.0f} "
-                        f"kB, {_codes(statuses)}"))
+                        f"kB, {codes(statuses)}"))
     return rows + flood_rows(server, name, {label: bodies[label] for label in FLOODS}, opts)
 
 
@@ -142,7 +139,7 @@ def flood_rows(server, name: str, bodies: dict[str, bytes], opts) -> list[Row]:
                     opts.cell_seconds)
         got = good_requests(server.url("inference"), path, good, token, 1, opts.cell_seconds)
         load = flood.finish()
-        detail = f"{opts.clients} clients sending it: {_codes(load.statuses)}"
+        detail = f"{opts.clients} clients sending it: {codes(load.statuses)}"
         rows += good_rows(f"thin flood {label}", got, base, detail)
         sent = sum(load.statuses.values())
         rows.append(Row(f"thin flood {label}: 503 share", 100 * load.statuses[503] / sent
@@ -159,7 +156,7 @@ def good_rows(prefix: str, got, base, detail: str) -> list[Row]:
             Row(f"{prefix}: good max", max(got.ms, default=None), "ms",
                 max(base.ms, default=None)),
             Row(f"{prefix}: good failed", sum(got.failed.values()), "req",
-                sum(base.failed.values()), f"of {sent}; {_codes(got.failed)}")]
+                sum(base.failed.values()), f"of {sent}; {codes(got.failed)}")]
 
 
 def main(argv: list[str] | None = None) -> int:

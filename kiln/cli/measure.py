@@ -1,0 +1,48 @@
+"""`kiln loadtest`, `kiln bench` and `kiln tune`: measure a served model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+
+log = logging.getLogger("kiln")
+
+
+def _lacks_test_bench(command: str, *, module: str = "", program: str = "") -> bool:
+    """Whether `command` lacks a part of the test bench, which `make serve` does not install:
+    said in one line before any server starts, not as whatever the missing part breaks later.
+    The module is looked up without importing it (locust brings gevent's monkey-patching)."""
+    if module and importlib.util.find_spec(module) is None:
+        missing = f"the Python module {module}"
+    elif program and shutil.which(program) is None:
+        missing = f"the program {program}"
+    else:
+        return False
+    log.error("kiln %s needs %s, which is not installed: run make install-test", command,
+              missing)
+    return True
+
+
+def cmd_loadtest(args) -> int:
+    from kiln.loadtests import run
+
+    if _lacks_test_bench("loadtest", module="locust"):
+        return run.CANNOT_RUN
+    return run.run(args)
+
+
+def cmd_bench(args) -> int:
+    if _lacks_test_bench("bench", program="wrk"):
+        return 1
+    from kiln.loadtests import bench
+
+    return bench.run(args)
+
+
+def cmd_tune(args) -> int:
+    if _lacks_test_bench("tune", program="wrk"):
+        return 1
+    from kiln.loadtests import tune
+
+    return tune.run(args)

@@ -1,0 +1,3 @@
+from kiln.loadtests.studies.reliability.cli import main
+
+raise SystemExit(main())
