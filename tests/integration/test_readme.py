@@ -6,8 +6,8 @@ or `<!-- not run by tests: WHY; they run instead: COMMAND -->` (the stand-in tha
 next blocks' state: `make serve` installs and serves four models, so `kiln serve lenet`).
 Two things differ from a reader's run, so that it never meets their server or files: the
 workspace is a temporary folder (KILN_WORKSPACE), seeded with lenet's exports and archive from
-the tests' workspace (which the run leaves as it was), and Kiln's ports are free ones: `kiln serve` gets them as flags and 127.0.0.1:<default> in a block
-becomes 127.0.0.1:<free>.
+the tests' workspace (which the run leaves as it was), and Kiln's ports are free ones:
+`kiln serve` gets them as flags, and 127.0.0.1:<default> in a block becomes 127.0.0.1:<free>.
 """
 
 import os
