@@ -1,6 +1,7 @@
 """Training --dry-run, --resume, the export parity gate and the archive, on real (tiny) runs."""
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -206,6 +207,37 @@ def test_ensure_built_rebuilds_an_archive_without_oip_metadata(dry_runs, tmp_pat
     with zipfile.ZipFile(mar) as z:
         assert json.loads(z.read("oip-metadata.json"))["inputs"] == [
             {"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+
+
+def test_ensure_built_keeps_what_kiln_archive_chose(dry_runs, tmp_path, monkeypatch, caplog):
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    options = {"top_k": 2, "intra_op_threads": 1, "require_gpu": True}
+    decl = declaration.get("binary")
+    chosen = archive.config_for(decl, response_timeout_s=45, **options)
+    mar = archive.build("binary", "torchscript", chosen, dry_runs / "binary", tmp_path)
+    built_at = mar.stat().st_mtime_ns
+
+    # A plain kiln serve: nothing it is made from changed, so it is served as it is.
+    assert build.ensure_built("binary", None, tmp_path) == mar
+    assert mar.stat().st_mtime_ns == built_at
+    assert build.archive_manifest(mar)[:2] == ("torchscript", chosen.model_config())
+
+    # Older than its inputs: rebuilt with its backend and handler options; the response
+    # timeout is the declaration's again.
+    os.utime(mar, ns=(0, 0))
+    build.ensure_built("binary", None, tmp_path)
+    kept = archive.config_for(decl, **options).model_config()
+    assert kept["responseTimeout"] != 45
+    assert build.archive_manifest(mar)[:2] == ("torchscript", kept)
+
+    # kiln serve --backend onnx: rebuilt with it, said in one line.
+    caplog.clear()
+    build.ensure_built("binary", "onnx", tmp_path)
+    assert build.archive_manifest(mar)[:2] == ("onnx", kept)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"binary: {mar} holds the torchscript export; rebuilding it with --backend onnx"]
+
 
 def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     folder = tmp_path / "binary"
