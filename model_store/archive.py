@@ -72,6 +72,25 @@ class ArchiveConfig:
             handler = {"top_k": self.top_k, **handler}
         return {"responseTimeout": self.response_timeout_s, "handler": handler}
 
+    @classmethod
+    def read(cls, model_config: dict | None) -> ArchiveConfig | None:
+        """The config an archive's model-config.yaml was written from; None for any other
+        (an older Kiln's, with workers and batching in it, or a hand-made one)."""
+        try:
+            config = cls(response_timeout_s=model_config["responseTimeout"],
+                         **model_config["handler"])
+        except (KeyError, TypeError):
+            return None
+        # The weights digest is not a choice to keep: it is checked on its own.
+        own = {k: v for k, v in model_config.items() if k != DIGEST_SECTION}
+        return config if config.model_config() == own else None
+
+    def handler_options(self) -> dict:
+        """The handler options chosen other than Kiln's defaults (`kiln archive`'s flags)."""
+        default = ArchiveConfig()
+        return {k: getattr(self, k) for k in ("top_k", "intra_op_threads", "require_gpu")
+                if getattr(self, k) != getattr(default, k)}
+
 
 class ArchiveError(RuntimeError):
     pass

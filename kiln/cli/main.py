@@ -97,8 +97,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="declared models (or NAME.toml paths) to serve (default: Kiln's "
                         "default set: " + ", ".join(declaration.default_set()) + ")")
     declaration.add_models_dir(p)
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
-                   help="exported form to archive when building (default: onnx)")
+    p.add_argument("--backend", choices=["onnx", "torchscript"],
+                   help="exported form to serve; an archive holding the other is rebuilt "
+                        "(default: the archive's, else onnx)")
     p.add_argument("--no-build", action="store_true",
                    help="serve the archives as they are, build nothing (default: build)")
     p.add_argument("--enable-model-api", action="store_true",

@@ -152,7 +152,7 @@ def cmd_serve(args) -> int:
     if not _ports_free(server):
         return 1
     if not args.no_build:
-        # Imported only to build: it brings torch and the training code (seconds of CPU).
+        # torch and the training code come in only for what must be trained or exported.
         from kiln.model_store.build import ensure_built
 
         for name in models:

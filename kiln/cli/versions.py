@@ -142,7 +142,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--allow-signature-change", action="store_true",
                    help="deploy even if its inputs or outputs differ from the served "
                         "default's (default: refuse: its clients would break)")
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
+    p.add_argument("--backend", choices=["onnx", "torchscript"],
                    help="exported form to archive (default: onnx)")
     declaration.add_models_dir(p)
     server_arguments(p)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -212,6 +213,7 @@ def test_ensure_built_rebuilds_an_archive_without_oip_metadata(dry_runs, tmp_pat
         assert json.loads(z.read("oip-metadata.json"))["inputs"] == [
             {"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
 
+
 def test_ensure_built_rebuilds_an_archive_without_a_weights_digest(dry_runs, tmp_path,
                                                                    monkeypatch):
     """An archive from before the digest could not tell a deploy which weights it holds."""
@@ -243,6 +245,41 @@ def test_a_versioned_archive_sits_beside_the_default_one(dry_runs, tmp_path, mon
     assert (manifest["model"]["modelName"], manifest["model"]["modelVersion"]) == ("binary",
                                                                                    "2.0")
     assert archived_digest(versioned) == archived_digest(default)
+
+
+def test_ensure_built_keeps_what_kiln_archive_chose(dry_runs, tmp_path, monkeypatch, caplog):
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    options = {"top_k": 2, "intra_op_threads": 1, "require_gpu": True}
+    decl = declaration.get("binary")
+    chosen = archive.config_for(decl, response_timeout_s=45, **options)
+    mar = archive.build("binary", "torchscript", chosen, dry_runs / "binary", tmp_path)
+    built_at = mar.stat().st_mtime_ns
+
+    # A plain kiln serve: nothing it is made from changed, so it is served as it is.
+    assert build.ensure_built("binary", None, tmp_path) == mar
+    assert mar.stat().st_mtime_ns == built_at
+    digests = {form: archive.weights_digest(dry_runs / "binary" / f)
+               for form, f in export.FORMS.items()}
+    assert build.archive_manifest(mar)[:2] == (
+        "torchscript", archive.model_config(chosen, digests["torchscript"]))
+
+    # Older than its inputs: rebuilt with its backend and handler options; the response
+    # timeout is the declaration's again.
+    os.utime(mar, ns=(0, 0))
+    build.ensure_built("binary", None, tmp_path)
+    kept = archive.config_for(decl, **options)
+    assert kept.response_timeout_s != 45
+    assert build.archive_manifest(mar)[:2] == ("torchscript",
+                                               archive.model_config(kept, digests["torchscript"]))
+
+    # kiln serve --backend onnx: rebuilt with it, said in one line.
+    caplog.clear()
+    build.ensure_built("binary", "onnx", tmp_path)
+    assert build.archive_manifest(mar)[:2] == ("onnx", archive.model_config(kept,
+                                                                           digests["onnx"]))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"binary: {mar} holds the torchscript export; rebuilding it with --backend onnx"]
 
 
 def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
