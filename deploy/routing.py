@@ -16,7 +16,8 @@ always lands on the same version of a route (the key's CRC-32 against the weight
 
 from pathlib import Path
 
-STATE_FILE = "versions.json"
+from kiln.deploy import versions
+
 # The JVM system property (set in vmargs) with the state file's path.
 STATE_PROPERTY = "kiln.route.state"
 # As Router.KEY_HEADER and OipRoutes.ROUTE_PREFIX, ROUTE_HEADER.
@@ -26,7 +27,8 @@ ROUTE_HEADER = "X-Kiln-Route-Version"
 
 
 def state_file(run_dir: Path) -> Path:
-    return run_dir.resolve() / STATE_FILE
+    """The state file's absolute path: nginx and the JVM run from other folders."""
+    return versions.state_file(run_dir).resolve()
 
 
 def nginx_variable(header: str) -> str:

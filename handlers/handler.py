@@ -43,6 +43,8 @@ BATCH_SIZE_HEADER = "Kiln-Batch-Size"
 # side by side, a client and a test can see where the route sent it. The OIP plugin passes it
 # on; TorchServe's gRPC API drops handler headers, so gRPC answers do not carry it.
 VERSION_HEADER = "X-Kiln-Model-Version"
+# The worker's pid: `kiln deploy` warms a version until each of its workers has answered.
+WORKER_HEADER = "Kiln-Worker"
 # Reason phrases stay fixed: they go into the HTTP status line, where text taken from a
 # request (a feature name, say) does not belong. The details are in the JSON body.
 PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error",
@@ -179,6 +181,7 @@ class KilnHandler:
             # Which server-side batch a request rode in: clients and tests can see batching.
             context.set_response_header(idx, BATCH_SIZE_HEADER, str(len(data)))
             context.set_response_header(idx, VERSION_HEADER, self.version)
+            context.set_response_header(idx, WORKER_HEADER, str(os.getpid()))
             started = self.metrics.now()
             admitted = budget.state()
             try:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import yaml
 
+# Where model-config.yaml carries the sha256 of the archive's exported graph and weights.
+DIGEST_SECTION, DIGEST_KEY = "kiln", "weights_digest"
+
 
 def read_archive(mar: Path) -> tuple[dict | None, dict | None]:
     """(MANIFEST.json, model-config.yaml) read back from inside an archive; None for what is
@@ -19,6 +22,13 @@ def read_archive(mar: Path) -> tuple[dict | None, dict | None]:
         return None, None
     return (manifest if isinstance(manifest, dict) else None,
             config if isinstance(config, dict) else None)
+
+
+def archived_digest(mar: Path) -> str | None:
+    """The weights digest an archive carries (None: an archive from before Kiln wrote one)."""
+    _, config = read_archive(mar)
+    section = (config or {}).get(DIGEST_SECTION)
+    return section.get(DIGEST_KEY) if isinstance(section, dict) else None
 
 
 def _read(z: zipfile.ZipFile, name: str, parse):

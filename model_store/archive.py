@@ -18,6 +18,7 @@ imports them (tests/integration/test_worker_imports.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -32,6 +33,7 @@ import yaml
 from kiln import declaration, layout
 from kiln.console import run_command
 from kiln.handlers import oip
+from kiln.model_store import DIGEST_KEY, DIGEST_SECTION
 from kiln.training.artifacts import FORMS, MAX_ABS_DIFF
 from kiln.workspace import Workspace
 
@@ -70,9 +72,49 @@ class ArchiveConfig:
             handler = {"top_k": self.top_k, **handler}
         return {"responseTimeout": self.response_timeout_s, "handler": handler}
 
+    @classmethod
+    def read(cls, model_config: dict | None) -> ArchiveConfig | None:
+        """The config an archive's model-config.yaml was written from; None for any other
+        (an older Kiln's, with workers and batching in it, or a hand-made one)."""
+        try:
+            config = cls(response_timeout_s=model_config["responseTimeout"],
+                         **model_config["handler"])
+        except (KeyError, TypeError):
+            return None
+        # The weights digest is not a choice to keep: it is checked on its own.
+        own = {k: v for k, v in model_config.items() if k != DIGEST_SECTION}
+        return config if config.model_config() == own else None
+
+    def handler_options(self) -> dict:
+        """The handler options chosen other than Kiln's defaults (`kiln archive`'s flags)."""
+        default = ArchiveConfig()
+        return {k: getattr(self, k) for k in ("top_k", "intra_op_threads", "require_gpu")
+                if getattr(self, k) != getattr(default, k)}
+
 
 class ArchiveError(RuntimeError):
     pass
+
+
+def weights_digest(serialized: Path) -> str:
+    """sha256 of an exported form, which holds the graph and its weights: what makes a
+    (name, version) mean the same model wherever it is served."""
+    digest = hashlib.sha256()
+    with open(serialized, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_config(config: ArchiveConfig, digest: str) -> dict:
+    """The archive's model-config.yaml: the config's, and under `kiln` the weights digest
+    (TorchServe ignores keys it does not know; the handler reads only `handler`)."""
+    return {**config.model_config(), DIGEST_SECTION: {DIGEST_KEY: digest}}
+
+
+def archive_name(name: str, version: str | None = None) -> str:
+    """NAME.mar for the version `kiln serve` builds, NAME-V.mar for one `kiln deploy` adds."""
+    return f"{name}.mar" if version is None else f"{name}-{version}.mar"
 
 
 def check_parity(signature: dict, backend: str) -> None:
@@ -108,7 +150,9 @@ def stage_package(folder: Path) -> Path:
 
 def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
           artifacts: Path | None = None, store: Path | None = None,
-          models_dirs: list[Path] | None = None) -> Path:
+          models_dirs: list[Path] | None = None, version: str | None = None) -> Path:
+    """The archive of the export in `artifacts`: NAME.mar with the declaration's version, or
+    NAME-V.mar when `version` is given."""
     decl = declaration.get(name, models_dirs)
     name = decl.name
     config = config or config_for(decl)
@@ -125,8 +169,9 @@ def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
         labels = signature["output"].get("labels") or signature["output"].get("names") or []
         (staging / "index_to_name.json").write_text(
             json.dumps({str(i): label for i, label in enumerate(labels)}, indent=2))
+        digest = weights_digest(artifacts / FORMS[backend])
         (staging / "model-config.yaml").write_text(
-            yaml.safe_dump(config.model_config(), sort_keys=False))
+            yaml.safe_dump(model_config(config, digest), sort_keys=False))
         (staging / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
         (staging / oip.METADATA_FILE).write_text(json.dumps(oip.tensor_metadata(signature)))
         # A folder among --extra-files has its contents copied: this one holds kiln/.
@@ -138,7 +183,7 @@ def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
             "--model-name", name,
-            "--version", decl.version,
+            "--version", version or decl.version,
             "--model-file", str(decl.model_file),
             "--serialized-file", str(artifacts / FORMS[backend]),
             "--handler", str(staging / f"{ENTRY_MODULE}.py"),
@@ -152,10 +197,10 @@ def build(name: str, backend: str = "onnx", config: ArchiveConfig | None = None,
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
-        target = store / f"{name}.mar"
+        target = store / archive_name(name, version)
         # Replace atomically: a running TorchServe or a reader never sees half an archive.
-        shutil.move(str(staging / f"{name}.mar"), str(store / f".{name}.mar.tmp"))
-        (store / f".{name}.mar.tmp").replace(target)
+        shutil.move(str(staging / f"{name}.mar"), str(store / f".{target.name}.tmp"))
+        (store / f".{target.name}.tmp").replace(target)
     log.info("%s archived (%s backend, %s) -> %s", name, backend,
              ", ".join(f"{k}={v}" for k, v in asdict(config).items()), target)
     return target
@@ -186,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "artifacts/NAME)")
     parser.add_argument("--store", type=Path,
                         help="where to write NAME.mar (default: the workspace's model_store/)")
+    parser.add_argument("--version",
+                        help="write NAME-V.mar with this version, beside the served NAME.mar "
+                             "(default: NAME.mar with the declaration's version)")
 
 
 def _threads(text: str) -> int | str:
@@ -211,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     """The command for parsed arguments (shared by `python -m` and `kiln archive`)."""
     try:
         build(args.name, args.backend, config_from_args(args), args.artifacts, args.store,
-              args.models_dirs)
+              args.models_dirs, args.version)
     except (ArchiveError, declaration.DeclarationError) as err:
         log.error("%s", err)
         return 1

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from kiln import declaration, layout
 from kiln.handlers import oip
-from kiln.model_store import archive, read_archive
-from kiln.training import export, train
+from kiln.model_store import archive, archived_digest, read_archive
+from kiln.training.artifacts import FORMS
 from kiln.workspace import Workspace
 
 log = logging.getLogger("kiln.build")
@@ -34,7 +34,7 @@ def archive_manifest(mar: Path) -> tuple[str | None, dict | None, set[str], dict
     if manifest is None:
         return None, None, set(), None
     serialized = manifest.get("model", {}).get("serializedFile")
-    backend = next((form for form, fname in export.FORMS.items() if fname == serialized), None)
+    backend = next((form for form, fname in FORMS.items() if fname == serialized), None)
     return backend, config, shipped_package(mar), shipped_metadata(mar)
 
 
@@ -54,46 +54,78 @@ def shipped_package(mar: Path) -> set[str]:
         return set()
 
 
-def ensure_built(name: str, backend: str = "onnx", store: Path | None = None,
-                 models_dirs: list[Path] | None = None) -> Path:
-    """Path of an up-to-date NAME.mar in `store` (default: the workspace's), building what it
-    needs."""
+def ensure_built(name: str, backend: str | None = None, store: Path | None = None,
+                 models_dirs: list[Path] | None = None, version: str | None = None) -> Path:
+    """Path of an up-to-date NAME.mar (NAME-V.mar for a `version`) in `store` (default: the
+    workspace's), building what it needs.
+
+    An archive is rebuilt only when what it is made from changed, when it is not one this
+    Kiln builds, or when `backend` (a flag given) is not the one it holds. `kiln archive`'s
+    choices outlive a plain `kiln serve`: without `backend` the archive keeps its own, and a
+    rebuild keeps its handler options (--top-k, --intra-op-threads, --require-gpu); only the
+    response timeout follows the declaration again."""
     decl = declaration.get(name, models_dirs)
     name = decl.name
     dirs = [*(models_dirs or []), decl.folder]
     folder = Workspace.current().exports(name)
     store = store or Workspace.current().model_store
+    _export_if_stale(decl, folder, dirs)
+    mar = store / archive.archive_name(name, version)
+    built_backend, built_config, shipped, metadata = archive_manifest(mar)
+    if backend and built_backend and backend != built_backend:
+        log.warning("%s: %s holds the %s export; rebuilding it with --backend %s", name, mar,
+                    built_backend, backend)
+    signature = json.loads((folder / "signature.json").read_text())
+    backend = _exported(name, signature, backend or built_backend or "onnx")
+    kept = archive.ArchiveConfig.read(built_config)
+    # An archive of an older Kiln (workers and batching in its model-config.yaml, the whole
+    # root shipped, no OIP metadata or other than its signature gives) reads back as none of
+    # this Kiln's, and is rebuilt; so is one without the digest of these weights.
+    if (kept is not None and backend == built_backend
+            and archived_digest(mar) == archive.weights_digest(folder / FORMS[backend])
+            and shipped == set(layout.worker_files())
+            and metadata == oip.tensor_metadata(signature)
+            and not stale(mar, archive.archive_inputs(decl, folder, backend))):
+        log.info("%s: %s is up to date", name, mar)
+        return mar
+    options = kept.handler_options() if kept is not None else {}
+    log.info("%s: archiving (%s%s)", name, backend,
+             "".join(f", {k}={v} kept" for k, v in options.items()))
+    config = archive.config_for(decl, **options)
+    archive.build(name, backend, config, artifacts=folder, store=store, models_dirs=dirs,
+                  version=version)
+    return mar
+
+
+def _export_if_stale(decl: declaration.Declaration, folder: Path, dirs: list[Path]) -> None:
+    """Train (a recipe's model without weights) and export when the exports are missing or
+    older than what they come from. Only then are torch and the training code imported
+    (seconds, hundreds of MB): serving archives that are up to date needs neither."""
     if decl.recipe is not None:
         weights = [folder / "state_dict.pt", folder / "meta.json"]
         if not weights[0].exists():
-            log.info("%s: no weights yet, training with the default settings", name)
-            train.train(train.config_for([name, "--out", str(folder), *_dirs_args(dirs)]))
+            from kiln.training import train
+
+            log.info("%s: no weights yet, training with the default settings", decl.name)
+            train.train(train.config_for([decl.name, "--out", str(folder), *_dirs_args(dirs)]))
     else:
         weights = [decl.state_dict]
-    signature = folder / "signature.json"
-    if stale(signature, [*weights, decl.path, *decl.source_files()]):
-        log.info("%s: exporting", name)
-        export.export(name, folder, models_dirs=dirs)
-    exported = set(json.loads(signature.read_text()).get("parity", {}))
+    if stale(folder / "signature.json", [*weights, decl.path, *decl.source_files()]):
+        from kiln.training import export
+
+        log.info("%s: exporting", decl.name)
+        export.export(decl.name, folder, models_dirs=dirs)
+
+
+def _exported(name: str, signature: dict, backend: str) -> str:
+    """`backend`, or the form that was exported when it was not."""
+    exported = set(signature.get("parity", {}))
     if backend not in exported and exported:
         # A model ONNX cannot export is served by TorchScript (export said why).
         fallback = sorted(exported)[0]
         log.warning("%s: no %s export; archiving %s instead", name, backend, fallback)
-        backend = fallback
-    mar = store / f"{name}.mar"
-    inputs = archive.archive_inputs(decl, folder, backend)
-    # Its model-config.yaml holds the handler's options and the response timeout; an archive
-    # from before workers and batching moved to kiln serve differs here too, and is rebuilt,
-    # as is one that ships other files of Kiln than a worker imports (the whole root, once),
-    # or other OIP metadata than its signature gives (or none, as before the plugin read it).
-    wanted = (backend, archive.config_for(decl).model_config(), set(layout.worker_files()),
-              oip.tensor_metadata(json.loads(signature.read_text())))
-    if stale(mar, inputs) or archive_manifest(mar) != wanted:
-        log.info("%s: archiving (%s)", name, backend)
-        archive.build(name, backend, artifacts=folder, store=store, models_dirs=dirs)
-    else:
-        log.info("%s: %s is up to date", name, mar)
-    return mar
+        return fallback
+    return backend
 
 
 def _dirs_args(dirs: list[Path]) -> list[str]:

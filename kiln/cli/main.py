@@ -14,6 +14,7 @@ from kiln.cli.keys import cmd_keys
 from kiln.cli.measure import cmd_bench, cmd_loadtest, cmd_tune
 from kiln.cli.predict import cmd_batch, cmd_predict
 from kiln.cli.serve import cmd_serve, cmd_stop, server_arguments
+from kiln.cli.versions import add_parsers as add_version_parsers
 from kiln.console import setup_logging
 from kiln.deploy import front
 from kiln.deploy.server import (
@@ -96,8 +97,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="declared models (or NAME.toml paths) to serve (default: Kiln's "
                         "default set: " + ", ".join(declaration.default_set()) + ")")
     declaration.add_models_dir(p)
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx",
-                   help="exported form to archive when building (default: onnx)")
+    p.add_argument("--backend", choices=["onnx", "torchscript"],
+                   help="exported form to serve; an archive holding the other is rebuilt "
+                        "(default: the archive's, else onnx)")
     p.add_argument("--no-build", action="store_true",
                    help="serve the archives as they are, build nothing (default: build)")
     p.add_argument("--enable-model-api", action="store_true",
@@ -124,6 +126,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "--run-dir, or the one on the port a port flag names.")
     server_arguments(p, selects=True)
     p.set_defaults(func=cmd_stop)
+
+    add_version_parsers(sub)
 
     p = sub.add_parser("keys", help="list, show or rotate the keys clients send",
                        description="List the front proxy's keys (the start of each, and when "

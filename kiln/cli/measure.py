@@ -14,13 +14,14 @@ def _lacks_test_bench(command: str, *, module: str = "", program: str = "") -> b
     said in one line before any server starts, not as whatever the missing part breaks later.
     The module is looked up without importing it (locust brings gevent's monkey-patching)."""
     if module and importlib.util.find_spec(module) is None:
-        missing = f"the Python module {module}"
+        missing, installed = f"the Python module {module}", "pip install 'kiln[loadtest]'"
     elif program and shutil.which(program) is None:
-        missing = f"the program {program}"
+        missing, installed = f"the program {program}", f"apt-get install {program}"
     else:
         return False
-    log.error("kiln %s needs %s, which is not installed: run make install-test", command,
-              missing)
+    # In Kiln's repository make brings the whole bench; an installed Kiln has no Makefile.
+    log.error("kiln %s needs %s, which is not installed: run make install-test in Kiln's "
+              "repository, or %s", command, missing, installed)
     return True
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kiln import client as http
 from kiln import declaration
+from kiln.deploy import versions
 from kiln.deploy.server import (
     HOST,
     INTERNAL_PORTS_FILE,
@@ -126,9 +127,12 @@ def cmd_serve(args) -> int:
         models = ([declaration.get(m, args.models_dirs).name for m in args.models]
                   or declaration.default_set())
         serving = _serving(args, models)
-    except ValueError as err:  # a declaration not found, or a bad serving setting
+        # What kiln deploy recorded is registered again through the model API.
+        deployed = versions.load(args.run_dir)
+    except ValueError as err:  # a declaration not found, a bad serving setting or state file
         log.error("%s", err)
         return 1
+    args.enable_model_api = args.enable_model_api or bool(deployed)
     server = _server(args, models, serving)
     if server.pid() is not None:
         server = Server(ServerSettings(args.run_dir, args.store, models,
@@ -148,20 +152,36 @@ def cmd_serve(args) -> int:
     if not _ports_free(server):
         return 1
     if not args.no_build:
-        # Imported only to build: it brings torch and the training code (seconds of CPU).
+        # torch and the training code come in only for what must be trained or exported.
         from kiln.model_store.build import ensure_built
 
         for name in models:
-            ensure_built(name, args.backend, args.store, args.models_dirs)
+            # A deployed version is immutable: its archive is served as it was built, even
+            # when the weights it was built from have changed since.
+            if name not in deployed:
+                ensure_built(name, args.backend, args.store, args.models_dirs)
     try:
         server.start()
         server.wait_ready(args.timeout)
-    except ServerError as err:
+        _restore(args, [m for m in models if m in deployed])
+    except (ServerError, ValueError, RuntimeError, OSError) as err:
         log.error("%s", err)
         server.stop()
         return 1
     print(how_to_call(server))
     return 0
+
+
+def _restore(args, names: list[str]) -> None:
+    """The versions, defaults and retirements run/versions.json records, brought back."""
+    from kiln.deploy import lifecycle
+
+    if not names:
+        return
+    target = lifecycle.Target.of(args.run_dir.resolve(), args.store.resolve())
+    for name in names:
+        for line in lifecycle.restore(target, name):
+            log.info("%s", line)
 
 
 def _ports_free(server: Server) -> bool:

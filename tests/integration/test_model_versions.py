@@ -4,7 +4,6 @@ they name on REST, OIP and gRPC, and every REST and OIP answer says which versio
 import http.client
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -19,7 +18,7 @@ import requests
 from PIL import Image
 
 from kiln.client import encode_file
-from kiln.deploy import routing
+from kiln.deploy import routing, versions
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import answer_from_reply, load_stubs
 from kiln.handlers.handler import VERSION_HEADER
@@ -170,15 +169,14 @@ def test_pinned_grpc_request_reaches_that_version(two_versions, tmp_path_factory
 # --- routes: unpinned requests follow run/versions.json, with no reload --------------------
 
 
-def write_route(srv: Server, route: dict[str, int] | None, default: str = "1.0") -> None:
-    """The state file as Kiln's admin commands write it (deploy/versions.py): atomically."""
-    state = {MODEL: {"versions": {v: {"archive": f"{MODEL}-{v}.mar", "digest": "", "state": "ready"}
-                                  for v in VERSIONS},
-                     "default": default, "previous": None, "route": route, "shadows": {}}}
-    path = routing.state_file(srv.run_dir)
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(state))
-    os.replace(part, path)
+def write_route(srv: Server, route: dict[str, int] | None) -> None:
+    """The route set as `kiln route` sets it (deploy/versions.py), both versions ready."""
+    with versions.transaction(srv.run_dir) as state:
+        for v in VERSIONS:
+            if MODEL not in state or v not in state[MODEL]["versions"]:
+                versions.add(state, MODEL, v, f"{MODEL}-{v}.mar", digest=v)
+                versions.mark_ready(state, MODEL, v)
+        versions.set_route(state, MODEL, route)
 
 
 @pytest.fixture

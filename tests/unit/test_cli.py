@@ -166,12 +166,14 @@ def test_every_run_dir_default_is_the_same(tmp_path, monkeypatch):
     assert defaults == dict.fromkeys(defaults, tmp_path.resolve() / "run")
 
 
-@pytest.mark.parametrize("argv,lacking,missing,code", [
-    (["loadtest", "lenet", "--start-server"], "locust", "the Python module locust", 2),
-    (["bench", "lenet"], "wrk", "the program wrk", 1),
-    (["tune", "lenet", "--p99-ms", "50"], "wrk", "the program wrk", 1)])
-def test_a_missing_test_bench_part_is_named_before_anything_starts(argv, lacking, missing, code,
-                                                                   monkeypatch, caplog):
+@pytest.mark.parametrize("argv,lacking,missing,installed,code", [
+    (["loadtest", "lenet", "--start-server"], "locust", "the Python module locust",
+     "pip install 'kiln[loadtest]'", 2),
+    (["bench", "lenet"], "wrk", "the program wrk", "apt-get install wrk", 1),
+    (["tune", "lenet", "--p99-ms", "50"], "wrk", "the program wrk", "apt-get install wrk", 1)])
+def test_a_missing_test_bench_part_is_named_before_anything_starts(argv, lacking, missing,
+                                                                   installed, code, monkeypatch,
+                                                                   caplog):
     # What `make serve` leaves out: locust is looked up, never imported; wrk found on PATH.
     import importlib.util
     import shutil
@@ -188,4 +190,4 @@ def test_a_missing_test_bench_part_is_named_before_anything_starts(argv, lacking
     assert main(argv) == code
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("ERROR", f"kiln {argv[0]} needs {missing}, which is not installed: run make "
-                  "install-test")]
+                  f"install-test in Kiln's repository, or {installed}")]

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from kiln import layout
 from kiln.loadtests import run
+from kiln.model_store import archive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,14 +141,26 @@ try:
     rc = main(sys.argv[1:])
 except SystemExit as done:
     rc = done.code
+"""
+# What a plain `kiln serve` does beyond `--no-build`, in a fresh interpreter: the build step,
+# finding binary's archive (in the workspace argv[1]) up to date.
+BUILD_PROBE = """
+import os, sys
+from kiln import workspace
+from kiln.model_store import build
+os.environ[workspace.ENV] = sys.argv[1]
+rc = build.ensure_built("binary").stat().st_mtime_ns
+"""
+HEAVY_PROBE = """
+import json, sys
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sklearn")
                or m in ("kiln.training.train", "kiln.training.export", "kiln.training.data"))
 print(json.dumps({"rc": rc, "heavy": heavy}))
 """
 
 
-def _kiln_loads(argv: list[str], cwd: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", COMMAND_PROBE, *map(str, argv)],
+def _kiln_loads(argv: list, cwd: Path, probe: str = COMMAND_PROBE) -> dict:
+    done = subprocess.run([sys.executable, "-c", probe + HEAVY_PROBE, *map(str, argv)],
                           capture_output=True, text=True, cwd=cwd, timeout=120)
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -194,6 +208,20 @@ def test_commands_that_neither_train_nor_export_import_no_torch(tmp_path, export
     loaded = [(argv[:2], _kiln_loads(argv, tmp_path)) for argv, _ in commands]
     assert loaded == [(argv[:2], {"rc": rc, "heavy": []}) for argv, rc in commands]
     assert (tmp_path / "store" / "binary.mar").is_file()
+
+
+def test_serving_archives_that_are_up_to_date_imports_no_torch(tmp_path, exports):
+    folder = tmp_path / "artifacts" / "binary"
+    folder.mkdir(parents=True)
+    for name in ("model.onnx", "signature.json"):
+        shutil.copy(exports / name, folder)
+    for name in ("state_dict.pt", "meta.json"):  # the weights, older than their export
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, ns=(0, 0))
+    mar = archive.build("binary", "onnx", artifacts=folder, store=tmp_path / "model_store")
+    built_at = mar.stat().st_mtime_ns
+    loaded = _kiln_loads([tmp_path], tmp_path, BUILD_PROBE)
+    assert loaded == {"rc": built_at, "heavy": []}
 
 
 # Module-level names that hold a path derived from the module's own __file__, each with why

@@ -1,6 +1,8 @@
 """Training --dry-run, --resume, the export parity gate and the archive, on real (tiny) runs."""
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -13,7 +15,7 @@ import torch
 import yaml
 
 from kiln import declaration, layout, workspace
-from kiln.model_store import archive, build
+from kiln.model_store import archive, archived_digest, build
 from kiln.training import export, train
 
 
@@ -165,8 +167,12 @@ def test_archive_is_self_describing(dry_runs, tmp_path, backend):
     assert manifest["model"]["handler"] == "kiln_handler.py"
     assert manifest["model"]["modelFile"] == "binary.py"
     # Workers and batching are kiln serve's: TorchServe would let any here win over it.
+    # The sha256 of the exported graph and weights: a (name, version) is one model.
+    digest = hashlib.sha256((dry_runs / "binary" / serialized).read_bytes()).hexdigest()
     assert config == {"responseTimeout": 45, "handler": {"top_k": 2, "intra_op_threads": "auto",
-                                                         "require_gpu": False}}
+                                                         "require_gpu": False},
+                      "kiln": {"weights_digest": digest}}
+    assert archived_digest(mar) == digest
     assert labels == {"0": "malignant", "1": "benign"}
     # What the OIP plugin serves, built once here from the signature (the plugin builds none).
     assert metadata == {"platform": "kiln",
@@ -206,6 +212,75 @@ def test_ensure_built_rebuilds_an_archive_without_oip_metadata(dry_runs, tmp_pat
     with zipfile.ZipFile(mar) as z:
         assert json.loads(z.read("oip-metadata.json"))["inputs"] == [
             {"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+
+
+def test_ensure_built_rebuilds_an_archive_without_a_weights_digest(dry_runs, tmp_path,
+                                                                   monkeypatch):
+    """An archive from before the digest could not tell a deploy which weights it holds."""
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    mar = archive.build("binary", "onnx", artifacts=dry_runs / "binary", store=tmp_path)
+    with zipfile.ZipFile(mar) as z:
+        kept = {name: z.read(name) for name in z.namelist()}
+    config = yaml.safe_load(kept["model-config.yaml"])
+    del config["kiln"]
+    kept["model-config.yaml"] = yaml.safe_dump(config)
+    with zipfile.ZipFile(mar, "w") as z:  # the same archive, as built before the digest
+        for name, data in kept.items():
+            z.writestr(name, data)
+    assert archived_digest(mar) is None
+    assert build.ensure_built("binary", "onnx", tmp_path) == mar
+    assert archived_digest(mar) == archive.weights_digest(dry_runs / "binary" / "model.onnx")
+
+
+def test_a_versioned_archive_sits_beside_the_default_one(dry_runs, tmp_path, monkeypatch):
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    default = build.ensure_built("binary", "onnx", tmp_path)
+    versioned = build.ensure_built("binary", "onnx", tmp_path, version="2.0")
+    assert (default.name, versioned.name) == ("binary.mar", "binary-2.0.mar")
+    with zipfile.ZipFile(versioned) as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+    # The model keeps its name: TorchServe serves both as versions of one model.
+    assert (manifest["model"]["modelName"], manifest["model"]["modelVersion"]) == ("binary",
+                                                                                   "2.0")
+    assert archived_digest(versioned) == archived_digest(default)
+
+
+def test_ensure_built_keeps_what_kiln_archive_chose(dry_runs, tmp_path, monkeypatch, caplog):
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    options = {"top_k": 2, "intra_op_threads": 1, "require_gpu": True}
+    decl = declaration.get("binary")
+    chosen = archive.config_for(decl, response_timeout_s=45, **options)
+    mar = archive.build("binary", "torchscript", chosen, dry_runs / "binary", tmp_path)
+    built_at = mar.stat().st_mtime_ns
+
+    # A plain kiln serve: nothing it is made from changed, so it is served as it is.
+    assert build.ensure_built("binary", None, tmp_path) == mar
+    assert mar.stat().st_mtime_ns == built_at
+    digests = {form: archive.weights_digest(dry_runs / "binary" / f)
+               for form, f in export.FORMS.items()}
+    assert build.archive_manifest(mar)[:2] == (
+        "torchscript", archive.model_config(chosen, digests["torchscript"]))
+
+    # Older than its inputs: rebuilt with its backend and handler options; the response
+    # timeout is the declaration's again.
+    os.utime(mar, ns=(0, 0))
+    build.ensure_built("binary", None, tmp_path)
+    kept = archive.config_for(decl, **options)
+    assert kept.response_timeout_s != 45
+    assert build.archive_manifest(mar)[:2] == ("torchscript",
+                                               archive.model_config(kept, digests["torchscript"]))
+
+    # kiln serve --backend onnx: rebuilt with it, said in one line.
+    caplog.clear()
+    build.ensure_built("binary", "onnx", tmp_path)
+    assert build.archive_manifest(mar)[:2] == ("onnx", archive.model_config(kept,
+                                                                           digests["onnx"]))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"binary: {mar} holds the torchscript export; rebuilding it with --backend onnx"]
+
 
 def test_archive_refuses_an_export_outside_the_gate(dry_runs, tmp_path):
     folder = tmp_path / "binary"
