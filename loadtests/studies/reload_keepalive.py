@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import re
 import tempfile
 import threading
 import time
@@ -65,14 +64,6 @@ class IdleClient(threading.Thread):
         conn.close()
 
 
-def socket_errors(out: str) -> dict[str, int]:
-    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    names = ("connect", "read", "write", "timeout")
-    if not found:
-        return dict.fromkeys(names, 0)
-    return dict(zip(names, map(int, found.groups()), strict=True))
-
-
 def measure(server: Server, seconds: float, reloads: int) -> dict:
     host, port = "127.0.0.1", server.settings.ports.inference
     token = server.keys()["inference"]
@@ -87,17 +78,13 @@ def measure(server: Server, seconds: float, reloads: int) -> dict:
     for _ in range(reloads):
         server.front.reload()
         time.sleep(gap)
-    wrk_out = load.proc.stdout.read()
-    load.proc.stdout.close()
-    load.proc.wait()
-    load._folder.cleanup()
+    result = load.finish()
     for c in idle:
         c.halt.set()
         c.join(30)
-    statuses = dict(re.findall(r"^kiln-status (\d+) (\d+)$", wrk_out, re.M))
-    done = re.search(r"(\d+) requests in", wrk_out)
-    return {"reloads": reloads, "wrk_requests": int(done.group(1)) if done else None,
-            "wrk_statuses": statuses, "wrk_socket_errors": socket_errors(wrk_out),
+    # wrk's socket errors here are reads: a connection closed or reset under a request.
+    return {"reloads": reloads, "wrk_requests": result.run.requests,
+            "wrk_statuses": dict(result.statuses), "wrk_socket_errors": result.socket_errors,
             "idle_ok": sum(c.ok for c in idle), "idle_failed": sum(c.failed for c in idle),
             "idle_closed_by_server": sum(c.closed for c in idle)}
 
