@@ -238,6 +238,27 @@ def test_unpinned_requests_split_by_the_routes_weights(routed, protocol, n):
     assert within_binomial(counts["2.0"], n, 0.3), counts
 
 
+def test_a_routed_form_body_is_decoded_as_an_unrouted_one(routed):
+    """The routed prediction keeps what nginx sets on every forwarded request (the form's own
+    content type in a header of its own, TorchServe's token)."""
+    write_route(routed, {"2.0": 100})
+    wait_version(routed, "2.0", STEADY)
+    r = requests.post(f"{routed.url('inference')}/predictions/{MODEL}", timeout=30,
+                      files={"data": ("7.png", SEVEN.read_bytes(), "image/png")},
+                      headers=auth(routed))
+    assert r.status_code == 200, r.text
+    assert (r.json()["label"], r.headers[VERSION_HEADER]) == ("7", "2.0")
+
+
+def test_a_model_without_a_route_is_answered_as_before_while_another_has_one(routed):
+    write_route(routed, {"2.0": 100})
+    body, content_type = encode_file(SEVEN)
+    r = requests.post(f"{routed.url('inference')}/predictions/nope", data=body, timeout=30,
+                      headers={**auth(routed), "Content-Type": content_type})
+    assert (r.status_code, r.json()) == (404, {"code": 404, "type": "ModelNotFoundException",
+                                               "message": "Model not found: nope"})
+
+
 def test_a_routing_key_always_lands_on_the_same_version(routed):
     write_route(routed, {"2.0": 100})
     wait_version(routed, "2.0", STEADY)
