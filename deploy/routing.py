@@ -24,6 +24,10 @@ STATE_PROPERTY = "kiln.route.state"
 ROUTING_KEY_HEADER = "X-Kiln-Routing-Key"
 ROUTE_PREFIX = "/kiln-route/"
 ROUTE_HEADER = "X-Kiln-Route-Version"
+# As OipRoutes.SHADOW_HEADER and SHADOW_PREFIX: the versions that shadow a REST prediction,
+# which the front proxy then mirrors to the plugin (Shadow.java scores them).
+SHADOW_HEADER = "X-Kiln-Shadow"
+SHADOW_PREFIX = "/kiln-shadow/"
 
 
 def state_file(run_dir: Path) -> Path:

@@ -45,6 +45,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         final String contentType;
         final String binaryHeader;
         final String routingKey;
+        final String formType;
         final String authorization;
         final HttpVersion version;
         final boolean keepAlive;
@@ -55,6 +56,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
             contentType = request.headers().get(HttpHeaderNames.CONTENT_TYPE);
             binaryHeader = request.headers().get(BinaryTensors.HEADER);
             routingKey = request.headers().get(Router.KEY_HEADER);
+            formType = request.headers().get(OipRoutes.FORM_TYPE_HEADER);
             authorization = request.headers().get(HttpHeaderNames.AUTHORIZATION);
             version = request.protocolVersion();
             keepAlive = HttpUtil.isKeepAlive(request);
@@ -143,7 +145,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         try {
             reply = authorised(call.authorization)
                     ? routes.handle(call.method, call.path, call.body, call.contentType,
-                            call.binaryHeader, call.routingKey)
+                            call.binaryHeader, call.routingKey, call.formType)
                     : CompletableFuture.completedFuture(Reply.error(401, "token authorization failed: "
                             + "send the inference token as 'Authorization: Bearer <token>'"));
         } catch (RuntimeException e) {

@@ -17,6 +17,7 @@ import java.util.UUID;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.CompletionException;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.function.Supplier;
 import org.pytorch.serve.archive.model.ModelException;
 import org.pytorch.serve.archive.model.ModelVersionNotFoundException;
 import org.pytorch.serve.servingsdk.Model;
@@ -53,9 +54,16 @@ final class OipRoutes {
     // ROUTE_PREFIX + NAME, answered 200 with the version in ROUTE_HEADER (empty: the default).
     static final String ROUTE_PREFIX = "/kiln-route/";
     static final String ROUTE_HEADER = "X-Kiln-Route-Version";
+    // The route lookup's answer also names the versions that shadow this request (comma
+    // separated; empty: none), and the front proxy then mirrors it to SHADOW_PREFIX.
+    static final String SHADOW_HEADER = "X-Kiln-Shadow";
+    static final String SHADOW_PREFIX = "/kiln-shadow/";
+    // As kiln.handlers.forms.FORM_TYPE_HEADER.
+    static final String FORM_TYPE_HEADER = "kiln-form-type";
 
     private final RequestLimits limits;
     private final Router router;
+    private final Shadow shadow = new Shadow();
 
     OipRoutes(RequestLimits limits, Router router) {
         this.limits = limits;
@@ -66,13 +74,16 @@ final class OipRoutes {
      * path: the request path, /v2 included; body: null for a GET, else Netty's buffer, only
      * read, and released by the caller once the answer completes; binaryHeader: the request's
      * Inference-Header-Content-Length, or null; routingKey: the client's Router.KEY_HEADER, or
-     * null. Only infer is answered later; the other routes answer from the frontend's state at
-     * once.
+     * null; formType: the front proxy's kiln-form-type of a REST body, or null. Only infer is
+     * answered later; the other routes answer from the frontend's state at once.
      */
     CompletableFuture<Reply> handle(String method, String path, ByteBuf body, String contentType,
-            String binaryHeader, String routingKey) {
+            String binaryHeader, String routingKey, String formType) {
         if (path.startsWith(ROUTE_PREFIX) && method.equals("GET")) {
             return now(routed(path.substring(ROUTE_PREFIX.length()), routingKey));
+        }
+        if (path.startsWith(SHADOW_PREFIX) && method.equals("POST")) {
+            return now(shadowRest(path.substring(SHADOW_PREFIX.length()), body, contentType, formType));
         }
         List<String> parts = segments(path);
         if (parts == null) {
@@ -83,11 +94,14 @@ final class OipRoutes {
             if (route == null || !route.action.equals("infer")) {
                 return now(Reply.error(405, "POST is only for /v2/models/NAME/infer"));
             }
+            List<String> shadows = List.of();
             if (route.version == null) {  // unpinned: the route picks the version
                 route = route.withVersion(servedOrNull(route.name, router.pick(route.name, routingKey)));
+                shadows = router.shadowsOf(route.name, versionOf(route.name, route.version));
             }
             Reply missing = missingModel(route);
-            return missing != null ? now(missing) : infer(route, body, contentType, binaryHeader);
+            return missing != null ? now(missing)
+                    : infer(route, body, contentType, binaryHeader, shadows);
         }
         return now(get(method, path, parts));
     }
@@ -189,7 +203,51 @@ final class OipRoutes {
      */
     private Reply routed(String name, String routingKey) {
         String version = servedOrNull(name, router.pick(name, routingKey));
-        return Reply.json(200, new JsonObject()).withHeader(ROUTE_HEADER, version == null ? "" : version);
+        List<String> shadows = router.shadowsOf(name, versionOf(name, version));
+        return Reply.json(200, new JsonObject())
+                .withHeader(ROUTE_HEADER, version == null ? "" : version)
+                .withHeader(SHADOW_HEADER, String.join(",", shadows));
+    }
+
+    /**
+     * A REST prediction the front proxy mirrored because the route lookup drew shadows for it
+     * (nginx's mirror: the client's request goes on without waiting for this one's body, and
+     * this answer comes at once, so the client's next request on its connection, which nginx
+     * holds until the mirror's answer is in, waits for a loopback exchange, never for a
+     * model). path: NAME/CANDIDATES[/PRIMARY], PRIMARY absent for the default version. The
+     * primary answer is computed again here on the same body, since the client's answer never
+     * passes the plugin: for a deterministic model (any served by Kiln: eval mode, fixed
+     * weights) it is the answer the client got.
+     */
+    private Reply shadowRest(String path, ByteBuf body, String contentType, String formType) {
+        List<String> parts = new ArrayList<>(Arrays.asList(path.split("/")));
+        parts.removeIf(String::isEmpty);
+        if (parts.size() < 2 || parts.size() > 3 || body == null) {
+            return Reply.error(404, "no such route: " + SHADOW_PREFIX + path);
+        }
+        String name = parts.get(0);
+        String primary = versionOf(name, parts.size() == 3 ? parts.get(2) : null);
+        if (primary == null) {
+            return Reply.error(404, "no model '" + name + "' to shadow");
+        }
+        byte[] bytes = ByteBufUtil.getBytes(body);
+        Supplier<RequestInput> input = () -> restInput(bytes, contentType, formType);
+        ModelRoute routed = pinned(name, primary);
+        for (String candidate : parts.get(1).split(",")) {
+            shadow.score(name, candidate, () -> Shadow.time(() -> submit(routed, input.get())),
+                    () -> Shadow.time(() -> submit(pinned(name, candidate), input.get())));
+        }
+        return Reply.json(202, new JsonObject());
+    }
+
+    private static ModelRoute pinned(String name, String version) {
+        return ModelRoute.parse(List.of("models", name, "versions", version, "infer"));
+    }
+
+    /** The name of the version `version` of `name` (its default when null); null if none. */
+    private static String versionOf(String name, String version) {
+        org.pytorch.serve.wlm.Model model = served(name, version);
+        return model == null ? null : model.getVersion();
     }
 
     /** `version` when `name` serves it, else null (the default version). */
@@ -215,9 +273,10 @@ final class OipRoutes {
      * heap only once admitted: TorchServe's RequestInput holds a byte[] and nothing else.
      */
     private CompletableFuture<Reply> infer(ModelRoute route, ByteBuf body, String contentType,
-            String binaryHeader) {
+            String binaryHeader, List<String> shadows) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
-            return submit(route, requestInput(ByteBufUtil.getBytes(body), contentType));
+            byte[] bytes = ByteBufUtil.getBytes(body);
+            return submitShadowed(route, shadows, () -> requestInput(bytes, contentType));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
@@ -225,14 +284,34 @@ final class OipRoutes {
             } catch (BinaryTensors.BadRequest e) {
                 throw new CompletionException(e);
             }
-        }).thenCompose(binary -> binary == null
-                ? submit(route, requestInput(ByteBufUtil.getBytes(body), contentType))
-                : submit(route, binaryInput(ByteBufUtil.getBytes(body), binary))
-                        .thenApply(binary::answer))
+        }).thenCompose(binary -> {
+            byte[] bytes = ByteBufUtil.getBytes(body);
+            return binary == null
+                    ? submitShadowed(route, shadows, () -> requestInput(bytes, contentType))
+                    : submitShadowed(route, shadows, () -> binaryInput(bytes, binary))
+                            .thenApply(binary::answer);
+        })
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
                         ? Reply.error(((BinaryTensors.BadRequest) e.getCause()).status,
                                 e.getCause().getMessage())
                         : failed(route.name, e));
+    }
+
+    /**
+     * The primary's answer, and each shadow's scored against it beside it. Each job gets an
+     * input of its own over the same bytes, which nothing changes once queued.
+     */
+    private CompletableFuture<Reply> submitShadowed(ModelRoute route, List<String> shadows,
+            Supplier<RequestInput> input) {
+        if (shadows.isEmpty()) {
+            return submit(route, input.get());
+        }
+        CompletableFuture<Shadow.Timed> primary = Shadow.time(() -> submit(route, input.get()));
+        for (String candidate : shadows) {
+            shadow.score(route.name, candidate, () -> primary,
+                    () -> Shadow.time(() -> submit(route.withVersion(candidate), input.get())));
+        }
+        return primary.thenApply(timed -> timed.reply);
     }
 
     private static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
@@ -267,6 +346,16 @@ final class OipRoutes {
         }
         RequestInput input = requestInput(body, BinaryTensors.OCTET_STREAM);
         input.updateHeaders(BinaryTensors.WORKER_HEADER, Integer.toString(binary.jsonLength()));
+        return input;
+    }
+
+    /** A REST prediction's input as TorchServe's /predictions queues it behind Kiln's proxy. */
+    private static RequestInput restInput(byte[] body, String contentType, String formType) {
+        RequestInput input = new RequestInput(UUID.randomUUID().toString());
+        input.addParameter(new BodyParameter(body, contentType == null ? "" : contentType));
+        if (formType != null && !formType.isEmpty()) {
+            input.updateHeaders(FORM_TYPE_HEADER, formType);
+        }
         return input;
     }
 

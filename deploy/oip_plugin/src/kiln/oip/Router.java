@@ -8,7 +8,9 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.NoSuchFileException;
 import java.nio.file.Path;
+import java.util.ArrayList;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.zip.CRC32;
@@ -35,6 +37,8 @@ final class Router {
 
     private final Path state;
     private volatile Map<String, Map<String, Double>> weights = Map.of();
+    // Per model, version -> the fraction of the requests routed elsewhere it also scores.
+    private volatile Map<String, Map<String, Double>> shadows = Map.of();
     private volatile long checkedAt = System.nanoTime() - CHECK_EVERY_NS;
     private String text = "";
 
@@ -64,6 +68,26 @@ final class Router {
             }
         }
         return last;  // rounding at the very top end
+    }
+
+    /**
+     * The versions that also score this request, routed to `primary`: each of the model's
+     * shadows but `primary`, drawn with its fraction; empty for most requests.
+     */
+    List<String> shadowsOf(String model, String primary) {
+        current();
+        Map<String, Double> given = shadows.get(model);
+        if (given == null || primary == null) {
+            return List.of();
+        }
+        List<String> out = new ArrayList<>();
+        ThreadLocalRandom random = ThreadLocalRandom.current();
+        given.forEach((version, fraction) -> {
+            if (!version.equals(primary) && random.nextDouble() < fraction) {
+                out.add(version);
+            }
+        });
+        return out;
     }
 
     /** Where in [0, 1) a request falls: by its key's hash, or at random without one. */
@@ -97,10 +121,14 @@ final class Router {
             if (now.equals(text)) {
                 return;
             }
-            weights = parse(JsonParser.parseString(now).getAsJsonObject());
+            JsonObject root = JsonParser.parseString(now).getAsJsonObject();
+            Map<String, Map<String, Double>> parsed = parse(root);
+            shadows = parseShadows(root);
+            weights = parsed;
             text = now;
         } catch (NoSuchFileException e) {
             weights = Map.of();
+            shadows = Map.of();
             text = "";
         } catch (IOException | RuntimeException e) {
             LOG.warn("cannot read the route state {}: keeping the routes in force", state, e);
@@ -129,6 +157,22 @@ final class Router {
                 route.put(fallback.getAsString(), 1.0);
             }
             out.put(model.getKey(), route);
+        }
+        return out;
+    }
+
+    /** Per model, version -> its shadow fraction: the state file's "shadows". */
+    static Map<String, Map<String, Double>> parseShadows(JsonObject root) {
+        Map<String, Map<String, Double>> out = new LinkedHashMap<>();
+        for (Map.Entry<String, JsonElement> model : root.entrySet()) {
+            JsonElement given = model.getValue().getAsJsonObject().get("shadows");
+            if (given == null || !given.isJsonObject() || given.getAsJsonObject().size() == 0) {
+                continue;
+            }
+            Map<String, Double> fractions = new LinkedHashMap<>();
+            given.getAsJsonObject().entrySet().forEach(
+                    f -> fractions.put(f.getKey(), f.getValue().getAsDouble()));
+            out.put(model.getKey(), fractions);
         }
         return out;
     }

@@ -1,0 +1,215 @@
+"""Shadow scoring (issue 18): `kiln shadow lenet 2.0 --fraction F` has 2.0 also score a sample
+of the requests routed to 1.0, on a real TorchServe behind Kiln's front proxy. lenet 1.0 is the
+workspace's trained weights, 2.0 a one-batch run with another seed: they disagree on some of
+the noisy digits sent here, so the agreement measured can be checked against the offline one."""
+
+import io
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from kiln.cli.main import main
+from kiln.deploy import versions
+from kiln.deploy.ports import INTERNAL_PORTS_FILE, Ports
+from kiln.deploy.server import Server, ServerSettings
+from kiln.handlers.handler import VERSION_HEADER
+from kiln.training import train
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+NAME = "lenet"
+DIGITS = [np.asarray(Image.open(FIXTURES / "digits" / f"{d}.png").convert("L"), dtype=np.float64)
+          for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def served(archives, tmp_path_factory):
+    """lenet 1.0 (trained) served, 2.0 (a one-batch dry run) deployed beside it."""
+    ws = tmp_path_factory.mktemp("workspace")
+    (ws / "model_store").mkdir()
+    shutil.copy(archives[NAME], ws / "model_store" / f"{NAME}.mar")
+    train.train(train.config_for([NAME, "--out", str(ws / "artifacts" / NAME), "--log-dir",
+                                  str(ws / "runs"), "--dry-run", "--seed", "1"]))
+    ports = Ports.free()
+    flags = ["--run-dir", str(ws / "run"), "--store", str(ws / "model_store"),
+             *[arg for api, port in vars(ports).items()
+               for arg in (f"--{api.replace('_', '-')}-port", str(port))]]
+    assert kiln(ws, "serve", NAME, "--enable-model-api", "--no-build", *flags) == 0
+    try:
+        assert kiln(ws, "deploy", NAME, "--version", "2.0", *flags) == 0
+        yield ws, Server(ServerSettings(
+            ws / "run", ws / "model_store", [NAME], Ports.saved(ws / "run"),
+            internal_ports=Ports.saved(ws / "run", INTERNAL_PORTS_FILE)))
+    finally:
+        kiln(ws, "stop", "--run-dir", str(ws / "run"))
+
+
+def kiln(ws, *argv) -> int:
+    return main(["--workspace", str(ws), *argv])
+
+
+def shadow(ws, fraction) -> None:
+    assert kiln(ws, "shadow", NAME, "2.0", "--fraction", str(fraction),
+                "--run-dir", str(ws / "run")) == 0
+
+
+def noisy_digits(n: int, seed: int) -> list[np.ndarray]:
+    """n 28x28 digits with noise: enough of them that the two versions disagree on some."""
+    rng = np.random.default_rng(seed)
+    return [np.clip(DIGITS[i % 10] + rng.normal(0, 90, (28, 28)), 0, 255).round()
+            for i in range(n)]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def auth(srv: Server) -> dict[str, str]:
+    return {"Authorization": f"Bearer {srv.keys()['inference']}"}
+
+
+def rest(srv: Server, pixels: np.ndarray, version: str | None = None) -> requests.Response:
+    path = f"/predictions/{NAME}" + (f"/{version}" if version else "")
+    r = requests.post(f"{srv.url('inference')}{path}", data=png(pixels), timeout=30,
+                      headers={**auth(srv), "Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def oip(srv: Server, pixels: np.ndarray, version: str | None = None) -> requests.Response:
+    body = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+                        "data": [pixels.tolist()]}]}
+    path = f"/v2/models/{NAME}" + (f"/versions/{version}" if version else "") + "/infer"
+    r = requests.post(f"{srv.url('oip')}{path}", json=body, headers=auth(srv), timeout=30)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def shadow_figures(srv: Server, candidate: str = "2.0") -> dict[str, float]:
+    """kiln_shadow_* of lenet's `candidate` on the metrics port: {series: value}."""
+    page = requests.get(f"{srv.url('metrics')}/metrics", timeout=10).text
+    out = {}
+    pattern = re.compile(r'^(kiln_shadow_\w+)\{([^}]*)\} (\S+)$')
+    for line in page.splitlines():
+        match = pattern.match(line)
+        if match and f'model="{NAME}"' in match[2] and f'version="{candidate}"' in match[2]:
+            outcome = re.search(r'(outcome|role)="(\w+)"', match[2])
+            key = match[1] + (f":{outcome[2]}" if outcome else "")
+            out[key] = float(match[3])
+    return out
+
+
+def sampled(figures: dict[str, float]) -> float:
+    return sum(v for k, v in figures.items() if k.startswith("kiln_shadow_requests_total:"))
+
+
+def settled(srv: Server, candidate: str = "2.0", count: float | None = None,
+            timeout: float = 60) -> dict:
+    """The figures once `count` requests were sampled in all, or, without a count, once two
+    reads a second apart agree (nothing still being scored)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        now = shadow_figures(srv, candidate)
+        if sampled(now) == count if count is not None else now == last:
+            return now
+        last = now
+        time.sleep(1 if count is None else 0.1)
+    raise AssertionError(f"the shadow figures never settled: {last}")
+
+
+def in_force(srv: Server, candidate: str = "2.0") -> dict:
+    """Sends requests until one is sampled for `candidate` (the plugin reads the state file
+    every 100 ms), then the figures once that one is scored."""
+    start = sampled(shadow_figures(srv, candidate))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rest(srv, DIGITS[0])
+        if sampled(shadow_figures(srv, candidate)) > start:
+            return settled(srv, candidate)
+    raise AssertionError(f"no request was sampled for {candidate} in 30 s")
+
+
+def delta(after: dict, before: dict, key: str) -> float:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def label(r: requests.Response) -> str:
+    body = r.json()
+    return body["label"] if "label" in body else body["outputs"][1]["data"][0]
+
+
+def offline_agreement(srv: Server, inputs: list[np.ndarray], send) -> tuple[int, int]:
+    """(agreeing, rows) of 1.0 and 2.0 asked one by one, pinned, on the same inputs, through
+    the same protocol (a PNG's decoded pixels are not quite the FP32 values OIP is sent)."""
+    agreed = sum(label(send(srv, x, "1.0")) == label(send(srv, x, "2.0")) for x in inputs)
+    return agreed, len(inputs)
+
+
+@pytest.mark.parametrize("protocol", ["rest", "oip"])
+def test_a_full_shadow_reports_the_agreement_computed_offline(served, protocol):
+    ws, srv = served
+    shadow(ws, 1)
+    inputs = noisy_digits(60, seed=7)
+    try:
+        before = in_force(srv)
+        send = rest if protocol == "rest" else oip
+        answered = [send(srv, x).headers[VERSION_HEADER] for x in inputs]
+        after = settled(srv, count=sampled(before) + len(inputs))
+    finally:
+        shadow(ws, 0)
+    assert answered == ["1.0"] * len(inputs)  # no shadow answer reached a client
+    agreed, rows = offline_agreement(srv, inputs, send)
+    assert 0 < agreed < rows  # the versions do disagree on these inputs
+    assert delta(after, before, "kiln_shadow_requests_total:scored") == len(inputs)
+    assert delta(after, before, "kiln_shadow_rows_total") == rows
+    assert delta(after, before, "kiln_shadow_agreed_rows_total") == agreed
+    assert delta(after, before, "kiln_shadow_latency_seconds_count:candidate") == len(inputs)
+    assert delta(after, before, "kiln_shadow_latency_seconds_count:primary") == len(inputs)
+
+
+def test_a_fifth_of_the_requests_are_shadowed(served):
+    ws, srv = served
+    shadow(ws, 0.2)
+    n = 300
+    try:
+        before = in_force(srv)
+        answered = [rest(srv, x).headers[VERSION_HEADER] for x in noisy_digits(n, seed=3)]
+        after = settled(srv)
+    finally:
+        shadow(ws, 0)
+    assert answered == ["1.0"] * n
+    scored = delta(after, before, "kiln_shadow_requests_total:scored")
+    # Binomial(300, 0.2): mean 60, sd 6.9; 5 sd either side fails once in 1.7 million runs.
+    assert 25 <= scored <= 95, scored
+    assert sampled(after) - sampled(before) == scored  # none failed, none dropped
+
+
+def test_a_failing_shadow_changes_no_answer(served):
+    """A shadow whose every request fails (a version the state file names but TorchServe does
+    not serve: 404 for each) is counted as the candidate's errors; clients see nothing of it."""
+    ws, srv = served
+    inputs = noisy_digits(20, seed=11)
+    expected = [rest(srv, x).json() for x in inputs]
+    with versions.transaction(ws / "run") as state:
+        state[NAME]["shadows"]["9.9"] = 1.0
+    try:
+        before = in_force(srv, "9.9")
+        got = [rest(srv, x) for x in inputs]
+        got += [oip(srv, x) for x in inputs]
+        after = settled(srv, "9.9", count=sampled(before) + 40)
+    finally:
+        with versions.transaction(ws / "run") as state:
+            del state[NAME]["shadows"]["9.9"]
+    assert [r.json() for r in got[:20]] == expected
+    assert [r.headers[VERSION_HEADER] for r in got] == ["1.0"] * 40
+    assert [label(r) for r in got[20:]] == [e["label"] for e in expected]
+    assert delta(after, before, "kiln_shadow_requests_total:candidate_error") == 40
+    assert sampled(after) - sampled(before) == 40
