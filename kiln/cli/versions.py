@@ -6,7 +6,8 @@ import logging
 
 from kiln import declaration
 from kiln.cli.serve import server_arguments
-from kiln.deploy import lifecycle, versions
+from kiln.deploy import lifecycle, shadowing, versions
+from kiln.deploy.ports import HOST, Ports
 
 log = logging.getLogger("kiln")
 
@@ -125,7 +126,16 @@ def models_table(target: lifecycle.Target) -> str:
             shadow = route.shadows.get(v, "")
             lines.append(f"{name:<12} {v:<9} {info['state']:<8} {f'{ready}/{len(workers)}':<8} "
                          f"{role:<9} {weight:<7g} {shadow!s:<7} {info['archive']}")
-    return "\n".join(lines)
+    return "\n".join(lines + shadow_lines(target))
+
+
+def shadow_lines(target: lifecycle.Target) -> list[str]:
+    """Each shadow's comparison with the versions it shadowed, since the server started."""
+    ports = Ports.saved(target.run_dir)
+    figures = shadowing.read(f"http://{HOST}:{ports.metrics}") if ports else {}
+    return (["", "shadow comparisons (since the server started):"]
+            + [f"{name} {v}: {f.line()}" for (name, v), f in sorted(figures.items())]
+            if figures else [])
 
 
 def add_parsers(sub) -> None:

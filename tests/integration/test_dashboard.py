@@ -31,14 +31,19 @@ GOOD, BAD = 6, 2
 # What Grafana would put in for its own variables; four scrapes of the test's Prometheus
 # and more, as Grafana's $__rate_interval is.
 WINDOW = "15s"
+# The dashboard's shadow row.
+SHADOW_PANELS = "Shadow: "
 # A worker's metric lines reach the frontend a moment after its answers reach the client.
 SETTLE_S = 0.5
 
 
-def exprs():
+def exprs(shadow=False):
+    """The dashboard's expressions; the shadow row's (which need a shadow version to show
+    anything: tests/integration/test_shadow.py) or all the others."""
     document = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     return [(panel["title"], target["refId"], target["expr"])
-            for panel in document["panels"] for target in panel["targets"]]
+            for panel in document["panels"] for target in panel["targets"]
+            if panel["title"].startswith(SHADOW_PANELS) == shadow]
 
 
 def for_model(expr, model):

@@ -4,6 +4,8 @@ workspace's trained weights, 2.0 a one-batch run with another seed: they disagre
 the noisy digits sent here, so the agreement measured can be checked against the offline one."""
 
 import io
+import json
+import math
 import re
 import shutil
 import time
@@ -23,6 +25,7 @@ from kiln.training import train
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 NAME = "lenet"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "kiln.json"
 DIGITS = [np.asarray(Image.open(FIXTURES / "digits" / f"{d}.png").convert("L"), dtype=np.float64)
           for d in range(10)]
 
@@ -83,9 +86,13 @@ def rest(srv: Server, pixels: np.ndarray, version: str | None = None) -> request
     return r
 
 
-def oip(srv: Server, pixels: np.ndarray, version: str | None = None) -> requests.Response:
+def oip(srv: Server, pixels: np.ndarray, version: str | None = None,
+        outputs: list[str] | None = None) -> requests.Response:
+    """An OIP infer; `outputs`: the output tensors asked for (all when None)."""
     body = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
                         "data": [pixels.tolist()]}]}
+    if outputs is not None:
+        body["outputs"] = [{"name": name} for name in outputs]
     path = f"/v2/models/{NAME}" + (f"/versions/{version}" if version else "") + "/infer"
     r = requests.post(f"{srv.url('oip')}{path}", json=body, headers=auth(srv), timeout=30)
     assert r.status_code == 200, r.text
@@ -99,7 +106,7 @@ def shadow_figures(srv: Server, candidate: str = "2.0") -> dict[str, float]:
     pattern = re.compile(r'^(kiln_shadow_\w+)\{([^}]*)\} (\S+)$')
     for line in page.splitlines():
         match = pattern.match(line)
-        if match and f'model="{NAME}"' in match[2] and f'version="{candidate}"' in match[2]:
+        if match and f'model_name="{NAME}"' in match[2] and f'version="{candidate}"' in match[2]:
             outcome = re.search(r'(outcome|role)="(\w+)"', match[2])
             key = match[1] + (f":{outcome[2]}" if outcome else "")
             out[key] = float(match[3])
@@ -175,6 +182,35 @@ def test_a_full_shadow_reports_the_agreement_computed_offline(served, protocol):
     assert delta(after, before, "kiln_shadow_latency_seconds_count:primary") == len(inputs)
 
 
+def scores_output(srv: Server) -> str:
+    """lenet's probability tensor: asked for alone, answers are compared by value."""
+    r = requests.get(f"{srv.url('oip')}/v2/models/{NAME}", headers=auth(srv), timeout=10)
+    return r.json()["outputs"][0]["name"]
+
+
+def test_a_shadow_compared_by_value_reports_the_differences_computed_offline(served):
+    ws, srv = served
+    wanted = [scores_output(srv)]
+    inputs = noisy_digits(20, seed=5)
+    shadow(ws, 1)
+    try:
+        before = in_force(srv)
+        answered = [oip(srv, x, outputs=wanted).headers[VERSION_HEADER] for x in inputs]
+        after = settled(srv, count=sampled(before) + len(inputs))
+    finally:
+        shadow(ws, 0)
+    assert answered == ["1.0"] * len(inputs)
+    primary, candidate = (np.array([oip(srv, x, v, wanted).json()["outputs"][0]["data"]
+                                    for x in inputs]) for v in ("1.0", "2.0"))
+    diffs = np.abs(primary - candidate)
+    assert delta(after, before, "kiln_shadow_requests_total:scored") == len(inputs)
+    assert delta(after, before, "kiln_shadow_rows_total") == 0
+    assert delta(after, before, "kiln_shadow_values_total") == diffs.size
+    assert delta(after, before, "kiln_shadow_abs_diff_sum_total") == pytest.approx(
+        diffs.sum(), rel=1e-9)
+    assert after["kiln_shadow_abs_diff_max"] == pytest.approx(diffs.max(), rel=1e-9)
+
+
 def test_a_fifth_of_the_requests_are_shadowed(served):
     ws, srv = served
     shadow(ws, 0.2)
@@ -212,3 +248,52 @@ def test_a_failing_shadow_changes_no_answer(served):
     assert [r.headers[VERSION_HEADER] for r in got] == ["1.0"] * 40
     assert delta(after, before, "kiln_shadow_requests_total:candidate_error") == 40
     assert sampled(after) - sampled(before) == 40
+
+
+def test_kiln_models_prints_each_shadows_figures(served, capsys):
+    ws, srv = served
+    figures = shadow_figures(srv)
+    assert figures["kiln_shadow_rows_total"] > 0  # left by the tests above
+    assert kiln(ws, "models", "--run-dir", str(ws / "run"), "--store",
+                str(ws / "model_store")) == 0
+    out = capsys.readouterr().out
+    agreement = 100 * figures["kiln_shadow_agreed_rows_total"] / figures["kiln_shadow_rows_total"]
+    line = next(line for line in out.splitlines() if line.startswith(f"{NAME} 2.0: "))
+    assert f"scored {figures['kiln_shadow_requests_total:scored']:g}" in line
+    assert f"agreement {agreement:.1f}% of {figures['kiln_shadow_rows_total']:g} rows" in line
+    assert "mean latency primary " in line and " ms, candidate " in line
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """The served workspace's server: what conftest's `prometheus` scrapes."""
+    return served[1]
+
+
+def shadow_row() -> list[str]:
+    document = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [target["expr"] for panel in document["panels"]
+            if panel["title"].startswith("Shadow: ") for target in panel["targets"]]
+
+
+def test_the_dashboard_s_shadow_row_shows_every_figure(served, prometheus):
+    """Each expression of the row returns finite data from a real Prometheus, after two rounds
+    of shadowed traffic (by label and by value, one failing request) a scrape apart."""
+    ws, srv = served
+    inputs, wanted = noisy_digits(4, seed=13), [scores_output(srv)]
+    shadow(ws, 1)
+    try:
+        in_force(srv)
+        for _ in range(2):
+            for x in inputs:
+                rest(srv, x)
+                oip(srv, x, outputs=wanted)
+            settled(srv)
+            scraped = prometheus.scrape_after(time.time())
+    finally:
+        shadow(ws, 0)
+    for expr in shadow_row():
+        result = prometheus.query(expr.replace("$model", NAME)
+                                  .replace("$__rate_interval", "15s"), scraped)
+        assert result, expr
+        assert all(math.isfinite(float(r["value"][1])) for r in result), (expr, result)

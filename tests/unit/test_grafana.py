@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from kiln.deploy import shadowing
 from kiln.handlers import metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -22,7 +23,8 @@ PANELS = [
     "Request rate per model", "Mean latency (TorchServe)", "Preprocess time p50 / p95 / p99",
     "Inference time p50 / p95 / p99", "Postprocess time p50 / p95 / p99", "Queue time",
     "Batch size", "HTTP 4xx / 5xx", "Rejected requests by reason", "CPU utilization (host)",
-    "Memory used (host)",
+    "Memory used (host)", "Shadow: top-1 agreement", "Shadow: |difference| mean / max",
+    "Shadow: latency p99, candidate vs primary", "Shadow: sampled requests by outcome",
 ]  # fmt: skip
 
 
@@ -119,4 +121,4 @@ def test_dashboard_shows_every_metric_the_handler_records():
     exprs = " ".join(t["expr"] for p in dashboard()["panels"] for t in p["targets"])
     shown = {re.sub(r"_(bucket|sum|count)$", "", name)
              for name in re.findall(r"\bkiln_\w+", exprs)}
-    assert shown == set(metrics.RECORDED)
+    assert shown == set(metrics.RECORDED) | set(shadowing.METRICS)

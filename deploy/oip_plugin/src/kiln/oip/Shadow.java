@@ -51,27 +51,27 @@ final class Shadow {
             .help("Requests sampled for a shadow version, by outcome: scored (both answered "
                     + "2xx), candidate_error, primary_error, unlike (answers of another shape), "
                     + "dropped (too many in flight)")
-            .labelNames("model", "version", "outcome").register();
+            .labelNames("model_name", "version", "outcome").register();
     static final Counter ROWS = Counter.build().name("kiln_shadow_rows_total")
             .help("Answer rows compared by their predicted label (multiclass, binary, multilabel)")
-            .labelNames("model", "version").register();
+            .labelNames("model_name", "version").register();
     static final Counter AGREED = Counter.build().name("kiln_shadow_agreed_rows_total")
             .help("Compared rows whose predicted label (multilabel: label set) is the primary's")
-            .labelNames("model", "version").register();
+            .labelNames("model_name", "version").register();
     static final Counter VALUES = Counter.build().name("kiln_shadow_values_total")
             .help("Output values compared by absolute difference (regression, raw)")
-            .labelNames("model", "version").register();
+            .labelNames("model_name", "version").register();
     static final Counter DIFF_SUM = Counter.build().name("kiln_shadow_abs_diff_sum_total")
             .help("Sum of the absolute differences of the compared values (mean: over "
                     + "kiln_shadow_values_total)")
-            .labelNames("model", "version").register();
+            .labelNames("model_name", "version").register();
     static final Gauge DIFF_MAX = Gauge.build().name("kiln_shadow_abs_diff_max")
             .help("Largest absolute difference of a compared value since the server started")
-            .labelNames("model", "version").register();
+            .labelNames("model_name", "version").register();
     static final Histogram LATENCY = Histogram.build().name("kiln_shadow_latency_seconds")
             .help("Latency of the pair's answers, from queueing to the answer: role primary "
                     + "(the routed version) or candidate (the shadow `version`)")
-            .labelNames("model", "version", "role").buckets(LATENCY_BUCKETS_S).register();
+            .labelNames("model_name", "version", "role").buckets(LATENCY_BUCKETS_S).register();
 
     /** An answer and how long it took. */
     static final class Timed {
