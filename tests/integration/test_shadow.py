@@ -295,5 +295,6 @@ def test_the_dashboard_s_shadow_row_shows_every_figure(served, prometheus):
     for expr in shadow_row():
         result = prometheus.query(expr.replace("$model", NAME)
                                   .replace("$__rate_interval", "15s"), scraped)
-        assert result, expr
-        assert all(math.isfinite(float(r["value"][1])) for r in result), (expr, result)
+        # 2.0's: the failing shadow's series (9.9, above) have stopped moving (NaN rates).
+        values = [float(r["value"][1]) for r in result if r["metric"]["version"] == "2.0"]
+        assert values and all(math.isfinite(v) for v in values), (expr, result)
