@@ -6,8 +6,10 @@ the noisy digits sent here, so the agreement measured can be checked against the
 import io
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import requests
 from PIL import Image
 
 from kiln.cli.main import main
-from kiln.deploy import versions
+from kiln.deploy import lifecycle, versions
 from kiln.deploy.ports import INTERNAL_PORTS_FILE, Ports
 from kiln.deploy.server import Server, ServerSettings
 from kiln.handlers.handler import VERSION_HEADER
@@ -38,10 +40,7 @@ def served(archives, tmp_path_factory):
     shutil.copy(archives[NAME], ws / "model_store" / f"{NAME}.mar")
     train.train(train.config_for([NAME, "--out", str(ws / "artifacts" / NAME), "--log-dir",
                                   str(ws / "runs"), "--dry-run", "--seed", "1"]))
-    ports = Ports.free()
-    flags = ["--run-dir", str(ws / "run"), "--store", str(ws / "model_store"),
-             *[arg for api, port in vars(ports).items()
-               for arg in (f"--{api.replace('_', '-')}-port", str(port))]]
+    flags = server_flags(ws, Ports.free())
     assert kiln(ws, "serve", NAME, "--enable-model-api", "--no-build", *flags) == 0
     try:
         assert kiln(ws, "deploy", NAME, "--version", "2.0", *flags) == 0
@@ -50,6 +49,13 @@ def served(archives, tmp_path_factory):
             internal_ports=Ports.saved(ws / "run", INTERNAL_PORTS_FILE)))
     finally:
         kiln(ws, "stop", "--run-dir", str(ws / "run"))
+
+
+def server_flags(ws, ports: Ports) -> list[str]:
+    """kiln serve's (and deploy's) flags for the workspace's server on `ports`."""
+    return ["--run-dir", str(ws / "run"), "--store", str(ws / "model_store"),
+            *[arg for api, port in vars(ports).items()
+              for arg in (f"--{api.replace('_', '-')}-port", str(port))]]
 
 
 def kiln(ws, *argv) -> int:
@@ -298,3 +304,58 @@ def test_the_dashboard_s_shadow_row_shows_every_figure(served, prometheus):
         # 2.0's: the failing shadow's series (9.9, above) have stopped moving (NaN rates).
         values = [float(r["value"][1]) for r in result if r["metric"]["version"] == "2.0"]
         assert values and all(math.isfinite(v) for v in values), (expr, result)
+
+
+@pytest.fixture
+def stuck_version(served):
+    """lenet 3.0 (2.0's weights again) deployed, then its workers stopped (SIGSTOP): every
+    request to 3.0 waits, until they are continued after the test."""
+    ws, srv = served
+    assert kiln(ws, "deploy", NAME, "--version", "3.0",
+                *server_flags(ws, Ports.saved(ws / "run"))) == 0
+    target = lifecycle.Target.of(ws / "run", ws / "model_store")
+    pids = [int(w["pid"]) for w in target.management.served(NAME)["3.0"]["workers"]]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield "3.0"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def timed_rest(srv: Server, x: np.ndarray) -> tuple[dict, str, float]:
+    start = time.perf_counter()
+    r = rest(srv, x)
+    return r.json(), r.headers[VERSION_HEADER], time.perf_counter() - start
+
+
+def test_a_stuck_shadow_holds_a_bounded_few_requests_and_changes_no_answer(served,
+                                                                            stuck_version):
+    """A shadow whose worker never answers: Shadow.MAX_IN_FLIGHT (8) pairs wait on it, every
+    other sampled request is dropped, and each client gets the same answer as without it."""
+    ws, srv = served
+    inputs = noisy_digits(40, seed=17)
+    alone = [timed_rest(srv, x) for x in inputs]
+    before = shadow_figures(srv, stuck_version)
+    assert kiln(ws, "shadow", NAME, stuck_version, "--fraction", "1",
+                "--run-dir", str(ws / "run")) == 0
+    try:
+        # In force once the first sample is dropped: 8 held, the 9th dropped.
+        deadline = time.monotonic() + 30
+        while delta(shadow_figures(srv, stuck_version), before,
+                    "kiln_shadow_requests_total:dropped") == 0:
+            assert time.monotonic() < deadline, "no sample was dropped in 30 s"
+            rest(srv, DIGITS[0])
+        held = shadow_figures(srv, stuck_version)
+        shadowed = [timed_rest(srv, x) for x in inputs]
+        after = shadow_figures(srv, stuck_version)
+    finally:
+        assert kiln(ws, "shadow", NAME, stuck_version, "--fraction", "0",
+                    "--run-dir", str(ws / "run")) == 0
+    assert [(a, v) for a, v, _ in shadowed] == [(a, v) for a, v, _ in alone]
+    assert delta(after, held, "kiln_shadow_requests_total:dropped") == len(inputs)
+    assert sampled(after) - sampled(held) == len(inputs)  # none scored, none failed
+    ms = sorted(1000 * t for _, _, t in alone), sorted(1000 * t for _, _, t in shadowed)
+    print(f"40 sequential REST requests, p50 / max ms: alone {ms[0][20]:.1f} / {ms[0][-1]:.1f}, "
+          f"with a stuck shadow {ms[1][20]:.1f} / {ms[1][-1]:.1f}")
