@@ -9,6 +9,7 @@ in one transaction, so a second admin action meanwhile is told and changes nothi
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import zipfile
@@ -21,7 +22,7 @@ import requests
 
 from kiln import client as http
 from kiln import declaration
-from kiln.deploy import versions
+from kiln.deploy import routing, versions
 from kiln.deploy.ports import HOST, INTERNAL_PORTS_FILE, Ports
 from kiln.handlers import kinds
 from kiln.handlers.handler import WORKER_HEADER
@@ -93,6 +94,8 @@ class Target:
     # go there, pinned to the version, so no client key is spent and no route is involved.
     inference_url: str
     inference_token: str
+    # Kiln's OIP plugin on TorchServe's own OIP port: it routes by versions.json.
+    oip_url: str
 
     @classmethod
     def of(cls, run_dir: Path, store: Path) -> Target:
@@ -108,7 +111,21 @@ class Target:
         internal = Ports.saved(run_dir, INTERNAL_PORTS_FILE) or ports
         return cls(run_dir, store, Management(f"http://{HOST}:{ports.management}",
                                               keys["management"]["key"]),
-                   f"http://{HOST}:{internal.inference}", keys["inference"]["key"])
+                   f"http://{HOST}:{internal.inference}", keys["inference"]["key"],
+                   f"http://{HOST}:{internal.oip}")
+
+    def sync_routes(self) -> None:
+        """Return once the plugin routes by versions.json as it is now. It rereads the file
+        at most every 100 ms (Router.java), so without this a request could still be routed
+        by the state before."""
+        path = routing.state_file(self.run_dir)
+        wrote = hashlib.sha256(path.read_bytes()).hexdigest()
+        r = requests.get(f"{self.oip_url}{routing.SYNC_PATH}", timeout=CALL_TIMEOUT_S,
+                         headers={"Authorization": f"Bearer {self.inference_token}"})
+        seen = r.json().get("sha256") if r.status_code == 200 else r.text[:200]
+        if seen != wrote:
+            raise LifecycleError(f"the OIP plugin did not read {path} as written ({seen}): "
+                                 f"nothing was unregistered")
 
 
 # -- deploy -------------------------------------------------------------------------------------
@@ -274,7 +291,8 @@ def retire(target: Target, name: str, v: str) -> str:
     with versions.transaction(target.run_dir) as state:
         archive = versions.version(state, name, v)["archive"]
         versions.retire(state, name, v)
-        versions.write(target.run_dir, state)  # the proxy stops sending it requests
+        versions.write(target.run_dir, state)
+        target.sync_routes()  # no route sends it requests, pinned ones are refused
         drain(target, name, v)
         target.management.unregister(name, v)
     if archive != f"{name}.mar":
