@@ -28,8 +28,8 @@ PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
 DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 COMPOSE_DATASOURCE = COMPOSE_DIR / "grafana" / "datasources" / "prometheus.yaml"
-ALERT_NAMES = ["KilnHighErrorRatio", "KilnInferenceP99High", "KilnModelNotReady",
-               "KilnWorkerRestarted", "KilnScrapeDown"]
+ALERT_NAMES = ["KilnHighErrorRatio", "KilnInferenceP99High", "KilnCanaryErrorRatioHigh",
+               "KilnCanaryP99High", "KilnModelNotReady", "KilnWorkerRestarted", "KilnScrapeDown"]
 # Series an alert may use besides Kiln's and TorchServe's own: Prometheus' and the blackbox
 # exporter's (deploy/compose/prometheus.yml probes /ready with it).
 OTHER_SERIES = {"up", "probe_success"}
