@@ -312,11 +312,10 @@ def drain(target: Target, name: str, v: str) -> None:
 
 
 # -- a restart ----------------------------------------------------------------------------------
-def restore(target: Target, name: str) -> list[str]:
-    """What versions.json holds of `name`, brought back into a freshly started TorchServe
-    (which serves NAME.mar): the other versions registered and warmed, the default set, a
-    version no longer recorded unregistered. One line per change."""
-    state = versions.load(target.run_dir)
+def restore(target: Target, name: str, state: dict) -> list[str]:
+    """What versions.json (`state`) holds of `name`, brought back into a freshly started
+    TorchServe (which serves NAME.mar): the other versions registered and warmed, the default
+    set, a version no longer recorded unregistered. One line per change."""
     entry = state[name]
     served = target.management.served(name)
     like = next(iter(served.values()))

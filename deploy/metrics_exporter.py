@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 class Exporter:
     """The exporter of one run folder: its multiprocess folder, socket, pid file and log."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, versions_file: Path | None = None):
         self.run_dir = run_dir
+        self.versions_file = versions_file or versions.state_file(run_dir).resolve()
         self.folder = run_dir / "kiln-metrics"
         self.socket = run_dir / "kiln-metrics.sock"
         self.process = Detached("Kiln's metrics exporter", run_dir / "kiln-metrics.pid",
@@ -190,7 +191,7 @@ class Exporter:
         self.folder.mkdir(parents=True)
         command = [sys.executable, "-m", "kiln.deploy.metrics_exporter",
                    "--dir", str(self.folder), "--socket", str(self.socket),
-                   "--versions", str(versions.state_file(self.run_dir).resolve())]
+                   "--versions", str(self.versions_file)]
         self.process.start(command, lambda: _accepts(self.socket), timeout, console)
 
     def stop(self, timeout: float = 5) -> bool:
