@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,9 @@ class Done:
     changed: float
     command_s: float
     ended: float = 0.0
+    # The host's 1-minute load average as the step ended: the cores are shared, and a p99
+    # off the steady one may be another process's.
+    loadavg: float = 0.0
     answers: list[Answer] = field(default_factory=list)
 
 
@@ -218,10 +222,10 @@ def run_steps(ws: Path, flags: list[str], load: Load, hold: float) -> list[Done]
             kiln(ws, flags, step.argv)
         ended = time.time()
         changed = state.stat().st_mtime if state.exists() else started
-        done.append(Done(step, started, changed, ended - started))
         if step.name == "deploy 2.0":
             print(SHADOW_NOTE)
         time.sleep(hold)  # the load runs on: what the step costs its clients
+        done.append(Done(step, started, changed, ended - started, loadavg=os.getloadavg()[0]))
     closed = time.time()
     for d, after in zip(done, [*done[1:], None], strict=True):
         d.ended = after.started if after else closed
@@ -232,10 +236,11 @@ def run_steps(ws: Path, flags: list[str], load: Load, hold: float) -> list[Done]
 # -- the figures --------------------------------------------------------------------------------
 def misrouted(d: Done, before: frozenset[str]) -> list[Answer]:
     """REST/OIP answers of the step from a version the route did not allow when they were
-    sent: before the change what the last step allowed, for TAKE_EFFECT_S after it either."""
+    sent: before the change what the last step allowed, for TAKE_EFFECT_S after it either.
+    One that names no version is misrouted too."""
     out = []
     for a in d.answers:
-        if a.version is None:
+        if a.protocol == "grpc" or a.status != 200:
             continue
         if a.sent < d.changed:
             allowed = before
@@ -275,6 +280,7 @@ class Row:
     command_s: float
     by_version: dict[str, int]
     misrouted: int
+    loadavg: float
 
 
 def rows(done: list[Done]) -> list[Row]:
@@ -287,7 +293,7 @@ def rows(done: list[Done]) -> list[Row]:
                        p50, p99, took_effect(d, before),
                        d.command_s, dict(sorted(Counter(a.version for a in d.answers
                                                         if a.version).items())),
-                       len(misrouted(d, before))))
+                       len(misrouted(d, before)), d.loadavg))
         before = d.step.allowed
     return out
 
@@ -296,13 +302,14 @@ def table(found: list[Row]) -> str:
     steady = found[0].p99_ms
     lines = [f"{'step':<12} {'requests':>8} {'failed':>6} {'resets':>6} {'closed':>6} "
              f"{'p50 ms':>7} {'p99 ms':>7} {'p99/steady':>10} {'effect s':>8} "
-             f"{'command s':>9} {'misrouted':>9}  REST+OIP answers by version"]
+             f"{'command s':>9} {'misrouted':>9} {'load1':>5}  REST+OIP answers by version"]
     for r in found:
         effect = "-" if r.effect_s is None else f"{r.effect_s:.3f}"
         shares = " ".join(f"{v}:{n}" for v, n in r.by_version.items())
         lines.append(f"{r.name:<12} {r.requests:>8} {r.failed:>6} {r.resets:>6} {r.closed:>6} "
                      f"{r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.p99_ms / steady:>10.2f} "
-                     f"{effect:>8} {r.command_s:>9.1f} {r.misrouted:>9}  {shares}")
+                     f"{effect:>8} {r.command_s:>9.1f} {r.misrouted:>9} {r.loadavg:>5.1f}  "
+                     f"{shares}")
     return "\n".join([*lines, closing(found)])
 
 
