@@ -195,7 +195,7 @@ def register(target: Target, state: dict, name: str, v: str, mar: Path, like: di
     versions.write(target.run_dir, state)  # warming: known, and given no traffic
     try:
         target.management.register(mar.name, like)
-        warm(target, name, v, int(like["batchSize"]))
+        warm(target, name, v, int(like["batchSize"]), archive=mar)
     except Exception:
         try:
             target.management.unregister(name, v)
@@ -207,19 +207,26 @@ def register(target: Target, state: dict, name: str, v: str, mar: Path, like: di
 
 
 # -- warm-up ------------------------------------------------------------------------------------
-def warm_bodies(decl: declaration.Declaration, seed_: int = 0) -> list[tuple[bytes, str]]:
+def warm_bodies(decl: declaration.Declaration, signature: dict | None = None,
+                seed_: int = 0) -> list[tuple[bytes, str]]:
     """The declaration's examples, and random inputs in the declared ranges for a model of one
-    image or features input."""
+    image input, or of one features input given its archive's `signature` (the declaration
+    holds no feature names or ranges: the export's training data does)."""
     bodies = [(e.body(), _content_type(e)) for e in decl.examples]
-    if len(decl.inputs) == 1:
-        spec, rng = decl.inputs[0], np.random.default_rng(seed_)
-        kind = kinds.of(spec)
+    if len(decl.inputs) != 1:
+        return bodies
+    spec, rng = decl.inputs[0], np.random.default_rng(seed_)
+    kind = kinds.of(spec)
+    if kind.pixels:
         for _ in range(RANDOM_INPUTS):
-            if kind.pixels:
-                pixels = rng.integers(0, 256, kind.raw_shape(spec), dtype=np.uint8)
-                bodies.append(http.encode_image(_png(pixels)))
-            elif kind.raw_examples:
-                bodies.append(http.encode_json(kind.random_rows(spec, 1, rng)[0].tolist()))
+            pixels = rng.integers(0, 256, kind.raw_shape(spec), dtype=np.uint8)
+            bodies.append(http.encode_image(_png(pixels)))
+    elif signature is not None and {"names", "mean", "std"} <= set(signature["inputs"][0]):
+        named = signature["inputs"][0]
+        # random_rows draws standardised rows within the ranges; a request carries raw values.
+        rows = kind.random_rows(named, RANDOM_INPUTS, rng) * named["std"] + named["mean"]
+        bodies += [http.encode_json(dict(zip(named["names"], map(float, row), strict=True)))
+                   for row in rows]
     return bodies
 
 
@@ -240,10 +247,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def warm(target: Target, name: str, v: str, batch_size: int,
-         bodies: list[tuple[bytes, str]] | None = None) -> int:
-    """Send the warm-up inputs pinned to version `v` until each of its workers has answered
-    some; returns how many were sent. An answer other than 200 fails the deploy."""
-    bodies = bodies if bodies is not None else warm_bodies(declaration.get(name))
+         bodies: list[tuple[bytes, str]] | None = None, archive: Path | None = None) -> int:
+    """Send the warm-up inputs pinned to version `v` (of `archive`, whose signature gives a
+    features model's ranges; None: the examples are enough) until each of its workers has
+    answered some; returns how many were sent. An answer other than 200 fails the deploy."""
+    if bodies is None:
+        bodies = warm_bodies(declaration.get(name), archive and _signature(archive))
+    if not bodies:
+        raise LifecycleError(f"{name} {v}: no warm-up inputs: declare an example "
+                             f"(kiln init --example)")
     pids = {str(w["pid"]) for w in target.management.describe(name, v)["workers"]}
     seen: set[str] = set()
     sent = 0
@@ -323,7 +335,7 @@ def restore(target: Target, name: str, state: dict) -> list[str]:
     for v, info in entry["versions"].items():
         if v not in served:
             target.management.register(info["archive"], like)
-            warm(target, name, v, int(like["batchSize"]))
+            warm(target, name, v, int(like["batchSize"]), archive=target.store / info["archive"])
             done.append(f"{name} {v}: registered and warmed ({info['archive']})")
     target.management.set_default(name, entry["default"])
     for v in set(served) - set(entry["versions"]):

@@ -1,8 +1,6 @@
 """kiln-container with a mounted versions file (issue 18): it serves the versions the file
 records, routes as it says, and follows a change of the file without a restart, as a
-Kubernetes ConfigMap mounted as a folder is swapped. lenet: restoring a version warms it with
-its declaration's inputs (deploy/lifecycle.py), which fails today for a features model such as
-the harness's binary (KeyError 'names' in warm_bodies).
+Kubernetes ConfigMap mounted as a folder is swapped.
 
 (Its 2.0 is 1.0's archive under another version: what is checked is which version answers.)"""
 
