@@ -25,11 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import requests
+
 from kiln.declaration import DeclarationError
-from kiln.deploy import contract, front, metrics_exporter, routing
+from kiln.deploy import contract, front, lifecycle, metrics_exporter, versions
 from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
+    HOST,
     ModelServing,
     Ports,
     Server,
@@ -42,6 +45,9 @@ from kiln.handlers.cores import usable_cores
 log = logging.getLogger("kiln.container")
 
 KEYS_POLL_S = 1.0
+# Before the versions a versions file records are registered: the models' first load.
+MODELS_READY_TIMEOUT_S = 180
+READY_POLL_S = 0.1
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 PR_SET_CHILD_SUBREAPER = 36
 # Flag files in the run folder that nginx's readiness checks.
@@ -57,6 +63,7 @@ class Settings:
     grace_s: float = 30.0
     drain_delay_s: float = 5.0
     java_heap: str = "1g"
+    versions_file: Path = Path(contract.VERSIONS_FILE)
     listen: str = "0.0.0.0"
     # Added to every public and internal port: side-by-side copies on one host (tests).
     port_offset: int = 0
@@ -119,6 +126,10 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
     p.add_argument("--java-heap", default=default("java_heap", d.java_heap),
                    help=f"TorchServe's -Xmx (env {contract.ENV['java_heap']}; "
                         f"default {d.java_heap})")
+    p.add_argument("--versions-file", type=Path,
+                   default=Path(default("versions_file", d.versions_file)),
+                   help=f"versions.json: versions, routes and shadows, read when present (env "
+                        f"{contract.ENV['versions_file']}; default {d.versions_file})")
     p.add_argument("--listen", default=d.listen,
                    help=f"address of the public listeners (default {d.listen})")
     p.add_argument("--port-offset", type=int, default=0,
@@ -130,7 +141,8 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                         keys_file=args.keys_file, run_dir=args.run_dir,
                         grace_s=args.grace_seconds, drain_delay_s=args.drain_delay_seconds,
-                        java_heap=args.java_heap, listen=args.listen,
+                        java_heap=args.java_heap, versions_file=args.versions_file,
+                        listen=args.listen,
                         port_offset=args.port_offset)
     except ValueError as err:
         p.error(str(err))
@@ -154,7 +166,9 @@ def server_settings(settings: Settings) -> ServerSettings:
                           model_store=settings.model_store, models=models,
                           ports=settings.internal_ports(), java_heap=settings.java_heap,
                           log_config=CONSOLE_LOG_CONFIG, serving=serving, token_auth=False,
-                          console_logs=True)
+                          console_logs=True, versions_file=settings.versions_file,
+                          # On loopback only: the recorded versions are registered through it.
+                          enable_model_api=settings.versions_file.exists())
 
 
 # -- nginx ----------------------------------------------------------------------------------------
@@ -167,7 +181,7 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
                   "grpc": internal.grpc_inference, "metrics": internal.metrics},
         max_body=server.max_request_size, ready_path=contract.READY_PATH,
         live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
-        route_state=routing.state_file(server.run_dir),
+        route_state=server.state_file(),
         shutdown_s=max(1, int(settings.grace_s - settings.drain_delay_s
                               - settings.stop_reserve_s())),
         run_as=front.run_as_line(),
@@ -187,6 +201,19 @@ def set_subreaper() -> None:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         log.warning("could not become a child subreaper (errno %d): run under an init such "
                     "as tini", ctypes.get_errno())
+
+
+def wait_models_ready(server: Server, oip_url: str, timeout: float) -> None:
+    """Until the OIP plugin says every model TorchServe started with has a loaded worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.pid() is None:
+            raise ServerError("TorchServe exited during start-up (its log is above)")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{oip_url}/v2/health/ready", timeout=5).status_code == 200:
+                return
+        time.sleep(READY_POLL_S)
+    raise ServerError(f"TorchServe's models were not ready within {timeout:g} s")
 
 
 # -- the entrypoint -------------------------------------------------------------------------------
@@ -230,10 +257,39 @@ class Entrypoint:
         self.nginx = subprocess.Popen(front.nginx_command(self.front), stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         self.nginx_pid = self.nginx.pid
+        self.restore_versions()
         public = self.settings.public_ports()
         log.info("serving %s: http %d, oip %d, grpc %d, metrics %d; probes %s and %s",
                  ", ".join(self.server.settings.models), public["http"], public["oip"],
                  public["grpc"], public["metrics"], contract.READY_PATH, contract.LIVE_PATH)
+
+    def restore_versions(self) -> None:
+        """The versions the mounted versions file records registered (their NAME-V.mar in the
+        store) and warmed, and its defaults set, through TorchServe's model API on loopback;
+        /ready says no meanwhile (the draining flag), so no client is sent to a version not
+        yet registered. Routes and shadows need nothing here: the OIP plugin and nginx read
+        the file itself, at each change."""
+        state = versions.read(self.settings.versions_file)
+        served = [name for name in state if name in self.server.settings.models]
+        if not served:
+            return
+        self.draining_flag.touch()
+        ports = self.server.settings.ports
+        wait_models_ready(self.server, f"http://{HOST}:{ports.oip}", MODELS_READY_TIMEOUT_S)
+        target = lifecycle.Target(
+            self.run_dir, self.settings.model_store,
+            lifecycle.Management(f"http://{HOST}:{ports.management}", token=""),
+            f"http://{HOST}:{ports.inference}", "", f"http://{HOST}:{ports.oip}")
+        for name in served:
+            try:
+                done = lifecycle.restore(target, name, state)
+            except (ValueError, RuntimeError, KeyError, requests.RequestException) as err:
+                raise ServerError(f"{name}'s versions in {self.settings.versions_file}: "
+                                  f"{err}") from None
+            for line in done:
+                log.info("%s", line)
+        if self.signalled is None:
+            self.draining_flag.unlink(missing_ok=True)
 
     # -- while serving -----------------------------------------------------------------------
     def reap(self) -> None:

@@ -31,6 +31,9 @@ HOME = "/home/kiln"
 MODEL_STORE = "/models"                   # baked in at build time, or a mounted volume
 KEYS_FILE = "/var/run/secrets/kiln/keys"  # one key per line; a mounted Secret
 RUN_DIR = "/var/run/kiln"                 # writable (an emptyDir): config, pid, tmp, extracts
+# The versions served, their routes and shadows (deploy/versions.py's versions.json), if any:
+# a ConfigMap mounted as a folder (a subPath mount would never see an update).
+VERSIONS_FILE = "/etc/kiln/versions/versions.json"
 USER_ID = 10001                           # the non-root user the image runs as
 
 # The entrypoint's settings, as environment variables (flags of `kiln-container` win).
@@ -42,4 +45,5 @@ ENV = {
     "grace_s": "KILN_GRACE_SECONDS",      # SIGTERM to exit, at most (default 30)
     "drain_delay_s": "KILN_DRAIN_DELAY_SECONDS",  # readiness false before listeners close (5)
     "java_heap": "KILN_JAVA_HEAP",        # e.g. 1g
+    "versions_file": "KILN_VERSIONS_FILE",  # versions.json (default VERSIONS_FILE), if present
 }

@@ -269,7 +269,7 @@ def render(s: FrontSettings) -> str:
         "FORM_TYPE_HEADER": FORM_TYPE_HEADER, "PROTOCOL_HEADER": PROTOCOL_HEADER,
         "RETRY_AFTER_S": RETRY_AFTER_S, "ROUTE_STATE": str(s.route_state),
         "ROUTE_HEADER_VAR": routing.nginx_variable(routing.ROUTE_HEADER),
-        "ROUTE_PREFIX": routing.ROUTE_PREFIX,
+        "ROUTE_PREFIX": routing.ROUTE_PREFIX, "REFUSED_PREFIX": routing.REFUSED_PREFIX,
         "SHADOW_HEADER_VAR": routing.nginx_variable(routing.SHADOW_HEADER),
         "SHADOW_PREFIX": routing.SHADOW_PREFIX,
         "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,

@@ -9,6 +9,7 @@ in one transaction, so a second admin action meanwhile is told and changes nothi
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import zipfile
@@ -21,7 +22,7 @@ import requests
 
 from kiln import client as http
 from kiln import declaration
-from kiln.deploy import versions
+from kiln.deploy import routing, versions
 from kiln.deploy.ports import HOST, INTERNAL_PORTS_FILE, Ports
 from kiln.handlers import kinds
 from kiln.handlers.handler import WORKER_HEADER
@@ -93,6 +94,8 @@ class Target:
     # go there, pinned to the version, so no client key is spent and no route is involved.
     inference_url: str
     inference_token: str
+    # Kiln's OIP plugin on TorchServe's own OIP port: it routes by versions.json.
+    oip_url: str
 
     @classmethod
     def of(cls, run_dir: Path, store: Path) -> Target:
@@ -108,7 +111,21 @@ class Target:
         internal = Ports.saved(run_dir, INTERNAL_PORTS_FILE) or ports
         return cls(run_dir, store, Management(f"http://{HOST}:{ports.management}",
                                               keys["management"]["key"]),
-                   f"http://{HOST}:{internal.inference}", keys["inference"]["key"])
+                   f"http://{HOST}:{internal.inference}", keys["inference"]["key"],
+                   f"http://{HOST}:{internal.oip}")
+
+    def sync_routes(self) -> None:
+        """Return once the plugin routes by versions.json as it is now. It rereads the file
+        at most every 100 ms (Router.java), so without this a request could still be routed
+        by the state before."""
+        path = routing.state_file(self.run_dir)
+        wrote = hashlib.sha256(path.read_bytes()).hexdigest()
+        r = requests.get(f"{self.oip_url}{routing.SYNC_PATH}", timeout=CALL_TIMEOUT_S,
+                         headers={"Authorization": f"Bearer {self.inference_token}"})
+        seen = r.json().get("sha256") if r.status_code == 200 else r.text[:200]
+        if seen != wrote:
+            raise LifecycleError(f"the OIP plugin did not read {path} as written ({seen}): "
+                                 f"nothing was unregistered")
 
 
 # -- deploy -------------------------------------------------------------------------------------
@@ -178,7 +195,7 @@ def register(target: Target, state: dict, name: str, v: str, mar: Path, like: di
     versions.write(target.run_dir, state)  # warming: known, and given no traffic
     try:
         target.management.register(mar.name, like)
-        warm(target, name, v, int(like["batchSize"]))
+        warm(target, name, v, int(like["batchSize"]), archive=mar)
     except Exception:
         try:
             target.management.unregister(name, v)
@@ -190,19 +207,26 @@ def register(target: Target, state: dict, name: str, v: str, mar: Path, like: di
 
 
 # -- warm-up ------------------------------------------------------------------------------------
-def warm_bodies(decl: declaration.Declaration, seed_: int = 0) -> list[tuple[bytes, str]]:
+def warm_bodies(decl: declaration.Declaration, signature: dict | None = None,
+                seed_: int = 0) -> list[tuple[bytes, str]]:
     """The declaration's examples, and random inputs in the declared ranges for a model of one
-    image or features input."""
+    image input, or of one features input given its archive's `signature` (the declaration
+    holds no feature names or ranges: the export's training data does)."""
     bodies = [(e.body(), _content_type(e)) for e in decl.examples]
-    if len(decl.inputs) == 1:
-        spec, rng = decl.inputs[0], np.random.default_rng(seed_)
-        kind = kinds.of(spec)
+    if len(decl.inputs) != 1:
+        return bodies
+    spec, rng = decl.inputs[0], np.random.default_rng(seed_)
+    kind = kinds.of(spec)
+    if kind.pixels:
         for _ in range(RANDOM_INPUTS):
-            if kind.pixels:
-                pixels = rng.integers(0, 256, kind.raw_shape(spec), dtype=np.uint8)
-                bodies.append(http.encode_image(_png(pixels)))
-            elif kind.raw_examples:
-                bodies.append(http.encode_json(kind.random_rows(spec, 1, rng)[0].tolist()))
+            pixels = rng.integers(0, 256, kind.raw_shape(spec), dtype=np.uint8)
+            bodies.append(http.encode_image(_png(pixels)))
+    elif signature is not None and {"names", "mean", "std"} <= set(signature["inputs"][0]):
+        named = signature["inputs"][0]
+        # random_rows draws standardised rows within the ranges; a request carries raw values.
+        rows = kind.random_rows(named, RANDOM_INPUTS, rng) * named["std"] + named["mean"]
+        bodies += [http.encode_json(dict(zip(named["names"], map(float, row), strict=True)))
+                   for row in rows]
     return bodies
 
 
@@ -223,10 +247,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def warm(target: Target, name: str, v: str, batch_size: int,
-         bodies: list[tuple[bytes, str]] | None = None) -> int:
-    """Send the warm-up inputs pinned to version `v` until each of its workers has answered
-    some; returns how many were sent. An answer other than 200 fails the deploy."""
-    bodies = bodies if bodies is not None else warm_bodies(declaration.get(name))
+         bodies: list[tuple[bytes, str]] | None = None, archive: Path | None = None) -> int:
+    """Send the warm-up inputs pinned to version `v` (of `archive`, whose signature gives a
+    features model's ranges; None: the examples are enough) until each of its workers has
+    answered some; returns how many were sent. An answer other than 200 fails the deploy."""
+    if bodies is None:
+        bodies = warm_bodies(declaration.get(name), archive and _signature(archive))
+    if not bodies:
+        raise LifecycleError(f"{name} {v}: no warm-up inputs: declare an example "
+                             f"(kiln init --example)")
     pids = {str(w["pid"]) for w in target.management.describe(name, v)["workers"]}
     seen: set[str] = set()
     sent = 0
@@ -274,7 +303,8 @@ def retire(target: Target, name: str, v: str) -> str:
     with versions.transaction(target.run_dir) as state:
         archive = versions.version(state, name, v)["archive"]
         versions.retire(state, name, v)
-        versions.write(target.run_dir, state)  # the proxy stops sending it requests
+        versions.write(target.run_dir, state)
+        target.sync_routes()  # no route sends it requests, pinned ones are refused
         drain(target, name, v)
         target.management.unregister(name, v)
     if archive != f"{name}.mar":
@@ -294,11 +324,10 @@ def drain(target: Target, name: str, v: str) -> None:
 
 
 # -- a restart ----------------------------------------------------------------------------------
-def restore(target: Target, name: str) -> list[str]:
-    """What versions.json holds of `name`, brought back into a freshly started TorchServe
-    (which serves NAME.mar): the other versions registered and warmed, the default set, a
-    version no longer recorded unregistered. One line per change."""
-    state = versions.load(target.run_dir)
+def restore(target: Target, name: str, state: dict) -> list[str]:
+    """What versions.json (`state`) holds of `name`, brought back into a freshly started
+    TorchServe (which serves NAME.mar): the other versions registered and warmed, the default
+    set, a version no longer recorded unregistered. One line per change."""
     entry = state[name]
     served = target.management.served(name)
     like = next(iter(served.values()))
@@ -306,7 +335,7 @@ def restore(target: Target, name: str) -> list[str]:
     for v, info in entry["versions"].items():
         if v not in served:
             target.management.register(info["archive"], like)
-            warm(target, name, v, int(like["batchSize"]))
+            warm(target, name, v, int(like["batchSize"]), archive=target.store / info["archive"])
             done.append(f"{name} {v}: registered and warmed ({info['archive']})")
     target.management.set_default(name, entry["default"])
     for v in set(served) - set(entry["versions"]):

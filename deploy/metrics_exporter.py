@@ -1,6 +1,6 @@
 """Kiln's metrics exporter: the handlers' metrics of every worker, as one Prometheus page.
 
-    python -m kiln.deploy.metrics_exporter --dir DIR --socket PATH
+    python -m kiln.deploy.metrics_exporter --dir DIR --socket PATH [--versions FILE]
 
 Workers record into memory-mapped files in DIR (prometheus-client's multiprocess mode;
 Server._env gives them PROMETHEUS_MULTIPROC_DIR). TorchServe's plugin manager loads no
@@ -9,6 +9,10 @@ the front proxy appends to TorchServe's own page on the public metrics port (one
 target holds both; docs/deploy.md). A socket needs no port of its own, its path is known
 before nginx's configuration is written, and nothing but the proxy can reach it.
 
+With --versions (the run folder's versions.json, deploy/versions.py) the page also says each
+model's default version (DEFAULT_VERSION_METRIC), so that an alert rule can tell a canary from
+the default (deploy/prometheus/alerts.yml); the file is read at each scrape.
+
 `Exporter` starts it detached (deploy/detached.py, as nginx's supervisor is), keeps its pid in
 the run folder, and stops it; `kiln serve`, `kiln stop` and kiln-container do so through Server.
 """
@@ -16,6 +20,7 @@ the run folder, and stops it; `kiln serve`, `kiln stop` and kiln-container do so
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
@@ -29,9 +34,12 @@ from pathlib import Path
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from kiln.deploy import versions
 from kiln.deploy.detached import Detached
+from kiln.handlers.metrics import MODEL_LABEL, VERSION_LABEL
 
 log = logging.getLogger("kiln.metrics_exporter")
 
@@ -40,6 +48,7 @@ METRICS_PATH = "/metrics"
 MAX_SOCKET_PATH = 107
 # prometheus-client's files: <type>[_<gauge mode>]_<pid>.db
 PID_IN_FILE = re.compile(r"_(\d+)\.db$")
+DEFAULT_VERSION_METRIC = "kiln_version_default"
 
 
 class ExporterError(RuntimeError):
@@ -51,10 +60,12 @@ class Collector:
     """Reads DIR at each scrape; marks each worker gone since the last (a restarted worker's
     live gauges must not be summed with the running ones')."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, versions_file: Path | None = None):
         self.folder = folder
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=str(folder))
+        if versions_file is not None:
+            self.registry.register(DefaultVersions(versions_file))
         self.marked: set[int] = set()
 
     def dead_pids(self) -> set[int]:
@@ -70,6 +81,26 @@ class Collector:
             mark_process_dead(pid, str(self.folder))
             self.marked.add(pid)
         return generate_latest(self.registry)
+
+
+class DefaultVersions:
+    """DEFAULT_VERSION_METRIC: 1 for each model's default version in versions.json, nothing
+    without the file (it is written atomically: never read half written)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def collect(self):
+        family = GaugeMetricFamily(DEFAULT_VERSION_METRIC, "1 for the version a model's "
+                                   "unpinned requests go to without a route (versions.json)",
+                                   labels=[MODEL_LABEL, VERSION_LABEL])
+        try:
+            state = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            state = {}
+        for name, entry in state.items():
+            family.add_metric([name, str(entry["default"])], 1)
+        yield family
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -105,9 +136,9 @@ class _Server(socketserver.UnixStreamServer):
         super().__init__(str(path), _Handler)
 
 
-def serve(folder: Path, socket_path: Path) -> None:
+def serve(folder: Path, socket_path: Path, versions_file: Path | None = None) -> None:
     """Serves until SIGTERM or SIGINT."""
-    server = _Server(socket_path, Collector(folder))
+    server = _Server(socket_path, Collector(folder, versions_file))
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -126,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, required=True, help="the workers' multiprocess folder")
     p.add_argument("--socket", type=Path, required=True, help="the Unix socket to serve on")
+    p.add_argument("--versions", type=Path, help="versions.json, whose default versions it "
+                   "exports (default: none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    serve(args.dir, args.socket)
+    serve(args.dir, args.socket, args.versions)
     return 0
 
 
@@ -136,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 class Exporter:
     """The exporter of one run folder: its multiprocess folder, socket, pid file and log."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, versions_file: Path | None = None):
         self.run_dir = run_dir
+        self.versions_file = versions_file or versions.state_file(run_dir).resolve()
         self.folder = run_dir / "kiln-metrics"
         self.socket = run_dir / "kiln-metrics.sock"
         self.process = Detached("Kiln's metrics exporter", run_dir / "kiln-metrics.pid",
@@ -156,7 +190,8 @@ class Exporter:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         command = [sys.executable, "-m", "kiln.deploy.metrics_exporter",
-                   "--dir", str(self.folder), "--socket", str(self.socket)]
+                   "--dir", str(self.folder), "--socket", str(self.socket),
+                   "--versions", str(self.versions_file)]
         self.process.start(command, lambda: _accepts(self.socket), timeout, console)
 
     def stop(self, timeout: float = 5) -> bool:

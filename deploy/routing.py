@@ -20,10 +20,12 @@ from kiln.deploy import versions
 
 # The JVM system property (set in vmargs) with the state file's path.
 STATE_PROPERTY = "kiln.route.state"
-# As Router.KEY_HEADER and OipRoutes.ROUTE_PREFIX, ROUTE_HEADER.
+# As Router.KEY_HEADER and OipRoutes.ROUTE_PREFIX, ROUTE_HEADER, REFUSED_PREFIX, SYNC_PATH.
 ROUTING_KEY_HEADER = "X-Kiln-Routing-Key"
 ROUTE_PREFIX = "/kiln-route/"
 ROUTE_HEADER = "X-Kiln-Route-Version"
+REFUSED_PREFIX = "/kiln-refused/"
+SYNC_PATH = "/kiln-route-sync"
 # As OipRoutes.SHADOW_HEADER and SHADOW_PREFIX: the versions that shadow a REST prediction,
 # which the front proxy then mirrors to the plugin (Shadow.java scores them).
 SHADOW_HEADER = "X-Kiln-Shadow"

@@ -33,7 +33,6 @@ from kiln.deploy.ports import (  # noqa: F401
     Ports,
     run_dirs_on,
 )
-from kiln.deploy.routing import state_file as route_state_file
 from kiln.deploy.serving import (  # noqa: F401
     BATCH_PER_MODEL,
     MAX_BATCH_DELAY_MS,
@@ -69,7 +68,8 @@ class Server:
         self.run_dir = settings.run_dir.resolve()
         self.ports = settings.ports
         self.front = front.Front(self.run_dir / "nginx", self.run_dir / KEYS_FILE)
-        self.exporter = metrics_exporter.Exporter(self.run_dir)  # the handlers' metrics
+        # The handlers' metrics, and the default versions versions.json records.
+        self.exporter = metrics_exporter.Exporter(self.run_dir, settings.state_file())
 
     # -- paths and environment -------------------------------------------------------------
     @property
@@ -235,7 +235,7 @@ class Server:
                       "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
-            route_state=route_state_file(self.run_dir),
+            route_state=self.settings.state_file(),
             upstream_token=upstream_token, run_as=front.run_as_line(),
             kiln_metrics_socket=self.exporter.socket)
 

@@ -69,6 +69,9 @@ class ServerSettings:
     # loadtests/studies/reliability/), so 30 s leaves a slower machine 30 times that.
     response_timeout_s: int = 30
     enable_model_api: bool = False
+    # The versions served and their routes: the run folder's versions.json unless another
+    # file is named (a container's mounted one, deploy/container.py).
+    versions_file: Path | None = None
     java_heap: str = "1g"
     access_log: bool = False
     # None: TorchServe's stock log4j2.xml (only to measure what Kiln's saves).
@@ -90,6 +93,12 @@ class ServerSettings:
     console_logs: bool = False
     # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
     cores: int = field(default_factory=usable_cores)
+
+    def state_file(self) -> Path:
+        """versions.json's absolute path: nginx and the JVM run from other folders."""
+        if self.versions_file is not None:
+            return self.versions_file.resolve()
+        return routing.state_file(self.run_dir)
 
     def serving_defaults(self) -> ModelServing:
         """ModelServing.derived for these cores and these models."""
@@ -174,7 +183,7 @@ class ServerSettings:
                       "-XX:+UseContainerSupport "
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
-                      f"-D{routing.STATE_PROPERTY}={routing.state_file(self.run_dir)} "
+                      f"-D{routing.STATE_PROPERTY}={self.state_file()} "
                       + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.plugins_dir(),

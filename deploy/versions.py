@@ -64,7 +64,11 @@ def state_file(run_dir: Path) -> Path:
 
 def load(run_dir: Path) -> dict:
     """The state in force ({} when nothing was ever deployed)."""
-    path = state_file(run_dir)
+    return read(state_file(run_dir))
+
+
+def read(path: Path) -> dict:
+    """The state `path` holds ({} when there is no such file)."""
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:

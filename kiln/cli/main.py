@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -203,25 +204,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _take_workspace(argv: list[str]) -> list[str]:
-    """argv less --workspace DIR, wherever it was given; DIR becomes KILN_WORKSPACE, for this
-    command and whatever it starts."""
+def _take_workspace(argv: list[str]) -> tuple[list[str], Path | None]:
+    """(argv less --workspace DIR, wherever it was given; DIR resolved, or None)."""
     pick = argparse.ArgumentParser(prog="kiln", add_help=False, allow_abbrev=False)
     pick.add_argument("--workspace", type=Path)
     given, rest = pick.parse_known_args(argv)
-    if given.workspace is not None:
-        if not given.workspace.is_dir():
-            pick.error(f"--workspace {given.workspace}: no such folder")
-        os.environ[ENV] = str(given.workspace.resolve())
-    return rest
+    if given.workspace is not None and not given.workspace.is_dir():
+        pick.error(f"--workspace {given.workspace}: no such folder")
+    return rest, given.workspace and given.workspace.resolve()
+
+
+@contextlib.contextmanager
+def _in_workspace(folder: Path | None):
+    """KILN_WORKSPACE=folder for this command and whatever it starts, and as it was after: a
+    caller that runs main() in its own process (tests, scripts) keeps its workspace."""
+    if folder is None:
+        yield
+        return
+    before = os.environ.get(ENV)
+    os.environ[ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = _take_workspace(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), "")
-    args = build_parser(command if command in BUILD_COMMANDS else "").parse_args(argv)
-    setup_logging(args.verbose)
-    return args.func(args)
+    argv, folder = _take_workspace(sys.argv[1:] if argv is None else argv)
+    with _in_workspace(folder):
+        command = next((a for a in argv if not a.startswith("-")), "")
+        args = build_parser(command if command in BUILD_COMMANDS else "").parse_args(argv)
+        setup_logging(args.verbose)
+        return args.func(args)
 
 
 if __name__ == "__main__":

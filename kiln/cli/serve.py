@@ -179,8 +179,9 @@ def _restore(args, names: list[str]) -> None:
     if not names:
         return
     target = lifecycle.Target.of(args.run_dir.resolve(), args.store.resolve())
+    state = versions.load(args.run_dir)
     for name in names:
-        for line in lifecycle.restore(target, name):
+        for line in lifecycle.restore(target, name, state):
             log.info("%s", line)
 
 

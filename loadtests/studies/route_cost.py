@@ -2,7 +2,8 @@
 connections on one server, in turn, `--rounds` times each: /predictions/lenet/1.0 (pinned),
 /predictions/lenet without a state file (nginx forwards it as it is), and /predictions/lenet
 with a route (100% to 1.0) in the state file (nginx asks the OIP plugin which version, one
-loopback request per prediction: deploy/nginx/nginx.conf).
+loopback request per prediction: deploy/nginx/nginx.conf), and /predictions/lenet/1.0 with
+that file (nginx asks the plugin whether the file still records 1.0).
 
     python -m kiln.loadtests.studies.route_cost [--seconds 10] [--rounds 3]
 """
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     # name: (path, with a route in the state file)
     cases = {"pinned": (f"/predictions/{MODEL}/1.0", False),
              "unrouted": (f"/predictions/{MODEL}", False),
-             "routed": (f"/predictions/{MODEL}", True)}
+             "routed": (f"/predictions/{MODEL}", True),
+             "pinned, checked": (f"/predictions/{MODEL}/1.0", True)}
     with tempfile.TemporaryDirectory(prefix="kiln-route-cost-") as folder:
         server = Server(ServerSettings(Path(folder), Workspace.current().model_store, [MODEL],
                                        Ports.free(), internal_ports=Ports.free()))
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (path, routed) in cases.items():
                     if routed:
                         state.write_text(json.dumps(
-                            {MODEL: {"default": "1.0", "route": {"1.0": 100}}}))
+                            {MODEL: {"versions": {"1.0": {}}, "default": "1.0",
+                                     "route": {"1.0": 100}}}))
                     else:
                         state.unlink(missing_ok=True)
                     results[name].append(run(server, path, opts.seconds))

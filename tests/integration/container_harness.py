@@ -61,7 +61,8 @@ class Probe:
 
 
 class Container:
-    def __init__(self, folder: Path, offset: int | None = None):
+    def __init__(self, folder: Path, offset: int | None = None, store: Path | None = None,
+                 args: tuple[str, ...] = (), model: str = MODEL):
         self.keys_file = folder / "keys"
         write_keys(self.keys_file, KEY_1)
         self.log_path = folder / "container.log"
@@ -69,12 +70,12 @@ class Container:
         self.public = {k: v + self.offset for k, v in contract.PUBLIC_PORTS.items()}
         with open(self.log_path, "w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "kiln.deploy.container", "--models", MODEL,
-                 "--model-store", str(Workspace.current().model_store), "--keys-file",
+                [sys.executable, "-m", "kiln.deploy.container", "--models", model,
+                 "--model-store", str(store or Workspace.current().model_store), "--keys-file",
                  str(self.keys_file),
                  "--run-dir", str(folder / "run"), "--listen", "127.0.0.1",
                  "--port-offset", str(self.offset), "--grace-seconds", str(GRACE_S),
-                 "--drain-delay-seconds", str(DRAIN_DELAY_S)],
+                 "--drain-delay-seconds", str(DRAIN_DELAY_S), *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.startup: list[Probe] = []

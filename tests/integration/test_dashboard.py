@@ -98,3 +98,20 @@ def test_every_dashboard_expr_returns_finite_data(prometheus, scraped, model):
         if not values or not all(math.isfinite(v) for v in values):
             empty_or_not_finite[f"{title} {ref_id}: {for_model(expr, model)}"] = result
     assert empty_or_not_finite == {}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_version_panels_show_the_served_version_apart(prometheus, scraped, model):
+    """Each model serves its declaration's version here: every series of a per-version panel
+    names it. (TorchServe's own counters would say model_version="default" here: they name
+    the version only of a request whose path names it.)"""
+    shown = {}
+    for title, ref_id, expr in exprs():
+        if title.endswith("per version"):
+            result = prometheus.query(for_model(expr, model), scraped)
+            shown[f"{title} {ref_id}"] = {
+                (s["metric"]["model_name"], s["metric"]["version"]) for s in result}
+    expected = {(model, declaration.get(model).version)}
+    assert shown == {key: expected for key in [
+        "Requests per version A", "Inference time p50 / p99 per version A",
+        "Inference time p50 / p99 per version B", "Handler error ratio per version A"]}

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from kiln.client import encode_file
-from kiln.deploy import routing, versions
+from kiln.deploy import lifecycle, routing, versions
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import answer_from_reply, load_stubs
 from kiln.handlers.handler import VERSION_HEADER
@@ -303,7 +303,50 @@ def test_a_route_change_takes_effect_within_a_second_without_a_failed_request(ro
     assert all(s is answers[0][2] for _, _, s in answers), "the client's connection was replaced"
 
 
+def retire_in_the_file(srv: Server, v: str) -> None:
+    """`v` gone from versions.json (as kiln retire writes it before draining) while
+    TorchServe still serves it, and the plugin reading the file so."""
+    write_route(srv, None)
+    with versions.transaction(srv.run_dir) as state:
+        versions.retire(state, MODEL, v)
+    lifecycle.Target.of(srv.run_dir, srv.run_dir).sync_routes()
+
+
+RETIRED = {"error": f"model '{MODEL}' version '2.0' is not served: it is not in the versions "
+                    "file (retired)", "code": 404}
+
+
+def test_pinned_requests_to_a_version_the_file_no_longer_records_are_refused(routed):
+    retire_in_the_file(routed, "2.0")
+    for r in (rest(routed, f"/predictions/{MODEL}/2.0"),
+              oip_infer(routed, f"/v2/models/{MODEL}/versions/2.0/infer"),
+              *(requests.get(f"{routed.url('oip')}/v2/models/{MODEL}/versions/2.0{action}",
+                             headers=auth(routed), timeout=30) for action in ("", "/ready"))):
+        assert (r.status_code, r.json()) == (404, RETIRED)
+        assert VERSION_HEADER not in r.headers
+    # The versions it records, and models it does not record, are answered as before.
+    r = rest(routed, f"/predictions/{MODEL}/1.0")
+    assert (r.status_code, r.headers[VERSION_HEADER]) == (200, "1.0")
+    r = rest(routed, f"/predictions/{MODEL}/1.0?x=1")
+    assert (r.status_code, r.headers[VERSION_HEADER]) == (200, "1.0")
+    r = rest(routed, "/predictions/nope/2.0")
+    assert (r.status_code, r.json()["type"]) == (404, "ModelNotFoundException")
+
+
+def test_the_plugin_reads_the_file_when_asked_not_only_every_100_ms(routed):
+    """What kiln retire relies on before it drains: once sync_routes returns, every
+    unpinned request follows the file as written."""
+    target = lifecycle.Target.of(routed.run_dir, routed.run_dir)
+    with requests.Session() as session:
+        for v in ("2.0", "1.0", "2.0"):
+            write_route(routed, {v: 100})
+            target.sync_routes()
+            assert unpinned(routed, session) == v
+
+
 @pytest.mark.parametrize("path", ["/kiln-route", "/kiln-routed-prediction",
+                                  "/kiln-pinned-prediction", routing.SYNC_PATH,
+                                  f"{routing.REFUSED_PREFIX}{MODEL}/2.0",
                                   f"/kiln-route/{MODEL}"])
 def test_the_route_lookup_is_not_a_public_route(two_versions, path):
     r = requests.get(f"{two_versions.url('inference')}{path}", headers=auth(two_versions),

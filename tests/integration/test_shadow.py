@@ -125,13 +125,14 @@ def sampled(figures: dict[str, float]) -> float:
 
 def settled(srv: Server, candidate: str = "2.0", count: float | None = None,
             timeout: float = 60) -> dict:
-    """The figures once `count` requests were sampled in all, or, without a count, once two
-    reads a second apart agree (nothing still being scored)."""
+    """The figures once `count` requests were sampled in all and two reads agree (a page is
+    collected family by family: one read may hold a pair's outcome but not yet its values),
+    or, without a count, once two reads a second apart agree (nothing still being scored)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         now = shadow_figures(srv, candidate)
-        if sampled(now) == count if count is not None else now == last:
+        if now == last and (count is None or sampled(now) == count):
             return now
         last = now
         time.sleep(1 if count is None else 0.1)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from kiln.cli.main import main
 from kiln.deploy import lifecycle, versions
-from kiln.deploy.ports import Ports
+from kiln.deploy.ports import INTERNAL_PORTS_FILE, Ports
 from kiln.deploy.server import Server, ServerSettings
 from kiln.handlers import limits
 from kiln.model_store import archived_digest
@@ -152,8 +153,36 @@ def in_flight(ws, v):
         answers.extend(job.result() for job in jobs)
 
 
-def test_rollback_and_retire(served, caplog):
+def front_proxy(ws):
+    """POST one image through the front proxy: path -> the answer."""
+    server = Server(ServerSettings(ws / "run", ws / "model_store", [NAME],
+                                   Ports.saved(ws / "run"),
+                                   internal_ports=Ports.saved(ws / "run", INTERNAL_PORTS_FILE)))
+    headers = {"Authorization": f"Bearer {server.keys()['inference']}",
+               "Content-Type": "image/png"}
+    body = (Path(__file__).resolve().parent.parent / "fixtures" / "digits" / "7.png").read_bytes()
+    return lambda path: requests.post(f"{server.url('inference')}{path}", data=body,
+                                      headers=headers, timeout=30)
+
+
+def test_rollback_and_retire(served, caplog, monkeypatch):
     ws, flags = served
+    post = front_proxy(ws)
+    seen_while_draining = []
+    real_drain = lifecycle.drain
+
+    def drain(target, name, v):
+        """What clients get once retire drains: the route no longer reaches 2.0 (a
+        rollback just before left the plugin up to 100 ms of the old default) and requests
+        pinned to it are refused."""
+        unpinned = [post(f"/predictions/{NAME}") for _ in range(10)]
+        seen_while_draining.extend({(r.status_code, r.headers.get("X-Kiln-Model-Version"))
+                                    for r in unpinned})
+        pinned = post(f"/predictions/{NAME}/{v}")
+        seen_while_draining.append((pinned.status_code, pinned.json()["error"]))
+        real_drain(target, name, v)
+
+    monkeypatch.setattr(lifecycle, "drain", drain)
     assert kiln(ws, "rollback", NAME, *flags) == 0
     assert served_versions(ws)["default"] == "1.0"
     assert kiln(ws, "retire", NAME, "1.0", *flags) == 1
@@ -167,5 +196,7 @@ def test_rollback_and_retire(served, caplog):
     assert not (ws / "model_store" / "lenet-2.0.mar").exists()
     assert json.loads(versions.state_file(ws / "run").read_text())[NAME]["versions"].keys() \
         == {"1.0"}
+    assert seen_while_draining == [(200, "1.0"), (404, "model 'lenet' version '2.0' is not "
+                                   "served: it is not in the versions file (retired)")]
     assert kiln(ws, "retire", NAME, "1.0", *flags) == 1
     assert "its last version" in caplog.text

@@ -65,6 +65,26 @@ def test_torchserve_in_the_container_has_auth_off_and_internal_ports(tmp_path):
     assert "enable_model_api=false\n" in props
 
 
+def test_a_mounted_versions_file_is_what_the_plugin_nginx_and_the_exporter_read(tmp_path):
+    mounted = tmp_path / "configmap" / "versions.json"
+    s = kc.parse_args([], environ={contract.ENV["versions_file"]: str(mounted)})
+    assert (kc.Settings().versions_file, s.versions_file) == (
+        Path(contract.VERSIONS_FILE), mounted)
+    settings, server = container_server(tmp_path, versions_file=mounted)
+    server.models_setting = lambda: {}
+    # No file: no version to register, the model API stays off.
+    assert "enable_model_api=false\n" in server.config_properties()
+    mounted.parent.mkdir()
+    mounted.write_text("{}")
+    settings, server = container_server(tmp_path, versions_file=mounted)
+    server.models_setting = lambda: {}
+    props = server.config_properties()
+    assert "enable_model_api=true\n" in props  # on loopback: management_address above
+    assert f"-Dkiln.route.state={mounted} " in props
+    assert kc.front_settings(settings, server, tmp_path / "run").route_state == mounted
+    assert kc.Entrypoint(settings).server.exporter.versions_file == mounted
+
+
 def test_kiln_serve_keeps_token_auth(tmp_path):
     settings = ServerSettings(tmp_path, tmp_path, [])
     assert "disable_token_authorization" not in settings.config_properties()

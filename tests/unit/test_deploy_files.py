@@ -28,8 +28,8 @@ PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
 DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 COMPOSE_DATASOURCE = COMPOSE_DIR / "grafana" / "datasources" / "prometheus.yaml"
-ALERT_NAMES = ["KilnHighErrorRatio", "KilnInferenceP99High", "KilnModelNotReady",
-               "KilnWorkerRestarted", "KilnScrapeDown"]
+ALERT_NAMES = ["KilnHighErrorRatio", "KilnInferenceP99High", "KilnCanaryErrorRatioHigh",
+               "KilnCanaryP99High", "KilnModelNotReady", "KilnWorkerRestarted", "KilnScrapeDown"]
 # Series an alert may use besides Kiln's and TorchServe's own: Prometheus' and the blackbox
 # exporter's (deploy/compose/prometheus.yml probes /ready with it).
 OTHER_SERIES = {"up", "probe_success"}
@@ -115,10 +115,12 @@ def test_image_runs_the_contract_s_entrypoint_user_ports_and_paths():
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in stage if k == "ENV")))
     assert {name: env.get(name) for name in (contract.ENV["model_store"],
                                              contract.ENV["keys_file"],
-                                             contract.ENV["run_dir"])} == {
+                                             contract.ENV["run_dir"],
+                                             contract.ENV["versions_file"])} == {
         contract.ENV["model_store"]: contract.MODEL_STORE,
         contract.ENV["keys_file"]: contract.KEYS_FILE,
         contract.ENV["run_dir"]: contract.RUN_DIR,
+        contract.ENV["versions_file"]: contract.VERSIONS_FILE,
     }
     assert env[contract.ENV["grace_s"]] == str(GRACE_S)
     assert set(contract.ENV.values()) - set(env) == {contract.ENV["models"]}  # every archive

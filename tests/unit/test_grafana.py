@@ -23,9 +23,16 @@ PANELS = [
     "Request rate per model", "Mean latency (TorchServe)", "Preprocess time p50 / p95 / p99",
     "Inference time p50 / p95 / p99", "Postprocess time p50 / p95 / p99", "Queue time",
     "Batch size", "HTTP 4xx / 5xx", "Rejected requests by reason", "CPU utilization (host)",
-    "Memory used (host)", "Shadow: top-1 agreement", "Shadow: |difference| mean / max",
+    "Memory used (host)", "Requests per version", "Inference time p50 / p99 per version",
+    "Handler error ratio per version", "Shadow: top-1 agreement", "Shadow: |difference| mean / max",
     "Shadow: latency p99, candidate vs primary", "Shadow: sampled requests by outcome",
 ]  # fmt: skip
+# Versions side by side: each of these panels keeps the version label of the series it reads.
+VERSION_PANELS = {title: label for title, label in [
+    ("Requests per version", "version"),
+    ("Inference time p50 / p99 per version", "version"),
+    ("Handler error ratio per version", "version"),
+]}  # fmt: skip
 
 
 def load_yaml(path):
@@ -122,3 +129,12 @@ def test_dashboard_shows_every_metric_the_handler_records():
     shown = {re.sub(r"_(bucket|sum|count)$", "", name)
              for name in re.findall(r"\bkiln_\w+", exprs)}
     assert shown == set(metrics.RECORDED) | set(shadowing.METRICS)
+
+
+def test_version_panels_keep_each_version_apart():
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+    for title, label in VERSION_PANELS.items():
+        for target in panels[title]["targets"]:
+            groupings = re.findall(r"\bby \(([^)]*)\)", target["expr"])
+            assert groupings and all(label in g.split(", ") for g in groupings), (title, target)
+            assert f"{{{{{label}}}}}" in target["legendFormat"], title

@@ -280,6 +280,7 @@ def test_configmap_sets_the_contracts_environment(overlay):
     assert data[contract.ENV["model_store"]] == contract.MODEL_STORE
     assert data[contract.ENV["keys_file"]] == contract.KEYS_FILE
     assert data[contract.ENV["run_dir"]] == contract.RUN_DIR
+    assert data[contract.ENV["versions_file"]] == contract.VERSIONS_FILE
     env_from = pod(render(overlay))["spec"]["containers"][0]["envFrom"]
     assert env_from == [{"configMapRef": {"name": "kiln-config"}}]
 
@@ -308,8 +309,12 @@ def mounts(pod_spec: dict) -> dict[str, dict]:
             for m in pod_spec["containers"][0]["volumeMounts"]}
 
 
-def check_mounts(pod_spec: dict, model_store_from_volume: bool):
+def check_mounts(pod_spec: dict, model_store_from_volume: bool, versions: bool = False):
     found = mounts(pod_spec)
+    if versions:  # optional, a whole folder: a route change reaches running pods
+        mounted = found.pop(str(Path(contract.VERSIONS_FILE).parent))
+        assert mounted["configMap"] == {"name": "kiln-versions", "optional": True}
+        assert mounted["readOnly"] is True and "subPath" not in mounted
     keys = found.pop(str(Path(contract.KEYS_FILE).parent))
     assert keys["secret"]["secretName"] == "kiln-keys" and keys["readOnly"] is True
     assert "subPath" not in keys  # a subPath would never see a rotated key
@@ -322,7 +327,7 @@ def check_mounts(pod_spec: dict, model_store_from_volume: bool):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pod_mounts_the_keys_run_dir_and_tmp(overlay):
-    check_mounts(pod(render(overlay))["spec"], overlay.endswith("+model-volume"))
+    check_mounts(pod(render(overlay))["spec"], overlay.endswith("+model-volume"), versions=True)
 
 
 def test_kserve_runtime_mounts_the_keys_run_dir_and_tmp():

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from kiln.deploy import versions
 from kiln.deploy.metrics_exporter import MAX_SOCKET_PATH, Exporter, ExporterError
 
 RECORD = """
@@ -62,6 +63,27 @@ def test_started_on_an_emptied_folder_it_serves_what_workers_recorded(exporter):
     assert (status, content_type.split(";")[0]) == (200, "text/plain")
     assert 'kiln_batch_size_requests_sum{model_name="tiny",version="1.0"} 5.0' in page.splitlines()
     assert get(exporter, "/other")[0] == 404
+
+
+def default_versions(page: str) -> list[str]:
+    return [line for line in page.splitlines() if line.startswith("kiln_version_default{")]
+
+
+def test_it_says_each_model_s_default_version_as_versions_json_does_at_each_scrape(exporter):
+    exporter.start()
+    assert default_versions(get(exporter)[2]) == []  # no versions.json: nothing
+    state = versions.state_file(exporter.run_dir)
+    for default in ("1.0", "2.0"):
+        with versions.transaction(exporter.run_dir) as entries:
+            for v in ("1.0", "2.0"):
+                if "lenet" not in entries or v not in entries["lenet"]["versions"]:
+                    versions.add(entries, "lenet", v, f"lenet-{v}.mar", digest=v)
+                    versions.mark_ready(entries, "lenet", v)
+            if entries["lenet"]["default"] != default:
+                versions.promote(entries, "lenet", default)
+        assert state.exists()
+        assert default_versions(get(exporter)[2]) == [
+            f'kiln_version_default{{model_name="lenet",version="{default}"}} 1.0']
 
 
 def test_stop_ends_it_and_forgets_it(exporter):

@@ -99,3 +99,19 @@ def test_a_workspace_that_is_no_folder_is_refused(tmp_path):
     assert done.returncode == 2
     assert f"--workspace {tmp_path / 'none'}: no such folder" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("before", [None, "elsewhere"])
+def test_workspace_flag_holds_for_its_command_only(before, tmp_path, monkeypatch, caplog):
+    """main() run in a caller's own process (a test, a script) uses --workspace for that
+    command and leaves the caller's KILN_WORKSPACE as it was: a leaked one moved every later
+    test's workspace."""
+    from kiln.cli.main import main
+
+    if before is None:
+        monkeypatch.delenv(workspace.ENV, raising=False)
+    else:
+        monkeypatch.setenv(workspace.ENV, str(tmp_path / before))
+    assert main(["--workspace", str(tmp_path), "keys"]) == 1  # no key yet: named, with its path
+    assert str(tmp_path / "run" / "keys") in caplog.text
+    assert os.environ.get(workspace.ENV) == (before and str(tmp_path / before))

@@ -54,6 +54,11 @@ final class OipRoutes {
     // ROUTE_PREFIX + NAME, answered 200 with the version in ROUTE_HEADER (empty: the default).
     static final String ROUTE_PREFIX = "/kiln-route/";
     static final String ROUTE_HEADER = "X-Kiln-Route-Version";
+    // GET ROUTE_PREFIX + NAME/VERSION: whether a pinned REST prediction may go on (ROUTE_HEADER
+    // says VERSION) or is refused (empty: the front proxy sends it to REFUSED_PREFIX, which
+    // answers the client's 404). GET SYNC_PATH: the state file read now, its SHA-256 back.
+    static final String REFUSED_PREFIX = "/kiln-refused/";
+    static final String SYNC_PATH = "/kiln-route-sync";
     // The route lookup's answer also names the versions that shadow this request (comma
     // separated; empty: none), and the front proxy then mirrors it to SHADOW_PREFIX.
     static final String SHADOW_HEADER = "X-Kiln-Shadow";
@@ -84,6 +89,15 @@ final class OipRoutes {
         }
         if (path.startsWith(SHADOW_PREFIX) && method.equals("POST")) {
             return now(shadowRest(path.substring(SHADOW_PREFIX.length()), body, contentType, formType));
+        }
+        if (path.equals(SYNC_PATH) && method.equals("GET")) {
+            JsonObject synced = new JsonObject();
+            synced.addProperty("sha256", router.sync());
+            return now(Reply.json(200, synced));
+        }
+        if (path.startsWith(REFUSED_PREFIX)) {
+            String[] pinned = path.substring(REFUSED_PREFIX.length()).split("/", 2);
+            return now(retired(pinned[0], pinned.length > 1 ? pinned[1] : ""));
         }
         List<String> parts = segments(path);
         if (parts == null) {
@@ -126,8 +140,14 @@ final class OipRoutes {
         return missing != null ? missing : getModelRoute(route);
     }
 
-    /** A 404 unless route names a served model (and one of its served versions, if any). */
-    private static Reply missingModel(ModelRoute route) {
+    /**
+     * A 404 unless route names a served model (and one of its served versions, if any, which
+     * the state file, when it records the model, still records).
+     */
+    private Reply missingModel(ModelRoute route) {
+        if (route.version != null && router.refuses(route.name, route.version)) {
+            return retired(route.name, route.version);
+        }
         if (served(route.name, route.version) == null) {
             return Reply.error(404, "no model " + route.describe());
         }
@@ -196,12 +216,24 @@ final class OipRoutes {
         return new ModelServerContext().getModels();
     }
 
+    private static Reply retired(String name, String version) {
+        return Reply.error(404, "model '" + name + "' version '" + version
+                + "' is not served: it is not in the versions file (retired)");
+    }
+
     /**
      * The version the route picks for an unpinned REST prediction; an empty one (the default)
      * when the model has no route or the picked version is not registered (any other answer
      * than 2xx would be the client's 500: nginx's auth_request).
      */
     private Reply routed(String name, String routingKey) {
+        int slash = name.indexOf('/');
+        if (slash >= 0) {  // NAME/VERSION: a pinned prediction goes on unless refused
+            String model = name.substring(0, slash);
+            String pinned = name.substring(slash + 1);
+            return Reply.json(200, new JsonObject())
+                    .withHeader(ROUTE_HEADER, router.refuses(model, pinned) ? "" : pinned);
+        }
         String version = servedOrNull(name, router.pick(name, routingKey));
         List<String> shadows = router.shadowsOf(name, versionOf(name, version));
         return Reply.json(200, new JsonObject())

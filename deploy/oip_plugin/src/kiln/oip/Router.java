@@ -4,14 +4,19 @@ import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
+import java.math.BigInteger;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.NoSuchFileException;
 import java.nio.file.Path;
+import java.security.MessageDigest;
+import java.security.NoSuchAlgorithmException;
 import java.util.ArrayList;
+import java.util.HashMap;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.Set;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.zip.CRC32;
 import org.slf4j.Logger;
@@ -39,6 +44,8 @@ final class Router {
     private volatile Map<String, Map<String, Double>> weights = Map.of();
     // Per model, version -> the fraction of the requests routed elsewhere it also scores.
     private volatile Map<String, Map<String, Double>> shadows = Map.of();
+    // Per model in the file, the versions it records: a pinned request to another is refused.
+    private volatile Map<String, Set<String>> recorded = Map.of();
     private volatile long checkedAt = System.nanoTime() - CHECK_EVERY_NS;
     private String text = "";
 
@@ -75,7 +82,7 @@ final class Router {
      * shadows but `primary`, drawn with its fraction; empty for most requests.
      */
     List<String> shadowsOf(String model, String primary) {
-        current();
+        refresh();
         Map<String, Double> given = shadows.get(model);
         if (given == null || primary == null) {
             return List.of();
@@ -90,6 +97,35 @@ final class Router {
         return out;
     }
 
+    /**
+     * Whether a request pinned to `version` of `model` is refused: the state file records the
+     * model but not that version (retired, or being retired: it stops taking requests before
+     * its last ones are drained and it is unregistered).
+     */
+    boolean refuses(String model, String version) {
+        Set<String> known = currentRecorded().get(model);
+        return known != null && !known.contains(version);
+    }
+
+    /**
+     * Reads the state file now, so that every pick from here on follows it, and returns the
+     * SHA-256 of the text in force ("" without a file): an admin command that wrote the file
+     * asks this before it acts on what the routes no longer send (kiln retire drains then).
+     */
+    synchronized String sync() {
+        if (state == null) {
+            return "";
+        }
+        reload();
+        checkedAt = System.nanoTime();
+        try {
+            return text.isEmpty() ? "" : String.format("%064x", new BigInteger(1, MessageDigest
+                    .getInstance("SHA-256").digest(text.getBytes(StandardCharsets.UTF_8))));
+        } catch (NoSuchAlgorithmException e) {
+            throw new IllegalStateException("every JVM has SHA-256", e);
+        }
+    }
+
     /** Where in [0, 1) a request falls: by its key's hash, or at random without one. */
     private static double fraction(String key) {
         if (key == null || key.isEmpty()) {
@@ -101,9 +137,19 @@ final class Router {
     }
 
     private Map<String, Map<String, Double>> current() {
+        refresh();
+        return weights;
+    }
+
+    private Map<String, Set<String>> currentRecorded() {
+        refresh();
+        return recorded;
+    }
+
+    private void refresh() {
         long now = System.nanoTime();
         if (state == null || now - checkedAt < CHECK_EVERY_NS) {
-            return weights;
+            return;
         }
         synchronized (this) {
             if (now - checkedAt >= CHECK_EVERY_NS) {
@@ -111,7 +157,6 @@ final class Router {
                 checkedAt = now;
             }
         }
-        return weights;
     }
 
     /** Parses the file when its text changed; a bad one keeps the routes in force. */
@@ -124,11 +169,13 @@ final class Router {
             JsonObject root = JsonParser.parseString(now).getAsJsonObject();
             Map<String, Map<String, Double>> parsed = parse(root);
             shadows = parseShadows(root);
+            recorded = recorded(root);
             weights = parsed;
             text = now;
         } catch (NoSuchFileException e) {
             weights = Map.of();
             shadows = Map.of();
+            recorded = Map.of();
             text = "";
         } catch (IOException | RuntimeException e) {
             LOG.warn("cannot read the route state {}: keeping the routes in force", state, e);
@@ -173,6 +220,17 @@ final class Router {
             given.getAsJsonObject().entrySet().forEach(
                     f -> fractions.put(f.getKey(), f.getValue().getAsDouble()));
             out.put(model.getKey(), fractions);
+        }
+        return out;
+    }
+
+    /** Per model, the versions the state file records ({"versions": {V: {...}}, ...}). */
+    static Map<String, Set<String>> recorded(JsonObject root) {
+        Map<String, Set<String>> out = new HashMap<>();
+        for (Map.Entry<String, JsonElement> model : root.entrySet()) {
+            JsonElement known = model.getValue().getAsJsonObject().get("versions");
+            out.put(model.getKey(), known != null && known.isJsonObject()
+                    ? Set.copyOf(known.getAsJsonObject().keySet()) : Set.of());
         }
         return out;
     }
