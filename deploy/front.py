@@ -271,7 +271,7 @@ def render(s: FrontSettings) -> str:
         "ROUTE_HEADER_VAR": routing.nginx_variable(routing.ROUTE_HEADER),
         "ROUTE_PREFIX": routing.ROUTE_PREFIX, "REFUSED_PREFIX": routing.REFUSED_PREFIX,
         "SHADOW_HEADER_VAR": routing.nginx_variable(routing.SHADOW_HEADER),
-        "SHADOW_PREFIX": routing.SHADOW_PREFIX,
+        "SHADOW_PREFIX": routing.SHADOW_PREFIX, "SHADOWED_HEADER": routing.SHADOWED_HEADER,
         "ERROR_PREFIX": ERROR_PREFIX, "MAX_URI": MAX_URI,
         "ODD_PATH_ERROR": json_error(400, ODD_PATH), "REFUSED_KEY_RATE": REFUSED_KEY_RATE,
         "REFUSED_KEY_BURST": REFUSED_KEY_BURST, "KEY_REFUSED_PATH": KEY_REFUSED_PATH,

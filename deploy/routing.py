@@ -30,6 +30,8 @@ SYNC_PATH = "/kiln-route-sync"
 # which the front proxy then mirrors to the plugin (Shadow.java scores them).
 SHADOW_HEADER = "X-Kiln-Shadow"
 SHADOW_PREFIX = "/kiln-shadow/"
+# As OipRoutes.SHADOWED_HEADER: on a sampled answer, the versions it was sampled for.
+SHADOWED_HEADER = "X-Kiln-Shadowed"
 
 
 def state_file(run_dir: Path) -> Path:

@@ -3,14 +3,17 @@ load, with the table of what each step cost the clients.
 
     python -m kiln.loadtests.studies.drill [--hold 10] [--clients 16]
 
-Keep-alive clients (REST, OIP and gRPC in turn, none retrying) send unpinned requests while
-the `kiln` commands a user types run one after another: deploy 2.0, route 1.0=90 2.0=10,
-then 50/50, promote 2.0, rollback, promote again, retire 1.0. Per step: requests, failed,
-connection resets, p50/p99, and the time the step took to take effect (the first answer from a
-version it lets in, the last from one it shuts out, by the X-Kiln-Model-Version header, after
-versions.json changed). Every REST and OIP answer is checked against the versions the route
-allowed when it was sent. Then, beside the same load, the first 100 answers of a freshly
-registered version, warmed and not.
+Keep-alive clients (REST, OIP and gRPC in turn, none retrying) send unpinned requests while the
+`kiln` commands a user types run one after another: deploy 2.0, shadow 2.0 at 20% (then off),
+route 1.0=90 2.0=10, then 50/50, promote 2.0, rollback, promote again, retire 1.0. Per step:
+requests, failed, connection resets, p50/p99, and the time the step took to take effect (the
+first answer from a version it lets in, the last from one it shuts out, by the
+X-Kiln-Model-Version header, after versions.json changed). Every REST and OIP answer is checked
+against the versions the route allowed when it was sent. The shadow's agreement as Kiln reports
+it (kiln_shadow_* metrics, read before the shadow and after it is off and scored) beside the
+agreement computed offline on the requests whose answers said they were sampled
+(X-Kiln-Shadowed), sent again pinned to each version over the same protocol. Then, beside the
+same load, the first 100 answers of a freshly registered version, warmed and not.
 
 It serves from a temporary workspace: lenet.mar as built (1.0) and, as 2.0, a one-batch
 training run with another seed (a full training run would add minutes without changing what
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -36,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import requests
+from PIL import Image, ImageDraw
 
 from kiln import declaration
-from kiln.client import encode_file
-from kiln.deploy import lifecycle, versions
+from kiln.deploy import lifecycle, shadowing, versions
 from kiln.deploy.ports import HOST, INTERNAL_PORTS_FILE, Ports
+from kiln.deploy.routing import SHADOWED_HEADER
 from kiln.deploy.server import Server, ServerSettings
 from kiln.grpc_client import GrpcClient
 from kiln.handlers.handler import VERSION_HEADER
@@ -56,6 +61,10 @@ PROTOCOLS = ("rest", "oip", "grpc")
 RESET_ERRORS = (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)
 # Load before the steady step is measured: connections opened, gRPC channels set up.
 SETTLE_S = 3.0
+# Distinct inputs the clients send in turn (noisy_inputs): the shadow's agreement is only
+# worth checking on inputs the versions agree on some of the time.
+INPUTS = 50
+SHADOW_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,10 @@ class Step:
 STEPS = (
     Step("steady", (), frozenset({"1.0"})),
     Step("deploy 2.0", ("deploy", NAME, "--version", "2.0"), frozenset({"1.0"})),
+    Step("shadow 2.0 at 20%", ("shadow", NAME, "2.0", "--fraction", str(SHADOW_FRACTION)),
+         frozenset({"1.0"})),
+    # Off before the route changes, so that Kiln's figures stop moving and can be read whole.
+    Step("shadow off", ("shadow", NAME, "2.0", "--fraction", "0"), frozenset({"1.0"})),
     Step("route 90/10", ("route", NAME, "1.0=90", "2.0=10"), frozenset({"1.0", "2.0"})),
     Step("route 50/50", ("route", NAME, "1.0=50", "2.0=50"), frozenset({"1.0", "2.0"})),
     Step("promote 2.0", ("promote", NAME, "2.0"), frozenset({"2.0"})),
@@ -75,9 +88,9 @@ STEPS = (
     Step("promote 2.0", ("promote", NAME, "2.0"), frozenset({"2.0"})),
     Step("retire 1.0", ("retire", NAME, "1.0"), frozenset({"2.0"})),
 )
-# The shadow step (`kiln shadow lenet 2.0 --fraction 0.2`) waits for shadow traffic.
-SHADOW_NOTE = ("shadow 2.0 at 20%: skipped, the proxy does not send shadow traffic yet "
-               "(kiln shadow only records it in versions.json)")
+SHADOW_ON, SHADOW_OFF = STEPS[2].name, STEPS[3].name
+# How long Kiln's shadow figures must stay still to count as all scored.
+STILL_S = 1.0
 
 
 class DrillError(RuntimeError):
@@ -96,27 +109,34 @@ class Answer:
     # Answered, then the connection closed by the server (Connection: close): no request is
     # lost, the client opens another. nginx does it after keepalive_requests (1000) answers.
     closed: bool = False
+    input: int = 0  # which of the caller's bodies it sent
+    shadowed: str | None = None  # X-Kiln-Shadowed: the versions it was sampled for
 
 
 class HttpCaller:
-    """One keep-alive HTTP connection POSTing one body to one path."""
+    """One keep-alive HTTP connection POSTing its bodies in turn to one path; `sent` is the
+    index of the last one."""
 
-    def __init__(self, protocol: str, port: int, path: str, body: bytes, headers: dict):
-        self.protocol, self.path, self.body, self.headers = protocol, path, body, headers
+    def __init__(self, protocol: str, port: int, path: str, bodies: list[bytes],
+                 headers: dict):
+        self.protocol, self.path, self.bodies, self.headers = protocol, path, bodies, headers
         self.conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        self.sent = -1
 
-    def call(self) -> tuple[int, str | None, bool, bool]:
+    def call(self) -> tuple[int, str | None, bool, bool, str | None]:
+        self.sent = (self.sent + 1) % len(self.bodies)
         try:
-            self.conn.request("POST", self.path, self.body, self.headers)
+            self.conn.request("POST", self.path, self.bodies[self.sent], self.headers)
             r = self.conn.getresponse()
             r.read()
         except RESET_ERRORS:
             self.conn.close()
-            return 0, None, True, False
+            return 0, None, True, False, None
         except OSError:
             self.conn.close()
-            return 0, None, False, False
-        return r.status, r.getheader(VERSION_HEADER), False, r.will_close
+            return 0, None, False, False, None
+        return (r.status, r.getheader(VERSION_HEADER), False, r.will_close,
+                r.getheader(SHADOWED_HEADER))
 
     def close(self) -> None:
         self.conn.close()
@@ -124,36 +144,78 @@ class HttpCaller:
 
 class GrpcCaller:
     protocol = "grpc"
+    sent = 0
 
     def __init__(self, port: int, token: str, body: bytes):
         self.client, self.body = GrpcClient(f"{HOST}:{port}", token), body
 
-    def call(self) -> tuple[int, str | None, bool, bool]:
+    def call(self) -> tuple[int, str | None, bool, bool, str | None]:
         try:
-            return self.client.predict(NAME, self.body, "image/png").status, None, False, False
+            return (self.client.predict(NAME, self.body, "image/png").status, None, False,
+                    False, None)
         except ConnectionError:  # the transport's UNAVAILABLE: the connection went
-            return 0, None, True, False
+            return 0, None, True, False, None
 
     def close(self) -> None:
         self.client.close()
 
 
-def callers(server: Server, clients: int) -> list:
-    """`clients` callers, REST, OIP and gRPC in turn, each sending unpinned lenet requests."""
-    png, ctype = encode_file(declaration.get(NAME).examples[0].file)
-    pixels = np.asarray(Image.open(declaration.get(NAME).examples[0].file)).tolist()
-    oip = json.dumps({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
-                                  "data": [pixels]}]}).encode()
-    token = server.keys()["inference"]
-    auth = {"Authorization": f"Bearer {token}"}
-    make = {
-        "rest": lambda: HttpCaller("rest", server.ports.inference, f"/predictions/{NAME}", png,
-                                   {**auth, "Content-Type": ctype}),
-        "oip": lambda: HttpCaller("oip", server.ports.oip, f"/v2/models/{NAME}/infer", oip,
-                                  {**auth, "Content-Type": "application/json"}),
-        "grpc": lambda: GrpcCaller(server.ports.grpc_inference, token, png),
-    }
-    return [make[PROTOCOLS[i % len(PROTOCOLS)]]() for i in range(clients)]
+def noisy_inputs(n: int = INPUTS, seed: int = 0) -> list[np.ndarray]:
+    """n digits, lenet's example (a 7) and a drawn ring (a 0) in turn, each shifted a little
+    and noisy, in whole grey levels (a PNG holds them exactly). The drill's 2.0 (one batch of
+    training) answers 0 or 9 alone: on these it agrees with 1.0 about half the time (48% of
+    200 here), where on noisy 7s alone it never does."""
+    example = np.asarray(Image.open(declaration.get(NAME).examples[0].file).convert("L"),
+                         dtype=np.float64)
+    ring = Image.new("L", example.shape[::-1])
+    ImageDraw.Draw(ring).ellipse((7, 4, 21, 24), outline=255, width=3)
+    shapes = [example, np.asarray(ring, dtype=np.float64)]
+    rng = np.random.default_rng(seed)
+    return [np.clip(np.roll(shapes[i % 2], tuple(rng.integers(-3, 4, 2)), (0, 1))
+                    + rng.normal(0, 90, example.shape), 0, 255).round() for i in range(n)]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def bodies(inputs: list[np.ndarray]) -> dict[str, list[bytes]]:
+    """Per protocol, the request body of each input: a PNG (REST, gRPC), FP32 pixels (OIP)."""
+    pngs = [png(x) for x in inputs]
+    oip = [json.dumps({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+                                   "data": [x.tolist()]}]}).encode() for x in inputs]
+    return {"rest": pngs, "oip": oip, "grpc": pngs}
+
+
+def paths(version: str | None = None) -> dict[str, str]:
+    """Per HTTP protocol, the path of an unpinned request or of one pinned to `version`."""
+    if version is None:
+        return {"rest": f"/predictions/{NAME}", "oip": f"/v2/models/{NAME}/infer"}
+    return {"rest": f"/predictions/{NAME}/{version}",
+            "oip": f"/v2/models/{NAME}/versions/{version}/infer"}
+
+
+def headers(server: Server) -> dict[str, dict[str, str]]:
+    auth = {"Authorization": f"Bearer {server.keys()['inference']}"}
+    return {"rest": {**auth, "Content-Type": "image/png"},
+            "oip": {**auth, "Content-Type": "application/json"}}
+
+
+def callers(server: Server, clients: int, sent: dict[str, list[bytes]]) -> list:
+    """`clients` callers, REST, OIP and gRPC in turn, each sending unpinned lenet requests,
+    its protocol's bodies in turn."""
+    ports, path, head = {"rest": server.ports.inference, "oip": server.ports.oip}, paths(), \
+        headers(server)
+
+    def make(protocol: str):
+        if protocol == "grpc":
+            return GrpcCaller(server.ports.grpc_inference, server.keys()["inference"],
+                              sent["grpc"][0])
+        return HttpCaller(protocol, ports[protocol], path[protocol], sent[protocol],
+                          head[protocol])
+    return [make(PROTOCOLS[i % len(PROTOCOLS)]) for i in range(clients)]
 
 
 class Load:
@@ -170,9 +232,9 @@ class Load:
         try:
             while not self._halt.is_set():
                 sent = time.time()
-                status, version, reset, closed = caller.call()
+                status, version, reset, closed, shadowed = caller.call()
                 self.answers.append(Answer(caller.protocol, sent, time.time(), status,
-                                           version, reset, closed))
+                                           version, reset, closed, caller.sent, shadowed))
         finally:
             caller.close()
 
@@ -212,18 +274,22 @@ def kiln(ws: Path, flags: list[str], argv: tuple[str, ...]) -> None:
         raise DrillError(f"kiln {' '.join(argv)} failed: {done.stderr}{done.stdout}")
 
 
-def run_steps(ws: Path, flags: list[str], load: Load, hold: float) -> list[Done]:
-    """Each step's command, then `hold` seconds of load (waiting on nothing else)."""
+def run_steps(ws: Path, flags: list[str], load: Load, hold: float,
+              shadow: ShadowCheck) -> list[Done]:
+    """Each step's command, then `hold` seconds of load (waiting on nothing else); the shadow
+    checked while it is off (its offline requests are the "shadow off" step's load too)."""
     state = versions.state_file(ws / "run")
     done: list[Done] = []
     for step in STEPS:
         started = time.time()
+        if step.name == SHADOW_ON:
+            shadow.before = shadow.figures()
         if step.argv:
             kiln(ws, flags, step.argv)
         ended = time.time()
         changed = state.stat().st_mtime if state.exists() else started
-        if step.name == "deploy 2.0":
-            print(SHADOW_NOTE)
+        if step.name == SHADOW_OFF:
+            shadow.check(load.answers)
         time.sleep(hold)  # the load runs on: what the step costs its clients
         done.append(Done(step, started, changed, ended - started, loadavg=os.getloadavg()[0]))
     closed = time.time()
@@ -231,6 +297,85 @@ def run_steps(ws: Path, flags: list[str], load: Load, hold: float) -> list[Done]
         d.ended = after.started if after else closed
         d.answers = [a for a in load.answers if d.started <= a.sent < d.ended]
     return done
+
+
+# -- the shadow -------------------------------------------------------------------------------
+class ShadowCheck:
+    """2.0's shadow agreement as Kiln reports it (the kiln_shadow_* figures' change over the
+    shadow) and as computed offline: each answer marked shadowed, its input sent again pinned
+    to the version that answered it and to each it was sampled for, over its protocol (a PNG's
+    decoded pixels are not quite the FP32 values OIP is sent)."""
+
+    def __init__(self, server: Server, sent: dict[str, list[bytes]]):
+        self.server, self.sent = server, sent
+        self.before = self.after = shadowing.Figures()
+        self.marked: Counter = Counter()  # protocol -> answers marked shadowed
+        self.offline: list[int] = [0, 0]  # agreeing, rows
+
+    def figures(self) -> shadowing.Figures:
+        return shadowing.read(self.server.url("metrics")).get((NAME, "2.0"), shadowing.Figures())
+
+    def check(self, answers: list[Answer]) -> None:
+        """Once the figures stand still (every sample scored), both agreements."""
+        self.after = self.still()
+        marked = [a for a in answers if a.shadowed]
+        self.marked = Counter(a.protocol for a in marked)
+        labels: dict[tuple[str, int, str], str] = {}
+        with requests.Session() as session:
+            for a in marked:
+                for v in a.shadowed.split(","):
+                    got = [self.label(session, labels, a.protocol, a.input, u)
+                           for u in (a.version, v)]
+                    self.offline[0] += got[0] == got[1]
+                    self.offline[1] += 1
+
+    def still(self) -> shadowing.Figures:
+        deadline = time.monotonic() + 60
+        last = None
+        while time.monotonic() < deadline:
+            now = self.figures()
+            if last is not None and key(now) == key(last):
+                return now
+            last = now
+            time.sleep(STILL_S)
+        raise DrillError(f"2.0's shadow figures kept moving for 60 s: {key(last)}")
+
+    def label(self, session, labels: dict, protocol: str, i: int, v: str) -> str:
+        """The label `v` answers input i with over `protocol` (each asked once)."""
+        if (protocol, i, v) not in labels:
+            port = {"rest": "inference", "oip": "oip"}[protocol]
+            r = session.post(self.server.url(port) + paths(v)[protocol],
+                             data=self.sent[protocol][i], headers=headers(self.server)[protocol],
+                             timeout=30)
+            r.raise_for_status()
+            body = r.json()
+            labels[(protocol, i, v)] = body["label"] if protocol == "rest" else next(
+                o["data"][0] for o in body["outputs"] if o["name"] == "label")
+        return labels[(protocol, i, v)]
+
+    def outcomes(self) -> dict[str, float]:
+        """Sampled requests by outcome over the shadow."""
+        was = self.before.outcomes
+        return {k: n - was.get(k, 0) for k, n in sorted(self.after.outcomes.items())
+                if n != was.get(k, 0)}
+
+    def kiln_agreement(self) -> float:
+        return 100 * (self.after.agreed - self.before.agreed) / (self.after.rows - self.before.rows)
+
+    def offline_agreement(self) -> float:
+        return 100 * self.offline[0] / self.offline[1]
+
+    def line(self) -> str:
+        marked = " ".join(f"{p} {n}" for p, n in sorted(self.marked.items()))
+        outcomes = " ".join(f"{k} {n:g}" for k, n in self.outcomes().items())
+        return (f"shadow 2.0 at {SHADOW_FRACTION:.0%}: answers marked shadowed {marked}; "
+                f"Kiln's samples {outcomes}; agreement Kiln "
+                f"{self.kiln_agreement():.2f}% of {self.after.rows - self.before.rows:g} rows, "
+                f"offline {self.offline_agreement():.2f}% of {self.offline[1]} rows")
+
+
+def key(f: shadowing.Figures) -> tuple:
+    return sorted(f.outcomes.items()), f.rows, f.agreed
 
 
 # -- the figures --------------------------------------------------------------------------------
@@ -300,13 +445,13 @@ def rows(done: list[Done]) -> list[Row]:
 
 def table(found: list[Row]) -> str:
     steady = found[0].p99_ms
-    lines = [f"{'step':<12} {'requests':>8} {'failed':>6} {'resets':>6} {'closed':>6} "
+    lines = [f"{'step':<17} {'requests':>8} {'failed':>6} {'resets':>6} {'closed':>6} "
              f"{'p50 ms':>7} {'p99 ms':>7} {'p99/steady':>10} {'effect s':>8} "
              f"{'command s':>9} {'misrouted':>9} {'load1':>5}  REST+OIP answers by version"]
     for r in found:
         effect = "-" if r.effect_s is None else f"{r.effect_s:.3f}"
         shares = " ".join(f"{v}:{n}" for v, n in r.by_version.items())
-        lines.append(f"{r.name:<12} {r.requests:>8} {r.failed:>6} {r.resets:>6} {r.closed:>6} "
+        lines.append(f"{r.name:<17} {r.requests:>8} {r.failed:>6} {r.resets:>6} {r.closed:>6} "
                      f"{r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.p99_ms / steady:>10.2f} "
                      f"{effect:>8} {r.command_s:>9.1f} {r.misrouted:>9} {r.loadavg:>5.1f}  "
                      f"{shares}")
@@ -391,19 +536,23 @@ def served(ws: Path) -> Iterator[tuple[Server, list[str]]]:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def drill(ws: Path, clients: int, hold: float, warm: bool) -> list[Row]:
-    """The drill on a workspace prepared by prepare(); its rows, the table printed."""
+def drill(ws: Path, clients: int, hold: float, warm: bool) -> tuple[list[Row], ShadowCheck]:
+    """The drill on a workspace prepared by prepare(); its rows and the shadow's check, the
+    table printed."""
+    sent = bodies(noisy_inputs())
     with served(ws) as (server, flags):
-        load = Load(callers(server, clients))
+        load = Load(callers(server, clients, sent))
+        shadow = ShadowCheck(server, sent)
         with load.running():
             time.sleep(SETTLE_S)
-            done = run_steps(ws, flags, load, hold)
+            done = run_steps(ws, flags, load, hold, shadow)
             if warm:
                 warm_up(ws)
     found = rows(done)
     print(table(found))
+    print(shadow.line())
     print(first_answers(done, "2.0"))
-    return found
+    return found, shadow
 
 
 def main(argv: list[str] | None = None) -> int:

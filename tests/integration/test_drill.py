@@ -1,6 +1,7 @@
 """Issue 18's acceptance drill on a real TorchServe, with short steps: lenet 2.0 deployed,
-routed 10% then 50%, promoted, rolled back, promoted again and 1.0 retired, under 16 keep-alive
-clients (REST, OIP and gRPC; none retrying) sending unpinned requests throughout."""
+shadowing 20% of the requests (then not), routed 10% then 50%, promoted, rolled back, promoted
+again and 1.0 retired, under 16 keep-alive clients (REST, OIP and gRPC; none retrying) sending
+unpinned requests throughout."""
 
 from kiln.loadtests.studies import drill
 
@@ -10,7 +11,7 @@ HOLD_S = 2.0
 
 def test_the_version_drill_loses_no_request_and_every_answer_is_routed(archives, tmp_path):
     drill.prepare(tmp_path, archives[NAME])
-    found = drill.drill(tmp_path, clients=16, hold=HOLD_S, warm=False)
+    found, shadow = drill.drill(tmp_path, clients=16, hold=HOLD_S, warm=False)
     names = [step.name for step in drill.STEPS]
     assert [(r.name, r.failed, r.resets, r.misrouted) for r in found] == [
         (name, 0, 0, 0) for name in names]
@@ -24,5 +25,12 @@ def test_the_version_drill_loses_no_request_and_every_answer_is_routed(archives,
     # What each step's REST and OIP answers came from (the misrouted check above is per
     # answer, by when it was sent).
     assert [sorted(r.by_version) for r in found] == [
-        ["1.0"], ["1.0"], ["1.0", "2.0"], ["1.0", "2.0"], ["1.0", "2.0"], ["1.0", "2.0"],
-        ["1.0", "2.0"], ["2.0"]]
+        ["1.0"], ["1.0"], ["1.0"], ["1.0"], ["1.0", "2.0"], ["1.0", "2.0"], ["1.0", "2.0"],
+        ["1.0", "2.0"], ["1.0", "2.0"], ["2.0"]]
+    # The shadow: every sample Kiln counted (by outcome) is an answer marked shadowed, and its
+    # agreement is the one computed offline on those answers' inputs.
+    outcomes = shadow.outcomes()
+    assert sum(outcomes.values()) == sum(shadow.marked.values())
+    assert sorted(shadow.marked) == ["oip", "rest"]
+    assert shadow.offline[1] == sum(shadow.marked.values())
+    assert abs(shadow.kiln_agreement() - shadow.offline_agreement()) <= 0.5, shadow.line()

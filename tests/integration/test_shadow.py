@@ -21,6 +21,7 @@ from PIL import Image
 from kiln.cli.main import main
 from kiln.deploy import lifecycle, versions
 from kiln.deploy.ports import INTERNAL_PORTS_FILE, Ports
+from kiln.deploy.routing import SHADOWED_HEADER
 from kiln.deploy.server import Server, ServerSettings
 from kiln.handlers.handler import VERSION_HEADER
 from kiln.training import train
@@ -216,6 +217,20 @@ def test_a_shadow_compared_by_value_reports_the_differences_computed_offline(ser
     assert delta(after, before, "kiln_shadow_abs_diff_sum_total") == pytest.approx(
         diffs.sum(), rel=1e-9)
     assert after["kiln_shadow_abs_diff_max"] == pytest.approx(diffs.max(), rel=1e-9)
+
+
+@pytest.mark.parametrize("fraction, marked", [(1, "2.0"), (0, None)])
+def test_a_sampled_answer_says_so_and_no_other_does(served, fraction, marked):
+    """X-Kiln-Shadowed names the versions an answer was sampled for, on REST and OIP alike."""
+    ws, srv = served
+    shadow(ws, fraction)
+    try:
+        lifecycle.Target.of(ws / "run", ws / "model_store").sync_routes()
+        got = [rest(srv, DIGITS[3]), oip(srv, DIGITS[3])]
+    finally:
+        shadow(ws, 0)
+    assert [(r.headers[VERSION_HEADER], r.headers.get(SHADOWED_HEADER)) for r in got] == [
+        ("1.0", marked), ("1.0", marked)]
 
 
 def test_a_fifth_of_the_requests_are_shadowed(served):

@@ -63,6 +63,9 @@ final class OipRoutes {
     // separated; empty: none), and the front proxy then mirrors it to SHADOW_PREFIX.
     static final String SHADOW_HEADER = "X-Kiln-Shadow";
     static final String SHADOW_PREFIX = "/kiln-shadow/";
+    // On a sampled answer (OIP here, REST from the front proxy): the versions it was sampled
+    // for, comma separated, so that a client can tell its shadowed requests from the others.
+    static final String SHADOWED_HEADER = "X-Kiln-Shadowed";
     // As kiln.handlers.forms.FORM_TYPE_HEADER.
     static final String FORM_TYPE_HEADER = "kiln-form-type";
 
@@ -343,7 +346,8 @@ final class OipRoutes {
             shadow.score(route.name, candidate, () -> primary,
                     () -> Shadow.time(() -> submit(route.withVersion(candidate), input.get())));
         }
-        return primary.thenApply(timed -> timed.reply);
+        String sampled = String.join(",", shadows);
+        return primary.thenApply(timed -> timed.reply.withHeader(SHADOWED_HEADER, sampled));
     }
 
     private static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
