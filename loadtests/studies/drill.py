@@ -360,10 +360,10 @@ class ShadowCheck:
                 if n != was.get(k, 0)}
 
     def kiln_agreement(self) -> float:
-        return 100 * (self.after.agreed - self.before.agreed) / (self.after.rows - self.before.rows)
+        return percent(self.after.agreed - self.before.agreed, self.after.rows - self.before.rows)
 
     def offline_agreement(self) -> float:
-        return 100 * self.offline[0] / self.offline[1]
+        return percent(*self.offline)
 
     def line(self) -> str:
         marked = " ".join(f"{p} {n}" for p, n in sorted(self.marked.items()))
@@ -372,6 +372,11 @@ class ShadowCheck:
                 f"Kiln's samples {outcomes}; agreement Kiln "
                 f"{self.kiln_agreement():.2f}% of {self.after.rows - self.before.rows:g} rows, "
                 f"offline {self.offline_agreement():.2f}% of {self.offline[1]} rows")
+
+
+def percent(part: float, whole: float) -> float:
+    """NaN of nothing: the line still prints when no answer was marked or scored."""
+    return 100 * part / whole if whole else float("nan")
 
 
 def key(f: shadowing.Figures) -> tuple:
