@@ -1,10 +1,11 @@
 """kiln-container: the entrypoint of Kiln's serving container (docs/deploy.md is the contract).
 
 It starts TorchServe (loopback only, its token auth off, logs on stdout) and nginx in front of
-it (every public port, the keys, the probes), reloads nginx when the mounted keys file changes,
-and turns SIGTERM into a drain: readiness false at once, the drain delay, nginx's graceful quit
-(requests in flight are answered), then TorchServe and its workers stopped, exit 0, all within
-the grace period. TorchServe has no drain of its own: its shutdown closes channels at once.
+it (every public port, the keys, the probes), hands nginx the mounted keys file's keys when it
+changes (no reload: its workers read them again), and turns SIGTERM into a drain: readiness
+false at once, the drain delay, nginx's graceful quit (requests in flight are answered), then
+TorchServe and its workers stopped, exit 0, all within the grace period. TorchServe has no
+drain of its own: its shutdown closes channels at once.
 
 It reaps orphans (a child subreaper on Linux, or PID 1 itself), so TorchServe's frontend, which
 its launcher leaves behind, and any worker that outlives the frontend stay in its process tree.
@@ -310,7 +311,7 @@ class Entrypoint:
         return None
 
     def check_keys(self) -> None:
-        """Reload nginx when the keys file changed; keep the keys it has if the new file is
+        """Hand nginx the keys file's keys when it changed; keep the ones it has if the file is
         not valid (a key too short, a half-written file)."""
         try:
             text = self.settings.keys_file.read_text()
@@ -327,9 +328,9 @@ class Entrypoint:
         except KeysError as err:
             log.error("%s: keeping the keys loaded before", err)
             return
-        front.write_private(self.front.map_file, front.keys_map(keys))
-        os.kill(self.nginx_pid, signal.SIGHUP)  # what nginx -s reload sends
-        log.info("keys changed: nginx reloads with %d key(s)", len(keys))
+        # nginx's workers read it again within front.KEYS_POLL_S: no reload.
+        front.write_private(self.front.keys_list, front.keys_list(keys))
+        log.info("keys changed: nginx takes %d key(s)", len(keys))
 
     def serve(self) -> str | None:
         """Until a signal (None) or a child's unexpected exit (what happened)."""
@@ -420,7 +421,7 @@ class Entrypoint:
 
     def run(self) -> int:
         set_subreaper()
-        os.umask(0o077)  # the run folder's files (nginx's configuration and keys map) are private
+        os.umask(0o077)  # the run folder's files (nginx's configuration and keys list) are private
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         try:

@@ -5,11 +5,12 @@ ports and what TorchServe cannot do itself:
 
 - keys: clients send `Authorization: Bearer KEY`, checked against a keys file of long random
   keys that never expire unless rotated out. `rotate` adds a key and gives the others an end
-  time: both work until then, and nginx itself refuses a key past its end (the map compares
-  the request's time), so nothing has to run at that moment. A reload (SIGHUP) picks up a new
-  file without dropping a connection. TorchServe's own tokens are 8 characters, expire, and
-  are replaced in place on renewal: behind the front they are a service credential only the
-  proxy holds.
+  time: both work until then, and nginx itself refuses a key past its end (the check compares
+  the request's time), so nothing has to run at that moment. Each nginx worker holds the keys
+  and reads them again within KEYS_POLL_S of a change (deploy/nginx/kiln_keys.lua): no
+  reload, which would close idle kept-alive connections. TorchServe's own tokens are 8
+  characters, expire, and are replaced in place on renewal: behind the front they are a
+  service credential only the proxy holds.
 - form bodies: TorchServe's form decoder answers 500 to a malformed form before any worker
   sees it. The front hands multipart and urlencoded bodies to TorchServe as plain bytes, with
   their content type in a header of their own, and the handler decodes them (handlers/forms.py).
@@ -20,6 +21,7 @@ ports and what TorchServe cannot do itself:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -59,6 +61,9 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 )
 
 NGINX = supervise.NGINX
+# Where Debian's nginx modules are (nginx -V: --modules-path); the key check needs its Lua
+# module (libnginx-mod-http-lua, with ndk).
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
@@ -66,40 +71,35 @@ MAX_CONNECTIONS = 512
 WORKER_CONNECTIONS = 2048
 
 
-def below(limit: int, width: int = 10) -> str:
-    """A regex for the `width`-digit decimal numbers below `limit` (nginx's $msec has 10 digits
-    before its point until the year 2286, so string order is time order)."""
-    digits = f"{limit:0{width}d}"
-    if len(digits) != width:
-        raise ValueError(f"{limit} has more than {width} digits")
-    choices = []
-    for i, digit in enumerate(map(int, digits)):
-        if digit:
-            rest = width - i - 1
-            choices.append(digits[:i] + (f"[0-{digit - 1}]" if digit > 1 else "0")
-                           + (rf"\d{{{rest}}}" if rest else ""))
-    return f"(?:{'|'.join(choices)})" if choices else "(?!)"
+# How often each nginx worker reads the keys list again (a small file, read whole): a key
+# change, expiry aside, takes effect within it.
+KEYS_POLL_S = 0.1
+KEYS_LUA = TEMPLATE.parent / "kiln_keys.lua"
+KEYS_LIST = "keys.list"  # in nginx's folder
+# What each keyed listener runs first: the key check, per request one Lua table lookup.
+KEY_SET = ("set_by_lua_block $kiln_key_ok "
+           "{ return kiln_keys.check(ngx.var.http_authorization, ngx.now()) }")
+TAKEN_PREFIX = "keys.taken."  # + a worker's pid: the generation of the list it holds
 
 
-def keys_map(keys: list[Key], now: float | None = None) -> str:
-    """nginx map entries on "$http_authorization $msec", one per key valid now: the key, exactly
-    (a plain map string would ignore case), and, for a key that ends, a time before its end."""
+def keys_list(keys: list[Key], now: float | None = None) -> str:
+    """What nginx's workers read (deploy/nginx/kiln_keys.lua): "# GENERATION" (naming this
+    content), then each key valid now and the second it ends ("-": never). A key ends at its end
+    rounded up to a whole second, as the keys file writes it."""
     now = time.time() if now is None else now
-    lines = []
-    for key in keys:
-        if not key.valid_at(now):
-            continue
-        # Of the characters a key may hold, only . and + mean something in a regex.
-        value = re.sub(r"([.+])", r"\\\1", key.value)
-        seconds = r"\d+" if key.expires is None else below(math.ceil(key.expires))
-        lines.append(f'"~^[Bb]earer {value} {seconds}\\.\\d+$" 1;\n')
-    return "".join(lines)
+    lines = "".join(f"{k.value} {'-' if k.expires is None else math.ceil(k.expires)}\n"
+                    for k in keys if k.valid_at(now))
+    return f"# {hashlib.sha256(lines.encode()).hexdigest()[:16]}\n{lines}"
+
+
+def generation(keys_list_text: str) -> str:
+    return keys_list_text.split("\n", 1)[0].removeprefix("# ")
 
 
 # -- the configuration ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FrontSettings:
-    nginx_dir: Path  # its configuration, keys map, temp folders, pid and log
+    nginx_dir: Path  # its configuration, keys list, temp folders, pid and log
     keys_file: Path
     listen: str
     public: Mapping[str, int]  # http, oip, grpc, metrics: what clients reach
@@ -123,8 +123,8 @@ class FrontSettings:
         return self.nginx_dir / "nginx.conf"
 
     @property
-    def map_file(self) -> Path:
-        return self.nginx_dir / "keys.map"
+    def keys_list(self) -> Path:
+        return self.nginx_dir / KEYS_LIST
 
     @property
     def pid_file(self) -> Path:
@@ -205,6 +205,7 @@ def key_check() -> str:
         if ($kiln_path_long) {{
             return 414 '{json_error(414, LONG_PATH)}';
         }}
+        {KEY_SET}
         if ($kiln_refuse) {{
             rewrite ^ {KEY_REFUSED_PATH} last;
         }}
@@ -281,6 +282,9 @@ def render(s: FrontSettings) -> str:
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
+        "NGINX_MODULES": NGINX_MODULES, "KEYS_LUA": json.dumps(str(KEYS_LUA)),
+        "KEYS_LIST": json.dumps(str(s.keys_list)), "KEY_SET": KEY_SET,
+        "TAKEN_PREFIX": json.dumps(str(s.nginx_dir / TAKEN_PREFIX)), "KEYS_POLL_S": KEYS_POLL_S,
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
@@ -308,12 +312,12 @@ def nginx_command(s: FrontSettings, *args: str) -> list[str]:
 
 def prepare(s: FrontSettings, keys: list[Key]) -> None:
     """Everything nginx reads, written under its folder, which only its owner may enter (the
-    keys map holds every key, the configuration TorchServe's token, the temporary folders
+    keys list holds every key, the configuration TorchServe's token, the temporary folders
     request bodies); raises when nginx refuses it."""
     private_dir(s.nginx_dir)
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         private_dir(s.nginx_dir / sub)
-    write_private(s.map_file, keys_map(keys))
+    write_private(s.keys_list, keys_list(keys))
     write_private(s.conf, render(s))
     done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
     if done.returncode != 0:
@@ -390,11 +394,10 @@ class Front:
             raise
 
     def reload(self, timeout: float = 5) -> list[Key]:
-        """Re-reads the keys file (raises on a bad one: nginx keeps what it has) and tells
-        nginx, which takes new requests with the new keys and drops no connection."""
+        """Re-reads the keys file (raises on a bad one: nginx keeps what it has) and waits
+        until nginx has taken it; no connection is closed."""
         keys = read_keys(self.keys_file)
-        write_private(self.map_file, keys_map(keys))
-        self._reload(timeout)
+        self._take(keys, timeout)
         return keys
 
     def apply(self, keys: list[Key], timeout: float = 5) -> None:
@@ -405,13 +408,12 @@ class Front:
         master = self.wait_master(timeout)
         if master is None:
             raise FrontError(self.not_running())
-        write_private(self.map_file, keys_map(keys))
-        self._reload(timeout)
+        self._take(keys, timeout)
         write_keys(self.keys_file, keys)
 
     @property
-    def map_file(self) -> Path:
-        return self.nginx_dir / "keys.map"
+    def keys_list(self) -> Path:
+        return self.nginx_dir / KEYS_LIST
 
     def wait_master(self, timeout: float) -> int | None:
         """The master's pid; while the supervisor runs, waits for the one it is starting."""
@@ -430,29 +432,39 @@ class Front:
                     f"with the keys they had: kiln stop, then kiln serve")
         return f"no front proxy runs from {self.nginx_dir}"
 
-    def _reload(self, timeout: float) -> None:
-        """SIGHUP, then wait until a worker started by it runs and every old one has exited or
-        is shutting down: from then on no request is read with the old configuration (an old
-        worker closes its idle kept-alive connections as it starts shutting down)."""
+    def _take(self, keys: list[Key], timeout: float) -> None:
+        """The keys to nginx's keys list, then a wait until every worker serving has read it
+        (each says the generation it holds in its keys.taken.PID): from then on no request is
+        checked with the old keys. Workers shutting down after a reload keep theirs."""
+        text = keys_list(keys)
+        write_private(self.keys_list, text)
+        wanted = generation(text)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = self._serving_workers()
+            if workers and all(self._taken(pid) == wanted for pid in workers):
+                return
+            time.sleep(0.01)
+        raise FrontError(f"nginx did not take the keys within {timeout:g} s:\n"
+                         f"{self.log_tail()}")
+
+    def _serving_workers(self) -> list[int]:
         pid = self.pid()
         if pid is None:
             raise FrontError(self.not_running())
-        master = psutil.Process(pid)
-        before = {p.pid for p in master.children()}
-        master.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            workers = {}
-            for proc in master.children():
+        workers = []
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(pid).children():
                 with contextlib.suppress(psutil.Error):
-                    workers[proc.pid] = " ".join(proc.cmdline())
-            new = set(workers) - before
-            old_serving = [p for p in before & set(workers)
-                           if "shutting down" not in workers[p]]
-            if new and not old_serving:
-                return
-            time.sleep(0.01)
-        raise FrontError(f"nginx did not reload within {timeout:g} s:\n{self.log_tail()}")
+                    if "shutting down" not in " ".join(proc.cmdline()):
+                        workers.append(proc.pid)
+        return workers
+
+    def _taken(self, worker: int) -> str | None:
+        try:
+            return (self.nginx_dir / f"{TAKEN_PREFIX}{worker}").read_text().strip()
+        except OSError:
+            return None
 
     def stop(self, timeout: float = 10) -> bool:
         """Graceful quit (requests in flight are answered), killed after `timeout`, and every

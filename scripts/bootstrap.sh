@@ -17,13 +17,15 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 RUNTIME="${KILN_RUNTIME:-cpu}"
 
-# "Debian package: the commands it brings".
+# "Debian package: the commands it brings" (or the files, by their absolute path).
 SERVE_APT=(
     # TorchServe runs on Java; javac builds Kiln's TorchServe plugin (deploy/oip_plugin) at
     # first serve.
     "openjdk-17-jdk-headless: java javac"
     # The front proxy of kiln serve and of Kiln's container: keys, limits, error pages.
     "nginx: nginx"
+    # Its key check (a Lua table per worker: a key change needs no reload).
+    "libnginx-mod-http-lua: /usr/lib/nginx/modules/ngx_http_lua_module.so"
 )
 TEST_APT=(
     # The metrics tests scrape TorchServe with a real Prometheus and lint with promtool.
@@ -53,6 +55,7 @@ as_root() {
 
 # nginx and haproxy live in /usr/sbin, which a user's PATH may lack.
 have() {
+    if [[ "$1" == /* ]]; then [ -e "$1" ]; return; fi
     command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
 }
 

@@ -40,14 +40,15 @@ def plan(mode: str, runtime: str = "cpu") -> tuple[list[str], list[str]]:
 @pytest.mark.parametrize("target", ["serve", "install"])
 def test_make_serve_installs_no_test_bench(target):
     apt, extras = plan(mode_of(target))
-    assert apt == ["openjdk-17-jdk-headless", "nginx"]
+    assert apt == ["openjdk-17-jdk-headless", "nginx", "libnginx-mod-http-lua"]
     assert extras == ["cpu"]
 
 
 @pytest.mark.parametrize("target", ["test", "test-unit", "test-integration", "lint"])
 def test_make_test_installs_serving_and_the_bench(target):
     apt, extras = plan(mode_of(target))
-    assert apt == ["openjdk-17-jdk-headless", "nginx", "prometheus", "wrk", "chromium", "haproxy"]
+    assert apt == ["openjdk-17-jdk-headless", "nginx", "libnginx-mod-http-lua", "prometheus", "wrk",
+                   "chromium", "haproxy"]
     assert extras == ["cpu", "parquet", "ray", "test"]
 
 

@@ -112,7 +112,7 @@ def test_nginx_accepts_the_rendered_configuration(tmp_path):
     settings, server = container_server(tmp_path, port_offset=10)
     run = tmp_path / "run"
     (run / "nginx").mkdir(parents=True)
-    (run / "nginx" / "keys.map").write_text(front.keys_map([front.Key(KEY)]))
+    (run / "nginx" / front.KEYS_LIST).write_text(front.keys_list([front.Key(KEY)]))
     conf = run / "nginx" / "nginx.conf"
     conf.write_text(kc.nginx_config(settings, server, run))
     done = subprocess.run([front.NGINX, "-e", "stderr", "-t", "-p", str(run / "nginx"),

@@ -1,6 +1,5 @@
-"""The front proxy's keys: the keys file, rotation, and the nginx map that enforces their end."""
+"""The front proxy's keys: the keys file, rotation, and the list nginx's workers hold."""
 
-import random
 import re
 
 import pytest
@@ -63,30 +62,15 @@ def test_the_current_key_is_the_newest_valid_one():
     assert front.current([front.Key(KEY, NOW)], NOW) is None
 
 
-@pytest.mark.parametrize("limit", [1_796_180_000, 1_000_000_000, 9_999_999_999, 1, 10, 0,
-                                   1_796_189_999])
-def test_below_matches_exactly_the_numbers_under_the_limit(limit):
-    pattern = re.compile(front.below(limit) + "$")
-    rng = random.Random(limit)
-    near = [limit + d for d in range(-1200, 1200)]
-    far = [rng.randrange(0, 10**10) for _ in range(3000)]
-    for n in near + far + [0, 10**10 - 1]:
-        if 0 <= n < 10**10:
-            assert bool(pattern.match(f"{n:010d}")) == (n < limit), n
-
-
-def test_keys_map_matches_the_key_exactly_and_before_its_end_only():
-    lines = front.keys_map([front.Key(KEY), front.Key(KEY + "x", NOW + 60),
-                            front.Key(KEY + "y", NOW - 1)], now=NOW).splitlines()
-    assert len(lines) == 2  # a key past its end is left out
-    forever, ending = (re.compile(line.split('"')[1][1:]) for line in lines)
-    at = f"{NOW + 59:.3f}"
-    assert forever.match(f"Bearer {KEY} {at}") and forever.match(f"bearer {KEY} {at}")
-    for wrong in (KEY.lower(), KEY + "x", KEY[:-1], f"{KEY} 1.5"):
-        assert not forever.match(f"Bearer {wrong} {at}")
-    assert ending.match(f"Bearer {KEY}x {at}")
-    assert not ending.match(f"Bearer {KEY}x {NOW + 60:.3f}")
-    assert not ending.match(f"Bearer {KEY}x {NOW + 3600:.3f}")
+def test_the_keys_list_holds_each_valid_key_with_its_end_second_and_names_its_content():
+    keys = [front.Key(KEY), front.Key(KEY + "x", NOW + 59.2), front.Key(KEY + "y", NOW - 1)]
+    text = front.keys_list(keys, now=NOW)
+    # A key past its end is left out; an end is rounded up to the second the keys file says.
+    body = f"{KEY} -\n{KEY}x {int(NOW) + 60}\n"
+    assert text == f"# {front.generation(text)}\n{body}"
+    assert re.fullmatch(r"[0-9a-f]{16}", front.generation(text))
+    assert front.generation(front.keys_list(keys[:1], now=NOW)) != front.generation(text)
+    assert front.keys_list(list(reversed(keys[:2])), now=NOW) != text  # the order is kept
 
 
 def test_written_keys_files_are_private(tmp_path):
