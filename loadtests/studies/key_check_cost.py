@@ -1,0 +1,163 @@
+"""What the front proxy's key check costs a request (issue 18): the same Kiln front, rendered
+for one running server, in three variants side by side in front of its TorchServe, each on
+ports of its own: `lua` (Kiln's, deploy/nginx/kiln_keys.lua: a table lookup per request, no
+reload on a key change), `map` (the check before issue 18: a generated regex map on
+"$http_authorization $msec", which needs a reload per key change) and `none` (no check:
+every request passes). The keys are two, as after a rotation (one ending, one not).
+
+wrk at 16 keep-alive connections, in turn, `--rounds` times each: /kiln-oip (nginx answers it
+itself once the key is checked: the check's share is largest there) and a lenet prediction
+through TorchServe. Printed: requests/s per variant (median of the rounds), the ratios, and
+the difference per request in microseconds of nginx's one worker.
+
+    python -m kiln.loadtests.studies.key_check_cost [--seconds 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from kiln.deploy import front, supervise
+from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.loadtests.studies.reliability.load import Mix
+from kiln.loadtests.studies.reliability.served import rest_payload
+from kiln.model_store.build import ensure_built
+from kiln.workspace import Workspace
+
+MODEL = "lenet"
+CLIENTS = 16
+PATHS = ("/kiln-oip", f"/predictions/{MODEL}")
+
+
+def below(limit: int, width: int = 10) -> str:
+    """The map's regex for the `width`-digit numbers below `limit` (as deploy/front.py made it
+    before issue 18: nginx's $msec has ten digits of seconds)."""
+    digits = f"{limit:0{width}d}"
+    choices = [digits[:i] + (f"[0-{d - 1}]" if d > 1 else "0")
+               + (rf"\d{{{width - i - 1}}}" if i < width - 1 else "")
+               for i, d in enumerate(map(int, digits)) if d]
+    return f"(?:{'|'.join(choices)})"
+
+
+def map_check(keys: list[front.Key]) -> str:
+    """The pre-issue-18 check: a map from "$http_authorization $msec" to $kiln_key_ok."""
+    lines = []
+    for key in keys:
+        value = re.sub(r"([.+])", r"\\\1", key.value)
+        seconds = r"\d+" if key.expires is None else below(int(key.expires))
+        lines.append(f'        "~^[Bb]earer {value} {seconds}\\.\\d+$" 1;\n')
+    return ('    map "$http_authorization $msec" $kiln_key_ok {\n        default 0;\n'
+            + "".join(lines) + "    }\n")
+
+
+def variant_conf(text: str, variant: str, keys: list[front.Key]) -> str:
+    if variant == "lua":
+        return text
+    if variant == "none":
+        return text.replace(front.KEY_SET, "set $kiln_key_ok 1;")
+    return text.replace(front.KEY_SET, "").replace("http {\n", "http {\n" + map_check(keys), 1)
+
+
+class Variant:
+    """One more nginx in front of the server's TorchServe, with its own folder and ports."""
+
+    def __init__(self, server: Server, variant: str, folder: Path):
+        self.name = variant
+        ports = Ports.free()
+        self.settings = dataclasses.replace(
+            server.front_settings(server.torchserve_keys()["inference"]),
+            nginx_dir=folder / variant,
+            public={"http": ports.inference, "oip": ports.oip, "grpc": ports.grpc_inference,
+                    "metrics": ports.metrics})
+        keys = front.read_keys(server.front.keys_file)
+        front.prepare(self.settings, keys)
+        self.settings.conf.write_text(variant_conf(front.render(self.settings), variant, keys))
+        self.proc = subprocess.Popen(supervise.nginx_command(self.settings.nginx_dir),
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _accepts(self.settings.public["http"]):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx ({variant}) did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.public['http']}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(timeout=15)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def requests_per_s(url: str, path: str, token: str, seconds: float) -> float:
+    payload = rest_payload(MODEL)
+    load = Mix(url, [(path, payload.body, payload.content_type)], token, CLIENTS,
+               seconds).finish()
+    if load.failed:
+        raise RuntimeError(f"{url}{path}: {load.failed} requests failed ({load.statuses})")
+    return load.run.throughput_rps
+
+
+def measure(server: Server, variants: list[Variant], seconds: float, rounds: int) -> dict:
+    token = server.keys()["inference"]
+    rps = {(v.name, path): [] for v in variants for path in PATHS}
+    for _ in range(rounds):
+        for path in PATHS:
+            for v in variants:
+                rps[v.name, path].append(requests_per_s(v.url, path, token, seconds))
+    table = {}
+    for path in PATHS:
+        median = {v.name: statistics.median(rps[v.name, path]) for v in variants}
+        table[path] = {
+            "rps": {name: round(value) for name, value in median.items()},
+            "lua/map": round(median["lua"] / median["map"], 3),
+            "lua/none": round(median["lua"] / median["none"], 3),
+            "map/none": round(median["map"] / median["none"], 3),
+            "us_per_request_lua_minus_none": round(1e6 / median["lua"] - 1e6 / median["none"], 1),
+            "us_per_request_map_minus_none": round(1e6 / median["map"] - 1e6 / median["none"], 1),
+        }
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5, help="each run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="runs per variant and path (default 3)")
+    opts = p.parse_args(argv)
+    ensure_built(MODEL)
+    with tempfile.TemporaryDirectory(prefix="kiln-keycost-") as folder:
+        server = Server(ServerSettings(Path(folder) / "run", Workspace.current().model_store,
+                                       [MODEL], Ports.free(), internal_ports=Ports.free()))
+        with server.running(timeout=240):
+            # As after a rotation: the first key ends in an hour, the new one does not.
+            keys = front.rotate(server.front.keys(), time.time(), overlap_s=3600)
+            server.front.apply(keys)
+            variants = []
+            try:
+                for name in ("none", "map", "lua"):
+                    variants.append(Variant(server, name, Path(folder)))
+                print(json.dumps(measure(server, variants, opts.seconds, opts.rounds),
+                                 indent=1), flush=True)
+            finally:
+                for v in variants:
+                    v.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
