@@ -329,7 +329,7 @@ class Entrypoint:
             log.error("%s: keeping the keys loaded before", err)
             return
         # nginx's workers read it again within front.KEYS_POLL_S: no reload.
-        front.write_private(self.front.keys_list, front.keys_list(keys))
+        front.write_private(self.front.keys_list_file, front.keys_list(keys))
         log.info("keys changed: nginx takes %d key(s)", len(keys))
 
     def serve(self) -> str | None:

@@ -123,7 +123,7 @@ class FrontSettings:
         return self.nginx_dir / "nginx.conf"
 
     @property
-    def keys_list(self) -> Path:
+    def keys_list_file(self) -> Path:
         return self.nginx_dir / KEYS_LIST
 
     @property
@@ -283,7 +283,7 @@ def render(s: FrontSettings) -> str:
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
         "NGINX_MODULES": NGINX_MODULES, "KEYS_LUA": json.dumps(str(KEYS_LUA)),
-        "KEYS_LIST": json.dumps(str(s.keys_list)), "KEY_SET": KEY_SET,
+        "KEYS_LIST": json.dumps(str(s.keys_list_file)), "KEY_SET": KEY_SET,
         "TAKEN_PREFIX": json.dumps(str(s.nginx_dir / TAKEN_PREFIX)), "KEYS_POLL_S": KEYS_POLL_S,
     }
     text = TEMPLATE.read_text()
@@ -317,7 +317,7 @@ def prepare(s: FrontSettings, keys: list[Key]) -> None:
     private_dir(s.nginx_dir)
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         private_dir(s.nginx_dir / sub)
-    write_private(s.keys_list, keys_list(keys))
+    write_private(s.keys_list_file, keys_list(keys))
     write_private(s.conf, render(s))
     done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
     if done.returncode != 0:
@@ -412,7 +412,7 @@ class Front:
         write_keys(self.keys_file, keys)
 
     @property
-    def keys_list(self) -> Path:
+    def keys_list_file(self) -> Path:
         return self.nginx_dir / KEYS_LIST
 
     def wait_master(self, timeout: float) -> int | None:
@@ -437,7 +437,7 @@ class Front:
         (each says the generation it holds in its keys.taken.PID): from then on no request is
         checked with the old keys. Workers shutting down after a reload keep theirs."""
         text = keys_list(keys)
-        write_private(self.keys_list, text)
+        write_private(self.keys_list_file, text)
         wanted = generation(text)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
