@@ -230,6 +230,7 @@ def test_serving_archives_that_are_up_to_date_imports_no_torch(tmp_path, exports
 READ_ONLY_NEAR_CODE = {
     "kiln/training/train.py:CODE": "the checkout whose git commit a run records",
     "kiln/deploy/front.py:TEMPLATE": "nginx.conf template",
+    "kiln/deploy/front.py:KEYS_LUA": "the key check's Lua, which nginx loads",
     "kiln/deploy/torchserve_config.py:LOG_CONFIG": "log4j2 configuration",
     "kiln/deploy/torchserve_config.py:CONSOLE_LOG_CONFIG": "log4j2 configuration",
     "kiln/deploy/plugins.py:OIP_PLUGIN_SOURCE": "the OIP plugin's Java sources",
