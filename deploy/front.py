@@ -61,9 +61,6 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 )
 
 NGINX = supervise.NGINX
-# Where Debian's nginx modules are (nginx -V: --modules-path); the key check needs its Lua
-# module (libnginx-mod-http-lua, with ndk).
-NGINX_MODULES = Path("/usr/lib/nginx/modules")
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
@@ -74,9 +71,12 @@ WORKER_CONNECTIONS = 2048
 # How often each nginx worker reads the keys list again (a small file, read whole): a key
 # change, expiry aside, takes effect within it.
 KEYS_POLL_S = 0.1
+# Where Debian's nginx modules are (nginx -V: --modules-path); the key check needs its Lua
+# module (libnginx-mod-http-lua, with ndk).
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
 KEYS_LUA = TEMPLATE.parent / "kiln_keys.lua"
 KEYS_LIST = "keys.list"  # in nginx's folder
-# What each keyed listener runs first: the key check, per request one Lua table lookup.
+# What each keyed listener runs before its key check: per request one Lua table lookup.
 KEY_SET = ("set_by_lua_block $kiln_key_ok "
            "{ return kiln_keys.check(ngx.var.http_authorization, ngx.now()) }")
 TAKEN_PREFIX = "keys.taken."  # + a worker's pid: the generation of the list it holds
@@ -279,12 +279,12 @@ def render(s: FrontSettings) -> str:
         "TOO_MANY_REFUSED": TOO_MANY_REFUSED,
         "LONG_PATH_ERROR": json_error(414, LONG_PATH),
         "KEY_CHECK": key_check().rstrip("\n").lstrip(),
-        "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
-        "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
-        "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
         "NGINX_MODULES": NGINX_MODULES, "KEYS_LUA": json.dumps(str(KEYS_LUA)),
         "KEYS_LIST": json.dumps(str(s.keys_list_file)), "KEY_SET": KEY_SET,
         "TAKEN_PREFIX": json.dumps(str(s.nginx_dir / TAKEN_PREFIX)), "KEYS_POLL_S": KEYS_POLL_S,
+        "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
+        "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
+        "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
