@@ -306,3 +306,19 @@ def test_the_audit_log_says_each_action_and_holds_no_key(admin):
                          "outcome": "lenet 2.0 retired"}
     for key in read_keys(admin.run / ADMIN_KEYS_FILE) + read_keys(admin.run / KEYS_FILE):
         assert key.value not in text
+
+
+def test_kiln_keys_revoke_ends_an_inference_key_at_once(admin, capsys):
+    """The same revoke for the inference keys: the running front proxy takes it."""
+    old = admin.inference_key()
+    assert kiln(admin.ws, "keys", "rotate", *admin.flags[:2]) == 0
+    new = admin.inference_key()
+    capsys.readouterr()
+    assert kiln(admin.ws, "keys", "revoke", old[:8], *admin.flags[:2]) == 0
+    assert capsys.readouterr().out == f"{new[:6]}...  in use\nrevoked: {old[:6]}... is " \
+                                      f"refused from now on\n"
+    r = requests.post(f"http://127.0.0.1:{admin.ports.inference}/predictions/{NAME}",
+                      data=SEVEN.read_bytes(), timeout=30,
+                      headers={"Authorization": f"Bearer {old}", "Content-Type": "image/png"})
+    assert (r.status_code, r.json()) == (401, {"error": "missing or unknown key", "code": 401})
+    assert admin.predict().status_code == 200
