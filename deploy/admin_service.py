@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import socketserver
 import sys
 import threading
@@ -43,7 +41,12 @@ from pathlib import Path
 
 from kiln import declaration
 from kiln.deploy import admin_actions, lifecycle, versions
-from kiln.deploy.detached import Detached
+from kiln.deploy.detached import (
+    Detached,
+    check_socket_path,
+    serve_until_signalled,
+    unix_accepts,
+)
 from kiln.keys import ADMIN_KEYS_FILE, SHOWN_CHARS, KeysError, read_keys
 
 log = logging.getLogger("kiln.admin")
@@ -51,7 +54,6 @@ log = logging.getLogger("kiln.admin")
 AUDIT_FILE = "admin_audit.log"
 # An action's arguments are a few short fields; the front proxy refuses more first.
 MAX_BODY = 16 * 1024
-MAX_SOCKET_PATH = 107  # sockaddr_un, with its terminating NUL
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 BEARER = re.compile(r"[Bb]earer ([A-Za-z0-9._~+/=-]+)")
 
@@ -299,18 +301,8 @@ def serve(socket_path: Path, run_dir: Path, store: Path, models_dirs: list[Path]
     """Serves until SIGTERM or SIGINT."""
     os.umask(0o077)  # its socket and audit log are the run folder owner's alone
     server = Service(socket_path, run_dir, store, models_dirs)
-
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     log.info("admin service for %s on %s", run_dir, socket_path)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        socket_path.unlink(missing_ok=True)
+    serve_until_signalled(server, socket_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,15 +336,13 @@ class AdminService:
     def start(self, store: Path, models_dirs: list[Path], timeout: float = 10,
               console: bool = False) -> None:
         """Answering when this returns."""
-        if len(str(self.socket).encode()) > MAX_SOCKET_PATH:
-            raise AdminServiceError(f"{self.socket} is longer than a Unix socket path may be "
-                                    f"({MAX_SOCKET_PATH} bytes): use a shorter run folder")
+        check_socket_path(self.socket, AdminServiceError)
         self.stop()
         command = [sys.executable, "-m", "kiln.deploy.admin_service", "--run-dir",
                    str(self.run_dir), "--store", str(store.resolve()), "--socket",
                    str(self.socket), *[a for d in models_dirs
                                        for a in ("--models-dir", str(Path(d).resolve()))]]
-        self.process.start(command, lambda: _accepts(self.socket), timeout, console)
+        self.process.start(command, lambda: unix_accepts(self.socket), timeout, console)
 
     def stop(self, timeout: float = 5) -> bool:
         """SIGTERM, killed after `timeout`; False when none ran."""
@@ -360,12 +350,6 @@ class AdminService:
             return False
         self.socket.unlink(missing_ok=True)
         return True
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(str(path)) == 0
 
 
 if __name__ == "__main__":
