@@ -156,9 +156,11 @@ ERRORS = {  # nginx's own answers, as Kiln's JSON errors
 ERROR_PREFIX = "/kiln-error/"
 
 
-def error_pages(max_body: int) -> str:
-    """error_page lines and internal locations answering each of nginx's errors as short JSON."""
-    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes"}
+def error_pages(max_body: int, upstream: str = "TorchServe") -> str:
+    """error_page lines and internal locations answering each of nginx's errors as short JSON;
+    `upstream` is what 502 and 504 say is not answering."""
+    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes",
+              502: f"{upstream} is not answering", 504: f"{upstream} did not answer in time"}
     lines = []
     for status, message in sorted(errors.items()):
         shown = 431 if status == 494 else status  # 494 is nginx's own name for 431
@@ -274,7 +276,7 @@ def admin_server(s: FrontSettings) -> str:
         return ""
     if s.admin_socket is None:
         raise ValueError("an admin port needs the admin service's socket")
-    pages = error_pages(ADMIN_MAX_BODY).rstrip("\n").lstrip()
+    pages = error_pages(ADMIN_MAX_BODY, "the admin service").rstrip("\n").lstrip()
     return f"""\
     # Kiln's admin route (kiln serve --admin-port): admin keys only, checked by the service.
     server {{

@@ -142,7 +142,8 @@ def cmd_serve(args) -> int:
         server = Server(ServerSettings(args.run_dir, args.store, models,
                                        Ports.saved(args.run_dir) or server.ports,
                                        models_dirs=args.models_dirs,
-                                       internal_ports=server.settings.internal_ports))
+                                       internal_ports=server.settings.internal_ports,
+                                       admin_port=args.admin_port))
         log.info("TorchServe is already running from %s", args.run_dir)
         if server.front.pid() is None:
             log.warning("its front proxy (nginx) is not running: starting it")

@@ -87,3 +87,6 @@ def test_the_admin_port_is_rendered_only_when_asked(tmp_path):
     assert "client_max_body_size 16384;" in block
     assert "proxy_set_header Authorization $http_authorization;" in block
     assert "if ($kiln_path_refused)" in block and "if ($kiln_path_long)" in block
+    # A service that is down is named, not TorchServe.
+    assert '{"error": "the admin service is not answering", "code": 502}' in block
+    assert "TorchServe" not in block
