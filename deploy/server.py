@@ -19,7 +19,16 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import front, logs, metrics_exporter, orphans, plugins, processes, readiness
+from kiln.deploy import (
+    admin_service,
+    front,
+    logs,
+    metrics_exporter,
+    orphans,
+    plugins,
+    processes,
+    readiness,
+)
 from kiln.deploy.detached import pid_from
 from kiln.deploy.owner_only import owner_only, owner_only_files
 
@@ -70,6 +79,7 @@ class Server:
         self.front = front.Front(self.run_dir / "nginx", self.run_dir / KEYS_FILE)
         # The handlers' metrics, and the default versions versions.json records.
         self.exporter = metrics_exporter.Exporter(self.run_dir, settings.state_file())
+        self.admin = admin_service.AdminService(self.run_dir)
 
     # -- paths and environment -------------------------------------------------------------
     @property
@@ -153,6 +163,8 @@ class Server:
             done.append("stopped the front proxy (nginx) of a TorchServe that is gone")
         if self.exporter.stop():
             done.append("stopped Kiln's metrics exporter of a TorchServe that is gone")
+        if self.admin.stop():
+            done.append("stopped Kiln's admin service of a TorchServe that is gone")
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         if self.pid_file.exists():
             self.pid_file.unlink(missing_ok=True)
@@ -237,7 +249,19 @@ class Server:
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
             route_state=self.settings.state_file(),
             upstream_token=upstream_token, run_as=front.run_as_line(),
-            kiln_metrics_socket=self.exporter.socket)
+            kiln_metrics_socket=self.exporter.socket, admin_port=self.settings.admin_port,
+            admin_socket=self.admin.socket)
+
+    def start_admin(self) -> None:
+        """With an admin port: Kiln's admin service, and an admin key when there is none
+        (run/admin_keys, as the inference keys are made at the first start)."""
+        if self.settings.admin_port is None:
+            return
+        keys_file = self.admin.keys_file
+        if not keys_file.exists():
+            front.write_keys(keys_file, [front.Key(front.new_key())])
+        self.admin.start(self.settings.model_store, self.settings.models_dirs,
+                         console=self.settings.console_logs)
 
     def start_front(self, timeout: float = 60) -> None:
         """nginx on the public ports, once TorchServe has written the token it holds."""
@@ -256,8 +280,10 @@ class Server:
         settings = self.front_settings(upstream_token=token)
         try:
             with owner_only_files():
+                self.start_admin()
                 self.front.start(settings)
-        except front.FrontError as err:
+        except (front.FrontError, admin_service.AdminServiceError) as err:
+            self.admin.stop()
             raise ServerError(str(err)) from None
         (self.run_dir / INTERNAL_PORTS_FILE).write_text(
             json.dumps(vars(self.settings.internal_ports)))
@@ -285,6 +311,7 @@ class Server:
             self.clean_up_after_crash()
             return False
         self.front.stop(timeout=min(10.0, timeout))
+        self.admin.stop()  # nothing reaches it once nginx is gone; an action in it is cut
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         try:
             frontend = psutil.Process(pid)
