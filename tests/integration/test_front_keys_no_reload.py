@@ -3,6 +3,8 @@ kept-alive clients, rotations close no connection and nginx keeps its master and
 key the front no longer holds is refused, and a new one accepted, on the next request after the
 change returns, on a connection opened before it."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -44,21 +46,34 @@ def test_rotations_under_kept_alive_load_close_nothing_and_reload_nothing(served
         assert status(session, served, f"Bearer {keys[-1].value}") == 200
 
 
-def test_a_key_taken_away_is_refused_and_a_new_one_accepted_at_once(served):
+def kiln_keys(server: Server, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "kiln.cli", "keys", *args, "--run-dir",
+                           str(server.run_dir)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_revoked_key_is_refused_and_a_new_one_accepted_once_kiln_keys_returns(served):
     pids = reload_keepalive.nginx_pids(served)
     old = served.keys()["inference"]
-    new = front.Key(front.new_key())
     with requests.Session() as kept_alive:
         assert status(kept_alive, served, f"Bearer {old}") == 200
-        assert status(kept_alive, served, f"Bearer {new.value}") == 401
+        kiln_keys(served, "rotate", "--overlap", "3600")
+        new = served.keys()["inference"]
+        assert status(kept_alive, served, f"Bearer {new}") == 200
+        assert status(kept_alive, served, f"Bearer {old}") == 200  # its overlap
+        kiln_keys(served, "revoke", old)
+        assert status(kept_alive, served, f"Bearer {old}") == 401
+        assert status(kept_alive, served, f"Bearer {new}") == 200
+        newest = front.Key(front.new_key())
         started = time.monotonic()
-        served.front.apply([new])  # every other key revoked
+        served.front.apply([newest])  # what kiln keys does, without a command's start
         print(f"nginx took the keys {1000 * (time.monotonic() - started):.0f} ms after the "
               f"change began")
-        assert status(kept_alive, served, f"Bearer {old}") == 401
-        assert status(kept_alive, served, f"Bearer {new.value}") == 200
+        assert status(kept_alive, served, f"Bearer {new}") == 401
+        assert status(kept_alive, served, f"Bearer {newest.value}") == 200
     assert reload_keepalive.nginx_pids(served) == pids
-    assert front.read_keys(served.front.keys_file) == [new]
+    assert front.read_keys(served.front.keys_file) == [newest]
 
 
 def test_the_key_is_the_whole_header_and_case_sensitive(served):
