@@ -25,6 +25,7 @@ from kiln.deploy.server import (
     MIN_BATCH,
     Ports,
 )
+from kiln.handlers import payload_log
 from kiln.workspace import ENV, add_run_dir
 
 # The build commands are the modules' own entry points (add_arguments and run). They need
@@ -107,6 +108,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="allow model registration through the management API (default: off)")
     p.add_argument("--access-log", action="store_true",
                    help="write run/logs/access_log.log, one line per request (default: off)")
+    p.add_argument("--payload-log", type=float, default=0.0, metavar="FRACTION",
+                   help="write the body and answer of this fraction of requests (0 to 1) "
+                        "to run/payloads/, for kiln replay (default: 0, off)")
+    p.add_argument("--payload-log-file-mb", type=float,
+                   default=payload_log.DEFAULT_MAX_BYTES / 2**20, metavar="MB",
+                   help=f"the payload log's files are rotated past this size (default: "
+                        f"{payload_log.DEFAULT_MAX_BYTES // 2**20})")
+    p.add_argument("--payload-log-files", type=int, default=payload_log.DEFAULT_FILES,
+                   metavar="N", help=f"payload log files kept, the oldest dropped (default: "
+                                     f"{payload_log.DEFAULT_FILES})")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
     p.add_argument("--workers", type=int,
