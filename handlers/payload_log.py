@@ -56,10 +56,14 @@ SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=~-]{1,64}")
 LABELS = ("model_name", "version")
 
 
+def check_fraction(fraction: float) -> None:
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the payload log's fraction must be from 0 to 1, got {fraction:g}")
+
+
 def check_bounds(fraction: float, max_bytes: int, files: int) -> None:
     """ValueError naming a setting out of range."""
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"the payload log's fraction must be from 0 to 1, got {fraction!r}")
+    check_fraction(fraction)
     if max_bytes < 1 or files < 1:
         raise ValueError(f"the payload log needs files of at least 1 byte and at least 1 "
                          f"file, got {max_bytes} bytes and {files} files")

@@ -14,6 +14,7 @@ from kiln import declaration
 from kiln.cli.keys import cmd_keys
 from kiln.cli.measure import cmd_bench, cmd_loadtest, cmd_tune
 from kiln.cli.predict import cmd_batch, cmd_predict
+from kiln.cli.replay import add_parser as add_replay_parser
 from kiln.cli.serve import cmd_serve, cmd_stop, server_arguments
 from kiln.cli.versions import add_parsers as add_version_parsers
 from kiln.console import setup_logging
@@ -179,6 +180,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help=f"gRPC inference port on {HOST} (default: from run/ports.json, or "
                         f"{Ports.grpc_inference})")
     p.set_defaults(func=cmd_predict)
+
+    add_replay_parser(sub)
 
     p = sub.add_parser("batch", help="score a folder of images or a table of rows",
                        description="Score every input of a folder of images or a .npy, CSV, "
