@@ -54,6 +54,10 @@ LOCK_NAME = ".payloads.lock"
 REQUEST_ID_HEADER = "x-request-id"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=~-]{1,64}")
 LABELS = ("model_name", "version")
+# A control character that no text body holds (JSON, a form) and binary ones (PNG, .npy,
+# OIP tensors) nearly always do: such a body is kept as base64 even where it happens to be
+# valid UTF-8, so that a binary body is always "body_b64".
+BINARY_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def check_fraction(fraction: float) -> None:
@@ -248,10 +252,13 @@ def payload(request) -> dict:
 
 def encoded(value) -> dict:
     if isinstance(value, (bytes, bytearray)):
-        try:
-            return {"body": bytes(value).decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"body_b64": base64.b64encode(value).decode("ascii")}
+        raw = bytes(value)
+        if not BINARY_BYTE.search(raw):
+            try:
+                return {"body": raw.decode("utf-8")}
+            except UnicodeDecodeError:
+                pass
+        return {"body_b64": base64.b64encode(raw).decode("ascii")}
     if isinstance(value, str):
         return {"body": value}
     return {"body": json.dumps(value)}  # a body TorchServe parsed already
