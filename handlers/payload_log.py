@@ -26,6 +26,7 @@ import base64
 import fcntl
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -178,17 +179,31 @@ class PayloadLog:
                  registry=None, draw=random.random):
         self.store, self.fraction, self.model, self.version = store, fraction, model, version
         self._draw = draw
+        # log(1 - fraction), for the gaps between sampled requests (-inf: every one).
+        self._log_keep = math.log1p(-fraction) if fraction < 1 else -math.inf
+        self._skip = self._gap()  # requests to let pass before the next sampled one
         counters = declare(registry)
         self._records, self._errors, self._dropped = (
             counters[name].labels(model, version) for name in ("records", "errors", "dropped"))
         self.stopped = False
 
+    def _gap(self) -> int:
+        """Requests passed over before the next sampled one: geometric, so that each request
+        is sampled with probability `fraction`, independently of the others, for one draw
+        per sampled request, none per unsampled one."""
+        return int(math.log1p(-self._draw()) / self._log_keep)
+
     def record(self, data, answers_out, context, started):
         """Logs the sampled requests of a handled batch; `started`: time.perf_counter() when
         the worker took the batch."""
-        picked = [idx for idx in range(len(data)) if self._draw() < self.fraction]
-        if not picked:
+        if self._skip >= len(data):  # an unsampled batch: one subtraction, no draw
+            self._skip -= len(data)
             return
+        picked, idx = [], self._skip
+        while idx < len(data):
+            picked.append(idx)
+            idx += 1 + self._gap()
+        self._skip = idx - len(data)
         if self.stopped:
             self._dropped.inc(len(picked))
             return

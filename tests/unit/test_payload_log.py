@@ -128,13 +128,15 @@ def test_a_record_holds_the_named_fields_the_body_exactly_and_no_header(tmp_path
     assert counter(registry, "records") == 4
 
 
-def test_unsampled_requests_are_not_written(tmp_path):
-    draws = iter([0.5, 0.05, 0.9])
-    log, registry = logged(tmp_path, fraction=0.1, draw=lambda: next(draws))
-    batch = Batch([{"X-Request-ID": f"r{i}", "Host": "h"} for i in range(3)])
-    log.record([{"body": b"[%d]" % i} for i in range(3)], ["{}"] * 3, batch.context, 0)
-    assert [r["request_id"] for r in read(tmp_path)] == ["r1"]
-    assert counter(registry, "records") == 1
+def test_requests_between_the_sampled_ones_are_passed_over(tmp_path):
+    # At 1/2, a draw of u lets floor(log2(1 / (1 - u))) requests pass: 0.5 one, 0.75 two.
+    draws = iter([0.5, 0.75, 0.0, 0.5, 0.75])
+    log, registry = logged(tmp_path, fraction=0.5, draw=lambda: next(draws))
+    for first in (0, 3, 6):
+        batch = Batch([{"X-Request-ID": f"r{i}", "Host": "h"} for i in range(first, first + 3)])
+        log.record([{"body": b"[1]"}] * 3, ["{}"] * 3, batch.context, 0)
+    assert [r["request_id"] for r in read(tmp_path)] == ["r1", "r4", "r5", "r7"]
+    assert counter(registry, "records") == 4
 
 
 def test_off_unless_a_fraction_and_a_folder_are_given(tmp_path):
