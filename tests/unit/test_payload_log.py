@@ -169,3 +169,44 @@ def test_bounds_out_of_range_are_refused():
         payload_log.check_bounds(1.5, 10, 2)
     with pytest.raises(ValueError, match="at least 1 file"):
         payload_log.check_bounds(0.5, 10, 0)
+
+
+def test_serve_s_flags_reach_the_workers_environment(tmp_path):
+    from kiln.cli.main import build_parser
+    from kiln.cli.serve import _server
+
+    args = build_parser("serve").parse_args(
+        ["serve", "--run-dir", str(tmp_path), "--payload-log", "0.25",
+         "--payload-log-file-mb", "2", "--payload-log-files", "5"])
+    env = _server(args, ["lenet"])._env()
+    assert {k: env[k] for k in (payload_log.FRACTION_ENV, payload_log.DIR_ENV,
+                                payload_log.MAX_BYTES_ENV, payload_log.FILES_ENV)} == {
+        payload_log.FRACTION_ENV: "0.25",
+        payload_log.DIR_ENV: str(tmp_path.resolve() / payload_log.FOLDER),
+        payload_log.MAX_BYTES_ENV: str(2 * 2**20), payload_log.FILES_ENV: "5"}
+
+
+def test_off_by_default_even_with_the_variable_exported(tmp_path, monkeypatch):
+    from kiln.cli.main import build_parser
+    from kiln.cli.serve import _server
+
+    monkeypatch.setenv(payload_log.FRACTION_ENV, "1.0")
+    args = build_parser("serve").parse_args(["serve", "--run-dir", str(tmp_path)])
+    assert _server(args, ["lenet"])._env()[payload_log.FRACTION_ENV] == "0.0"
+
+
+def test_serve_refuses_a_fraction_out_of_range(tmp_path, caplog):
+    from kiln.cli.main import main
+
+    assert main(["serve", "--run-dir", str(tmp_path), "--no-build", "--payload-log", "1.5",
+                 "lenet"]) == 1
+    assert "the payload log's fraction must be from 0 to 1, got 1.5" in caplog.text
+
+
+def test_the_container_takes_it_from_its_environment():
+    from kiln.deploy import container, contract
+
+    settings = container.parse_args([], environ={contract.ENV["payload_log"]: "0.1"})
+    assert container.server_settings(settings).payload_log == 0.1
+    with pytest.raises(SystemExit):
+        container.parse_args(["--payload-log", "-1"], environ={})
