@@ -55,6 +55,9 @@ LOCK_NAME = ".payloads.lock"
 REQUEST_ID_HEADER = "x-request-id"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=~-]{1,64}")
 LABELS = ("model_name", "version")
+# Set by the OIP plugin on a shadow's copies of a request (the REST primary it scores again,
+# each candidate's): not the client's requests, which their own workers log.
+COPY_HEADER = "kiln-shadow-copy"
 # A control character that no text body holds (JSON, a form) and binary ones (PNG, .npy,
 # OIP tensors) nearly always do: such a body is kept as base64 even where it happens to be
 # valid UTF-8, so that a binary body is always "body_b64".
@@ -204,6 +207,9 @@ class PayloadLog:
             picked.append(idx)
             idx += 1 + self._gap()
         self._skip = idx - len(data)
+        picked = [idx for idx in picked if not context.get_request_header(idx, COPY_HEADER)]
+        if not picked:
+            return
         if self.stopped:
             self._dropped.inc(len(picked))
             return

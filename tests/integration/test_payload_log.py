@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -240,6 +241,30 @@ def test_replay_against_another_version_reports_where_it_disagrees(two_versions)
     figures = replay(srv, copy, f"{MODEL}:2.0")
     assert (figures["outcomes"], figures["rows"], figures["agreed"]) == (
         {"scored": 22, "same_error": 1}, 22, expected)
+
+
+def shadow_scored(srv):
+    page = requests.get(f"{srv.url('metrics')}/metrics", timeout=10).text
+    return sum(s.value for family in text_string_to_metric_families(page)
+               for s in family.samples if s.name == "kiln_shadow_requests_total"
+               and s.labels.get("version") == "2.0" and s.labels.get("outcome") == "scored")
+
+
+def test_a_shadow_s_copies_of_a_request_are_not_logged(two_versions):
+    """What nginx mirrors for a shadow of a REST prediction: the plugin scores the default
+    version again and the candidate on it, both copies of a request logged once already."""
+    srv, _, _, _ = two_versions
+    token = json.loads(srv.key_file.read_text())["inference"]["key"]  # nginx's, to the plugin
+    before, scored = log_lines(srv.settings.payload_dir()), shadow_scored(srv)
+    r = requests.post(f"http://127.0.0.1:{srv.settings.internal_ports.oip}/kiln-shadow/"
+                      f"{MODEL}/2.0", data=DIGITS[7].read_bytes(), timeout=30,
+                      headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    while shadow_scored(srv) == scored:  # both copies answered and compared
+        assert time.monotonic() < deadline, "the shadow's copies were never scored"
+        time.sleep(0.1)
+    assert log_lines(srv.settings.payload_dir()) == before
 
 
 # -- bounds, a full disk, off ------------------------------------------------------------------

@@ -139,6 +139,15 @@ def test_requests_between_the_sampled_ones_are_passed_over(tmp_path):
     assert counter(registry, "records") == 4
 
 
+def test_a_shadow_s_copies_are_left_out(tmp_path):
+    log, registry = logged(tmp_path)
+    batch = Batch([{"X-Request-ID": "client", "Host": "h"},
+                   {payload_log.COPY_HEADER: "1"}])
+    log.record([{"body": b"[1]"}] * 2, ["{}"] * 2, batch.context, 0)
+    assert [r["request_id"] for r in read(tmp_path)] == ["client"]
+    assert counter(registry, "records") == 1
+
+
 def test_off_unless_a_fraction_and_a_folder_are_given(tmp_path):
     env = payload_log.worker_env(0.0, tmp_path, 10, 2)
     assert isinstance(payload_log.for_worker(env, "lenet", "1.0"), payload_log.Off)
