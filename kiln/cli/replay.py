@@ -1,4 +1,4 @@
-"""`kiln replay LOG NAME[:VERSION]`: a payload log sent again to a served model (kiln/replay.py)."""
+"""`kiln replay LOG NAME[:VERSION]`: a payload log sent again to a model (batch/replay.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from kiln import client as http
-from kiln import replay
+from kiln.batch import replay
 from kiln.deploy.server import HOST, Ports
 from kiln.handlers import payload_log
 from kiln.workspace import add_run_dir
