@@ -229,7 +229,7 @@ class PayloadLog:
 
     def line(self, request, answer, context, idx, latency_ms) -> bytes:
         headers = {k.lower(): v for k, v in (context.get_all_request_header(idx) or {}).items()}
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+        record = {"time": utc_now(),
                   "request_id": request_id(headers, context.get_request_id(idx)),
                   "model": self.model, "version": self.version,
                   "protocol": protocol(headers),
@@ -244,6 +244,12 @@ class PayloadLog:
         # The answer is the JSON the handler wrote: spliced in as it is, not parsed again.
         text = json.dumps(record, separators=(",", ":"))
         return f'{text[:-1]},"answer":{answer or "null"}}}\n'.encode()
+
+
+def utc_now() -> str:
+    """ISO 8601, UTC, to the millisecond."""
+    now = time.time()
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now % 1 * 1000):03d}Z"
 
 
 def request_id(headers: dict, torchserve_id: str | None) -> str | None:
