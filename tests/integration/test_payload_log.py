@@ -19,9 +19,11 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from kiln.deploy import lifecycle
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import GrpcClient
 from kiln.handlers import payload_log
+from kiln.model_store import with_version
 from kiln.workspace import Workspace
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -33,19 +35,15 @@ SWAPPED = ("0", "1")
 
 
 def swapped_archive(source: Path, store: Path) -> Path:
-    """lenet 2.0: `source` with the manifest's version 2.0 and classes 0 and 1 swapped in the
-    last layer of its graph."""
+    """lenet 2.0: `source` as version 2.0 with classes 0 and 1 swapped in the last layer of
+    its graph."""
+    second = with_version(source, store / "second.tmp", "2.0")
     out = store / f"{MODEL}-2.0.mar"
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+    with zipfile.ZipFile(second) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
             data = zin.read(item)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = "2.0"
-                data = json.dumps(manifest).encode()
-            elif item.filename == "model.onnx":
-                data = swap_classes(data)
-            zout.writestr(item, data)
+            zout.writestr(item, swap_classes(data) if item.filename == "model.onnx" else data)
+    second.unlink()
     return out
 
 
@@ -159,11 +157,8 @@ def two_versions(archives, tmp_path_factory):
     srv = logged_server(tmp_path_factory, store, enable_model_api=True, cores=2,
                         payload_log=1.0)
     with srv.running(timeout=240):
-        r = requests.post(f"{srv.url('management')}/models", timeout=180,
-                          params={"url": second.name, "initial_workers": 1,
-                                  "synchronous": "true"},
-                          headers={"Authorization": f"Bearer {srv.keys()['management']}"})
-        assert r.status_code == 200, r.text
+        target = lifecycle.Target.of(srv.run_dir, store)
+        target.management.register(second.name, target.management.describe(MODEL, "1.0"))
         sent = send_traffic(srv)
         copy = tmp_path_factory.mktemp("payload-copy") / "log.jsonl"
         records = log_lines(srv.settings.payload_dir())
