@@ -127,6 +127,8 @@ class Report:
     logged_ms: list[float] = field(default_factory=list)
     replay_ms: list[float] = field(default_factory=list)
     left_out: Counter = field(default_factory=Counter)
+    # The first answer the replay got where the log has an answer: (status, body).
+    first_error: tuple[int, object] | None = None
 
     def add(self, record: dict, status: int, answer, seconds: float) -> None:
         self.replay_ms.append(1000 * seconds)
@@ -139,6 +141,7 @@ class Report:
             return
         if not 200 <= status < 300:
             self.outcomes["replay_error"] += 1
+            self.first_error = self.first_error or (status, answer)
             return
         a, b = said(record.get("answer")), said(answer)
         if a.labels and len(a.labels) == len(b.labels):
@@ -154,6 +157,11 @@ class Report:
             return
         self.outcomes["scored"] += 1
 
+    def nothing_answered(self) -> bool:
+        """Every request the log has an answer for failed: the model or version is not
+        served, say, and there is nothing to compare."""
+        return set(self.outcomes) == {"replay_error"}
+
     def agreement(self) -> float | None:
         return self.agreed / self.rows if self.rows else None
 
@@ -163,6 +171,9 @@ class Report:
         if self.left_out:
             out.append("left out: " + ", ".join(f"{k} {v}" for k, v in
                                                 sorted(self.left_out.items())))
+        if self.first_error:
+            out.append(f"first replay error: HTTP {self.first_error[0]} "
+                       f"{json.dumps(self.first_error[1])[:300]}")
         if self.rows:
             out.append(f"top-1 agreement: {100 * self.agreement():.2f}% of {self.rows} rows "
                        f"({self.rows - self.agreed} differ)")

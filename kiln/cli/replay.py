@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                                    "protocol with its body, and report top-1 agreement "
                                    "(classifiers) or absolute differences (regression) with "
                                    "the logged answers, and latency; exit 1 when it could "
-                                   "not run.")
+                                   "not run or no request was answered.")
     p.add_argument("log", type=Path, nargs="?", metavar="LOG",
                    help=f"a payload log file, or its folder (default: run/{payload_log.FOLDER}/ "
                         f"of --run-dir)")
@@ -85,4 +85,4 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         print(f"{name}{':' + version if version else ''} against {path}")
         print("\n".join(report.lines()))
-    return 0
+    return 1 if report.nothing_answered() else 0

@@ -39,6 +39,14 @@ def test_errors_are_compared_by_status_and_a_new_one_is_counted():
     report.add(record({"label": "1"}), 200, "not json", 0.01)
     assert report.outcomes == {"same_error": 1, "error_changed": 1, "replay_error": 1,
                                "unlike": 1}
+    assert (report.first_error, report.nothing_answered()) == ((503, {"error": "busy"}), False)
+
+
+def test_a_version_not_served_answers_nothing():
+    report = replay.Report()
+    report.add(record({"label": "1"}), 404, {"error": "no model lenet 9.9"}, 0.01)
+    assert report.nothing_answered()
+    assert 'first replay error: HTTP 404 {"error": "no model lenet 9.9"}' in report.lines()
 
 
 def test_a_log_folder_is_read_oldest_file_first_and_other_models_left_out(tmp_path):
