@@ -127,11 +127,13 @@ class Report:
     logged_ms: list[float] = field(default_factory=list)
     replay_ms: list[float] = field(default_factory=list)
     left_out: Counter = field(default_factory=Counter)
+    answered: int = 0  # replayed requests answered 2xx
     # The first answer the replay got where the log has an answer: (status, body).
     first_error: tuple[int, object] | None = None
 
     def add(self, record: dict, status: int, answer, seconds: float) -> None:
         self.replay_ms.append(1000 * seconds)
+        self.answered += 200 <= status < 300
         if "latency_ms" in record:
             self.logged_ms.append(float(record["latency_ms"]))
         logged_ok = 200 <= int(record.get("status", 0)) < 300
@@ -158,9 +160,9 @@ class Report:
         self.outcomes["scored"] += 1
 
     def nothing_answered(self) -> bool:
-        """Every request the log has an answer for failed: the model or version is not
-        served, say, and there is nothing to compare."""
-        return set(self.outcomes) == {"replay_error"}
+        """No replayed request got an answer, though the log has some: the model or version
+        is not served, say, and there is nothing to compare."""
+        return self.answered == 0 and self.outcomes["replay_error"] > 0
 
     def agreement(self) -> float | None:
         return self.agreed / self.rows if self.rows else None

@@ -211,11 +211,11 @@ def test_the_log_holds_no_key_or_token_and_only_its_owner_reads_it(two_versions)
         payload_log.LOG_NAME: 0o600, payload_log.LOCK_NAME: 0o600}
 
 
-def replay(srv, log, model):
+def replay(srv, log, model, code=0):
     done = subprocess.run([sys.executable, "-m", "kiln.cli", "replay", str(log), model,
                            "--run-dir", str(srv.run_dir), "--json"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == code, done.stderr
     assert "replayed 23 of 23" in done.stderr
     return json.loads(done.stdout)
 
@@ -260,6 +260,12 @@ def test_a_shadow_s_copies_of_a_request_are_not_logged(two_versions):
         assert time.monotonic() < deadline, "the shadow's copies were never scored"
         time.sleep(0.1)
     assert log_lines(srv.settings.payload_dir()) == before
+
+
+def test_replay_against_a_version_not_served_fails(two_versions):
+    srv, _, copy, _ = two_versions
+    figures = replay(srv, copy, f"{MODEL}:9.9", code=1)
+    assert figures["outcomes"] == {"replay_error": 22, "error_changed": 1}
 
 
 # -- bounds, a full disk, off ------------------------------------------------------------------
