@@ -41,6 +41,7 @@ from kiln.deploy.server import (
     declared_serving,
 )
 from kiln.handlers.cores import usable_cores
+from kiln.handlers.payload_log import check_fraction
 
 log = logging.getLogger("kiln.container")
 
@@ -69,10 +70,13 @@ class Settings:
     port_offset: int = 0
     public: Mapping[str, int] = field(default_factory=lambda: dict(contract.PUBLIC_PORTS))
     internal: Ports = contract.INTERNAL_PORTS
+    # The sampled payload log (kiln serve --payload-log), in run_dir/torchserve/payloads/.
+    payload_log: float = 0.0
 
     def __post_init__(self):
         if self.grace_s <= 0 or self.drain_delay_s < 0:
             raise ValueError("the grace period must be > 0 and the drain delay >= 0 seconds")
+        check_fraction(self.payload_log)
         if self.drain_delay_s >= self.grace_s:
             raise ValueError(f"the drain delay ({self.drain_delay_s:g} s) must be shorter than "
                              f"the grace period ({self.grace_s:g} s)")
@@ -130,6 +134,10 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                    default=Path(default("versions_file", d.versions_file)),
                    help=f"versions.json: versions, routes and shadows, read when present (env "
                         f"{contract.ENV['versions_file']}; default {d.versions_file})")
+    p.add_argument("--payload-log", type=float, metavar="FRACTION",
+                   default=float(default("payload_log", d.payload_log)),
+                   help=f"fraction of requests whose body and answer are logged, 0 to 1 (env "
+                        f"{contract.ENV['payload_log']}; default {d.payload_log:g}: off)")
     p.add_argument("--listen", default=d.listen,
                    help=f"address of the public listeners (default {d.listen})")
     p.add_argument("--port-offset", type=int, default=0,
@@ -143,7 +151,7 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                         grace_s=args.grace_seconds, drain_delay_s=args.drain_delay_seconds,
                         java_heap=args.java_heap, versions_file=args.versions_file,
                         listen=args.listen,
-                        port_offset=args.port_offset)
+                        port_offset=args.port_offset, payload_log=args.payload_log)
     except ValueError as err:
         p.error(str(err))
 
@@ -168,7 +176,8 @@ def server_settings(settings: Settings) -> ServerSettings:
                           log_config=CONSOLE_LOG_CONFIG, serving=serving, token_auth=False,
                           console_logs=True, versions_file=settings.versions_file,
                           # On loopback only: the recorded versions are registered through it.
-                          enable_model_api=settings.versions_file.exists())
+                          enable_model_api=settings.versions_file.exists(),
+                          payload_log=settings.payload_log)
 
 
 # -- nginx ----------------------------------------------------------------------------------------

@@ -47,4 +47,5 @@ ENV = {
     "drain_delay_s": "KILN_DRAIN_DELAY_SECONDS",  # readiness false before listeners close (5)
     "java_heap": "KILN_JAVA_HEAP",        # e.g. 1g
     "versions_file": "KILN_VERSIONS_FILE",  # versions.json (default VERSIONS_FILE), if present
+    "payload_log": "KILN_PAYLOAD_LOG",    # fraction of requests in the payload log (0: off)
 }

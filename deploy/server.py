@@ -56,6 +56,7 @@ from kiln.deploy.torchserve_config import (  # noqa: F401
     ServerError,
     ServerSettings,
 )
+from kiln.handlers import payload_log
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 
@@ -107,6 +108,9 @@ class Server:
                    KILN_ACCESS_LOG="info" if self.settings.access_log else "off",
                    KILN_SERVED_WORKERS=str(self.served_workers()),
                    PROMETHEUS_MULTIPROC_DIR=str(self.exporter.folder))
+        s = self.settings
+        env.update(payload_log.worker_env(s.payload_log, s.payload_dir(), s.payload_log_max_bytes,
+                                          s.payload_log_files))
         # Workers must find the same Python (and its packages) as this process.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # Workers import torch on first use only (an ONNX worker never does: faster to ready,

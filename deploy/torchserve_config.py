@@ -9,6 +9,7 @@ from pathlib import Path
 from kiln.deploy import plugins, routing
 from kiln.deploy.ports import HOST, Ports
 from kiln.deploy.serving import ModelServing, declared_serving
+from kiln.handlers import payload_log as payloads
 from kiln.handlers.cores import usable_cores
 from kiln.model_store import read_archive
 
@@ -96,6 +97,12 @@ class ServerSettings:
     console_logs: bool = False
     # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
     cores: int = field(default_factory=usable_cores)
+    # The sampled payload log (handlers/payload_log.py): the fraction of requests whose body
+    # and answer the workers write to payload_dir(); 0 is off. Its bounds: bytes a file,
+    # files kept.
+    payload_log: float = 0.0
+    payload_log_max_bytes: int = payloads.DEFAULT_MAX_BYTES
+    payload_log_files: int = payloads.DEFAULT_FILES
 
     def state_file(self) -> Path:
         """versions.json's absolute path: nginx and the JVM run from other folders."""
@@ -139,6 +146,12 @@ class ServerSettings:
 
     def __post_init__(self):
         java_bytes(self.java_heap)  # a bad -Xmx fails here, not when the JVM starts
+        payloads.check_bounds(self.payload_log, self.payload_log_max_bytes,
+                                 self.payload_log_files)
+
+    def payload_dir(self) -> Path:
+        """Where the payload log goes: the run folder's payloads/."""
+        return self.run_dir.resolve() / payloads.FOLDER
 
     def config_properties(self) -> str:
         store = self.model_store.resolve()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from kiln.handlers import (
     answers,
@@ -24,6 +25,7 @@ from kiln.handlers import (
     limits,
     metrics,
     oip,
+    payload_log,
     rest,
 )
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
@@ -138,6 +140,7 @@ class KilnHandler:
         self.metrics = metrics.Recorder()  # records nothing before initialize()
         # This worker's share of time for large images, kept across batches (limits.py).
         self.decode_share = limits.DecodeShare()
+        self.payload_log = payload_log.Off()
         self.initialized = False
 
     def initialize(self, context):
@@ -151,6 +154,7 @@ class KilnHandler:
         self.top_k = options["top_k"]
         self.version = str(context.manifest["model"]["modelVersion"])
         self.metrics = metrics.recorder_for(context.model_name, os.environ, version=self.version)
+        self.payload_log = payload_log.for_worker(os.environ, context.model_name, self.version)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = backends.load_backend(
             serialized,
@@ -171,6 +175,7 @@ class KilnHandler:
         self.initialized = True
 
     def handle(self, data, context):
+        taken = time.perf_counter()
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
@@ -201,6 +206,7 @@ class KilnHandler:
             self.metrics.record_stage("preprocess", started)
         if good:
             self._score(inputs.join(parts, self.signature), good, answers_out, context)
+        self.payload_log.record(data, answers_out, context, taken)
         return answers_out
 
     def _decode(self, request, context, idx, budget=None):

@@ -229,8 +229,15 @@ class GrpcClient:
         each value the JSON of that input (or an encoded image's bytes as they are)."""
         return self._predictions(name, input_map(values))
 
-    def _predictions(self, name: str, inputs: dict[str, bytes]) -> Answer:
-        request = self._pb2.PredictionsRequest(model_name=name, input=inputs)
+    def predict_map(self, name: str, inputs: dict[str, bytes], version: str | None = None
+                    ) -> Answer:
+        """An input map as it is (kiln replay's logged one), to `version` if named."""
+        return self._predictions(name, inputs, version)
+
+    def _predictions(self, name: str, inputs: dict[str, bytes], version: str | None = None
+                     ) -> Answer:
+        request = self._pb2.PredictionsRequest(model_name=name, input=inputs,
+                                               **({"model_version": version} if version else {}))
         try:
             reply = self._stub.Predictions(request, metadata=self._metadata(),
                                            timeout=self.timeout)

@@ -70,6 +70,8 @@ final class OipRoutes {
     // separated; empty: none), and the front proxy then mirrors it to SHADOW_PREFIX.
     static final String SHADOW_HEADER = "X-Kiln-Shadow";
     static final String SHADOW_PREFIX = "/kiln-shadow/";
+    // On a shadow's copies of a request (as kiln.handlers.payload_log.COPY_HEADER).
+    static final String COPY_HEADER = "kiln-shadow-copy";
     // On a sampled answer (OIP here, REST from the front proxy): the versions it was sampled
     // for, comma separated, so that a client can tell its shadowed requests from the others.
     static final String SHADOWED_HEADER = "X-Kiln-Shadowed";
@@ -296,7 +298,7 @@ final class OipRoutes {
             return Reply.error(404, "no model '" + name + "' to shadow");
         }
         byte[] bytes = ByteBufUtil.getBytes(body);
-        Supplier<RequestInput> input = () -> restInput(bytes, contentType, formType);
+        Supplier<RequestInput> input = () -> copy(restInput(bytes, contentType, formType));
         ModelRoute routed = pinned(name, primary);
         for (String candidate : parts.get(1).split(",")) {
             shadow.score(name, candidate, () -> Shadow.time(() -> submit(routed, input.get())),
@@ -374,7 +376,8 @@ final class OipRoutes {
         CompletableFuture<Shadow.Timed> primary = Shadow.time(() -> submit(route, input.get()));
         for (String candidate : shadows) {
             shadow.score(route.name, candidate, () -> primary,
-                    () -> Shadow.time(() -> submit(route.withVersion(candidate), input.get())));
+                    () -> Shadow.time(() -> submit(route.withVersion(candidate),
+                            copy(input.get()))));
         }
         String sampled = String.join(",", shadows);
         return primary.thenApply(timed -> timed.reply.withHeader(SHADOWED_HEADER, sampled));
@@ -422,6 +425,15 @@ final class OipRoutes {
         if (formType != null && !formType.isEmpty()) {
             input.updateHeaders(FORM_TYPE_HEADER, formType);
         }
+        return input;
+    }
+
+    /**
+     * A shadow's copy of a client's request, marked so that the handler's payload log leaves it
+     * out (handlers/payload_log.py: the client's request is logged once, by its own worker).
+     */
+    private static RequestInput copy(RequestInput input) {
+        input.updateHeaders(COPY_HEADER, "1");
         return input;
     }
 
