@@ -33,6 +33,8 @@ OIP_PLUGIN_SOURCE = Path(__file__).resolve().parent / "oip_plugin"
 JAR_NAME = "kiln-oip.jar"
 # The JVM system property (set in vmargs) with the host:port the plugin serves OIP on.
 OIP_ADDRESS_PROPERTY = "kiln.oip.address"
+# The same for Kiln's gRPC inference server in the plugin (GrpcServer.java).
+GRPC_ADDRESS_PROPERTY = "kiln.grpc.address"
 
 
 def limit_properties() -> dict[str, int]:
