@@ -72,7 +72,7 @@ SHADOW_FRACTION = 0.2
 class Step:
     name: str
     argv: tuple[str, ...]  # after `kiln`; empty: no command (the steady load)
-    allowed: frozenset[str]  # versions unpinned REST/OIP answers may come from once it acted
+    allowed: frozenset[str]  # versions unpinned answers may come from once it acted
 
 
 STEPS = (
@@ -497,7 +497,7 @@ def first_answers(done: list[Done], v: str, n: int = 100) -> str:
                      key=lambda a: a.sent)[:n]
     steady = [a for a in done[0].answers if a.status == 200]
     ms = [np.array([(a.answered - a.sent) * 1e3 for a in group]) for group in (answers, steady)]
-    return (f"{v}'s first {len(answers)} REST+OIP answers under load: "
+    return (f"{v}'s first {len(answers)} answers under load: "
             f"p50 {np.percentile(ms[0], 50):.1f} p99 {np.percentile(ms[0], 99):.1f} "
             f"max {ms[0].max():.1f} ms (steady p99 {np.percentile(ms[1], 99):.1f} ms)")
 
