@@ -187,7 +187,7 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
         nginx_dir=run_dir / "nginx", keys_file=settings.keys_file, listen=settings.listen,
         public=public,
         upstream={"http": internal.inference, "oip": internal.oip,
-                  "grpc": internal.grpc_inference, "metrics": internal.metrics},
+                  "grpc": internal.kiln_grpc, "metrics": internal.metrics},
         max_body=server.max_request_size, ready_path=contract.READY_PATH,
         live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
         route_state=server.state_file(),

@@ -247,7 +247,7 @@ class Server:
             nginx_dir=self.front.nginx_dir, keys_file=self.front.keys_file, listen=HOST,
             public={"http": p.inference, "oip": p.oip, "grpc": p.grpc_inference,
                     "metrics": p.metrics},
-            upstream={"http": i.inference, "oip": i.oip, "grpc": i.grpc_inference,
+            upstream={"http": i.inference, "oip": i.oip, "grpc": i.kiln_grpc,
                       "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",

@@ -142,7 +142,8 @@ class ServerSettings:
             return self.ports
         i = self.internal_ports
         return replace(self.ports, inference=i.inference, oip=i.oip,
-                       grpc_inference=i.grpc_inference, metrics=i.metrics)
+                       grpc_inference=i.grpc_inference, metrics=i.metrics,
+                       kiln_grpc=i.kiln_grpc)
 
     def __post_init__(self):
         java_bytes(self.java_heap)  # a bad -Xmx fails here, not when the JVM starts
@@ -199,9 +200,11 @@ class ServerSettings:
                       "-XX:+UseContainerSupport "
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
+                      f"-D{plugins.GRPC_ADDRESS_PROPERTY}={HOST}:{p.kiln_grpc} "
                       f"-D{routing.STATE_PROPERTY}={self.state_file()} "
                       + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
-            # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
+            # Kiln's frontend plugin serves the Open Inference Protocol on the oip port, and
+            # gRPC inference with versions on the kiln_grpc port.
             "plugins_path": plugins.plugins_dir(),
         }
         if not self.token_auth:

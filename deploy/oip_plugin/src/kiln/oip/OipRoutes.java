@@ -80,11 +80,12 @@ final class OipRoutes {
 
     private final RequestLimits limits;
     private final Router router;
-    private final Shadow shadow = new Shadow();
+    private final Shadow shadow;
 
-    OipRoutes(RequestLimits limits, Router router) {
+    OipRoutes(RequestLimits limits, Router router, Shadow shadow) {
         this.limits = limits;
         this.router = router;
+        this.shadow = shadow;
     }
 
     /**
@@ -307,18 +308,18 @@ final class OipRoutes {
         return Reply.json(202, new JsonObject());
     }
 
-    private static ModelRoute pinned(String name, String version) {
+    static ModelRoute pinned(String name, String version) {
         return ModelRoute.parse(List.of("models", name, "versions", version, "infer"));
     }
 
     /** The name of the version `version` of `name` (its default when null); null if none. */
-    private static String versionOf(String name, String version) {
+    static String versionOf(String name, String version) {
         org.pytorch.serve.wlm.Model model = served(name, version);
         return model == null ? null : model.getVersion();
     }
 
     /** `version` when `name` serves it, else null (the default version). */
-    private static String servedOrNull(String name, String version) {
+    static String servedOrNull(String name, String version) {
         return version != null && served(name, version) != null ? version : null;
     }
 
@@ -383,7 +384,7 @@ final class OipRoutes {
         return primary.thenApply(timed -> timed.reply.withHeader(SHADOWED_HEADER, sampled));
     }
 
-    private static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
+    static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
         org.pytorch.serve.wlm.Model model = served(route.name, route.version);
         if (model == null) {  // retired since missingModel looked
             return now(Reply.error(404, "no model " + route.describe()));
