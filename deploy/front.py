@@ -43,6 +43,7 @@ from kiln.deploy.detached import Detached, pid_from
 from kiln.handlers.errors import RETRY_AFTER_S
 from kiln.handlers.forms import FORM_TYPE_HEADER
 from kiln.handlers.oip import PROTOCOL_HEADER
+from kiln.handlers.timing import RECEIVED_HEADER
 from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use from here)
     DEFAULT_OVERLAP_S,
     Key,
@@ -59,6 +60,7 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 )
 
 NGINX = supervise.NGINX
+ACCESS_LOG_FILE = "kiln_access.jsonl"
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
@@ -117,6 +119,8 @@ class FrontSettings:
     # Kiln's metrics exporter (deploy/metrics_exporter.py), appended to TorchServe's /metrics
     # and served alone on /kiln-metrics; None: the metrics port serves TorchServe's only.
     kiln_metrics_socket: Path | None = None
+    # Kiln's JSON access log (one line per request, written by nginx); None: none.
+    access_log: Path | None = None
 
     @property
     def conf(self) -> Path:
@@ -281,6 +285,9 @@ def render(s: FrontSettings) -> str:
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
+        "RECEIVED_HEADER": RECEIVED_HEADER,
+        "ACCESS_LOG": f"access_log {s.access_log} kiln_json;" if s.access_log
+        else "access_log off;",
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():

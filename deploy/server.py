@@ -85,6 +85,11 @@ class Server:
         return self.run_dir / "logs"
 
     @property
+    def access_log(self) -> Path:
+        """Kiln's JSON access log, written by the front proxy (kiln serve --access-log)."""
+        return self.log_dir.resolve() / front.ACCESS_LOG_FILE
+
+    @property
     def fronted(self) -> bool:
         return self.settings.internal_ports is not None
 
@@ -237,7 +242,8 @@ class Server:
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
             route_state=self.settings.state_file(),
             upstream_token=upstream_token, run_as=front.run_as_line(),
-            kiln_metrics_socket=self.exporter.socket)
+            kiln_metrics_socket=self.exporter.socket,
+            access_log=self.access_log if self.settings.access_log else None)
 
     def start_front(self, timeout: float = 60) -> None:
         """nginx on the public ports, once TorchServe has written the token it holds."""

@@ -25,6 +25,7 @@ from kiln.handlers import (
     metrics,
     oip,
     rest,
+    timing,
 )
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
@@ -120,8 +121,10 @@ def non_finite_message(err, rows):
     return where + answers.NON_FINITE_ANSWER
 
 
-def _error(context, idx, code, message):
+def _error(context, idx, code, message, reason=None):
     context.set_response_status(code, PHRASES[code], idx)
+    if reason:
+        context.set_response_header(idx, timing.REASON_HEADER, reason)
     if code == 503:
         context.set_response_header(idx, "Retry-After", str(RETRY_AFTER_S))
     return json.dumps(error_body(message, code))
@@ -171,6 +174,7 @@ class KilnHandler:
         self.initialized = True
 
     def handle(self, data, context):
+        clock = timing.BatchClock()
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
@@ -192,15 +196,20 @@ class KilnHandler:
                 logger.debug("request %d rejected: %s", idx, err)
                 budget.restore(admitted)  # a refused request takes none of the batch's bounds
                 self.metrics.record_rejection(err)
-                answers_out[idx] = _error(context, idx, err.status, str(err))
+                answers_out[idx] = _error(context, idx, err.status, str(err), err.reason)
             except Exception:  # a decoding bug must cost one request, not the batch
                 logger.exception("request %d: unexpected decoding failure", idx)
                 budget.restore(admitted)
                 answers_out[idx] = _error(context, idx, 500, "the request could not be decoded")
             self.decode_share.settle()
             self.metrics.record_stage("preprocess", started)
+        clock.decoded()
         if good:
-            self._score(inputs.join(parts, self.signature), good, answers_out, context)
+            self._score(inputs.join(parts, self.signature), good, answers_out, context, clock)
+        for idx in range(len(data)):
+            context.set_response_header(idx, timing.SERVER_TIMING_HEADER, clock.header(
+                idx, context.get_request_header(idx, timing.RECEIVED_HEADER),
+                context.get_request_header(idx, timing.TRACEPARENT_HEADER)))
         return answers_out
 
     def _decode(self, request, context, idx, budget=None):
@@ -224,10 +233,10 @@ class KilnHandler:
 
         return model_inputs, encode
 
-    def _score(self, batch, good, answers_out, context):
+    def _score(self, batch, good, answers_out, context, clock):
         """Runs the model once on every good row of the batch, then answers each request
         with its own rows' answers (a list when it sent several instances)."""
-        started = self.metrics.now()
+        started, called = self.metrics.now(), timing.now()
         rows = inputs.batch_size(batch)
         try:
             model_output = self.backend.run(batch)
@@ -239,11 +248,12 @@ class KilnHandler:
                 answers_out[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
         self.metrics.record_stage("inference", started, requests=len(good))
+        clock.scored(called)
         start = 0
         for idx, count, encode in good:
             own = model_output[start:start + count]
             start += count
-            encoding = self.metrics.now()
+            encoding, encoding_since = self.metrics.now(), timing.now()
             try:
                 answers_out[idx] = json.dumps(encode(own), allow_nan=False)
             except answers.NonFiniteOutput as err:
@@ -252,8 +262,10 @@ class KilnHandler:
                 logger.debug("request %d: %s", idx, err)  # counted by reason, as a 400 is
                 refused = BadInput(non_finite_message(err, count), reason="non_finite_output")
                 self.metrics.record_rejection(refused)
-                answers_out[idx] = _error(context, idx, refused.status, str(refused))
+                answers_out[idx] = _error(context, idx, refused.status, str(refused),
+                                          refused.reason)
             except ValueError as err:
                 logger.error("request %d: %s", idx, err)
                 answers_out[idx] = _error(context, idx, 500, "the model returned an invalid output")
             self.metrics.record_stage("postprocess", encoding)
+            clock.encoded(idx, encoding_since)
