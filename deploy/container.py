@@ -28,7 +28,7 @@ from pathlib import Path
 import requests
 
 from kiln.declaration import DeclarationError
-from kiln.deploy import contract, front, lifecycle, metrics_exporter, versions
+from kiln.deploy import access_log, contract, front, lifecycle, metrics_exporter, versions
 from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
@@ -53,6 +53,8 @@ PR_SET_CHILD_SUBREAPER = 36
 # Flag files in the run folder that nginx's readiness checks.
 DRAINING_FLAG = "draining"  # written on SIGTERM: readiness false from that moment
 
+# What a yes/no environment variable may say for yes.
+TRUE = ("1", "true", "yes", "on")
 
 @dataclass(frozen=True)
 class Settings:
@@ -69,6 +71,7 @@ class Settings:
     port_offset: int = 0
     public: Mapping[str, int] = field(default_factory=lambda: dict(contract.PUBLIC_PORTS))
     internal: Ports = contract.INTERNAL_PORTS
+    access_log: bool = False  # Kiln's JSON access log (deploy/access_log.py)
 
     def __post_init__(self):
         if self.grace_s <= 0 or self.drain_delay_s < 0:
@@ -130,6 +133,10 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                    default=Path(default("versions_file", d.versions_file)),
                    help=f"versions.json: versions, routes and shadows, read when present (env "
                         f"{contract.ENV['versions_file']}; default {d.versions_file})")
+    p.add_argument("--access-log", action="store_true",
+                   default=env.get(contract.ENV["access_log"], "").lower() in TRUE,
+                   help=f"Kiln's JSON access log, one line per request, in the run folder (env "
+                        f"{contract.ENV['access_log']}=1; default: off)")
     p.add_argument("--listen", default=d.listen,
                    help=f"address of the public listeners (default {d.listen})")
     p.add_argument("--port-offset", type=int, default=0,
@@ -143,7 +150,7 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                         grace_s=args.grace_seconds, drain_delay_s=args.drain_delay_seconds,
                         java_heap=args.java_heap, versions_file=args.versions_file,
                         listen=args.listen,
-                        port_offset=args.port_offset)
+                        port_offset=args.port_offset, access_log=args.access_log)
     except ValueError as err:
         p.error(str(err))
 
@@ -168,7 +175,8 @@ def server_settings(settings: Settings) -> ServerSettings:
                           log_config=CONSOLE_LOG_CONFIG, serving=serving, token_auth=False,
                           console_logs=True, versions_file=settings.versions_file,
                           # On loopback only: the recorded versions are registered through it.
-                          enable_model_api=settings.versions_file.exists())
+                          enable_model_api=settings.versions_file.exists(),
+                          access_log=settings.access_log)
 
 
 # -- nginx ----------------------------------------------------------------------------------------
@@ -185,7 +193,8 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
         shutdown_s=max(1, int(settings.grace_s - settings.drain_delay_s
                               - settings.stop_reserve_s())),
         run_as=front.run_as_line(),
-        kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket)
+        kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket,
+        access_log=front.access_log_path(server.run_dir) if server.access_log else None)
 
 
 def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
@@ -230,6 +239,8 @@ class Entrypoint:
         self.frontend_pid: int | None = None
         self.exited: dict[int, int] = {}  # pid -> wait status, of the children reaped
         self.keys_text: str | None = None
+        self.rotation = (access_log.Rotation(self.front.access_log)
+                         if self.front.access_log is not None else None)
 
     def _on_signal(self, signum, _frame):
         if self.signalled is None:
@@ -339,6 +350,8 @@ class Entrypoint:
             died = self.died()
             if died:
                 return died
+            if self.rotation is not None:
+                self.rotation.check(self.nginx_pid)
             if time.monotonic() >= next_keys_check:
                 self.check_keys()
                 next_keys_check = time.monotonic() + KEYS_POLL_S

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 
+from kiln.deploy import access_log as access_log_rotation
 from kiln.deploy import processes, routing, supervise
 from kiln.deploy.detached import Detached, pid_from
 
@@ -61,6 +62,11 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 
 NGINX = supervise.NGINX
 ACCESS_LOG_FILE = "kiln_access.jsonl"
+
+
+def access_log_path(run_dir: Path) -> Path:
+    """Kiln's JSON access log of a run folder (absolute: nginx runs from its own folder)."""
+    return run_dir.resolve() / "logs" / ACCESS_LOG_FILE
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
@@ -121,6 +127,7 @@ class FrontSettings:
     kiln_metrics_socket: Path | None = None
     # Kiln's JSON access log (one line per request, written by nginx); None: none.
     access_log: Path | None = None
+    access_log_max_bytes: int = access_log_rotation.MAX_BYTES  # then rotated (access_log.py)
 
     @property
     def conf(self) -> Path:
@@ -322,6 +329,9 @@ def prepare(s: FrontSettings, keys: list[Key]) -> None:
         private_dir(s.nginx_dir / sub)
     write_private(s.map_file, keys_map(keys))
     write_private(s.conf, render(s))
+    if s.access_log is not None:  # owner-only whatever nginx's umask (it appends to it)
+        s.access_log.parent.mkdir(parents=True, exist_ok=True)
+        access_log_rotation.create(s.access_log)
     done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
     if done.returncode != 0:
         raise ValueError(f"nginx refuses {s.conf}:\n{done.stderr}")
@@ -389,6 +399,9 @@ class Front:
             raise FrontError(str(err)) from None
         command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir",
                    str(self.nginx_dir), "--quit-timeout", str(settings.shutdown_s)]
+        if settings.access_log is not None:
+            command += ["--access-log", str(settings.access_log),
+                        "--access-log-max-bytes", str(settings.access_log_max_bytes)]
         try:
             self.supervisor.start(command, timeout=timeout, ready=lambda: (
                 self.pid() is not None and _accepts(settings.listen, settings.public["http"])))

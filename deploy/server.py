@@ -87,7 +87,7 @@ class Server:
     @property
     def access_log(self) -> Path:
         """Kiln's JSON access log, written by the front proxy (kiln serve --access-log)."""
-        return self.log_dir.resolve() / front.ACCESS_LOG_FILE
+        return front.access_log_path(self.run_dir)
 
     @property
     def fronted(self) -> bool:

@@ -1,0 +1,47 @@
+"""Kiln's access log stays bounded: rotated past its size, nginx told to reopen it."""
+
+import signal
+import subprocess
+
+import pytest
+
+from kiln.deploy import access_log
+
+
+def test_rotation_shifts_the_files_and_drops_the_oldest(tmp_path):
+    log = tmp_path / "kiln_access.jsonl"
+    for text in ("oldest", "older", "old"):
+        log.write_text(text)
+        access_log.rotate(log, files=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kiln_access.jsonl", "kiln_access.jsonl.1", "kiln_access.jsonl.2"]
+    assert (log.read_text(), access_log.rotated(log, 1).read_text(),
+            access_log.rotated(log, 2).read_text()) == ("", "old", "older")
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_log_over_its_size_is_rotated_and_nginx_told(tmp_path):
+    log = tmp_path / "kiln_access.jsonl"
+    log.write_text("x" * 11)
+    stand_in = subprocess.Popen(["sleep", "60"])  # SIGUSR1 ends it, as it tells nginx to reopen
+    try:
+        rotation = access_log.Rotation(log, max_bytes=10)
+        assert rotation.check(stand_in.pid)
+        assert stand_in.wait(timeout=10) == -signal.SIGUSR1
+        assert (log.read_text(), access_log.rotated(log, 1).read_text()) == ("", "x" * 11)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_a_log_within_its_size_or_absent_is_left_alone(tmp_path):
+    log = tmp_path / "kiln_access.jsonl"
+    assert not access_log.Rotation(log, max_bytes=10).check(0)  # pid 0: never signalled
+    log.write_text("x" * 10)
+    assert not access_log.Rotation(log, max_bytes=10).check(0)
+    assert [p.name for p in tmp_path.iterdir()] == ["kiln_access.jsonl"]
+
+
+def test_bad_bounds_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="max_bytes >= 1 and files >= 1, got 0 and 3"):
+        access_log.Rotation(tmp_path / "log", max_bytes=0)
