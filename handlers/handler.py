@@ -26,6 +26,7 @@ from kiln.handlers import (
     oip,
     rest,
     timing,
+    tracing,
 )
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
@@ -141,6 +142,7 @@ class KilnHandler:
         self.metrics = metrics.Recorder()  # records nothing before initialize()
         # This worker's share of time for large images, kept across batches (limits.py).
         self.decode_share = limits.DecodeShare()
+        self.spans = tracing.Off()
         self.initialized = False
 
     def initialize(self, context):
@@ -154,6 +156,7 @@ class KilnHandler:
         self.top_k = options["top_k"]
         self.version = str(context.manifest["model"]["modelVersion"])
         self.metrics = metrics.recorder_for(context.model_name, os.environ, version=self.version)
+        self.spans = tracing.for_worker(os.environ, context.model_name, self.version)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = backends.load_backend(
             serialized,
@@ -174,7 +177,7 @@ class KilnHandler:
         self.initialized = True
 
     def handle(self, data, context):
-        clock = timing.BatchClock()
+        clock = timing.BatchClock(len(data))
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
@@ -206,11 +209,17 @@ class KilnHandler:
         clock.decoded()
         if good:
             self._score(inputs.join(parts, self.signature), good, answers_out, context, clock)
-        for idx in range(len(data)):
-            context.set_response_header(idx, timing.SERVER_TIMING_HEADER, clock.header(
-                idx, context.get_request_header(idx, timing.RECEIVED_HEADER),
-                context.get_request_header(idx, timing.TRACEPARENT_HEADER)))
+        self._time(context, clock, len(data))
         return answers_out
+
+    def _time(self, context, clock, requests):
+        """Each answer's Server-Timing, and its spans when they are exported."""
+        for idx in range(requests):
+            received = context.get_request_header(idx, timing.RECEIVED_HEADER)
+            traceparent = context.get_request_header(idx, timing.TRACEPARENT_HEADER)
+            context.set_response_header(idx, timing.SERVER_TIMING_HEADER,
+                                        clock.header(idx, received, traceparent))
+            self.spans.record(clock, idx, traceparent, received)
 
     def _decode(self, request, context, idx, budget=None):
         """(model inputs, encode): the rows to score and how to answer them. The protocol is

@@ -55,24 +55,45 @@ now = time.perf_counter
 
 
 class BatchClock:
-    """One batch's times: its start, its model call, each request's encoding."""
+    """One batch's times: its start, its model call, each request's encoding (perf_counter
+    readings, placed on the wall clock by the batch's start)."""
 
-    def __init__(self):
+    def __init__(self, batch_size=1):
+        self.batch_size = batch_size
         self.wall = time.time()  # compared with nginx's clock (same host)
         self.started = now()
-        self.preprocess_ms = 0.0
-        self.inference_ms = 0.0
-        self.postprocess_ms = {}  # request index: ms
+        self.decoded_at = self.started
+        self.inference = (self.started, self.started)  # none: nothing scored
+        self.encoding = {}  # request index: (start, end)
 
     def decoded(self):
-        self.preprocess_ms = (now() - self.started) * 1000
+        self.decoded_at = now()
 
     def scored(self, since):
-        self.inference_ms = (now() - since) * 1000
+        self.inference = (since, now())
 
     def encoded(self, idx, since):
-        self.postprocess_ms[idx] = (now() - since) * 1000
+        self.encoding[idx] = (since, now())
 
     def header(self, idx, received, traceparent):
-        return server_timing(queue_ms(received, self.wall), self.preprocess_ms,
-                             self.inference_ms, self.postprocess_ms.get(idx, 0.0), traceparent)
+        start, end = self.encoding.get(idx, (0.0, 0.0))
+        return server_timing(queue_ms(received, self.wall),
+                             (self.decoded_at - self.started) * 1000,
+                             (self.inference[1] - self.inference[0]) * 1000,
+                             (end - start) * 1000, traceparent)
+
+    def stages(self, idx, received):
+        """(name, start ns, end ns) on the wall clock of each stage of request `idx` (queue
+        only with a receipt time)."""
+        def ns(reading):
+            return int((self.wall + reading - self.started) * 1e9)
+
+        found = []
+        queue = queue_ms(received, self.wall)
+        if queue is not None:
+            found.append(("queue", int((self.wall - queue / 1000) * 1e9), ns(self.started)))
+        found.append(("preprocess", ns(self.started), ns(self.decoded_at)))
+        found.append(("inference", ns(self.inference[0]), ns(self.inference[1])))
+        if idx in self.encoding:
+            found.append(("postprocess", *map(ns, self.encoding[idx])))
+        return found

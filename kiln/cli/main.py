@@ -106,7 +106,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--enable-model-api", action="store_true",
                    help="allow model registration through the management API (default: off)")
     p.add_argument("--access-log", action="store_true",
-                   help="write run/logs/access_log.log, one line per request (default: off)")
+                   help="write run/logs/kiln_access.jsonl (the front proxy's, JSON) and "
+                        "TorchServe's run/logs/access_log.log, one line per request "
+                        "(default: off)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                   help="send the proxy's and the handler's spans there over OTLP/HTTP "
+                        "(needs the tracing extra; default: $OTEL_EXPORTER_OTLP_ENDPOINT, "
+                        "else none)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
     p.add_argument("--workers", type=int,

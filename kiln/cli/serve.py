@@ -42,6 +42,7 @@ def _server(args, models: list[str] | None = None,
                                  internal_ports=internal,
                                  enable_model_api=getattr(args, "enable_model_api", False),
                                  access_log=getattr(args, "access_log", False),
+                                 otlp_endpoint=getattr(args, "otlp_endpoint", None),
                                  models_dirs=getattr(args, "models_dirs", []),
                                  serving=serving or {}))
 

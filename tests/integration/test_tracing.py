@@ -4,7 +4,9 @@ handler's parent; Server-Timing on REST and OIP answers; Kiln's JSON access log.
 
 import json
 import re
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -251,6 +253,96 @@ def test_the_access_log_is_owner_only(traced):
     rest(traced, "owner-only")
     access_line(traced, "owner-only")
     assert traced.access_log.stat().st_mode & 0o777 == 0o600
+
+
+class Receiver(ThreadingHTTPServer):
+    """An OTLP/HTTP trace receiver (the official protobufs, opentelemetry-proto): the spans it
+    was sent, by trace id."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), ReceiverHandler)
+        self.spans = []
+        self.lock = threading.Lock()
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def trace(self, trace_id, names, timeout=30):
+        """The spans of `trace_id` once every one of `names` is in, by name."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                found = {s.name: s for s in self.spans if s.trace_id.hex() == trace_id}
+            if set(found) >= set(names) or time.monotonic() > deadline:
+                assert set(found) == set(names), sorted(found)
+                return found
+            time.sleep(0.05)
+
+
+class ReceiverHandler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        with self.server.lock:
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    self.server.spans.extend(scope.spans)
+        reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200 if self.path == "/v1/traces" else 404)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    srv = Receiver()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def exported(archives, receiver, tmp_path_factory):
+    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("exported"),
+                                model_store=Workspace.current().model_store,
+                                models=["lenet", "binary"], ports=Ports.free(),
+                                internal_ports=Ports.free(), otlp_endpoint=receiver.endpoint))
+    with srv.running(timeout=180):
+        yield srv
+
+
+STAGES = ("queue", "preprocess", "inference", "postprocess")
+
+
+@pytest.mark.parametrize("send", [rest, oip], ids=["rest", "oip"])
+def test_one_requests_trace_reaches_an_otlp_receiver(exported, receiver, send):
+    """caller -> proxy -> queue, preprocess, inference, postprocess, in that order in time."""
+    caller_trace, caller_span = CALLER.split("-")[1:3]
+    r = send(exported, f"exported-{send.__name__}", headers={"traceparent": CALLER})
+    assert r.status_code == 200, r.text
+    spans = receiver.trace(caller_trace, ("proxy", *STAGES))
+    proxy = spans["proxy"]
+    assert proxy.parent_span_id.hex() == caller_span
+    assert proxy.span_id.hex() == timing(r)["traceparent"].split("-")[2]
+    assert {name: spans[name].parent_span_id.hex() for name in STAGES} == {
+        name: proxy.span_id.hex() for name in STAGES}
+    assert len({spans[name].span_id for name in spans}) == 5
+    starts = [spans[name].start_time_unix_nano for name in STAGES]
+    assert starts == sorted(starts)
+    attributes = {a.key: a.value.string_value for a in proxy.attributes}
+    assert attributes["kiln.request_id"] == f"exported-{send.__name__}"
 
 
 def test_a_refused_key_flood_still_carries_the_request_id(traced):

@@ -1,5 +1,7 @@
 """Server-Timing's value, from nginx's receipt time and the handler's stages."""
 
+import sys
+
 import pytest
 
 from kiln.handlers import timing
@@ -29,3 +31,13 @@ def test_the_header_names_four_stages_and_the_trace():
 def test_a_missing_or_odd_traceparent_is_left_out(traceparent):
     assert timing.server_timing(None, 0, 0, 0, traceparent) == (
         "preprocess;dur=0.000, inference;dur=0.000, postprocess;dur=0.000")
+
+
+def test_spans_without_the_tracing_extra_are_a_clear_error(monkeypatch):
+    from kiln.handlers import tracing
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                        None)  # as when the extra is not installed
+    assert not tracing.sdk_present()
+    with pytest.raises(RuntimeError, match=r"pip install 'kiln\[tracing\]'"):
+        tracing.Exporter("http://127.0.0.1:4318")
