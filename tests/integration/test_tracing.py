@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -329,8 +330,9 @@ STAGES = ("queue", "preprocess", "inference", "postprocess")
 @pytest.mark.parametrize("send", [rest, oip], ids=["rest", "oip"])
 def test_one_requests_trace_reaches_an_otlp_receiver(exported, receiver, send):
     """caller -> proxy -> queue, preprocess, inference, postprocess, in that order in time."""
-    caller_trace, caller_span = CALLER.split("-")[1:3]
-    r = send(exported, f"exported-{send.__name__}", headers={"traceparent": CALLER})
+    caller_trace, caller_span = uuid.uuid4().hex, "00f067aa0ba902b7"  # a trace of its own
+    r = send(exported, f"exported-{send.__name__}",
+             headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
     assert r.status_code == 200, r.text
     spans = receiver.trace(caller_trace, ("proxy", *STAGES))
     proxy = spans["proxy"]
