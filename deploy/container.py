@@ -40,6 +40,7 @@ from kiln.deploy.server import (
     ServerSettings,
     declared_serving,
 )
+from kiln.handlers import tracing
 from kiln.handlers.cores import usable_cores
 
 log = logging.getLogger("kiln.container")
@@ -53,7 +54,9 @@ PR_SET_CHILD_SUBREAPER = 36
 # Flag files in the run folder that nginx's readiness checks.
 DRAINING_FLAG = "draining"  # written on SIGTERM: readiness false from that moment
 
-# What a yes/no environment variable may say for yes.
+# Optional settings the image leaves unset (contract.ENV's are all set there): yes/no, and
+# what a yes may say.
+ACCESS_LOG_ENV = "KILN_ACCESS_LOG"
 TRUE = ("1", "true", "yes", "on")
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Settings:
     public: Mapping[str, int] = field(default_factory=lambda: dict(contract.PUBLIC_PORTS))
     internal: Ports = contract.INTERNAL_PORTS
     access_log: bool = False  # Kiln's JSON access log (deploy/access_log.py)
+    otlp_endpoint: str | None = None  # spans over OTLP/HTTP (kiln.handlers.tracing)
 
     def __post_init__(self):
         if self.grace_s <= 0 or self.drain_delay_s < 0:
@@ -134,9 +138,13 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                    help=f"versions.json: versions, routes and shadows, read when present (env "
                         f"{contract.ENV['versions_file']}; default {d.versions_file})")
     p.add_argument("--access-log", action="store_true",
-                   default=env.get(contract.ENV["access_log"], "").lower() in TRUE,
+                   default=env.get(ACCESS_LOG_ENV, "").lower() in TRUE,
                    help=f"Kiln's JSON access log, one line per request, in the run folder (env "
-                        f"{contract.ENV['access_log']}=1; default: off)")
+                        f"{ACCESS_LOG_ENV}=1; default: off)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   default=env.get(tracing.ENDPOINT_ENV) or None,
+                   help=f"the proxy's and the handler's spans over OTLP/HTTP (env "
+                        f"{tracing.ENDPOINT_ENV}; default: none)")
     p.add_argument("--listen", default=d.listen,
                    help=f"address of the public listeners (default {d.listen})")
     p.add_argument("--port-offset", type=int, default=0,
@@ -150,7 +158,8 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                         grace_s=args.grace_seconds, drain_delay_s=args.drain_delay_seconds,
                         java_heap=args.java_heap, versions_file=args.versions_file,
                         listen=args.listen,
-                        port_offset=args.port_offset, access_log=args.access_log)
+                        port_offset=args.port_offset, access_log=args.access_log,
+                        otlp_endpoint=args.otlp_endpoint)
     except ValueError as err:
         p.error(str(err))
 
@@ -176,7 +185,7 @@ def server_settings(settings: Settings) -> ServerSettings:
                           console_logs=True, versions_file=settings.versions_file,
                           # On loopback only: the recorded versions are registered through it.
                           enable_model_api=settings.versions_file.exists(),
-                          access_log=settings.access_log)
+                          access_log=settings.access_log, otlp_endpoint=settings.otlp_endpoint)
 
 
 # -- nginx ----------------------------------------------------------------------------------------
@@ -194,7 +203,8 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
                               - settings.stop_reserve_s())),
         run_as=front.run_as_line(),
         kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket,
-        access_log=front.access_log_path(server.run_dir) if server.access_log else None)
+        access_log=front.access_log_path(server.run_dir)
+        if server.access_log or server.otlp_endpoint else None)
 
 
 def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
@@ -268,6 +278,8 @@ class Entrypoint:
         self.nginx = subprocess.Popen(front.nginx_command(self.front), stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         self.nginx_pid = self.nginx.pid
+        if self.server.settings.otlp_endpoint:
+            self.server.proxy_spans.start(console=True)
         self.restore_versions()
         public = self.settings.public_ports()
         log.info("serving %s: http %d, oip %d, grpc %d, metrics %d; probes %s and %s",
@@ -395,6 +407,7 @@ class Entrypoint:
         return clean
 
     def stop_torchserve(self, deadline: float) -> bool:
+        self.server.proxy_spans.stop()  # nginx has stopped: its last lines are sent
         clean = self.server.terminate(timeout=max(0.5, deadline - time.monotonic()))
         self.reap()
         return clean and not self.leftovers(deadline)

@@ -46,5 +46,4 @@ ENV = {
     "drain_delay_s": "KILN_DRAIN_DELAY_SECONDS",  # readiness false before listeners close (5)
     "java_heap": "KILN_JAVA_HEAP",        # e.g. 1g
     "versions_file": "KILN_VERSIONS_FILE",  # versions.json (default VERSIONS_FILE), if present
-    "access_log": "KILN_ACCESS_LOG",      # 1: Kiln's JSON access log in the run folder (off)
 }

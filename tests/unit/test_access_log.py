@@ -45,3 +45,20 @@ def test_a_log_within_its_size_or_absent_is_left_alone(tmp_path):
 def test_bad_bounds_are_refused(tmp_path):
     with pytest.raises(ValueError, match="max_bytes >= 1 and files >= 1, got 0 and 3"):
         access_log.Rotation(tmp_path / "log", max_bytes=0)
+
+
+@pytest.mark.parametrize("environ, access_log, otlp", [
+    ({}, False, None),
+    ({"KILN_ACCESS_LOG": "1"}, True, None),
+    ({"KILN_ACCESS_LOG": "no"}, False, None),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, False, "http://collector:4318"),
+])
+def test_a_container_takes_them_from_its_environment(environ, access_log, otlp):
+    from kiln.deploy import container
+
+    settings = container.parse_args([], environ)
+    assert (settings.access_log, settings.otlp_endpoint) == (access_log, otlp)
+    server = container.server_settings(settings)
+    written = container.front_settings(settings, server, settings.run_dir).access_log
+    assert written == (settings.run_dir.resolve() / "torchserve" / "logs" / "kiln_access.jsonl"
+                       if access_log or otlp else None)
