@@ -128,6 +128,7 @@ class FrontSettings:
     # Kiln's JSON access log (one line per request, written by nginx); None: none.
     access_log: Path | None = None
     access_log_max_bytes: int = access_log_rotation.MAX_BYTES  # then rotated (access_log.py)
+    trace_sample: float = 1.0  # the share of fresh traces sampled (0 to 1)
 
     @property
     def conf(self) -> Path:
@@ -266,6 +267,16 @@ def kiln_metrics(socket: Path | None) -> str:
             f"        }}\n")
 
 
+def trace_sample(fraction: float) -> str:
+    """split_clients lines: fresh traces sampled (flags 01) for `fraction` of the requests."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the trace sample must be from 0 to 1, got {fraction:g}")
+    percent = round(fraction * 100, 2)  # nginx reads two decimals
+    if percent in (0, 100):
+        return f"* {'01' if percent else '00'};"
+    return f"{percent:g}% 01;\n        * 00;"
+
+
 def render(s: FrontSettings) -> str:
     values = {
         "NGINX_DIR": str(s.nginx_dir), "LISTEN": s.listen,
@@ -292,7 +303,7 @@ def render(s: FrontSettings) -> str:
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
-        "RECEIVED_HEADER": RECEIVED_HEADER,
+        "RECEIVED_HEADER": RECEIVED_HEADER, "TRACE_SAMPLE": trace_sample(s.trace_sample),
         "ACCESS_LOG": f"access_log {s.access_log} kiln_json;" if s.access_log
         else "access_log off;",
     }

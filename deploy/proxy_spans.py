@@ -35,8 +35,11 @@ class ProxySpansError(RuntimeError):
 
 
 def span_of(line: dict) -> dict | None:
-    """The proxy span's fields of one access log line; None for a line without a trace."""
+    """The proxy span's fields of one access log line; None for a line without a sampled
+    trace."""
     try:
+        if not int(line["trace_flags"], 16) & 1:  # not sampled
+            return None
         trace_id, span_id = int(line["trace_id"], 16), int(line["span_id"], 16)
         parent = int(line["parent_span_id"], 16) if line.get("parent_span_id") else None
         end_ns = int(float(line["end"]) * 1e9)

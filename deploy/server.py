@@ -257,7 +257,7 @@ class Server:
             upstream_token=upstream_token, run_as=front.run_as_line(),
             kiln_metrics_socket=self.exporter.socket,
             access_log=self.access_log if self.settings.access_log
-            or self.settings.otlp_endpoint else None)
+            or self.settings.otlp_endpoint else None, trace_sample=self.settings.trace_sample)
 
     def start_front(self, timeout: float = 60) -> None:
         """nginx on the public ports, once TorchServe has written the token it holds."""

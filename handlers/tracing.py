@@ -89,14 +89,13 @@ class StageSpans:
     def record(self, clock, idx, traceparent, received):
         """`clock`: the batch's timing.BatchClock; `received`: nginx's receipt ($msec)."""
         match = TRACEPARENT.fullmatch(traceparent or "")
-        if match is None:
+        if match is None or not int(match[3], 16) & 1:  # none, or not sampled
             return
         trace_id, parent_id = int(match[1], 16), int(match[2], 16)
-        sampled = int(match[3], 16) & 1 == 1
         attributes = {**self.attributes, "kiln.batch_size": clock.batch_size}
         for name, start_ns, end_ns in clock.stages(idx, received):
             self.exporter.span(name, trace_id, self.exporter.new_span_id(), parent_id,
-                               start_ns, end_ns, attributes, sampled)
+                               start_ns, end_ns, attributes)
 
 
 def for_worker(environ, model, version):

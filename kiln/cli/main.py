@@ -114,6 +114,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="send the proxy's and the handler's spans there over OTLP/HTTP "
                         "(needs the tracing extra; default: $OTEL_EXPORTER_OTLP_ENDPOINT, "
                         "else none)")
+    p.add_argument("--trace-sample", type=float, metavar="FRACTION",
+                   default=float(os.environ.get("OTEL_TRACES_SAMPLER_ARG") or 1.0),
+                   help="the share of requests without a caller's traceparent whose trace is "
+                        "sampled (exported); a caller's keeps its own flag (default: "
+                        "$OTEL_TRACES_SAMPLER_ARG, else 1)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
     p.add_argument("--workers", type=int,

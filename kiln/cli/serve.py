@@ -43,6 +43,7 @@ def _server(args, models: list[str] | None = None,
                                  enable_model_api=getattr(args, "enable_model_api", False),
                                  access_log=getattr(args, "access_log", False),
                                  otlp_endpoint=getattr(args, "otlp_endpoint", None),
+                                 trace_sample=getattr(args, "trace_sample", 1.0),
                                  models_dirs=getattr(args, "models_dirs", []),
                                  serving=serving or {}))
 

@@ -1,8 +1,9 @@
 """What following each request costs (issue 19, goal 1): wrk on /predictions/lenet at 16
 keep-alive connections through the front proxy, against two servers side by side, in turns,
 `--rounds` times each: one with the access log and OTLP spans off, one with the access log
-only, one with both on (spans to a local sink that reads and drops them). The request id,
-traceparent and Server-Timing are always on, in all three.
+only, one with both on and every trace sampled, one with 1% of them sampled (spans to a local
+sink that reads and drops them). The request id, traceparent and Server-Timing are always on,
+in all four.
 
     python -m kiln.loadtests.studies.tracing_cost [--seconds 10] [--rounds 3]
 """
@@ -65,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     ensure_built(MODEL)
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    results = {"tracing off": [], "access log": [], "tracing on": []}
+    results = {"tracing off": [], "access log": [], "tracing on": [], "tracing on, 1%": []}
     with tempfile.TemporaryDirectory(prefix="kiln-tracing-cost-") as folder:
         servers = {"tracing off": server(Path(folder), "off"),
                    "access log": server(Path(folder), "log", access_log=True),
                    "tracing on": server(Path(folder), "on", access_log=True,
-                                        otlp_endpoint=f"http://127.0.0.1:{sink.server_port}")}
+                                        otlp_endpoint=f"http://127.0.0.1:{sink.server_port}"),
+                   "tracing on, 1%": server(Path(folder), "on1", access_log=True,
+                                            otlp_endpoint=f"http://127.0.0.1:{sink.server_port}",
+                                            trace_sample=0.01)}
         with contextlib.ExitStack() as running:
             for srv in servers.values():
                 running.enter_context(srv.running(timeout=240))

@@ -347,6 +347,19 @@ def test_one_requests_trace_reaches_an_otlp_receiver(exported, receiver, send):
     assert attributes["kiln.request_id"] == f"exported-{send.__name__}"
 
 
+def test_an_unsampled_trace_is_not_exported(exported, receiver):
+    """A caller's traceparent with its sampled flag off: no span of it, proxy's or worker's
+    (those of a sampled request sent after it arrive, in order, first)."""
+    unsampled, sampled = uuid.uuid4().hex, uuid.uuid4().hex
+    for trace, flags in ((unsampled, "00"), (sampled, "01")):
+        r = rest(exported, headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-{flags}"})
+        assert r.status_code == 200, r.text
+        assert timing(r)["traceparent"].endswith(f"-{flags}")
+    receiver.trace(sampled, ("proxy", *STAGES))
+    with receiver.lock:
+        assert [s.name for s in receiver.spans if s.trace_id.hex() == unsampled] == []
+
+
 def test_a_refused_key_flood_still_carries_the_request_id(traced):
     """Past the refused-key rate, nginx's 429 carries it too (last: the rate is per client
     address, and a 401 test after it would get 429)."""

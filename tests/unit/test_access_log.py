@@ -62,3 +62,64 @@ def test_a_container_takes_them_from_its_environment(environ, access_log, otlp):
     written = container.front_settings(settings, server, settings.run_dir).access_log
     assert written == (settings.run_dir.resolve() / "torchserve" / "logs" / "kiln_access.jsonl"
                        if access_log or otlp else None)
+
+
+@pytest.mark.parametrize("fraction, lines", [
+    (1.0, "* 01;"),
+    (0.0, "* 00;"),
+    (0.015, "1.5% 01;\n        * 00;"),
+])
+def test_fresh_traces_are_sampled_for_a_share_of_requests(fraction, lines):
+    from kiln.deploy import front
+
+    assert front.trace_sample(fraction) == lines
+
+
+def test_a_sample_share_outside_0_to_1_is_refused():
+    from kiln.deploy import front
+
+    with pytest.raises(ValueError, match="the trace sample must be from 0 to 1, got 1.5"):
+        front.trace_sample(1.5)
+
+
+LINE = {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7",
+        "parent_span_id": "", "trace_flags": "01", "end": 1700000000.5, "latency_s": 0.25,
+        "method": "POST", "route": "/predictions/lenet", "status": 200, "request_id": "r1",
+        "model": "lenet", "version": "1.0"}
+
+
+def test_an_access_log_line_is_the_proxys_span():
+    from kiln.deploy import proxy_spans
+
+    span = proxy_spans.span_of(LINE)
+    assert {k: span[k] for k in ("name", "trace_id", "span_id", "parent_id", "start_ns",
+                                 "end_ns")} == {
+        "name": "proxy", "trace_id": 0x4bf92f3577b34da6a3ce929d0e0e4736,
+        "span_id": 0x00f067aa0ba902b7, "parent_id": None,
+        "start_ns": 1700000000250000000, "end_ns": 1700000000500000000}
+
+
+@pytest.mark.parametrize("change", [{"trace_flags": "00"}, {"trace_id": ""}, {"end": "x"}])
+def test_an_unsampled_or_unreadable_line_makes_no_span(change):
+    from kiln.deploy import proxy_spans
+
+    assert proxy_spans.span_of({**LINE, **change}) is None
+
+
+def test_the_follower_reads_whole_lines_across_a_rotation(tmp_path):
+    from kiln.deploy import proxy_spans
+
+    log = tmp_path / "kiln_access.jsonl"
+    log.write_bytes(b"before\n")
+    follower = proxy_spans.Follower(log)
+    assert follower.lines() == []  # it starts at the end
+    with log.open("ab") as f:
+        f.write(b"one\ntw")
+    assert follower.lines() == [b"one"]
+    with log.open("ab") as f:
+        f.write(b"o\n")
+    access_log.rotate(log, files=1)
+    log.write_bytes(b"three\n")
+    assert follower.lines() == [b"two"]
+    assert follower.lines() == []  # the old file is done: on to the new one
+    assert follower.lines() == [b"three"]
