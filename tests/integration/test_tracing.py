@@ -94,22 +94,16 @@ def assert_request_id(answer, sent, expected):
     assert answer.raw.headers.getlist("X-Request-ID") == [got]  # one, never TorchServe's too
 
 
-@pytest.mark.parametrize("case", REST_CASES)
-@pytest.mark.parametrize("id_case", IDS)
-def test_rest_answers_carry_the_request_id(traced, case, id_case):
-    kwargs, status = REST_CASES[case]
-    sent, expected = IDS[id_case]
-    r = rest(traced, sent, **kwargs)
-    assert r.status_code == status, r.text
-    assert_request_id(r, sent, expected)
+ANSWERS = {f"{send.__name__} {case}": (send, *cases[case])
+           for send, cases in ((rest, REST_CASES), (oip, OIP_CASES)) for case in cases}
 
 
-@pytest.mark.parametrize("case", OIP_CASES)
+@pytest.mark.parametrize("answer", ANSWERS)
 @pytest.mark.parametrize("id_case", IDS)
-def test_oip_answers_carry_the_request_id(traced, case, id_case):
-    kwargs, status = OIP_CASES[case]
+def test_rest_and_oip_answers_carry_the_request_id(traced, answer, id_case):
+    send, kwargs, status = ANSWERS[answer]
     sent, expected = IDS[id_case]
-    r = oip(traced, sent, **kwargs)
+    r = send(traced, sent, **kwargs)
     assert r.status_code == status, r.text
     assert_request_id(r, sent, expected)
 
