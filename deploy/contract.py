@@ -23,7 +23,8 @@ INTERNAL_PORTS = Ports(inference=18080, management=18081, metrics=18082, grpc_in
                        grpc_management=17071, oip=18085)
 
 # Probes, on the http port, answered by the front proxy without a key.
-READY_PATH = "/ready"      # 200 once every model has a loaded worker; 503 while draining
+READY_PATH = "/ready"      # 200 once every model has a loaded worker and TorchServe's
+                           # inference port accepts; 503 while draining
 LIVE_PATH = "/live"        # 200 while the proxy and TorchServe's frontend answer (busy is alive)
 
 # Where things are inside the image.

@@ -129,6 +129,10 @@ class FrontSettings:
     access_log: Path | None = None
     access_log_max_bytes: int = access_log_rotation.MAX_BYTES  # then rotated (access_log.py)
     trace_sample: float = 1.0  # the share of fresh traces sampled (0 to 1)
+    # The admin port and Kiln's admin service behind it (deploy/admin_service.py); None: no
+    # admin port (the default, as TorchServe's model API is off unless asked for).
+    admin_port: int | None = None
+    admin_socket: Path | None = None
 
     @property
     def conf(self) -> Path:
@@ -164,9 +168,11 @@ ERRORS = {  # nginx's own answers, as Kiln's JSON errors
 ERROR_PREFIX = "/kiln-error/"
 
 
-def error_pages(max_body: int) -> str:
-    """error_page lines and internal locations answering each of nginx's errors as short JSON."""
-    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes"}
+def error_pages(max_body: int, upstream: str = "TorchServe") -> str:
+    """error_page lines and internal locations answering each of nginx's errors as short JSON;
+    `upstream` is what 502 and 504 say is not answering."""
+    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes",
+              502: f"{upstream} is not answering", 504: f"{upstream} did not answer in time"}
     lines = []
     for status, message in sorted(errors.items()):
         shown = 431 if status == 494 else status  # 494 is nginx's own name for 431
@@ -277,6 +283,49 @@ def trace_sample(fraction: float) -> str:
     return f"{percent:g}% 01;\n        * 00;"
 
 
+# What an admin request may hold (JSON arguments of a few short fields), and how long one may
+# take: a deploy exports, archives, registers and warms before it answers.
+ADMIN_MAX_BODY = 16 * 1024
+ADMIN_READ_TIMEOUT_S = 900
+
+
+def admin_server(s: FrontSettings) -> str:
+    """The admin port's server block: the same refusals of odd and long paths, timeouts and
+    JSON error pages as the other ports, a small body limit, and everything else to Kiln's
+    admin service, which checks the admin key itself (so that rotating one needs no reload).
+    Empty without an admin port."""
+    if s.admin_port is None:
+        return ""
+    if s.admin_socket is None:
+        raise ValueError("an admin port needs the admin service's socket")
+    pages = error_pages(ADMIN_MAX_BODY, "the admin service").rstrip("\n").lstrip()
+    return f"""\
+    # Kiln's admin route (kiln serve --admin-port): admin keys only, checked by the service.
+    server {{
+        listen {s.listen}:{s.admin_port};
+        limit_conn kiln_connections {MAX_CONNECTIONS};
+        client_max_body_size {ADMIN_MAX_BODY};
+        {pages}
+
+        if ($kiln_path_refused) {{
+            return 400 '{json_error(400, ODD_PATH)}';
+        }}
+        if ($kiln_path_long) {{
+            return 414 '{json_error(414, LONG_PATH)}';
+        }}
+        location / {{
+            proxy_pass http://unix:{s.admin_socket}:;
+            # Set here, the http block's proxy_set_header lines are not inherited: the
+            # client's key goes on, to the service that checks it.
+            proxy_set_header Host $host;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization $http_authorization;
+            proxy_read_timeout {ADMIN_READ_TIMEOUT_S}s;
+        }}
+    }}
+"""
+
+
 def render(s: FrontSettings) -> str:
     values = {
         "NGINX_DIR": str(s.nginx_dir), "LISTEN": s.listen,
@@ -306,6 +355,7 @@ def render(s: FrontSettings) -> str:
         "RECEIVED_HEADER": RECEIVED_HEADER, "TRACE_SAMPLE": trace_sample(s.trace_sample),
         "ACCESS_LOG": f"access_log {s.access_log} kiln_json;" if s.access_log
         else "access_log off;",
+        "ADMIN_SERVER": admin_server(s).rstrip("\n").lstrip(),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():

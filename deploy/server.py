@@ -19,7 +19,16 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import front, logs, metrics_exporter, orphans, plugins, processes, readiness
+from kiln.deploy import (
+    admin_service,
+    front,
+    logs,
+    metrics_exporter,
+    orphans,
+    plugins,
+    processes,
+    readiness,
+)
 from kiln.deploy.detached import pid_from
 from kiln.deploy.owner_only import owner_only, owner_only_files
 
@@ -73,8 +82,8 @@ class Server:
         # The handlers' metrics, and the default versions versions.json records.
         self.exporter = metrics_exporter.Exporter(self.run_dir, settings.state_file())
         # The front proxy's spans (deploy/proxy_spans.py), with an OTLP endpoint.
-        self.proxy_spans = ProxySpans(self.run_dir, self.access_log,
-                                                  settings.otlp_endpoint or "")
+        self.proxy_spans = ProxySpans(self.run_dir, self.access_log, settings.otlp_endpoint or "")
+        self.admin = admin_service.AdminService(self.run_dir)
 
     # -- paths and environment -------------------------------------------------------------
     @property
@@ -169,6 +178,8 @@ class Server:
             done.append("stopped Kiln's metrics exporter of a TorchServe that is gone")
         if self.proxy_spans.stop():
             done.append("stopped Kiln's proxy spans of a TorchServe that is gone")
+        if self.admin.stop():
+            done.append("stopped Kiln's admin service of a TorchServe that is gone")
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         if self.pid_file.exists():
             self.pid_file.unlink(missing_ok=True)
@@ -255,9 +266,21 @@ class Server:
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
             route_state=self.settings.state_file(),
             upstream_token=upstream_token, run_as=front.run_as_line(),
-            kiln_metrics_socket=self.exporter.socket,
+            kiln_metrics_socket=self.exporter.socket, admin_port=self.settings.admin_port,
+            admin_socket=self.admin.socket,
             access_log=self.access_log if self.settings.access_log
             or self.settings.otlp_endpoint else None, trace_sample=self.settings.trace_sample)
+
+    def start_admin(self) -> None:
+        """With an admin port: Kiln's admin service, and an admin key when there is none
+        (run/admin_keys, as the inference keys are made at the first start)."""
+        if self.settings.admin_port is None:
+            return
+        keys_file = self.admin.keys_file
+        if not keys_file.exists():
+            front.write_keys(keys_file, [front.Key(front.new_key())])
+        self.admin.start(self.settings.model_store, self.settings.models_dirs,
+                         console=self.settings.console_logs)
 
     def start_front(self, timeout: float = 60) -> None:
         """nginx on the public ports, once TorchServe has written the token it holds."""
@@ -276,8 +299,10 @@ class Server:
         settings = self.front_settings(upstream_token=token)
         try:
             with owner_only_files():
+                self.start_admin()
                 self.front.start(settings)
-        except front.FrontError as err:
+        except (front.FrontError, admin_service.AdminServiceError) as err:
+            self.admin.stop()
             raise ServerError(str(err)) from None
         (self.run_dir / INTERNAL_PORTS_FILE).write_text(
             json.dumps(vars(self.settings.internal_ports)))
@@ -308,6 +333,7 @@ class Server:
             return False
         self.front.stop(timeout=min(10.0, timeout))
         self.proxy_spans.stop()  # after nginx: its last lines are sent
+        self.admin.stop()  # nothing reaches it once nginx is gone; an action in it is cut
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         try:
             frontend = psutil.Process(pid)

@@ -69,6 +69,9 @@ class ServerSettings:
     # loadtests/studies/reliability/), so 30 s leaves a slower machine 30 times that.
     response_timeout_s: int = 30
     enable_model_api: bool = False
+    # The front proxy's admin port (deploy/admin_service.py), on the same address as the
+    # others; None: no admin route (the default).
+    admin_port: int | None = None
     # The versions served and their routes: the run folder's versions.json unless another
     # file is named (a container's mounted one, deploy/container.py).
     versions_file: Path | None = None

@@ -105,6 +105,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="serve the archives as they are, build nothing (default: build)")
     p.add_argument("--enable-model-api", action="store_true",
                    help="allow model registration through the management API (default: off)")
+    p.add_argument("--admin-port", type=int, metavar="PORT",
+                   help=f"serve the admin route (kiln deploy, route, ... --admin-url) on this "
+                        f"port of {HOST}, for admin keys only (run/admin_keys) (default: off)")
     p.add_argument("--access-log", action="store_true",
                    help="write run/logs/kiln_access.jsonl (the front proxy's, JSON) and "
                         "TorchServe's run/logs/access_log.log, one line per request "
@@ -142,14 +145,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     add_version_parsers(sub)
 
-    p = sub.add_parser("keys", help="list, show or rotate the keys clients send",
+    p = sub.add_parser("keys", help="list, show, rotate or revoke the keys clients send",
                        description="List the front proxy's keys (the start of each, and when "
                                    "it ends), show the one to use (printed whole: KEY=$(kiln "
-                                   "keys show)), or rotate: add a new key and end the others "
-                                   "after an overlap in which old and new both work. A running "
-                                   "server takes a rotation at once, without a restart; a "
-                                   "rotation it cannot take fails and changes nothing.")
-    p.add_argument("action", nargs="?", choices=["list", "show", "rotate"], default="list")
+                                   "keys show)), rotate: add a new key and end the others "
+                                   "after an overlap in which old and new both work, or revoke "
+                                   "one at once. A running server takes a change at once, "
+                                   "without a restart; a change it cannot take fails and "
+                                   "changes nothing. --admin: the same for the admin keys.")
+    p.add_argument("action", nargs="?", choices=["list", "show", "rotate", "revoke"],
+                   default="list")
+    p.add_argument("key", nargs="?", help="revoke: the key, or its start as list shows it")
+    p.add_argument("--admin", action="store_true",
+                   help="the admin keys (run/admin_keys: kiln serve --admin-port checks them, "
+                        "read again at each change) instead of the inference keys")
     add_run_dir(p, "where kiln serve keeps its keys")
     p.add_argument("--overlap", type=float, default=front.DEFAULT_OVERLAP_S,
                    metavar="SECONDS",

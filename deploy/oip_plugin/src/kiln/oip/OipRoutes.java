@@ -6,6 +6,9 @@ import com.google.gson.JsonParser;
 import io.netty.buffer.ByteBuf;
 import io.netty.buffer.ByteBufUtil;
 import java.io.IOException;
+import java.net.InetSocketAddress;
+import java.net.Socket;
+import java.net.SocketAddress;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -25,6 +28,7 @@ import org.pytorch.serve.servingsdk.Worker;
 import org.pytorch.serve.servingsdk.impl.ModelServerContext;
 import org.pytorch.serve.servingsdk.impl.ModelServerModel;
 import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.util.ConnectorType;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.ModelManager;
 import org.slf4j.Logger;
@@ -48,6 +52,9 @@ final class OipRoutes {
     // Margin over the model's responseTimeout, after which TorchServe itself gives up.
     private static final long TIMEOUT_MARGIN_S = 5;
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
+    // A loopback connect is answered at once, or refused; only a full accept queue makes it
+    // wait, and a server that far behind is not ready either.
+    private static final int INFERENCE_CONNECT_TIMEOUT_MS = 1000;
 
     private final Map<String, JsonObject> metadataByDir = new ConcurrentHashMap<>();
     // What the front proxy asks before it forwards an unpinned REST prediction: GET
@@ -133,7 +140,8 @@ final class OipRoutes {
         } else if (parts.equals(List.of("health", "live"))) {
             return Reply.json(200, flag("live", true));
         } else if (parts.equals(List.of("health", "ready"))) {
-            boolean ready = serverReady(models(), ConfigManager.getInstance().getLoadModels());
+            boolean ready = serverReady(models(), ConfigManager.getInstance().getLoadModels())
+                    && inferenceListening();
             return Reply.json(ready ? 200 : 400, flag("ready", ready));
         }
         ModelRoute route = ModelRoute.parse(parts);
@@ -186,6 +194,28 @@ final class OipRoutes {
             Model model = models.get(name);
             return model != null && isReady(model);
         });
+    }
+
+    /**
+     * Whether TorchServe's inference port accepts a connection (the kernel answers for a
+     * listening socket, however busy TorchServe is). TorchServe whose start failed on a port it
+     * binds after its REST ports (management, metrics, gRPC: taken by another process) closes
+     * its REST listeners at once, then takes seconds to exit, its workers loading and this
+     * server answering all the while: its models alone would say ready while every prediction
+     * sent through the front proxy got 502.
+     */
+    private static boolean inferenceListening() {
+        SocketAddress address = ConfigManager.getInstance()
+                .getListener(ConnectorType.INFERENCE_CONNECTOR).getSocketAddress();
+        if (!(address instanceof InetSocketAddress)) {
+            return true;  // a Unix socket: not how Kiln runs TorchServe
+        }
+        try (Socket socket = new Socket()) {
+            socket.connect(address, INFERENCE_CONNECT_TIMEOUT_MS);
+            return true;
+        } catch (IOException e) {
+            return false;
+        }
     }
 
     /**
