@@ -95,6 +95,10 @@ class ServerSettings:
     internal_ports: Ports | None = None
     # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
     console_logs: bool = False
+    # Where the proxy's and the handler's spans go (OTLP/HTTP, its base URL; kiln.handlers.
+    # tracing); None: no spans. It turns on Kiln's access log, which the proxy's come from.
+    otlp_endpoint: str | None = None
+    trace_sample: float = 1.0  # the share of fresh traces (no caller's traceparent) sampled
     # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
     cores: int = field(default_factory=usable_cores)
     # The sampled payload log (handlers/payload_log.py): the fraction of requests whose body

@@ -122,6 +122,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--payload-log-files", type=int, default=payload_log.DEFAULT_FILES,
                    metavar="N", help=f"payload log files kept, the oldest dropped (default: "
                                      f"{payload_log.DEFAULT_FILES})")
+                   help="write run/logs/kiln_access.jsonl (the front proxy's, JSON) and "
+                        "TorchServe's run/logs/access_log.log, one line per request "
+                        "(default: off)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                   help="send the proxy's and the handler's spans there over OTLP/HTTP "
+                        "(needs the tracing extra; default: $OTEL_EXPORTER_OTLP_ENDPOINT, "
+                        "else none)")
+    p.add_argument("--trace-sample", type=float, metavar="FRACTION",
+                   default=float(os.environ.get("OTEL_TRACES_SAMPLER_ARG") or 1.0),
+                   help="the share of requests without a caller's traceparent whose trace is "
+                        "sampled (exported); a caller's keeps its own flag (default: "
+                        "$OTEL_TRACES_SAMPLER_ARG, else 1)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
     p.add_argument("--workers", type=int,

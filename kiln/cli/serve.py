@@ -43,6 +43,8 @@ def _server(args, models: list[str] | None = None,
                                  enable_model_api=getattr(args, "enable_model_api", False),
                                  admin_port=getattr(args, "admin_port", None),
                                  access_log=getattr(args, "access_log", False),
+                                 otlp_endpoint=getattr(args, "otlp_endpoint", None),
+                                 trace_sample=getattr(args, "trace_sample", 1.0),
                                  models_dirs=getattr(args, "models_dirs", []),
                                  serving=serving or {}, **_payload_log(args)))
 

@@ -92,11 +92,12 @@ final class OipRoutes {
      * path: the request path, /v2 included; body: null for a GET, else Netty's buffer, only
      * read, and released by the caller once the answer completes; binaryHeader: the request's
      * Inference-Header-Content-Length, or null; routingKey: the client's Router.KEY_HEADER, or
-     * null; formType: the front proxy's kiln-form-type of a REST body, or null. Only infer is
-     * answered later; the other routes answer from the frontend's state at once.
+     * null; formType: the front proxy's kiln-form-type of a REST body, or null; traced: what
+     * an infer passes to the worker (Traced.of). Only infer is answered later; the other
+     * routes answer from the frontend's state at once.
      */
     CompletableFuture<Reply> handle(String method, String path, ByteBuf body, String contentType,
-            String binaryHeader, String routingKey, String formType) {
+            String binaryHeader, String routingKey, String formType, Map<String, String> traced) {
         if (path.startsWith(ROUTE_PREFIX) && method.equals("GET")) {
             return now(routed(path.substring(ROUTE_PREFIX.length()), routingKey));
         }
@@ -128,7 +129,7 @@ final class OipRoutes {
             }
             Reply missing = missingModel(route);
             return missing != null ? now(missing)
-                    : infer(route, body, contentType, binaryHeader, shadows);
+                    : infer(route, body, contentType, binaryHeader, shadows, traced);
         }
         return now(get(method, path, parts));
     }
@@ -341,10 +342,11 @@ final class OipRoutes {
      * heap only once admitted: TorchServe's RequestInput holds a byte[] and nothing else.
      */
     private CompletableFuture<Reply> infer(ModelRoute route, ByteBuf body, String contentType,
-            String binaryHeader, List<String> shadows) {
+            String binaryHeader, List<String> shadows, Map<String, String> traced) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
             byte[] bytes = ByteBufUtil.getBytes(body);
-            return submitShadowed(route, shadows, () -> requestInput(bytes, contentType));
+            return submitShadowed(route, shadows,
+                    () -> Traced.pass(traced, requestInput(bytes, contentType)));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
@@ -355,8 +357,10 @@ final class OipRoutes {
         }).thenCompose(binary -> {
             byte[] bytes = ByteBufUtil.getBytes(body);
             return binary == null
-                    ? submitShadowed(route, shadows, () -> requestInput(bytes, contentType))
-                    : submitShadowed(route, shadows, () -> binaryInput(bytes, binary))
+                    ? submitShadowed(route, shadows,
+                            () -> Traced.pass(traced, requestInput(bytes, contentType)))
+                    : submitShadowed(route, shadows,
+                            () -> Traced.pass(traced, binaryInput(bytes, binary)))
                             .thenApply(binary::answer);
         })
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
