@@ -57,8 +57,7 @@ from kiln.deploy.torchserve_config import (  # noqa: F401
     ServerError,
     ServerSettings,
 )
-from kiln.handlers import payload_log
-from kiln.handlers import tracing
+from kiln.handlers import payload_log, tracing
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 
