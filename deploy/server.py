@@ -42,6 +42,7 @@ from kiln.deploy.ports import (  # noqa: F401
     Ports,
     run_dirs_on,
 )
+from kiln.deploy.proxy_spans import ProxySpans
 from kiln.deploy.serving import (  # noqa: F401
     BATCH_PER_MODEL,
     MAX_BATCH_DELAY_MS,
@@ -56,6 +57,7 @@ from kiln.deploy.torchserve_config import (  # noqa: F401
     ServerError,
     ServerSettings,
 )
+from kiln.handlers import payload_log, tracing
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 
@@ -79,6 +81,8 @@ class Server:
         self.front = front.Front(self.run_dir / "nginx", self.run_dir / KEYS_FILE)
         # The handlers' metrics, and the default versions versions.json records.
         self.exporter = metrics_exporter.Exporter(self.run_dir, settings.state_file())
+        # The front proxy's spans (deploy/proxy_spans.py), with an OTLP endpoint.
+        self.proxy_spans = ProxySpans(self.run_dir, self.access_log, settings.otlp_endpoint or "")
         self.admin = admin_service.AdminService(self.run_dir)
 
     # -- paths and environment -------------------------------------------------------------
@@ -95,6 +99,11 @@ class Server:
         return self.run_dir / "logs"
 
     @property
+    def access_log(self) -> Path:
+        """Kiln's JSON access log, written by the front proxy (kiln serve --access-log)."""
+        return front.access_log_path(self.run_dir)
+
+    @property
     def fronted(self) -> bool:
         return self.settings.internal_ports is not None
 
@@ -107,6 +116,13 @@ class Server:
                    KILN_ACCESS_LOG="info" if self.settings.access_log else "off",
                    KILN_SERVED_WORKERS=str(self.served_workers()),
                    PROMETHEUS_MULTIPROC_DIR=str(self.exporter.folder))
+        s = self.settings
+        env.update(payload_log.worker_env(s.payload_log, s.payload_dir(), s.payload_log_max_bytes,
+                                          s.payload_log_files))
+        # The handler's spans go where the proxy's do, or nowhere.
+        env.pop(tracing.ENDPOINT_ENV, None)
+        if self.settings.otlp_endpoint:
+            env[tracing.ENDPOINT_ENV] = self.settings.otlp_endpoint
         # Workers must find the same Python (and its packages) as this process.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # Workers import torch on first use only (an ONNX worker never does: faster to ready,
@@ -163,6 +179,8 @@ class Server:
             done.append("stopped the front proxy (nginx) of a TorchServe that is gone")
         if self.exporter.stop():
             done.append("stopped Kiln's metrics exporter of a TorchServe that is gone")
+        if self.proxy_spans.stop():
+            done.append("stopped Kiln's proxy spans of a TorchServe that is gone")
         if self.admin.stop():
             done.append("stopped Kiln's admin service of a TorchServe that is gone")
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
@@ -192,6 +210,8 @@ class Server:
     def _start(self) -> None:
         if shutil.which("java") is None:
             raise ServerError("no Java runtime on PATH: install openjdk-17-jre-headless")
+        if self.settings.otlp_endpoint and not tracing.sdk_present():
+            raise ServerError(tracing.MISSING_EXTRA)
         if self.pid() is not None:
             raise ServerError(f"a TorchServe already runs from {self.run_dir} (kiln stop)")
         self.clean_up_after_crash()
@@ -243,14 +263,16 @@ class Server:
             nginx_dir=self.front.nginx_dir, keys_file=self.front.keys_file, listen=HOST,
             public={"http": p.inference, "oip": p.oip, "grpc": p.grpc_inference,
                     "metrics": p.metrics},
-            upstream={"http": i.inference, "oip": i.oip, "grpc": i.grpc_inference,
+            upstream={"http": i.inference, "oip": i.oip, "grpc": i.kiln_grpc,
                       "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
             route_state=self.settings.state_file(),
             upstream_token=upstream_token, run_as=front.run_as_line(),
             kiln_metrics_socket=self.exporter.socket, admin_port=self.settings.admin_port,
-            admin_socket=self.admin.socket)
+            admin_socket=self.admin.socket,
+            access_log=self.access_log if self.settings.access_log
+            or self.settings.otlp_endpoint else None, trace_sample=self.settings.trace_sample)
 
     def start_admin(self) -> None:
         """With an admin port: Kiln's admin service, and an admin key when there is none
@@ -287,6 +309,8 @@ class Server:
             raise ServerError(str(err)) from None
         (self.run_dir / INTERNAL_PORTS_FILE).write_text(
             json.dumps(vars(self.settings.internal_ports)))
+        if self.settings.otlp_endpoint:
+            self.proxy_spans.start(console=self.settings.console_logs)
 
     @contextlib.contextmanager
     def running(self, timeout: float = 180):
@@ -311,6 +335,7 @@ class Server:
             self.clean_up_after_crash()
             return False
         self.front.stop(timeout=min(10.0, timeout))
+        self.proxy_spans.stop()  # after nginx: its last lines are sent
         self.admin.stop()  # nothing reaches it once nginx is gone; an action in it is cut
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         try:

@@ -43,8 +43,19 @@ def _server(args, models: list[str] | None = None,
                                  enable_model_api=getattr(args, "enable_model_api", False),
                                  admin_port=getattr(args, "admin_port", None),
                                  access_log=getattr(args, "access_log", False),
+                                 otlp_endpoint=getattr(args, "otlp_endpoint", None),
+                                 trace_sample=getattr(args, "trace_sample", 1.0),
                                  models_dirs=getattr(args, "models_dirs", []),
-                                 serving=serving or {}))
+                                 serving=serving or {}, **_payload_log(args)))
+
+
+def _payload_log(args) -> dict:
+    """ServerSettings' payload log fields from serve's flags (none for stop)."""
+    if getattr(args, "payload_log", None) is None:
+        return {}
+    return dict(payload_log=args.payload_log,
+                payload_log_max_bytes=max(1, int(args.payload_log_file_mb * 2**20)),
+                payload_log_files=args.payload_log_files)
 
 
 def _port_flags(args) -> dict[str, int]:
@@ -137,7 +148,11 @@ def cmd_serve(args) -> int:
         log.error("%s", err)
         return 1
     args.enable_model_api = args.enable_model_api or bool(deployed)
-    server = _server(args, models, serving)
+    try:
+        server = _server(args, models, serving)
+    except ValueError as err:  # a payload log setting out of range
+        log.error("%s", err)
+        return 1
     if server.pid() is not None:
         server = Server(ServerSettings(args.run_dir, args.store, models,
                                        Ports.saved(args.run_dir) or server.ports,
