@@ -129,12 +129,14 @@ def send_traffic(srv):
     for png in DIGITS:
         body = oip_json_body(png)
         r = requests.post(f"{srv.url('oip')}/v2/models/{MODEL}/infer", data=body, timeout=30,
-                          headers={**auth(srv), "Content-Type": "application/json"})
+                          headers={**auth(srv), "Content-Type": "application/json",
+                                   "X-Request-ID": f"oip-{png.stem}"})
         assert r.status_code == 200, r.text
         sent.append(("oip", body, oip_label(r.json()), r.json()))
     body, head = oip_binary_body(DIGITS[7])
     r = requests.post(f"{srv.url('oip')}/v2/models/{MODEL}/infer", data=body, timeout=30,
-                      headers={**auth(srv), "Inference-Header-Content-Length": str(head)})
+                      headers={**auth(srv), "Inference-Header-Content-Length": str(head),
+                               "X-Request-ID": "oip-binary"})
     assert r.status_code == 200, r.text
     sent.append(("oip-binary", body, oip_label(r.json()), r.json()))
     with GrpcClient(f"127.0.0.1:{srv.ports.grpc_inference}", srv.keys()["inference"]) as g:
@@ -186,8 +188,9 @@ def test_every_request_is_logged_once_with_its_body_and_answer(two_versions):
                               "content_type": "application/json", "body": "garbage",
                               "answer": sent[-1][3]}
     oip_records = [r for r in records if r["protocol"] == "oip"]
-    # The plugin forwards no client header: TorchServe's own request id names these.
-    assert all(len(r.pop("request_id")) == 36 for r in oip_records)
+    # The OIP plugin passes the front proxy's X-Request-ID (here the client's) to the worker.
+    assert [r.pop("request_id") for r in oip_records] == [
+        *(f"oip-{p.stem}" for p in DIGITS), "oip-binary"]
     assert oip_records == [
         *({"protocol": "oip", "status": 200, "body": body.decode(), "answer": answer}
           for protocol, body, _, answer in sent if protocol == "oip"),
