@@ -202,7 +202,7 @@ class Server:
     def start(self) -> None:
         """TorchServe, its metrics exporter and, when fronted, the front proxy, each writing
         only owner-only files into a run folder that only its owner may enter: keys, tokens
-        and what derives from them (nginx's configuration and keys map, TorchServe's key
+        and what derives from them (nginx's configuration and keys list, TorchServe's key
         file, logs that may quote a request) are nobody else's (umask 077 for them all)."""
         with owner_only_files():
             self._start()

@@ -4,7 +4,7 @@ nginx's workers outlive a master killed hard and keep serving with the keys they
 rotation no longer reaches them, and they keep the public ports from a new master. So when
 the master exits without being asked to, its whole process group (nginx runs in a session of
 its own, and its workers stay in its group) is killed at once, and a new master starts with
-the keys map as the folder holds it. A master that keeps dying is given up after
+the keys list as the folder holds it. A master that keeps dying is given up after
 MAX_RESTARTS in RESTART_WINDOW_S: then nothing serves the public ports, which is better than
 an unsupervised orphan.
 
@@ -131,7 +131,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nginx-dir", type=Path, required=True,
-                   help="nginx's folder: its configuration, keys map, pid and log")
+                   help="nginx's folder: its configuration, keys list, pid and log")
     p.add_argument("--quit-timeout", type=float, default=10,
                    help="seconds a graceful quit may take before nginx is killed (default: 10)")
     p.add_argument("--access-log", type=Path,
