@@ -25,6 +25,7 @@ from kiln.handlers import (
     metrics,
     oip,
     rest,
+    watch,
 )
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
@@ -136,6 +137,7 @@ class KilnHandler:
         self.top_k = HANDLER_OPTIONS["top_k"]
         self.version = ""
         self.metrics = metrics.Recorder()  # records nothing before initialize()
+        self.watch = watch.Watch()  # what the model answers, drift: nothing before initialize()
         # This worker's share of time for large images, kept across batches (limits.py).
         self.decode_share = limits.DecodeShare()
         self.initialized = False
@@ -151,6 +153,7 @@ class KilnHandler:
         self.top_k = options["top_k"]
         self.version = str(context.manifest["model"]["modelVersion"])
         self.metrics = metrics.recorder_for(context.model_name, os.environ, version=self.version)
+        self.watch = watch.watch_for(self.signature, context.model_name, self.version, os.environ)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = backends.load_backend(
             serialized,
@@ -239,6 +242,7 @@ class KilnHandler:
                 answers_out[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
         self.metrics.record_stage("inference", started, requests=len(good))
+        self.watch.observe(batch, model_output)
         start = 0
         for idx, count, encode in good:
             own = model_output[start:start + count]
