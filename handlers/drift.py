@@ -26,7 +26,7 @@ BINS = 5
 # The sketch forgets with weight (1 - 1/WINDOW_ROWS) per row: its histogram is that of about
 # the last WINDOW_ROWS rows, so a score follows a change within a few hundred requests.
 WINDOW_ROWS = 500
-# No score before this many rows (decayed weight): 100 rows of the training distribution itself
+# No score before a worker has seen this many rows: 100 rows of the training distribution itself
 # score about (BINS - 1) / 100 = 0.04 by sampling noise alone, well under THRESHOLD.
 MIN_ROWS = 100
 FLOOR = 1e-4
@@ -80,7 +80,8 @@ class Sketch:
             self.expected[i, :len(ref["ratios"])] = ref["ratios"]
         self.offsets = np.arange(len(self.names)) * (widest + 1)
         self.counts = np.zeros_like(self.expected)
-        self.weight = 0.0
+        self.weight = 0.0  # the decayed count of rows, the histogram's total
+        self.rows = 0
         self.keep = 1.0 - 1.0 / WINDOW_ROWS
 
     def add(self, values):
@@ -94,9 +95,10 @@ class Sketch:
         self.counts *= decay
         self.counts += added
         self.weight = self.weight * decay + n
+        self.rows += n
 
     def scores(self):
         """PSI per statistic against the reference, or None before MIN_ROWS rows."""
-        if self.weight < MIN_ROWS:
+        if self.rows < MIN_ROWS:
             return None
         return psi(self.counts / self.weight, self.expected)
