@@ -109,7 +109,7 @@ def _export_if_stale(decl: declaration.Declaration, folder: Path, dirs: list[Pat
             log.info("%s: no weights yet, training with the default settings", decl.name)
             train.train(train.config_for([decl.name, "--out", str(folder), *_dirs_args(dirs)]))
     else:
-        weights = [decl.state_dict]
+        weights = [decl.state_dict, *([decl.reference] if decl.reference else [])]
     if stale(folder / "signature.json", [*weights, decl.path, *decl.source_files()]):
         from kiln.training import export
 

@@ -324,6 +324,23 @@ def signature(decl, meta: dict, inputs: list[dict], output: dict, shape: list[in
     }
 
 
+def training_reference(decl, prepared, inputs: list[dict], output: dict,
+                       shape: list[int]) -> dict | None:
+    """signature.json's reference statistics: of the recipe's training split, else of the
+    declaration's [weights] reference, else none (served without drift scores)."""
+    served_inputs, served_output = signature_inputs(inputs), signature_output(output, shape)
+    if prepared is not None:
+        train_x, train_y = prepared.splits["train"]
+        return reference.reference(served_inputs, served_output,
+                                   [x.numpy() for x in train_x], train_y.numpy())
+    if decl.reference is None:
+        return None
+    try:
+        return reference.declared(decl.reference, served_inputs, served_output)
+    except ValueError as err:
+        raise ExportError(f"[weights] reference: {err}") from None
+
+
 def load_weights(decl, folder: Path) -> tuple[nn.Module, dict]:
     """The model with its weights, and what is known of how they were made."""
     model = decl.build()
@@ -352,6 +369,7 @@ def export(name: str, artifacts: Path | None = None,
     with torch.inference_mode():
         out_shape = [-1, *module(*(x[:2] for x in xs)).shape[1:]]
     check_output_fits(output, out_shape)
+    found = training_reference(decl, prepared, inputs, output, out_shape)
 
     # Write beside the final names and move into place only once parity holds, so a
     # failed export never leaves a file that an archive could pick up.
@@ -389,10 +407,8 @@ def export(name: str, artifacts: Path | None = None,
         for path in tmp.values():
             path.unlink(missing_ok=True)
     sig = signature(decl, meta, inputs, output, out_shape, parity)
-    if prepared is not None:  # a user's model: Kiln has not seen its training data
-        train_x, train_y = prepared.splits["train"]
-        sig["reference"] = reference.reference(sig["inputs"], sig["output"],
-                                               [x.numpy() for x in train_x], train_y.numpy())
+    if found is not None:
+        sig["reference"] = found
     check_signature(sig)
     (folder / "signature.json").write_text(json.dumps(sig, indent=2) + "\n")
     log.info("%s exported -> %s", decl.name,

@@ -116,6 +116,16 @@ def test_export_passes_parity_and_writes_the_signature(dry_runs, name):
         p = sig["parity"][form]
         assert p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
         assert p["samples"] == (1000 if name == "lenet" else 114) + 1 + export.RANDOM_ROWS
+    # The training split's reference statistics, for the handler's drift scores.
+    reference = sig["reference"]
+    stats = reference["inputs"]["input"]
+    if name == "lenet":
+        assert reference["rows"] == 3500 and list(stats) == ["intensity", "ink"]
+        assert list(reference["labels"]) == list("0123456789")
+    else:
+        assert reference["rows"] == 398 and list(stats) == graph_input["names"]
+        assert reference["labels"] == {"malignant": 149 / 398, "benign": 249 / 398}
+    assert all(len(s["ratios"]) == len(s["edges"]) + 1 for s in stats.values())
     assert (dry_runs / name / "model.onnx").stat().st_size > 0
     assert not (dry_runs / name / "model.onnx.data").exists()  # weights inside the file
     assert json.loads((dry_runs / name / "signature.json").read_text()) == sig
