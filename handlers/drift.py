@@ -80,6 +80,7 @@ class Sketch:
             self.expected[i, :len(ref["ratios"])] = ref["ratios"]
         self.offsets = np.arange(len(self.names)) * (widest + 1)
         self.counts = np.zeros_like(self.expected)
+        self.flat = self.counts.reshape(-1)  # a view: add.at writes into counts
         self.weight = 0.0  # the decayed count of rows, the histogram's total
         self.rows = 0
         self.keep = 1.0 - 1.0 / WINDOW_ROWS
@@ -89,11 +90,11 @@ class Sketch:
         n = len(values)
         if not n:
             return
-        bins = (values[:, :, np.newaxis] >= self.edges).sum(axis=2) + self.offsets
-        added = np.bincount(bins.ravel(), minlength=self.counts.size).reshape(self.counts.shape)
+        # A statistic's bin: how many of its edges the value reaches (searchsorted's "right").
+        bins = (values[:, :, np.newaxis] >= self.edges).sum(axis=2, dtype=np.intp)
         decay = self.keep ** n
         self.counts *= decay
-        self.counts += added
+        np.add.at(self.flat, (bins + self.offsets).ravel(), 1.0)
         self.weight = self.weight * decay + n
         self.rows += n
 
