@@ -2,8 +2,9 @@
 
     python -m kiln.loadtests.studies.watch_cost [--calls 2000] [--rounds 3]
 
-Runs Kiln's handler on lenet (one PNG per request) and binary (one JSON row) from the
-workspace's exports, through a stand-in TorchServe context, with metrics recorded as a worker
+Runs Kiln's handler on lenet (a PNG per request) and binary (a JSON row), their declarations'
+first examples, from the workspace's exports, through a stand-in TorchServe context, with
+metrics recorded as a worker
 records them (prometheus-client's multiprocess files in a temporary folder), and prints the
 handler's time per request at batch 1 and at batch 16, with handlers/watch.py's Watch on and
 off in alternating rounds (the best round of each: the machine's noise only adds). The
@@ -16,14 +17,11 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
+from kiln import declaration
 from kiln.workspace import Workspace
 
-# Read only: committed test fixtures of Kiln's checkout.
-FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
-BODIES = {"lenet": FIXTURES / "digits" / "7.png",
-          "binary": FIXTURES / "breast_cancer" / "benign.json"}
+MODELS = ("lenet", "binary")
 BATCHES = (1, 16)
 
 
@@ -63,7 +61,7 @@ def measure(model: str, calls: int, rounds: int) -> dict[tuple[int, str], float]
     handler, context = handler_for(model)
     on = handler.watch
     off = watch.Watch()
-    body = BODIES[model].read_bytes()
+    body = declaration.get(model).examples[0].body()  # its declaration's first example
     best: dict[tuple[int, str], float] = {}
     for batch in BATCHES:
         for _ in range(rounds):
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before prometheus-client is imported: it picks its file-backed values then.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         print(f"{'model':<8}{'batch':>6}{'off us/req':>12}{'on us/req':>11}{'cost us':>9}")
-        for model in BODIES:
+        for model in MODELS:
             best = measure(model, args.calls, args.rounds)
             for batch in BATCHES:
                 off, on = best[(batch, "off")], best[(batch, "on")]
