@@ -455,7 +455,8 @@ class TensorKind(InputKind):
         if axis is None:
             return (), None
         filled = np.moveaxis(rows != spec.get("pad_value", 0), axis + 1, -1)
-        filled = filled.reshape(len(rows), -1, filled.shape[-1]).any(axis=1)
+        filled = filled.reshape(len(rows), math.prod(filled.shape[1:-1]), filled.shape[-1])
+        filled = filled.any(axis=1)
         longest = filled.shape[1]
         lengths = np.where(filled.any(axis=1), longest - np.argmax(filled[:, ::-1], axis=1), 0)
         return ("length",), lengths[:, np.newaxis].astype(np.float64)

@@ -182,3 +182,20 @@ def test_an_inverted_digit_has_the_statistics_of_the_digit(image_signature):
     stats = [kinds.of(spec).statistics(spec, rest.decode_body(body, signature)[0][0])[1]
              for body in ((FIXTURES / "digits" / "7.png").read_bytes(), buffer.getvalue())]
     assert stats[0].tolist() == stats[1].tolist()
+
+
+def test_a_variable_length_tensor_is_watched_by_its_length():
+    spec = {"name": "ids", "kind": "tensor", "dtype": "int64", "shape": [-1, -1],
+            "max_length": 8, "pad_value": 0}
+    signature = {"inputs": [spec],
+                 "output": {"kind": "multiclass", "labels": ["a", "b"], "shape": [-1, 2]},
+                 "reference": {"inputs": {"ids": {"length": drift.reference_of(
+                     np.arange(100.0) % 8 + 1)}}}}
+    registry = CollectorRegistry()
+    watched = watch.watch_for(signature, "tiny", "1.0", {}, registry)
+    rows = np.zeros((drift.MIN_ROWS, 8), dtype=np.int64)
+    rows[:, :2] = 5  # every request two tokens long, padded to the batch's longest
+    watched.observe([rows], np.tile(np.float32([[0.9, 0.1]]), (drift.MIN_ROWS, 1)))
+    (score,) = samples(registry, "kiln_input_drift_score").items()
+    assert score[0] == ("length", "ids") and score[1] > drift.THRESHOLD
+    assert samples(registry, "kiln_answers_total") == {("a",): 100.0, ("b",): 0.0}
