@@ -245,11 +245,16 @@ class ImageKind(InputKind):
     def statistics(self, spec, rows):
         """Each image's mean intensity and ink fraction in [0, 1], after framing and padding
         (a grey background or noise raises both; an inverted digit, framed back, neither)."""
-        mean = np.asarray(spec["mean"]).reshape(-1, 1, 1)
-        std = np.asarray(spec["std"]).reshape(-1, 1, 1)
-        unit = (rows * std + mean).reshape(len(rows), math.prod(rows.shape[1:]))
-        ink = (unit > images.INK_THRESHOLD).mean(axis=1)
-        return ("intensity", "ink"), np.column_stack([unit.mean(axis=1), ink])
+        mean, std = np.asarray(spec["mean"]), np.asarray(spec["std"])
+        # In the graph's units, channel by channel: no [0, 1] copy of every pixel.
+        pixels = math.prod(rows.shape[2:])
+        planes = rows.reshape(len(rows), len(mean), pixels)
+        values = np.empty((len(rows), 2))
+        values[:, 0] = (planes.sum(axis=2, dtype=np.float64) / pixels * std + mean).mean(axis=1)
+        inked = np.count_nonzero(planes > ((images.INK_THRESHOLD - mean) / std)[:, np.newaxis],
+                                 axis=(1, 2))
+        values[:, 1] = inked / (pixels * len(mean))
+        return ("intensity", "ink"), values
 
     def raw_from_json(self, value, spec):
         """Pixels as JSON, a flat list of H*W(*C) values too."""
