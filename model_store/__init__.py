@@ -31,6 +31,20 @@ def archived_digest(mar: Path) -> str | None:
     return section.get(DIGEST_KEY) if isinstance(section, dict) else None
 
 
+def with_version(source: Path, out: Path, version: str) -> Path:
+    """A copy of the archive `source` at `out` whose manifest says `version`: the same weights
+    served as another version (for trying routes and shadows without training twice)."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            zout.writestr(item, data)
+    return out
+
+
 def _read(z: zipfile.ZipFile, name: str, parse):
     try:
         return parse(z.read(name))

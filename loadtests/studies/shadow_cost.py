@@ -14,39 +14,23 @@ import argparse
 import json
 import statistics
 import tempfile
-import zipfile
 from pathlib import Path
 
-import requests
-
-from kiln.deploy import routing
+from kiln.deploy import lifecycle, routing
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.loadtests.studies.route_cost import run
+from kiln.model_store import with_version
 from kiln.model_store.build import ensure_built
 
 MODEL = "lenet"
 FRACTIONS = (0.0, 0.2, 1.0)
 
 
-def second_version(source: Path, store: Path) -> Path:
-    """`source` again as version 2.0 (its manifest's modelVersion), NAME-2.0.mar."""
-    out = store / f"{MODEL}-2.0.mar"
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = "2.0"
-                data = json.dumps(manifest).encode()
-            zout.writestr(item, data)
-    return out
-
-
-def register(server: Server, archive: Path) -> None:
-    r = requests.post(f"{server.url('management')}/models", timeout=180,
-                      params={"url": archive.name, "initial_workers": 1, "synchronous": "true"},
-                      headers={"Authorization": f"Bearer {server.keys()['management']}"})
-    r.raise_for_status()
+def register_second(server: Server, store: Path) -> None:
+    """lenet's archive again as version 2.0 (NAME-2.0.mar), beside 1.0 with its batching."""
+    second = with_version(store / f"{MODEL}.mar", store / f"{MODEL}-2.0.mar", "2.0")
+    target = lifecycle.Target.of(server.run_dir, store)
+    target.management.register(second.name, target.management.describe(MODEL, "1.0"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                                        internal_ports=Ports.free(), enable_model_api=True,
                                        cores=2))
         with server.running(timeout=240):
-            register(server, second_version(store / f"{MODEL}.mar", store))
+            register_second(server, store)
             state = routing.state_file(server.run_dir)
             for _ in range(opts.rounds):
                 for fraction in FRACTIONS:

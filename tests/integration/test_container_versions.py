@@ -7,7 +7,6 @@ Kubernetes ConfigMap mounted as a folder is swapped.
 import json
 import shutil
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,11 @@ from container_harness import KEY_1, Container
 
 from kiln.client import encode_file
 from kiln.handlers.handler import VERSION_HEADER
+from kiln.model_store import with_version
 from kiln.model_store.build import ensure_built
 
 MODEL = "lenet"
 SEVEN = Path(__file__).resolve().parents[1] / "fixtures" / "digits" / "7.png"
-
-
-def versioned_archive(source: Path, out: Path, version: str) -> None:
-    """A copy of `source` whose manifest says `version`."""
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            zout.writestr(item, data)
 
 
 def state(route: dict | None, recorded=("1.0", "2.0")) -> dict:
@@ -52,7 +40,7 @@ def mount(path: Path, content: dict) -> None:
 def versioned(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     shutil.copy(ensure_built(MODEL), store / f"{MODEL}.mar")
-    versioned_archive(store / f"{MODEL}.mar", store / f"{MODEL}-2.0.mar", "2.0")
+    with_version(store / f"{MODEL}.mar", store / f"{MODEL}-2.0.mar", "2.0")
     mounted = tmp_path_factory.mktemp("configmap") / "versions.json"
     mount(mounted, state({"2.0": 100}))
     box = Container(tmp_path_factory.mktemp("container"), store=store,

@@ -2,12 +2,10 @@
 they name on REST, OIP and gRPC, and every REST and OIP answer says which version gave it."""
 
 import http.client
-import json
 import math
 import re
 import shutil
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from kiln.deploy import lifecycle, routing, versions
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import answer_from_reply, load_stubs
 from kiln.handlers.handler import VERSION_HEADER
+from kiln.model_store import with_version
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SEVEN = FIXTURES / "digits" / "7.png"
@@ -29,25 +28,10 @@ MODEL = "lenet"
 VERSIONS = ("1.0", "2.0")
 
 
-def versioned_archive(source: Path, store: Path, version: str) -> Path:
-    """A copy of `source` whose manifest says `version`, as NAME-V.mar (issue 18's naming)."""
-    out = store / f"{MODEL}-{version}.mar"
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            zout.writestr(item, data)
-    return out
-
-
 def register(srv: Server, archive: Path) -> None:
-    r = requests.post(f"{srv.url('management')}/models", timeout=180,
-                      params={"url": archive.name, "initial_workers": 1, "synchronous": "true"},
-                      headers={"Authorization": f"Bearer {srv.keys()['management']}"})
-    assert r.status_code == 200, r.text
+    """`archive` beside the served default, with its workers and batching."""
+    target = lifecycle.Target.of(srv.run_dir, archive.parent)
+    target.management.register(archive.name, target.management.describe(MODEL, "1.0"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +40,7 @@ def two_versions(archives, tmp_path_factory):
     TorchServe's management API, behind Kiln's front proxy."""
     store = tmp_path_factory.mktemp("versions-store")
     shutil.copy(archives[MODEL], store / f"{MODEL}.mar")
-    second = versioned_archive(archives[MODEL], store, "2.0")
+    second = with_version(archives[MODEL], store / f"{MODEL}-2.0.mar", "2.0")
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("versions-run"),
                                 model_store=store, models=[MODEL], ports=Ports.free(),
                                 internal_ports=Ports.free(), enable_model_api=True, cores=2))
@@ -147,8 +131,8 @@ def batches_by_version(srv: Server) -> dict[str, float]:
 
 
 def test_pinned_grpc_request_reaches_that_version(two_versions, tmp_path_factory):
-    """TorchServe's gRPC Predictions reply has no place for a handler's headers (its GRPCJob
-    drops them), so which version answered is read from Kiln's per-version batch counts."""
+    """Which version answered, read from Kiln's per-version batch counts (the answer's
+    x-kiln-model-version metadata: test_grpc_versions.py)."""
     pb2, pb2_grpc = load_stubs(tmp_path_factory.mktemp("grpc-stubs"))
     body, _ = encode_file(SEVEN)
     before = batches_by_version(two_versions)
