@@ -243,6 +243,19 @@ def test_ensure_built_rebuilds_an_archive_without_a_weights_digest(dry_runs, tmp
     assert archived_digest(mar) == archive.weights_digest(dry_runs / "binary" / "model.onnx")
 
 
+def test_ensure_built_exports_again_a_signature_without_reference(dry_runs, tmp_path,
+                                                                  monkeypatch):
+    """An export from before the reference statistics would serve without drift scores."""
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    path = dry_runs / "binary" / "signature.json"
+    signature = json.loads(path.read_text())
+    del signature["reference"]
+    path.write_text(json.dumps(signature))  # newer than every input: only its content says
+    build.ensure_built("binary", "onnx", tmp_path)
+    assert json.loads(path.read_text())["reference"]["rows"] == 398
+
+
 def test_a_versioned_archive_sits_beside_the_default_one(dry_runs, tmp_path, monkeypatch):
     export.export("binary", dry_runs / "binary")
     monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
