@@ -74,18 +74,22 @@ def best(model_output, output):
     """(labels, probabilities) of each row's predicted label, as Python lists: binary, the
     label on its side of the threshold and the probability of that label (labels[0] gets
     1 - p); multiclass, the first of equal maxima."""
-    rows = output_rows(model_output, output)
+    chosen, probability = best_indices(output_rows(model_output, output), output)
+    labels = np.asarray(output["labels"], dtype=object)
+    return labels[chosen].tolist(), probability.tolist()
+
+
+def best_indices(rows, output):
+    """best() as arrays, on rows output_rows() gave: (index into labels, probability as
+    float64) of each row's answer."""
     if output["kind"] == "binary":
         positive = rows[:, 0].astype(np.float64)
         upper = positive >= output.get("threshold", DEFAULT_THRESHOLD)
-        chosen, probability = upper.astype(np.intp), np.where(upper, positive, 1.0 - positive)
-    elif output["kind"] == "multiclass":
+        return upper.astype(np.intp), np.where(upper, positive, 1.0 - positive)
+    if output["kind"] == "multiclass":
         chosen = rows.argmax(axis=1)
-        probability = rows[np.arange(len(rows)), chosen].astype(np.float64)
-    else:
-        raise ValueError(f"a {output['kind']} output has no single label per row")
-    labels = np.asarray(output["labels"], dtype=object)
-    return labels[chosen].tolist(), probability.tolist()
+        return chosen, rows[np.arange(len(rows)), chosen].astype(np.float64)
+    raise ValueError(f"a {output['kind']} output has no single label per row")
 
 
 def probability_table(model_output, output):

@@ -29,6 +29,7 @@ from kiln.handlers import (
     rest,
     timing,
     tracing,
+    watch,
 )
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
@@ -142,6 +143,7 @@ class KilnHandler:
         self.top_k = HANDLER_OPTIONS["top_k"]
         self.version = ""
         self.metrics = metrics.Recorder()  # records nothing before initialize()
+        self.watch = watch.Watch()  # what the model answers, drift: nothing before initialize()
         # This worker's share of time for large images, kept across batches (limits.py).
         self.decode_share = limits.DecodeShare()
         self.payload_log = payload_log.Off()
@@ -159,6 +161,7 @@ class KilnHandler:
         self.top_k = options["top_k"]
         self.version = str(context.manifest["model"]["modelVersion"])
         self.metrics = metrics.recorder_for(context.model_name, os.environ, version=self.version)
+        self.watch = watch.watch_for(self.signature, context.model_name, self.version, os.environ)
         self.payload_log = payload_log.for_worker(os.environ, context.model_name, self.version)
         self.spans = tracing.for_worker(os.environ, context.model_name, self.version)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
@@ -264,6 +267,7 @@ class KilnHandler:
             return
         self.metrics.record_stage("inference", started, requests=len(good))
         clock.scored(called)
+        self.watch.observe(batch, model_output)
         start = 0
         for idx, count, encode in good:
             own = model_output[start:start + count]

@@ -133,6 +133,11 @@ class InputKind:
         """A batch file's JSON value as raw values (kinds with raw table rows)."""
         raise NotImplementedError
 
+    def statistics(self, spec, rows):
+        """(names, float [N, len(names)]): what drift.py compares with the training data, per
+        model row; no names where the kind has nothing to compare."""
+        return (), None
+
 
 class ImageKind(InputKind):
     name = "image"
@@ -237,6 +242,20 @@ class ImageKind(InputKind):
         shape = self.raw_shape(spec)
         return [shape, [1, *shape]] if spec["channels"] == 1 else [shape]
 
+    def statistics(self, spec, rows):
+        """Each image's mean intensity and ink fraction in [0, 1], after framing and padding
+        (a grey background or noise raises both; an inverted digit, framed back, neither)."""
+        mean, std = np.asarray(spec["mean"]), np.asarray(spec["std"])
+        # In the graph's units, channel by channel: no [0, 1] copy of every pixel.
+        pixels = math.prod(rows.shape[2:])
+        planes = rows.reshape(len(rows), len(mean), pixels)
+        values = np.empty((len(rows), 2))
+        values[:, 0] = (planes.sum(axis=2, dtype=np.float64) / pixels * std + mean).mean(axis=1)
+        inked = np.count_nonzero(planes > ((images.INK_THRESHOLD - mean) / std)[:, np.newaxis],
+                                 axis=(1, 2))
+        values[:, 1] = inked / (pixels * len(mean))
+        return ("intensity", "ink"), values
+
     def raw_from_json(self, value, spec):
         """Pixels as JSON, a flat list of H*W(*C) values too."""
         shape = images.pixel_shape(spec)
@@ -317,6 +336,10 @@ class FeaturesKind(InputKind):
 
     def raw_from_json(self, value, spec):
         return features.features_from_json(value, spec)
+
+    def statistics(self, spec, rows):
+        """Each feature as the model gets it (after the signature's standardisation)."""
+        return spec["names"], rows
 
 
 class TensorKind(InputKind):
@@ -429,6 +452,19 @@ class TensorKind(InputKind):
     def oip_row_shape(self, shape, spec):
         """A variable length is the tensor's own."""
         return shape[1:]
+
+    def statistics(self, spec, rows):
+        """A variable-length tensor's length: up to its last value other than pad_value (a
+        joined batch is padded to its longest row)."""
+        axis = tensors.variable_axis(spec)
+        if axis is None:
+            return (), None
+        filled = np.moveaxis(rows != spec.get("pad_value", 0), axis + 1, -1)
+        filled = filled.reshape(len(rows), math.prod(filled.shape[1:-1]), filled.shape[-1])
+        filled = filled.any(axis=1)
+        longest = filled.shape[1]
+        lengths = np.where(filled.any(axis=1), longest - np.argmax(filled[:, ::-1], axis=1), 0)
+        return ("length",), lengths[:, np.newaxis].astype(np.float64)
 
 
 IMAGE, FEATURES, TENSOR = ImageKind(), FeaturesKind(), TensorKind()

@@ -3,7 +3,7 @@ so that a bad file fails the load with a message naming the key, never a request
 
 import json
 
-from kiln.handlers import kinds
+from kiln.handlers import drift, kinds
 from kiln.handlers.arrays import is_int, is_number
 
 SIGNATURE_VERSION = 2
@@ -39,6 +39,8 @@ def check_signature(signature):
     if len(set(names)) != len(names):
         raise ValueError(f"signature.inputs has repeated names: {names}")
     check_output(signature.get("output"))
+    if "reference" in signature:  # older exports have none: served without drift scores
+        drift.check_reference(signature["reference"])
 
 
 def check_input(spec, where):

@@ -78,6 +78,9 @@ class Declaration:
     serving: dict
     examples: tuple[Example, ...]
     serve_by_default: bool = True
+    # The training inputs of a user's weights (.npy, or .npz by input name with an optional
+    # `target`), for the reference statistics export stores (docs/signature.md).
+    reference: Path | None = None
 
     @property
     def folder(self) -> Path:
@@ -188,7 +191,7 @@ def _parse(path: Path, table: dict) -> Declaration:
         raise DeclarationError("[model] needs file = \"the model's .py file\"")
     model_file = _existing(folder, model["file"], "[model] file")
     weights = _table(table, "weights", required=True)
-    _no_unknown(weights, ("recipe", "state_dict"), "[weights]")
+    _no_unknown(weights, ("recipe", "state_dict", "reference"), "[weights]")
     if ("recipe" in weights) == ("state_dict" in weights):
         raise DeclarationError("[weights] needs exactly one of recipe or state_dict")
     recipe = weights.get("recipe")
@@ -200,6 +203,11 @@ def _parse(path: Path, table: dict) -> Declaration:
                                    f"{', '.join(recipes.RECIPES)}")
     state_dict = (_existing(folder, weights["state_dict"], "[weights] state_dict")
                   if "state_dict" in weights else None)
+    if "reference" in weights and recipe is not None:
+        raise DeclarationError("[weights] reference is for a user's weights: Kiln knows a "
+                               "recipe's training data")
+    reference = (_existing(folder, weights["reference"], "[weights] reference")
+                 if "reference" in weights else None)
     train = _table(table, "train")
     _no_unknown(train, TRAIN_KEYS, "[train]")
     if train and recipe is None:
@@ -228,6 +236,7 @@ def _parse(path: Path, table: dict) -> Declaration:
         requirements=tuple(model.get("requirements") or []), recipe=recipe,
         state_dict=state_dict, train=train, inputs=inputs, output=output, serving=serving,
         examples=examples, serve_by_default=bool(table.get("serve_by_default", True)),
+        reference=reference,
     )
 
 

@@ -109,12 +109,21 @@ def _export_if_stale(decl: declaration.Declaration, folder: Path, dirs: list[Pat
             log.info("%s: no weights yet, training with the default settings", decl.name)
             train.train(train.config_for([decl.name, "--out", str(folder), *_dirs_args(dirs)]))
     else:
-        weights = [decl.state_dict]
-    if stale(folder / "signature.json", [*weights, decl.path, *decl.source_files()]):
+        weights = [decl.state_dict, *([decl.reference] if decl.reference else [])]
+    if (stale(folder / "signature.json", [*weights, decl.path, *decl.source_files()])
+            or _without_reference(decl, folder / "signature.json")):
         from kiln.training import export
 
         log.info("%s: exporting", decl.name)
         export.export(decl.name, folder, models_dirs=dirs)
+
+
+def _without_reference(decl: declaration.Declaration, path: Path) -> bool:
+    """An export from before signature.json held reference statistics, of a model that
+    would get them now: exported again, or its archive would serve without drift scores."""
+    if decl.recipe is None and decl.reference is None:
+        return False
+    return "reference" not in json.loads(path.read_text())
 
 
 def _exported(name: str, signature: dict, backend: str) -> str:

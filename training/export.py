@@ -33,7 +33,7 @@ from kiln.console import run_command
 from kiln.handlers import errors, kinds, rest
 from kiln.handlers import inputs as serving_inputs
 from kiln.handlers.signature import check_signature
-from kiln.training import recipes
+from kiln.training import recipes, reference
 from kiln.training.artifacts import FORMS, MAX_ABS_DIFF
 from kiln.training.train import git_sha
 from kiln.workspace import Workspace
@@ -238,12 +238,13 @@ def with_ranges(inputs: list[dict], decl) -> list[dict]:
     return out
 
 
-def gate_inputs(decl, inputs: list[dict]) -> tuple[torch.Tensor, ...]:
+def gate_inputs(decl, inputs: list[dict], prepared=None) -> tuple[torch.Tensor, ...]:
     """The declaration's examples, decoded as the server decodes them, the test split (a
-    model Kiln trained) and random inputs in the declared ranges, the same on every run."""
+    model Kiln trained: `prepared`, its recipe's splits) and random inputs in the declared
+    ranges, the same on every run."""
     parts = [[x.numpy() for x in random_inputs(inputs, RANDOM_ROWS)]]
-    if decl.recipe is not None:
-        parts.insert(0, [np.asarray(x) for x in recipes.prepare(decl).splits["test"][0]])
+    if prepared is not None:
+        parts.insert(0, [np.asarray(x) for x in prepared.splits["test"][0]])
     served = {"inputs": signature_inputs(inputs)}
     examples = [example_inputs(decl, example, served) for example in decl.examples]
     joined = serving_inputs.join([*examples, *parts], served)
@@ -323,6 +324,23 @@ def signature(decl, meta: dict, inputs: list[dict], output: dict, shape: list[in
     }
 
 
+def training_reference(decl, prepared, inputs: list[dict], output: dict,
+                       shape: list[int]) -> dict | None:
+    """signature.json's reference statistics: of the recipe's training split, else of the
+    declaration's [weights] reference, else none (served without drift scores)."""
+    served_inputs, served_output = signature_inputs(inputs), signature_output(output, shape)
+    if prepared is not None:
+        train_x, train_y = prepared.splits["train"]
+        return reference.reference(served_inputs, served_output,
+                                   [x.numpy() for x in train_x], train_y.numpy())
+    if decl.reference is None:
+        return None
+    try:
+        return reference.declared(decl.reference, served_inputs, served_output)
+    except ValueError as err:
+        raise ExportError(f"[weights] reference: {err}") from None
+
+
 def load_weights(decl, folder: Path) -> tuple[nn.Module, dict]:
     """The model with its weights, and what is known of how they were made."""
     model = decl.build()
@@ -346,10 +364,12 @@ def export(name: str, artifacts: Path | None = None,
     inputs = with_ranges(meta.get("inputs") or [dict(spec) for spec in decl.inputs], decl)
     output = meta.get("output") or dict(decl.output)
     module = served_module(decl, model)
-    xs = gate_inputs(decl, inputs)
+    prepared = recipes.prepare(decl) if decl.recipe is not None else None
+    xs = gate_inputs(decl, inputs, prepared)
     with torch.inference_mode():
         out_shape = [-1, *module(*(x[:2] for x in xs)).shape[1:]]
     check_output_fits(output, out_shape)
+    found = training_reference(decl, prepared, inputs, output, out_shape)
 
     # Write beside the final names and move into place only once parity holds, so a
     # failed export never leaves a file that an archive could pick up.
@@ -387,6 +407,8 @@ def export(name: str, artifacts: Path | None = None,
         for path in tmp.values():
             path.unlink(missing_ok=True)
     sig = signature(decl, meta, inputs, output, out_shape, parity)
+    if found is not None:
+        sig["reference"] = found
     check_signature(sig)
     (folder / "signature.json").write_text(json.dumps(sig, indent=2) + "\n")
     log.info("%s exported -> %s", decl.name,

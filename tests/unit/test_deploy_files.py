@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kiln.deploy import contract
-from kiln.handlers import metrics
+from kiln.handlers import metrics, watch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -29,7 +29,8 @@ ALERTS = PROMETHEUS / "alerts.yml"
 DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 COMPOSE_DATASOURCE = COMPOSE_DIR / "grafana" / "datasources" / "prometheus.yaml"
 ALERT_NAMES = ["KilnHighErrorRatio", "KilnInferenceP99High", "KilnCanaryErrorRatioHigh",
-               "KilnCanaryP99High", "KilnModelNotReady", "KilnWorkerRestarted", "KilnScrapeDown"]
+               "KilnCanaryP99High", "KilnLabelMixShifted", "KilnInputDrift", "KilnModelNotReady",
+               "KilnWorkerRestarted", "KilnScrapeDown"]
 # Series an alert may use besides Kiln's and TorchServe's own: Prometheus' and the blackbox
 # exporter's (deploy/compose/prometheus.yml probes /ready with it).
 OTHER_SERIES = {"up", "probe_success"}
@@ -257,7 +258,7 @@ def exported_series() -> set[str]:
     defaults = Path(next(iter(ts.submodule_search_locations))) / "configs" / "metrics.yaml"
     ts_metrics = yaml.safe_load(defaults.read_text(encoding="utf-8"))["ts_metrics"]
     return ({m["name"] for kind in ts_metrics.values() for m in kind}
-            | set(metrics.RECORDED) | OTHER_SERIES)
+            | set(metrics.RECORDED) | set(watch.METRICS) | OTHER_SERIES)
 
 
 def test_every_alert_is_tested_and_uses_only_series_that_exist():
@@ -269,6 +270,7 @@ def test_every_alert_is_tested_and_uses_only_series_that_exist():
     for name, rule in rules.items():
         unquoted = re.sub(r'"[^"]*"', '""', rule["expr"])  # label_replace's regexes
         used = set(re.findall(r"\b([A-Za-z_:][\w:]*)\s*[{\[]", unquoted))
+        used |= set(re.findall(r"\(\s*([A-Za-z_:][\w:]*)\s*\)", unquoted))  # a gauge alone
         used = {re.sub(r"_(bucket|sum|count)$", "", series) for series in used}
         if name == "KilnScrapeDown":
             assert rule["expr"].strip() == "up == 0"

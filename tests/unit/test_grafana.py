@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from kiln.deploy import shadowing
-from kiln.handlers import metrics
+from kiln.handlers import metrics, watch
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -26,6 +26,8 @@ PANELS = [
     "Memory used (host)", "Requests per version", "Inference time p50 / p99 per version",
     "Handler error ratio per version", "Shadow: top-1 agreement", "Shadow: |difference| mean / max",
     "Shadow: latency p99, candidate vs primary", "Shadow: sampled requests by outcome",
+    "Answers by label", "Answer probability p10 / p50", "Label mix vs training",
+    "Drift: input PSI", "Regression: output p10 / p50 / p90",
 ]  # fmt: skip
 # Versions side by side: each of these panels keeps the version label of the series it reads.
 VERSION_PANELS = {title: label for title, label in [
@@ -128,7 +130,7 @@ def test_dashboard_shows_every_metric_the_handler_records():
     exprs = " ".join(t["expr"] for p in dashboard()["panels"] for t in p["targets"])
     shown = {re.sub(r"_(bucket|sum|count)$", "", name)
              for name in re.findall(r"\bkiln_\w+", exprs)}
-    assert shown == set(metrics.RECORDED) | set(shadowing.METRICS)
+    assert shown == set(metrics.RECORDED) | set(shadowing.METRICS) | set(watch.METRICS)
 
 
 def test_version_panels_keep_each_version_apart():

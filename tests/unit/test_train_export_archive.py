@@ -116,6 +116,16 @@ def test_export_passes_parity_and_writes_the_signature(dry_runs, name):
         p = sig["parity"][form]
         assert p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
         assert p["samples"] == (1000 if name == "lenet" else 114) + 1 + export.RANDOM_ROWS
+    # The training split's reference statistics, for the handler's drift scores.
+    reference = sig["reference"]
+    stats = reference["inputs"]["input"]
+    if name == "lenet":
+        assert reference["rows"] == 3500 and list(stats) == ["intensity", "ink"]
+        assert list(reference["labels"]) == list("0123456789")
+    else:
+        assert reference["rows"] == 398 and list(stats) == graph_input["names"]
+        assert reference["labels"] == {"malignant": 149 / 398, "benign": 249 / 398}
+    assert all(len(s["ratios"]) == len(s["edges"]) + 1 for s in stats.values())
     assert (dry_runs / name / "model.onnx").stat().st_size > 0
     assert not (dry_runs / name / "model.onnx.data").exists()  # weights inside the file
     assert json.loads((dry_runs / name / "signature.json").read_text()) == sig
@@ -231,6 +241,19 @@ def test_ensure_built_rebuilds_an_archive_without_a_weights_digest(dry_runs, tmp
     assert archived_digest(mar) is None
     assert build.ensure_built("binary", "onnx", tmp_path) == mar
     assert archived_digest(mar) == archive.weights_digest(dry_runs / "binary" / "model.onnx")
+
+
+def test_ensure_built_exports_again_a_signature_without_reference(dry_runs, tmp_path,
+                                                                  monkeypatch):
+    """An export from before the reference statistics would serve without drift scores."""
+    export.export("binary", dry_runs / "binary")
+    monkeypatch.setenv(workspace.ENV, str(dry_runs.parent))
+    path = dry_runs / "binary" / "signature.json"
+    signature = json.loads(path.read_text())
+    del signature["reference"]
+    path.write_text(json.dumps(signature))  # newer than every input: only its content says
+    build.ensure_built("binary", "onnx", tmp_path)
+    assert json.loads(path.read_text())["reference"]["rows"] == 398
 
 
 def test_a_versioned_archive_sits_beside_the_default_one(dry_runs, tmp_path, monkeypatch):

@@ -1,0 +1,188 @@
+"""What a model answers and how its inputs compare with its training data, as Prometheus
+metrics per model and version (recorded as metrics.py's are: multiprocess files in the worker).
+
+Once per batch the handler gives `Watch.observe` the rows it scored and the model's output:
+
+- ANSWERS_METRIC counts answers by label (multiclass and binary: the answer's label;
+  multilabel: each label at or over its threshold);
+- TOP_PROBABILITY_METRIC: the probability of the answer's label (multilabel: the highest);
+- VALUE_METRIC: each regression output, in buckets at the training targets' deciles where the
+  signature has them;
+- REFERENCE_MIX_METRIC: the training label mix, set once, for the alert on the answers' mix;
+- DRIFT_METRIC: drift.py's score per input and statistic, once the worker has seen
+  drift.MIN_ROWS rows; absent for an archive exported without reference statistics.
+
+Rows whose output is not finite are answered 400 and left out.
+"""
+
+import logging
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from kiln.handlers import answers, drift, kinds
+from kiln.handlers.metrics import MODEL_LABEL, MULTIPROC_DIR_ENV, VERSION_LABEL
+from kiln.handlers.signature import DEFAULT_THRESHOLD
+
+logger = logging.getLogger(__name__)
+
+ANSWERS_METRIC = "kiln_answers_total"
+TOP_PROBABILITY_METRIC = "kiln_answer_top_probability"
+VALUE_METRIC = "kiln_answer_value"
+REFERENCE_MIX_METRIC = "kiln_answer_reference_ratio"
+DRIFT_METRIC = "kiln_input_drift_score"
+LABEL, OUTPUT, INPUT, FEATURE = "label", "output", "input", "feature"
+METRICS = (ANSWERS_METRIC, TOP_PROBABILITY_METRIC, VALUE_METRIC, REFERENCE_MIX_METRIC,
+           DRIFT_METRIC)
+# Confidence: ten labels start at 0.1, and most answers of a good model sit over 0.9.
+PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# The scores are set every this many rows, not every batch: a multiprocess gauge's set costs
+# about 7 us (an mmap write under a lock), 30 of them for binary's features cost 0.2 ms a
+# request at batch 1; the window is 500 rows, so a score moves little in 20.
+PUBLISH_ROWS = 20
+# Regression values without training deciles: orders of magnitude either side of 0.
+VALUE_BUCKETS = (-1e3, -1e2, -10.0, -1.0, 0.0, 1.0, 10.0, 1e2, 1e3)
+
+
+def declare(registry, value_buckets=VALUE_BUCKETS):
+    """The families, {name: metric}; `registry` None registers them nowhere (multiprocess)."""
+    labels = [MODEL_LABEL, VERSION_LABEL]
+    return {
+        # prometheus-client adds the _total itself.
+        ANSWERS_METRIC: Counter(ANSWERS_METRIC.removesuffix("_total"), "Answers by label",
+                                [*labels, LABEL], registry=registry),
+        TOP_PROBABILITY_METRIC: Histogram(
+            TOP_PROBABILITY_METRIC, "Probability of the answer's label (multilabel: the "
+            "highest)", labels, buckets=PROBABILITY_BUCKETS, registry=registry),
+        VALUE_METRIC: Histogram(VALUE_METRIC, "Regression outputs", [*labels, OUTPUT],
+                                buckets=value_buckets, registry=registry),
+        # A live worker's value; every worker of a version sets the same one.
+        REFERENCE_MIX_METRIC: Gauge(REFERENCE_MIX_METRIC, "Share of each label in the "
+                                    "training data", [*labels, LABEL], registry=registry,
+                                    multiprocess_mode="livemax"),
+        # Each worker scores what it was sent; the worst one speaks for the version.
+        DRIFT_METRIC: Gauge(DRIFT_METRIC, "Population stability index of the inputs against "
+                            "the training data, over about the last "
+                            f"{drift.WINDOW_ROWS} rows a worker scored",
+                            [*labels, INPUT, FEATURE], registry=registry,
+                            multiprocess_mode="livemax"),
+    }
+
+
+def watch_for(signature, model_name, version, environ, registry=None):
+    """A Watch of the model; one that records nothing outside Kiln's server (no multiprocess
+    folder), as metrics.recorder_for."""
+    if registry is None and not environ.get(MULTIPROC_DIR_ENV):
+        return Watch()
+    reference = signature.get("reference") or {}
+    buckets = _value_buckets(reference.get("outputs"))
+    return Watch(declare(registry, buckets), signature, model_name, version)
+
+
+def _value_buckets(outputs):
+    """Every output's training deciles together, or VALUE_BUCKETS without them."""
+    edges = sorted({e for ref in (outputs or {}).values() for e in ref["edges"]})
+    return tuple(edges) or VALUE_BUCKETS
+
+
+class Watch:
+    """Records one model version's answers and input drift; without metrics, nothing."""
+
+    def __init__(self, metrics=None, signature=None, model_name="", version=""):
+        self._on = metrics is not None
+        if not self._on:
+            return
+        self.output = signature["output"]
+        labels = (model_name, version)
+        # Every label's series from the start: a label never answered counts 0, not missing.
+        self._answers = [metrics[ANSWERS_METRIC].labels(*labels, label)
+                         for label in self.output.get("labels", [])]
+        self._labels = labels
+        self._top = metrics[TOP_PROBABILITY_METRIC].labels(*labels)
+        self._values = [metrics[VALUE_METRIC].labels(*labels, name)
+                        for name in self.output.get("names", [])]
+        reference = signature.get("reference") or {}
+        for label, share in (reference.get("labels") or {}).items():
+            metrics[REFERENCE_MIX_METRIC].labels(*labels, label).set(share)
+        self._inputs = _sketches(signature["inputs"], reference.get("inputs") or {})
+        self._drift = metrics[DRIFT_METRIC]
+        self._scores = {}  # (input, feature) -> gauge child, once it has a score
+        self._unpublished = 0  # rows since the scores were last set
+
+    def observe(self, model_inputs, model_output):
+        """One batch: the model's inputs (one array per signature input) and its output."""
+        if not self._on:
+            return
+        try:
+            self._observe(model_inputs, model_output)
+        except Exception:  # watching must never cost an answer
+            logger.exception("could not record the answers and drift of a batch")
+
+    def _observe(self, model_inputs, model_output):
+        rows = np.asarray(model_output, dtype=np.float32)
+        flat = rows.reshape(len(rows), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        if not finite.all():
+            flat = flat[finite]
+            model_inputs = [x[finite] for x in model_inputs]
+        if len(flat):
+            self._answered(flat)
+            self._compare(model_inputs)
+
+    def _answered(self, rows):
+        kind = self.output["kind"]
+        if kind in answers.LABELLED_KINDS:
+            chosen, probabilities = answers.best_indices(rows, self.output)
+            for i, p in zip(chosen.tolist(), probabilities.tolist(), strict=True):
+                self._answers[i].inc()
+                self._top.observe(p)
+        elif kind == "multilabel":
+            threshold = self.output.get("threshold", DEFAULT_THRESHOLD)
+            self._count((rows >= np.asarray(threshold)).sum(axis=0))
+            for p in rows.max(axis=1).tolist():
+                self._top.observe(p)
+        elif kind == "regression":
+            for column, child in zip(rows.T.tolist(), self._values, strict=True):
+                for value in column:
+                    child.observe(value)
+
+    def _count(self, counts):
+        """`counts`: answers per label, in the signature's label order."""
+        for i in np.flatnonzero(counts).tolist():
+            self._answers[i].inc(int(counts[i]))
+
+    def _compare(self, model_inputs):
+        for (_, spec, sketch), rows in zip(self._inputs, model_inputs, strict=True):
+            if sketch is not None:
+                sketch.add(kinds.of(spec).statistics(spec, rows)[1])
+        self._unpublished += len(model_inputs[0])
+        if self._unpublished >= PUBLISH_ROWS:
+            self._unpublished = 0
+            self._publish()
+
+    def _publish(self):
+        for name, _, sketch in self._inputs:
+            scores = sketch.scores() if sketch is not None else None
+            if scores is None:
+                continue
+            for feature, score in zip(sketch.names, scores.tolist(), strict=True):
+                child = self._scores.get((name, feature))
+                if child is None:
+                    child = self._scores[(name, feature)] = self._drift.labels(
+                        *self._labels, name, feature)
+                child.set(score)
+
+
+def _sketches(specs, references):
+    """(input name, spec, Sketch or None) per signature input, in the model's order: None
+    where the archive has no reference for it (an older export) or its kind none."""
+    out = []
+    for spec in specs:
+        reference = references.get(spec["name"])
+        names, _ = kinds.of(spec).statistics(spec, kinds.of(spec).empty(spec))
+        usable = bool(reference) and list(reference) == list(names)
+        if reference and not usable:
+            logger.warning("input %s: reference statistics %s do not match %s; no drift score",
+                           spec["name"], list(reference), list(names))
+        out.append((spec["name"], spec, drift.Sketch(reference) if usable else None))
+    return out

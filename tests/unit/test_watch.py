@@ -1,0 +1,201 @@
+"""What the model answers and how its inputs drift, recorded by the handler (handlers/watch.py,
+handlers/drift.py and each input kind's statistics)."""
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client import CollectorRegistry
+from ts.context import Context, RequestProcessor
+
+from kiln.handlers import drift, kinds, rest, watch
+from kiln.handlers import handler as kiln_handler
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TINY = {"model_name": "tiny", "version": "1.0"}
+
+
+def samples(registry, name):
+    """{labels other than model and version: value} of one sample name."""
+    return {tuple(v for k, v in sorted(s.labels.items()) if k not in TINY): s.value
+            for family in registry.collect() for s in family.samples if s.name == name}
+
+
+def serving(model_dir, tmp_path, reference):
+    """A handler initialised from a copy of `model_dir` whose signature holds `reference`
+    (none: an older export), recording into a registry of its own."""
+    folder = shutil.copytree(model_dir, tmp_path / "tiny")
+    signature = json.loads((folder / "signature.json").read_text())
+    if reference is not None:
+        signature["reference"] = reference
+    (folder / "signature.json").write_text(json.dumps(signature))
+    manifest = {"model": {"modelName": "tiny", "serializedFile": "model.onnx",
+                          "handler": "handler.py", "modelVersion": "1.0"}}
+    context = Context("tiny", str(folder), manifest, 8, None, "0.12.0",
+                      limit_max_image_pixels=True, metrics=None, model_yaml_config={})
+    handler = kiln_handler.KilnHandler()
+    handler.initialize(context)
+    registry = CollectorRegistry()
+    handler.watch = watch.watch_for(handler.signature, "tiny", "1.0", {}, registry)
+    return handler, context, registry
+
+
+def send(handler, context, bodies):
+    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    return [json.loads(answer) for answer in handler.handle([{"body": b} for b in bodies],
+                                                            context)]
+
+
+def features_reference(spec, rng):
+    """Every feature standard normal once standardised; 40% malignant."""
+    z = rng.normal(size=(2000, len(spec["names"])))
+    return {"inputs": {spec["name"]: {name: drift.reference_of(z[:, i])
+                                      for i, name in enumerate(spec["names"])}},
+            "labels": {"malignant": 0.4, "benign": 0.6}}
+
+
+def raw_rows(spec, z):
+    return np.asarray(spec["mean"]) + np.asarray(spec["std"]) * z
+
+
+def test_answers_are_counted_by_label_with_their_probability(features_model_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    spec = json.loads((features_model_dir / "signature.json").read_text())["inputs"][0]
+    handler, context, registry = serving(features_model_dir, tmp_path,
+                                         features_reference(spec, rng))
+    rows = raw_rows(spec, rng.normal(size=(40, 30)))
+    answers = []
+    for start in range(0, 40, 8):  # batches of 8 requests, one bad one among the last
+        bodies = [json.dumps(r.tolist()) for r in rows[start:start + 8]]
+        answers += send(handler, context, bodies + ["[1, 2]"] * (start == 32))
+    good = [a for a in answers if "label" in a]
+
+    labels = [a["label"] for a in good]
+    assert samples(registry, "kiln_answers_total") == {
+        (label,): float(labels.count(label)) for label in set(labels)}
+    assert samples(registry, "kiln_answer_top_probability_count") == {(): 40.0}
+    assert math.isclose(samples(registry, "kiln_answer_top_probability_sum")[()],
+                        sum(a["probability"] for a in good), rel_tol=1e-6)
+    assert samples(registry, "kiln_answer_reference_ratio") == {("malignant",): 0.4,
+                                                                ("benign",): 0.6}
+
+
+def test_drift_is_scored_per_feature_once_enough_rows_came(features_model_dir, tmp_path):
+    rng = np.random.default_rng(2)
+    spec = json.loads((features_model_dir / "signature.json").read_text())["inputs"][0]
+    handler, context, registry = serving(features_model_dir, tmp_path,
+                                         features_reference(spec, rng))
+    z = rng.normal(size=(drift.MIN_ROWS + 200, 30))
+    send(handler, context, [json.dumps(r.tolist()) for r in raw_rows(spec, z[:drift.MIN_ROWS - 1])])
+    assert samples(registry, "kiln_input_drift_score") == {}  # too few rows to say
+
+    send(handler, context, [json.dumps(r.tolist()) for r in raw_rows(spec, z[drift.MIN_ROWS - 1:])])
+    scores = samples(registry, "kiln_input_drift_score")
+    assert sorted(scores) == sorted((name, "input") for name in spec["names"])
+    assert {f for (f, _), s in scores.items() if s > drift.THRESHOLD} == set()
+
+    shifted = rng.normal(size=(300, 30))
+    shifted[:, 0] += 3.0  # the first feature moves three training spreads
+    send(handler, context, [json.dumps(r.tolist()) for r in raw_rows(spec, shifted)])
+    scores = samples(registry, "kiln_input_drift_score")
+    assert {f for (f, _), s in scores.items() if s > drift.THRESHOLD} == {spec["names"][0]}
+
+
+def test_an_archive_without_reference_statistics_is_served_without_drift_scores(
+        features_model_dir, tmp_path):
+    handler, context, registry = serving(features_model_dir, tmp_path, None)
+    spec = handler.signature["inputs"][0]
+    rows = raw_rows(spec, np.random.default_rng(3).normal(size=(drift.MIN_ROWS + 10, 30)))
+    answers = send(handler, context, [json.dumps(r.tolist()) for r in rows])
+    assert all("label" in a for a in answers)
+    assert samples(registry, "kiln_answer_top_probability_count") == {(): len(rows) * 1.0}
+    assert samples(registry, "kiln_input_drift_score") == {}
+    assert samples(registry, "kiln_answer_reference_ratio") == {}
+
+
+def test_outside_kiln_s_server_nothing_is_recorded(features_model_dir, tmp_path):
+    handler, context, _ = serving(features_model_dir, tmp_path, None)
+    assert not watch.watch_for(handler.signature, "tiny", "1.0", {})._on
+
+
+# --- the statistics and the score ------------------------------------------------------------
+
+
+def test_psi_of_two_bins_is_the_textbook_sum():
+    got = drift.psi(np.asarray([[0.5, 0.5]]), np.asarray([[0.25, 0.75]]))
+    assert got.tolist() == pytest.approx([0.25 * math.log(2) + 0.25 * math.log(1.5)], rel=1e-12)
+
+
+def test_reference_bins_training_values_at_their_quintiles():
+    ref = drift.reference_of(np.arange(100.0))
+    assert ref["edges"] == [19.8, 39.6, 59.4, 79.2]
+    assert ref["ratios"] == [0.2] * 5
+    assert ref["mean"] == 49.5
+
+
+def test_a_sketch_forgets_and_scores_only_after_min_rows():
+    sketch = drift.Sketch({"x": drift.reference_of(np.arange(100.0))})
+    sketch.add(np.full((drift.MIN_ROWS - 1, 1), 10.0))
+    assert sketch.scores() is None
+    sketch.add(np.full((1, 1), 10.0))
+    # Everything in the first of five equal bins: shares (1, 0, 0, 0, 0) against 0.2 each.
+    expected = 0.8 * math.log(5) + 4 * (drift.FLOOR - 0.2) * math.log(drift.FLOOR / 0.2)
+    assert sketch.scores().tolist() == pytest.approx([expected], rel=1e-12)
+    weight = sketch.weight
+    sketch.add(np.full((drift.WINDOW_ROWS, 1), 90.0))
+    kept = (1 - 1 / drift.WINDOW_ROWS) ** drift.WINDOW_ROWS
+    assert sketch.weight == pytest.approx(weight * kept + drift.WINDOW_ROWS, rel=1e-12)
+
+
+def test_a_tensor_s_length_ends_at_its_last_value_other_than_padding():
+    spec = {"name": "ids", "kind": "tensor", "dtype": "int64", "shape": [-1, -1],
+            "pad_value": 0}
+    names, values = kinds.of(spec).statistics(spec, np.asarray([[1, 2, 0, 3, 0, 0],
+                                                                [4, 0, 0, 0, 0, 0],
+                                                                [0, 0, 0, 0, 0, 0]]))
+    assert names == ("length",) and values.tolist() == [[4.0], [1.0], [0.0]]
+
+
+def test_an_image_s_intensity_and_ink_are_read_after_framing(image_signature):
+    signature = image_signature
+    spec = signature["inputs"][0]
+    unit = np.zeros((1, 1, 32, 32))
+    unit[0, 0, 10:20, 10:15] = 1.0  # 50 of 1024 pixels inked
+    unit[0, 0, 0, 0] = 0.05  # faint, under the ink threshold
+    rows = (unit - spec["mean"][0]) / spec["std"][0]
+    names, values = kinds.of(spec).statistics(spec, rows)
+    assert names == ("intensity", "ink")
+    assert np.allclose(values, [[50.05 / 1024, 50 / 1024]], rtol=0, atol=1e-12)
+
+
+def test_an_inverted_digit_has_the_statistics_of_the_digit(image_signature):
+    signature = image_signature
+    spec = signature["inputs"][0]
+    digit = np.asarray(Image.open(FIXTURES / "digits" / "7.png").convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(255 - digit).save(buffer, "PNG")
+    stats = [kinds.of(spec).statistics(spec, rest.decode_body(body, signature)[0][0])[1]
+             for body in ((FIXTURES / "digits" / "7.png").read_bytes(), buffer.getvalue())]
+    assert stats[0].tolist() == stats[1].tolist()
+
+
+def test_a_variable_length_tensor_is_watched_by_its_length():
+    spec = {"name": "ids", "kind": "tensor", "dtype": "int64", "shape": [-1, -1],
+            "max_length": 8, "pad_value": 0}
+    signature = {"inputs": [spec],
+                 "output": {"kind": "multiclass", "labels": ["a", "b"], "shape": [-1, 2]},
+                 "reference": {"inputs": {"ids": {"length": drift.reference_of(
+                     np.arange(100.0) % 8 + 1)}}}}
+    registry = CollectorRegistry()
+    watched = watch.watch_for(signature, "tiny", "1.0", {}, registry)
+    rows = np.zeros((drift.MIN_ROWS, 8), dtype=np.int64)
+    rows[:, :2] = 5  # every request two tokens long, padded to the batch's longest
+    watched.observe([rows], np.tile(np.float32([[0.9, 0.1]]), (drift.MIN_ROWS, 1)))
+    (score,) = samples(registry, "kiln_input_drift_score").items()
+    assert score[0] == ("length", "ids") and score[1] > drift.THRESHOLD
+    assert samples(registry, "kiln_answers_total") == {("a",): 100.0, ("b",): 0.0}
