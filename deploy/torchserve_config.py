@@ -93,6 +93,9 @@ class ServerSettings:
     console_logs: bool = False
     # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
     cores: int = field(default_factory=usable_cores)
+    # False: TorchServe's own batching, which holds a lone request for the whole batch delay
+    # (only to measure what greedy batching saves: loadtests/studies/edges.py).
+    greedy_batching: bool = True
 
     def state_file(self) -> Path:
         """versions.json's absolute path: nginx and the JVM run from other folders."""
@@ -184,7 +187,8 @@ class ServerSettings:
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
                       f"-D{routing.STATE_PROPERTY}={self.state_file()} "
-                      + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
+                      + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items())
+                      + (f" {plugins.greedy_batching_vmargs()}" if self.greedy_batching else ""),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
             "plugins_path": plugins.plugins_dir(),
         }
