@@ -16,11 +16,15 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  * Greedy batching for TorchServe 0.12's frontend, as a Java agent (vmargs -javaagent).
  *
  * <p>TorchServe's Model.pollBatch / pollInferJob take a batch's first job, then wait up to
- * maxBatchDelay for each further one: a lone request always waits the whole delay, and a job
- * taken while that wait is interrupted (its worker died) is in no request yet, so WorkerThread
- * answers it never (the client waits for its own timeout). Here a batch takes what is queued
- * and never waits on an empty queue: the waits of those two methods become non-blocking polls.
- * Under load the queue fills while the workers are busy, so batches still fill.
+ * maxBatchDelay for each further one. Two costs: a lone request always waits the whole delay;
+ * and a job taken while that wait is interrupted (its worker died) is in no request yet, so
+ * WorkerThread never answers it (the client waits for its own timeout).
+ *
+ * <p>Here a batch waits only while jobs keep coming: when no second job is queued as the first
+ * is taken, the batch goes at once; when one is (there is load), the further jobs are waited
+ * for as TorchServe does, so batches fill as before. A wait interrupted by the worker's death
+ * ends the batch instead of throwing: the jobs taken go into the request, and WorkerThread
+ * answers that request's jobs "Worker died." at its next interruptible step.
  *
  * <p>The rewrite is one call, the same size (invokevirtual to invokestatic with the deque as
  * first argument): no offset or stack frame changes. It uses the ASM copy inside the JDK
@@ -32,14 +36,31 @@ public final class GreedyBatching {
     static final String DEQUE = "java/util/concurrent/LinkedBlockingDeque";
     static final String TIMED_POLL = "(JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;";
     static final String SELF = "kiln/batching/GreedyBatching";
+    // Whether this worker thread's batch found a second job queued: it then waits as TorchServe.
+    private static final ThreadLocal<Boolean> LOADED = ThreadLocal.withInitial(() -> false);
 
     private GreedyBatching() {}
 
-    /** What the rewritten calls run: a wait for ever stays one (a worker with no job yet);
-     * any shorter wait (the batch delay) takes what is there. */
+    /** What the rewritten calls run. A wait for ever (a worker with no job yet) stays one and
+     * starts a batch; a shorter one (the batch delay) takes what is queued when the batch has
+     * found no second job, and waits otherwise. */
     public static Object poll(LinkedBlockingDeque<?> queue, long timeout, TimeUnit unit)
             throws InterruptedException {
-        return timeout == Long.MAX_VALUE ? queue.poll(timeout, unit) : queue.poll();
+        if (timeout == Long.MAX_VALUE) {
+            LOADED.set(false);
+            return queue.poll(timeout, unit);
+        }
+        if (!LOADED.get()) {
+            Object next = queue.poll();
+            LOADED.set(next != null);
+            return next;
+        }
+        try {
+            return queue.poll(timeout, unit);
+        } catch (InterruptedException died) {
+            Thread.currentThread().interrupt();
+            return null;
+        }
     }
 
     public static void premain(String args, Instrumentation inst) {
