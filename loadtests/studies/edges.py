@@ -50,12 +50,32 @@ class Cell:
     config: str
     clients: int
     runs: list[wrk.WrkRun]
+    # TorchServe's own figures over the cell's runs: requests and their time in its queue,
+    # which includes a batch's wait for its delay (set when the batch is taken).
+    requests: float = 0.0
+    queue_us: float = 0.0
 
     def median(self, figure: str) -> float:
         return statistics.median(getattr(r, figure) for r in self.runs)
 
 
+def torchserve_counters(server: Server) -> tuple[float, float]:
+    """lenet's ts_inference_requests_total and ts_queue_latency_microseconds, read from the
+    metrics page (cumulative counters)."""
+    page = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
+    totals = dict.fromkeys(("ts_inference_requests_total", "ts_queue_latency_microseconds"), 0.0)
+    for line in page.splitlines():
+        name, _, rest = line.partition("{")
+        if name in totals and f'model_name="{MODEL}"' in rest:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["ts_inference_requests_total"], totals["ts_queue_latency_microseconds"]
+
+
 CONFIGS = ("unbatched", "TorchServe's batching", "greedy batching")
+
+
+def predictions_url(server: Server) -> str:
+    return f"{server.url('inference')}/predictions/{MODEL}"
 
 
 def lone(seconds: int, rounds: int) -> list[Cell]:
@@ -69,20 +89,24 @@ def lone(seconds: int, rounds: int) -> list[Cell]:
                       strict=True))
     cells = {(c, n): Cell(c, n, []) for c in CONFIGS for n in (1, 16)}
     with contextlib.ExitStack() as stack:
-        urls = {}
+        servers = {}
         for config, (serving, greedy) in chosen.items():
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-edges-")))
-            server = stack.enter_context(serve(run_dir, serving, greedy).running())
-            urls[config] = (f"{server.url('inference')}/predictions/{MODEL}",
-                            server.keys()["inference"])
-        for url, key in urls.values():
-            wrk.run(url, payload.body, payload.content_type, key, 16, 2)  # warm-up
+            servers[config] = stack.enter_context(serve(run_dir, serving, greedy).running())
+        for server in servers.values():
+            wrk.run(predictions_url(server), payload.body, payload.content_type,
+                    server.keys()["inference"], 16, 2)  # warm-up
         for i in range(rounds):
             log.info("round %d of %d", i + 1, rounds)
             for (config, clients), cell in cells.items():
-                url, key = urls[config]
-                cell.runs.append(wrk.run(url, payload.body, payload.content_type, key, clients,
-                                         seconds))
+                server = servers[config]
+                before = torchserve_counters(server)
+                cell.runs.append(wrk.run(predictions_url(server), payload.body,
+                                         payload.content_type, server.keys()["inference"],
+                                         clients, seconds))
+                after = torchserve_counters(server)
+                cell.requests += after[0] - before[0]
+                cell.queue_us += after[1] - before[1]
     return list(cells.values())
 
 
@@ -92,14 +116,16 @@ def print_lone(cells: list[Cell]) -> None:
     print(f"lenet through the front proxy, medians of {len(cells[0].runs)} rounds")
     print(f"{'':<24}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'p50 - unbatched':>17}{'p50 x unbatched':>17}{'req/s x TorchServe':>20}"
-          f"{'errors':>8}")
+          f"{'queue us':>10}{'errors':>8}")
     for c in cells:
         p50, rps = c.median("p50_ms"), c.median("throughput_rps")
         unbatched = base[c.clients].median("p50_ms")
         print(f"{c.config:<24}{c.clients:>8}{rps:>9.0f}{p50:>9.2f}{c.median('p99_ms'):>9.2f}"
               f"{p50 - unbatched:>+16.2f} {p50 / unbatched:>16.2f} "
               f"{rps / stock[c.clients].median('throughput_rps'):>19.2f}"
-              f"{sum(r.errors for r in c.runs):>8}")
+              f"{c.queue_us / max(c.requests, 1):>10.0f}{sum(r.errors for r in c.runs):>8}")
+    print("queue us: TorchServe's mean time in its queue per request over all rounds "
+          "(ts_queue_latency_microseconds), a batch's wait for its delay included")
 
 
 @dataclass
