@@ -1,11 +1,13 @@
-"""A lone client and a dying worker (issue 21, parts 2 and 3), through the front proxy:
-`python -m kiln.loadtests.studies.edges [--kills N]`.
+"""A lone client and a dying worker (issue 21, parts 2 and 3; docs/batching.md), through the
+front proxy: `python -m kiln.loadtests.studies.edges [--part lone|death|both] [--kills N]`.
 
-- lone: lenet served as `make serve` serves it (batched) and unbatched (batch 1); 1-client
-  p50 and 16-client throughput with wrk.
-- death: SIGKILL a READY lenet worker N times under 16 closed-loop clients; every request's
-  send and answer times and status; per kill, the requests it failed and the longest wait
-  from the kill to the answer of a request sent before it.
+- lone: lenet unbatched, batched by TorchServe (as `make serve` batches it) and batched
+  greedily (Kiln's agent), three servers measured in turn with wrk at 1 and 16 clients, round
+  after round; medians, ratios, and TorchServe's own mean queue time per request.
+- death: for TorchServe's batching and greedy batching, SIGKILL a READY lenet worker N times
+  under 16 closed-loop clients, each request's send and answer times and status kept; the
+  failures, the most between one kill and the next, the longest wait from a kill to the
+  answer of a request sent before it, and the requests never answered.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import requests
 
 from kiln.console import setup_logging
 from kiln.deploy.server import HOST, ModelServing, Ports, Server, ServerSettings
+from kiln.handlers.cores import usable_cores
 from kiln.loadtests import wrk
 from kiln.loadtests.studies.reliability.served import rest_payload, worker_pids
 from kiln.workspace import Workspace
@@ -83,7 +86,7 @@ def lone(seconds: int, rounds: int) -> list[Cell]:
     measured in turn, round after round, so that what else the machine runs weighs on each
     alike; each cell's figures are the median of its rounds."""
     payload = rest_payload(MODEL)
-    batched = ServerSettings(Path("."), Path("."), [MODEL]).serving_defaults()
+    batched = ModelServing.derived(usable_cores(), 1)  # as `make serve` serves lenet
     unbatched = ModelServing(workers=batched.workers, batch_size=1, max_batch_delay_ms=0)
     chosen = dict(zip(CONFIGS, ((unbatched, False), (batched, False), (batched, True)),
                       strict=True))
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print_lone(lone(args.seconds, args.rounds))
     if args.part in ("death", "both"):
         rows = [death(args.kills, 16, greedy) for greedy in (False, True)]
-        batch = ServerSettings(Path("."), Path("."), [MODEL]).serving_defaults().batch_size
+        batch = ModelServing.derived(usable_cores(), 1).batch_size
         print_deaths(rows, batch)
     return 0
 
