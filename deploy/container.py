@@ -28,7 +28,7 @@ from pathlib import Path
 import requests
 
 from kiln.declaration import DeclarationError
-from kiln.deploy import contract, front, lifecycle, metrics_exporter, versions
+from kiln.deploy import access_log, contract, front, lifecycle, metrics_exporter, versions
 from kiln.deploy.front import FrontSettings, KeysError, parse_keys
 from kiln.deploy.server import (
     CONSOLE_LOG_CONFIG,
@@ -40,7 +40,9 @@ from kiln.deploy.server import (
     ServerSettings,
     declared_serving,
 )
+from kiln.handlers import tracing
 from kiln.handlers.cores import usable_cores
+from kiln.handlers.payload_log import check_fraction
 
 log = logging.getLogger("kiln.container")
 
@@ -53,6 +55,10 @@ PR_SET_CHILD_SUBREAPER = 36
 # Flag files in the run folder that nginx's readiness checks.
 DRAINING_FLAG = "draining"  # written on SIGTERM: readiness false from that moment
 
+# Optional settings the image leaves unset (contract.ENV's are all set there): yes/no, and
+# what a yes may say.
+ACCESS_LOG_ENV = "KILN_ACCESS_LOG"
+TRUE = ("1", "true", "yes", "on")
 
 @dataclass(frozen=True)
 class Settings:
@@ -69,10 +75,15 @@ class Settings:
     port_offset: int = 0
     public: Mapping[str, int] = field(default_factory=lambda: dict(contract.PUBLIC_PORTS))
     internal: Ports = contract.INTERNAL_PORTS
+    # The sampled payload log (kiln serve --payload-log), in run_dir/torchserve/payloads/.
+    payload_log: float = 0.0
+    access_log: bool = False  # Kiln's JSON access log (deploy/access_log.py)
+    otlp_endpoint: str | None = None  # spans over OTLP/HTTP (kiln.handlers.tracing)
 
     def __post_init__(self):
         if self.grace_s <= 0 or self.drain_delay_s < 0:
             raise ValueError("the grace period must be > 0 and the drain delay >= 0 seconds")
+        check_fraction(self.payload_log)
         if self.drain_delay_s >= self.grace_s:
             raise ValueError(f"the drain delay ({self.drain_delay_s:g} s) must be shorter than "
                              f"the grace period ({self.grace_s:g} s)")
@@ -130,6 +141,18 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                    default=Path(default("versions_file", d.versions_file)),
                    help=f"versions.json: versions, routes and shadows, read when present (env "
                         f"{contract.ENV['versions_file']}; default {d.versions_file})")
+    p.add_argument("--payload-log", type=float, metavar="FRACTION",
+                   default=float(default("payload_log", d.payload_log)),
+                   help=f"fraction of requests whose body and answer are logged, 0 to 1 (env "
+                        f"{contract.ENV['payload_log']}; default {d.payload_log:g}: off)")
+    p.add_argument("--access-log", action="store_true",
+                   default=env.get(ACCESS_LOG_ENV, "").lower() in TRUE,
+                   help=f"Kiln's JSON access log, one line per request, in the run folder (env "
+                        f"{ACCESS_LOG_ENV}=1; default: off)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   default=env.get(tracing.ENDPOINT_ENV) or None,
+                   help=f"the proxy's and the handler's spans over OTLP/HTTP (env "
+                        f"{tracing.ENDPOINT_ENV}; default: none)")
     p.add_argument("--listen", default=d.listen,
                    help=f"address of the public listeners (default {d.listen})")
     p.add_argument("--port-offset", type=int, default=0,
@@ -143,7 +166,8 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
                         grace_s=args.grace_seconds, drain_delay_s=args.drain_delay_seconds,
                         java_heap=args.java_heap, versions_file=args.versions_file,
                         listen=args.listen,
-                        port_offset=args.port_offset)
+                        port_offset=args.port_offset, payload_log=args.payload_log,
+                        access_log=args.access_log, otlp_endpoint=args.otlp_endpoint)
     except ValueError as err:
         p.error(str(err))
 
@@ -168,7 +192,9 @@ def server_settings(settings: Settings) -> ServerSettings:
                           log_config=CONSOLE_LOG_CONFIG, serving=serving, token_auth=False,
                           console_logs=True, versions_file=settings.versions_file,
                           # On loopback only: the recorded versions are registered through it.
-                          enable_model_api=settings.versions_file.exists())
+                          enable_model_api=settings.versions_file.exists(),
+                          payload_log=settings.payload_log,
+                          access_log=settings.access_log, otlp_endpoint=settings.otlp_endpoint)
 
 
 # -- nginx ----------------------------------------------------------------------------------------
@@ -178,14 +204,16 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
         nginx_dir=run_dir / "nginx", keys_file=settings.keys_file, listen=settings.listen,
         public=public,
         upstream={"http": internal.inference, "oip": internal.oip,
-                  "grpc": internal.grpc_inference, "metrics": internal.metrics},
+                  "grpc": internal.kiln_grpc, "metrics": internal.metrics},
         max_body=server.max_request_size, ready_path=contract.READY_PATH,
         live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
         route_state=server.state_file(),
         shutdown_s=max(1, int(settings.grace_s - settings.drain_delay_s
                               - settings.stop_reserve_s())),
         run_as=front.run_as_line(),
-        kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket)
+        kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket,
+        access_log=front.access_log_path(server.run_dir)
+        if server.access_log or server.otlp_endpoint else None)
 
 
 def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
@@ -230,6 +258,8 @@ class Entrypoint:
         self.frontend_pid: int | None = None
         self.exited: dict[int, int] = {}  # pid -> wait status, of the children reaped
         self.keys_text: str | None = None
+        self.rotation = (access_log.Rotation(self.front.access_log)
+                         if self.front.access_log is not None else None)
 
     def _on_signal(self, signum, _frame):
         if self.signalled is None:
@@ -257,6 +287,8 @@ class Entrypoint:
         self.nginx = subprocess.Popen(front.nginx_command(self.front), stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         self.nginx_pid = self.nginx.pid
+        if self.server.settings.otlp_endpoint:
+            self.server.proxy_spans.start(console=True)
         self.restore_versions()
         public = self.settings.public_ports()
         log.info("serving %s: http %d, oip %d, grpc %d, metrics %d; probes %s and %s",
@@ -339,6 +371,8 @@ class Entrypoint:
             died = self.died()
             if died:
                 return died
+            if self.rotation is not None:
+                self.rotation.check(self.nginx_pid)
             if time.monotonic() >= next_keys_check:
                 self.check_keys()
                 next_keys_check = time.monotonic() + KEYS_POLL_S
@@ -382,6 +416,7 @@ class Entrypoint:
         return clean
 
     def stop_torchserve(self, deadline: float) -> bool:
+        self.server.proxy_spans.stop()  # nginx has stopped: its last lines are sent
         clean = self.server.terminate(timeout=max(0.5, deadline - time.monotonic()))
         self.reap()
         return clean and not self.leftovers(deadline)

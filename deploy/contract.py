@@ -15,15 +15,16 @@ from kiln.deploy.server import Ports
 PUBLIC_PORTS = {
     "http": 8080,      # REST inference (/predictions/NAME) and the probes below
     "oip": 8085,       # Open Inference Protocol (KServe v2 REST)
-    "grpc": 7070,      # TorchServe's gRPC inference API
+    "grpc": 7070,      # TorchServe's gRPC inference API (with versions: Kiln's plugin serves it)
     "metrics": 8082,   # Prometheus scrape target, no key (keep it off the public Service)
 }
 # TorchServe behind it, on 127.0.0.1 inside the container: never reachable from outside.
 INTERNAL_PORTS = Ports(inference=18080, management=18081, metrics=18082, grpc_inference=17070,
-                       grpc_management=17071, oip=18085)
+                       grpc_management=17071, oip=18085, kiln_grpc=17072)
 
 # Probes, on the http port, answered by the front proxy without a key.
-READY_PATH = "/ready"      # 200 once every model has a loaded worker; 503 while draining
+READY_PATH = "/ready"      # 200 once every model has a loaded worker and TorchServe's
+                           # inference port accepts; 503 while draining
 LIVE_PATH = "/live"        # 200 while the proxy and TorchServe's frontend answer (busy is alive)
 
 # Where things are inside the image.
@@ -46,4 +47,5 @@ ENV = {
     "drain_delay_s": "KILN_DRAIN_DELAY_SECONDS",  # readiness false before listeners close (5)
     "java_heap": "KILN_JAVA_HEAP",        # e.g. 1g
     "versions_file": "KILN_VERSIONS_FILE",  # versions.json (default VERSIONS_FILE), if present
+    "payload_log": "KILN_PAYLOAD_LOG",    # fraction of requests in the payload log (0: off)
 }

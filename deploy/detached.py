@@ -1,12 +1,17 @@
 """A process Kiln starts detached, to outlive the command that started it (nginx's supervisor,
-the metrics exporter): its pid file, its log, a start that waits until it is ready, and a stop
-that signals, then kills. `kiln stop` finds it again by the pid file alone."""
+the metrics exporter, the admin service): its pid file, its log, a start that waits until it
+is ready, and a stop that signals, then kills. `kiln stop` finds it again by the pid file
+alone. The services among them serve on a Unix socket: serve_until_signalled and
+unix_accepts are their two ends."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import socket
+import socketserver
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +22,8 @@ from kiln.deploy import logs, processes
 from kiln.keys import write_private
 
 READY_POLL_S = 0.05
+# A Unix socket's path must fit in sockaddr_un (108 bytes with its terminating NUL).
+MAX_SOCKET_PATH = 107
 
 
 class Detached:
@@ -82,3 +89,29 @@ def pid_from(pid_file: Path, mark: str) -> int | None:
     except (OSError, ValueError, psutil.Error):
         return None
     return pid if any(mark in part for part in cmdline) else None
+
+
+def check_socket_path(path: Path, error: type[Exception]) -> None:
+    if len(str(path).encode()) > MAX_SOCKET_PATH:
+        raise error(f"{path} is longer than a Unix socket path may be ({MAX_SOCKET_PATH} "
+                    f"bytes): use a shorter run folder")
+
+
+def serve_until_signalled(server: socketserver.BaseServer, socket_path: Path) -> None:
+    """`server` serving until SIGTERM or SIGINT; its socket file removed after."""
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        socket_path.unlink(missing_ok=True)
+
+
+def unix_accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(str(path)) == 0

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 
+from kiln.deploy import access_log as access_log_rotation
 from kiln.deploy import processes, routing, supervise
 from kiln.deploy.detached import Detached, pid_from
 
@@ -43,6 +44,7 @@ from kiln.deploy.detached import Detached, pid_from
 from kiln.handlers.errors import RETRY_AFTER_S
 from kiln.handlers.forms import FORM_TYPE_HEADER
 from kiln.handlers.oip import PROTOCOL_HEADER
+from kiln.handlers.timing import RECEIVED_HEADER
 from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use from here)
     DEFAULT_OVERLAP_S,
     Key,
@@ -59,6 +61,12 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 )
 
 NGINX = supervise.NGINX
+ACCESS_LOG_FILE = "kiln_access.jsonl"
+
+
+def access_log_path(run_dir: Path) -> Path:
+    """Kiln's JSON access log of a run folder (absolute: nginx runs from its own folder)."""
+    return run_dir.resolve() / "logs" / ACCESS_LOG_FILE
 TEMPLATE = Path(__file__).resolve().parent / "nginx" / "nginx.conf"
 # Public connections per listener before new ones get 503: each proxied request holds two of
 # nginx's worker_connections (client and upstream), so this leaves room under that bound.
@@ -117,6 +125,14 @@ class FrontSettings:
     # Kiln's metrics exporter (deploy/metrics_exporter.py), appended to TorchServe's /metrics
     # and served alone on /kiln-metrics; None: the metrics port serves TorchServe's only.
     kiln_metrics_socket: Path | None = None
+    # Kiln's JSON access log (one line per request, written by nginx); None: none.
+    access_log: Path | None = None
+    access_log_max_bytes: int = access_log_rotation.MAX_BYTES  # then rotated (access_log.py)
+    trace_sample: float = 1.0  # the share of fresh traces sampled (0 to 1)
+    # The admin port and Kiln's admin service behind it (deploy/admin_service.py); None: no
+    # admin port (the default, as TorchServe's model API is off unless asked for).
+    admin_port: int | None = None
+    admin_socket: Path | None = None
 
     @property
     def conf(self) -> Path:
@@ -152,9 +168,11 @@ ERRORS = {  # nginx's own answers, as Kiln's JSON errors
 ERROR_PREFIX = "/kiln-error/"
 
 
-def error_pages(max_body: int) -> str:
-    """error_page lines and internal locations answering each of nginx's errors as short JSON."""
-    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes"}
+def error_pages(max_body: int, upstream: str = "TorchServe") -> str:
+    """error_page lines and internal locations answering each of nginx's errors as short JSON;
+    `upstream` is what 502 and 504 say is not answering."""
+    errors = {**ERRORS, 413: f"the request body is larger than {max_body} bytes",
+              502: f"{upstream} is not answering", 504: f"{upstream} did not answer in time"}
     lines = []
     for status, message in sorted(errors.items()):
         shown = 431 if status == 494 else status  # 494 is nginx's own name for 431
@@ -255,6 +273,59 @@ def kiln_metrics(socket: Path | None) -> str:
             f"        }}\n")
 
 
+def trace_sample(fraction: float) -> str:
+    """split_clients lines: fresh traces sampled (flags 01) for `fraction` of the requests."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the trace sample must be from 0 to 1, got {fraction:g}")
+    percent = round(fraction * 100, 2)  # nginx reads two decimals
+    if percent in (0, 100):
+        return f"* {'01' if percent else '00'};"
+    return f"{percent:g}% 01;\n        * 00;"
+
+
+# What an admin request may hold (JSON arguments of a few short fields), and how long one may
+# take: a deploy exports, archives, registers and warms before it answers.
+ADMIN_MAX_BODY = 16 * 1024
+ADMIN_READ_TIMEOUT_S = 900
+
+
+def admin_server(s: FrontSettings) -> str:
+    """The admin port's server block: the same refusals of odd and long paths, timeouts and
+    JSON error pages as the other ports, a small body limit, and everything else to Kiln's
+    admin service, which checks the admin key itself (so that rotating one needs no reload).
+    Empty without an admin port."""
+    if s.admin_port is None:
+        return ""
+    if s.admin_socket is None:
+        raise ValueError("an admin port needs the admin service's socket")
+    pages = error_pages(ADMIN_MAX_BODY, "the admin service").rstrip("\n").lstrip()
+    return f"""\
+    # Kiln's admin route (kiln serve --admin-port): admin keys only, checked by the service.
+    server {{
+        listen {s.listen}:{s.admin_port};
+        limit_conn kiln_connections {MAX_CONNECTIONS};
+        client_max_body_size {ADMIN_MAX_BODY};
+        {pages}
+
+        if ($kiln_path_refused) {{
+            return 400 '{json_error(400, ODD_PATH)}';
+        }}
+        if ($kiln_path_long) {{
+            return 414 '{json_error(414, LONG_PATH)}';
+        }}
+        location / {{
+            proxy_pass http://unix:{s.admin_socket}:;
+            # Set here, the http block's proxy_set_header lines are not inherited: the
+            # client's key goes on, to the service that checks it.
+            proxy_set_header Host $host;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization $http_authorization;
+            proxy_read_timeout {ADMIN_READ_TIMEOUT_S}s;
+        }}
+    }}
+"""
+
+
 def render(s: FrontSettings) -> str:
     values = {
         "NGINX_DIR": str(s.nginx_dir), "LISTEN": s.listen,
@@ -281,6 +352,10 @@ def render(s: FrontSettings) -> str:
         "MAX_CONNECTIONS": MAX_CONNECTIONS, "WORKER_CONNECTIONS": WORKER_CONNECTIONS,
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
+        "RECEIVED_HEADER": RECEIVED_HEADER, "TRACE_SAMPLE": trace_sample(s.trace_sample),
+        "ACCESS_LOG": f"access_log {s.access_log} kiln_json;" if s.access_log
+        else "access_log off;",
+        "ADMIN_SERVER": admin_server(s).rstrip("\n").lstrip(),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
@@ -315,6 +390,9 @@ def prepare(s: FrontSettings, keys: list[Key]) -> None:
         private_dir(s.nginx_dir / sub)
     write_private(s.map_file, keys_map(keys))
     write_private(s.conf, render(s))
+    if s.access_log is not None:  # owner-only whatever nginx's umask (it appends to it)
+        s.access_log.parent.mkdir(parents=True, exist_ok=True)
+        access_log_rotation.create(s.access_log)
     done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
     if done.returncode != 0:
         raise ValueError(f"nginx refuses {s.conf}:\n{done.stderr}")
@@ -382,6 +460,9 @@ class Front:
             raise FrontError(str(err)) from None
         command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir",
                    str(self.nginx_dir), "--quit-timeout", str(settings.shutdown_s)]
+        if settings.access_log is not None:
+            command += ["--access-log", str(settings.access_log),
+                        "--access-log-max-bytes", str(settings.access_log_max_bytes)]
         try:
             self.supervisor.start(command, timeout=timeout, ready=lambda: (
                 self.pid() is not None and _accepts(settings.listen, settings.public["http"])))

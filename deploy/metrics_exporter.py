@@ -24,11 +24,8 @@ import json
 import logging
 import re
 import shutil
-import signal
-import socket
 import socketserver
 import sys
-import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -38,14 +35,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from kiln.deploy import versions
-from kiln.deploy.detached import Detached
+from kiln.deploy.detached import (  # noqa: F401 (MAX_SOCKET_PATH: what its tests check)
+    MAX_SOCKET_PATH,
+    Detached,
+    check_socket_path,
+    serve_until_signalled,
+    unix_accepts,
+)
 from kiln.handlers.metrics import MODEL_LABEL, VERSION_LABEL
 
 log = logging.getLogger("kiln.metrics_exporter")
 
 METRICS_PATH = "/metrics"
-# A Unix socket's path must fit in sockaddr_un (108 bytes with its terminating NUL).
-MAX_SOCKET_PATH = 107
 # prometheus-client's files: <type>[_<gauge mode>]_<pid>.db
 PID_IN_FILE = re.compile(r"_(\d+)\.db$")
 DEFAULT_VERSION_METRIC = "kiln_version_default"
@@ -139,18 +140,8 @@ class _Server(socketserver.UnixStreamServer):
 def serve(folder: Path, socket_path: Path, versions_file: Path | None = None) -> None:
     """Serves until SIGTERM or SIGINT."""
     server = _Server(socket_path, Collector(folder, versions_file))
-
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     log.info("serving %s on %s", folder, socket_path)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        socket_path.unlink(missing_ok=True)
+    serve_until_signalled(server, socket_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,16 +174,14 @@ class Exporter:
     def start(self, timeout: float = 10, console: bool = False) -> None:
         """A fresh (emptied) folder and the exporter on it, answering when this returns.
         `console`: its log on this process's stderr rather than in the run folder."""
-        if len(str(self.socket).encode()) > MAX_SOCKET_PATH:
-            raise ExporterError(f"{self.socket} is longer than a Unix socket path may be "
-                                f"({MAX_SOCKET_PATH} bytes): use a shorter run folder")
+        check_socket_path(self.socket, ExporterError)
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         command = [sys.executable, "-m", "kiln.deploy.metrics_exporter",
                    "--dir", str(self.folder), "--socket", str(self.socket),
                    "--versions", str(self.versions_file)]
-        self.process.start(command, lambda: _accepts(self.socket), timeout, console)
+        self.process.start(command, lambda: unix_accepts(self.socket), timeout, console)
 
     def stop(self, timeout: float = 5) -> bool:
         """SIGTERM, killed after `timeout`; False when none ran."""
@@ -203,12 +192,6 @@ class Exporter:
 
     def log_tail(self, lines: int = 20) -> str:
         return self.process.log_tail(lines)
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(str(path)) == 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The TorchServe frontend plugin that serves the Open Inference Protocol (deploy/oip_plugin).
+"""The TorchServe frontend plugin that serves the Open Inference Protocol (deploy/oip_plugin),
+and TorchServe's gRPC inference API with Kiln's versions (its GrpcServer.java).
 
 TorchServe 0.12 answers /v2/models/NAME and /v2/models/NAME/ready with 404, and its /v2 ready
 routes say yes before any worker has loaded a model. The plugin serves all of /v2 on its own
@@ -33,6 +34,8 @@ OIP_PLUGIN_SOURCE = Path(__file__).resolve().parent / "oip_plugin"
 JAR_NAME = "kiln-oip.jar"
 # The JVM system property (set in vmargs) with the host:port the plugin serves OIP on.
 OIP_ADDRESS_PROPERTY = "kiln.oip.address"
+# The same for Kiln's gRPC inference server in the plugin (GrpcServer.java).
+GRPC_ADDRESS_PROPERTY = "kiln.grpc.address"
 
 
 def limit_properties() -> dict[str, int]:

@@ -83,6 +83,8 @@ def busy(settings: ServerSettings) -> list[str]:
         own = settings.torchserve_ports()
         wanted += [(f"TorchServe's own {api.replace('_', ' ')} port", port)
                    for api, port in vars(own).items() if port != getattr(settings.ports, api)]
+    if settings.admin_port is not None:
+        wanted.append(("admin port", settings.admin_port))
     lines, run_dirs = [], []
     for what, port in wanted:
         if not taken(port):

@@ -30,6 +30,11 @@ class Ports:
     grpc_management: int = 7071
     # The Open Inference Protocol (KServe v2 REST), served by Kiln's frontend plugin.
     oip: int = 8085
+    # TorchServe's gRPC inference API with Kiln's versions (routes, shadows, the version in
+    # each answer's metadata), served by the plugin. Behind the front proxy (kiln serve, the
+    # container) only the internal one is bound, and the proxy's gRPC port forwards there
+    # (TorchServe's own grpc_inference then serves nobody).
+    kiln_grpc: int = 7072
 
     @classmethod
     def saved(cls, run_dir: Path, name: str = PORTS_FILE) -> Ports | None:

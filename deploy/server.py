@@ -19,7 +19,16 @@ from pathlib import Path
 
 import psutil
 
-from kiln.deploy import front, logs, metrics_exporter, orphans, plugins, processes, readiness
+from kiln.deploy import (
+    admin_service,
+    front,
+    logs,
+    metrics_exporter,
+    orphans,
+    plugins,
+    processes,
+    readiness,
+)
 from kiln.deploy.detached import pid_from
 from kiln.deploy.owner_only import owner_only, owner_only_files
 
@@ -33,6 +42,7 @@ from kiln.deploy.ports import (  # noqa: F401
     Ports,
     run_dirs_on,
 )
+from kiln.deploy.proxy_spans import ProxySpans
 from kiln.deploy.serving import (  # noqa: F401
     BATCH_PER_MODEL,
     MAX_BATCH_DELAY_MS,
@@ -47,6 +57,7 @@ from kiln.deploy.torchserve_config import (  # noqa: F401
     ServerError,
     ServerSettings,
 )
+from kiln.handlers import payload_log, tracing
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 
@@ -70,6 +81,9 @@ class Server:
         self.front = front.Front(self.run_dir / "nginx", self.run_dir / KEYS_FILE)
         # The handlers' metrics, and the default versions versions.json records.
         self.exporter = metrics_exporter.Exporter(self.run_dir, settings.state_file())
+        # The front proxy's spans (deploy/proxy_spans.py), with an OTLP endpoint.
+        self.proxy_spans = ProxySpans(self.run_dir, self.access_log, settings.otlp_endpoint or "")
+        self.admin = admin_service.AdminService(self.run_dir)
 
     # -- paths and environment -------------------------------------------------------------
     @property
@@ -85,6 +99,11 @@ class Server:
         return self.run_dir / "logs"
 
     @property
+    def access_log(self) -> Path:
+        """Kiln's JSON access log, written by the front proxy (kiln serve --access-log)."""
+        return front.access_log_path(self.run_dir)
+
+    @property
     def fronted(self) -> bool:
         return self.settings.internal_ports is not None
 
@@ -97,6 +116,13 @@ class Server:
                    KILN_ACCESS_LOG="info" if self.settings.access_log else "off",
                    KILN_SERVED_WORKERS=str(self.served_workers()),
                    PROMETHEUS_MULTIPROC_DIR=str(self.exporter.folder))
+        s = self.settings
+        env.update(payload_log.worker_env(s.payload_log, s.payload_dir(), s.payload_log_max_bytes,
+                                          s.payload_log_files))
+        # The handler's spans go where the proxy's do, or nowhere.
+        env.pop(tracing.ENDPOINT_ENV, None)
+        if self.settings.otlp_endpoint:
+            env[tracing.ENDPOINT_ENV] = self.settings.otlp_endpoint
         # Workers must find the same Python (and its packages) as this process.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # Workers import torch on first use only (an ONNX worker never does: faster to ready,
@@ -153,6 +179,10 @@ class Server:
             done.append("stopped the front proxy (nginx) of a TorchServe that is gone")
         if self.exporter.stop():
             done.append("stopped Kiln's metrics exporter of a TorchServe that is gone")
+        if self.proxy_spans.stop():
+            done.append("stopped Kiln's proxy spans of a TorchServe that is gone")
+        if self.admin.stop():
+            done.append("stopped Kiln's admin service of a TorchServe that is gone")
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         if self.pid_file.exists():
             self.pid_file.unlink(missing_ok=True)
@@ -180,6 +210,8 @@ class Server:
     def _start(self) -> None:
         if shutil.which("java") is None:
             raise ServerError("no Java runtime on PATH: install openjdk-17-jre-headless")
+        if self.settings.otlp_endpoint and not tracing.sdk_present():
+            raise ServerError(tracing.MISSING_EXTRA)
         if self.pid() is not None:
             raise ServerError(f"a TorchServe already runs from {self.run_dir} (kiln stop)")
         self.clean_up_after_crash()
@@ -231,13 +263,27 @@ class Server:
             nginx_dir=self.front.nginx_dir, keys_file=self.front.keys_file, listen=HOST,
             public={"http": p.inference, "oip": p.oip, "grpc": p.grpc_inference,
                     "metrics": p.metrics},
-            upstream={"http": i.inference, "oip": i.oip, "grpc": i.grpc_inference,
+            upstream={"http": i.inference, "oip": i.oip, "grpc": i.kiln_grpc,
                       "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
             route_state=self.settings.state_file(),
             upstream_token=upstream_token, run_as=front.run_as_line(),
-            kiln_metrics_socket=self.exporter.socket)
+            kiln_metrics_socket=self.exporter.socket, admin_port=self.settings.admin_port,
+            admin_socket=self.admin.socket,
+            access_log=self.access_log if self.settings.access_log
+            or self.settings.otlp_endpoint else None, trace_sample=self.settings.trace_sample)
+
+    def start_admin(self) -> None:
+        """With an admin port: Kiln's admin service, and an admin key when there is none
+        (run/admin_keys, as the inference keys are made at the first start)."""
+        if self.settings.admin_port is None:
+            return
+        keys_file = self.admin.keys_file
+        if not keys_file.exists():
+            front.write_keys(keys_file, [front.Key(front.new_key())])
+        self.admin.start(self.settings.model_store, self.settings.models_dirs,
+                         console=self.settings.console_logs)
 
     def start_front(self, timeout: float = 60) -> None:
         """nginx on the public ports, once TorchServe has written the token it holds."""
@@ -256,11 +302,15 @@ class Server:
         settings = self.front_settings(upstream_token=token)
         try:
             with owner_only_files():
+                self.start_admin()
                 self.front.start(settings)
-        except front.FrontError as err:
+        except (front.FrontError, admin_service.AdminServiceError) as err:
+            self.admin.stop()
             raise ServerError(str(err)) from None
         (self.run_dir / INTERNAL_PORTS_FILE).write_text(
             json.dumps(vars(self.settings.internal_ports)))
+        if self.settings.otlp_endpoint:
+            self.proxy_spans.start(console=self.settings.console_logs)
 
     @contextlib.contextmanager
     def running(self, timeout: float = 180):
@@ -285,6 +335,8 @@ class Server:
             self.clean_up_after_crash()
             return False
         self.front.stop(timeout=min(10.0, timeout))
+        self.proxy_spans.stop()  # after nginx: its last lines are sent
+        self.admin.stop()  # nothing reaches it once nginx is gone; an action in it is cut
         (self.run_dir / INTERNAL_PORTS_FILE).unlink(missing_ok=True)
         try:
             frontend = psutil.Process(pid)

@@ -9,6 +9,7 @@ from pathlib import Path
 from kiln.deploy import plugins, routing
 from kiln.deploy.ports import HOST, Ports
 from kiln.deploy.serving import ModelServing, declared_serving
+from kiln.handlers import payload_log as payloads
 from kiln.handlers.cores import usable_cores
 from kiln.model_store import read_archive
 
@@ -69,6 +70,9 @@ class ServerSettings:
     # loadtests/studies/reliability/), so 30 s leaves a slower machine 30 times that.
     response_timeout_s: int = 30
     enable_model_api: bool = False
+    # The front proxy's admin port (deploy/admin_service.py), on the same address as the
+    # others; None: no admin route (the default).
+    admin_port: int | None = None
     # The versions served and their routes: the run folder's versions.json unless another
     # file is named (a container's mounted one, deploy/container.py).
     versions_file: Path | None = None
@@ -91,8 +95,18 @@ class ServerSettings:
     internal_ports: Ports | None = None
     # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
     console_logs: bool = False
+    # Where the proxy's and the handler's spans go (OTLP/HTTP, its base URL; kiln.handlers.
+    # tracing); None: no spans. It turns on Kiln's access log, which the proxy's come from.
+    otlp_endpoint: str | None = None
+    trace_sample: float = 1.0  # the share of fresh traces (no caller's traceparent) sampled
     # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.
     cores: int = field(default_factory=usable_cores)
+    # The sampled payload log (handlers/payload_log.py): the fraction of requests whose body
+    # and answer the workers write to payload_dir(); 0 is off. Its bounds: bytes a file,
+    # files kept.
+    payload_log: float = 0.0
+    payload_log_max_bytes: int = payloads.DEFAULT_MAX_BYTES
+    payload_log_files: int = payloads.DEFAULT_FILES
     # False: TorchServe's own batching, which holds a lone request for the whole batch delay
     # (only to measure what greedy batching saves: loadtests/studies/edges.py).
     greedy_batching: bool = True
@@ -135,10 +149,17 @@ class ServerSettings:
             return self.ports
         i = self.internal_ports
         return replace(self.ports, inference=i.inference, oip=i.oip,
-                       grpc_inference=i.grpc_inference, metrics=i.metrics)
+                       grpc_inference=i.grpc_inference, metrics=i.metrics,
+                       kiln_grpc=i.kiln_grpc)
 
     def __post_init__(self):
         java_bytes(self.java_heap)  # a bad -Xmx fails here, not when the JVM starts
+        payloads.check_bounds(self.payload_log, self.payload_log_max_bytes,
+                                 self.payload_log_files)
+
+    def payload_dir(self) -> Path:
+        """Where the payload log goes: the run folder's payloads/."""
+        return self.run_dir.resolve() / payloads.FOLDER
 
     def config_properties(self) -> str:
         store = self.model_store.resolve()
@@ -186,10 +207,12 @@ class ServerSettings:
                       "-XX:+UseContainerSupport "
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
+                      f"-D{plugins.GRPC_ADDRESS_PROPERTY}={HOST}:{p.kiln_grpc} "
                       f"-D{routing.STATE_PROPERTY}={self.state_file()} "
                       + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items())
                       + (f" {plugins.greedy_batching_vmargs()}" if self.greedy_batching else ""),
-            # Kiln's frontend plugin serves the Open Inference Protocol on the oip port.
+            # Kiln's frontend plugin serves the Open Inference Protocol on the oip port, and
+            # gRPC inference with versions on the kiln_grpc port.
             "plugins_path": plugins.plugins_dir(),
         }
         if not self.token_auth:

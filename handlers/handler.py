@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from kiln.handlers import (
     answers,
@@ -24,7 +25,10 @@ from kiln.handlers import (
     limits,
     metrics,
     oip,
+    payload_log,
     rest,
+    timing,
+    tracing,
 )
 from kiln.handlers.errors import RETRY_AFTER_S, BadInput, error_body
 from kiln.handlers.signature import load_signature
@@ -120,8 +124,10 @@ def non_finite_message(err, rows):
     return where + answers.NON_FINITE_ANSWER
 
 
-def _error(context, idx, code, message):
+def _error(context, idx, code, message, reason=None):
     context.set_response_status(code, PHRASES[code], idx)
+    if reason:
+        context.set_response_header(idx, timing.REASON_HEADER, reason)
     if code == 503:
         context.set_response_header(idx, "Retry-After", str(RETRY_AFTER_S))
     return json.dumps(error_body(message, code))
@@ -138,6 +144,8 @@ class KilnHandler:
         self.metrics = metrics.Recorder()  # records nothing before initialize()
         # This worker's share of time for large images, kept across batches (limits.py).
         self.decode_share = limits.DecodeShare()
+        self.payload_log = payload_log.Off()
+        self.spans = tracing.Off()
         self.initialized = False
 
     def initialize(self, context):
@@ -151,6 +159,8 @@ class KilnHandler:
         self.top_k = options["top_k"]
         self.version = str(context.manifest["model"]["modelVersion"])
         self.metrics = metrics.recorder_for(context.model_name, os.environ, version=self.version)
+        self.payload_log = payload_log.for_worker(os.environ, context.model_name, self.version)
+        self.spans = tracing.for_worker(os.environ, context.model_name, self.version)
         serialized = os.path.join(model_dir, context.manifest["model"]["serializedFile"])
         self.backend = backends.load_backend(
             serialized,
@@ -171,6 +181,8 @@ class KilnHandler:
         self.initialized = True
 
     def handle(self, data, context):
+        taken = time.perf_counter()
+        clock = timing.BatchClock(len(data))
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
         good, parts = [], []  # good: (request index, rows it holds, how to encode its answer)
@@ -192,16 +204,28 @@ class KilnHandler:
                 logger.debug("request %d rejected: %s", idx, err)
                 budget.restore(admitted)  # a refused request takes none of the batch's bounds
                 self.metrics.record_rejection(err)
-                answers_out[idx] = _error(context, idx, err.status, str(err))
+                answers_out[idx] = _error(context, idx, err.status, str(err), err.reason)
             except Exception:  # a decoding bug must cost one request, not the batch
                 logger.exception("request %d: unexpected decoding failure", idx)
                 budget.restore(admitted)
                 answers_out[idx] = _error(context, idx, 500, "the request could not be decoded")
             self.decode_share.settle()
             self.metrics.record_stage("preprocess", started)
+        clock.decoded()
         if good:
-            self._score(inputs.join(parts, self.signature), good, answers_out, context)
+            self._score(inputs.join(parts, self.signature), good, answers_out, context, clock)
+        self._time(context, clock, len(data))
+        self.payload_log.record(data, answers_out, context, taken)
         return answers_out
+
+    def _time(self, context, clock, requests):
+        """Each answer's Server-Timing, and its spans when they are exported."""
+        for idx in range(requests):
+            received = context.get_request_header(idx, timing.RECEIVED_HEADER)
+            traceparent = context.get_request_header(idx, timing.TRACEPARENT_HEADER)
+            context.set_response_header(idx, timing.SERVER_TIMING_HEADER,
+                                        clock.header(idx, received, traceparent))
+            self.spans.record(clock, idx, traceparent, received)
 
     def _decode(self, request, context, idx, budget=None):
         """(model inputs, encode): the rows to score and how to answer them. The protocol is
@@ -224,10 +248,10 @@ class KilnHandler:
 
         return model_inputs, encode
 
-    def _score(self, batch, good, answers_out, context):
+    def _score(self, batch, good, answers_out, context, clock):
         """Runs the model once on every good row of the batch, then answers each request
         with its own rows' answers (a list when it sent several instances)."""
-        started = self.metrics.now()
+        started, called = self.metrics.now(), timing.now()
         rows = inputs.batch_size(batch)
         try:
             model_output = self.backend.run(batch)
@@ -239,11 +263,12 @@ class KilnHandler:
                 answers_out[idx] = _error(context, idx, 500, "the model failed on this batch")
             return
         self.metrics.record_stage("inference", started, requests=len(good))
+        clock.scored(called)
         start = 0
         for idx, count, encode in good:
             own = model_output[start:start + count]
             start += count
-            encoding = self.metrics.now()
+            encoding, encoding_since = self.metrics.now(), timing.now()
             try:
                 answers_out[idx] = json.dumps(encode(own), allow_nan=False)
             except answers.NonFiniteOutput as err:
@@ -252,8 +277,10 @@ class KilnHandler:
                 logger.debug("request %d: %s", idx, err)  # counted by reason, as a 400 is
                 refused = BadInput(non_finite_message(err, count), reason="non_finite_output")
                 self.metrics.record_rejection(refused)
-                answers_out[idx] = _error(context, idx, refused.status, str(refused))
+                answers_out[idx] = _error(context, idx, refused.status, str(refused),
+                                          refused.reason)
             except ValueError as err:
                 logger.error("request %d: %s", idx, err)
                 answers_out[idx] = _error(context, idx, 500, "the model returned an invalid output")
             self.metrics.record_stage("postprocess", encoding)
+            clock.encoded(idx, encoding_since)

@@ -9,7 +9,7 @@ import base64
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,11 @@ def read_token(run_dir: Path, kind: str = "inference") -> str | None:
 class Answer:
     status: int
     body: dict | list | str
+    # What the server said beside the body (kiln.grpc_client reads them from the answer's
+    # metadata): the version that answered, and the shadow versions that also scored the
+    # request (comma separated). Not part of what an answer is: equal answers may differ here.
+    version: str | None = field(default=None, compare=False)
+    shadowed: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:

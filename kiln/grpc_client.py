@@ -41,6 +41,12 @@ MARKER = "COMPLETE"
 # TorchServe's handlers take the request body from the "data" (or "body") input; a model
 # with several inputs may instead take one map entry per input name.
 BODY_KEY = "data"
+# Metadata of Kiln's gRPC server (deploy/oip_plugin's GrpcCall): the version that answered,
+# the shadows that also scored the call, and the key that routes a caller to one version
+# (the REST headers' names, as gRPC metadata keys: lower case).
+VERSION_KEY = "x-kiln-model-version"
+SHADOWED_KEY = "x-kiln-shadowed"
+ROUTING_KEY = "x-kiln-routing-key"
 
 
 class StubError(RuntimeError):
@@ -163,15 +169,23 @@ def parse_body(raw: bytes) -> dict | list | str:
         return text
 
 
-def answer_from_reply(prediction: bytes) -> Answer:
+def answer_from_reply(prediction: bytes, metadata=()) -> Answer:
     """TorchServe 0.12 answers every handler response with gRPC OK: GRPCJob.response drops
     the status a handler sets per request. A Kiln handler's error body carries its code
     (docs/signature.md), so that is where the HTTP-like status comes from."""
     body = parse_body(prediction)
     if (isinstance(body, dict) and set(body) == {"error", "code"}
             and isinstance(body["code"], int) and body["code"] >= 400):
-        return Answer(body["code"], body)
-    return Answer(200, body)
+        return marked(Answer(body["code"], body), metadata)
+    return marked(Answer(200, body), metadata)
+
+
+def marked(answer: Answer, metadata) -> Answer:
+    """`answer` with the version and shadows the call's metadata names: its initial metadata,
+    or, from a server that answered with trailers only (an error), its trailing metadata."""
+    found = dict(metadata)
+    answer.version, answer.shadowed = found.get(VERSION_KEY), found.get(SHADOWED_KEY)
+    return answer
 
 
 def split_details(details: str | None) -> tuple[str, str | None]:
@@ -183,12 +197,18 @@ def split_details(details: str | None) -> tuple[str, str | None]:
     return details or "", None
 
 
-def answer_from_error(code_name: str, details: str | None) -> Answer:
+def answer_from_error(code_name: str, details: str | None, metadata=()) -> Answer:
     """An error the frontend raised itself (bad token, unknown model, no worker), with a
     body shaped like TorchServe's HTTP error body."""
     message, exception = split_details(details)
     status = EXCEPTION_STATUS.get(exception, HTTP_STATUS.get(code_name, 500))
-    return Answer(status, {"code": status, "type": exception or code_name, "message": message})
+    return marked(Answer(status, {"code": status, "type": exception or code_name,
+                                  "message": message}), metadata)
+
+
+def answer_metadata(call) -> list[tuple[str, str]]:
+    """A finished call's metadata, initial then trailing (either may be absent)."""
+    return [*(call.initial_metadata() or ()), *(call.trailing_metadata() or ())]
 
 
 def input_map(values: dict) -> dict[str, bytes]:
@@ -219,29 +239,42 @@ class GrpcClient:
         # exactly like the HTTP header: "Bearer <token>".
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
-    def predict(self, name: str, body: bytes, content_type: str) -> Answer:
+    def predict(self, name: str, body: bytes, content_type: str, version: str = "",
+                routing_key: str | None = None) -> Answer:
         """content_type is accepted for the Client interface only: TorchServe's gRPC API has
-        no per-input content type, and Kiln's handler tells images from JSON by their bytes."""
-        return self._predictions(name, {BODY_KEY: body})
+        no per-input content type, and Kiln's handler tells images from JSON by their bytes.
+        version: pinned to that version (empty: the model's route picks); routing_key: the
+        same key always lands on the same version of a route."""
+        return self._predictions(name, {BODY_KEY: body}, version, routing_key)
 
     def predict_inputs(self, name: str, values: dict) -> Answer:
         """One instance of a model with several inputs: the input map keyed by input name,
         each value the JSON of that input (or an encoded image's bytes as they are)."""
         return self._predictions(name, input_map(values))
 
-    def _predictions(self, name: str, inputs: dict[str, bytes]) -> Answer:
-        request = self._pb2.PredictionsRequest(model_name=name, input=inputs)
+    def predict_map(self, name: str, inputs: dict[str, bytes], version: str | None = None
+                    ) -> Answer:
+        """An input map as it is (kiln replay's logged one), to `version` if named."""
+        return self._predictions(name, inputs, version or "")
+
+    def _predictions(self, name: str, inputs: dict[str, bytes], version: str = "",
+                     routing_key: str | None = None) -> Answer:
+        request = self._pb2.PredictionsRequest(model_name=name, model_version=version,
+                                               input=inputs)
+        metadata = self._metadata()
+        if routing_key:
+            metadata += ((ROUTING_KEY, routing_key),)
         try:
-            reply = self._stub.Predictions(request, metadata=self._metadata(),
-                                           timeout=self.timeout)
+            reply, call = self._stub.Predictions.with_call(request, metadata=metadata,
+                                                           timeout=self.timeout)
         except self._rpc_error as err:
             code, details = err.code().name, err.details()
             # UNAVAILABLE without a TorchServe exception in it is the transport's: nothing
             # listens there. Raised as an OSError, as requests does, for the CLI's message.
             if code == "UNAVAILABLE" and split_details(details)[1] is None:
                 raise ConnectionError(f"{self.target}: {details}") from err
-            return answer_from_error(code, details)
-        return answer_from_reply(reply.prediction)
+            return answer_from_error(code, details, answer_metadata(err))
+        return answer_from_reply(reply.prediction, answer_metadata(call))
 
     def close(self) -> None:
         self._channel.close()

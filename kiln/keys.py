@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KEYS_FILE = "keys"  # in kiln serve's run folder
+# Beside it, the admin keys (deploy/admin_service.py): the same format, never an inference key.
+ADMIN_KEYS_FILE = "admin_keys"
+# What `kiln keys list` shows of a key, `revoke` takes at the least, and the admin audit log
+# records: enough to tell keys apart, far too little to guess one (6 of 43 characters).
+SHOWN_CHARS = 6
 KEY_BYTES = 32  # a key Kiln makes: 256 random bits, base64url (43 characters)
 MIN_KEY_LENGTH = 22  # a key it accepts: 128 bits of base64 randomness or more
 # Characters a key may hold: base64, base64url and hex keys all fit, and none needs quoting.

@@ -14,6 +14,7 @@ from kiln import declaration
 from kiln.cli.keys import cmd_keys
 from kiln.cli.measure import cmd_bench, cmd_loadtest, cmd_tune
 from kiln.cli.predict import cmd_batch, cmd_predict
+from kiln.cli.replay import add_parser as add_replay_parser
 from kiln.cli.serve import cmd_serve, cmd_stop, server_arguments
 from kiln.cli.versions import add_parsers as add_version_parsers
 from kiln.console import setup_logging
@@ -25,6 +26,7 @@ from kiln.deploy.server import (
     MIN_BATCH,
     Ports,
 )
+from kiln.handlers import payload_log
 from kiln.workspace import ENV, add_run_dir
 
 # The build commands are the modules' own entry points (add_arguments and run). They need
@@ -105,8 +107,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="serve the archives as they are, build nothing (default: build)")
     p.add_argument("--enable-model-api", action="store_true",
                    help="allow model registration through the management API (default: off)")
+    p.add_argument("--admin-port", type=int, metavar="PORT",
+                   help=f"serve the admin route (kiln deploy, route, ... --admin-url) on this "
+                        f"port of {HOST}, for admin keys only (run/admin_keys) (default: off)")
     p.add_argument("--access-log", action="store_true",
-                   help="write run/logs/access_log.log, one line per request (default: off)")
+                   help="write run/logs/kiln_access.jsonl (the front proxy's, JSON) and "
+                        "TorchServe's run/logs/access_log.log, one line per request "
+                        "(default: off)")
+    p.add_argument("--payload-log", type=float, default=0.0, metavar="FRACTION",
+                   help="write the body and answer of this fraction of requests (0 to 1) "
+                        "to run/payloads/, for kiln replay (default: 0, off)")
+    p.add_argument("--payload-log-file-mb", type=float,
+                   default=payload_log.DEFAULT_MAX_BYTES / 2**20, metavar="MB",
+                   help=f"the payload log's files are rotated past this size (default: "
+                        f"{payload_log.DEFAULT_MAX_BYTES // 2**20})")
+    p.add_argument("--payload-log-files", type=int, default=payload_log.DEFAULT_FILES,
+                   metavar="N", help=f"payload log files kept, the oldest dropped (default: "
+                                     f"{payload_log.DEFAULT_FILES})")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                   help="send the proxy's and the handler's spans there over OTLP/HTTP "
+                        "(needs the tracing extra; default: $OTEL_EXPORTER_OTLP_ENDPOINT, "
+                        "else none)")
+    p.add_argument("--trace-sample", type=float, metavar="FRACTION",
+                   default=float(os.environ.get("OTEL_TRACES_SAMPLER_ARG") or 1.0),
+                   help="the share of requests without a caller's traceparent whose trace is "
+                        "sampled (exported); a caller's keeps its own flag (default: "
+                        "$OTEL_TRACES_SAMPLER_ARG, else 1)")
     p.add_argument("--timeout", type=float, default=180,
                    help="seconds to wait for every model to be ready (default: 180)")
     p.add_argument("--workers", type=int,
@@ -130,14 +157,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     add_version_parsers(sub)
 
-    p = sub.add_parser("keys", help="list, show or rotate the keys clients send",
+    p = sub.add_parser("keys", help="list, show, rotate or revoke the keys clients send",
                        description="List the front proxy's keys (the start of each, and when "
                                    "it ends), show the one to use (printed whole: KEY=$(kiln "
-                                   "keys show)), or rotate: add a new key and end the others "
-                                   "after an overlap in which old and new both work. A running "
-                                   "server takes a rotation at once, without a restart; a "
-                                   "rotation it cannot take fails and changes nothing.")
-    p.add_argument("action", nargs="?", choices=["list", "show", "rotate"], default="list")
+                                   "keys show)), rotate: add a new key and end the others "
+                                   "after an overlap in which old and new both work, or revoke "
+                                   "one at once. A running server takes a change at once, "
+                                   "without a restart; a change it cannot take fails and "
+                                   "changes nothing. --admin: the same for the admin keys.")
+    p.add_argument("action", nargs="?", choices=["list", "show", "rotate", "revoke"],
+                   default="list")
+    p.add_argument("key", nargs="?", help="revoke: the key, or its start as list shows it")
+    p.add_argument("--admin", action="store_true",
+                   help="the admin keys (run/admin_keys: kiln serve --admin-port checks them, "
+                        "read again at each change) instead of the inference keys")
     add_run_dir(p, "where kiln serve keeps its keys")
     p.add_argument("--overlap", type=float, default=front.DEFAULT_OVERLAP_S,
                    metavar="SECONDS",
@@ -168,6 +201,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help=f"gRPC inference port on {HOST} (default: from run/ports.json, or "
                         f"{Ports.grpc_inference})")
     p.set_defaults(func=cmd_predict)
+
+    add_replay_parser(sub)
 
     p = sub.add_parser("batch", help="score a folder of images or a table of rows",
                        description="Score every input of a folder of images or a .npy, CSV, "

@@ -41,9 +41,21 @@ def _server(args, models: list[str] | None = None,
                                  models=models or declaration.default_set(), ports=ports,
                                  internal_ports=internal,
                                  enable_model_api=getattr(args, "enable_model_api", False),
+                                 admin_port=getattr(args, "admin_port", None),
                                  access_log=getattr(args, "access_log", False),
+                                 otlp_endpoint=getattr(args, "otlp_endpoint", None),
+                                 trace_sample=getattr(args, "trace_sample", 1.0),
                                  models_dirs=getattr(args, "models_dirs", []),
-                                 serving=serving or {}))
+                                 serving=serving or {}, **_payload_log(args)))
+
+
+def _payload_log(args) -> dict:
+    """ServerSettings' payload log fields from serve's flags (none for stop)."""
+    if getattr(args, "payload_log", None) is None:
+        return {}
+    return dict(payload_log=args.payload_log,
+                payload_log_max_bytes=max(1, int(args.payload_log_file_mb * 2**20)),
+                payload_log_files=args.payload_log_files)
 
 
 def _port_flags(args) -> dict[str, int]:
@@ -85,6 +97,9 @@ def how_to_call(server: Server) -> str:
         "",
         "Try (a key is printed only when asked for):",
     ]
+    if server.settings.admin_port is not None:
+        lines.insert(-2, f"  admin       http://{HOST}:{server.settings.admin_port}/models   "
+                         f"(admin key: kiln keys --admin show; kiln route ... --admin-url URL)")
     # The run folder records the ports and keys, so it is the one flag the hints repeat:
     # with it, predict and stop find this server whatever ports it was given.
     default_run = server.run_dir == Workspace.current().run
@@ -133,12 +148,17 @@ def cmd_serve(args) -> int:
         log.error("%s", err)
         return 1
     args.enable_model_api = args.enable_model_api or bool(deployed)
-    server = _server(args, models, serving)
+    try:
+        server = _server(args, models, serving)
+    except ValueError as err:  # a payload log setting out of range
+        log.error("%s", err)
+        return 1
     if server.pid() is not None:
         server = Server(ServerSettings(args.run_dir, args.store, models,
                                        Ports.saved(args.run_dir) or server.ports,
                                        models_dirs=args.models_dirs,
-                                       internal_ports=server.settings.internal_ports))
+                                       internal_ports=server.settings.internal_ports,
+                                       admin_port=args.admin_port))
         log.info("TorchServe is already running from %s", args.run_dir)
         if server.front.pid() is None:
             log.warning("its front proxy (nginx) is not running: starting it")

@@ -1,19 +1,16 @@
-"""`kiln deploy`, `promote`, `rollback`, `retire` and `models`: versions of a served model."""
+"""`kiln deploy`, `route`, `shadow`, `promote`, `rollback`, `retire` and `models`: versions of a
+served model, changed locally (deploy/admin_actions.py) or through a server's admin route."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from kiln import declaration
+from kiln import admin_client, declaration
 from kiln.cli.serve import server_arguments
-from kiln.deploy import lifecycle, shadowing, versions
-from kiln.deploy.ports import HOST, Ports
+from kiln.deploy import admin_actions, lifecycle, versions
 
 log = logging.getLogger("kiln")
-
-
-def _target(args) -> lifecycle.Target:
-    return lifecycle.Target.of(args.run_dir.resolve(), args.store.resolve())
 
 
 def _run(action) -> int:
@@ -21,7 +18,7 @@ def _run(action) -> int:
     try:
         print(action())
     except (versions.VersionsError, lifecycle.LifecycleError, declaration.DeclarationError,
-            OSError) as err:
+            admin_client.AdminError, OSError) as err:
         log.error("%s", err)
         return 1
     except Exception as err:  # an export or archive that failed: nothing was changed
@@ -36,44 +33,45 @@ def _run(action) -> int:
     return 0
 
 
+def _act(args, local, action: str, **arguments) -> int:
+    """`local()` here, or with --admin-url the same action through the admin route."""
+    if args.admin_url is None:
+        return _run(local)
+    return _run(lambda: admin_client.Admin.of(args).act(args.name, action, arguments))
+
+
 def cmd_deploy(args) -> int:
-    def action() -> str:
-        decl = declaration.get(args.name, args.models_dirs)
-        target = _target(args)  # before anything is built: a server to deploy into
-
-        def build(v: str):
-            # Imported only to build: it brings torch and the training code.
-            from kiln.model_store.build import ensure_built
-
-            return ensure_built(decl.name, args.backend, target.store, args.models_dirs, v)
-
-        return lifecycle.deploy(target, decl, args.version or decl.version, build,
-                                args.allow_signature_change)
-
-    return _run(action)
+    return _act(args, lambda: admin_actions.deploy(
+        args.run_dir, args.store, args.name, args.models_dirs, args.version, args.backend,
+        args.allow_signature_change), "deploy", version=args.version, backend=args.backend,
+        allow_signature_change=args.allow_signature_change)
 
 
 def cmd_promote(args) -> int:
-    return _run(lambda: lifecycle.promote(_target(args), args.name, args.version))
+    return _act(args, lambda: admin_actions.promote(args.run_dir, args.store, args.name,
+                                                    args.version),
+                "promote", version=args.version)
 
 
 def cmd_rollback(args) -> int:
-    return _run(lambda: lifecycle.rollback(_target(args), args.name))
+    return _act(args, lambda: admin_actions.rollback(args.run_dir, args.store, args.name),
+                "rollback")
 
 
 def cmd_retire(args) -> int:
-    return _run(lambda: lifecycle.retire(_target(args), args.name, args.version))
+    return _act(args, lambda: admin_actions.retire(args.run_dir, args.store, args.name,
+                                                   args.version),
+                "retire", version=args.version)
 
 
 def cmd_route(args) -> int:
-    def action() -> str:
+    try:
         weights = parse_weights(args.weights) if args.weights else None
-        with versions.transaction(args.run_dir) as state:
-            versions.set_route(state, args.name, weights)
-        shown = ", ".join(f"{v}={w:g}" for v, w in weights.items()) if weights else "default"
-        return f"{args.name}: unpinned requests follow {shown}"
-
-    return _run(action)
+    except versions.VersionsError as err:
+        log.error("%s", err)
+        return 1
+    return _act(args, lambda: admin_actions.route(args.run_dir, args.name, weights),
+                "route", weights=weights)
 
 
 def parse_weights(given: list[str]) -> dict[str, float]:
@@ -91,51 +89,27 @@ def parse_weights(given: list[str]) -> dict[str, float]:
 
 
 def cmd_shadow(args) -> int:
-    def action() -> str:
-        with versions.transaction(args.run_dir) as state:
-            versions.set_shadow(state, args.name, args.version, args.fraction)
-        if args.fraction == 0:
-            return f"{args.name} {args.version} shadows nothing"
-        return f"{args.name} {args.version} shadows {args.fraction:g} of the routed requests"
-
-    return _run(action)
+    return _act(args, lambda: admin_actions.shadow(args.run_dir, args.name, args.version,
+                                                   args.fraction),
+                "shadow", version=args.version, fraction=args.fraction)
 
 
 def cmd_models(args) -> int:
-    return _run(lambda: models_table(_target(args)))
+    if args.admin_url is None:
+        return _run(lambda: admin_actions.models_text(
+            admin_actions.models(args.run_dir, args.store)))
+    return _run(lambda: admin_actions.models_text(admin_client.Admin.of(args).models()))
 
 
-def models_table(target: lifecycle.Target) -> str:
-    """Per model and version: its archive, state, ready workers, and whether it is the
-    default, the previous one, its route weight and shadow fraction."""
-    state = versions.load(target.run_dir)
-    if not state:
-        return "no versions deployed (run/versions.json is empty): kiln deploy NAME"
-    lines = [f"{'model':<12} {'version':<9} {'state':<8} {'workers':<8} {'role':<9} "
-             f"{'weight':<7} {'shadow':<7} archive"]
-    for name, entry in sorted(state.items()):
-        served = target.management.served(name)
-        route = versions.route(state, name)
-        for v, info in sorted(entry["versions"].items()):
-            workers = served.get(v, {}).get("workers", [])
-            ready = sum(w.get("status") == "READY" for w in workers)
-            role = ("default" if v == route.default
-                    else "previous" if v == entry["previous"] else "")
-            weight = (route.weights.get(v, 0) if route.weights is not None
-                      else 100 if v == route.default else 0)
-            shadow = route.shadows.get(v, "")
-            lines.append(f"{name:<12} {v:<9} {info['state']:<8} {f'{ready}/{len(workers)}':<8} "
-                         f"{role:<9} {weight:<7g} {shadow!s:<7} {info['archive']}")
-    return "\n".join(lines + shadow_lines(target))
-
-
-def shadow_lines(target: lifecycle.Target) -> list[str]:
-    """Each shadow's comparison with the versions it shadowed, since the server started."""
-    ports = Ports.saved(target.run_dir)
-    figures = shadowing.read(f"http://{HOST}:{ports.metrics}") if ports else {}
-    return (["", "shadow comparisons (since the server started):"]
-            + [f"{name} {v}: {f.line()}" for (name, v), f in sorted(figures.items())]
-            if figures else [])
+def admin_arguments(p) -> None:
+    """--admin-url and --admin-key-file: act through a server's admin route, not locally."""
+    p.add_argument("--admin-url", metavar="URL",
+                   help="act through the admin route at this URL (kiln serve --admin-port), "
+                        f"with the admin key of ${admin_client.KEY_ENV} or --admin-key-file "
+                        "(default: act locally, as the owner of --run-dir)")
+    p.add_argument("--admin-key-file", type=Path, metavar="FILE",
+                   help="a file only its owner may read, holding the admin key (default: "
+                        f"${admin_client.KEY_ENV})")
 
 
 def add_parsers(sub) -> None:
@@ -156,6 +130,7 @@ def add_parsers(sub) -> None:
                    help="exported form to archive (default: onnx)")
     declaration.add_models_dir(p)
     server_arguments(p)
+    admin_arguments(p)
     p.set_defaults(func=cmd_deploy)
     for command, func, help_, with_version in (
             ("promote", cmd_promote, "make a deployed version the default", True),
@@ -167,6 +142,7 @@ def add_parsers(sub) -> None:
         if with_version:
             p.add_argument("version", help="its version")
         server_arguments(p)
+        admin_arguments(p)
         p.set_defaults(func=func)
     p = sub.add_parser("route", help="split a model's unpinned requests among its versions",
                        description="Record the weights (percent, adding up to 100) by which "
@@ -176,6 +152,7 @@ def add_parsers(sub) -> None:
     p.add_argument("weights", nargs="*", metavar="VERSION=PERCENT",
                    help="say 1.0=90 2.0=10 (default: none, all to the default)")
     server_arguments(p)
+    admin_arguments(p)
     p.set_defaults(func=cmd_route)
     p = sub.add_parser("shadow", help="have a version also score a sample of the requests",
                        description="Record that a ready version also scores this fraction of "
@@ -186,9 +163,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--fraction", type=float, required=True,
                    help="share of the routed requests, from 0 to 1 (0: stop shadowing)")
     server_arguments(p)
+    admin_arguments(p)
     p.set_defaults(func=cmd_shadow)
     p = sub.add_parser("models", help="each served model's versions, default, route, shadows",
                        description="List run/versions.json with each version's ready workers.")
     server_arguments(p)
+    admin_arguments(p)
     p.set_defaults(func=cmd_models)
 

@@ -8,11 +8,12 @@ Keep-alive clients (REST, OIP and gRPC in turn, none retrying) send unpinned req
 route 1.0=90 2.0=10, then 50/50, promote 2.0, rollback, promote again, retire 1.0. Per step:
 requests, failed, connection resets, p50/p99, and the time the step took to take effect (the
 first answer from a version it lets in, the last from one it shuts out, by the
-X-Kiln-Model-Version header, after versions.json changed). Every REST and OIP answer is checked
-against the versions the route allowed when it was sent. The shadow's agreement as Kiln reports
-it (kiln_shadow_* metrics, read before the shadow and after it is off and scored) beside the
-agreement computed offline on the requests whose answers said they were sampled
-(X-Kiln-Shadowed), sent again pinned to each version over the same protocol. Then, beside the
+X-Kiln-Model-Version header or x-kiln-model-version metadata, after versions.json changed).
+Every answer is checked against the versions the route allowed when it was sent. The shadow's
+agreement as Kiln reports it (kiln_shadow_* metrics, read before the shadow and after it is off
+and scored) beside the agreement computed offline on the requests whose answers said they were
+sampled (X-Kiln-Shadowed, x-kiln-shadowed), sent again pinned to each version over the same
+protocol. Then, beside the
 same load, the first 100 answers of a freshly registered version, warmed and not.
 
 It serves from a temporary workspace: lenet.mar as built (1.0) and, as 2.0, a one-batch
@@ -71,7 +72,7 @@ SHADOW_FRACTION = 0.2
 class Step:
     name: str
     argv: tuple[str, ...]  # after `kiln`; empty: no command (the steady load)
-    allowed: frozenset[str]  # versions unpinned REST/OIP answers may come from once it acted
+    allowed: frozenset[str]  # versions unpinned answers may come from once it acted
 
 
 STEPS = (
@@ -104,7 +105,7 @@ class Answer:
     sent: float  # time.time(), comparable with versions.json's mtime
     answered: float
     status: int  # 0: no answer
-    version: str | None  # None on gRPC (TorchServe drops handler headers there)
+    version: str | None  # X-Kiln-Model-Version (x-kiln-model-version metadata on gRPC)
     reset: bool
     # Answered, then the connection closed by the server (Connection: close): no request is
     # lost, the client opens another. nginx does it after keepalive_requests (1000) answers.
@@ -143,18 +144,21 @@ class HttpCaller:
 
 
 class GrpcCaller:
-    protocol = "grpc"
-    sent = 0
+    """One gRPC channel sending its bodies in turn; `sent` is the index of the last one."""
 
-    def __init__(self, port: int, token: str, body: bytes):
-        self.client, self.body = GrpcClient(f"{HOST}:{port}", token), body
+    protocol = "grpc"
+
+    def __init__(self, port: int, token: str, bodies: list[bytes]):
+        self.client, self.bodies = GrpcClient(f"{HOST}:{port}", token), bodies
+        self.sent = -1
 
     def call(self) -> tuple[int, str | None, bool, bool, str | None]:
+        self.sent = (self.sent + 1) % len(self.bodies)
         try:
-            return (self.client.predict(NAME, self.body, "image/png").status, None, False,
-                    False, None)
+            a = self.client.predict(NAME, self.bodies[self.sent], "image/png")
         except ConnectionError:  # the transport's UNAVAILABLE: the connection went
             return 0, None, True, False, None
+        return a.status, a.version, False, False, a.shadowed
 
     def close(self) -> None:
         self.client.close()
@@ -212,7 +216,7 @@ def callers(server: Server, clients: int, sent: dict[str, list[bytes]]) -> list:
     def make(protocol: str):
         if protocol == "grpc":
             return GrpcCaller(server.ports.grpc_inference, server.keys()["inference"],
-                              sent["grpc"][0])
+                              sent["grpc"])
         return HttpCaller(protocol, ports[protocol], path[protocol], sent[protocol],
                           head[protocol])
     return [make(PROTOCOLS[i % len(PROTOCOLS)]) for i in range(clients)]
@@ -321,10 +325,12 @@ class ShadowCheck:
         marked = [a for a in answers if a.shadowed]
         self.marked = Counter(a.protocol for a in marked)
         labels: dict[tuple[str, int, str], str] = {}
-        with requests.Session() as session:
+        with requests.Session() as session, GrpcClient(
+                f"{HOST}:{self.server.ports.grpc_inference}",
+                self.server.keys()["inference"]) as rpc:
             for a in marked:
                 for v in a.shadowed.split(","):
-                    got = [self.label(session, labels, a.protocol, a.input, u)
+                    got = [self.label(session, rpc, labels, a.protocol, a.input, u)
                            for u in (a.version, v)]
                     self.offline[0] += got[0] == got[1]
                     self.offline[1] += 1
@@ -340,18 +346,29 @@ class ShadowCheck:
             time.sleep(STILL_S)
         raise DrillError(f"2.0's shadow figures kept moving for 60 s: {key(last)}")
 
-    def label(self, session, labels: dict, protocol: str, i: int, v: str) -> str:
+    def label(self, session, rpc: GrpcClient, labels: dict, protocol: str, i: int,
+              v: str) -> str:
         """The label `v` answers input i with over `protocol` (each asked once)."""
         if (protocol, i, v) not in labels:
-            port = {"rest": "inference", "oip": "oip"}[protocol]
-            r = session.post(self.server.url(port) + paths(v)[protocol],
-                             data=self.sent[protocol][i], headers=headers(self.server)[protocol],
-                             timeout=30)
-            r.raise_for_status()
-            body = r.json()
-            labels[(protocol, i, v)] = body["label"] if protocol == "rest" else next(
-                o["data"][0] for o in body["outputs"] if o["name"] == "label")
+            labels[(protocol, i, v)] = (self.grpc_label(rpc, i, v) if protocol == "grpc"
+                                        else self.http_label(session, protocol, i, v))
         return labels[(protocol, i, v)]
+
+    def http_label(self, session, protocol: str, i: int, v: str) -> str:
+        port = {"rest": "inference", "oip": "oip"}[protocol]
+        r = session.post(self.server.url(port) + paths(v)[protocol],
+                         data=self.sent[protocol][i], headers=headers(self.server)[protocol],
+                         timeout=30)
+        r.raise_for_status()
+        body = r.json()
+        return body["label"] if protocol == "rest" else next(
+            o["data"][0] for o in body["outputs"] if o["name"] == "label")
+
+    def grpc_label(self, rpc: GrpcClient, i: int, v: str) -> str:
+        a = rpc.predict(NAME, self.sent["grpc"][i], "image/png", version=v)
+        if a.status != 200:
+            raise DrillError(f"input {i} over gRPC pinned to {v}: {a}")
+        return a.body["label"]
 
     def outcomes(self) -> dict[str, float]:
         """Sampled requests by outcome over the shadow."""
@@ -385,12 +402,12 @@ def key(f: shadowing.Figures) -> tuple:
 
 # -- the figures --------------------------------------------------------------------------------
 def misrouted(d: Done, before: frozenset[str]) -> list[Answer]:
-    """REST/OIP answers of the step from a version the route did not allow when they were
-    sent: before the change what the last step allowed, for TAKE_EFFECT_S after it either.
-    One that names no version is misrouted too."""
+    """Answers of the step from a version the route did not allow when they were sent:
+    before the change what the last step allowed, for TAKE_EFFECT_S after it either. One that
+    names no version is misrouted too."""
     out = []
     for a in d.answers:
-        if a.protocol == "grpc" or a.status != 200:
+        if a.status != 200:
             continue
         if a.sent < d.changed:
             allowed = before
@@ -452,7 +469,7 @@ def table(found: list[Row]) -> str:
     steady = found[0].p99_ms
     lines = [f"{'step':<17} {'requests':>8} {'failed':>6} {'resets':>6} {'closed':>6} "
              f"{'p50 ms':>7} {'p99 ms':>7} {'p99/steady':>10} {'effect s':>8} "
-             f"{'command s':>9} {'misrouted':>9} {'load1':>5}  REST+OIP answers by version"]
+             f"{'command s':>9} {'misrouted':>9} {'load1':>5}  answers by version"]
     for r in found:
         effect = "-" if r.effect_s is None else f"{r.effect_s:.3f}"
         shares = " ".join(f"{v}:{n}" for v, n in r.by_version.items())
@@ -480,7 +497,7 @@ def first_answers(done: list[Done], v: str, n: int = 100) -> str:
                      key=lambda a: a.sent)[:n]
     steady = [a for a in done[0].answers if a.status == 200]
     ms = [np.array([(a.answered - a.sent) * 1e3 for a in group]) for group in (answers, steady)]
-    return (f"{v}'s first {len(answers)} REST+OIP answers under load: "
+    return (f"{v}'s first {len(answers)} answers under load: "
             f"p50 {np.percentile(ms[0], 50):.1f} p99 {np.percentile(ms[0], 99):.1f} "
             f"max {ms[0].max():.1f} ms (steady p99 {np.percentile(ms[1], 99):.1f} ms)")
 

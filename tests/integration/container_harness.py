@@ -26,18 +26,32 @@ DRAIN_DELAY_S = 1.5
 KEY_1 = "k1-" + "A" * 19 + "x9"
 KEY_2 = "k2-" + "b" * 19 + "Z7"
 UNAUTHORIZED = {"error": "missing or unknown key", "code": 401}
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+FIRST_UNPRIVILEGED = 1024
 
 
 def benign_body() -> bytes:
     return (FIXTURES / "breast_cancer" / "benign.json").read_bytes()
 
 
+def first_ephemeral_port() -> int:
+    """Where the ports the kernel hands out to outgoing connections (and to bind(0), as in
+    Ports.free()) begin."""
+    return int(EPHEMERAL_RANGE.read_text().split()[0])
+
+
 def port_offset() -> int:
-    """An offset that puts every public and internal port of the contract on a free port."""
+    """An offset that puts every public and internal port of the contract on a free port below
+    the ephemeral range. A restarted container binds its ports again; within the range, any
+    outgoing connection on the host (and its TIME_WAIT, 60 s) may hold one meanwhile, and
+    TorchServe's start then fails (tests/integration/test_rolling_restart.py's flake)."""
     ports = [*contract.PUBLIC_PORTS.values(),
              *(getattr(contract.INTERNAL_PORTS, f.name) for f in fields(contract.INTERNAL_PORTS))]
+    below = first_ephemeral_port()
+    if below - max(ports) <= FIRST_UNPRIVILEGED - min(ports):
+        pytest.fail(f"no room below the ephemeral ports ({below}-) for the contract's ports")
     for _ in range(50):
-        offset = random.randrange(20000, 65535 - max(ports))
+        offset = random.randrange(FIRST_UNPRIVILEGED - min(ports), below - max(ports))
         try:
             for port in ports:
                 with socket.socket() as s:

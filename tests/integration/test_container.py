@@ -5,7 +5,9 @@ One entrypoint serves the module; the drain test runs last and stops it."""
 
 import json
 import logging
+import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -216,3 +218,34 @@ def test_a_dead_child_stops_the_container(tmp_path):
     assert code == 1, box.log()
     assert "stopping the container" in box.log()
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_not_ready_while_torchserve_takes_no_predictions(tmp_path):
+    """TorchServe whose start failed on a port it binds after its REST ports (one taken by
+    another process meanwhile) closes its REST listeners at once, then lives on for seconds,
+    its workers loading and the OIP plugin answering: /ready must say no, or a load balancer
+    sends clients to 502s (test_rolling_restart's flake: 1,637 of them). That state without
+    the race: TorchServe's inference listener closed under it (ss -K, as root)."""
+    if shutil.which("ss") is None:
+        pytest.skip("no ss (iproute2) to close a listening socket with")
+    box = Container(tmp_path)
+    try:
+        box.wait_ready()
+        inference = contract.INTERNAL_PORTS.inference + box.offset
+        subprocess.run(["ss", "-K", "-tln", "sport", "=", str(inference)], capture_output=True)
+        if accepts(inference):
+            pytest.skip("ss -K cannot close a listening socket here (needs root and a kernel "
+                        "with CONFIG_INET_DIAG_DESTROY)")
+        predicted = box.predict(KEY_1)
+        ready, oip_ready = box.probe(contract.READY_PATH), box.probe("/v2/health/ready", "oip")
+        alive = box.process.poll() is None
+    finally:
+        box.kill()
+    assert (predicted.status_code, predicted.json()) == (
+        502, {"error": "TorchServe is not answering", "code": 502})
+    assert (ready, oip_ready, alive) == (503, 400, True), box.log()

@@ -22,7 +22,7 @@ def test_the_version_drill_loses_no_request_and_every_answer_is_routed(archives,
         "route 90/10", "promote 2.0", "rollback", "promote 2.0"]
     assert [(r.name, r.effect_s) for r in found
             if r.effect_s is not None and r.effect_s > drill.TAKE_EFFECT_S] == []
-    # What each step's REST and OIP answers came from (the misrouted check above is per
+    # What each step's answers came from, gRPC's too (the misrouted check above is per
     # answer, by when it was sent).
     assert [sorted(r.by_version) for r in found] == [
         ["1.0"], ["1.0"], ["1.0"], ["1.0"], ["1.0", "2.0"], ["1.0", "2.0"], ["1.0", "2.0"],
@@ -31,6 +31,6 @@ def test_the_version_drill_loses_no_request_and_every_answer_is_routed(archives,
     # agreement is the one computed offline on those answers' inputs.
     outcomes = shadow.outcomes()
     assert sum(outcomes.values()) == sum(shadow.marked.values())
-    assert sorted(shadow.marked) == ["oip", "rest"]
+    assert sorted(shadow.marked) == ["grpc", "oip", "rest"]
     assert shadow.offline[1] == sum(shadow.marked.values())
     assert abs(shadow.kiln_agreement() - shadow.offline_agreement()) <= 0.5, shadow.line()

@@ -131,8 +131,8 @@ def batches_by_version(srv: Server) -> dict[str, float]:
 
 
 def test_pinned_grpc_request_reaches_that_version(two_versions, tmp_path_factory):
-    """TorchServe's gRPC Predictions reply has no place for a handler's headers (its GRPCJob
-    drops them), so which version answered is read from Kiln's per-version batch counts."""
+    """Which version answered, read from Kiln's per-version batch counts (the answer's
+    x-kiln-model-version metadata: test_grpc_versions.py)."""
     pb2, pb2_grpc = load_stubs(tmp_path_factory.mktemp("grpc-stubs"))
     body, _ = encode_file(SEVEN)
     before = batches_by_version(two_versions)

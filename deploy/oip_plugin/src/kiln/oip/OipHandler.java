@@ -17,6 +17,7 @@ import io.netty.handler.codec.http.QueryStringDecoder;
 import java.io.IOException;
 import java.util.ArrayDeque;
 import java.util.Locale;
+import java.util.Map;
 import java.util.Queue;
 import java.util.Set;
 import java.util.concurrent.CompletableFuture;
@@ -47,6 +48,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         final String routingKey;
         final String formType;
         final String authorization;
+        final Map<String, String> traced;
         final HttpVersion version;
         final boolean keepAlive;
 
@@ -58,6 +60,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
             routingKey = request.headers().get(Router.KEY_HEADER);
             formType = request.headers().get(OipRoutes.FORM_TYPE_HEADER);
             authorization = request.headers().get(HttpHeaderNames.AUTHORIZATION);
+            traced = Traced.of(request.headers());
             version = request.protocolVersion();
             keepAlive = HttpUtil.isKeepAlive(request);
             // Last: nothing above may throw once it is retained.
@@ -73,9 +76,10 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
 
     // Kiln's front proxy sets these on every request it forwards, whether the client sent
     // them or not (deploy/nginx/nginx.conf: Host, TorchServe's token, the form type of a form
-    // body, as kiln.handlers.forms.FORM_TYPE_HEADER): a client's MAX_HEADERS leave them out.
+    // body, as kiln.handlers.forms.FORM_TYPE_HEADER, and Traced.TO_WORKER): a client's
+    // MAX_HEADERS leave them out.
     private static final Set<String> PROXY_HEADERS = Set.of("host", "authorization",
-            "kiln-form-type");
+            "kiln-form-type", "x-request-id", "traceparent", "kiln-received");
 
     private final OipRoutes routes;
     private final ConnectionGuard guard;
@@ -145,7 +149,7 @@ final class OipHandler extends SimpleChannelInboundHandler<FullHttpRequest> {
         try {
             reply = authorised(call.authorization)
                     ? routes.handle(call.method, call.path, call.body, call.contentType,
-                            call.binaryHeader, call.routingKey, call.formType)
+                            call.binaryHeader, call.routingKey, call.formType, call.traced)
                     : CompletableFuture.completedFuture(Reply.error(401, "token authorization failed: "
                             + "send the inference token as 'Authorization: Bearer <token>'"));
         } catch (RuntimeException e) {

@@ -6,6 +6,9 @@ import com.google.gson.JsonParser;
 import io.netty.buffer.ByteBuf;
 import io.netty.buffer.ByteBufUtil;
 import java.io.IOException;
+import java.net.InetSocketAddress;
+import java.net.Socket;
+import java.net.SocketAddress;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -25,6 +28,7 @@ import org.pytorch.serve.servingsdk.Worker;
 import org.pytorch.serve.servingsdk.impl.ModelServerContext;
 import org.pytorch.serve.servingsdk.impl.ModelServerModel;
 import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.util.ConnectorType;
 import org.pytorch.serve.util.messages.RequestInput;
 import org.pytorch.serve.wlm.ModelManager;
 import org.slf4j.Logger;
@@ -48,6 +52,9 @@ final class OipRoutes {
     // Margin over the model's responseTimeout, after which TorchServe itself gives up.
     private static final long TIMEOUT_MARGIN_S = 5;
     private static final Logger LOG = LoggerFactory.getLogger(OipRoutes.class);
+    // A loopback connect is answered at once, or refused; only a full accept queue makes it
+    // wait, and a server that far behind is not ready either.
+    private static final int INFERENCE_CONNECT_TIMEOUT_MS = 1000;
 
     private final Map<String, JsonObject> metadataByDir = new ConcurrentHashMap<>();
     // What the front proxy asks before it forwards an unpinned REST prediction: GET
@@ -63,6 +70,8 @@ final class OipRoutes {
     // separated; empty: none), and the front proxy then mirrors it to SHADOW_PREFIX.
     static final String SHADOW_HEADER = "X-Kiln-Shadow";
     static final String SHADOW_PREFIX = "/kiln-shadow/";
+    // On a shadow's copies of a request (as kiln.handlers.payload_log.COPY_HEADER).
+    static final String COPY_HEADER = "kiln-shadow-copy";
     // On a sampled answer (OIP here, REST from the front proxy): the versions it was sampled
     // for, comma separated, so that a client can tell its shadowed requests from the others.
     static final String SHADOWED_HEADER = "X-Kiln-Shadowed";
@@ -71,22 +80,24 @@ final class OipRoutes {
 
     private final RequestLimits limits;
     private final Router router;
-    private final Shadow shadow = new Shadow();
+    private final Shadow shadow;
 
-    OipRoutes(RequestLimits limits, Router router) {
+    OipRoutes(RequestLimits limits, Router router, Shadow shadow) {
         this.limits = limits;
         this.router = router;
+        this.shadow = shadow;
     }
 
     /**
      * path: the request path, /v2 included; body: null for a GET, else Netty's buffer, only
      * read, and released by the caller once the answer completes; binaryHeader: the request's
      * Inference-Header-Content-Length, or null; routingKey: the client's Router.KEY_HEADER, or
-     * null; formType: the front proxy's kiln-form-type of a REST body, or null. Only infer is
-     * answered later; the other routes answer from the frontend's state at once.
+     * null; formType: the front proxy's kiln-form-type of a REST body, or null; traced: what
+     * an infer passes to the worker (Traced.of). Only infer is answered later; the other
+     * routes answer from the frontend's state at once.
      */
     CompletableFuture<Reply> handle(String method, String path, ByteBuf body, String contentType,
-            String binaryHeader, String routingKey, String formType) {
+            String binaryHeader, String routingKey, String formType, Map<String, String> traced) {
         if (path.startsWith(ROUTE_PREFIX) && method.equals("GET")) {
             return now(routed(path.substring(ROUTE_PREFIX.length()), routingKey));
         }
@@ -118,7 +129,7 @@ final class OipRoutes {
             }
             Reply missing = missingModel(route);
             return missing != null ? now(missing)
-                    : infer(route, body, contentType, binaryHeader, shadows);
+                    : infer(route, body, contentType, binaryHeader, shadows, traced);
         }
         return now(get(method, path, parts));
     }
@@ -132,7 +143,8 @@ final class OipRoutes {
         } else if (parts.equals(List.of("health", "live"))) {
             return Reply.json(200, flag("live", true));
         } else if (parts.equals(List.of("health", "ready"))) {
-            boolean ready = serverReady(models(), ConfigManager.getInstance().getLoadModels());
+            boolean ready = serverReady(models(), ConfigManager.getInstance().getLoadModels())
+                    && inferenceListening();
             return Reply.json(ready ? 200 : 400, flag("ready", ready));
         }
         ModelRoute route = ModelRoute.parse(parts);
@@ -185,6 +197,28 @@ final class OipRoutes {
             Model model = models.get(name);
             return model != null && isReady(model);
         });
+    }
+
+    /**
+     * Whether TorchServe's inference port accepts a connection (the kernel answers for a
+     * listening socket, however busy TorchServe is). TorchServe whose start failed on a port it
+     * binds after its REST ports (management, metrics, gRPC: taken by another process) closes
+     * its REST listeners at once, then takes seconds to exit, its workers loading and this
+     * server answering all the while: its models alone would say ready while every prediction
+     * sent through the front proxy got 502.
+     */
+    private static boolean inferenceListening() {
+        SocketAddress address = ConfigManager.getInstance()
+                .getListener(ConnectorType.INFERENCE_CONNECTOR).getSocketAddress();
+        if (!(address instanceof InetSocketAddress)) {
+            return true;  // a Unix socket: not how Kiln runs TorchServe
+        }
+        try (Socket socket = new Socket()) {
+            socket.connect(address, INFERENCE_CONNECT_TIMEOUT_MS);
+            return true;
+        } catch (IOException e) {
+            return false;
+        }
     }
 
     /**
@@ -266,7 +300,7 @@ final class OipRoutes {
             return Reply.error(404, "no model '" + name + "' to shadow");
         }
         byte[] bytes = ByteBufUtil.getBytes(body);
-        Supplier<RequestInput> input = () -> restInput(bytes, contentType, formType);
+        Supplier<RequestInput> input = () -> copy(restInput(bytes, contentType, formType));
         ModelRoute routed = pinned(name, primary);
         for (String candidate : parts.get(1).split(",")) {
             shadow.score(name, candidate, () -> Shadow.time(() -> submit(routed, input.get())),
@@ -275,18 +309,18 @@ final class OipRoutes {
         return Reply.json(202, new JsonObject());
     }
 
-    private static ModelRoute pinned(String name, String version) {
+    static ModelRoute pinned(String name, String version) {
         return ModelRoute.parse(List.of("models", name, "versions", version, "infer"));
     }
 
     /** The name of the version `version` of `name` (its default when null); null if none. */
-    private static String versionOf(String name, String version) {
+    static String versionOf(String name, String version) {
         org.pytorch.serve.wlm.Model model = served(name, version);
         return model == null ? null : model.getVersion();
     }
 
     /** `version` when `name` serves it, else null (the default version). */
-    private static String servedOrNull(String name, String version) {
+    static String servedOrNull(String name, String version) {
         return version != null && served(name, version) != null ? version : null;
     }
 
@@ -308,10 +342,11 @@ final class OipRoutes {
      * heap only once admitted: TorchServe's RequestInput holds a byte[] and nothing else.
      */
     private CompletableFuture<Reply> infer(ModelRoute route, ByteBuf body, String contentType,
-            String binaryHeader, List<String> shadows) {
+            String binaryHeader, List<String> shadows, Map<String, String> traced) {
         if (binaryHeader == null && !BinaryTensors.mayUse(body)) {
             byte[] bytes = ByteBufUtil.getBytes(body);
-            return submitShadowed(route, shadows, () -> requestInput(bytes, contentType));
+            return submitShadowed(route, shadows,
+                    () -> Traced.pass(traced, requestInput(bytes, contentType)));
         }
         return CompletableFuture.supplyAsync(() -> {
             try {
@@ -322,8 +357,10 @@ final class OipRoutes {
         }).thenCompose(binary -> {
             byte[] bytes = ByteBufUtil.getBytes(body);
             return binary == null
-                    ? submitShadowed(route, shadows, () -> requestInput(bytes, contentType))
-                    : submitShadowed(route, shadows, () -> binaryInput(bytes, binary))
+                    ? submitShadowed(route, shadows,
+                            () -> Traced.pass(traced, requestInput(bytes, contentType)))
+                    : submitShadowed(route, shadows,
+                            () -> Traced.pass(traced, binaryInput(bytes, binary)))
                             .thenApply(binary::answer);
         })
                 .exceptionally(e -> e.getCause() instanceof BinaryTensors.BadRequest
@@ -344,13 +381,14 @@ final class OipRoutes {
         CompletableFuture<Shadow.Timed> primary = Shadow.time(() -> submit(route, input.get()));
         for (String candidate : shadows) {
             shadow.score(route.name, candidate, () -> primary,
-                    () -> Shadow.time(() -> submit(route.withVersion(candidate), input.get())));
+                    () -> Shadow.time(() -> submit(route.withVersion(candidate),
+                            copy(input.get()))));
         }
         String sampled = String.join(",", shadows);
         return primary.thenApply(timed -> timed.reply.withHeader(SHADOWED_HEADER, sampled));
     }
 
-    private static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
+    static CompletableFuture<Reply> submit(ModelRoute route, RequestInput input) {
         org.pytorch.serve.wlm.Model model = served(route.name, route.version);
         if (model == null) {  // retired since missingModel looked
             return now(Reply.error(404, "no model " + route.describe()));
@@ -392,6 +430,15 @@ final class OipRoutes {
         if (formType != null && !formType.isEmpty()) {
             input.updateHeaders(FORM_TYPE_HEADER, formType);
         }
+        return input;
+    }
+
+    /**
+     * A shadow's copy of a client's request, marked so that the handler's payload log leaves it
+     * out (handlers/payload_log.py: the client's request is logged once, by its own worker).
+     */
+    private static RequestInput copy(RequestInput input) {
+        input.updateHeaders(COPY_HEADER, "1");
         return input;
     }
 

@@ -14,7 +14,6 @@ import io.netty.handler.codec.http.HttpObjectAggregator;
 import io.netty.handler.codec.http.HttpServerCodec;
 import io.netty.handler.codec.http.HttpUtil;
 import io.netty.util.concurrent.DefaultThreadFactory;
-import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicLong;
 import org.pytorch.serve.util.ConfigManager;
@@ -41,25 +40,25 @@ final class OipServer {
     // The event loops only move bytes and wait on nothing: a few threads serve every connection.
     private static final int LOOP_THREADS = Math.min(4, Runtime.getRuntime().availableProcessors());
     private static final Logger LOG = LoggerFactory.getLogger(OipServer.class);
-    private static final AtomicBoolean STARTED = new AtomicBoolean();
 
     private OipServer() {}
 
-    /** Starts the server once per JVM (TorchServe instantiates its plugins more than once). */
-    static void startOnce() {
+    /** Serves OIP on the configured address, if any, with the versions' route and shadows. */
+    static void start(Router router, Shadow shadow) {
         String address = System.getProperty(ADDRESS_PROPERTY);
-        if (address == null || !STARTED.compareAndSet(false, true)) {
+        if (address == null) {
             return;
         }
         try {
-            start(address, ConnectionGuard.Limits.fromProperties());
+            start(address, ConnectionGuard.Limits.fromProperties(), router, shadow);
         } catch (RuntimeException e) {
             // A server that cannot offer what it was configured to offer must not start.
             throw new IllegalStateException("cannot serve OIP on " + address, e);
         }
     }
 
-    private static void start(String address, ConnectionGuard.Limits limits) {
+    private static void start(String address, ConnectionGuard.Limits limits, Router router,
+            Shadow shadow) {
         int colon = address.lastIndexOf(':');
         String host = address.substring(0, colon);
         int port = Integer.parseInt(address.substring(colon + 1));
@@ -67,7 +66,7 @@ final class OipServer {
         EventLoopGroup boss = new NioEventLoopGroup(1, new DefaultThreadFactory("kiln-oip-accept", true));
         EventLoopGroup loops = new NioEventLoopGroup(LOOP_THREADS, new DefaultThreadFactory("kiln-oip", true));
         RequestLimits requestLimits = RequestLimits.fromProperties();
-        OipRoutes routes = new OipRoutes(requestLimits, Router.fromProperty());
+        OipRoutes routes = new OipRoutes(requestLimits, router, shadow);
         AtomicInteger open = new AtomicInteger();
         AtomicLong inFlight = new AtomicLong();
         int maxBody = ConfigManager.getInstance().getMaxRequestSize();

@@ -26,9 +26,7 @@ final class WorkerJob extends Job {
     public void response(byte[] body, CharSequence contentType, int status, String phrase,
             Map<String, String> headers) {
         String type = contentType == null ? Reply.JSON : contentType.toString();
-        Reply answer = new Reply(status, type, body);
-        String version = headers == null ? null : headers.get(OipRoutes.VERSION_HEADER);
-        reply.complete(version == null ? answer : answer.withHeader(OipRoutes.VERSION_HEADER, version));
+        reply.complete(Traced.back(headers, new Reply(status, type, body)));
     }
 
     @Override
