@@ -45,6 +45,15 @@ def limit_properties() -> dict[str, int]:
             "kiln.oip.max_request_values": limits.MAX_REQUEST_VALUES}
 
 
+def greedy_batching_vmargs() -> str:
+    """The JVM arguments that run the plugin jar's greedy-batching agent (GreedyBatching.java):
+    a batch takes what is queued and never waits the batch delay on an empty queue, so a lone
+    request does not pay for batching and a job is never held outside a request when its
+    worker dies. The export lets the agent use the JDK's own ASM to rewrite that wait."""
+    return (f"-javaagent:{plugins_dir() / JAR_NAME} "
+            "--add-exports java.base/jdk.internal.org.objectweb.asm=ALL-UNNAMED")
+
+
 class PluginError(RuntimeError):
     pass
 

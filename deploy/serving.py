@@ -22,11 +22,13 @@ SHADOWING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")
 BATCH_PER_MODEL = 16
 MIN_BATCH = 8
 # TorchServe holds a lone client's request for the whole delay, waiting for a second one:
-# 1-client p50 = unbatched p50 + delay. Keeping it within 1.5x the unbatched p50 caps the
-# delay at half of that. lenet's unbatched 1-client p50 on 2 cores, wrk straight to
-# TorchServe (kiln tune lenet, two runs): 1.5 to 1.7 ms, so 0.8 ms; 1 ms is the least a
-# batch can have (TorchServe reads 0 as its own 100 ms) and measured 1.4x to 1.6x, where 2 ms
-# measured 2.1x to 2.3x. Behind the front proxy the unbatched p50 is higher, the ratio lower.
+# 1-client p50 = unbatched p50 + delay (measured so before Kiln's greedy batching, which
+# waits only once a second request is queued: docs/batching.md). Keeping it within 1.5x the
+# unbatched p50 caps the delay at half of that. lenet's unbatched 1-client p50 on 2 cores,
+# wrk straight to TorchServe (kiln tune lenet, two runs): 1.5 to 1.7 ms, so 0.8 ms; 1 ms is
+# the least a batch can have (TorchServe reads 0 as its own 100 ms) and measured 1.4x to
+# 1.6x, where 2 ms measured 2.1x to 2.3x. Behind the front proxy the unbatched p50 is
+# higher, the ratio lower.
 MAX_BATCH_DELAY_MS = 1
 
 
@@ -71,7 +73,8 @@ class ModelServing:
           delay, so a batch limit costs nothing when idle.
         - max batch delay MAX_BATCH_DELAY_MS: TorchServe holds a lone client's request for the
           whole delay, so it is capped to keep one client's p50 within 1.5x the unbatched
-          p50 (see the constant for the measurement).
+          p50 (see the constant for the measurement); Kiln's greedy batching waits it only
+          once a second request is queued.
         """
         if cores < 1 or models < 1:
             raise ValueError(f"cores and models must be >= 1, got {cores} and {models}")

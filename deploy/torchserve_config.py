@@ -107,6 +107,9 @@ class ServerSettings:
     payload_log: float = 0.0
     payload_log_max_bytes: int = payloads.DEFAULT_MAX_BYTES
     payload_log_files: int = payloads.DEFAULT_FILES
+    # False: TorchServe's own batching, which holds a lone request for the whole batch delay
+    # (only to measure what greedy batching saves: loadtests/studies/edges.py).
+    greedy_batching: bool = True
 
     def state_file(self) -> Path:
         """versions.json's absolute path: nginx and the JVM run from other folders."""
@@ -206,7 +209,8 @@ class ServerSettings:
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
                       f"-D{plugins.GRPC_ADDRESS_PROPERTY}={HOST}:{p.kiln_grpc} "
                       f"-D{routing.STATE_PROPERTY}={self.state_file()} "
-                      + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items()),
+                      + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items())
+                      + (f" {plugins.greedy_batching_vmargs()}" if self.greedy_batching else ""),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port, and
             # gRPC inference with versions on the kiln_grpc port.
             "plugins_path": plugins.plugins_dir(),

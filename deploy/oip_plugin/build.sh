@@ -17,8 +17,14 @@ frontend="$("$python" -c 'import pathlib, ts; print(pathlib.Path(ts.__file__).pa
 classes="$(mktemp -d)"
 trap 'rm -rf "$classes"' EXIT
 javac --release 11 -proc:none -Xlint:all -Werror -cp "$frontend" -d "$classes" "$here"/src/kiln/oip/*.java
+# The greedy-batching agent (GreedyBatching.java) uses the JDK's own ASM, which --release cannot
+# see: compiled for the JDK that runs it, with the package exported as the vmargs export it.
+javac -proc:none -Xlint:all -Werror --add-exports java.base/jdk.internal.org.objectweb.asm=ALL-UNNAMED \
+    -d "$classes" "$here"/src/kiln/batching/*.java
 cp -r "$here/META-INF" "$classes/"
 mkdir -p "$out"
-jar --create --file "$out/kiln-oip.jar.tmp" -C "$classes" .
+printf 'Premain-Class: kiln.batching.GreedyBatching\n' >"$classes.mf"
+jar --create --file "$out/kiln-oip.jar.tmp" --manifest "$classes.mf" -C "$classes" .
+rm "$classes.mf"
 mv "$out/kiln-oip.jar.tmp" "$out/kiln-oip.jar"
 echo "built $out/kiln-oip.jar"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln.deploy import plugins
 from kiln.deploy.server import ModelServing, Ports, ServerError, ServerSettings
 
 
@@ -217,6 +218,18 @@ def test_the_frontend_heap_starts_at_a_fixed_size_never_above_its_maximum(tmp_pa
                               java_heap=heap)
     vmargs = parse(settings.config_properties())["vmargs"].split()
     assert vmargs[:3] == [f"-Xms{start}", f"-Xmx{heap}", "-XX:+UseSerialGC"]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_frontend_runs_the_greedy_batching_agent_of_the_plugin_jar(tmp_path, greedy):
+    fake_archive(tmp_path, "mlp")
+    settings = ServerSettings(run_dir=tmp_path / "run", model_store=tmp_path, models=["mlp"],
+                              greedy_batching=greedy)
+    vmargs = parse(settings.config_properties())["vmargs"].split()
+    agent = [f"-javaagent:{plugins.plugins_dir() / plugins.JAR_NAME}", "--add-exports",
+             "java.base/jdk.internal.org.objectweb.asm=ALL-UNNAMED"]
+    assert (vmargs[-3:] == agent) is greedy
+    assert any(a.startswith("-javaagent") for a in vmargs) is greedy
 
 
 def test_a_java_heap_that_is_no_jvm_size_fails_at_construction(tmp_path):
