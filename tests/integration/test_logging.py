@@ -14,9 +14,12 @@ def log_lines(srv, name):
 def test_frontend_lines_are_written_once_and_no_access_log_by_default(server, client):
     assert client.predict("lenet/doesnotexist", b"{}", "application/json").status == 404
     assert client.predict_json("lenet", [[0] * 28] * 28).status == 200
-    stamped = [line for line in log_lines(server, "ts_log.log") if line[:4].isdigit()]
-    assert stamped, "ts_log.log is written"
-    assert len(stamped) == len(set(stamped))  # stock TorchServe writes each line twice
+    # The start's lines (the main thread's): under load, two requests in one millisecond can
+    # log the same line twice, legitimately; stock TorchServe writes every line twice.
+    started = [line for line in log_lines(server, "ts_log.log")
+               if line[:4].isdigit() and "] main " in line]
+    assert len(started) > 10, "ts_log.log is written"
+    assert len(started) == len(set(started))
     assert not log_lines(server, "access_log.log")
 
 

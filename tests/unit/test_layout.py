@@ -10,11 +10,13 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kiln import layout
 from kiln.loadtests import run
 from kiln.model_store import archive
+from kiln.training import reference
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,6 +175,10 @@ def exports(tmp_path, features_model_dir):
     shutil.copy(features_model_dir / "model.onnx", folder / "model.onnx")
     signature = json.loads((features_model_dir / "signature.json").read_text())
     signature["parity"] = {"onnx": {"max_abs_diff": 0.0, "top1_agreement": 1.0, "samples": 2}}
+    # Today's export also stores reference statistics (without them ensure_built exports again).
+    rows = np.random.default_rng(0).normal(size=(40, 30)).astype(np.float32)
+    signature["reference"] = reference.reference(signature["inputs"], signature["output"],
+                                                 [rows], np.arange(40) % 2)
     (folder / "signature.json").write_text(json.dumps(signature))
     return folder
 
@@ -241,6 +247,7 @@ READ_ONLY_NEAR_CODE = {
     "kiln/loadtests/stock.py:NOOP_HANDLER": "a handler the bench archives",
     "kiln/loadtests/stock.py:PLAIN_HANDLER": "a handler the bench archives",
     "kiln/loadtests/studies/handler_cost.py:BODY": "a committed test image the study sends",
+    "kiln/loadtests/studies/payload_log_cost.py:SEVEN": "a committed test image the study logs",
     "kiln/batch/ray_job.py:REPO": "the code Ray ships to its workers",
 }
 
