@@ -148,7 +148,8 @@ def observability_rows(name: str, payload: payloads.Payload, clients: int, secon
             check_answer(targets[on], server)
             served_row(targets[on], server, clients, 1)  # warm-up
         for turn in range(observability.ROUNDS):
-            for on, server in servers.items():
+            # Off then on, then on then off: neither always runs just after the other's load.
+            for on, server in sorted(servers.items(), reverse=turn % 2 == 1):
                 log.info("%s: %d clients for %ds, round %d", targets[on].name, clients,
                          seconds, turn + 1)
                 runs[on].append(served_row(targets[on], server, clients, seconds,
@@ -297,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     result = report(decl.name, rows, args.seconds, serve, gpu)
     print(f"{decl.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
     for key, text in descriptions(decl.name, serve).items():
-        print(f"  {key:<12}{text}")
+        print(f"  {key:<11} {text}")
     print(format_table(rows))
     print("\n".join(summary(rows, config_name(COMPARISON), max(clients))))
     pair = {r.name: r for r in rows if r.name in (observability.OFF, observability.ON)}

@@ -1,7 +1,8 @@
 """`kiln bench`'s observability pair: Kiln through its front proxy at the comparison
 configuration with everything that watches requests and the model off, against all of it on
 as a production user would run it. Both servers are up together and take turns, ROUNDS times
-each, so that a noisy neighbour weighs on both alike; each figure is the median of its rounds.
+each (off first, then on first, and so on), so that a noisy neighbour weighs on both alike; each
+figure is the median of its rounds.
 
 Always on in both (nothing turns them off): the request id, traceparent and Server-Timing.
 On in the "on" row only:
@@ -33,7 +34,7 @@ from kiln.loadtests.bench_table import Row
 from kiln.workspace import Workspace
 
 OFF, ON = "kiln observability off", "kiln observability on"
-ROUNDS = 3
+ROUNDS = 4
 TRACE_SAMPLE = 0.01
 PAYLOAD_LOG = 0.01
 
