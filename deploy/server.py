@@ -57,7 +57,7 @@ from kiln.deploy.torchserve_config import (  # noqa: F401
     ServerError,
     ServerSettings,
 )
-from kiln.handlers import payload_log, tracing
+from kiln.handlers import payload_log, tracing, watch
 from kiln.keys import KEYS_FILE
 from kiln.model_store import read_archive
 
@@ -117,6 +117,7 @@ class Server:
                    KILN_SERVED_WORKERS=str(self.served_workers()),
                    PROMETHEUS_MULTIPROC_DIR=str(self.exporter.folder))
         s = self.settings
+        env[watch.OFF_ENV] = "on" if s.watch else "off"
         env.update(payload_log.worker_env(s.payload_log, s.payload_dir(), s.payload_log_max_bytes,
                                           s.payload_log_files))
         # The handler's spans go where the proxy's do, or nowhere.

@@ -107,6 +107,9 @@ class ServerSettings:
     payload_log: float = 0.0
     payload_log_max_bytes: int = payloads.DEFAULT_MAX_BYTES
     payload_log_files: int = payloads.DEFAULT_FILES
+    # The handler's answer and drift metrics (handlers/watch.py); False only to measure what
+    # they cost (kiln bench's observability rows).
+    watch: bool = True
     # False: TorchServe's own batching, which holds a lone request for the whole batch delay
     # (only to measure what greedy batching saves: loadtests/studies/edges.py).
     greedy_batching: bool = True

@@ -40,6 +40,9 @@ PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # about 7 us (an mmap write under a lock), 30 of them for binary's features cost 0.2 ms a
 # request at batch 1; the window is 500 rows, so a score moves little in 20.
 PUBLISH_ROWS = 20
+# Set to "off" by the server (ServerSettings.watch False): no answer or drift metrics, for
+# `kiln bench`'s observability-off row.
+OFF_ENV = "KILN_WATCH"
 # Regression values without training deciles: orders of magnitude either side of 0.
 VALUE_BUCKETS = (-1e3, -1e2, -10.0, -1.0, 0.0, 1.0, 10.0, 1e2, 1e3)
 
@@ -71,8 +74,8 @@ def declare(registry, value_buckets=VALUE_BUCKETS):
 
 def watch_for(signature, model_name, version, environ, registry=None):
     """A Watch of the model; one that records nothing outside Kiln's server (no multiprocess
-    folder), as metrics.recorder_for."""
-    if registry is None and not environ.get(MULTIPROC_DIR_ENV):
+    folder), as metrics.recorder_for, or where the server turned watching off."""
+    if environ.get(OFF_ENV) == "off" or (registry is None and not environ.get(MULTIPROC_DIR_ENV)):
         return Watch()
     reference = signature.get("reference") or {}
     buckets = _value_buckets(reference.get("outputs"))

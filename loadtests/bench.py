@@ -11,7 +11,10 @@ Rows, each measured with wrk at one client and at --clients:
   straight to TorchServe, Kiln's logging (as Kiln's rows: like for like);
 - noop: a handler that answers a constant at each configuration above, straight to
   TorchServe, Kiln's logging: the server's own ceiling there;
-- stock: TorchServe's base_handler on TorchScript at TorchServe's defaults (stock.py).
+- stock: TorchServe's base_handler on TorchScript at TorchServe's defaults (stock.py);
+- kiln observability off / on: Kiln through its front proxy at the comparison configuration
+  with request logging, spans, answer and drift metrics and the payload log all off, and all
+  on as in production (observability.py), at --clients only, taking turns.
 Ratios: to the best in-process row, and to the no-op and the plain rows of the same
 configuration and concurrency. Servers run one at a time, so that no idle one shares the CPU.
 """
@@ -19,6 +22,7 @@ configuration and concurrency. Servers run one at a time, so that no idle one sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
@@ -28,7 +32,7 @@ from pathlib import Path
 from kiln import declaration
 from kiln.client import Client
 from kiln.deploy.server import HOST, ModelServing, Ports, Server, declared_serving
-from kiln.loadtests import bench_gpu, declared, inprocess, payloads, stock, wrk
+from kiln.loadtests import bench_gpu, declared, inprocess, observability, payloads, stock, wrk
 from kiln.loadtests.batching import server_cpu_seconds
 from kiln.loadtests.bench_table import (
     DIRECT,
@@ -37,6 +41,7 @@ from kiln.loadtests.bench_table import (
     add_ratios,
     config_name,
     format_table,
+    observability_summary,
     summary,
 )
 from kiln.workspace import Workspace
@@ -81,14 +86,20 @@ def server_cpu(server: Server, via: str) -> float:
     return seconds
 
 
-def served_row(target: Target, server: Server, clients: int, seconds: int) -> Row:
+def served_row(target: Target, server: Server, clients: int, seconds: int,
+               cpu_seconds=None) -> Row:
+    """wrk's figures, and the server's CPU (`cpu_seconds(server)`, else server_cpu's)."""
+    def cpu_now():
+        return cpu_seconds(server) if cpu_seconds else server_cpu(server, target.via)
+
     base, token = target.endpoint(server)
-    cpu0 = server_cpu(server, target.via)
+    cpu0 = cpu_now()
     run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
                   seconds)
-    cpu = (server_cpu(server, target.via) - cpu0) / run.seconds * 100
+    cpu = cpu_now() - cpu0
     return Row(target.name, clients, run.throughput_rps, run.p50_ms, run.p99_ms, run.requests,
-               run.errors, run.client_cpu_pct, cpu, via=target.via, config=target.config)
+               run.errors, run.client_cpu_pct, cpu / run.seconds * 100,
+               cpu * 1e6 / max(1, run.requests), via=target.via, config=target.config)
 
 
 def check_answer(target: Target, server: Server) -> None:
@@ -119,6 +130,31 @@ def measure_server(server: Server, targets: list[Target], clients: list[int],
     finally:
         server.stop()
     return rows
+
+
+def observability_rows(name: str, payload: payloads.Payload, clients: int, seconds: int,
+                       root: Path, models_dirs: list[Path]) -> list[Row]:
+    """The observability pair (observability.py): both servers up, ROUNDS turns each."""
+    targets = {on: Target(observability.ON if on else observability.OFF, FRONT,
+                          config_name(COMPARISON), name,
+                          (payload.body, payload.content_type), payload.label)
+               for on in (False, True)}
+    runs = {on: [] for on in targets}
+    with observability.otlp_sink() as sink, contextlib.ExitStack() as running:
+        servers = {on: observability.server(root, name, COMPARISON, models_dirs, on, sink)
+                   for on in targets}
+        for on, server in servers.items():
+            running.enter_context(server.running(timeout=240))
+            check_answer(targets[on], server)
+            served_row(targets[on], server, clients, 1)  # warm-up
+        for turn in range(observability.ROUNDS):
+            # Off then on, then on then off: neither always runs just after the other's load.
+            for on, server in sorted(servers.items(), reverse=turn % 2 == 1):
+                log.info("%s: %d clients for %ds, round %d", targets[on].name, clients,
+                         seconds, turn + 1)
+                runs[on].append(served_row(targets[on], server, clients, seconds,
+                                           observability.serving_cpu_seconds))
+    return [observability.median_row(r) for r in runs.values()]
 
 
 def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, root: Path,
@@ -181,6 +217,7 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         for server, targets in plan(decl, serve, artifacts, Path(tmp), first, models_dirs):
             rows += measure_server(server, targets, clients, seconds)
+        rows += observability_rows(name, first, max(clients), seconds, Path(tmp), models_dirs)
     gpu = gpu_section(decl, first, sorted({1, COMPARISON.batch_size}), clients, seconds,
                       models_dirs)
     return add_ratios(rows), serve, gpu
@@ -225,6 +262,15 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
         "noop": "loadtests/noop_handler.py (answers a constant, reads nothing), Kiln's "
                 "logging, straight to TorchServe: the server's ceiling at that configuration",
         "stock": stock.DESCRIPTION,
+        observability.OFF: f"Kiln through nginx at {config_name(COMPARISON)} without the "
+                           "access log, spans, answer and drift metrics or payload log "
+                           "(request id, traceparent and Server-Timing stay); server CPU: "
+                           "TorchServe, its workers, nginx and Kiln's helper processes",
+        observability.ON: f"the same with all of them on: the JSON access log, OTLP spans "
+                          f"of {observability.TRACE_SAMPLE:.0%} of the traces to a local sink, "
+                          f"answer and drift metrics, the payload log at "
+                          f"{observability.PAYLOAD_LOG:g}; medians of "
+                          f"{observability.ROUNDS} rounds taking turns with the off row",
         "config": "wN bN dN: workers, batch size, max batch delay in ms",
     }
 
@@ -252,9 +298,12 @@ def run(args: argparse.Namespace) -> int:
     result = report(decl.name, rows, args.seconds, serve, gpu)
     print(f"{decl.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
     for key, text in descriptions(decl.name, serve).items():
-        print(f"  {key:<12}{text}")
+        print(f"  {key:<11} {text}")
     print(format_table(rows))
     print("\n".join(summary(rows, config_name(COMPARISON), max(clients))))
+    pair = {r.name: r for r in rows if r.name in (observability.OFF, observability.ON)}
+    print("\n".join(observability_summary(pair[observability.OFF], pair[observability.ON],
+                                           observability.ROUNDS)))
     print("\n".join(bench_gpu.lines(gpu)))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,6 +22,7 @@ class Row:
     errors: int = 0
     client_cpu_pct: float | None = None  # wrk's, 100: one core
     server_cpu_pct: float | None = None  # TorchServe's (and nginx's, for a row through it)
+    server_cpu_us: float | None = None  # the same CPU per request, in microseconds
     via: str = INPROC
     config: str = ""  # workers, batch size and delay of a served row
     x_ceiling: float | None = None
@@ -65,7 +66,7 @@ def _cell(value, spec: str) -> str:
 def format_table(rows: list[Row]) -> str:
     head = (f"{'row':<28}{'via':<21}{'config':<20}{'clients':>7}{'inputs/s':>10}"
             f"{'x ceil':>10}{'x noop':>8}{'x plain':>8}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'p99 x pl':>9}{'errors':>7}{'wrk CPU':>9}{'srv CPU':>9}")
+            f"{'p99 x pl':>9}{'errors':>7}{'wrk CPU':>9}{'srv CPU':>9}{'srv us/rq':>10}")
     lines = [head]
     for r in rows:
         lines.append(
@@ -73,7 +74,8 @@ def format_table(rows: list[Row]) -> str:
             f"{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>10}{_cell(r.x_noop, '.3g'):>8}"
             f"{_cell(r.x_plain, '.3g'):>8}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
             f"{_cell(r.p99_x_plain, '.3g'):>9}{r.errors:>7}"
-            f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%")
+            f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%"
+            f"{_cell(r.server_cpu_us, '.0f'):>10}")
     return "\n".join(lines)
 
 
@@ -101,3 +103,16 @@ def summary(rows: list[Row], config: str, clients: int) -> list[str]:
                      f"used {_cell(peak.client_cpu_pct, '.0f')}% of a core, the server "
                      f"{_cell(peak.server_cpu_pct, '.0f')}%")
     return lines
+
+
+def observability_summary(off: Row, on: Row, rounds: int) -> list[str]:
+    """All of the observability on against all of it off, in words (loadtests/
+    observability.py); Kiln's aim is at least 0.97x the throughput and at most +0.2 ms of p50."""
+    cpu = (f"{on.server_cpu_us:.0f} vs {off.server_cpu_us:.0f} us a request "
+           f"({_ratio(on.server_cpu_us, off, 'server_cpu_us')}x)"
+           if on.server_cpu_us is not None and off.server_cpu_us is not None else "-")
+    return [f"Observability all on against all off at {on.config}, {on.clients} clients "
+            f"(medians of {rounds} rounds taking turns): throughput "
+            f"{_ratio(on.throughput, off)}x ({on.throughput:.0f} vs {off.throughput:.0f} "
+            f"inputs/s), p50 {on.p50_ms - off.p50_ms:+.2f} ms, p99 {on.p99_ms - off.p99_ms:+.2f} "
+            f"ms, server CPU {cpu}"]

@@ -14,43 +14,14 @@ import argparse
 import contextlib
 import statistics
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import psutil
-
 from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.loadtests.observability import otlp_sink
+from kiln.loadtests.observability import serving_cpu_seconds as cpu_s
 from kiln.loadtests.studies.route_cost import MODEL, run
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
-
-
-class _Sink(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def cpu_s(srv: Server) -> float:
-    """CPU seconds so far of every process serving `srv`: TorchServe and its workers, nginx,
-    Kiln's metrics exporter and proxy spans."""
-    procs = list(srv.front.processes())
-    for pid in (srv.pid(), srv.exporter.pid(), srv.proxy_spans.process.pid()):
-        with contextlib.suppress(psutil.Error, TypeError):
-            proc = psutil.Process(pid)
-            procs += [proc, *proc.children(recursive=True)]
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
 
 
 def server(folder: Path, name: str, **tracing) -> Server:
@@ -64,16 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="runs of each server (default 3)")
     opts = p.parse_args(argv)
     ensure_built(MODEL)
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
     results = {"tracing off": [], "access log": [], "tracing on": [], "tracing on, 1%": []}
-    with tempfile.TemporaryDirectory(prefix="kiln-tracing-cost-") as folder:
+    with otlp_sink() as sink, tempfile.TemporaryDirectory(prefix="kiln-tracing-cost-") as folder:
         servers = {"tracing off": server(Path(folder), "off"),
                    "access log": server(Path(folder), "log", access_log=True),
                    "tracing on": server(Path(folder), "on", access_log=True,
-                                        otlp_endpoint=f"http://127.0.0.1:{sink.server_port}"),
+                                        otlp_endpoint=sink),
                    "tracing on, 1%": server(Path(folder), "on1", access_log=True,
-                                            otlp_endpoint=f"http://127.0.0.1:{sink.server_port}",
+                                            otlp_endpoint=sink,
                                             trace_sample=0.01)}
         with contextlib.ExitStack() as running:
             for srv in servers.values():
@@ -86,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
                     results[name].append((rps, p50, p99, failed, cpu_ms))
                     print(name, "req/s, p50 ms, p99 ms, failed, server CPU ms/request:",
                           results[name][-1], flush=True)
-    sink.shutdown()
     off = statistics.median(r[0] for r in results["tracing off"])
     for name, runs in results.items():
         rps = statistics.median(r[0] for r in runs)

@@ -41,13 +41,16 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
     assert [(r["name"], r["via"], r["config"], r["clients"]) for r in rows] == [
         *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
           for n in batches),
-        *((*row, n) for row in served for n in (1, 4))]
+        *((*row, n) for row in served for n in (1, 4)),
+        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on"))]
     for r in rows:
         assert r["throughput"] > 0 and r["p50_ms"] > 0 and r["p99_ms"] > 0, r
         assert r["errors"] == 0, r
         assert r["x_ceiling"] > 0, r
         if r["config"] == cmp:
             assert r["x_noop"] > 0 and r["x_plain"] > 0, r
+    assert all(r["server_cpu_us"] > 0 for r in rows if r["via"] != "in-process"), rows
+    assert done.stdout.count("Observability all on against all off at ") == 1
     if not torch.cuda.is_available():
         assert result["gpu"] == {"notes": [bench_gpu.SKIPPED], "rows": []}
         assert bench_gpu.SKIPPED in done.stdout.splitlines()

@@ -11,13 +11,14 @@ import onnx
 from onnx import TensorProto, helper
 from PIL import Image
 
-from kiln.loadtests import bench, bench_gpu, stock, wrk
+from kiln.loadtests import bench, bench_gpu, observability, stock, wrk
 from kiln.loadtests.bench_table import (
     DIRECT,
     FRONT,
     Row,
     add_ratios,
     format_table,
+    observability_summary,
     summary,
 )
 from kiln.loadtests.plain_handler import PlainHandler
@@ -117,6 +118,39 @@ def test_summary_compares_kiln_with_plain_and_noop_and_gives_wrk_cpu_at_the_peak
         "  plain handler: 250 inputs/s, 0.312x the no-op's",
         "Peak served: kiln direct (TorchServe, w2 b16 d5) at 16 clients, 500 inputs/s, p99 "
         "50.00 ms; wrk used 12% of a core, the server 150%"]
+
+
+def test_observability_rows_are_medians_of_their_rounds_with_requests_summed():
+    runs = [Row(observability.ON, 16, t, p50, p99, 100, e, 10.0, cpu, us, via=FRONT, config=CMP)
+            for t, p50, p99, e, cpu, us in ((900.0, 9.0, 30.0, 0, 150.0, 1700.0),
+                                            (1000.0, 8.0, 20.0, 1, 160.0, 1600.0),
+                                            (800.0, 10.0, 25.0, 0, 140.0, 1750.0))]
+    row = observability.median_row(runs)
+    assert (row.name, row.throughput, row.p50_ms, row.p99_ms, row.requests, row.errors,
+            row.server_cpu_pct, row.server_cpu_us) == (
+        observability.ON, 900.0, 9.0, 25.0, 300, 1, 150.0, 1700.0)
+
+
+def test_observability_summary_gives_the_ratio_the_p50_and_the_cpu_per_request():
+    off = Row(observability.OFF, 16, 1000.0, 8.0, 20.0, 1, server_cpu_us=1600.0, via=FRONT,
+              config=CMP)
+    on = Row(observability.ON, 16, 980.0, 8.1, 20.5, 1, server_cpu_us=1650.0, via=FRONT,
+             config=CMP)
+    assert observability_summary(off, on, 3) == [
+        "Observability all on against all off at w2 b16 d5, 16 clients (medians of 3 rounds "
+        "taking turns): throughput 0.98x (980 vs 1000 inputs/s), p50 +0.10 ms, p99 +0.50 ms, "
+        "server CPU 1650 vs 1600 us a request (1.03x)"]
+
+
+def test_observability_on_is_everything_a_production_user_turns_on_and_off_is_none_of_it(
+        tmp_path):
+    settings = {on: observability.server(tmp_path, "lenet", bench.COMPARISON, [], on,
+                                         "http://127.0.0.1:4318").settings
+                for on in (False, True)}
+    assert [(s.access_log, s.otlp_endpoint, s.trace_sample, s.watch, s.payload_log,
+             s.serving["lenet"]) for s in settings.values()] == [
+        (False, None, 1.0, False, 0.0, bench.COMPARISON),
+        (True, "http://127.0.0.1:4318", 0.01, True, 0.01, bench.COMPARISON)]
 
 
 def test_stock_is_labelled_for_what_it_is():

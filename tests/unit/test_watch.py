@@ -123,6 +123,19 @@ def test_outside_kiln_s_server_nothing_is_recorded(features_model_dir, tmp_path)
     assert not watch.watch_for(handler.signature, "tiny", "1.0", {})._on
 
 
+def test_a_server_with_watching_off_records_nothing(features_model_dir, tmp_path):
+    handler, context, _ = serving(features_model_dir, tmp_path, None)
+    registry = CollectorRegistry()
+    handler.watch = watch.watch_for(handler.signature, "tiny", "1.0",
+                                    {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+                                     watch.OFF_ENV: "off"}, registry)
+    spec = handler.signature["inputs"][0]
+    rows = raw_rows(spec, np.random.default_rng(3).normal(size=(4, 30)))
+    answers = send(handler, context, [json.dumps(r.tolist()) for r in rows])
+    assert all("label" in a for a in answers)
+    assert list(registry.collect()) == []
+
+
 # --- the statistics and the score ------------------------------------------------------------
 
 
@@ -199,3 +212,11 @@ def test_a_variable_length_tensor_is_watched_by_its_length():
     (score,) = samples(registry, "kiln_input_drift_score").items()
     assert score[0] == ("length", "ids") and score[1] > drift.THRESHOLD
     assert samples(registry, "kiln_answers_total") == {("a",): 100.0, ("b",): 0.0}
+
+
+@pytest.mark.parametrize(("setting", "variable"), [(True, "on"), (False, "off")])
+def test_the_server_s_watch_setting_reaches_the_workers(tmp_path, setting, variable):
+    from kiln.deploy.server import Ports, Server, ServerSettings
+
+    settings = ServerSettings(tmp_path, tmp_path, ["lenet"], Ports.free(), watch=setting)
+    assert Server(settings)._env()[watch.OFF_ENV] == variable

@@ -1,0 +1,102 @@
+"""`kiln bench`'s observability pair: Kiln through its front proxy at the comparison
+configuration with everything that watches requests and the model off, against all of it on
+as a production user would run it. Both servers are up together and take turns, ROUNDS times
+each (off first, then on first, and so on), so that a noisy neighbour weighs on both alike; each
+figure is the median of its rounds.
+
+Always on in both (nothing turns them off): the request id, traceparent and Server-Timing.
+On in the "on" row only:
+- Kiln's JSON access log (deploy/access_log.py);
+- OTLP spans of TRACE_SAMPLE of the fresh traces, to a local OTLP/HTTP sink started here that
+  reads each export and drops it: a production setting, since exporting every trace cost
+  0.75x of the throughput and 1% 0.98x (loadtests/studies/tracing_cost.py);
+- the answer and drift metrics (handlers/watch.py);
+- the payload log at PAYLOAD_LOG (handlers/payload_log.py).
+Server CPU is that of every process serving the row: TorchServe and its workers, nginx, Kiln's
+metrics exporter and its proxy-spans sender.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+
+from kiln.deploy.server import HOST, ModelServing, Ports, Server
+from kiln.loadtests import stock
+from kiln.loadtests.bench_table import Row
+from kiln.workspace import Workspace
+
+OFF, ON = "kiln observability off", "kiln observability on"
+ROUNDS = 4
+TRACE_SAMPLE = 0.01
+PAYLOAD_LOG = 0.01
+
+
+class _Sink(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """The base URL of an OTLP/HTTP endpoint that accepts every export and keeps nothing."""
+    sink = ThreadingHTTPServer((HOST, 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{HOST}:{sink.server_port}"
+    finally:
+        sink.shutdown()
+        sink.server_close()
+
+
+def serving_cpu_seconds(server: Server) -> float:
+    """CPU seconds so far of every process serving `server`: TorchServe and its workers,
+    nginx, Kiln's metrics exporter and proxy spans."""
+    procs = list(server.front.processes())
+    for pid in (server.pid(), server.exporter.pid(), server.proxy_spans.process.pid()):
+        with contextlib.suppress(psutil.Error, TypeError):
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def server(root: Path, name: str, config: ModelServing, models_dirs: list[Path], on: bool,
+           sink: str) -> Server:
+    """Kiln's server of `name` with all of the observability on, or all of it off."""
+    extra = dict(access_log=True, otlp_endpoint=sink, trace_sample=TRACE_SAMPLE,
+                 payload_log=PAYLOAD_LOG) if on else dict(watch=False)
+    return Server(stock.BenchSettings(
+        root / ("obs-on" if on else "obs-off"), Workspace.current().model_store, [name],
+        Ports.free(), models_dirs=models_dirs, internal_ports=Ports.free(),
+        serving={name: config}, **extra))
+
+
+def median_row(runs: list[Row]) -> Row:
+    """One row from the rounds of one server: each figure's median, requests and errors
+    summed."""
+    def med(field):
+        values = [getattr(r, field) for r in runs]
+        return None if None in values else statistics.median(values)
+
+    return replace(runs[0], **{f: med(f) for f in (
+        "throughput", "p50_ms", "p99_ms", "client_cpu_pct", "server_cpu_pct",
+        "server_cpu_us")}, requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs))
