@@ -77,8 +77,12 @@ def busy(settings: ServerSettings) -> list[str]:
     """One line per port a server of `settings` would bind but cannot, naming what holds
     it, then how to stop each Kiln server among the holders. The public ports, and
     TorchServe's own behind the front proxy."""
+    # Behind the front proxy nothing binds the public kiln gRPC port: nginx's gRPC port is
+    # grpc_inference, and the plugin binds only its internal one.
+    fronted = settings.internal_ports is not None
     wanted = [(f"{api.replace('_', ' ')} port", port)
-              for api, port in vars(settings.ports).items()]
+              for api, port in vars(settings.ports).items()
+              if not (fronted and api == "kiln_grpc")]
     if settings.internal_ports is not None:
         own = settings.torchserve_ports()
         wanted += [(f"TorchServe's own {api.replace('_', ' ')} port", port)
