@@ -14,7 +14,6 @@ server's capacity.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from kiln.client import encode_file
 from kiln.deploy import routing
 from kiln.deploy.server import HOST, Ports, Server, ServerSettings
 from kiln.grpc_client import GrpcClient
+from kiln.loadtests.studies.route_cost import set_route
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
 
@@ -87,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {name: [] for name in cases}
             for _ in range(opts.rounds):
                 for name, (target, token, routed) in cases.items():
-                    if routed:
-                        state.write_text(json.dumps(
-                            {MODEL: {"versions": {"1.0": {}}, "default": "1.0",
-                                     "route": {"1.0": 100}}}))
-                    else:
-                        state.unlink(missing_ok=True)
+                    set_route(state, routed)
                     results[name].append(run(target, token, body, opts.clients, opts.seconds))
                     print(name, "calls/s, p50 ms, p99 ms, failed:",
                           tuple(round(x, 1) for x in results[name][-1]), flush=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import statistics
 import tempfile
 import timeit
 from pathlib import Path
@@ -21,7 +20,7 @@ from ts.context import Context, RequestProcessor
 
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.handlers import payload_log
-from kiln.loadtests.studies.route_cost import run
+from kiln.loadtests.studies.route_cost import median_line, run
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
 
@@ -82,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(fraction, "req/s, p50 ms, p99 ms, failed:", results[fraction][-1],
                           flush=True)
     for fraction, runs in results.items():
-        print(f"payload log {fraction:g}: median {statistics.median(r[0] for r in runs):.0f} "
-              f"req/s, p50 {statistics.median(r[1] for r in runs):.2f} ms, "
-              f"p99 {statistics.median(r[2] for r in runs):.2f} ms, "
-              f"failed {sum(r[3] for r in runs)}")
+        print(median_line(f"payload log {fraction:g}", runs))
     return 0
 
 

@@ -35,6 +35,24 @@ def run(server: Server, path: str, seconds: float) -> tuple[float, float, float,
     return load.run.throughput_rps, load.run.p50_ms, load.run.p99_ms, load.failed
 
 
+def set_route(state: Path, routed: bool) -> None:
+    """A state file routing all of lenet to 1.0 (the lookup made on every request), or none
+    (no lookup)."""
+    if routed:
+        state.write_text(json.dumps({MODEL: {"versions": {"1.0": {}}, "default": "1.0",
+                                             "route": {"1.0": 100}}}))
+    else:
+        state.unlink(missing_ok=True)
+
+
+def median_line(label: str, runs: list[tuple[float, float, float, int]]) -> str:
+    """`label`'s medians over runs of run(): requests/s, p50, p99; the failed, summed."""
+    return (f"{label}: median {statistics.median(r[0] for r in runs):.0f} req/s, "
+            f"p50 {statistics.median(r[1] for r in runs):.2f} ms, "
+            f"p99 {statistics.median(r[2] for r in runs):.2f} ms, "
+            f"failed {sum(r[3] for r in runs)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=10, help="each run (default 10)")
@@ -54,12 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {name: [] for name in cases}
             for _ in range(opts.rounds):
                 for name, (path, routed) in cases.items():
-                    if routed:
-                        state.write_text(json.dumps(
-                            {MODEL: {"versions": {"1.0": {}}, "default": "1.0",
-                                     "route": {"1.0": 100}}}))
-                    else:
-                        state.unlink(missing_ok=True)
+                    set_route(state, routed)
                     results[name].append(run(server, path, opts.seconds))
                     print(name, "req/s, p50 ms, p99 ms, failed:", results[name][-1], flush=True)
     rps = {name: statistics.median(r[0] for r in runs) for name, runs in results.items()}

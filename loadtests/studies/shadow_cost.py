@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
 from kiln.deploy import lifecycle, routing
 from kiln.deploy.server import Ports, Server, ServerSettings
-from kiln.loadtests.studies.route_cost import run
+from kiln.loadtests.studies.route_cost import median_line, run
 from kiln.model_store import with_version
 from kiln.model_store.build import ensure_built
 
@@ -59,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(fraction, "req/s, p50 ms, p99 ms, failed:", results[fraction][-1],
                           flush=True)
     for fraction, runs in results.items():
-        print(f"shadow {fraction:g}: median {statistics.median(r[0] for r in runs):.0f} req/s, "
-              f"p50 {statistics.median(r[1] for r in runs):.2f} ms, "
-              f"p99 {statistics.median(r[2] for r in runs):.2f} ms, "
-              f"failed {sum(r[3] for r in runs)}")
+        print(median_line(f"shadow {fraction:g}", runs))
     return 0
 
 
