@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import time
 
 from kiln.handlers import (
     answers,
@@ -184,7 +183,6 @@ class KilnHandler:
         self.initialized = True
 
     def handle(self, data, context):
-        taken = time.perf_counter()
         clock = timing.BatchClock(len(data))
         self.metrics.record_batch(len(data))
         answers_out = [None] * len(data)
@@ -218,7 +216,7 @@ class KilnHandler:
         if good:
             self._score(inputs.join(parts, self.signature), good, answers_out, context, clock)
         self._time(context, clock, len(data))
-        self.payload_log.record(data, answers_out, context, taken)
+        self.payload_log.record(data, answers_out, context, clock.started)
         return answers_out
 
     def _time(self, context, clock, requests):
