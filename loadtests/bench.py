@@ -17,7 +17,7 @@ Rows, each measured with wrk at one client and at --clients:
   TorchServe; both up, taking turns, medians;
 - kiln observability off / on: Kiln through its front proxy at the comparison configuration
   with request logging, spans, answer and drift metrics and the payload log all off, and all
-  on as in production (observability.py), at --clients only, taking turns.
+  on as in production (observability.py), at the largest --clients only, taking turns.
 Ratios: to the best in-process row, to the no-op and the plain rows of the same
 configuration and concurrency, and to the plain handler at its best at the same concurrency.
 Servers run one at a time, so that no idle one shares the CPU (but for the pairs taking turns).
