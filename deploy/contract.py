@@ -16,7 +16,7 @@ PUBLIC_PORTS = {
     "http": 8080,      # REST inference (/predictions/NAME) and the probes below
     "oip": 8085,       # Open Inference Protocol (KServe v2 REST)
     "grpc": 7070,      # TorchServe's gRPC inference API (with versions: Kiln's plugin serves it)
-    "oip_grpc": 8086,  # Open Inference Protocol over gRPC (KServe's grpc-v2)
+    "oip-grpc": 8086,  # Open Inference Protocol over gRPC (KServe's grpc-v2)
     "metrics": 8082,   # Prometheus scrape target, no key (keep it off the public Service)
 }
 # TorchServe behind it, on 127.0.0.1 inside the container: never reachable from outside.
