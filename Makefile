@@ -10,7 +10,7 @@ export VENV
 install:
 	@scripts/bootstrap.sh serve
 
-## That and the test bench: Prometheus, wrk, Chromium, HAProxy, the test/parquet/ray extras.
+## That and the test bench: Prometheus, wrk, h2load, Chromium, HAProxy, the test/parquet/ray extras.
 install-test:
 	@scripts/bootstrap.sh test
 

@@ -3,8 +3,8 @@
 #
 #   scripts/bootstrap.sh serve   what `kiln serve` runs: a JDK, nginx, a venv with kiln and its
 #                                runtime extra (KILN_RUNTIME: cpu, the default, or gpu)
-#   scripts/bootstrap.sh test    that, and the test bench: Prometheus, wrk, Chromium, HAProxy and
-#                                the test, parquet and ray extras
+#   scripts/bootstrap.sh test    that, and the test bench: Prometheus, wrk, h2load, Chromium,
+#                                HAProxy and the test, parquet and ray extras
 #
 # --dry-run prints the commands it would run and runs none; --plan prints all that a mode
 # needs, installed or not. Safe to run again: Python packages are installed only when
@@ -32,6 +32,8 @@ TEST_APT=(
     "prometheus: prometheus promtool"
     # The low-CPU load generator of kiln bench.
     "wrk: wrk"
+    # kiln bench's OIP rows: one load generator for HTTP/1.1 and gRPC (HTTP/2).
+    "nghttp2-client: h2load"
     # Headless Chromium renders the load-test report in the tests.
     "chromium: chromium"
     # The load balancer of the rolling-restart drill.

@@ -48,7 +48,7 @@ def test_make_serve_installs_no_test_bench(target):
 def test_make_test_installs_serving_and_the_bench(target):
     apt, extras = plan(mode_of(target))
     assert apt == ["openjdk-17-jdk-headless", "nginx", "libnginx-mod-http-lua", "prometheus", "wrk",
-                   "chromium", "haproxy"]
+                   "nghttp2-client", "chromium", "haproxy"]
     assert extras == ["cpu", "parquet", "ray", "test"]
 
 
