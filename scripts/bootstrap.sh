@@ -41,6 +41,9 @@ TEST_APT=(
 )
 SERVE_EXTRAS="$RUNTIME"
 TEST_EXTRAS="$RUNTIME,parquet,ray,test"
+# Installed with --no-deps beside the test extra, which holds what they import: KServe's SDK
+# asks for protobuf<7, which our grpcio-tools refuses (pyproject.toml says more).
+TEST_NO_DEPS=("kserve==0.21.0")
 
 usage() {
     echo "usage: scripts/bootstrap.sh [--dry-run | --plan] serve|test" >&2
@@ -106,6 +109,10 @@ install_python() {
     if [ "$had_digest" = "$digest" ] && [ "$extras" = "$had_extras" ]; then return 0; fi
     echo "bootstrap: installing kiln[$extras] into $VENV" >&2
     run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+    if [[ ",$extras," == *,test,* ]]; then
+        run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+            "${TEST_NO_DEPS[@]}"
+    fi
     if [ "$ACTION" = dry-run ]; then
         echo "stamp $digest $extras"
     else
