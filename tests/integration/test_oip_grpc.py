@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import kserve_sdk
 import numpy as np
 import pytest
 import requests
@@ -329,3 +330,25 @@ def test_each_grpc_port_serves_its_own_service(server, key):
         code, _ = refusal(lambda: other.ModelReady(service_pb2.ModelReadyRequest(name="lenet"),
                                                    metadata=tuple(auth(key).items())))
     assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+# --- KServe's own gRPC client (in an interpreter of its own: kserve_sdk.py says why) -------
+
+
+def test_kserves_grpc_client_sees_the_server_live_and_each_model_ready(server, key):
+    assert kserve_sdk.call(kserve_sdk.grpc_probe, f"127.0.0.1:{server.ports.oip_grpc}",
+                           tuple(auth(key).items()), MODELS) == (True, True, [True] * len(MODELS))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["raw", "typed"])
+@pytest.mark.parametrize("model", MODELS)
+def test_kserves_grpc_client_infers_as_tritonclient_does(server, rpc, key, model, binary):
+    tensors = TENSORS[model]()
+    name, request_id, outputs = kserve_sdk.call(
+        kserve_sdk.grpc_infer, f"127.0.0.1:{server.ports.oip_grpc}", tuple(auth(key).items()),
+        model, tensors, binary, "k-1")
+    expected = rpc.infer(model, grpc_inputs(tensors), request_id="k-1", headers=auth(key))
+    names = [o["name"] for o in expected.get_response(as_json=True)["outputs"]]
+    assert (name, request_id, [n for n, _ in outputs]) == (model, "k-1", names)
+    for output, got in outputs:
+        assert as_bytes(got) == as_bytes(expected.as_numpy(output))
