@@ -185,6 +185,17 @@ def test_raw_tensors_answer_byte_for_byte_as_over_http(rpc, http, key, model):
     assert len(over_grpc.get_response().raw_output_contents) == len(grpc_answer["outputs"])
 
 
+def test_an_answer_names_the_version_that_gave_it(server, stub, key):
+    request = service_pb2.ModelInferRequest(model_name="lenet")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 28, 28])
+    request.raw_input_contents.append(digits()[7].tobytes())
+    answer, call = stub.ModelInfer.with_call(request, metadata=tuple(auth(key).items()))
+    (version,) = requests.get(f"{server.url('oip')}/v2/models/lenet", timeout=30,
+                              headers={"Authorization": f"Bearer {key}"}).json()["versions"]
+    assert answer.model_version == version
+    assert dict(call.initial_metadata())["x-kiln-model-version"] == version
+
+
 def test_typed_contents_answer_as_raw_ones(stub, rpc, key):
     pixels = digits()[:3]
     request = service_pb2.ModelInferRequest(model_name="lenet", id="typed")
