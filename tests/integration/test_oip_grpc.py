@@ -363,3 +363,23 @@ def test_kserves_grpc_client_infers_as_tritonclient_does(server, rpc, key, model
     assert (name, request_id, [n for n, _ in outputs]) == (model, "k-1", names)
     for output, got in outputs:
         assert as_bytes(got) == as_bytes(expected.as_numpy(output))
+
+
+def test_without_the_front_proxy_the_plugin_serves_its_port_with_torchserves_token(tmp_path):
+    """A server without Kiln's front proxy: the plugin binds the oip_grpc port itself, and
+    the inference token TorchServe demands is the key."""
+    ensure_built("lenet")
+    srv = Server(ServerSettings(run_dir=tmp_path, model_store=Workspace.current().model_store,
+                                models=["lenet"], ports=Ports.free()))
+    with srv.running(timeout=240):
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{srv.ports.oip_grpc}")
+        try:
+            token = srv.keys()["inference"]
+            answer = client.infer("lenet", grpc_inputs({"input": digits()[7:8]}),
+                                  headers=auth(token))
+            assert answer.as_numpy("label").tolist() == [b"7"]
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("lenet", grpc_inputs({"input": digits()[7:8]}))
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        finally:
+            client.close()
