@@ -26,7 +26,7 @@ stop:
 ## (but the installed wheel's test, which takes minutes on its own: make test-installed).
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -ra -m "not installed"
+	$(BIN)/pytest -ra --durations=30 -m "not installed"
 
 test-unit: install-test
 	$(BIN)/pytest -ra tests/unit
