@@ -17,7 +17,10 @@ Rows, each measured with wrk at one client and at --clients:
   TorchServe; both up, taking turns, medians;
 - kiln observability off / on: Kiln through its front proxy at the comparison configuration
   with request logging, spans, answer and drift metrics and the payload log all off, and all
-  on as in production (observability.py), at the largest --clients only, taking turns.
+  on as in production (observability.py), at the largest --clients only, taking turns;
+- kiln oip http / kiln oip grpc: the Open Inference Protocol through the front proxy at the
+  comparison configuration, binary tensors over HTTP beside raw tensors over gRPC, both loads
+  from h2load (oip_bench.py).
 Ratios: to the best in-process row, to the no-op and the plain rows of the same
 configuration and concurrency, and to the plain handler at its best at the same concurrency.
 Servers run one at a time, so that no idle one shares the CPU (but for the pairs taking turns).
@@ -37,7 +40,16 @@ from kiln import declaration
 from kiln.client import Client
 from kiln.deploy.server import HOST, LOG_CONFIG, ModelServing, Ports, Server, declared_serving
 from kiln.handlers.cores import usable_cores
-from kiln.loadtests import bench_gpu, declared, inprocess, observability, payloads, stock, wrk
+from kiln.loadtests import (
+    bench_gpu,
+    declared,
+    inprocess,
+    observability,
+    oip_bench,
+    payloads,
+    stock,
+    wrk,
+)
 from kiln.loadtests.batching import server_cpu_seconds
 from kiln.loadtests.bench_table import (
     AS_SERVED,
@@ -278,6 +290,7 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
         rows += as_served_rows(decl, serve, artifacts, Path(tmp), first, models_dirs, clients,
                                seconds)
         rows += observability_rows(name, first, max(clients), seconds, Path(tmp), models_dirs)
+        rows += oip_bench.rows(decl, COMPARISON, clients, seconds, Path(tmp), models_dirs)
     gpu = gpu_section(decl, first, sorted({1, COMPARISON.batch_size}), clients, seconds,
                       models_dirs)
     return add_ratios(rows), serve, gpu
@@ -337,6 +350,12 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                           f"answer and drift metrics, the payload log at "
                           f"{observability.PAYLOAD_LOG:g}; medians of "
                           f"{observability.ROUNDS} rounds taking turns with the off row",
+        oip_bench.HTTP_ROW: f"the Open Inference Protocol over HTTP through nginx at "
+                            f"{config_name(COMPARISON)}: the first example as one tensor, "
+                            f"binary in and out (tritonclient's default); load from "
+                            f"{oip_bench.h2load.NAME}",
+        oip_bench.GRPC_ROW: "the same over gRPC (inference.GRPCInferenceService, "
+                            "raw_input_contents in, raw_output_contents out), the same h2load",
         "config": "wN bN dN: workers, batch size, max batch delay in ms",
     }
 

@@ -44,7 +44,9 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
         *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
           for n in batches),
         *((*row, n) for row in served for n in (1, 2, 4)),
-        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on"))]
+        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on")),
+        *((f"kiln oip {p}", "nginx -> TorchServe", cmp, n) for p in ("http", "grpc")
+          for n in (1, 2, 4))]
     for r in rows:
         assert r["throughput"] > 0 and r["p50_ms"] > 0 and r["p99_ms"] > 0, r
         assert r["errors"] == 0, r
@@ -53,7 +55,8 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
             assert r["x_noop"] > 0 and r["x_plain"] > 0, r
         if r["via"] != "in-process":
             assert r["server_cpu_us"] > 0 and r["x_best"] > 0, r
-        assert (r["proxy_cpu_us"] > 0) if r["via"] == "nginx -> TorchServe" else (
+        wrk_row = not r["name"].startswith("kiln oip")  # h2load's rows count no nginx share
+        assert (r["proxy_cpu_us"] > 0) if r["via"] == "nginx -> TorchServe" and wrk_row else (
             r["proxy_cpu_us"] is None), r
     assert done.stdout.count("Kiln as served (") == 3
     assert done.stdout.count("Observability all on against all off at ") == 1
