@@ -136,8 +136,10 @@ class Watch:
         kind = self.output["kind"]
         if kind in answers.LABELLED_KINDS:
             chosen, probabilities = answers.best_indices(rows, self.output)
-            for i, p in zip(chosen.tolist(), probabilities.tolist(), strict=True):
-                self._answers[i].inc()
+            # One increment per label answered in the batch, not per row (each is a write
+            # to the multiprocess file under a lock).
+            self._count(np.bincount(chosen, minlength=len(self._answers)))
+            for p in probabilities.tolist():
                 self._top.observe(p)
         elif kind == "multilabel":
             threshold = self.output.get("threshold", DEFAULT_THRESHOLD)
@@ -155,9 +157,9 @@ class Watch:
             self._answers[i].inc(int(counts[i]))
 
     def _compare(self, model_inputs):
-        for (_, spec, sketch), rows in zip(self._inputs, model_inputs, strict=True):
+        for (_, statistics, sketch), rows in zip(self._inputs, model_inputs, strict=True):
             if sketch is not None:
-                sketch.add(kinds.of(spec).statistics(spec, rows)[1])
+                sketch.add(statistics(rows))
         self._unpublished += len(model_inputs[0])
         if self._unpublished >= PUBLISH_ROWS:
             self._unpublished = 0
@@ -177,8 +179,9 @@ class Watch:
 
 
 def _sketches(specs, references):
-    """(input name, spec, Sketch or None) per signature input, in the model's order: None
-    where the archive has no reference for it (an older export) or its kind none."""
+    """(input name, its kind's statistician, Sketch or None) per signature input, in the
+    model's order: None where the archive has no reference for it (an older export) or its
+    kind none."""
     out = []
     for spec in specs:
         reference = references.get(spec["name"])
@@ -187,5 +190,6 @@ def _sketches(specs, references):
         if reference and not usable:
             logger.warning("input %s: reference statistics %s do not match %s; no drift score",
                            spec["name"], list(reference), list(names))
-        out.append((spec["name"], spec, drift.Sketch(reference) if usable else None))
+        out.append((spec["name"], kinds.of(spec).statistician(spec),
+                    drift.Sketch(reference) if usable else None))
     return out
