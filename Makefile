@@ -10,7 +10,7 @@ export VENV
 install:
 	@scripts/bootstrap.sh serve
 
-## That and the test bench: Prometheus, wrk, Chromium, HAProxy, the test/parquet/ray extras.
+## That and the test bench: Prometheus, wrk, h2load, Chromium, HAProxy, the test/parquet/ray extras.
 install-test:
 	@scripts/bootstrap.sh test
 
@@ -26,7 +26,7 @@ stop:
 ## (but the installed wheel's test, which takes minutes on its own: make test-installed).
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -ra -m "not installed"
+	$(BIN)/pytest -ra --durations=30 -m "not installed"
 
 test-unit: install-test
 	$(BIN)/pytest -ra tests/unit

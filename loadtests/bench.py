@@ -3,8 +3,7 @@
 Rows, each measured with wrk at one client and at --clients:
 - in-process: the model alone in this process, no HTTP, no decoding (the ceiling);
 - kiln: Kiln's archive as `kiln serve` runs it, through its front proxy (nginx) to TorchServe,
-  Kiln's logging; at the comparison configuration (COMPARISON) and at the one `kiln serve
-  NAME` uses (its declaration's [serving], else Kiln's defaults) when that differs;
+  Kiln's logging, at the comparison configuration (COMPARISON);
 - kiln direct: the same server at the comparison configuration, straight to TorchServe's own
   port (like for like with plain);
 - plain: loadtests/plain_handler.py on the same ONNX file, at the comparison configuration,
@@ -12,11 +11,19 @@ Rows, each measured with wrk at one client and at --clients:
 - noop: a handler that answers a constant at each configuration above, straight to
   TorchServe, Kiln's logging: the server's own ceiling there;
 - stock: TorchServe's base_handler on TorchScript at TorchServe's defaults (stock.py);
+- kiln as served / plain best: Kiln as `kiln serve NAME` (make serve) serves it on this machine
+  (its declaration's [serving] over the defaults derived for its cores), through nginx, against
+  the plain handler at its own best configuration (PLAIN_BEST_CONFIG), straight to
+  TorchServe; both up, taking turns, medians;
 - kiln observability off / on: Kiln through its front proxy at the comparison configuration
   with request logging, spans, answer and drift metrics and the payload log all off, and all
-  on as in production (observability.py), at --clients only, taking turns.
-Ratios: to the best in-process row, and to the no-op and the plain rows of the same
-configuration and concurrency. Servers run one at a time, so that no idle one shares the CPU.
+  on as in production (observability.py), at the largest --clients only, taking turns;
+- kiln oip http / kiln oip grpc: the Open Inference Protocol through the front proxy at the
+  comparison configuration, binary tensors over HTTP beside raw tensors over gRPC, both loads
+  from h2load (oip_bench.py).
+Ratios: to the best in-process row, to the no-op and the plain rows of the same
+configuration and concurrency, and to the plain handler at its best at the same concurrency.
+Servers run one at a time, so that no idle one shares the CPU (but for the pairs taking turns).
 """
 
 from __future__ import annotations
@@ -31,14 +38,27 @@ from pathlib import Path
 
 from kiln import declaration
 from kiln.client import Client
-from kiln.deploy.server import HOST, ModelServing, Ports, Server, declared_serving
-from kiln.loadtests import bench_gpu, declared, inprocess, observability, payloads, stock, wrk
+from kiln.deploy.server import HOST, LOG_CONFIG, ModelServing, Ports, Server, declared_serving
+from kiln.handlers.cores import usable_cores
+from kiln.loadtests import (
+    bench_gpu,
+    declared,
+    inprocess,
+    observability,
+    oip_bench,
+    payloads,
+    stock,
+    wrk,
+)
 from kiln.loadtests.batching import server_cpu_seconds
 from kiln.loadtests.bench_table import (
+    AS_SERVED,
     DIRECT,
     FRONT,
+    PLAIN_BEST,
     Row,
     add_ratios,
+    as_served_summary,
     config_name,
     format_table,
     observability_summary,
@@ -50,6 +70,16 @@ log = logging.getLogger("kiln.bench")
 # Where Kiln and the plain handler are compared: the same workers and batching for both.
 COMPARISON = ModelServing(workers=2, batch_size=16, max_batch_delay_ms=5)
 STOCK_CONFIG = "TorchServe defaults"
+# The plain handler's best on 2 cores (python -m kiln.loadtests.studies.plain_best, lenet, wrk
+# at 16 and 32 clients, two runs at load average 9-14, medians of 2 and 3 rounds): w2 b8 d5
+# was first and second at 16 clients (3,128 and 2,325 inputs/s) and fourth and second at 32
+# (3,268 and 3,346; the first, w2 b16 d5, was 2,439 and 1,503 at 16); with TorchServe's own
+# logging it did 2,020 and 2,803 in the second run, no better than with Kiln's log4j2.xml.
+PLAIN_BEST_CONFIG = ModelServing(workers=2, batch_size=8, max_batch_delay_ms=5)
+PLAIN_BEST_LOGS = LOG_CONFIG  # Kiln's; None would be TorchServe's own
+# Rounds of Kiln as served and the plain handler at its best taking turns: the cores are
+# shared, and the second of two runs in a row pays for the first's load.
+AS_SERVED_ROUNDS = 3
 
 
 @dataclass
@@ -78,12 +108,14 @@ def inprocess_rows(artifacts: Path, body: bytes, batches: list[int], seconds: fl
             for t in inprocess.measure(artifacts, body, batches, seconds)]
 
 
+def proxy_cpu(server: Server, via: str) -> float:
+    """CPU seconds of nginx's processes (master and workers) for a row through it, else 0."""
+    return server_cpu_seconds(server.front.pid()) if via == FRONT else 0.0
+
+
 def server_cpu(server: Server, via: str) -> float:
     """CPU seconds of TorchServe's processes, and of nginx's for a row that goes through it."""
-    seconds = server_cpu_seconds(server.pid())
-    if via == FRONT:
-        seconds += server_cpu_seconds(server.front.pid())
-    return seconds
+    return server_cpu_seconds(server.pid()) + proxy_cpu(server, via)
 
 
 def served_row(target: Target, server: Server, clients: int, seconds: int,
@@ -93,13 +125,15 @@ def served_row(target: Target, server: Server, clients: int, seconds: int,
         return cpu_seconds(server) if cpu_seconds else server_cpu(server, target.via)
 
     base, token = target.endpoint(server)
-    cpu0 = cpu_now()
+    cpu0, proxy0 = cpu_now(), proxy_cpu(server, target.via)
     run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
                   seconds)
-    cpu = cpu_now() - cpu0
+    cpu, proxy = cpu_now() - cpu0, proxy_cpu(server, target.via) - proxy0
+    requests = max(1, run.requests)
     return Row(target.name, clients, run.throughput_rps, run.p50_ms, run.p99_ms, run.requests,
-               run.errors, run.client_cpu_pct, cpu / run.seconds * 100,
-               cpu * 1e6 / max(1, run.requests), via=target.via, config=target.config)
+               run.errors, run.client_cpu_pct, cpu / run.seconds * 100, cpu * 1e6 / requests,
+               proxy * 1e6 / requests if target.via == FRONT else None, via=target.via,
+               config=target.config)
 
 
 def check_answer(target: Target, server: Server) -> None:
@@ -157,31 +191,30 @@ def observability_rows(name: str, payload: payloads.Payload, clients: int, secon
     return [observability.median_row(r) for r in runs.values()]
 
 
+def kiln_server(root: Path, name: str, config: ModelServing, models_dirs: list[Path]) -> Server:
+    """Kiln's archive of `name` at `config`, behind its front proxy, as `kiln serve` runs it."""
+    tag = config_name(config).replace(" ", "")
+    return Server(stock.BenchSettings(
+        root / f"kiln-{tag}", Workspace.current().model_store, [name], Ports.free(),
+        models_dirs=models_dirs, internal_ports=Ports.free(), serving={name: config}))
+
+
 def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, root: Path,
          payload: payloads.Payload, models_dirs: list[Path]) -> list[tuple[Server, list]]:
-    """The servers, in the order they run, each with its rows."""
+    """The servers, in the order they run, each with its rows (Kiln as served: as_served_rows);
+    `serve` only gets its no-op row here."""
     name, store = decl.name, root / "store"
     store.mkdir(parents=True)
     body = (payload.body, payload.content_type)
     configs = [COMPARISON, *([serve] if serve != COMPARISON else [])]
     cmp_name = config_name(COMPARISON)
 
-    def kiln(config: ModelServing) -> Server:
-        tag = config_name(config).replace(" ", "")
-        return Server(stock.BenchSettings(
-            root / f"kiln-{tag}", Workspace.current().model_store, [name], Ports.free(),
-            models_dirs=models_dirs,
-            internal_ports=Ports.free(), serving={name: config}))
-
     def target(row: str, via: str, config: ModelServing, model: str, expect=payload.label):
         return Target(row, via, config_name(config), model, body, expect)
 
-    servers = []
-    for i, config in enumerate(configs):
-        rows = [target("kiln", FRONT, config, name)]
-        if i == 0:
-            rows.append(target("kiln direct", DIRECT, config, name))
-        servers.append((kiln(config), rows))
+    servers = [(kiln_server(root, name, COMPARISON, models_dirs),
+                [target("kiln", FRONT, COMPARISON, name),
+                 target("kiln direct", DIRECT, COMPARISON, name)])]
     plain = stock.build_plain(name, decl.version, artifacts, store)
     servers.append((Server(stock.BenchSettings(
         root / "plain", store, [plain], Ports.free(), serving={plain: COMPARISON})),
@@ -201,6 +234,43 @@ def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, ro
     return servers
 
 
+def as_served_rows(decl: declaration.Declaration, serve: ModelServing, artifacts: Path,
+                   root: Path, payload: payloads.Payload, models_dirs: list[Path],
+                   clients: list[int], seconds: int) -> list[Row]:
+    """Kiln as served (`serve`, through nginx) and the plain handler at its best, both up,
+    taking turns AS_SERVED_ROUNDS times at each concurrency, the order swapped every round;
+    each cell the median of its rounds."""
+    store = root / "plain-best-store"
+    store.mkdir(parents=True)
+    plain = stock.build_plain(decl.name, decl.version, artifacts, store)
+    body = (payload.body, payload.content_type)
+    pair = [(kiln_server(root / "as-served", decl.name, serve, models_dirs),
+             Target(AS_SERVED, FRONT, config_name(serve), decl.name, body, payload.label)),
+            (Server(stock.BenchSettings(root / "plain-best", store, [plain], Ports.free(),
+                                        serving={plain: PLAIN_BEST_CONFIG},
+                                        log_config=PLAIN_BEST_LOGS)),
+             Target(PLAIN_BEST, DIRECT, config_name(PLAIN_BEST_CONFIG), plain, body,
+                    payload.label))]
+    runs = {(target.name, n): [] for _, target in pair for n in clients}
+    with contextlib.ExitStack() as running:
+        for server, target in pair:
+            running.enter_context(server.running(timeout=240))
+            check_answer(target, server)
+            served_row(target, server, max(clients), 1)  # warm-up
+        for turn in range(AS_SERVED_ROUNDS):
+            for n in clients:
+                for server, target in pair[::-1] if turn % 2 else pair:
+                    log.info("%s (%s): %d client(s) for %ds, round %d", target.name,
+                             target.config, n, seconds, turn + 1)
+                    runs[target.name, n].append(served_row(target, server, n, seconds))
+    return [observability.median_row(r) for r in runs.values()]
+
+
+def kiln_serve_config(name: str, models_dirs: list[Path]) -> ModelServing:
+    """What `kiln serve NAME` (make serve) serves `name` alone with on this machine."""
+    return declared_serving(name, models_dirs, ModelServing.derived(usable_cores(), 1))
+
+
 def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
           models_dirs: list[Path]) -> tuple[list[Row], ModelServing, bench_gpu.Section]:
     """The rows for the model `decl` declares, sent its first example, and its GPU section;
@@ -211,13 +281,16 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
     ensure_built(name, models_dirs=models_dirs)
     artifacts = Workspace.current().exports(name)
     first = payloads.first_payload(decl)
-    serve = declared_serving(name, models_dirs)
+    serve = kiln_serve_config(name, models_dirs)
     batches = sorted({1, serve.batch_size, COMPARISON.batch_size})
     rows = inprocess_rows(artifacts, first.body, batches, min(seconds, 3))
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         for server, targets in plan(decl, serve, artifacts, Path(tmp), first, models_dirs):
             rows += measure_server(server, targets, clients, seconds)
+        rows += as_served_rows(decl, serve, artifacts, Path(tmp), first, models_dirs, clients,
+                               seconds)
         rows += observability_rows(name, first, max(clients), seconds, Path(tmp), models_dirs)
+        rows += oip_bench.rows(decl, COMPARISON, clients, seconds, Path(tmp), models_dirs)
     gpu = gpu_section(decl, first, sorted({1, COMPARISON.batch_size}), clients, seconds,
                       models_dirs)
     return add_ratios(rows), serve, gpu
@@ -254,14 +327,20 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
         "ceiling": "best in-process row (ONNX Runtime / TorchScript on the CPU, no HTTP, no "
                    "decoding)",
         "kiln": f"Kiln's handler, its archive (model_store/{name}.mar), Kiln's logging, "
-                f"through Kiln's front proxy (nginx) as `kiln serve` runs it; at "
-                f"{config_name(serve)} it is `kiln serve {name}` (make serve) as it is",
+                f"through Kiln's front proxy (nginx) as `kiln serve` runs it",
         "kiln direct": "the same Kiln server, straight to TorchServe's own port",
         "plain": "loadtests/plain_handler.py (PIL, numpy, one ONNX Runtime call per batch) on "
                  "the same model.onnx, Kiln's logging, straight to TorchServe",
         "noop": "loadtests/noop_handler.py (answers a constant, reads nothing), Kiln's "
                 "logging, straight to TorchServe: the server's ceiling at that configuration",
         "stock": stock.DESCRIPTION,
+        AS_SERVED: f"`kiln serve {name}` (make serve) as it is on this machine, "
+                   f"{config_name(serve)}, through nginx; medians of {AS_SERVED_ROUNDS} rounds "
+                   f"taking turns with plain best",
+        PLAIN_BEST: f"the plain handler at its best configuration here, "
+                    f"{config_name(PLAIN_BEST_CONFIG)}, "
+                    f"{'TorchServe' if PLAIN_BEST_LOGS is None else 'Kiln'}'s logging, "
+                    "straight to TorchServe",
         observability.OFF: f"Kiln through nginx at {config_name(COMPARISON)} without the "
                            "access log, spans, answer and drift metrics or payload log "
                            "(request id, traceparent and Server-Timing stay); server CPU: "
@@ -271,6 +350,12 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                           f"answer and drift metrics, the payload log at "
                           f"{observability.PAYLOAD_LOG:g}; medians of "
                           f"{observability.ROUNDS} rounds taking turns with the off row",
+        oip_bench.HTTP_ROW: f"the Open Inference Protocol over HTTP through nginx at "
+                            f"{config_name(COMPARISON)}: the first example as one tensor, "
+                            f"binary in and out (tritonclient's default); load from "
+                            f"{oip_bench.h2load.NAME}",
+        oip_bench.GRPC_ROW: "the same over gRPC (inference.GRPCInferenceService, "
+                            "raw_input_contents in, raw_output_contents out), the same h2load",
         "config": "wN bN dN: workers, batch size, max batch delay in ms",
     }
 
@@ -293,14 +378,16 @@ def run(args: argparse.Namespace) -> int:
     except declaration.DeclarationError as err:
         log.error("%s", err)
         return 1
-    clients = sorted({1, args.clients})
+    clients = sorted({1, *args.clients})
     rows, serve, gpu = bench(decl, clients, args.seconds, models_dirs)
     result = report(decl.name, rows, args.seconds, serve, gpu)
     print(f"{decl.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
     for key, text in descriptions(decl.name, serve).items():
         print(f"  {key:<11} {text}")
     print(format_table(rows))
-    print("\n".join(summary(rows, config_name(COMPARISON), max(clients))))
+    for n in clients[1:]:
+        print("\n".join(summary(rows, config_name(COMPARISON), n)))
+    print("\n".join(as_served_summary(rows, AS_SERVED_ROUNDS)))
     pair = {r.name: r for r in rows if r.name in (observability.OFF, observability.ON)}
     print("\n".join(observability_summary(pair[observability.OFF], pair[observability.ON],
                                            observability.ROUNDS)))

@@ -9,6 +9,11 @@ from kiln.deploy.server import ModelServing
 INPROC = "in-process"
 FRONT = "nginx -> TorchServe"
 DIRECT = "TorchServe"
+# Kiln as `kiln serve NAME` (make serve) serves it, and the plain handler at its own best
+# configuration: the pair that answers "is Kiln as users meet it as fast as what they would
+# write?" (issue 21).
+AS_SERVED = "kiln as served"
+PLAIN_BEST = "plain best"
 
 
 @dataclass
@@ -23,12 +28,14 @@ class Row:
     client_cpu_pct: float | None = None  # wrk's, 100: one core
     server_cpu_pct: float | None = None  # TorchServe's (and nginx's, for a row through it)
     server_cpu_us: float | None = None  # the same CPU per request, in microseconds
+    proxy_cpu_us: float | None = None  # nginx's share of it (master and workers)
     via: str = INPROC
     config: str = ""  # workers, batch size and delay of a served row
     x_ceiling: float | None = None
     x_noop: float | None = None
     x_plain: float | None = None
     p99_x_plain: float | None = None
+    x_best: float | None = None  # to the plain handler at its best, at the same concurrency
 
 
 def config_name(serving: ModelServing) -> str:
@@ -43,10 +50,12 @@ def _ratio(a: float, b: Row | None, field: str = "throughput") -> float | None:
 
 def add_ratios(rows: list[Row]) -> list[Row]:
     """Each row against the best in-process row; each served row also against the no-op and
-    the plain rows of its own configuration and concurrency (none there: no ratio)."""
+    the plain rows of its own configuration and concurrency (none there: no ratio), and
+    against the plain handler at its best at its concurrency."""
     inproc = [r for r in rows if r.via == INPROC]
     ceiling = max(inproc, key=lambda r: r.throughput) if inproc else None
     served = {(r.name, r.config, r.clients): r for r in rows if r.via != INPROC}
+    best = {r.clients: r for r in rows if r.name == PLAIN_BEST}
     for r in rows:
         r.x_ceiling = _ratio(r.throughput, ceiling)
         if r.via == INPROC:
@@ -56,6 +65,7 @@ def add_ratios(rows: list[Row]) -> list[Row]:
         r.x_noop = _ratio(r.throughput, noop)
         r.x_plain = _ratio(r.throughput, plain)
         r.p99_x_plain = _ratio(r.p99_ms, plain, "p99_ms")
+        r.x_best = _ratio(r.throughput, best.get(r.clients))
     return rows
 
 
@@ -66,16 +76,17 @@ def _cell(value, spec: str) -> str:
 def format_table(rows: list[Row]) -> str:
     head = (f"{'row':<28}{'via':<21}{'config':<20}{'clients':>7}{'inputs/s':>10}"
             f"{'x ceil':>10}{'x noop':>8}{'x plain':>8}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'p99 x pl':>9}{'errors':>7}{'wrk CPU':>9}{'srv CPU':>9}{'srv us/rq':>10}")
+            f"{'p99 x pl':>9}{'x best':>8}{'errors':>7}{'wrk CPU':>9}{'srv CPU':>9}"
+            f"{'srv us/rq':>10}{'nginx us':>9}")
     lines = [head]
     for r in rows:
         lines.append(
             f"{r.name:<28}{r.via:<21}{r.config or '-':<20}{r.clients or '-':>7}"
             f"{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>10}{_cell(r.x_noop, '.3g'):>8}"
             f"{_cell(r.x_plain, '.3g'):>8}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-            f"{_cell(r.p99_x_plain, '.3g'):>9}{r.errors:>7}"
+            f"{_cell(r.p99_x_plain, '.3g'):>9}{_cell(r.x_best, '.3g'):>8}{r.errors:>7}"
             f"{_cell(r.client_cpu_pct, '.0f'):>8}%{_cell(r.server_cpu_pct, '.0f'):>8}%"
-            f"{_cell(r.server_cpu_us, '.0f'):>10}")
+            f"{_cell(r.server_cpu_us, '.0f'):>10}{_cell(r.proxy_cpu_us, '.0f'):>9}")
     return "\n".join(lines)
 
 
@@ -116,3 +127,24 @@ def observability_summary(off: Row, on: Row, rounds: int) -> list[str]:
             f"{_ratio(on.throughput, off)}x ({on.throughput:.0f} vs {off.throughput:.0f} "
             f"inputs/s), p50 {on.p50_ms - off.p50_ms:+.2f} ms, p99 {on.p99_ms - off.p99_ms:+.2f} "
             f"ms, server CPU {cpu}"]
+
+
+def as_served_summary(rows: list[Row], rounds: int) -> list[str]:
+    """Kiln as served against the plain handler at its best, at each concurrency, in words."""
+    pairs = {r.clients: [r] for r in rows if r.name == AS_SERVED}
+    for r in rows:
+        if r.name == PLAIN_BEST and r.clients in pairs:
+            pairs[r.clients].append(r)
+    lines = []
+    for clients, (kiln, *plain) in sorted(pairs.items()):
+        if not plain:
+            continue
+        lines.append(
+            f"Kiln as served ({kiln.config}, through nginx) against the plain handler at its "
+            f"best ({plain[0].config}, straight to TorchServe), {clients} client(s), medians "
+            f"of {rounds} rounds taking turns: {kiln.x_best}x ({kiln.throughput:.0f} vs "
+            f"{plain[0].throughput:.0f} inputs/s), p50 {kiln.p50_ms:.2f} vs "
+            f"{plain[0].p50_ms:.2f} ms, server CPU {_cell(kiln.server_cpu_us, '.0f')} vs "
+            f"{_cell(plain[0].server_cpu_us, '.0f')} us a request, nginx's "
+            f"{_cell(kiln.proxy_cpu_us, '.0f')} of it")
+    return lines

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from kiln.deploy.server import declared_serving
 from kiln.loadtests import bench_gpu, declared, wrk
-from kiln.loadtests.bench import COMPARISON
+from kiln.loadtests.bench import COMPARISON, PLAIN_BEST_CONFIG, kiln_serve_config
+from kiln.loadtests.bench_table import config_name
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MODEL = declared.default_name("features")  # a features model: the quickest to serve
@@ -26,30 +26,39 @@ def kiln(*args, timeout=120):
 
 def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
     out = tmp_path / "bench.json"
-    done = kiln("bench", MODEL, "--seconds", "1", "--clients", "4", "--out", str(out),
+    done = kiln("bench", MODEL, "--seconds", "1", "--clients", "4,2", "--out", str(out),
                 timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     cmp, serve = result["comparison"], result["kiln_serve"]
-    batches = sorted({1, declared_serving(MODEL).batch_size, COMPARISON.batch_size})
+    assert serve == config_name(kiln_serve_config(MODEL, []))
+    batches = sorted({1, kiln_serve_config(MODEL, []).batch_size, COMPARISON.batch_size})
     served = [("kiln", "nginx -> TorchServe", cmp), ("kiln direct", "TorchServe", cmp)]
-    served += [("kiln", "nginx -> TorchServe", serve)] if serve != cmp else []
     served += [("plain", "TorchServe", cmp), ("noop", "TorchServe", cmp)]
     served += [("noop", "TorchServe", serve)] if serve != cmp else []
-    served += [("stock", "TorchServe", "TorchServe defaults")]
+    served += [("stock", "TorchServe", "TorchServe defaults"),
+               ("kiln as served", "nginx -> TorchServe", serve),
+               ("plain best", "TorchServe", config_name(PLAIN_BEST_CONFIG))]
     rows = result["rows"]
     assert [(r["name"], r["via"], r["config"], r["clients"]) for r in rows] == [
         *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
           for n in batches),
-        *((*row, n) for row in served for n in (1, 4)),
-        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on"))]
+        *((*row, n) for row in served for n in (1, 2, 4)),
+        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on")),
+        *((f"kiln oip {p}", "nginx -> TorchServe", cmp, n) for p in ("http", "grpc")
+          for n in (1, 2, 4))]
     for r in rows:
         assert r["throughput"] > 0 and r["p50_ms"] > 0 and r["p99_ms"] > 0, r
         assert r["errors"] == 0, r
         assert r["x_ceiling"] > 0, r
         if r["config"] == cmp:
             assert r["x_noop"] > 0 and r["x_plain"] > 0, r
-    assert all(r["server_cpu_us"] > 0 for r in rows if r["via"] != "in-process"), rows
+        if r["via"] != "in-process":
+            assert r["server_cpu_us"] > 0 and r["x_best"] > 0, r
+        wrk_row = not r["name"].startswith("kiln oip")  # h2load's rows count no nginx share
+        assert (r["proxy_cpu_us"] > 0) if r["via"] == "nginx -> TorchServe" and wrk_row else (
+            r["proxy_cpu_us"] is None), r
+    assert done.stdout.count("Kiln as served (") == 3
     assert done.stdout.count("Observability all on against all off at ") == 1
     if not torch.cuda.is_available():
         assert result["gpu"] == {"notes": [bench_gpu.SKIPPED], "rows": []}

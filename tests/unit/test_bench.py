@@ -8,15 +8,23 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from kiln.cli import serve
+from kiln.cli.main import build_parser
+from kiln.deploy.server import ModelServing
 from kiln.loadtests import bench, bench_gpu, observability, stock, wrk
+from kiln.loadtests.bench_arguments import client_counts
 from kiln.loadtests.bench_table import (
+    AS_SERVED,
     DIRECT,
     FRONT,
+    PLAIN_BEST,
     Row,
     add_ratios,
+    as_served_summary,
     format_table,
     observability_summary,
     summary,
@@ -60,7 +68,8 @@ def rows():
             Row("in-process onnxruntime b16", 0, 4000.0, 0.2, 0.4, 10),
             served("kiln", FRONT, CMP, 1, 100.0, 20.0), served("kiln", FRONT, CMP, 16, 400.0, 60.0),
             served("kiln direct", DIRECT, CMP, 16, 500.0, 50.0, 12.0),
-            served("kiln", FRONT, "w1 b8 d2", 16, 300.0, 80.0),
+            served(AS_SERVED, FRONT, "w1 b8 d2", 16, 300.0, 80.0),
+            served(PLAIN_BEST, DIRECT, "w2 b8 d1", 16, 375.0, 90.0),
             served("plain", DIRECT, CMP, 1, 200.0, 10.0),
             served("plain", DIRECT, CMP, 16, 250.0, 100.0),
             served("noop", DIRECT, CMP, 1, 400.0, 5.0),
@@ -82,8 +91,43 @@ def test_ratios_against_the_plain_and_noop_rows_of_the_same_configuration():
 
 def test_kiln_serves_own_configuration_has_its_noop_and_no_plain():
     kiln = {(r.name, r.config): r for r in add_ratios(rows()) if r.clients == 16}[
-        "kiln", "w1 b8 d2"]
+        AS_SERVED, "w1 b8 d2"]
     assert (kiln.x_noop, kiln.x_plain, kiln.p99_x_plain) == (0.5, None, None)
+
+
+def test_served_rows_are_compared_with_the_plain_handler_at_its_best_at_their_concurrency():
+    table = {(r.name, r.clients): r for r in add_ratios(rows())}
+    assert [table[k].x_best for k in ((AS_SERVED, 16), ("kiln", 16), ("kiln", 1),
+                                      (PLAIN_BEST, 16))] == [0.8, 1.07, None, 1.0]
+    assert table["in-process onnxruntime b16", 0].x_best is None
+
+
+def test_as_served_summary_gives_the_ratio_the_p50_and_nginx_share_of_the_cpu():
+    kiln = Row(AS_SERVED, 32, 3000.0, 9.0, 20.0, 1, server_cpu_us=700.0, proxy_cpu_us=55.0,
+               via=FRONT, config="w2 b8 d1")
+    plain = Row(PLAIN_BEST, 32, 2500.0, 11.0, 25.0, 1, server_cpu_us=650.0, via=DIRECT,
+                config="w2 b8 d1")
+    lonely = Row(AS_SERVED, 16, 2000.0, 7.0, 15.0, 1, via=FRONT, config="w2 b8 d1")
+    assert as_served_summary(add_ratios([lonely, plain, kiln]), 3) == [
+        "Kiln as served (w2 b8 d1, through nginx) against the plain handler at its best "
+        "(w2 b8 d1, straight to TorchServe), 32 client(s), medians of 3 rounds taking turns: "
+        "1.2x (3000 vs 2500 inputs/s), p50 9.00 vs 11.00 ms, server CPU 700 vs 650 us a "
+        "request, nginx's 55 of it"]
+
+
+def test_kiln_as_served_is_what_kiln_serve_gives_the_model_alone_on_these_cores(monkeypatch):
+    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    args = build_parser().parse_args(["serve", "lenet"])
+    assert bench.kiln_serve_config("lenet", []) == serve._serving(args, ["lenet"], 2)[
+        "lenet"] == ModelServing(workers=2, batch_size=8, max_batch_delay_ms=1)
+
+
+def test_bench_clients_are_a_list_measured_at_16_and_32_by_default():
+    assert build_parser().parse_args(["bench", "lenet"]).clients == [16, 32]
+    assert client_counts("32,4,32") == [4, 32]
+    for bad in ("", "0,16", "sixteen"):
+        with pytest.raises(Exception, match="whole numbers >= 1"):
+            client_counts(bad)
 
 
 def test_stock_gets_no_ratio_to_plain_or_noop_and_in_process_rows_only_the_ceiling():
@@ -100,8 +144,9 @@ def test_missing_base_rows_give_no_ratio():
 
 def test_table_has_one_line_per_row_and_says_what_each_goes_through():
     lines = format_table(add_ratios(rows())).splitlines()
-    assert len(lines) == 13
+    assert len(lines) == 14
     assert lines[0].split()[:4] == ["row", "via", "config", "clients"]
+    assert lines[0].split()[-4:] == ["srv", "us/rq", "nginx", "us"]
     assert lines[3].split()[:10] == ["kiln", "nginx", "->", "TorchServe", "w2", "b16", "d5",
                                      "1", "100", "0.025"]
     assert lines[5].split()[:8] == ["kiln", "direct", "TorchServe", "w2", "b16", "d5", "16",
