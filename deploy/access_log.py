@@ -20,6 +20,14 @@ from pathlib import Path
 MAX_BYTES = 16 * 2**20
 FILES = 3
 CHECK_S = 1.0
+# nginx writes the lines in buffers of this size, at most FLUSH_S late, rather than one
+# write() a request (a line is written whole; SIGUSR1's reopen and nginx's exit flush them).
+BUFFER = "64k"
+FLUSH_S = 1
+
+
+def nginx_directive(path: Path) -> str:
+    return f"access_log {path} kiln_json buffer={BUFFER} flush={FLUSH_S}s;"
 
 
 def rotated(path: Path, n: int) -> Path:

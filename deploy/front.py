@@ -358,7 +358,7 @@ def render(s: FrontSettings) -> str:
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
         "RECEIVED_HEADER": RECEIVED_HEADER, "TRACE_SAMPLE": trace_sample(s.trace_sample),
-        "ACCESS_LOG": f"access_log {s.access_log} kiln_json;" if s.access_log
+        "ACCESS_LOG": access_log_rotation.nginx_directive(s.access_log) if s.access_log
         else "access_log off;",
         "ADMIN_SERVER": admin_server(s).rstrip("\n").lstrip(),
     }

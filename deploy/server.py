@@ -107,13 +107,20 @@ class Server:
     def fronted(self) -> bool:
         return self.settings.internal_ports is not None
 
+    def torchserve_access_log(self) -> bool:
+        """TorchServe's own access log: asked for, and no Kiln front proxy writes Kiln's JSON
+        one (kiln serve's, or the container's, which checks the keys: TorchServe's tokens
+        off). Behind the proxy TorchServe's line says nothing the JSON one does not (its
+        client is always the proxy) and was a second log write a request."""
+        return self.settings.access_log and not self.fronted and self.settings.token_auth
+
     def _env(self) -> dict[str, str]:
         tmp = self.run_dir / "tmp"
         env = dict(os.environ)
         # TorchServe keeps its pid file in tempfile.gettempdir(): one per run folder.
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir),
                    METRICS_LOCATION=str(self.log_dir),
-                   KILN_ACCESS_LOG="info" if self.settings.access_log else "off",
+                   KILN_ACCESS_LOG="info" if self.torchserve_access_log() else "off",
                    KILN_SERVED_WORKERS=str(self.served_workers()),
                    PROMETHEUS_MULTIPROC_DIR=str(self.exporter.folder))
         s = self.settings

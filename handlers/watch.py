@@ -15,6 +15,8 @@ Once per batch the handler gives `Watch.observe` the rows it scored and the mode
 Rows whose output is not finite are answered 400 and left out.
 """
 
+import bisect
+import collections
 import logging
 
 import numpy as np
@@ -38,7 +40,10 @@ METRICS = (ANSWERS_METRIC, TOP_PROBABILITY_METRIC, VALUE_METRIC, REFERENCE_MIX_M
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # The scores are set every this many rows, not every batch: a multiprocess gauge's set costs
 # about 7 us (an mmap write under a lock), 30 of them for binary's features cost 0.2 ms a
-# request at batch 1; the window is 500 rows, so a score moves little in 20.
+# request at batch 1; the window is 500 rows, so a score moves little in 20. The inputs wait
+# for them too and are reduced to statistics and binned together: a handful of numpy calls
+# for 20 rows rather than for every batch (lenet in a worker at batch 1: observe() 73 us a
+# request before, measured inside handle(), as numpy's calls run with cold caches there).
 PUBLISH_ROWS = 20
 # Set to "off" by the server (ServerSettings.watch False): no answer or drift metrics, for
 # `kiln bench`'s observability-off row.
@@ -111,6 +116,7 @@ class Watch:
         self._drift = metrics[DRIFT_METRIC]
         self._scores = {}  # (input, feature) -> gauge child, once it has a score
         self._unpublished = 0  # rows since the scores were last set
+        self._pending = []  # the model inputs of those rows, one list of arrays a batch
 
     def observe(self, model_inputs, model_output):
         """One batch: the model's inputs (one array per signature input) and its output."""
@@ -124,8 +130,8 @@ class Watch:
     def _observe(self, model_inputs, model_output):
         rows = np.asarray(model_output, dtype=np.float32)
         flat = rows.reshape(len(rows), -1)
-        finite = np.isfinite(flat).all(axis=1)
-        if not finite.all():
+        if not np.isfinite(flat).all():  # rare: only then which rows
+            finite = np.isfinite(flat).all(axis=1)
             flat = flat[finite]
             model_inputs = [x[finite] for x in model_inputs]
         if len(flat):
@@ -136,18 +142,18 @@ class Watch:
         kind = self.output["kind"]
         if kind in answers.LABELLED_KINDS:
             chosen, probabilities = answers.best_indices(rows, self.output)
-            for i, p in zip(chosen.tolist(), probabilities.tolist(), strict=True):
-                self._answers[i].inc()
-                self._top.observe(p)
+            # One increment per label answered in the batch, not per row (each is a write
+            # to the multiprocess file under a lock); counted in Python, as a batch is small.
+            for i, count in collections.Counter(chosen.tolist()).items():
+                self._answers[i].inc(count)
+            observe_all(self._top, probabilities.tolist())
         elif kind == "multilabel":
             threshold = self.output.get("threshold", DEFAULT_THRESHOLD)
             self._count((rows >= np.asarray(threshold)).sum(axis=0))
-            for p in rows.max(axis=1).tolist():
-                self._top.observe(p)
+            observe_all(self._top, rows.max(axis=1).tolist())
         elif kind == "regression":
             for column, child in zip(rows.T.tolist(), self._values, strict=True):
-                for value in column:
-                    child.observe(value)
+                observe_all(child, column)
 
     def _count(self, counts):
         """`counts`: answers per label, in the signature's label order."""
@@ -155,16 +161,18 @@ class Watch:
             self._answers[i].inc(int(counts[i]))
 
     def _compare(self, model_inputs):
-        for (_, spec, sketch), rows in zip(self._inputs, model_inputs, strict=True):
-            if sketch is not None:
-                sketch.add(kinds.of(spec).statistics(spec, rows)[1])
+        self._pending.append(model_inputs)
         self._unpublished += len(model_inputs[0])
         if self._unpublished >= PUBLISH_ROWS:
-            self._unpublished = 0
+            pending, self._pending, self._unpublished = self._pending, [], 0
+            for i, (_, spec, statistics, sketch) in enumerate(self._inputs):
+                if sketch is not None:
+                    # join pads variable lengths to the longest, as for one batch.
+                    sketch.add(statistics(kinds.of(spec).join([p[i] for p in pending], spec)))
             self._publish()
 
     def _publish(self):
-        for name, _, sketch in self._inputs:
+        for name, _, _, sketch in self._inputs:
             scores = sketch.scores() if sketch is not None else None
             if scores is None:
                 continue
@@ -176,9 +184,27 @@ class Watch:
                 child.set(score)
 
 
+def observe_all(histogram, values):
+    """`histogram.observe(v)` of each of `values` (floats), with one write per bucket
+    reached and one to the sum, instead of two per value: each is a write to the worker's
+    multiprocess file under a lock (about 2 us an observe), and a batch's answers mostly
+    fall into one or two buckets. prometheus-client has no batch observe: this adds to the
+    child's bucket and sum values as its observe() does (tests/unit/test_watch.py compares
+    the two)."""
+    reached = {}
+    for value in values:
+        # observe()'s bucket: the first upper bound at or over the value.
+        i = bisect.bisect_left(histogram._upper_bounds, value)
+        reached[i] = reached.get(i, 0) + 1
+    for i, count in reached.items():
+        histogram._buckets[i].inc(count)
+    histogram._sum.inc(sum(values))
+
+
 def _sketches(specs, references):
-    """(input name, spec, Sketch or None) per signature input, in the model's order: None
-    where the archive has no reference for it (an older export) or its kind none."""
+    """(input name, spec, its kind's statistician, Sketch or None) per signature input, in
+    the model's order: None where the archive has no reference for it (an older export) or
+    its kind none."""
     out = []
     for spec in specs:
         reference = references.get(spec["name"])
@@ -187,5 +213,6 @@ def _sketches(specs, references):
         if reference and not usable:
             logger.warning("input %s: reference statistics %s do not match %s; no drift score",
                            spec["name"], list(reference), list(names))
-        out.append((spec["name"], spec, drift.Sketch(reference) if usable else None))
+        out.append((spec["name"], spec, kinds.of(spec).statistician(spec),
+                    drift.Sketch(reference) if usable else None))
     return out

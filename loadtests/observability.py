@@ -67,7 +67,11 @@ def serving_cpu_seconds(server: Server) -> float:
     nginx, Kiln's metrics exporter and proxy spans."""
     procs = list(server.front.processes())
     for pid in (server.pid(), server.exporter.pid(), server.proxy_spans.process.pid()):
-        with contextlib.suppress(psutil.Error, TypeError):
+        # None: not running (the off row has no proxy spans), and psutil.Process(None) would
+        # be this process, its wrk and the other row's helpers: 67 to 87 us a request more.
+        if pid is None:
+            continue
+        with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             procs += [proc, *proc.children(recursive=True)]
     total = 0.0

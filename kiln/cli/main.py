@@ -111,9 +111,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help=f"serve the admin route (kiln deploy, route, ... --admin-url) on this "
                         f"port of {HOST}, for admin keys only (run/admin_keys) (default: off)")
     p.add_argument("--access-log", action="store_true",
-                   help="write run/logs/kiln_access.jsonl (the front proxy's, JSON) and "
-                        "TorchServe's run/logs/access_log.log, one line per request "
-                        "(default: off)")
+                   help="write run/logs/kiln_access.jsonl (the front proxy's, JSON), one "
+                        "line per request (default: off)")
     p.add_argument("--payload-log", type=float, default=0.0, metavar="FRACTION",
                    help="write the body and answer of this fraction of requests (0 to 1) "
                         "to run/payloads/, for kiln replay (default: 0, off)")

@@ -244,6 +244,13 @@ def test_the_access_log_says_why_a_4xx(traced, kwargs, status, reason):
     assert (line["status"], line["reason"]) == (status, reason)
 
 
+def test_torchserve_writes_no_second_access_log_behind_the_proxy(traced):
+    assert rest(traced, "logged-once").status_code == 200
+    access_line(traced, "logged-once")  # written once the answer is sent, after TorchServe's
+    torchserve_s = traced.log_dir / "access_log.log"
+    assert not torchserve_s.exists() or torchserve_s.read_text() == ""
+
+
 def test_the_access_log_is_owner_only(traced):
     rest(traced, "owner-only")
     access_line(traced, "owner-only")

@@ -123,3 +123,8 @@ def test_the_follower_reads_whole_lines_across_a_rotation(tmp_path):
     assert follower.lines() == [b"two"]
     assert follower.lines() == []  # the old file is done: on to the new one
     assert follower.lines() == [b"three"]
+
+
+def test_nginx_writes_the_log_in_buffers_flushed_every_second(tmp_path):
+    assert access_log.nginx_directive(tmp_path / "kiln_access.jsonl") == (
+        f"access_log {tmp_path}/kiln_access.jsonl kiln_json buffer=64k flush=1s;")

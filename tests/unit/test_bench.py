@@ -198,6 +198,13 @@ def test_observability_on_is_everything_a_production_user_turns_on_and_off_is_no
         (True, "http://127.0.0.1:4318", 0.01, True, 0.01, bench.COMPARISON)]
 
 
+def test_a_server_that_does_not_run_is_counted_no_cpu(tmp_path):
+    server = observability.server(tmp_path, "lenet", bench.COMPARISON, [], False,
+                                  "http://127.0.0.1:4318")
+    sum(range(10**6))  # this process has used some CPU, which is not the server's
+    assert observability.serving_cpu_seconds(server) == 0.0
+
+
 def test_stock_is_labelled_for_what_it_is():
     assert bench.descriptions("lenet", bench.COMPARISON)["stock"] == stock.DESCRIPTION
     assert stock.DESCRIPTION.startswith(

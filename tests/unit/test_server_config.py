@@ -58,6 +58,21 @@ def test_run_folder_isolates_the_pid_file(tmp_path):
     assert server.pid() is None
 
 
+@pytest.mark.parametrize(("fronted", "token_auth", "access_log", "variable"), [
+    (False, True, True, "info"),  # nothing else logs the requests
+    (True, True, True, "off"),  # kiln serve: the front proxy's JSON log
+    (False, False, True, "off"),  # the container: its front proxy's JSON log
+    (False, True, False, "off")])
+def test_torchserve_s_access_log_only_where_no_front_proxy_writes_kiln_s(
+        tmp_path, fronted, token_auth, access_log, variable):
+    from kiln.deploy.server import Server
+
+    settings = ServerSettings(tmp_path / "run", tmp_path, ["mlp"], access_log=access_log,
+                              token_auth=token_auth,
+                              internal_ports=Ports.free() if fronted else None)
+    assert Server(settings)._env()["KILN_ACCESS_LOG"] == variable
+
+
 # --- per-model serving settings: config.properties' `models` -------------------------------
 
 BUILTIN = Path(__file__).resolve().parents[2] / "training" / "models"

@@ -220,3 +220,21 @@ def test_the_server_s_watch_setting_reaches_the_workers(tmp_path, setting, varia
 
     settings = ServerSettings(tmp_path, tmp_path, ["lenet"], Ports.free(), watch=setting)
     assert Server(settings)._env()[watch.OFF_ENV] == variable
+
+
+def test_observe_all_records_what_one_observe_per_value_records():
+    values = [0.05, 0.2, 0.2, 0.25, 0.97, 0.995, 1.0, 0.999, 0.5]
+    recorded = []
+    for record in (lambda h: [h.observe(v) for v in values],
+                   lambda h: watch.observe_all(h, values)):
+        registry = CollectorRegistry()
+        histogram = watch.declare(registry)[watch.TOP_PROBABILITY_METRIC].labels("m", "1")
+        record(histogram)
+        recorded.append({(s.name, s.labels.get("le")): s.value for family in registry.collect()
+                         for s in family.samples if not s.name.endswith("_created")})
+    assert recorded[0] == recorded[1]
+    bucket = watch.TOP_PROBABILITY_METRIC + "_bucket"
+    # A value on a bound is in that bucket, as observe() has it.
+    assert (recorded[1][(bucket, "0.2")], recorded[1][(bucket, "0.3")]) == (3, 4)
+    assert recorded[1][(watch.TOP_PROBABILITY_METRIC + "_sum", None)] == pytest.approx(
+        sum(values), abs=1e-12)
