@@ -29,8 +29,9 @@ if [ "$(cat "$wheels/.pyproject.sha256" 2>/dev/null)" != "$stamp" ]; then
 fi
 
 old="$(buildah inspect --type image --format '{{.FromImageID}}' "$tag" 2>/dev/null || true)"
-# PIP_INDEX_URL at the wheels folder too: pip inside the build reaches no index.
-buildah bud --isolation chroot --layers=false -f deploy/docker/Dockerfile -t "$tag" \
+# PIP_INDEX_URL at the wheels folder too: pip inside the build reaches no index. Docker's image
+# format, as docker build makes: OCI's has no HEALTHCHECK.
+buildah bud --isolation chroot --layers=false --format docker -f deploy/docker/Dockerfile -t "$tag" \
     --build-arg BASE="$base" --build-arg MODELS="$models" \
     --build-arg PIP_FIND_LINKS=/hostwheels --build-arg PIP_INDEX_URL=file:///hostwheels \
     -v "$wheels:/hostwheels:ro" .
