@@ -11,7 +11,6 @@ Slow (a full image build, 5 to 15 minutes on 2 cores): `make image-check`, not `
 Skipped where buildah is not installed or the user is not root (buildah's chroot isolation
 mounts the image's root filesystem)."""
 
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from container_harness import (
     FIXTURES,
     KEY_1,
     UNAUTHORIZED,
+    Container,
     Load,
     Probe,
     benign_body,
@@ -98,11 +98,12 @@ def rootfs(image):
         subprocess.run(["buildah", "rm", name], capture_output=True)
 
 
-class ImageRun:
+class ImageRun(Container):
     """The image's entrypoint under `buildah run --isolation chroot`, as uid 10001 with the
-    image's environment. Mounted writable: the run folder and /tmp (the image's writable
-    folders, docs/deploy.md); read-only: the keys folder (as a Secret is). It listens on
-    loopback at a port offset, so that it runs beside other servers on this host."""
+    image's environment; probed and killed as the host's Container is. Mounted writable: the
+    run folder and /tmp (the image's writable folders, docs/deploy.md); read-only: the keys
+    folder (as a Secret is). It listens on loopback at a port offset, so that it runs beside
+    other servers on this host."""
 
     def __init__(self, container: str, image: dict, folder: Path):
         config = image["OCIv1"]["config"]
@@ -114,7 +115,8 @@ class ImageRun:
             path.mkdir()
         for writable in (run, tmp):
             os.chown(writable, contract.USER_ID, contract.USER_ID)
-        write_keys(secrets / Path(contract.KEYS_FILE).name, KEY_1)
+        self.keys_file = secrets / Path(contract.KEYS_FILE).name
+        write_keys(self.keys_file, KEY_1)
         self.log_path = folder / "container.log"
         command = ["buildah", "run", "--isolation", "chroot",
                    "--user", f"{contract.USER_ID}:{contract.USER_ID}",
@@ -129,47 +131,9 @@ class ImageRun:
                                             stderr=subprocess.STDOUT, start_new_session=True)
         self.startup: list[Probe] = []
 
-    def url(self, port: str, path: str) -> str:
-        return f"http://127.0.0.1:{self.public[port]}{path}"
-
-    def probe(self, path: str, port: str = "http") -> int | None:
-        try:
-            return requests.get(self.url(port, path), timeout=5).status_code
-        except requests.ConnectionError:
-            return None
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the image's entrypoint exited {self.process.returncode}:\n"
-                            f"{self.log()}")
-            status = self.probe(contract.READY_PATH)
-            self.startup.append(Probe(time.monotonic(), status))
-            if status == 200:
-                return
-            time.sleep(0.1)
-        pytest.fail(f"/ready not 200 after {timeout}s:\n{self.log()}")
-
     def process_named(self, name: str) -> psutil.Process:
         return next(p for p in psutil.Process(self.process.pid).children(recursive=True)
                     if p.name() == name)
-
-    def tree(self) -> list[psutil.Process]:
-        parent = psutil.Process(self.process.pid)
-        return [parent, *parent.children(recursive=True)]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            tree = self.tree()
-            for proc in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            psutil.wait_procs(tree, timeout=10)
-            self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +141,7 @@ def served(rootfs, image, tmp_path_factory):
     name, _ = rootfs
     box = ImageRun(name, image, tmp_path_factory.mktemp("image-run"))
     try:
-        box.wait_ready()
+        box.wait_ready(timeout=180)  # two models' first load, on a busy host
         yield box
     finally:
         box.kill()
@@ -216,6 +180,16 @@ def test_the_image_holds_a_jre_and_no_jdk_compiler_or_test_package(rootfs):
     assert dists & TEST_PACKAGES == set()
     # Baked in: the archives, nothing else (the weights and exports stayed in the build).
     assert sorted(p.name for p in (root / "models").iterdir()) == ["binary.mar", "lenet.mar"]
+
+
+def test_the_image_keeps_its_healthcheck_user_entrypoint_and_ports(image):
+    """Docker's image format (build-here.sh's --format docker): OCI's drops HEALTHCHECK."""
+    config = image["Docker"]["config"]
+    assert config["Healthcheck"]["Test"][:2] == ["CMD", "python"]
+    assert config["User"] == f"{contract.USER_ID}:{contract.USER_ID}"
+    assert config["Entrypoint"] == ["tini", "--", "kiln-container"]
+    assert sorted(config["ExposedPorts"]) == sorted(
+        f"{port}/tcp" for port in contract.PUBLIC_PORTS.values())
 
 
 STORAGE_LAYERS = Path("/var/lib/containers/storage/overlay-layers/layers.json")
