@@ -29,13 +29,18 @@ if [ "$(cat "$wheels/.pyproject.sha256" 2>/dev/null)" != "$stamp" ]; then
 fi
 
 old="$(buildah inspect --type image --format '{{.FromImageID}}' "$tag" 2>/dev/null || true)"
+containers="$(buildah containers --quiet --notruncate | sort)"
 # PIP_INDEX_URL at the wheels folder too: pip inside the build reaches no index. Docker's image
 # format, as docker build makes: OCI's has no HEALTHCHECK.
-buildah bud --isolation chroot --layers=false --format docker -f deploy/docker/Dockerfile -t "$tag" \
+buildah bud --isolation chroot --layers=false --format docker \
+    -f deploy/docker/Dockerfile -t "$tag" \
     --build-arg BASE="$base" --build-arg MODELS="$models" \
     --build-arg PIP_FIND_LINKS=/hostwheels --build-arg PIP_INDEX_URL=file:///hostwheels \
     -v "$wheels:/hostwheels:ro" .
 new="$(buildah inspect --type image --format '{{.FromImageID}}' "$tag")"
+# buildah 1.28 leaves the working container of the `FROM scratch AS wheels` stage behind.
+comm -13 <(echo "$containers") <(buildah containers --quiet --notruncate | sort) \
+    | xargs --no-run-if-empty buildah rm >/dev/null
 # The image this tag named before, untagged now: removed, so that rebuilds do not pile up.
 if [ -n "$old" ] && [ "$old" != "$new" ]; then
     buildah rmi "$old" >/dev/null || true
