@@ -11,7 +11,7 @@ export VENV
 install:
 	@scripts/bootstrap.sh serve
 
-## That and the test bench: Prometheus, wrk, Chromium, HAProxy, the test/parquet/ray extras.
+## That and the test bench: Prometheus, wrk, h2load, Chromium, HAProxy, the test/parquet/ray extras.
 install-test:
 	@scripts/bootstrap.sh test
 
@@ -27,7 +27,7 @@ stop:
 ## (but the installed wheel's test, which takes minutes on its own: make test-installed).
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -ra -m "not installed and not image"
+	$(BIN)/pytest -ra --durations=30 -m "not installed and not image"
 
 test-unit: install-test
 	$(BIN)/pytest -ra tests/unit

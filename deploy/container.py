@@ -205,7 +205,8 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
         nginx_dir=run_dir / "nginx", keys_file=settings.keys_file, listen=settings.listen,
         public=public,
         upstream={"http": internal.inference, "oip": internal.oip,
-                  "grpc": internal.kiln_grpc, "metrics": internal.metrics},
+                  "grpc": internal.kiln_grpc, "oip-grpc": internal.oip_grpc,
+                  "metrics": internal.metrics},
         max_body=server.max_request_size, ready_path=contract.READY_PATH,
         live_path=contract.LIVE_PATH, draining_flag=run_dir / DRAINING_FLAG,
         route_state=server.state_file(),
@@ -292,9 +293,10 @@ class Entrypoint:
             self.server.proxy_spans.start(console=True)
         self.restore_versions()
         public = self.settings.public_ports()
-        log.info("serving %s: http %d, oip %d, grpc %d, metrics %d; probes %s and %s",
-                 ", ".join(self.server.settings.models), public["http"], public["oip"],
-                 public["grpc"], public["metrics"], contract.READY_PATH, contract.LIVE_PATH)
+        log.info("serving %s: http %d, oip %d, grpc %d, oip-grpc %d, metrics %d; probes %s "
+                 "and %s", ", ".join(self.server.settings.models), public["http"],
+                 public["oip"], public["grpc"], public["oip-grpc"], public["metrics"],
+                 contract.READY_PATH, contract.LIVE_PATH)
 
     def restore_versions(self) -> None:
         """The versions the mounted versions file records registered (their NAME-V.mar in the

@@ -16,11 +16,12 @@ PUBLIC_PORTS = {
     "http": 8080,      # REST inference (/predictions/NAME) and the probes below
     "oip": 8085,       # Open Inference Protocol (KServe v2 REST)
     "grpc": 7070,      # TorchServe's gRPC inference API (with versions: Kiln's plugin serves it)
+    "oip-grpc": 8086,  # Open Inference Protocol over gRPC (KServe's grpc-v2)
     "metrics": 8082,   # Prometheus scrape target, no key (keep it off the public Service)
 }
 # TorchServe behind it, on 127.0.0.1 inside the container: never reachable from outside.
 INTERNAL_PORTS = Ports(inference=18080, management=18081, metrics=18082, grpc_inference=17070,
-                       grpc_management=17071, oip=18085, kiln_grpc=17072)
+                       grpc_management=17071, oip=18085, kiln_grpc=17072, oip_grpc=18086)
 
 # Probes, on the http port, answered by the front proxy without a key.
 READY_PATH = "/ready"      # 200 once every model has a loaded worker and TorchServe's

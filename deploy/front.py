@@ -110,7 +110,7 @@ class FrontSettings:
     nginx_dir: Path  # its configuration, keys list, temp folders, pid and log
     keys_file: Path
     listen: str
-    public: Mapping[str, int]  # http, oip, grpc, metrics: what clients reach
+    public: Mapping[str, int]  # http, oip, grpc, oip-grpc, metrics: what clients reach
     upstream: Mapping[str, int]  # the same names: TorchServe's ports on 127.0.0.1
     max_body: int  # TorchServe's max_request_size
     ready_path: str
@@ -331,7 +331,8 @@ def render(s: FrontSettings) -> str:
     values = {
         "NGINX_DIR": str(s.nginx_dir), "LISTEN": s.listen,
         "HTTP_PORT": s.public["http"], "OIP_PORT": s.public["oip"],
-        "GRPC_PORT": s.public["grpc"], "METRICS_PORT": s.public["metrics"],
+        "GRPC_PORT": s.public["grpc"], "OIP_GRPC_PORT": s.public["oip-grpc"],
+        "METRICS_PORT": s.public["metrics"], "TS_OIP_GRPC": s.upstream["oip-grpc"],
         "TS_INFERENCE": s.upstream["http"], "TS_OIP": s.upstream["oip"],
         "TS_METRICS": s.upstream["metrics"], "TS_GRPC": s.upstream["grpc"],
         "MAX_BODY": s.max_body, "SHUTDOWN_S": s.shutdown_s,

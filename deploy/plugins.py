@@ -36,6 +36,8 @@ JAR_NAME = "kiln-oip.jar"
 OIP_ADDRESS_PROPERTY = "kiln.oip.address"
 # The same for Kiln's gRPC inference server in the plugin (GrpcServer.java).
 GRPC_ADDRESS_PROPERTY = "kiln.grpc.address"
+# The same for the Open Inference Protocol over gRPC (GrpcOip.java).
+OIP_GRPC_ADDRESS_PROPERTY = "kiln.oip_grpc.address"
 
 
 def limit_properties() -> dict[str, int]:

@@ -35,6 +35,9 @@ class Ports:
     # container) only the internal one is bound, and the proxy's gRPC port forwards there
     # (TorchServe's own grpc_inference then serves nobody).
     kiln_grpc: int = 7072
+    # The Open Inference Protocol over gRPC (KServe's inference.GRPCInferenceService), served
+    # by the plugin (GrpcOip.java); behind the front proxy, on its internal one.
+    oip_grpc: int = 8086
 
     @classmethod
     def saved(cls, run_dir: Path, name: str = PORTS_FILE) -> Ports | None:

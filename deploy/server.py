@@ -263,9 +263,9 @@ class Server:
         return front.FrontSettings(
             nginx_dir=self.front.nginx_dir, keys_file=self.front.keys_file, listen=HOST,
             public={"http": p.inference, "oip": p.oip, "grpc": p.grpc_inference,
-                    "metrics": p.metrics},
+                    "oip-grpc": p.oip_grpc, "metrics": p.metrics},
             upstream={"http": i.inference, "oip": i.oip, "grpc": i.kiln_grpc,
-                      "metrics": i.metrics},
+                      "oip-grpc": i.oip_grpc, "metrics": i.metrics},
             max_body=self.settings.max_request_size, ready_path=READY_PATH,
             live_path=LIVE_PATH, draining_flag=self.run_dir / "draining",
             route_state=self.settings.state_file(),

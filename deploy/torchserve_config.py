@@ -153,7 +153,7 @@ class ServerSettings:
         i = self.internal_ports
         return replace(self.ports, inference=i.inference, oip=i.oip,
                        grpc_inference=i.grpc_inference, metrics=i.metrics,
-                       kiln_grpc=i.kiln_grpc)
+                       kiln_grpc=i.kiln_grpc, oip_grpc=i.oip_grpc)
 
     def __post_init__(self):
         java_bytes(self.java_heap)  # a bad -Xmx fails here, not when the JVM starts
@@ -211,11 +211,12 @@ class ServerSettings:
                       f"-Djava.io.tmpdir={self.run_dir.resolve() / 'tmp'} "
                       f"-D{plugins.OIP_ADDRESS_PROPERTY}={HOST}:{p.oip} "
                       f"-D{plugins.GRPC_ADDRESS_PROPERTY}={HOST}:{p.kiln_grpc} "
+                      f"-D{plugins.OIP_GRPC_ADDRESS_PROPERTY}={HOST}:{p.oip_grpc} "
                       f"-D{routing.STATE_PROPERTY}={self.state_file()} "
                       + " ".join(f"-D{k}={v}" for k, v in plugins.limit_properties().items())
                       + (f" {plugins.greedy_batching_vmargs()}" if self.greedy_batching else ""),
             # Kiln's frontend plugin serves the Open Inference Protocol on the oip port, and
-            # gRPC inference with versions on the kiln_grpc port.
+            # gRPC inference with versions on the kiln_grpc port, OIP over gRPC on oip_grpc.
             "plugins_path": plugins.plugins_dir(),
         }
         if not self.token_auth:

@@ -239,7 +239,7 @@ class KilnHandler:
         if context.get_request_header(idx, oip.PROTOCOL_HEADER) == oip.PROTOCOL:
             return oip.decode_infer(body, self.signature, budget,
                                     context.get_request_header(idx, oip.BINARY_HEADER),
-                                    self.version)
+                                    self.version, self._reached(context, idx))
         model_inputs, many = rest.decode_body(body, self.signature, budget)
         output, top_k = self.signature["output"], self.top_k
 
@@ -248,6 +248,12 @@ class KilnHandler:
             return encoded if many else encoded[0]
 
         return model_inputs, encode
+
+    def _reached(self, context, idx):
+        """The model and version an OIP request reached, which its body may name. A shadow's
+        copy is scored by a version the client did not pick: its primary checks the version."""
+        copy = context.get_request_header(idx, payload_log.COPY_HEADER)
+        return {"model_name": context.model_name, "model_version": None if copy else self.version}
 
     def _score(self, batch, good, answers_out, context, clock):
         """Runs the model once on every good row of the batch, then answers each request

@@ -27,7 +27,10 @@ BINARY_SIZE = "binary_data_size"
 BINARY_DTYPES = {"BOOL": "|b1", "INT8": "|i1", "UINT8": "|u1", "INT16": "<i2", "UINT16": "<u2",
                  "INT32": "<i4", "UINT32": "<u4", "INT64": "<i8", "UINT64": "<u8",
                  "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
-REQUEST_FIELDS = ("id", "parameters", "inputs", "outputs")
+# Fields that name what a request is for, which KServe's SDK puts in every infer body (Triton's
+# protocol lists them too): taken when they say what the request reached, refused otherwise.
+ROUTE_FIELDS = ("model_name", "model_version")
+REQUEST_FIELDS = ("id", "parameters", "inputs", "outputs", *ROUTE_FIELDS)
 TENSOR_FIELDS = ("name", "shape", "datatype", "parameters", "data")
 # Whole-number datatypes and the range a value must fit; floats take any finite value.
 INTEGER_DATATYPES = {name: np.iinfo(getattr(np, name.lower()))
@@ -41,14 +44,16 @@ PLATFORM = "kiln"
 METADATA_FILE = "oip-metadata.json"
 
 
-def decode_infer(body, signature, budget=None, json_length=None, version=None):
+def decode_infer(body, signature, budget=None, json_length=None, version=None, reached=None):
     """(model inputs, encode) for an OIP infer body: one array per signature input, batch
     first; encode(model output) gives the JSON-ready response. Its cost, from the tensors'
     shapes, is admitted (limits.py; `budget`: the server-side batch's) before data is read.
     `json_length`: the plugin's BINARY_HEADER, for a body with binary inputs; `version`: the
-    served version, the answer's model_version."""
+    served version, the answer's model_version; `reached`: {field of ROUTE_FIELDS: what the
+    request reached, None where not checked}, by default the signature's name and `version`."""
     value = infer_body(body) if json_length is None else binary_body(body, json_length)
     limits.admit(limits.infer_cost(value, signature["inputs"]), signature["inputs"], budget)
+    check_route(value, reached or {"model_name": signature["name"], "model_version": version})
     request = parse_infer(value, signature)
     model_inputs = []
     for spec in signature["inputs"]:
@@ -130,6 +135,33 @@ def parse_infer(value, signature):
         raise BadInput(f"input tensors have different batch sizes: {sizes}", reason="bad_shape")
     return {"values": values, "id": request_id,
             "outputs": requested_outputs(value.get("outputs"), signature)}
+
+
+def check_route(value, reached):
+    """BadInput, naming both, when the body's model_name or model_version is not what the
+    request reached: its route's model, and the version that answers it (on an unversioned
+    route, the one the route picked: a body that pins another version would otherwise get an
+    answer from a version it did not ask for). An empty model_version asks for none, as in
+    the protocol's gRPC form, where "" is the unset value."""
+    name, version = reached["model_name"], reached.get("model_version")
+    given = _route_field(value, "model_name")
+    if given is not None and given != name:
+        raise BadInput(f'"model_name" in the infer request is {describe(given)}, but it '
+                       f"reached model {describe(name)}", reason="bad_form")
+    given = _route_field(value, "model_version")
+    if given and version is not None and given != version:
+        raise BadInput(f'"model_version" in the infer request is {describe(given)}, but '
+                       f"version {describe(version)} of {describe(name)} answers it; pin a "
+                       f"version in the path: /v2/models/NAME/versions/VERSION/infer",
+                       reason="bad_form")
+
+
+def _route_field(value, field):
+    """The body's `field` of ROUTE_FIELDS, a string, or None when it has none."""
+    given = value.get(field)
+    if given is not None and not isinstance(given, str):
+        raise BadInput(f'"{field}" must be a string, got {describe(given)}', reason="bad_form")
+    return given
 
 
 def _spec_of(tensor, signature):

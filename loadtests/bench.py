@@ -14,7 +14,10 @@ Rows, each measured with wrk at one client and at --clients:
 - stock: TorchServe's base_handler on TorchScript at TorchServe's defaults (stock.py);
 - kiln observability off / on: Kiln through its front proxy at the comparison configuration
   with request logging, spans, answer and drift metrics and the payload log all off, and all
-  on as in production (observability.py), at --clients only, taking turns.
+  on as in production (observability.py), at --clients only, taking turns;
+- kiln oip http / kiln oip grpc: the Open Inference Protocol through the front proxy at the
+  comparison configuration, binary tensors over HTTP beside raw tensors over gRPC, both loads
+  from h2load (oip_bench.py).
 Ratios: to the best in-process row, and to the no-op and the plain rows of the same
 configuration and concurrency. Servers run one at a time, so that no idle one shares the CPU.
 """
@@ -32,7 +35,16 @@ from pathlib import Path
 from kiln import declaration
 from kiln.client import Client
 from kiln.deploy.server import HOST, ModelServing, Ports, Server, declared_serving
-from kiln.loadtests import bench_gpu, declared, inprocess, observability, payloads, stock, wrk
+from kiln.loadtests import (
+    bench_gpu,
+    declared,
+    inprocess,
+    observability,
+    oip_bench,
+    payloads,
+    stock,
+    wrk,
+)
 from kiln.loadtests.batching import server_cpu_seconds
 from kiln.loadtests.bench_table import (
     DIRECT,
@@ -218,6 +230,7 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
         for server, targets in plan(decl, serve, artifacts, Path(tmp), first, models_dirs):
             rows += measure_server(server, targets, clients, seconds)
         rows += observability_rows(name, first, max(clients), seconds, Path(tmp), models_dirs)
+        rows += oip_bench.rows(decl, COMPARISON, clients, seconds, Path(tmp), models_dirs)
     gpu = gpu_section(decl, first, sorted({1, COMPARISON.batch_size}), clients, seconds,
                       models_dirs)
     return add_ratios(rows), serve, gpu
@@ -271,6 +284,12 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                           f"answer and drift metrics, the payload log at "
                           f"{observability.PAYLOAD_LOG:g}; medians of "
                           f"{observability.ROUNDS} rounds taking turns with the off row",
+        oip_bench.HTTP_ROW: f"the Open Inference Protocol over HTTP through nginx at "
+                            f"{config_name(COMPARISON)}: the first example as one tensor, "
+                            f"binary in and out (tritonclient's default); load from "
+                            f"{oip_bench.h2load.NAME}",
+        oip_bench.GRPC_ROW: "the same over gRPC (inference.GRPCInferenceService, "
+                            "raw_input_contents in, raw_output_contents out), the same h2load",
         "config": "wN bN dN: workers, batch size, max batch delay in ms",
     }
 

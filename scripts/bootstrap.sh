@@ -3,8 +3,8 @@
 #
 #   scripts/bootstrap.sh serve   what `kiln serve` runs: a JDK, nginx, a venv with kiln and its
 #                                runtime extra (KILN_RUNTIME: cpu, the default, or gpu)
-#   scripts/bootstrap.sh test    that, and the test bench: Prometheus, wrk, Chromium, HAProxy and
-#                                the test, parquet and ray extras
+#   scripts/bootstrap.sh test    that, and the test bench: Prometheus, wrk, h2load, Chromium,
+#                                HAProxy and the test, parquet and ray extras
 #   scripts/bootstrap.sh image   that, and what builds Kiln's image here (make image-check):
 #                                buildah and debootstrap
 #
@@ -34,6 +34,8 @@ TEST_APT=(
     "prometheus: prometheus promtool"
     # The low-CPU load generator of kiln bench.
     "wrk: wrk"
+    # kiln bench's OIP rows: one load generator for HTTP/1.1 and gRPC (HTTP/2).
+    "nghttp2-client: h2load"
     # Headless Chromium renders the load-test report in the tests.
     "chromium: chromium"
     # The load balancer of the rolling-restart drill.
@@ -46,6 +48,9 @@ IMAGE_APT=(
 )
 SERVE_EXTRAS="$RUNTIME"
 TEST_EXTRAS="$RUNTIME,parquet,ray,test"
+# Installed with --no-deps beside the test extra, which holds what they import: KServe's SDK
+# asks for protobuf<7, which our grpcio-tools refuses (pyproject.toml says more).
+TEST_NO_DEPS=("kserve==0.21.0")
 
 usage() {
     echo "usage: scripts/bootstrap.sh [--dry-run | --plan] serve|test|image" >&2
@@ -111,6 +116,10 @@ install_python() {
     if [ "$had_digest" = "$digest" ] && [ "$extras" = "$had_extras" ]; then return 0; fi
     echo "bootstrap: installing kiln[$extras] into $VENV" >&2
     run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+    if [[ ",$extras," == *,test,* ]]; then
+        run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+            "${TEST_NO_DEPS[@]}"
+    fi
     if [ "$ACTION" = dry-run ]; then
         echo "stamp $digest $extras"
     else

@@ -88,6 +88,7 @@ def how_to_call(server: Server) -> str:
         f"  inference   {url}/predictions/NAME   (key required)",
         f"  OIP / v2    {server.url('oip')}/v2/models/NAME       (key required)",
         f"  gRPC        {HOST}:{server.ports.grpc_inference}     (key required)",
+        f"  OIP gRPC    {HOST}:{server.ports.oip_grpc}     (key required; KServe v2 gRPC)",
         f"  metrics     {server.url('metrics')}/metrics          (Prometheus)",
         f"  probes      {url}/ready  {url}/live",
         f"  keys        {server.front.keys_file}   (kiln keys rotate: a new one, the old ones "

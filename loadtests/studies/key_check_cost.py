@@ -81,7 +81,7 @@ class Variant:
             server.front_settings(server.torchserve_keys()["inference"]),
             nginx_dir=folder / variant,
             public={"http": ports.inference, "oip": ports.oip, "grpc": ports.grpc_inference,
-                    "metrics": ports.metrics})
+                    "oip-grpc": ports.oip_grpc, "metrics": ports.metrics})
         keys = front.read_keys(server.front.keys_file)
         front.prepare(self.settings, keys)
         self.settings.conf.write_text(variant_conf(front.render(self.settings), variant, keys))

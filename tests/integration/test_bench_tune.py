@@ -42,7 +42,9 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
         *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
           for n in batches),
         *((*row, n) for row in served for n in (1, 4)),
-        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on"))]
+        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on")),
+        *((f"kiln oip {p}", "nginx -> TorchServe", cmp, n) for p in ("http", "grpc")
+          for n in (1, 4))]
     for r in rows:
         assert r["throughput"] > 0 and r["p50_ms"] > 0 and r["p99_ms"] > 0, r
         assert r["errors"] == 0, r

@@ -56,13 +56,14 @@ def test_a_port_held_by_a_kiln_server_names_its_run_folder_and_how_to_stop_it(tm
         nginx = held.format(server.front.pid(), "nginx")
         java = held.format(server.pid(), "java")
         p = server.ports
-        assert lines[-8:] == [
+        assert lines[-9:] == [
             f"inference port {p.inference} {nginx}",
             f"management port {p.management} {java}",
             f"metrics port {p.metrics} {nginx}",
             f"grpc inference port {p.grpc_inference} {nginx}",
             f"grpc management port {p.grpc_management} {java}",
             f"oip port {p.oip} {nginx}",
+            f"oip grpc port {p.oip_grpc} {nginx}",
             f"stop Kiln's server run from {server.run_dir} with: kiln stop --run-dir "
             f"{server.run_dir}",
             "nothing was built or started: stop what holds the port, or serve on another one "

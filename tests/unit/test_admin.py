@@ -70,8 +70,8 @@ def test_revoke_names_one_key_and_keeps_a_valid_one():
 def settings(tmp_path: Path, admin_port=None) -> front.FrontSettings:
     return front.FrontSettings(
         nginx_dir=tmp_path, keys_file=tmp_path / "keys", listen="127.0.0.1",
-        public={"http": 1, "oip": 2, "grpc": 3, "metrics": 4},
-        upstream={"http": 5, "oip": 6, "grpc": 7, "metrics": 8}, max_body=1024,
+        public={"http": 1, "oip": 2, "grpc": 3, "oip-grpc": 11, "metrics": 4},
+        upstream={"http": 5, "oip": 6, "grpc": 7, "oip-grpc": 10, "metrics": 8}, max_body=1024,
         ready_path="/ready", live_path="/live", draining_flag=tmp_path / "draining",
         route_state=tmp_path / "versions.json", admin_port=admin_port,
         admin_socket=tmp_path / "kiln-admin.sock" if admin_port else None)
@@ -79,9 +79,9 @@ def settings(tmp_path: Path, admin_port=None) -> front.FrontSettings:
 
 def test_the_admin_port_is_rendered_only_when_asked(tmp_path):
     listens = re.findall(r"listen 127\.0\.0\.1:(\d+)", front.render(settings(tmp_path)))
-    assert listens == ["1", "2", "4", "3"]
+    assert listens == ["1", "2", "4", "3", "11"]
     text = front.render(settings(tmp_path, admin_port=9))
-    assert re.findall(r"listen 127\.0\.0\.1:(\d+)", text) == ["1", "2", "4", "3", "9"]
+    assert re.findall(r"listen 127\.0\.0\.1:(\d+)", text) == ["1", "2", "4", "3", "11", "9"]
     block = text[text.index("listen 127.0.0.1:9;"):]
     assert f"proxy_pass http://unix:{tmp_path}/kiln-admin.sock:;" in block
     assert "client_max_body_size 16384;" in block

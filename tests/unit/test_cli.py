@@ -88,7 +88,7 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     from kiln.deploy import plugins
 
     given = {"inference": 18180, "management": 18181, "metrics": 18182, "grpc_inference": 17170,
-             "grpc_management": 17171, "oip": 18185, "kiln_grpc": 17172}
+             "grpc_management": 17171, "oip": 18185, "kiln_grpc": 17172, "oip_grpc": 18186}
     argv = ["serve", "--run-dir", str(tmp_path)]
     for api, port in given.items():
         argv += [f"--{api.replace('_', '-')}-port", str(port)]
@@ -100,13 +100,18 @@ def test_every_port_flag_reaches_the_server_settings(tmp_path):
     # The front proxy takes the public ports; TorchServe listens behind it on its own, but
     # keeps the management ones (not proxied).
     assert dict(server.front_settings().public) == {"http": 18180, "oip": 18185,
-                                                     "grpc": 17170, "metrics": 18182}
+                                                     "grpc": 17170, "oip-grpc": 18186,
+                                                     "metrics": 18182}
     internal = server.settings.internal_ports
     vmargs = next(line for line in config.splitlines() if line.startswith("vmargs="))
     assert f"-D{plugins.OIP_ADDRESS_PROPERTY}=127.0.0.1:{internal.oip}" in vmargs.split()
     # Public gRPC goes to the plugin's gRPC server (versions), not to TorchServe's own.
     assert f"-D{plugins.GRPC_ADDRESS_PROPERTY}=127.0.0.1:{internal.kiln_grpc}" in vmargs.split()
     assert server.front_settings().upstream["grpc"] == internal.kiln_grpc
+    # OIP over gRPC: the plugin's own server, behind the proxy's oip-grpc port.
+    assert f"-D{plugins.OIP_GRPC_ADDRESS_PROPERTY}=127.0.0.1:{internal.oip_grpc}" in \
+        vmargs.split()
+    assert server.front_settings().upstream["oip-grpc"] == internal.oip_grpc
     assert f"inference_address=http://127.0.0.1:{internal.inference}\n" in config
     assert "management_address=http://127.0.0.1:18181\n" in config
     assert "grpc_management_port=17171\n" in config

@@ -98,9 +98,9 @@ def test_nginx_config_is_complete_and_forwards_no_management_route(tmp_path):
     assert f"listen 0.0.0.0:{8080 + 10};" in text
     upstreams = set(re.findall(r"server 127\.0\.0\.1:(\d+);", text))
     ports = server.ports
-    # gRPC goes to the plugin's server (versions), not to TorchServe's own gRPC port.
+    # gRPC goes to the plugin's servers (versions; OIP over gRPC), not to TorchServe's own.
     assert upstreams == {str(p) for p in (ports.inference, ports.oip, ports.metrics,
-                                         ports.kiln_grpc)}
+                                         ports.kiln_grpc, ports.oip_grpc)}
     assert str(ports.management) not in text and str(ports.grpc_management) not in text
     # The handlers' metrics: appended to TorchServe's /metrics, from the exporter's socket.
     socket = Exporter(server.run_dir.resolve()).socket

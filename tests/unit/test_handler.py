@@ -8,7 +8,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
-from kiln.handlers import answers, backends, oip, rest
+from kiln.handlers import answers, backends, oip, payload_log, rest
 from kiln.handlers import handler as kiln_handler
 from kiln.model_store import archive
 
@@ -132,6 +132,32 @@ def test_oip_answers_carry_the_version_in_the_body(image_model_dir):
     context.request_processor = [RequestProcessor({oip.PROTOCOL_HEADER: oip.PROTOCOL})]
     (answer,) = handler.handle([{"body": json.dumps(body)}], context)
     assert json.loads(answer)["model_version"] == "2.0"
+
+
+def test_oip_bodies_are_checked_against_the_model_and_version_reached(image_model_dir,
+                                                                       tmp_path):
+    # Served as "digits" (make_context names the model after its folder), its signature's
+    # name being "tinydigits": the route's name is what a body must say.
+    served = shutil.copytree(image_model_dir, tmp_path / "digits")
+    context = make_context(served, "model.onnx", version="2.0")
+    handler = loaded_handler(context)
+    tensor = {"name": "input", "shape": [1, 28, 28], "datatype": "FP32",
+              "data": [diagonal_pixels()]}
+    bodies = [{"model_name": "digits", "model_version": "2.0"},
+              {"model_name": "tinydigits"}, {"model_version": "1.0"}, {"model_version": "1.0"}]
+    oip_mark = {oip.PROTOCOL_HEADER: oip.PROTOCOL}
+    context.request_processor = [RequestProcessor(oip_mark), RequestProcessor(oip_mark),
+                                 RequestProcessor(oip_mark),
+                                 RequestProcessor({**oip_mark, payload_log.COPY_HEADER: "1"})]
+    answers = handler.handle([{"body": json.dumps({**b, "inputs": [tensor]})} for b in bodies],
+                             context)
+    assert [context.get_response_status(i)[0] for i in range(4)] == [200, 400, 400, 200]
+    assert json.loads(answers[1])["error"] == (
+        '"model_name" in the infer request is "tinydigits", but it reached model "digits"')
+    assert json.loads(answers[2])["error"] == (
+        '"model_version" in the infer request is "1.0", but version "2.0" of "digits" answers '
+        'it; pin a version in the path: /v2/models/NAME/versions/VERSION/infer')
+    assert json.loads(answers[0])["outputs"] == json.loads(answers[3])["outputs"]
 
 
 def test_all_bad_batch_never_calls_the_model(features_model_dir):

@@ -245,11 +245,12 @@ def test_serverless_inferenceservice_scales_on_concurrency_with_a_canary():
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
 
 
-@pytest.mark.parametrize("variant", ["raw", "serverless"])
+@pytest.mark.parametrize("variant", ["raw", "serverless", "grpc"])
 def test_inferenceservices_use_kilns_runtime_on_v2(variant):
     sr, model = runtime(), isvc(variant)["spec"]["predictor"]["model"]
     assert model["runtime"] == sr["metadata"]["name"]
-    assert model["protocolVersion"] in sr["spec"]["protocolVersions"] == ["v2"]
+    assert sr["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
+    assert model["protocolVersion"] == ("grpc-v2" if variant == "grpc" else "v2")
     assert model["modelFormat"]["name"] in {f["name"] for f in sr["spec"]["supportedModelFormats"]}
     assert model["storageUri"]
 
@@ -297,7 +298,7 @@ def test_termination_grace_outlasts_the_entrypoints_drain(overlay):
 def test_kserve_runtime_grace_outlasts_the_drain():
     env = {e["name"]: e["value"] for e in runtime()["spec"]["containers"][0]["env"]}
     grace, drain = (int(env[contract.ENV[k]]) for k in ("grace_s", "drain_delay_s"))
-    for variant in ("raw", "serverless"):
+    for variant in ("raw", "serverless", "grpc"):
         assert 0 < drain < grace < isvc(variant)["spec"]["predictor"][
             "terminationGracePeriodSeconds"]
 
@@ -355,7 +356,7 @@ def test_pod_runs_unprivileged_on_a_read_only_root(overlay):
 def test_kserve_runtime_runs_unprivileged_on_a_read_only_root():
     container = runtime()["spec"]["containers"][0]
     check_security({}, container["securityContext"])
-    for variant in ("raw", "serverless"):
+    for variant in ("raw", "serverless", "grpc"):
         assert isvc(variant)["spec"]["predictor"]["securityContext"]["runAsUser"] == \
             contract.USER_ID
 
@@ -487,6 +488,12 @@ def test_kserve_runtime_serves_oip_on_its_only_port():
     assert sr["metadata"]["annotations"] == {
         "prometheus.kserve.io/port": str(contract.PUBLIC_PORTS["metrics"]),
         "prometheus.kserve.io/path": METRICS_PATH}
+
+
+def test_the_grpc_inferenceservice_routes_to_the_oip_grpc_port_as_h2c():
+    (port,) = isvc("grpc")["spec"]["predictor"]["model"]["ports"]
+    assert port == {"name": "h2c", "containerPort": contract.PUBLIC_PORTS["oip-grpc"],
+                    "protocol": "TCP"}
 
 
 def test_internal_ports_stay_on_loopback_apart_from_the_public_ones(tmp_path):

@@ -72,13 +72,60 @@ def test_kiln_bodies_on_the_oip_route_are_refused(body):
     (infer([1, 30], [0] * 30, outputs=[{"name": "logits"}]),
      "unknown output(s) 'logits': this model has 'probabilities', 'label'"),
     (infer([1, 30], [0] * 30, extra=1), "unknown field(s) in the infer request: 'extra'; "
-     "expected 'id', 'parameters', 'inputs', 'outputs'"),
+     "expected 'id', 'parameters', 'inputs', 'outputs', 'model_name', 'model_version'"),
+    (infer([1, 30], [0] * 30, model_name="tinycancer", model_version="1", extra=1),
+     "unknown field(s) in the infer request: 'extra'; expected 'id', 'parameters', 'inputs', "
+     "'outputs', 'model_name', 'model_version'"),
     ({"inputs": []}, "\"inputs\" must hold exactly one tensor ('input'), got 0 tensors"),
 ])  # fmt: skip
 def test_bad_feature_requests_name_what_is_wrong(body, message, features_signature):
     with pytest.raises(BadInput) as err:
         oip.decode_infer(body, features_signature)
     assert str(err.value) == message
+
+
+# What KServe's SDK sends (InferRequest.to_rest): an id and the model's name beside the inputs.
+@pytest.mark.parametrize("named", [
+    {"model_name": "tinycancer"}, {"model_name": "tinycancer", "model_version": "3"},
+    {"model_version": "3"}, {"model_version": ""}, {"model_name": None},
+])  # fmt: skip
+def test_an_infer_body_may_name_the_model_and_version_it_reached(named, features_signature):
+    values = [float(i) for i in range(30)]
+    (expected,), _ = oip.decode_infer(infer([1, 30], values, "FP64"), features_signature,
+                                      version="3")
+    body = infer([1, 30], values, "FP64", id="a1", **named)
+    (rows,), encode = oip.decode_infer(body, features_signature, version="3")
+    np.testing.assert_array_equal(rows, expected)
+    answer = encode(np.array([[0.25]], dtype=np.float32))
+    assert (answer["model_name"], answer["model_version"], answer["id"]) == (
+        "tinycancer", "3", "a1")
+
+
+@pytest.mark.parametrize(("named", "reached", "message"), [
+    ({"model_name": "lenet"}, None,
+     '"model_name" in the infer request is "lenet", but it reached model "tinycancer"'),
+    ({"model_name": "tinycancer", "model_version": "2"}, None,
+     '"model_version" in the infer request is "2", but version "3" of "tinycancer" answers '
+     'it; pin a version in the path: /v2/models/NAME/versions/VERSION/infer'),
+    ({"model_name": "tinycancer"}, {"model_name": "cancer", "model_version": "3"},
+     '"model_name" in the infer request is "tinycancer", but it reached model "cancer"'),
+    ({"model_name": 7}, None, '"model_name" must be a string, got 7'),
+    ({"model_version": 3}, None, '"model_version" must be a string, got 3'),
+])  # fmt: skip
+def test_an_infer_body_naming_another_model_or_version_is_refused(named, reached, message,
+                                                                   features_signature):
+    with pytest.raises(BadInput) as err:
+        oip.decode_infer(infer([1, 30], [0] * 30, **named), features_signature, version="3",
+                         reached=reached)
+    assert (str(err.value), err.value.status, err.value.reason) == (message, 400, "bad_form")
+
+
+def test_a_version_left_unchecked_takes_any_the_body_names(features_signature):
+    # A shadow's copy: scored by a version the client did not pick (handler.py).
+    body = infer([1, 30], [0] * 30, model_name="tinycancer", model_version="1")
+    (rows,), _ = oip.decode_infer(body, features_signature, version="2",
+                                  reached={"model_name": "tinycancer", "model_version": None})
+    assert rows.shape == (1, 30)
 
 
 @pytest.mark.parametrize(("body", "message"), [

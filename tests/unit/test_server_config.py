@@ -46,7 +46,7 @@ def test_model_api_only_when_asked(tmp_path):
 def test_default_ports_are_torchserve_s_and_free_ports_are_distinct():
     assert Ports() == Ports(8080, 8081, 8082, 7070, 7071)
     free = Ports.free()
-    assert len(set(vars(free).values())) == 7
+    assert len(set(vars(free).values())) == 8
 
 
 def test_run_folder_isolates_the_pid_file(tmp_path):

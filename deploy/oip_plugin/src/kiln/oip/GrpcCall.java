@@ -10,6 +10,8 @@ import io.grpc.ServerCallHandler;
 import io.grpc.ServerInterceptor;
 import io.grpc.Status;
 import java.nio.charset.StandardCharsets;
+import java.util.LinkedHashMap;
+import java.util.Map;
 import java.util.concurrent.CompletableFuture;
 import org.pytorch.serve.grpc.inference.PredictionResponse;
 import org.pytorch.serve.util.TokenAuthorization;
@@ -33,12 +35,15 @@ final class GrpcCall {
     private static final byte[] ERROR_START = "{\"error\"".getBytes(StandardCharsets.UTF_8);
 
     final String routingKey;
+    // What goes on to the worker (Traced.TO_WORKER), from the front proxy's metadata.
+    final Map<String, String> traced;
     private volatile String version;
     private volatile String shadowed;
     private volatile CompletableFuture<Reply> answer;
 
-    private GrpcCall(String routingKey) {
+    private GrpcCall(String routingKey, Map<String, String> traced) {
         this.routingKey = routingKey;
+        this.traced = traced;
     }
 
     /** The call being handled on this thread (set by Marks). */
@@ -103,6 +108,17 @@ final class GrpcCall {
         }
     }
 
+    private static Map<String, String> traced(Metadata headers) {
+        Map<String, String> found = new LinkedHashMap<>();
+        for (String name : Traced.TO_WORKER) {
+            String value = headers.get(key(name));
+            if (value != null) {
+                found.put(name, value);
+            }
+        }
+        return found;
+    }
+
     private static Metadata.Key<String> key(String name) {
         return Metadata.Key.of(name, Metadata.ASCII_STRING_MARSHALLER);
     }
@@ -112,7 +128,7 @@ final class GrpcCall {
         @Override
         public <Q, A> ServerCall.Listener<Q> interceptCall(ServerCall<Q, A> call, Metadata headers,
                 ServerCallHandler<Q, A> next) {
-            GrpcCall state = new GrpcCall(headers.get(ROUTING_KEY));
+            GrpcCall state = new GrpcCall(headers.get(ROUTING_KEY), traced(headers));
             ServerCall<Q, A> marked = new ForwardingServerCall.SimpleForwardingServerCall<>(call) {
                 // gRPC calls a ServerCall's methods one at a time, never concurrently.
                 private volatile boolean headersSent;

@@ -8,6 +8,7 @@ import java.io.UncheckedIOException;
 import java.net.InetSocketAddress;
 import java.util.List;
 import java.util.concurrent.TimeUnit;
+import java.util.stream.Collectors;
 import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.ConnectorType;
 import org.slf4j.Logger;
@@ -29,9 +30,9 @@ final class GrpcServer {
 
     private GrpcServer() {}
 
-    /** Starts serving `services` on the configured address; nothing when none is set. */
-    static void start(List<BindableService> services) {
-        String address = System.getProperty(ADDRESS_PROPERTY);
+    /** Starts serving `services` on the address in `property`; nothing when none is set. */
+    static void start(String property, List<BindableService> services) {
+        String address = System.getProperty(property);
         if (address == null) {
             return;
         }
@@ -58,6 +59,8 @@ final class GrpcServer {
             // A server that cannot offer what it was configured to offer must not start.
             throw new UncheckedIOException("cannot serve Kiln's gRPC on " + address, e);
         }
-        LOG.info("Kiln's gRPC inference served on {}", address);
+        LOG.info("Kiln's gRPC {} served on {}", services.stream()
+                .map(service -> service.bindService().getServiceDescriptor().getName())
+                .collect(Collectors.joining(", ")), address);
     }
 }

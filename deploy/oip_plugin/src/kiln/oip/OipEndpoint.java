@@ -43,7 +43,8 @@ public class OipEndpoint extends ModelServerEndpoint {
         Router router = Router.fromProperty();
         Shadow shadow = new Shadow();
         OipServer.start(router, shadow);
-        GrpcServer.start(List.of(new GrpcInference(router, shadow)));
+        GrpcServer.start(GrpcServer.ADDRESS_PROPERTY, List.of(new GrpcInference(router, shadow)));
+        GrpcServer.start(GrpcOip.ADDRESS_PROPERTY, List.of(new GrpcOip(router, shadow)));
     }
 
     @Override
