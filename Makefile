@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: install install-test serve stop test test-unit test-integration test-installed lint clean
+.PHONY: install install-test serve stop test test-unit test-integration test-installed image-check \
+	lint clean
 
 ## What serving needs: a JDK, nginx, the venv with kiln and its runtime extra.
 install:
@@ -26,17 +27,23 @@ stop:
 ## (but the installed wheel's test, which takes minutes on its own: make test-installed).
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -ra --durations=30 -m "not installed"
+	$(BIN)/pytest -ra --durations=30 -m "not installed and not image"
 
 test-unit: install-test
 	$(BIN)/pytest -ra tests/unit
 
 test-integration: install-test
-	$(BIN)/pytest -ra -m "not installed" tests/integration
+	$(BIN)/pytest -ra -m "not installed and not image" tests/integration
 
 ## The wheel, installed into a fresh venv outside the repository, serving a model of a user's.
 test-installed: install-test
 	$(BIN)/pytest -ra -m installed tests/integration/test_installed_wheel.py
+
+## Kiln's CPU image built here with buildah (no registry, no container runtime) and run from its
+## own root filesystem: keys, probes, REST, OIP, gRPC, the drain (docs/deploy.md; as root).
+image-check:
+	@scripts/bootstrap.sh image
+	$(BIN)/pytest -ra -m image tests/integration/test_image.py
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -5,6 +5,8 @@
 #                                runtime extra (KILN_RUNTIME: cpu, the default, or gpu)
 #   scripts/bootstrap.sh test    that, and the test bench: Prometheus, wrk, h2load, Chromium,
 #                                HAProxy and the test, parquet and ray extras
+#   scripts/bootstrap.sh image   that, and what builds Kiln's image here (make image-check):
+#                                buildah and debootstrap
 #
 # --dry-run prints the commands it would run and runs none; --plan prints all that a mode
 # needs, installed or not. Safe to run again: Python packages are installed only when
@@ -39,6 +41,11 @@ TEST_APT=(
     # The load balancer of the rolling-restart drill.
     "haproxy: haproxy"
 )
+# The image built and run without a registry or a container runtime (build-here.sh).
+IMAGE_APT=(
+    "buildah: buildah"
+    "debootstrap: debootstrap"
+)
 SERVE_EXTRAS="$RUNTIME"
 TEST_EXTRAS="$RUNTIME,parquet,ray,test"
 # Installed with --no-deps beside the test extra, which holds what they import: KServe's SDK
@@ -46,7 +53,7 @@ TEST_EXTRAS="$RUNTIME,parquet,ray,test"
 TEST_NO_DEPS=("kserve==0.21.0")
 
 usage() {
-    echo "usage: scripts/bootstrap.sh [--dry-run | --plan] serve|test" >&2
+    echo "usage: scripts/bootstrap.sh [--dry-run | --plan] serve|test|image" >&2
     exit 2
 }
 
@@ -129,6 +136,7 @@ case "$RUNTIME" in cpu | gpu) ;; *) echo "KILN_RUNTIME must be cpu or gpu" >&2; 
 case "$1" in
     serve) apt=("${SERVE_APT[@]}"); extras="$SERVE_EXTRAS" ;;
     test) apt=("${SERVE_APT[@]}" "${TEST_APT[@]}"); extras="$TEST_EXTRAS" ;;
+    image) apt=("${SERVE_APT[@]}" "${TEST_APT[@]}" "${IMAGE_APT[@]}"); extras="$TEST_EXTRAS" ;;
     *) usage ;;
 esac
 

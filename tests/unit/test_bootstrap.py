@@ -52,6 +52,13 @@ def test_make_test_installs_serving_and_the_bench(target):
     assert extras == ["cpu", "parquet", "ray", "test"]
 
 
+def test_make_image_check_adds_buildah_and_debootstrap_to_the_bench():
+    apt, extras = plan(mode_of("image-check"))
+    assert apt == ["openjdk-17-jdk-headless", "nginx", "libnginx-mod-http-lua", "prometheus", "wrk",
+                   "nghttp2-client", "chromium", "haproxy", "buildah", "debootstrap"]
+    assert extras == ["cpu", "parquet", "ray", "test"]
+
+
 def test_gpu_runtime_replaces_onnxruntime_extra():
     assert plan("serve", runtime="gpu")[1] == ["gpu"]
     assert plan("test", runtime="gpu")[1] == ["gpu", "parquet", "ray", "test"]
@@ -106,7 +113,7 @@ def test_unknown_mode_is_refused():
     done = subprocess.run([str(BOOTSTRAP), "everything"], cwd=REPO, capture_output=True,
                           text=True)
     assert done.returncode == 2
-    assert done.stderr == "usage: scripts/bootstrap.sh [--dry-run | --plan] serve|test\n"
+    assert done.stderr == "usage: scripts/bootstrap.sh [--dry-run | --plan] serve|test|image\n"
 
 
 def test_only_the_test_bench_adds_kserve_without_its_dependencies(venv):
