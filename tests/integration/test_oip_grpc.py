@@ -4,6 +4,8 @@ HTTP, byte for byte, the same errors in the same words, the same limits, and a g
 per error class."""
 
 import json
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -341,6 +343,21 @@ def test_each_grpc_port_serves_its_own_service(server, key):
         code, _ = refusal(lambda: other.ModelReady(service_pb2.ModelReadyRequest(name="lenet"),
                                                    metadata=tuple(auth(key).items())))
     assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed (apt-get "
+                    "install nghttp2-client)")
+def test_one_connection_carries_more_calls_than_nginxs_default_1000(server, tmp_path):
+    # h2load never reconnects: each call is on its one HTTP/2 connection, as on a gRPC channel
+    # that nginx's GOAWAY after 1000 calls would end.
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"\0\0\0\0\0")  # a gRPC frame holding an empty ServerLiveRequest
+    done = subprocess.run(
+        ["h2load", "-n1001", "-c1", "-m1", "-d", str(empty), "-H", "content-type: application/grpc",
+         "-H", "te: trailers",
+         f"http://127.0.0.1:{server.ports.oip_grpc}/inference.GRPCInferenceService/ServerLive"],
+        capture_output=True, text=True, timeout=120)
+    assert "1001 done, 1001 succeeded, 0 failed" in done.stdout, done.stdout
 
 
 # --- KServe's own gRPC client (in an interpreter of its own: kserve_sdk.py says why) -------
