@@ -93,11 +93,11 @@ def listening_ports(pid: int) -> set[int]:
 
 
 def test_the_admin_route_is_off_unless_asked(server):
-    """kiln serve without --admin-port: nginx listens on the four public ports only, and no
+    """kiln serve without --admin-port: nginx listens on the five public ports only, and no
     admin service runs or admin key is made."""
     p = server.ports
     assert listening_ports(server.front.pid()) == {p.inference, p.oip, p.grpc_inference,
-                                                   p.metrics}
+                                                   p.oip_grpc, p.metrics}
     assert server.admin.pid() is None
     assert not (server.run_dir / ADMIN_KEYS_FILE).exists()
     assert not server.admin.socket.exists()

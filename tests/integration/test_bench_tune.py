@@ -56,8 +56,10 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
         if r["via"] != "in-process":
             assert r["server_cpu_us"] > 0 and r["x_best"] > 0, r
         wrk_row = not r["name"].startswith("kiln oip")  # h2load's rows count no nginx share
-        assert (r["proxy_cpu_us"] > 0) if r["via"] == "nginx -> TorchServe" and wrk_row else (
-            r["proxy_cpu_us"] is None), r
+        # A figure, not more: CPU time moves in 10 ms ticks, and a 1 s cell on busy cores can
+        # hold a few dozen requests, whose 50 us each of nginx read as no tick at all.
+        assert (r["proxy_cpu_us"] is not None and r["proxy_cpu_us"] >= 0) if (
+            r["via"] == "nginx -> TorchServe" and wrk_row) else r["proxy_cpu_us"] is None, r
     assert done.stdout.count("Kiln as served (") == 3
     assert done.stdout.count("Observability all on against all off at ") == 1
     if not torch.cuda.is_available():
