@@ -74,6 +74,27 @@ class Probe:
     status: int | None  # None: connection refused
 
 
+@contextlib.contextmanager
+def readiness_probes(container):
+    """The readiness probe's answers (a list of Probe), every 20 ms from a thread, as a
+    kubelet sends them, until the block ends; the list is complete once it has."""
+    probes: list[Probe] = []
+    stop = threading.Event()
+
+    def probe_ready():
+        while not stop.is_set():
+            probes.append(Probe(time.monotonic(), container.probe(contract.READY_PATH)))
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe_ready, daemon=True)
+    prober.start()
+    try:
+        yield probes
+    finally:
+        stop.set()
+        prober.join(timeout=10)
+
+
 class Container:
     def __init__(self, folder: Path, offset: int | None = None, store: Path | None = None,
                  args: tuple[str, ...] = (), model: str = MODEL):

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 
@@ -26,8 +25,8 @@ from container_harness import (
     UNAUTHORIZED,
     Container,
     Load,
-    Probe,
     benign_body,
+    readiness_probes,
     write_keys,
 )
 
@@ -140,18 +139,8 @@ def test_sigterm_drains_answers_in_flight_and_leaves_nothing(container):
     tree = container.tree()
     names = sorted({p.name() for p in tree})
     assert {"nginx", "java"} <= set(names), names
-    probes: list[Probe] = []
-    stop_probing = threading.Event()
-
-    def probe_ready():
-        while not stop_probing.is_set():
-            probes.append(Probe(time.monotonic(), container.probe(contract.READY_PATH)))
-            time.sleep(0.02)
-
-    prober = threading.Thread(target=probe_ready, daemon=True)
     container.wait_reloaded()
-    with Load(container.public["http"]) as load:
-        prober.start()
+    with Load(container.public["http"]) as load, readiness_probes(container) as probes:
         time.sleep(1.0)
         signalled = time.monotonic()
         container.process.send_signal(signal.SIGTERM)
@@ -162,8 +151,6 @@ def test_sigterm_drains_answers_in_flight_and_leaves_nothing(container):
             pytest.fail(f"still running {GRACE_S + 5}s after SIGTERM:\n{container.log()}")
         exited = time.monotonic()
         time.sleep(0.3)  # keep sending after the exit: every one refused
-    stop_probing.set()
-    prober.join(timeout=10)
 
     records = list(load.records)
     not_ready = next(p.at for p in probes if p.at >= signalled and p.status == 503)

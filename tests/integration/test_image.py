@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +35,7 @@ from container_harness import (
     Probe,
     benign_body,
     port_offset,
+    readiness_probes,
     write_keys,
 )
 from PIL import Image
@@ -281,18 +281,8 @@ def test_sigterm_drains_with_exit_0(served):
     """Last: SIGTERM to tini, the image's PID 1 in a container runtime, under load."""
     tini = served.process_named("tini")
     tree = served.tree()
-    probes: list[Probe] = []
-    stop_probing = threading.Event()
-
-    def probe_ready():
-        while not stop_probing.is_set():
-            probes.append(Probe(time.monotonic(), served.probe(contract.READY_PATH)))
-            time.sleep(0.02)
-
-    prober = threading.Thread(target=probe_ready, daemon=True)
     grace_s = float(served.env["KILN_GRACE_SECONDS"])
-    with Load(served.public["http"]) as load:
-        prober.start()
+    with Load(served.public["http"]) as load, readiness_probes(served) as probes:
         while not any(r.status == 200 for r in list(load.records)):
             time.sleep(0.05)
         signalled = time.monotonic()
@@ -302,8 +292,6 @@ def test_sigterm_drains_with_exit_0(served):
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running {grace_s + 10}s after SIGTERM:\n{served.log()}")
         exited = time.monotonic()
-    stop_probing.set()
-    prober.join(timeout=10)
     sent_before = [r for r in load.records if r.sent is not None and r.sent < signalled]
     print("\ndrain:", json.dumps({
         "exit_code": code, "exit_after_s": round(exited - signalled, 2),
