@@ -135,8 +135,8 @@ class Server:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # Workers import torch on first use only (an ONNX worker never does: faster to ready,
         # lighter); see worker_site/sitecustomize.py.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(WORKER_SITE), env.get("PYTHONPATH")) if p)
+        site = str(WORKER_SITE) if self.settings.worker_site else None
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
         return env
 
     def served_workers(self) -> int:

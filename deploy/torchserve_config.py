@@ -113,6 +113,10 @@ class ServerSettings:
     # False: TorchServe's own batching, which holds a lone request for the whole batch delay
     # (only to measure what greedy batching saves: loadtests/studies/edges.py).
     greedy_batching: bool = True
+    # False: workers without deploy/worker_site (torch imported at start, TorchServe's own
+    # frame reading); only to measure what it saves (kiln bench's plain row runs TorchServe
+    # as released).
+    worker_site: bool = True
 
     def state_file(self) -> Path:
         """versions.json's absolute path: nginx and the JVM run from other folders."""

@@ -57,6 +57,8 @@ PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server E
 # "false", with no bound on depth or size; Kiln's handler parses every body itself, after
 # limits.py's checks on the text (and so once, not twice for a body TorchServe cannot parse).
 DECODE_INPUT_ENV = "TS_DECODE_INPUT_REQUEST"
+# The per-batch gauge TorchServe's worker emits itself (ts/service.py), which Kiln's does not.
+PREDICTION_TIME = "PredictionTime"
 
 
 def read_handler_options(model_yaml_config):
@@ -118,6 +120,27 @@ def route_logs_to_stderr(names=("kiln.handlers",)):
         log.propagate = False
 
 
+def skip_prediction_time(context):
+    """TorchServe's worker writes a `[METRICS]PredictionTime` line to stdout after each batch
+    (ts/service.py), which the frontend parses into a gauge of the last batch's milliseconds.
+    Kiln's stage histograms (metrics.py) measure the same, per request; the line cost about 30
+    us a request at batch 8 between the worker and the frontend (10% of lenet's throughput
+    through the front proxy; loadtests/studies/worker_io.py). Every other metric of
+    TorchServe's API still goes out."""
+    cache = context.metrics
+    if cache is None or getattr(cache.add_time, "kiln_skips", None) == PREDICTION_TIME:
+        return
+    add_time = cache.add_time
+
+    def add_time_but_prediction(name, *args, **kwargs):
+        if name != PREDICTION_TIME:
+            return add_time(name, *args, **kwargs)
+        return None
+
+    add_time_but_prediction.kiln_skips = PREDICTION_TIME
+    cache.add_time = add_time_but_prediction
+
+
 def non_finite_message(err, rows):
     """What a client is told when the model's output for its input is NaN or infinite."""
     where = f"instance {err.row}: " if rows > 1 else ""
@@ -151,6 +174,7 @@ class KilnHandler:
 
     def initialize(self, context):
         route_logs_to_stderr()
+        skip_prediction_time(context)
         os.environ[DECODE_INPUT_ENV] = "false"  # read by the worker for each request
         properties = context.system_properties
         model_dir = properties["model_dir"]

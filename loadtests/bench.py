@@ -14,7 +14,7 @@ Rows, each measured with wrk at one client and at --clients:
 - kiln as served / plain best: Kiln as `kiln serve NAME` (make serve) serves it on this machine
   (its declaration's [serving] over the defaults derived for its cores), through nginx, against
   the plain handler at its own best configuration (PLAIN_BEST_CONFIG), straight to
-  TorchServe; both up, taking turns, medians;
+  TorchServe as released (PLAIN_BEST_TORCHSERVE); both up, taking turns, medians;
 - kiln observability off / on: Kiln through its front proxy at the comparison configuration
   with request logging, spans, answer and drift metrics and the payload log all off, and all
   on as in production (observability.py), at the largest --clients only, taking turns;
@@ -71,11 +71,15 @@ log = logging.getLogger("kiln.bench")
 COMPARISON = ModelServing(workers=2, batch_size=16, max_batch_delay_ms=5)
 STOCK_CONFIG = "TorchServe defaults"
 # The plain handler's best on 2 cores (python -m kiln.loadtests.studies.plain_best, lenet, wrk
-# at 16 and 32 clients, two runs at load average 9-14, medians of 2 and 3 rounds): w2 b8 d5
-# was first and second at 16 clients (3,128 and 2,325 inputs/s) and fourth and second at 32
-# (3,268 and 3,346; the first, w2 b16 d5, was 2,439 and 1,503 at 16); with TorchServe's own
-# logging it did 2,020 and 2,803 in the second run, no better than with Kiln's log4j2.xml.
+# at 16 and 32 clients). On TorchServe as released (--released, quiet machine, medians of 2
+# rounds): w2 b8 d5 did 4,706 inputs/s at 16 clients (first, w2 b8 d1: 4,820) and 6,040 at 32
+# (first, w2 b16 d5: 6,599, which was 4,187 at 16). Earlier, on Kiln's TorchServe at load
+# average 9-14, w2 b8 d5 was among the first two at 16 and the first four at 32. TorchServe's own
+# logging did no better than Kiln's log4j2.xml in either.
 PLAIN_BEST_CONFIG = ModelServing(workers=2, batch_size=8, max_batch_delay_ms=5)
+# What the plain handler runs on: TorchServe as a user without Kiln runs it, without what Kiln
+# adds to it (its frontend's greedy batching, its workers' site hook: plain_best.RELEASED).
+PLAIN_BEST_TORCHSERVE = {"greedy_batching": False, "worker_site": False}
 PLAIN_BEST_LOGS = LOG_CONFIG  # Kiln's; None would be TorchServe's own
 # Rounds of Kiln as served and the plain handler at its best taking turns: the cores are
 # shared, and the second of two runs in a row pays for the first's load.
@@ -248,7 +252,8 @@ def as_served_rows(decl: declaration.Declaration, serve: ModelServing, artifacts
              Target(AS_SERVED, FRONT, config_name(serve), decl.name, body, payload.label)),
             (Server(stock.BenchSettings(root / "plain-best", store, [plain], Ports.free(),
                                         serving={plain: PLAIN_BEST_CONFIG},
-                                        log_config=PLAIN_BEST_LOGS)),
+                                        log_config=PLAIN_BEST_LOGS,
+                                        **PLAIN_BEST_TORCHSERVE)),
              Target(PLAIN_BEST, DIRECT, config_name(PLAIN_BEST_CONFIG), plain, body,
                     payload.label))]
     runs = {(target.name, n): [] for _, target in pair for n in clients}
@@ -340,7 +345,7 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
         PLAIN_BEST: f"the plain handler at its best configuration here, "
                     f"{config_name(PLAIN_BEST_CONFIG)}, "
                     f"{'TorchServe' if PLAIN_BEST_LOGS is None else 'Kiln'}'s logging, "
-                    "straight to TorchServe",
+                    "straight to TorchServe as released (no greedy batching, no worker site)",
         observability.OFF: f"Kiln through nginx at {config_name(COMPARISON)} without the "
                            "access log, spans, answer and drift metrics or payload log "
                            "(request id, traceparent and Server-Timing stay); server CPU: "

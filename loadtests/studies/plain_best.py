@@ -30,7 +30,7 @@ import psutil
 from kiln.console import setup_logging
 from kiln.deploy.server import ModelServing, Ports, Server
 from kiln.loadtests import declared, payloads, stock
-from kiln.loadtests.bench import Target, check_answer, served_row
+from kiln.loadtests.bench import PLAIN_BEST_TORCHSERVE, Target, check_answer, served_row
 from kiln.loadtests.bench_table import DIRECT, config_name
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
@@ -38,6 +38,8 @@ from kiln.workspace import Workspace
 MODEL = "lenet"
 CONFIGS = "w1b8d1,w1b16d1,w1b16d5,w2b8d1,w2b8d5,w2b16d1,w2b16d5"
 LOGGING = {"kiln": {}, "torchserve": {"log_config": None}}
+# What Kiln adds to TorchServe, off: its frontend's greedy batching and its workers' site hook.
+RELEASED = PLAIN_BEST_TORCHSERVE
 
 
 def parse_config(text: str) -> ModelServing:
@@ -47,7 +49,10 @@ def parse_config(text: str) -> ModelServing:
     return ModelServing(int(workers), int(batch), int(delay))
 
 
-def servers(root: Path, configs: list[str]) -> list[tuple[Server, Target]]:
+def servers(root: Path, configs: list[str], released: bool = False
+            ) -> list[tuple[Server, Target]]:
+    """Each configuration under each logging; `released`: TorchServe as released (no greedy
+    batching agent, no worker site), as a user without Kiln runs it."""
     decl, _ = declared.resolve(MODEL, [])
     first = payloads.first_payload(decl)
     artifacts, store = Workspace.current().exports(MODEL), root / "store"
@@ -61,7 +66,8 @@ def servers(root: Path, configs: list[str]) -> list[tuple[Server, Target]]:
                           store, (artifacts / "signature.json",))
             models[name] = parse_config(config)
         server = Server(stock.BenchSettings(root / logging_name, store, list(models),
-                                            Ports.free(), serving=models, **settings))
+                                            Ports.free(), serving=models, **settings,
+                                            **(RELEASED if released else {})))
         cells += [(server, Target(name, DIRECT, config_name(c), name,
                                   (first.body, first.content_type), first.label))
                   for name, c in models.items()]
@@ -84,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=CONFIGS, help=f"wNbNdN list (default {CONFIGS})")
     p.add_argument("--rounds", type=int, default=3, help="turns of each cell (default 3)")
     p.add_argument("--seconds", type=int, default=4, help="each run (default 4)")
+    p.add_argument("--released", action="store_true",
+                   help="TorchServe as released, without Kiln's greedy batching and worker site")
     opts = p.parse_args(argv)
     setup_logging()
     ensure_built(MODEL)
     with tempfile.TemporaryDirectory(prefix="kiln-plainbest-") as root, \
             contextlib.ExitStack() as running:
-        cells = servers(Path(root), opts.configs.split(","))
+        cells = servers(Path(root), opts.configs.split(","), opts.released)
         for server in dict.fromkeys(s for s, _ in cells):
             running.enter_context(server.running(timeout=300))
         for server, target in cells:
