@@ -9,12 +9,13 @@ TorchServe; one server per logging, every configuration a model of its own, all 
 turns (the order rotated every round) with wrk at 16 and 32 clients. Printed per cell: medians
 of the rounds (inputs/s, p50, server CPU per request), the runs, and the load average.
 
-Measured on 2 cores shared with other work (load average 9 to 14, so single runs swing by
-2x; medians of 2 rounds over eight configurations with Kiln's logging, then of 3 rounds over
-four with both loggings): w2 b8 d5 with Kiln's logging was among the first two at 16 clients
-in both runs (3,128 and 2,325 inputs/s) and among the first four at 32 (3,268 and 3,346),
-where every other configuration dropped lower in one of the four; TorchServe's own logging
-did not do better (w2 b8 d5: 2,020 and 2,803). `kiln bench` uses w2 b8 d5 with Kiln's logging.
+With --released the servers run TorchServe as released (no greedy batching agent, no worker
+site hook), as `kiln bench`'s plain best does: on the quiet machine, medians of 2 rounds over
+five configurations, w2 b8 d5 with Kiln's logging did 4,706 inputs/s at 16 clients (w2 b8 d1:
+4,820) and 6,040 at 32 (w2 b16 d5: 6,599, but 4,187 at 16); TorchServe's own logging was lower
+in every configuration. Earlier, on Kiln's TorchServe at load average 9 to 14, w2 b8 d5 was
+among the first two at 16 clients and the first four at 32. `kiln bench` uses w2 b8 d5 with
+Kiln's logging.
 """
 
 from __future__ import annotations

@@ -13,11 +13,19 @@ each --clients, medians of the rounds:
 Printed per cell: inputs/s, p50, and CPU microseconds a request of the workers, of
 TorchServe's frontend (its JVM) and of nginx.
 
-Quiet machine, lenet at w2 b8 d1, 32 clients, 4 rounds of 5 s (medians): kiln front 5,165
-inputs/s (workers 206, frontend 95, nginx 50 us a request), without the site 4,353 (266,
-108, 52), plain best on TorchServe as released 5,780 (212, 98). Kiln's handler without
-TorchServe's PredictionTime line (handler.skip_prediction_time; a scratch toggle, same run
-shape): 5,316 against 4,803 with it, workers 203 against 219 and frontend 88 against 105.
+Quiet machine, lenet at w2 b8 d1, 3 rounds of 5 s (medians; inputs/s, then CPU us a request of
+the workers, the JVM and nginx):
+
+| row | 16 clients | 32 clients |
+|---|---|---|
+| kiln front | 3,829 (228, 114, 54) | 5,391 (201, 80, 48) |
+| kiln front, no site | 3,531 (274, 148, 54) | 4,665 (245, 98, 49) |
+| kiln direct | 4,920 (211, 103) | 6,618 (191, 74) |
+| plain best | 5,069 (201, 122) | 6,218 (208, 79) |
+
+Kiln's handler without TorchServe's PredictionTime line (handler.skip_prediction_time; a
+scratch toggle, 32 clients, 4 rounds): 5,316 against 4,803 inputs/s with it, workers 203
+against 219 and JVM 88 against 105 us a request.
 """
 
 from __future__ import annotations
