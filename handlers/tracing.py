@@ -18,6 +18,7 @@ ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 SERVICE_NAME = "kiln"
 # How long a span may wait in the SDK's queue before it is sent (its default is 5 s).
 EXPORT_DELAY_MS = 500
+SAMPLED_LAST_DIGITS = frozenset("13579bdf")  # the flags are lowercase hex (TRACEPARENT)
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 MISSING_EXTRA = ("an OTLP endpoint needs the OpenTelemetry SDK: install Kiln's tracing extra "
                  "(pip install 'kiln[tracing]')")
@@ -88,7 +89,11 @@ class StageSpans:
 
     def record(self, clock, idx, traceparent, received):
         """`clock`: the batch's timing.BatchClock; `received`: nginx's receipt ($msec)."""
-        match = TRACEPARENT.fullmatch(traceparent or "")
+        # The flags' sampled bit is the last hex digit's lowest: at a production sample rate
+        # nearly every request stops here, before the regular expression (about 1 us).
+        if not traceparent or traceparent[-1] not in SAMPLED_LAST_DIGITS:
+            return
+        match = TRACEPARENT.fullmatch(traceparent)
         if match is None or not int(match[3], 16) & 1:  # none, or not sampled
             return
         trace_id, parent_id = int(match[1], 16), int(match[2], 16)

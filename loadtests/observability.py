@@ -40,6 +40,10 @@ PAYLOAD_LOG = 0.01
 
 
 class _Sink(BaseHTTPRequestHandler):
+    # Kept-alive connections, as a collector keeps them (http.server's default, HTTP/1.0,
+    # would make each worker's exporter open a connection per export).
+    protocol_version = "HTTP/1.1"
+
     def do_POST(self):  # noqa: N802 (http.server's name)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(200)
