@@ -78,7 +78,8 @@ STOCK_CONFIG = "TorchServe defaults"
 # logging did no better than Kiln's log4j2.xml in either.
 PLAIN_BEST_CONFIG = ModelServing(workers=2, batch_size=8, max_batch_delay_ms=5)
 # What the plain handler runs on: TorchServe as a user without Kiln runs it, without what Kiln
-# adds to it (its frontend's greedy batching, its workers' site hook: plain_best.RELEASED).
+# adds to it (its frontend's greedy batching, its workers' site hook); studies/plain_best.py
+# --released runs the same.
 PLAIN_BEST_TORCHSERVE = {"greedy_batching": False, "worker_site": False}
 PLAIN_BEST_LOGS = LOG_CONFIG  # Kiln's; None would be TorchServe's own
 # Rounds of Kiln as served and the plain handler at its best taking turns: the cores are
