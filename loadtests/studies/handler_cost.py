@@ -44,12 +44,16 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def processes(server: Server) -> dict[str, list[psutil.Process]]:
+def processes(server: Server, nginx: bool = True) -> dict[str, list[psutil.Process]]:
+    """The workers, TorchServe's frontend and (`nginx`) the front proxy's processes."""
     frontend = psutil.Process(server.pid())
     workers = [p for p in frontend.children(recursive=True)
                if any(a.endswith(WORKER_SCRIPT) for a in p.cmdline())]
-    nginx = psutil.Process(server.front.pid())
-    return {"workers": workers, "frontend": [frontend], "nginx": [nginx, *nginx.children()]}
+    out = {"workers": workers, "frontend": [frontend]}
+    if nginx:
+        proxy = psutil.Process(server.front.pid())
+        out["nginx"] = [proxy, *proxy.children()]
+    return out
 
 
 def stage_sums(text: str, model: str) -> dict[str, tuple[float, float]]:

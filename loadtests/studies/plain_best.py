@@ -39,8 +39,6 @@ from kiln.workspace import Workspace
 MODEL = "lenet"
 CONFIGS = "w1b8d1,w1b16d1,w1b16d5,w2b8d1,w2b8d5,w2b16d1,w2b16d5"
 LOGGING = {"kiln": {}, "torchserve": {"log_config": None}}
-# What Kiln adds to TorchServe, off: its frontend's greedy batching and its workers' site hook.
-RELEASED = PLAIN_BEST_TORCHSERVE
 
 
 def parse_config(text: str) -> ModelServing:
@@ -68,7 +66,7 @@ def servers(root: Path, configs: list[str], released: bool = False
             models[name] = parse_config(config)
         server = Server(stock.BenchSettings(root / logging_name, store, list(models),
                                             Ports.free(), serving=models, **settings,
-                                            **(RELEASED if released else {})))
+                                            **(PLAIN_BEST_TORCHSERVE if released else {})))
         cells += [(server, Target(name, DIRECT, config_name(c), name,
                                   (first.body, first.content_type), first.label))
                   for name, c in models.items()]

@@ -43,22 +43,11 @@ from kiln.console import setup_logging
 from kiln.deploy.server import Ports, Server
 from kiln.loadtests import bench, declared, payloads, stock, wrk
 from kiln.loadtests.bench_table import DIRECT, FRONT
-from kiln.loadtests.studies.handler_cost import WORKER_SCRIPT, cpu_seconds
+from kiln.loadtests.studies.handler_cost import cpu_seconds, processes
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
 
 MODEL = "lenet"
-
-
-def processes(server: Server, via: str) -> dict[str, list[psutil.Process]]:
-    frontend = psutil.Process(server.pid())
-    workers = [p for p in frontend.children(recursive=True)
-               if any(a.endswith(WORKER_SCRIPT) for a in p.cmdline())]
-    out = {"workers": workers, "frontend": [frontend]}
-    if via == FRONT:
-        nginx = psutil.Process(server.front.pid())
-        out["nginx"] = [nginx, *nginx.children()]
-    return out
 
 
 def cells(root: Path) -> list[tuple[str, Server, bench.Target]]:
@@ -91,7 +80,7 @@ def cells(root: Path) -> list[tuple[str, Server, bench.Target]]:
 def measure(cell, clients: int, seconds: int) -> tuple[float, float, dict[str, float]]:
     _, server, target = cell
     base, token = target.endpoint(server)
-    procs = processes(server, target.via)
+    procs = processes(server, nginx=target.via == FRONT)
     before = {k: cpu_seconds(v) for k, v in procs.items()}
     run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
                   seconds)
