@@ -14,7 +14,9 @@ Rows, each measured with wrk at one client and at --clients:
 - kiln as served / plain best: Kiln as `kiln serve NAME` (make serve) serves it on this machine
   (its declaration's [serving] over the defaults derived for its cores), through nginx, against
   the plain handler at its own best configuration (PLAIN_BEST_CONFIG), straight to
-  TorchServe as released (PLAIN_BEST_TORCHSERVE); both up, taking turns, medians;
+  TorchServe as released (PLAIN_BEST_TORCHSERVE), and the same plain best behind the least
+  nginx that forwards (bare_proxy.py: the floor any front proxy costs); all up, taking turns,
+  medians;
 - kiln observability off / on: Kiln through its front proxy at the comparison configuration
   with request logging, spans, answer and drift metrics and the payload log all off, and all
   on as in production (observability.py), at the largest --clients only, taking turns;
@@ -33,7 +35,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kiln import declaration
@@ -50,12 +52,16 @@ from kiln.loadtests import (
     stock,
     wrk,
 )
+from kiln.loadtests.bare_proxy import BareProxy
 from kiln.loadtests.batching import server_cpu_seconds
 from kiln.loadtests.bench_table import (
     AS_SERVED,
+    BARE,
     DIRECT,
     FRONT,
     PLAIN_BEST,
+    PLAIN_BEST_PROXIED,
+    PROXIED,
     Row,
     add_ratios,
     as_served_summary,
@@ -97,9 +103,13 @@ class Target:
     model: str
     payload: tuple[bytes, str]
     expect: str | None = None  # the label its answer must have; None: any answer
+    proxy: BareProxy | None = None  # via BARE: the bare nginx in front of `server`
 
     def endpoint(self, server: Server) -> tuple[str, str]:
-        """(base URL, inference token): the front proxy, or TorchServe's own port."""
+        """(base URL, inference token): the front proxy, the bare one (which adds
+        TorchServe's token itself), or TorchServe's own port."""
+        if self.proxy is not None:
+            return self.proxy.url, ""
         if self.via == DIRECT and server.fronted:
             return (f"http://{HOST}:{server.settings.internal_ports.inference}",
                     server.torchserve_keys()["inference"])
@@ -113,31 +123,34 @@ def inprocess_rows(artifacts: Path, body: bytes, batches: list[int], seconds: fl
             for t in inprocess.measure(artifacts, body, batches, seconds)]
 
 
-def proxy_cpu(server: Server, via: str) -> float:
-    """CPU seconds of nginx's processes (master and workers) for a row through it, else 0."""
-    return server_cpu_seconds(server.front.pid()) if via == FRONT else 0.0
+def proxy_cpu(server: Server, target: Target) -> float:
+    """CPU seconds of nginx's processes (master and workers) for a row through Kiln's front
+    or the bare proxy, else 0."""
+    if target.proxy is not None:
+        return server_cpu_seconds(target.proxy.proc.pid)
+    return server_cpu_seconds(server.front.pid()) if target.via == FRONT else 0.0
 
 
-def server_cpu(server: Server, via: str) -> float:
+def server_cpu(server: Server, target: Target) -> float:
     """CPU seconds of TorchServe's processes, and of nginx's for a row that goes through it."""
-    return server_cpu_seconds(server.pid()) + proxy_cpu(server, via)
+    return server_cpu_seconds(server.pid()) + proxy_cpu(server, target)
 
 
 def served_row(target: Target, server: Server, clients: int, seconds: int,
                cpu_seconds=None) -> Row:
     """wrk's figures, and the server's CPU (`cpu_seconds(server)`, else server_cpu's)."""
     def cpu_now():
-        return cpu_seconds(server) if cpu_seconds else server_cpu(server, target.via)
+        return cpu_seconds(server) if cpu_seconds else server_cpu(server, target)
 
     base, token = target.endpoint(server)
-    cpu0, proxy0 = cpu_now(), proxy_cpu(server, target.via)
+    cpu0, proxy0 = cpu_now(), proxy_cpu(server, target)
     run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
                   seconds)
-    cpu, proxy = cpu_now() - cpu0, proxy_cpu(server, target.via) - proxy0
+    cpu, proxy = cpu_now() - cpu0, proxy_cpu(server, target) - proxy0
     requests = max(1, run.requests)
     return Row(target.name, clients, run.throughput_rps, run.p50_ms, run.p99_ms, run.requests,
                run.errors, run.client_cpu_pct, cpu / run.seconds * 100, cpu * 1e6 / requests,
-               proxy * 1e6 / requests if target.via == FRONT else None, via=target.via,
+               proxy * 1e6 / requests if target.via in PROXIED else None, via=target.via,
                config=target.config)
 
 
@@ -242,30 +255,37 @@ def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, ro
 def as_served_rows(decl: declaration.Declaration, serve: ModelServing, artifacts: Path,
                    root: Path, payload: payloads.Payload, models_dirs: list[Path],
                    clients: list[int], seconds: int) -> list[Row]:
-    """Kiln as served (`serve`, through nginx) and the plain handler at its best, both up,
-    taking turns AS_SERVED_ROUNDS times at each concurrency, the order swapped every round;
-    each cell the median of its rounds."""
+    """Kiln as served (`serve`, through nginx), the plain handler at its best, and the same
+    plain best behind the bare proxy, all up, taking turns AS_SERVED_ROUNDS times at each
+    concurrency, the order reversed every round; each cell the median of its rounds."""
     store = root / "plain-best-store"
     store.mkdir(parents=True)
     plain = stock.build_plain(decl.name, decl.version, artifacts, store)
     body = (payload.body, payload.content_type)
-    pair = [(kiln_server(root / "as-served", decl.name, serve, models_dirs),
-             Target(AS_SERVED, FRONT, config_name(serve), decl.name, body, payload.label)),
-            (Server(stock.BenchSettings(root / "plain-best", store, [plain], Ports.free(),
-                                        serving={plain: PLAIN_BEST_CONFIG},
-                                        log_config=PLAIN_BEST_LOGS,
-                                        **PLAIN_BEST_TORCHSERVE)),
-             Target(PLAIN_BEST, DIRECT, config_name(PLAIN_BEST_CONFIG), plain, body,
-                    payload.label))]
-    runs = {(target.name, n): [] for _, target in pair for n in clients}
+    plain_server = Server(stock.BenchSettings(root / "plain-best", store, [plain], Ports.free(),
+                                              serving={plain: PLAIN_BEST_CONFIG},
+                                              log_config=PLAIN_BEST_LOGS,
+                                              **PLAIN_BEST_TORCHSERVE))
+    plain_target = Target(PLAIN_BEST, DIRECT, config_name(PLAIN_BEST_CONFIG), plain, body,
+                          payload.label)
+    cells = [(kiln_server(root / "as-served", decl.name, serve, models_dirs),
+              Target(AS_SERVED, FRONT, config_name(serve), decl.name, body, payload.label)),
+             (plain_server, plain_target)]
     with contextlib.ExitStack() as running:
-        for server, target in pair:
+        for server, _ in cells:
             running.enter_context(server.running(timeout=240))
+        # The bare proxy adds TorchServe's token, known once the server is up.
+        proxy = running.enter_context(BareProxy(root / "bare-proxy",
+                                                *plain_target.endpoint(plain_server)))
+        cells.append((plain_server, replace(plain_target, name=PLAIN_BEST_PROXIED, via=BARE,
+                                            proxy=proxy)))
+        runs = {(target.name, n): [] for _, target in cells for n in clients}
+        for server, target in cells:
             check_answer(target, server)
             served_row(target, server, max(clients), 1)  # warm-up
         for turn in range(AS_SERVED_ROUNDS):
             for n in clients:
-                for server, target in pair[::-1] if turn % 2 else pair:
+                for server, target in cells[::-1] if turn % 2 else cells:
                     log.info("%s (%s): %d client(s) for %ds, round %d", target.name,
                              target.config, n, seconds, turn + 1)
                     runs[target.name, n].append(served_row(target, server, n, seconds))
@@ -347,6 +367,10 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                     f"{config_name(PLAIN_BEST_CONFIG)}, "
                     f"{'TorchServe' if PLAIN_BEST_LOGS is None else 'Kiln'}'s logging, "
                     "straight to TorchServe as released (no greedy batching, no worker site)",
+        PLAIN_BEST_PROXIED: "the same plain best behind the least nginx that forwards (one "
+                            "worker, kept-alive upstream connections, no log, no key check, "
+                            "no header of its own: loadtests/bare_proxy.py), taking turns "
+                            "with the two above: what any front proxy costs",
         observability.OFF: f"Kiln through nginx at {config_name(COMPARISON)} without the "
                            "access log, spans, answer and drift metrics or payload log "
                            "(request id, traceparent and Server-Timing stay); server CPU: "

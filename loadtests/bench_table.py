@@ -9,11 +9,16 @@ from kiln.deploy.server import ModelServing
 INPROC = "in-process"
 FRONT = "nginx -> TorchServe"
 DIRECT = "TorchServe"
+# The least nginx in front of TorchServe (loadtests/bare_proxy.py): what any proxy costs.
+BARE = "bare nginx -> TorchServe"
+PROXIED = (FRONT, BARE)  # the rows whose proxy's CPU is counted
 # Kiln as `kiln serve NAME` (make serve) serves it, and the plain handler at its own best
 # configuration: the pair that answers "is Kiln as users meet it as fast as what they would
 # write?" (issue 21).
 AS_SERVED = "kiln as served"
 PLAIN_BEST = "plain best"
+# Plain best behind the bare nginx: the floor a front proxy, any, costs at the top.
+PLAIN_BEST_PROXIED = "plain best, bare proxy"
 
 
 @dataclass
@@ -28,7 +33,7 @@ class Row:
     client_cpu_pct: float | None = None  # wrk's, 100: one core
     server_cpu_pct: float | None = None  # TorchServe's (and nginx's, for a row through it)
     server_cpu_us: float | None = None  # the same CPU per request, in microseconds
-    proxy_cpu_us: float | None = None  # nginx's share of it (master and workers)
+    proxy_cpu_us: float | None = None  # nginx's share of it (master and workers; FRONT, BARE)
     via: str = INPROC
     config: str = ""  # workers, batch size and delay of a served row
     x_ceiling: float | None = None
@@ -74,14 +79,14 @@ def _cell(value, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'row':<28}{'via':<21}{'config':<20}{'clients':>7}{'inputs/s':>10}"
+    head = (f"{'row':<28}{'via':<26}{'config':<20}{'clients':>7}{'inputs/s':>10}"
             f"{'x ceil':>10}{'x noop':>8}{'x plain':>8}{'p50 ms':>9}{'p99 ms':>9}"
             f"{'p99 x pl':>9}{'x best':>8}{'errors':>7}{'wrk CPU':>9}{'srv CPU':>9}"
             f"{'srv us/rq':>10}{'nginx us':>9}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r.name:<28}{r.via:<21}{r.config or '-':<20}{r.clients or '-':>7}"
+            f"{r.name:<28}{r.via:<26}{r.config or '-':<20}{r.clients or '-':>7}"
             f"{r.throughput:>10.0f}{_cell(r.x_ceiling, '.3g'):>10}{_cell(r.x_noop, '.3g'):>8}"
             f"{_cell(r.x_plain, '.3g'):>8}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
             f"{_cell(r.p99_x_plain, '.3g'):>9}{_cell(r.x_best, '.3g'):>8}{r.errors:>7}"
@@ -130,21 +135,26 @@ def observability_summary(off: Row, on: Row, rounds: int) -> list[str]:
 
 
 def as_served_summary(rows: list[Row], rounds: int) -> list[str]:
-    """Kiln as served against the plain handler at its best, at each concurrency, in words."""
-    pairs = {r.clients: [r] for r in rows if r.name == AS_SERVED}
-    for r in rows:
-        if r.name == PLAIN_BEST and r.clients in pairs:
-            pairs[r.clients].append(r)
+    """Kiln as served against the plain handler at its best, at each concurrency, in words,
+    with the floor: plain best itself behind the bare proxy."""
+    at = {(r.name, r.clients): r for r in rows
+          if r.name in (AS_SERVED, PLAIN_BEST, PLAIN_BEST_PROXIED)}
     lines = []
-    for clients, (kiln, *plain) in sorted(pairs.items()):
-        if not plain:
+    for (name, clients), kiln in sorted(at.items(), key=lambda item: item[0][1]):
+        plain = at.get((PLAIN_BEST, clients))
+        if name != AS_SERVED or plain is None:
             continue
-        lines.append(
-            f"Kiln as served ({kiln.config}, through nginx) against the plain handler at its "
-            f"best ({plain[0].config}, straight to TorchServe), {clients} client(s), medians "
-            f"of {rounds} rounds taking turns: {kiln.x_best}x ({kiln.throughput:.0f} vs "
-            f"{plain[0].throughput:.0f} inputs/s), p50 {kiln.p50_ms:.2f} vs "
-            f"{plain[0].p50_ms:.2f} ms, server CPU {_cell(kiln.server_cpu_us, '.0f')} vs "
-            f"{_cell(plain[0].server_cpu_us, '.0f')} us a request, nginx's "
-            f"{_cell(kiln.proxy_cpu_us, '.0f')} of it")
+        line = (f"Kiln as served ({kiln.config}, through nginx) against the plain handler at "
+                f"its best ({plain.config}, straight to TorchServe), {clients} client(s), "
+                f"medians of {rounds} rounds taking turns: {kiln.x_best}x "
+                f"({kiln.throughput:.0f} vs {plain.throughput:.0f} inputs/s), p50 "
+                f"{kiln.p50_ms:.2f} vs {plain.p50_ms:.2f} ms, server CPU "
+                f"{_cell(kiln.server_cpu_us, '.0f')} vs {_cell(plain.server_cpu_us, '.0f')} us "
+                f"a request, nginx's {_cell(kiln.proxy_cpu_us, '.0f')} of it")
+        floor = at.get((PLAIN_BEST_PROXIED, clients))
+        if floor is not None:
+            line += (f"; plain best itself behind a bare nginx (the floor of any proxy): "
+                     f"{floor.x_best}x, that nginx's {_cell(floor.proxy_cpu_us, '.0f')} us a "
+                     f"request")
+        lines.append(line)
     return lines

@@ -106,5 +106,5 @@ def median_row(runs: list[Row]) -> Row:
 
     return replace(runs[0], **{f: med(f) for f in (
         "throughput", "p50_ms", "p99_ms", "client_cpu_pct", "server_cpu_pct",
-        "server_cpu_us")}, requests=sum(r.requests for r in runs),
+        "server_cpu_us", "proxy_cpu_us")}, requests=sum(r.requests for r in runs),
         errors=sum(r.errors for r in runs))

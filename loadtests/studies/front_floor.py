@@ -7,7 +7,7 @@ all up, taking turns under wrk (issue 21, part 1).
   straight to its port (kiln bench's "plain best");
 - plain best, bare proxy: the same TorchServe behind the cheapest nginx that forwards at all
   (one worker, kept-alive upstream connections, no access log, no key check, no header of its
-  own: `bare_conf`);
+  own: loadtests/bare_proxy.py);
 - kiln as served: `kiln serve lenet` (its serving defaults here) through Kiln's front proxy;
 - kiln, bare proxy: the same TorchServe behind the bare nginx (which adds TorchServe's own
   inference token, as Kiln's front does);
@@ -19,115 +19,53 @@ clients, p50, wrk's own CPU (% of one core), and the CPU microseconds a request 
 of TorchServe's frontend (its JVM) and of the proxy in front, if any. The bare proxy's ratio is
 the floor: what a separate proxy process costs a CPU-bound server on these cores whatever it
 does; Kiln's front against the bare one is what Kiln's own work costs on top.
+
+Two runs on the quiet 2-core machine (load average 3 to 5, the study's own servers and wrk),
+lenet as served at w2 b8 d1; inputs/s as a ratio to plain best and server CPU us a request
+(workers + JVM + proxy), each run's medians of 4 and 5 rounds of 5 s:
+
+| cell | x best, 16 | x best, 32 | server us/rq, 16 | server us/rq, 32 | proxy us/rq |
+|---|---|---|---|---|---|
+| plain best | 1, 1 | 1, 1 | 310, 302 | 290, 286 | |
+| plain best, bare proxy | 0.800, 0.856 | 0.915, 0.964 | 377, 340 | 323, 306 | 27 to 30 |
+| kiln as served | 0.686, 0.729 | 0.822, 0.904 | 440, 401 | 348, 319 | 48 to 60 |
+| kiln, bare proxy | 0.733, 0.793 | 0.954, 0.965 | 396, 350 | 299, 291 | 27 to 35 |
+| kiln direct | 0.919, 0.945 | 1.010, 1.048 | 324, 298 | 276, 262 | |
+
+A hop through the least nginx costs plain best itself 14 to 20% of its throughput at 16
+clients and 4 to 9% at 32: its own 27 to 30 us a request, and at 16 clients fuller queues are
+rarer behind it, so the workers and the JVM spend more a request too. No front that is a
+process of its own reaches 1.0x of plain best straight to TorchServe unless what stands behind
+it is cheaper than plain best by more than the hop; Kiln's own front work (the key check, the
+request id and trace context, the route and path checks) costs nginx another 18 to 25 us.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
-import socket
+import dataclasses
 import statistics
-import subprocess
 import tempfile
-import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psutil
 
-from kiln.client import Client
 from kiln.console import setup_logging
-from kiln.deploy import supervise
-from kiln.deploy.ports import HOST
 from kiln.deploy.server import Ports, Server
 from kiln.loadtests import bench, declared, payloads, stock, wrk
-from kiln.loadtests.bench_table import DIRECT, FRONT
+from kiln.loadtests.bare_proxy import BareProxy
+from kiln.loadtests.bench_table import BARE, DIRECT, FRONT
 from kiln.loadtests.studies.handler_cost import cpu_seconds, processes
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
 
 MODEL = "lenet"
-BARE = "bare"  # a cell's way in: through BareProxy
 
 
-def bare_conf(folder: Path, port: int, upstream_port: int, token: str | None,
-              connections: int = 1024) -> str:
-    """The least nginx that forwards: the settings Kiln's front shares with any HTTP/1.1
-    reverse proxy that keeps its upstream connections, and nothing else."""
-    auth = f'        proxy_set_header Authorization "Bearer {token}";\n' if token else ""
-    temp = "".join(f"    {kind}_temp_path {folder / kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return (f"daemon off;\nworker_processes 1;\npid {folder / 'nginx.pid'};\n"
-            "error_log stderr warn;\n"
-            f"events {{\n    worker_connections {connections};\n}}\n"
-            "http {\n    access_log off;\n" + temp
-            + f"    upstream backend {{\n        server {HOST}:{upstream_port};\n"
-            f"        keepalive {connections // 2};\n    }}\n"
-            f"    server {{\n        listen {HOST}:{port};\n"
-            "        location / {\n            proxy_pass http://backend;\n"
-            "            proxy_http_version 1.1;\n"
-            '            proxy_set_header Connection "";\n' + auth
-            + "        }\n    }\n}\n")
-
-
-class BareProxy:
-    """A bare nginx (bare_conf) on a free port in front of `upstream` (a base URL)."""
-
-    def __init__(self, folder: Path, upstream: str, token: str | None):
-        folder.mkdir(parents=True)
-        self.port = Ports.free().inference  # one of a set no other server here is given
-        (folder / supervise.CONF).write_text(
-            bare_conf(folder, self.port, urlsplit(upstream).port, token))
-        self.proc = subprocess.Popen(supervise.nginx_command(folder), stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _accepts(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the bare nginx in {folder} did not start")
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def processes(self) -> list[psutil.Process]:
-        master = psutil.Process(self.proc.pid)
-        return [master, *master.children()]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((HOST, port)) == 0
-
-
-class Cell:
-    def __init__(self, name: str, server: Server, target: bench.Target):
-        self.name, self.server, self.target = name, server, target
-        self.proxy: BareProxy | None = None
-
-    def endpoint(self) -> tuple[str, str]:
-        if self.proxy is not None:
-            return self.proxy.url, ""  # the bare proxy adds TorchServe's token
-        return self.target.endpoint(self.server)
-
-    def processes(self) -> dict[str, list[psutil.Process]]:
-        procs = processes(self.server, nginx=self.target.via == FRONT)
-        if self.proxy is not None:
-            procs["nginx"] = self.proxy.processes()
-        return procs
-
-
-def cells(root: Path) -> list[Cell]:
+def cells(root: Path) -> list[tuple[Server, bench.Target]]:
+    """The five ways in; the two through the bare proxy get theirs in `main`, once their
+    server is up (the proxy adds TorchServe's token)."""
     decl, dirs = declared.resolve(MODEL, [])
     first = payloads.first_payload(decl)
     body = (first.body, first.content_type)
@@ -141,33 +79,27 @@ def cells(root: Path) -> list[Cell]:
                                        log_config=bench.PLAIN_BEST_LOGS,
                                        **bench.PLAIN_BEST_TORCHSERVE))
 
-    def target(via, model):
-        return bench.Target(MODEL, via, "", model, body, first.label)
+    def target(name, via, model):
+        return bench.Target(name, via, "", model, body, first.label)
 
-    return [Cell("plain best", plain, target(DIRECT, plain_name)),
-            Cell("plain best, bare proxy", plain, target(DIRECT, plain_name)),
-            Cell("kiln as served", kiln, target(FRONT, MODEL)),
-            Cell("kiln, bare proxy", kiln, target(DIRECT, MODEL)),
-            Cell("kiln direct", kiln, target(DIRECT, MODEL))]
-
-
-def check(cell: Cell) -> None:
-    """One request first, whichever way in: a 200 with the expected answer."""
-    answer = Client(*cell.endpoint()).predict(cell.target.model, *cell.target.payload)
-    problem = (payloads.rest_problem(answer.body, cell.target.expect) if answer.ok
-               else f"HTTP {answer.status}: {answer.body}")
-    if problem:
-        raise RuntimeError(f"{cell.name}: {problem}")
+    return [(plain, target("plain best", DIRECT, plain_name)),
+            (plain, target("plain best, bare proxy", BARE, plain_name)),
+            (kiln, target("kiln as served", FRONT, MODEL)),
+            (kiln, target("kiln, bare proxy", BARE, MODEL)),
+            (kiln, target("kiln direct", DIRECT, MODEL))]
 
 
-def measure(cell: Cell, clients: int, seconds: int) -> dict[str, float]:
-    base, token = cell.endpoint()
-    procs = cell.processes()
+def measure(server: Server, target: bench.Target, clients: int, seconds: int
+            ) -> dict[str, float]:
+    base, token = target.endpoint(server)
+    procs = processes(server, nginx=target.via == FRONT)
+    if target.proxy is not None:
+        procs["nginx"] = target.proxy.processes()
     before = {k: cpu_seconds(v) for k, v in procs.items()}
-    run = wrk.run(f"{base}/predictions/{cell.target.model}", *cell.target.payload, token,
-                  clients, seconds)
+    run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
+                  seconds)
     if run.errors:
-        raise RuntimeError(f"{cell.name}, {clients} clients: {run.errors} failed requests")
+        raise RuntimeError(f"{target.name}, {clients} clients: {run.errors} failed requests")
     requests = max(1, run.requests)
     return {"inputs/s": run.throughput_rps, "p50 ms": run.p50_ms,
             "wrk cpu %": run.client_cpu_pct,
@@ -201,21 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-front-floor-") as root, \
             contextlib.ExitStack() as running:
         found = cells(Path(root))
-        for server in dict.fromkeys(c.server for c in found):
+        for server in dict.fromkeys(server for server, _ in found):
             running.enter_context(server.running(timeout=300))
-        for i, cell in enumerate(found):
-            if "bare proxy" in cell.name:
-                base, token = cell.target.endpoint(cell.server)
-                cell.proxy = BareProxy(Path(root) / f"bare-{i}", base, token)
-                running.callback(cell.proxy.stop)
-        for cell in found:
-            check(cell)
-            measure(cell, 32, 4)  # warm-up: the JVM compiles its hot paths
+        for i, (server, target) in enumerate(found):
+            if target.via == BARE:
+                proxy = running.enter_context(BareProxy(
+                    Path(root) / f"bare-{i}", *dataclasses.replace(
+                        target, via=DIRECT).endpoint(server)))
+                found[i] = (server, dataclasses.replace(target, proxy=proxy))
+        for server, target in found:
+            bench.check_answer(target, server)
+            measure(server, target, 32, 4)  # warm-up: the JVM compiles its hot paths
         for turn in range(opts.rounds):
             for clients in map(int, opts.clients.split(",")):
-                for cell in found[::-1] if turn % 2 else found:
-                    runs.setdefault((cell.name, clients), []).append(
-                        measure(cell, clients, opts.seconds))
+                for server, target in found[::-1] if turn % 2 else found:
+                    runs.setdefault((target.name, clients), []).append(
+                        measure(server, target, clients, opts.seconds))
             print(f"round {turn + 1}: load average {psutil.getloadavg()[0]:.1f}", flush=True)
     print("\n".join(table(runs)))
     return 0

@@ -38,7 +38,9 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
     served += [("noop", "TorchServe", serve)] if serve != cmp else []
     served += [("stock", "TorchServe", "TorchServe defaults"),
                ("kiln as served", "nginx -> TorchServe", serve),
-               ("plain best", "TorchServe", config_name(PLAIN_BEST_CONFIG))]
+               ("plain best", "TorchServe", config_name(PLAIN_BEST_CONFIG)),
+               ("plain best, bare proxy", "bare nginx -> TorchServe",
+                config_name(PLAIN_BEST_CONFIG))]
     rows = result["rows"]
     assert [(r["name"], r["via"], r["config"], r["clients"]) for r in rows] == [
         *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
@@ -59,8 +61,10 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
         # A figure, not more: CPU time moves in 10 ms ticks, and a 1 s cell on busy cores can
         # hold a few dozen requests, whose 50 us each of nginx read as no tick at all.
         assert (r["proxy_cpu_us"] is not None and r["proxy_cpu_us"] >= 0) if (
-            r["via"] == "nginx -> TorchServe" and wrk_row) else r["proxy_cpu_us"] is None, r
+            r["via"] in ("nginx -> TorchServe", "bare nginx -> TorchServe") and wrk_row
+        ) else r["proxy_cpu_us"] is None, r
     assert done.stdout.count("Kiln as served (") == 3
+    assert done.stdout.count("plain best itself behind a bare nginx (the floor of any proxy)") == 3
     assert done.stdout.count("Observability all on against all off at ") == 1
     if not torch.cuda.is_available():
         assert result["gpu"] == {"notes": [bench_gpu.SKIPPED], "rows": []}

@@ -19,9 +19,11 @@ from kiln.loadtests import bench, bench_gpu, observability, stock, wrk
 from kiln.loadtests.bench_arguments import client_counts
 from kiln.loadtests.bench_table import (
     AS_SERVED,
+    BARE,
     DIRECT,
     FRONT,
     PLAIN_BEST,
+    PLAIN_BEST_PROXIED,
     Row,
     add_ratios,
     as_served_summary,
@@ -115,6 +117,21 @@ def test_as_served_summary_gives_the_ratio_the_p50_and_nginx_share_of_the_cpu():
         "request, nginx's 55 of it"]
 
 
+def test_as_served_summary_adds_the_floor_of_a_bare_proxy_in_front_of_plain_best():
+    kiln = Row(AS_SERVED, 16, 1800.0, 9.0, 20.0, 1, server_cpu_us=400.0, proxy_cpu_us=50.0,
+               via=FRONT, config="w2 b8 d1")
+    plain = Row(PLAIN_BEST, 16, 2000.0, 8.0, 25.0, 1, server_cpu_us=300.0, via=DIRECT,
+                config="w2 b8 d5")
+    floor = Row(PLAIN_BEST_PROXIED, 16, 1600.0, 9.5, 25.0, 1, server_cpu_us=340.0,
+                proxy_cpu_us=28.0, via=BARE, config="w2 b8 d5")
+    (line,) = as_served_summary(add_ratios([floor, kiln, plain]), 3)
+    assert line.startswith("Kiln as served (w2 b8 d1, through nginx) against the plain "
+                           "handler at its best (w2 b8 d5, straight to TorchServe), 16 "
+                           "client(s), medians of 3 rounds taking turns: 0.9x ")
+    assert line.endswith("nginx's 50 of it; plain best itself behind a bare nginx (the floor "
+                         "of any proxy): 0.8x, that nginx's 28 us a request")
+
+
 def test_kiln_as_served_is_what_kiln_serve_gives_the_model_alone_on_these_cores(monkeypatch):
     monkeypatch.setattr(bench, "usable_cores", lambda: 2)
     args = build_parser().parse_args(["serve", "lenet"])
@@ -166,14 +183,15 @@ def test_summary_compares_kiln_with_plain_and_noop_and_gives_wrk_cpu_at_the_peak
 
 
 def test_observability_rows_are_medians_of_their_rounds_with_requests_summed():
-    runs = [Row(observability.ON, 16, t, p50, p99, 100, e, 10.0, cpu, us, via=FRONT, config=CMP)
-            for t, p50, p99, e, cpu, us in ((900.0, 9.0, 30.0, 0, 150.0, 1700.0),
-                                            (1000.0, 8.0, 20.0, 1, 160.0, 1600.0),
-                                            (800.0, 10.0, 25.0, 0, 140.0, 1750.0))]
+    runs = [Row(observability.ON, 16, t, p50, p99, 100, e, 10.0, cpu, us, proxy, via=FRONT,
+                config=CMP)
+            for t, p50, p99, e, cpu, us, proxy in ((900.0, 9.0, 30.0, 0, 150.0, 1700.0, 60.0),
+                                                   (1000.0, 8.0, 20.0, 1, 160.0, 1600.0, 40.0),
+                                                   (800.0, 10.0, 25.0, 0, 140.0, 1750.0, 50.0))]
     row = observability.median_row(runs)
     assert (row.name, row.throughput, row.p50_ms, row.p99_ms, row.requests, row.errors,
-            row.server_cpu_pct, row.server_cpu_us) == (
-        observability.ON, 900.0, 9.0, 25.0, 300, 1, 150.0, 1700.0)
+            row.server_cpu_pct, row.server_cpu_us, row.proxy_cpu_us) == (
+        observability.ON, 900.0, 9.0, 25.0, 300, 1, 150.0, 1700.0, 50.0)
 
 
 def test_observability_summary_gives_the_ratio_the_p50_and_the_cpu_per_request():
