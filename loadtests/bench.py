@@ -252,6 +252,14 @@ def plan(decl: declaration.Declaration, serve: ModelServing, artifacts: Path, ro
     return servers
 
 
+def plain_best_server(run_dir: Path, store: Path, plain: str) -> Server:
+    """The plain handler's archive `plain` (in `store`) at its best configuration here, on
+    TorchServe as released: kiln bench's "plain best"."""
+    return Server(stock.BenchSettings(run_dir, store, [plain], Ports.free(),
+                                      serving={plain: PLAIN_BEST_CONFIG},
+                                      log_config=PLAIN_BEST_LOGS, **PLAIN_BEST_TORCHSERVE))
+
+
 def as_served_rows(decl: declaration.Declaration, serve: ModelServing, artifacts: Path,
                    root: Path, payload: payloads.Payload, models_dirs: list[Path],
                    clients: list[int], seconds: int) -> list[Row]:
@@ -262,10 +270,7 @@ def as_served_rows(decl: declaration.Declaration, serve: ModelServing, artifacts
     store.mkdir(parents=True)
     plain = stock.build_plain(decl.name, decl.version, artifacts, store)
     body = (payload.body, payload.content_type)
-    plain_server = Server(stock.BenchSettings(root / "plain-best", store, [plain], Ports.free(),
-                                              serving={plain: PLAIN_BEST_CONFIG},
-                                              log_config=PLAIN_BEST_LOGS,
-                                              **PLAIN_BEST_TORCHSERVE))
+    plain_server = plain_best_server(root / "plain-best", store, plain)
     plain_target = Target(PLAIN_BEST, DIRECT, config_name(PLAIN_BEST_CONFIG), plain, body,
                           payload.label)
     cells = [(kiln_server(root / "as-served", decl.name, serve, models_dirs),

@@ -52,7 +52,7 @@ from pathlib import Path
 import psutil
 
 from kiln.console import setup_logging
-from kiln.deploy.server import Ports, Server
+from kiln.deploy.server import Server
 from kiln.loadtests import bench, declared, payloads, stock, wrk
 from kiln.loadtests.bare_proxy import BareProxy
 from kiln.loadtests.bench_table import BARE, DIRECT, FRONT
@@ -64,7 +64,7 @@ MODEL = "lenet"
 
 
 def cells(root: Path) -> list[tuple[Server, bench.Target]]:
-    """The five ways in; the two through the bare proxy get theirs in `main`, once their
+    """The five ways in; the two through the bare proxy get theirs in take_turns, once their
     server is up (the proxy adds TorchServe's token)."""
     decl, dirs = declared.resolve(MODEL, [])
     first = payloads.first_payload(decl)
@@ -74,10 +74,7 @@ def cells(root: Path) -> list[tuple[Server, bench.Target]]:
     store.mkdir()
     plain_name = stock.build_plain(MODEL, decl.version, Workspace.current().exports(MODEL),
                                    store)
-    plain = Server(stock.BenchSettings(root / "plain", store, [plain_name], Ports.free(),
-                                       serving={plain_name: bench.PLAIN_BEST_CONFIG},
-                                       log_config=bench.PLAIN_BEST_LOGS,
-                                       **bench.PLAIN_BEST_TORCHSERVE))
+    plain = bench.plain_best_server(root / "plain", store, plain_name)
 
     def target(name, via, model):
         return bench.Target(name, via, "", model, body, first.label)
@@ -121,24 +118,27 @@ def table(runs: dict[tuple[str, int], list[dict[str, float]]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str, argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--clients", default="16,32", help="wrk connections, a list (default 16,32)")
     p.add_argument("--rounds", type=int, default=4, help="turns of each cell (default 4)")
     p.add_argument("--seconds", type=int, default=5, help="each run (default 5)")
-    opts = p.parse_args(argv)
-    setup_logging()
-    ensure_built(MODEL)
+    return p.parse_args(argv)
+
+
+def take_turns(root: Path, found: list[tuple[Server, bench.Target]],
+               opts: argparse.Namespace) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """Every server up and every cell checked, then each cell at each --clients in every
+    round, the order reversed every other round: {(cell, clients): a measure() a round}. A
+    cell via BARE gets its bare proxy here, once its server is up."""
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="kiln-front-floor-") as root, \
-            contextlib.ExitStack() as running:
-        found = cells(Path(root))
+    with contextlib.ExitStack() as running:
         for server in dict.fromkeys(server for server, _ in found):
             running.enter_context(server.running(timeout=300))
         for i, (server, target) in enumerate(found):
             if target.via == BARE:
                 proxy = running.enter_context(BareProxy(
-                    Path(root) / f"bare-{i}", *dataclasses.replace(
+                    root / f"bare-{i}", *dataclasses.replace(
                         target, via=DIRECT).endpoint(server)))
                 found[i] = (server, dataclasses.replace(target, proxy=proxy))
         for server, target in found:
@@ -150,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault((target.name, clients), []).append(
                         measure(server, target, clients, opts.seconds))
             print(f"round {turn + 1}: load average {psutil.getloadavg()[0]:.1f}", flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = arguments(__doc__, argv)
+    setup_logging()
+    ensure_built(MODEL)
+    with tempfile.TemporaryDirectory(prefix="kiln-front-floor-") as root:
+        runs = take_turns(Path(root), cells(Path(root)), opts)
     print("\n".join(table(runs)))
     return 0
 

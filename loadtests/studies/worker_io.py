@@ -10,8 +10,9 @@ each --clients, medians of the rounds:
 - kiln direct: the first server, straight to TorchServe's port;
 - plain best: loadtests/plain_handler.py at bench.PLAIN_BEST_CONFIG on TorchServe as released
   (kiln bench's "plain best").
-Printed per cell: inputs/s, p50, and CPU microseconds a request of the workers, of
-TorchServe's frontend (its JVM) and of nginx.
+Printed per cell (studies/front_floor.py's table): inputs/s, its ratio to plain best, p50,
+wrk's CPU, and CPU microseconds a request of the workers, of TorchServe's frontend (its JVM)
+and of nginx.
 
 Quiet machine, lenet at w2 b8 d1, 3 rounds of 5 s (medians; inputs/s, then CPU us a request of
 the workers, the JVM and nginx):
@@ -30,27 +31,22 @@ against 219 and JVM 88 against 105 us a request.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import statistics
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from kiln.console import setup_logging
 from kiln.deploy.server import Ports, Server
-from kiln.loadtests import bench, declared, payloads, stock, wrk
+from kiln.loadtests import bench, declared, payloads, stock
 from kiln.loadtests.bench_table import DIRECT, FRONT
-from kiln.loadtests.studies.handler_cost import cpu_seconds, processes
+from kiln.loadtests.studies.front_floor import arguments, table, take_turns
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
 
 MODEL = "lenet"
 
 
-def cells(root: Path) -> list[tuple[str, Server, bench.Target]]:
+def cells(root: Path) -> list[tuple[Server, bench.Target]]:
     decl, dirs = declared.resolve(MODEL, [])
     first = payloads.first_payload(decl)
     body = (first.body, first.content_type)
@@ -63,61 +59,24 @@ def cells(root: Path) -> list[tuple[str, Server, bench.Target]]:
     store.mkdir()
     plain_name = stock.build_plain(MODEL, decl.version, Workspace.current().exports(MODEL),
                                    store)
-    plain = Server(stock.BenchSettings(root / "plain", store, [plain_name], Ports.free(),
-                                       serving={plain_name: bench.PLAIN_BEST_CONFIG},
-                                       log_config=bench.PLAIN_BEST_LOGS,
-                                       **bench.PLAIN_BEST_TORCHSERVE))
+    plain = bench.plain_best_server(root / "plain", store, plain_name)
 
-    def target(via, model):
-        return bench.Target(MODEL, via, "", model, body, first.label)
+    def target(name, via, model):
+        return bench.Target(name, via, "", model, body, first.label)
 
-    return [("kiln front", kiln, target(FRONT, MODEL)),
-            ("kiln front, no site", no_site, target(FRONT, MODEL)),
-            ("kiln direct", kiln, target(DIRECT, MODEL)),
-            ("plain best", plain, target(DIRECT, plain_name))]
-
-
-def measure(cell, clients: int, seconds: int) -> tuple[float, float, dict[str, float]]:
-    _, server, target = cell
-    base, token = target.endpoint(server)
-    procs = processes(server, nginx=target.via == FRONT)
-    before = {k: cpu_seconds(v) for k, v in procs.items()}
-    run = wrk.run(f"{base}/predictions/{target.model}", *target.payload, token, clients,
-                  seconds)
-    requests = max(1, run.requests)
-    return run.throughput_rps, run.p50_ms, {k: (cpu_seconds(v) - before[k]) * 1e6 / requests
-                                           for k, v in procs.items()}
+    return [(kiln, target("kiln front", FRONT, MODEL)),
+            (no_site, target("kiln front, no site", FRONT, MODEL)),
+            (kiln, target("kiln direct", DIRECT, MODEL)),
+            (plain, target("plain best", DIRECT, plain_name))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", default="16,32", help="wrk connections, a list (default 16,32)")
-    p.add_argument("--rounds", type=int, default=4, help="turns of each cell (default 4)")
-    p.add_argument("--seconds", type=int, default=5, help="each run (default 5)")
-    opts = p.parse_args(argv)
+    opts = arguments(__doc__, argv)
     setup_logging()
     ensure_built(MODEL)
-    runs = {}
-    with tempfile.TemporaryDirectory(prefix="kiln-worker-io-") as root, \
-            contextlib.ExitStack() as running:
-        found = cells(Path(root))
-        for server in dict.fromkeys(s for _, s, _ in found):
-            running.enter_context(server.running(timeout=300))
-        for cell in found:
-            bench.check_answer(cell[2], cell[1])
-            measure(cell, 32, 4)  # warm-up: the JVM compiles its hot paths
-        for turn in range(opts.rounds):
-            for clients in map(int, opts.clients.split(",")):
-                for cell in found[::-1] if turn % 2 else found:
-                    runs.setdefault((cell[0], clients), []).append(
-                        measure(cell, clients, opts.seconds))
-            print(f"round {turn + 1}: load average {psutil.getloadavg()[0]:.1f}", flush=True)
-    for (name, clients), rows in runs.items():
-        cpu = {k: statistics.median(r[2][k] for r in rows) for k in rows[0][2]}
-        print(f"{name:<20}{clients:>3} clients {statistics.median(r[0] for r in rows):6.0f} "
-              f"inputs/s {[round(r[0]) for r in rows]} p50 "
-              f"{statistics.median(r[1] for r in rows):5.2f} ms CPU us/request "
-              + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+    with tempfile.TemporaryDirectory(prefix="kiln-worker-io-") as root:
+        runs = take_turns(Path(root), cells(Path(root)), opts)
+    print("\n".join(table(runs)))
     return 0
 
 
