@@ -63,9 +63,9 @@ from kiln.workspace import Workspace
 MODEL = "lenet"
 
 
-def cells(root: Path) -> list[tuple[Server, bench.Target]]:
-    """The five ways in; the two through the bare proxy get theirs in take_turns, once their
-    server is up (the proxy adds TorchServe's token)."""
+def kiln_and_plain(root: Path):
+    """Kiln as `kiln serve lenet` runs it and plain best, not started; the plain archive's
+    name; and a Target maker for lenet's first example: target(cell name, via, model)."""
     decl, dirs = declared.resolve(MODEL, [])
     first = payloads.first_payload(decl)
     body = (first.body, first.content_type)
@@ -74,11 +74,17 @@ def cells(root: Path) -> list[tuple[Server, bench.Target]]:
     store.mkdir()
     plain_name = stock.build_plain(MODEL, decl.version, Workspace.current().exports(MODEL),
                                    store)
-    plain = bench.plain_best_server(root / "plain", store, plain_name)
 
     def target(name, via, model):
         return bench.Target(name, via, "", model, body, first.label)
 
+    return kiln, bench.plain_best_server(root / "plain", store, plain_name), plain_name, target
+
+
+def cells(root: Path) -> list[tuple[Server, bench.Target]]:
+    """The five ways in; the two through the bare proxy get theirs in take_turns, once their
+    server is up (the proxy adds TorchServe's token)."""
+    kiln, plain, plain_name, target = kiln_and_plain(root)
     return [(plain, target("plain best", DIRECT, plain_name)),
             (plain, target("plain best, bare proxy", BARE, plain_name)),
             (kiln, target("kiln as served", FRONT, MODEL)),

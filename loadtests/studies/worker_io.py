@@ -37,33 +37,17 @@ from pathlib import Path
 
 from kiln.console import setup_logging
 from kiln.deploy.server import Ports, Server
-from kiln.loadtests import bench, declared, payloads, stock
+from kiln.loadtests import bench
 from kiln.loadtests.bench_table import DIRECT, FRONT
-from kiln.loadtests.studies.front_floor import arguments, table, take_turns
+from kiln.loadtests.studies.front_floor import MODEL, arguments, kiln_and_plain, table, take_turns
 from kiln.model_store.build import ensure_built
-from kiln.workspace import Workspace
-
-MODEL = "lenet"
 
 
 def cells(root: Path) -> list[tuple[Server, bench.Target]]:
-    decl, dirs = declared.resolve(MODEL, [])
-    first = payloads.first_payload(decl)
-    body = (first.body, first.content_type)
-    served = bench.kiln_serve_config(MODEL, dirs)
-    kiln = bench.kiln_server(root / "kiln", MODEL, served, dirs)
+    kiln, plain, plain_name, target = kiln_and_plain(root)
     no_site = Server(dataclasses.replace(kiln.settings, run_dir=root / "no-site",
                                          ports=Ports.free(), internal_ports=Ports.free(),
                                          worker_site=False))
-    store = root / "store"
-    store.mkdir()
-    plain_name = stock.build_plain(MODEL, decl.version, Workspace.current().exports(MODEL),
-                                   store)
-    plain = bench.plain_best_server(root / "plain", store, plain_name)
-
-    def target(name, via, model):
-        return bench.Target(name, via, "", model, body, first.label)
-
     return [(kiln, target("kiln front", FRONT, MODEL)),
             (no_site, target("kiln front, no site", FRONT, MODEL)),
             (kiln, target("kiln direct", DIRECT, MODEL)),
