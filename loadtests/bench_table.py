@@ -140,9 +140,9 @@ def as_served_summary(rows: list[Row], rounds: int) -> list[str]:
     at = {(r.name, r.clients): r for r in rows
           if r.name in (AS_SERVED, PLAIN_BEST, PLAIN_BEST_PROXIED)}
     lines = []
-    for (name, clients), kiln in sorted(at.items(), key=lambda item: item[0][1]):
-        plain = at.get((PLAIN_BEST, clients))
-        if name != AS_SERVED or plain is None:
+    for clients in sorted(n for name, n in at if name == AS_SERVED):
+        kiln, plain = at[AS_SERVED, clients], at.get((PLAIN_BEST, clients))
+        if plain is None:
             continue
         line = (f"Kiln as served ({kiln.config}, through nginx) against the plain handler at "
                 f"its best ({plain.config}, straight to TorchServe), {clients} client(s), "
