@@ -50,7 +50,13 @@ class Key:
 
 
 def new_key() -> str:
-    return secrets.token_urlsafe(KEY_BYTES)
+    """KEY_BYTES random bytes, base64url, never starting with "-": a command line takes such a
+    word for an option (`kiln keys revoke KEY` refused one key in 64). Drawn again then, which
+    leaves 255.98 of the 256 bits."""
+    while True:
+        key = secrets.token_urlsafe(KEY_BYTES)
+        if not key.startswith("-"):
+            return key
 
 
 def parse_keys(text: str, source: str = "the keys file", now: float | None = None) -> list[Key]:

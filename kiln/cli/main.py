@@ -166,7 +166,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "changes nothing. --admin: the same for the admin keys.")
     p.add_argument("action", nargs="?", choices=["list", "show", "rotate", "revoke"],
                    default="list")
-    p.add_argument("key", nargs="?", help="revoke: the key, or its start as list shows it")
+    p.add_argument("key", nargs="?", help="revoke: the key, or its start as list shows it "
+                                          "(one that starts with '-': kiln keys [options] "
+                                          "revoke -- KEY)")
     p.add_argument("--admin", action="store_true",
                    help="the admin keys (run/admin_keys: kiln serve --admin-port checks them, "
                         "read again at each change) instead of the inference keys")
