@@ -37,7 +37,8 @@ clients and 4 to 9% at 32: its own 27 to 30 us a request, and at 16 clients full
 rarer behind it, so the workers and the JVM spend more a request too. No front that is a
 process of its own reaches 1.0x of plain best straight to TorchServe unless what stands behind
 it is cheaper than plain best by more than the hop; Kiln's own front work (the key check, the
-request id and trace context, the route and path checks) costs nginx another 18 to 25 us.
+request id and trace context, the route and path checks) costs nginx another 18 to 25 us
+(kiln bench's second run: 29).
 """
 
 from __future__ import annotations
