@@ -470,7 +470,7 @@ class Front:
                         "--access-log-max-bytes", str(settings.access_log_max_bytes)]
         try:
             self.supervisor.start(command, timeout=timeout, ready=lambda: (
-                self.pid() is not None and _accepts(settings.listen, settings.public["http"])))
+                self.pid() is not None and accepts(settings.listen, settings.public["http"])))
         except FrontError:
             self.stop()  # nginx processes its supervisor left
             raise
@@ -576,7 +576,8 @@ class Front:
         return self.supervisor.log_tail(lines)
 
 
-def _accepts(host: str, port: int) -> bool:
+def accepts(host: str, port: int) -> bool:
+    """Whether something listens on host:port (a connect within 0.5 s)."""
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0

@@ -1,11 +1,11 @@
 """The least front proxy: an nginx that forwards to one TorchServe port and does nothing else,
 the floor any proxy in front of a server costs (kiln bench's "plain best, bare proxy" row,
-loadtests/studies/front_floor.py)."""
+loadtests/studies/front_floor.py); start_nginx and stop_nginx also run key_check_cost's
+variants."""
 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -49,13 +49,7 @@ class BareProxy:
         self.port = Ports.free().inference  # one of a set no other server here is given
         (folder / supervise.CONF).write_text(
             bare_conf(folder, self.port, urlsplit(upstream).port, token))
-        self.proc = subprocess.Popen(supervise.nginx_command(folder), stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _accepts(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the bare nginx in {folder} did not start")
-            time.sleep(0.05)
+        self.proc = start_nginx(folder, self.port)
 
     @property
     def url(self) -> str:
@@ -72,15 +66,28 @@ class BareProxy:
         self.stop()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_nginx(self.proc)
 
 
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((HOST, port)) == 0
+def start_nginx(folder: Path, port: int, timeout: float = 10) -> subprocess.Popen:
+    """nginx from `folder`'s config (supervise.nginx_command), once it accepts on `port`;
+    stopped again, and an error raised, if it exits or does not accept within `timeout`."""
+    proc = subprocess.Popen(supervise.nginx_command(folder), stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not front.accepts(HOST, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_nginx(proc)
+            raise RuntimeError(f"nginx in {folder} did not start")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_nginx(proc: subprocess.Popen) -> None:
+    """A graceful quit (SIGQUIT: requests in flight finish), killed after 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

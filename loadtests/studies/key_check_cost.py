@@ -20,18 +20,16 @@ import argparse
 import dataclasses
 import json
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-from kiln.deploy import front, supervise
+from kiln.deploy import front
 from kiln.deploy.server import Ports, Server, ServerSettings
+from kiln.loadtests.bare_proxy import start_nginx, stop_nginx
 from kiln.loadtests.studies.reliability.load import Mix
 from kiln.loadtests.studies.reliability.served import rest_payload
 from kiln.model_store.build import ensure_built
@@ -85,26 +83,14 @@ class Variant:
         keys = front.read_keys(server.front.keys_file)
         front.prepare(self.settings, keys)
         self.settings.conf.write_text(variant_conf(front.render(self.settings), variant, keys))
-        self.proc = subprocess.Popen(supervise.nginx_command(self.settings.nginx_dir),
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _accepts(self.settings.public["http"]):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nginx ({variant}) did not start")
-            time.sleep(0.05)
+        self.proc = start_nginx(self.settings.nginx_dir, self.settings.public["http"])
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.public['http']}"
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)
-        self.proc.wait(timeout=15)
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        stop_nginx(self.proc)
 
 
 def run(variant: Variant, path: str, token: str, seconds: float) -> tuple[float, float]:
