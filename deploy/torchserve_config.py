@@ -11,6 +11,7 @@ from kiln.deploy.ports import HOST, Ports
 from kiln.deploy.serving import ModelServing, declared_serving
 from kiln.handlers import payload_log as payloads
 from kiln.handlers.cores import usable_cores
+from kiln.handlers.watch import DEFAULT_DELAY_MS as DEFAULT_WATCH_DELAY_MS
 from kiln.model_store import read_archive
 
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
@@ -110,6 +111,9 @@ class ServerSettings:
     # The handler's answer and drift metrics (handlers/watch.py); False only to measure what
     # they cost (kiln bench's observability rows).
     watch: bool = True
+    # How long a worker may hold answers before it records them (handlers/watch.py); 0: each
+    # batch as it is answered (loadtests/studies/drift.py reads a score after every answer).
+    watch_delay_ms: int = DEFAULT_WATCH_DELAY_MS
     # False: TorchServe's own batching, which holds a lone request for the whole batch delay
     # (only to measure what greedy batching saves: loadtests/studies/edges.py).
     greedy_batching: bool = True

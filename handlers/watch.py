@@ -1,7 +1,14 @@
 """What a model answers and how its inputs compare with its training data, as Prometheus
 metrics per model and version (recorded as metrics.py's are: multiprocess files in the worker).
 
-Once per batch the handler gives `Watch.observe` the rows it scored and the model's output:
+Once per batch the handler gives `Watch.observe` the rows it scored and the model's output.
+observe() only queues them (about 1 us); the work is done for many batches at once, when
+FLUSH_ROWS rows are queued or the oldest is `delay` seconds old: by the batch that finds it so,
+or by the worker's watch thread once no batch comes. Per batch, a handful of numpy calls on 16
+rows and a few writes to the multiprocess files cost lenet's workers about 15 us a request
+under load (py-spy, w2 b16 d5, 32 clients); once for 256 rows, about 1.2 us a row. The metrics
+are that much later: DEFAULT_DELAY_MS, at most twice that, against Prometheus' scrape interval
+of seconds. A worker that stops loses what it had queued.
 
 - ANSWERS_METRIC counts answers by label (multiclass and binary: the answer's label;
   multilabel: each label at or over its threshold);
@@ -15,9 +22,9 @@ Once per batch the handler gives `Watch.observe` the rows it scored and the mode
 Rows whose output is not finite are answered 400 and left out.
 """
 
-import bisect
-import collections
 import logging
+import threading
+import time
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
@@ -38,13 +45,14 @@ METRICS = (ANSWERS_METRIC, TOP_PROBABILITY_METRIC, VALUE_METRIC, REFERENCE_MIX_M
            DRIFT_METRIC)
 # Confidence: ten labels start at 0.1, and most answers of a good model sit over 0.9.
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-# The scores are set every this many rows, not every batch: a multiprocess gauge's set costs
-# about 7 us (an mmap write under a lock), 30 of them for binary's features cost 0.2 ms a
-# request at batch 1; the window is 500 rows, so a score moves little in 20. The inputs wait
-# for them too and are reduced to statistics and binned together: a handful of numpy calls
-# for 20 rows rather than for every batch (lenet in a worker at batch 1: observe() 73 us a
-# request before, measured inside handle(), as numpy's calls run with cold caches there).
-PUBLISH_ROWS = 20
+# The batch that brings the queue to this many rows, or finds its oldest batch `delay` old,
+# records it; once traffic stops, the worker's watch thread does.
+FLUSH_ROWS = 256
+# The delay, in DELAY_ENV, set by the server (ServerSettings.watch_delay_ms); 0: each batch as
+# it is answered, so that metrics read after an answer include it (loadtests/studies/drift.py
+# reads a score after every request).
+DELAY_ENV = "KILN_WATCH_DELAY_MS"
+DEFAULT_DELAY_MS = 250
 # Set to "off" by the server (ServerSettings.watch False): no answer or drift metrics, for
 # `kiln bench`'s observability-off row.
 OFF_ENV = "KILN_WATCH"
@@ -84,7 +92,11 @@ def watch_for(signature, model_name, version, environ, registry=None):
         return Watch()
     reference = signature.get("reference") or {}
     buckets = _value_buckets(reference.get("outputs"))
-    return Watch(declare(registry, buckets), signature, model_name, version)
+    try:
+        delay = max(0.0, float(environ.get(DELAY_ENV, DEFAULT_DELAY_MS)) / 1000)
+    except ValueError:
+        delay = DEFAULT_DELAY_MS / 1000
+    return Watch(declare(registry, buckets), signature, model_name, version, delay)
 
 
 def _value_buckets(outputs):
@@ -96,7 +108,7 @@ def _value_buckets(outputs):
 class Watch:
     """Records one model version's answers and input drift; without metrics, nothing."""
 
-    def __init__(self, metrics=None, signature=None, model_name="", version=""):
+    def __init__(self, metrics=None, signature=None, model_name="", version="", delay=0.0):
         self._on = metrics is not None
         if not self._on:
             return
@@ -115,37 +127,95 @@ class Watch:
         self._inputs = _sketches(signature["inputs"], reference.get("inputs") or {})
         self._drift = metrics[DRIFT_METRIC]
         self._scores = {}  # (input, feature) -> gauge child, once it has a score
-        self._unpublished = 0  # rows since the scores were last set
-        self._pending = []  # the model inputs of those rows, one list of arrays a batch
+        self.delay = delay
+        self._queued = []  # (model inputs, output rows) of each batch not yet recorded
+        self._queued_rows = 0
+        self._first_queued = 0.0  # time.monotonic() of the oldest queued batch
+        self._queue_lock = threading.Lock()
+        self._record_lock = threading.Lock()  # one record() at a time: the sketches
+        self._armed = False  # the thread is watching the queue's age
+        self._wake = threading.Event()
+        if delay:
+            threading.Thread(target=self._run, name="kiln-watch", daemon=True).start()
 
     def observe(self, model_inputs, model_output):
         """One batch: the model's inputs (one array per signature input) and its output."""
         if not self._on:
             return
         try:
-            self._observe(model_inputs, model_output)
+            rows = np.asarray(model_output, dtype=np.float32)
+            now = time.monotonic()
+            with self._queue_lock:
+                if not self._queued:
+                    self._first_queued = now
+                self._queued.append((model_inputs, rows))
+                self._queued_rows += len(rows)
+                due = (self._queued_rows >= FLUSH_ROWS
+                       or now - self._first_queued >= self.delay)
+                wake, self._armed = not self._armed, True
+            if due:
+                self.record()
+            elif wake:
+                self._wake.set()
         except Exception:  # watching must never cost an answer
-            logger.exception("could not record the answers and drift of a batch")
+            logger.exception("could not queue the answers and drift of a batch")
 
-    def _observe(self, model_inputs, model_output):
-        rows = np.asarray(model_output, dtype=np.float32)
-        flat = rows.reshape(len(rows), -1)
+    def record(self):
+        """Records every queued batch now (the batch that makes the queue due, the thread
+        once traffic stops, tests)."""
+        if not self._on:
+            return
+        with self._record_lock:
+            with self._queue_lock:
+                queued, self._queued, self._queued_rows = self._queued, [], 0
+            if not queued:
+                return
+            try:
+                self._record(queued)
+            except Exception:
+                logger.exception("could not record the answers and drift of %d batches",
+                                 len(queued))
+
+    def _run(self):
+        """Records a queue that waited `delay`: under load the batches record it themselves
+        (no handoff of the GIL to this thread), so this wakes `delay` apart and finds it
+        young; it goes back to waiting once the queue is empty."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                time.sleep(self.delay)
+                with self._queue_lock:
+                    if not self._queued:
+                        self._armed = False
+                        break
+                    stale = time.monotonic() - self._first_queued >= self.delay
+                if stale:
+                    self.record()
+
+    def _record(self, queued):
+        flat = np.concatenate([rows.reshape(len(rows), -1) for _, rows in queued])
+        finite = None
         if not np.isfinite(flat).all():  # rare: only then which rows
             finite = np.isfinite(flat).all(axis=1)
             flat = flat[finite]
-            model_inputs = [x[finite] for x in model_inputs]
-        if len(flat):
-            self._answered(flat)
-            self._compare(model_inputs)
+        if not len(flat):
+            return
+        self._answered(flat)
+        for i, (_, spec, statistics, sketch) in enumerate(self._inputs):
+            if sketch is not None:
+                # join pads variable lengths to the longest, as for one batch.
+                rows = kinds.of(spec).join([inputs[i] for inputs, _ in queued], spec)
+                sketch.add(statistics(rows if finite is None else rows[finite]))
+        self._publish()
 
     def _answered(self, rows):
         kind = self.output["kind"]
         if kind in answers.LABELLED_KINDS:
             chosen, probabilities = answers.best_indices(rows, self.output)
-            # One increment per label answered in the batch, not per row (each is a write
-            # to the multiprocess file under a lock); counted in Python, as a batch is small.
-            for i, count in collections.Counter(chosen.tolist()).items():
-                self._answers[i].inc(count)
+            # One increment per label answered, not per row: each is a write to the
+            # multiprocess file under a lock.
+            self._count(np.bincount(chosen, minlength=len(self._answers)))
             observe_all(self._top, probabilities.tolist())
         elif kind == "multilabel":
             threshold = self.output.get("threshold", DEFAULT_THRESHOLD)
@@ -159,17 +229,6 @@ class Watch:
         """`counts`: answers per label, in the signature's label order."""
         for i in np.flatnonzero(counts).tolist():
             self._answers[i].inc(int(counts[i]))
-
-    def _compare(self, model_inputs):
-        self._pending.append(model_inputs)
-        self._unpublished += len(model_inputs[0])
-        if self._unpublished >= PUBLISH_ROWS:
-            pending, self._pending, self._unpublished = self._pending, [], 0
-            for i, (_, spec, statistics, sketch) in enumerate(self._inputs):
-                if sketch is not None:
-                    # join pads variable lengths to the longest, as for one batch.
-                    sketch.add(statistics(kinds.of(spec).join([p[i] for p in pending], spec)))
-            self._publish()
 
     def _publish(self):
         for name, _, _, sketch in self._inputs:
@@ -187,18 +246,16 @@ class Watch:
 def observe_all(histogram, values):
     """`histogram.observe(v)` of each of `values` (floats), with one write per bucket
     reached and one to the sum, instead of two per value: each is a write to the worker's
-    multiprocess file under a lock (about 2 us an observe), and a batch's answers mostly
-    fall into one or two buckets. prometheus-client has no batch observe: this adds to the
-    child's bucket and sum values as its observe() does (tests/unit/test_watch.py compares
-    the two)."""
-    reached = {}
-    for value in values:
-        # observe()'s bucket: the first upper bound at or over the value.
-        i = bisect.bisect_left(histogram._upper_bounds, value)
-        reached[i] = reached.get(i, 0) + 1
-    for i, count in reached.items():
-        histogram._buckets[i].inc(count)
-    histogram._sum.inc(sum(values))
+    multiprocess file under a lock (about 2 us an observe), and answers mostly fall into a
+    few buckets. prometheus-client has no batch observe: this adds to the child's bucket and
+    sum values as its observe() does (tests/unit/test_watch.py compares the two)."""
+    values = np.asarray(values, dtype=np.float64)
+    # observe()'s bucket: the first upper bound at or over the value.
+    reached = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"),
+                          minlength=len(histogram._upper_bounds))
+    for i in np.flatnonzero(reached).tolist():
+        histogram._buckets[i].inc(int(reached[i]))
+    histogram._sum.inc(float(values.sum()))
 
 
 def _sketches(specs, references):

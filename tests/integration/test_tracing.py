@@ -16,6 +16,7 @@ import requests
 
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import load_stubs
+from kiln.handlers import tracing
 from kiln.workspace import Workspace
 
 SEVEN = (Path(__file__).resolve().parents[1] / "fixtures" / "digits" / "7.png").read_bytes()
@@ -317,12 +318,15 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def exported(archives, receiver, tmp_path_factory):
-    srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("exported"),
+    # Spans sent 0.2 s after they end, not the SDK's 5 s: the tests wait for them.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(tracing.SCHEDULE_DELAY_ENV, "200")
+        srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("exported"),
                                 model_store=Workspace.current().model_store,
                                 models=["lenet", "binary"], ports=Ports.free(),
                                 internal_ports=Ports.free(), otlp_endpoint=receiver.endpoint))
-    with srv.running(timeout=180):
-        yield srv
+        with srv.running(timeout=180):
+            yield srv
 
 
 STAGES = ("queue", "preprocess", "inference", "postprocess")

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ def samples(registry, name):
             for family in registry.collect() for s in family.samples if s.name == name}
 
 
-def serving(model_dir, tmp_path, reference):
+def serving(model_dir, tmp_path, reference, environ=None):
     """A handler initialised from a copy of `model_dir` whose signature holds `reference`
-    (none: an older export), recording into a registry of its own."""
+    (none: an older export), recording into a registry of its own: each batch as it is
+    answered (the drift study's setting), or as `environ` says."""
     folder = shutil.copytree(model_dir, tmp_path / "tiny")
     signature = json.loads((folder / "signature.json").read_text())
     if reference is not None:
@@ -41,7 +43,8 @@ def serving(model_dir, tmp_path, reference):
     handler = kiln_handler.KilnHandler()
     handler.initialize(context)
     registry = CollectorRegistry()
-    handler.watch = watch.watch_for(handler.signature, "tiny", "1.0", {}, registry)
+    handler.watch = watch.watch_for(handler.signature, "tiny", "1.0",
+                                    environ or {watch.DELAY_ENV: "0"}, registry)
     return handler, context, registry
 
 
@@ -104,6 +107,40 @@ def test_drift_is_scored_per_feature_once_enough_rows_came(features_model_dir, t
     send(handler, context, [json.dumps(r.tolist()) for r in raw_rows(spec, shifted)])
     scores = samples(registry, "kiln_input_drift_score")
     assert {f for (f, _), s in scores.items() if s > drift.THRESHOLD} == {spec["names"][0]}
+
+
+def wait_for(condition, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.01)
+
+
+def test_answers_wait_in_the_queue_until_it_fills_or_the_delay_passes(features_model_dir,
+                                                                      tmp_path):
+    spec = json.loads((features_model_dir / "signature.json").read_text())["inputs"][0]
+    rows = raw_rows(spec, np.random.default_rng(4).normal(size=(watch.FLUSH_ROWS, 30)))
+    bodies = [json.dumps(r.tolist()) for r in rows]
+    count = "kiln_answer_top_probability_count"
+    # An hour's delay: only a full queue gets the thread going.
+    handler, context, registry = serving(features_model_dir, tmp_path / "full", None,
+                                         {watch.DELAY_ENV: "3600000"})
+    send(handler, context, bodies[:8])
+    assert samples(registry, count) == {(): 0.0}  # queued on the answer path, not recorded
+    for start in range(8, len(bodies), 8):
+        send(handler, context, bodies[start:start + 8])
+    wait_for(lambda: samples(registry, count) == {(): float(len(bodies))},
+             "record of a full queue")
+    send(handler, context, bodies[:3])
+    handler.watch.record()  # what the thread would do an hour later
+    assert samples(registry, count) == {(): len(bodies) + 3.0}
+
+    # The default delay: a lone request is recorded by the thread soon after its answer.
+    handler, context, registry = serving(features_model_dir, tmp_path / "lone", None,
+                                         {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert handler.watch.delay == watch.DEFAULT_DELAY_MS / 1000
+    send(handler, context, bodies[:1])
+    wait_for(lambda: samples(registry, count) == {(): 1.0}, "record after the delay")
 
 
 def test_an_archive_without_reference_statistics_is_served_without_drift_scores(
@@ -205,7 +242,8 @@ def test_a_variable_length_tensor_is_watched_by_its_length():
                  "reference": {"inputs": {"ids": {"length": drift.reference_of(
                      np.arange(100.0) % 8 + 1)}}}}
     registry = CollectorRegistry()
-    watched = watch.watch_for(signature, "tiny", "1.0", {}, registry)
+    watched = watch.watch_for(signature, "tiny", "1.0", {watch.DELAY_ENV: "0"},
+                              registry)
     rows = np.zeros((drift.MIN_ROWS, 8), dtype=np.int64)
     rows[:, :2] = 5  # every request two tokens long, padded to the batch's longest
     watched.observe([rows], np.tile(np.float32([[0.9, 0.1]]), (drift.MIN_ROWS, 1)))
