@@ -3,6 +3,7 @@ scrapes the test TorchServe after good and bad traffic to every model."""
 
 import json
 import math
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,9 +78,23 @@ def scraped(server, client, prometheus):
     so that every counter has grown between two samples inside WINDOW."""
     expected = ([200] * GOOD + [400] * BAD) * len(BODIES)
     for _ in range(2):
+        before = {model: answered(server, model) for model in BODIES}
         assert send_round(server, client) == expected
+        # The workers record answers in batches (handlers/watch.py): up to 0.5 s later.
+        deadline = time.monotonic() + 30
+        while any(answered(server, m) < before[m] + GOOD for m in BODIES):
+            assert time.monotonic() < deadline, "the workers never recorded the answers"
+            time.sleep(0.05)
         end = prometheus.scrape_after(time.time() + SETTLE_S)
     return end
+
+
+def answered(server, model):
+    """The answers of `model` its workers have recorded, from Kiln's metrics port."""
+    page = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(
+        rf'^kiln_answer_top_probability_count\{{[^}}]*model_name="{model}"[^}}]*\}} (\S+)$',
+        page, re.M))
 
 
 def test_shipped_prometheus_config_passes_promtool(promtool):
