@@ -35,6 +35,18 @@ def test_per_request_worker_chatter_stays_out_of_the_log(server, client):
     assert "CPUExecutionProvider" in model_log
 
 
+def test_the_frontend_logs_no_line_per_request_or_batch(server, client):
+    for _ in range(3):
+        assert client.predict_json("lenet", [[0] * 28] * 28).status == 200
+    ts_log = "\n".join(log_lines(server, "ts_log.log"))
+    # TorchServe's per-request and per-batch INFO lines: off (deploy/log4j2.xml).
+    for chatter in ("Sending response for jobId", "Backend response time",
+                    "Looping backend response at"):
+        assert chatter not in ts_log
+    # The worker's other lines stay: how each worker reached its model.
+    assert "org.pytorch.serve.wlm.WorkerThread - Connecting to: " in ts_log
+
+
 @pytest.fixture(scope="module")
 def access_logged(archives, tmp_path_factory):
     srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("access"),
