@@ -198,7 +198,8 @@ def observability_rows(name: str, payload: payloads.Payload, clients: int, secon
         for on, server in servers.items():
             running.enter_context(server.running(timeout=240))
             check_answer(targets[on], server)
-            served_row(targets[on], server, clients, 1)  # warm-up
+        for on, server in servers.items():  # both warm before either is measured
+            served_row(targets[on], server, clients, observability.WARM_UP_ROUNDS * seconds)
         for turn in range(observability.ROUNDS):
             # Off then on, then on then off: neither always runs just after the other's load.
             for on, server in sorted(servers.items(), reverse=turn % 2 == 1):
