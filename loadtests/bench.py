@@ -185,15 +185,32 @@ def measure_server(server: Server, targets: list[Target], clients: list[int],
 
 
 def observability_rows(name: str, payload: payloads.Payload, clients: int, seconds: int,
-                       root: Path, models_dirs: list[Path]) -> list[Row]:
-    """The observability pair (observability.py): both servers up, ROUNDS turns each."""
+                       root: Path, models_dirs: list[Path]) -> tuple[list[Row], list[float]]:
+    """The observability pair (observability.py), PAIRS times with fresh servers: the off and
+    on rows (medians of every round of every pair) and each pair's throughput ratio."""
     targets = {on: Target(observability.ON if on else observability.OFF, FRONT,
                           config_name(COMPARISON), name,
                           (payload.body, payload.content_type), payload.label)
                for on in (False, True)}
     runs = {on: [] for on in targets}
-    with observability.otlp_sink() as sink, contextlib.ExitStack() as running:
-        servers = {on: observability.server(root, name, COMPARISON, models_dirs, on, sink)
+    ratios = []
+    with observability.otlp_sink() as sink:
+        for pair in range(observability.PAIRS):
+            found = observability_pair(targets, pair, clients, seconds, root, models_dirs, sink)
+            for on, rounds in found.items():
+                runs[on] += rounds
+            ratios.append(observability.median_row(found[True]).throughput
+                          / observability.median_row(found[False]).throughput)
+    return [observability.median_row(r) for r in runs.values()], ratios
+
+
+def observability_pair(targets: dict[bool, Target], pair: int, clients: int, seconds: int,
+                       root: Path, models_dirs: list[Path], sink: str) -> dict[bool, list[Row]]:
+    """One pair of servers, off and on: both up and warm, then ROUNDS turns each."""
+    runs = {on: [] for on in targets}
+    with contextlib.ExitStack() as running:
+        servers = {on: observability.server(root / f"pair-{pair}", targets[on].model,
+                                            COMPARISON, models_dirs, on, sink)
                    for on in targets}
         for on, server in servers.items():
             running.enter_context(server.running(timeout=240))
@@ -203,11 +220,11 @@ def observability_rows(name: str, payload: payloads.Payload, clients: int, secon
         for turn in range(observability.ROUNDS):
             # Off then on, then on then off: neither always runs just after the other's load.
             for on, server in sorted(servers.items(), reverse=turn % 2 == 1):
-                log.info("%s: %d clients for %ds, round %d", targets[on].name, clients,
-                         seconds, turn + 1)
+                log.info("%s: %d clients for %ds, pair %d, round %d", targets[on].name,
+                         clients, seconds, pair + 1, turn + 1)
                 runs[on].append(served_row(targets[on], server, clients, seconds,
                                            observability.serving_cpu_seconds))
-    return [observability.median_row(r) for r in runs.values()]
+    return runs
 
 
 def kiln_server(root: Path, name: str, config: ModelServing, models_dirs: list[Path]) -> Server:
@@ -304,9 +321,11 @@ def kiln_serve_config(name: str, models_dirs: list[Path]) -> ModelServing:
 
 
 def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
-          models_dirs: list[Path]) -> tuple[list[Row], ModelServing, bench_gpu.Section]:
+          models_dirs: list[Path]) -> tuple[list[Row], ModelServing, bench_gpu.Section,
+                                            list[float]]:
     """The rows for the model `decl` declares, sent its first example, and its GPU section;
-    `models_dirs` find it by its name. Also what `kiln serve NAME` serves it with."""
+    `models_dirs` find it by its name. Also what `kiln serve NAME` serves it with, and the
+    observability pairs' throughput ratios, on to off, one a pair."""
     from kiln.model_store.build import ensure_built
 
     name = decl.name
@@ -321,11 +340,13 @@ def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
             rows += measure_server(server, targets, clients, seconds)
         rows += as_served_rows(decl, serve, artifacts, Path(tmp), first, models_dirs, clients,
                                seconds)
-        rows += observability_rows(name, first, max(clients), seconds, Path(tmp), models_dirs)
+        pair_rows, pair_ratios = observability_rows(name, first, max(clients), seconds,
+                                                    Path(tmp), models_dirs)
+        rows += pair_rows
         rows += oip_bench.rows(decl, COMPARISON, clients, seconds, Path(tmp), models_dirs)
     gpu = gpu_section(decl, first, sorted({1, COMPARISON.batch_size}), clients, seconds,
                       models_dirs)
-    return add_ratios(rows), serve, gpu
+    return add_ratios(rows), serve, gpu, pair_ratios
 
 
 def gpu_section(decl: declaration.Declaration, first: payloads.Payload, batches: list[int],
@@ -385,7 +406,8 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                           f"of {observability.TRACE_SAMPLE:.0%} of the traces to a local sink, "
                           f"answer and drift metrics, the payload log at "
                           f"{observability.PAYLOAD_LOG:g}; medians of "
-                          f"{observability.ROUNDS} rounds taking turns with the off row",
+                          f"{observability.ROUNDS} rounds taking turns with the off row, in "
+                          f"each of {observability.PAIRS} pairs of fresh servers",
         oip_bench.HTTP_ROW: f"the Open Inference Protocol over HTTP through nginx at "
                             f"{config_name(COMPARISON)}: the first example as one tensor, "
                             f"binary in and out (tritonclient's default); load from "
@@ -397,10 +419,11 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
 
 
 def report(name: str, rows: list[Row], seconds: int, serve: ModelServing,
-           gpu: bench_gpu.Section) -> dict:
+           gpu: bench_gpu.Section, pair_ratios: list[float]) -> dict:
     return {"model": name, "seconds": seconds, "load_generator": wrk.NAME,
             "comparison": config_name(COMPARISON), "kiln_serve": config_name(serve),
             **descriptions(name, serve), "rows": [asdict(r) for r in rows],
+            "observability_pair_ratios": [round(r, 3) for r in pair_ratios],
             "gpu": {"notes": gpu.notes, "rows": [asdict(r) for r in gpu.rows]}}
 
 
@@ -415,8 +438,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 1
     clients = sorted({1, *args.clients})
-    rows, serve, gpu = bench(decl, clients, args.seconds, models_dirs)
-    result = report(decl.name, rows, args.seconds, serve, gpu)
+    rows, serve, gpu, pair_ratios = bench(decl, clients, args.seconds, models_dirs)
+    result = report(decl.name, rows, args.seconds, serve, gpu, pair_ratios)
     print(f"{decl.name}: {args.seconds}s per cell, load generator: {wrk.NAME}")
     for key, text in descriptions(decl.name, serve).items():
         print(f"  {key:<11} {text}")
@@ -426,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(as_served_summary(rows, AS_SERVED_ROUNDS)))
     pair = {r.name: r for r in rows if r.name in (observability.OFF, observability.ON)}
     print("\n".join(observability_summary(pair[observability.OFF], pair[observability.ON],
-                                           observability.ROUNDS)))
+                                           observability.ROUNDS, pair_ratios)))
     print("\n".join(bench_gpu.lines(gpu)))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -121,17 +121,21 @@ def summary(rows: list[Row], config: str, clients: int) -> list[str]:
     return lines
 
 
-def observability_summary(off: Row, on: Row, rounds: int) -> list[str]:
+def observability_summary(off: Row, on: Row, rounds: int, pair_ratios: list[float]
+                          ) -> list[str]:
     """All of the observability on against all of it off, in words (loadtests/
-    observability.py); Kiln's aim is at least 0.97x the throughput and at most +0.2 ms of p50."""
+    observability.py), with each pair of servers' own throughput ratio; Kiln's aim is at least
+    0.97x the throughput and at most +0.2 ms of p50."""
     cpu = (f"{on.server_cpu_us:.0f} vs {off.server_cpu_us:.0f} us a request "
            f"({_ratio(on.server_cpu_us, off, 'server_cpu_us')}x)"
            if on.server_cpu_us is not None and off.server_cpu_us is not None else "-")
+    pairs = ", ".join(f"{r:.3f}x" for r in pair_ratios)
     return [f"Observability all on against all off at {on.config}, {on.clients} clients "
-            f"(medians of {rounds} rounds taking turns): throughput "
-            f"{_ratio(on.throughput, off)}x ({on.throughput:.0f} vs {off.throughput:.0f} "
-            f"inputs/s), p50 {on.p50_ms - off.p50_ms:+.2f} ms, p99 {on.p99_ms - off.p99_ms:+.2f} "
-            f"ms, server CPU {cpu}"]
+            f"(medians of {rounds} rounds taking turns, in each of {len(pair_ratios)} pairs of "
+            f"servers): throughput {_ratio(on.throughput, off)}x ({on.throughput:.0f} vs "
+            f"{off.throughput:.0f} inputs/s; pair by pair {pairs}), p50 "
+            f"{on.p50_ms - off.p50_ms:+.2f} ms, p99 {on.p99_ms - off.p99_ms:+.2f} ms, server "
+            f"CPU {cpu}"]
 
 
 def as_served_summary(rows: list[Row], rounds: int) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from kiln.loadtests import bench_gpu, declared, wrk
+from kiln.loadtests import bench_gpu, declared, observability, wrk
 from kiln.loadtests.bench import COMPARISON, PLAIN_BEST_CONFIG, kiln_serve_config
 from kiln.loadtests.bench_table import config_name
 
@@ -66,6 +66,8 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
     assert done.stdout.count("Kiln as served (") == 3
     assert done.stdout.count("plain best itself behind a bare nginx (the floor of any proxy)") == 3
     assert done.stdout.count("Observability all on against all off at ") == 1
+    pairs = result["observability_pair_ratios"]
+    assert len(pairs) == observability.PAIRS and all(r > 0 for r in pairs), pairs
     if not torch.cuda.is_available():
         assert result["gpu"] == {"notes": [bench_gpu.SKIPPED], "rows": []}
         assert bench_gpu.SKIPPED in done.stdout.splitlines()

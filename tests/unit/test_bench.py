@@ -199,10 +199,11 @@ def test_observability_summary_gives_the_ratio_the_p50_and_the_cpu_per_request()
               config=CMP)
     on = Row(observability.ON, 16, 980.0, 8.1, 20.5, 1, server_cpu_us=1650.0, via=FRONT,
              config=CMP)
-    assert observability_summary(off, on, 3) == [
+    assert observability_summary(off, on, 3, [0.9712, 0.99]) == [
         "Observability all on against all off at w2 b16 d5, 16 clients (medians of 3 rounds "
-        "taking turns): throughput 0.98x (980 vs 1000 inputs/s), p50 +0.10 ms, p99 +0.50 ms, "
-        "server CPU 1650 vs 1600 us a request (1.03x)"]
+        "taking turns, in each of 2 pairs of servers): throughput 0.98x (980 vs 1000 "
+        "inputs/s; pair by pair 0.971x, 0.990x), p50 +0.10 ms, p99 +0.50 ms, server CPU 1650 "
+        "vs 1600 us a request (1.03x)"]
 
 
 def test_observability_on_is_everything_a_production_user_turns_on_and_off_is_none_of_it(
