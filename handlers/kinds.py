@@ -267,14 +267,20 @@ class ImageKind(InputKind):
             per_channel = flat.shape[1] // len(mean)
             key = (flat.dtype, per_channel)
             if key not in weights:
-                weights[key] = (np.repeat(std / flat.shape[1], per_channel).astype(
-                    flat.dtype if flat.dtype == np.float32 else np.float64),
-                    np.repeat((images.INK_THRESHOLD - mean) / std, per_channel))
+                # float32 rows get float32 constants: a float64 threshold made the comparison
+                # copy every pixel to float64 first (172 -> 82 us for 256 of lenet's rows,
+                # with the byte sum below).
+                dtype = flat.dtype if flat.dtype == np.float32 else np.float64
+                weights[key] = (np.repeat(std / flat.shape[1], per_channel).astype(dtype),
+                                np.repeat((images.INK_THRESHOLD - mean) / std,
+                                          per_channel).astype(dtype))
             weight, threshold = weights[key]
             values = np.empty((len(rows), 2))
             values[:, 0] = flat @ weight
             values[:, 0] += offset
-            values[:, 1] = np.count_nonzero(flat > threshold, axis=1)
+            # A row's sum of its comparisons as bytes: count_nonzero along an axis took twice
+            # as long (65 against 29 us for 256 of lenet's rows).
+            values[:, 1] = (flat > threshold).view(np.uint8).sum(axis=1, dtype=np.int32)
             values[:, 1] /= flat.shape[1]
             return values
 
