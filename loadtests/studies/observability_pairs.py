@@ -1,0 +1,109 @@
+"""kiln bench's observability pair, many times over, with the CPU of each serving process
+(issue 19, goal 5): how far apart all on and all off are once a server's own speed is averaged
+out.
+
+    python -m kiln.loadtests.studies.observability_pairs [--pairs 5] [--rounds 6] [--seconds 5]
+
+Each pair is two fresh servers as kiln bench's pair has them (loadtests/observability.py: lenet
+at the comparison configuration through Kiln's front, everything that watches off, and all of
+it on), both warmed up for two rounds' worth of load at 32 clients, then taking turns under
+wrk, the order reversed every other round. Printed per pair: the throughput ratio (on to off,
+medians of the rounds), the p50 difference and the CPU microseconds a request each row's
+workers, TorchServe's frontend, nginx and Kiln's helpers (metrics exporter, proxy spans) spent,
+as differences; then the median of the pairs. Two servers of one configuration differ by a
+few percent for their whole life, so one pair cannot resolve a 3% target; the spread of the
+pairs says how far any one is to be trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from kiln.console import setup_logging
+from kiln.deploy.server import Server
+from kiln.loadtests import bench, declared, observability, payloads, wrk
+from kiln.loadtests.bench_table import FRONT
+from kiln.loadtests.studies.handler_cost import cpu_seconds, processes
+from kiln.model_store.build import ensure_built
+
+MODEL = "lenet"
+CLIENTS = 32
+PARTS = ("workers", "frontend", "nginx", "helpers")
+
+
+def measure(server: Server, target: bench.Target, seconds: int) -> dict[str, float]:
+    procs = processes(server, nginx=True)
+    procs["helpers"] = []
+    for pid in (server.exporter.pid(), server.proxy_spans.process.pid()):
+        if pid is not None:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                procs["helpers"] += [proc, *proc.children(recursive=True)]
+    before = {k: cpu_seconds(v) for k, v in procs.items()}
+    base, token = target.endpoint(server)
+    run = wrk.run(f"{base}/predictions/{MODEL}", *target.payload, token, CLIENTS, seconds)
+    if run.errors:
+        raise RuntimeError(f"{target.name}: {run.errors} failed requests")
+    requests = max(1, run.requests)
+    return {"inputs/s": run.throughput_rps, "p50 ms": run.p50_ms,
+            **{k: (cpu_seconds(v) - before[k]) * 1e6 / requests for k, v in procs.items()}}
+
+
+def pair(root: Path, dirs: list[Path], sink: str, opts: argparse.Namespace) -> dict[str, float]:
+    """One pair's medians: the ratio, the p50 difference and each part's CPU difference."""
+    first = payloads.first_payload(declared.resolve(MODEL, [])[0])
+    runs = {on: [] for on in (False, True)}
+    with contextlib.ExitStack() as running:
+        servers = {on: observability.server(root, MODEL, bench.COMPARISON, dirs, on, sink)
+                   for on in runs}
+        targets = {on: bench.Target("on" if on else "off", FRONT, "", MODEL,
+                                    (first.body, first.content_type), first.label)
+                   for on in runs}
+        for on, server in servers.items():
+            running.enter_context(server.running(timeout=240))
+            bench.check_answer(targets[on], server)
+        for on, server in servers.items():
+            measure(server, targets[on], observability.WARM_UP_ROUNDS * opts.seconds)
+        for turn in range(opts.rounds):
+            for on in (True, False) if turn % 2 else (False, True):
+                runs[on].append(measure(servers[on], targets[on], opts.seconds))
+    med = {on: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+           for on, rows in runs.items()}
+    return {"x": med[True]["inputs/s"] / med[False]["inputs/s"],
+            "p50 ms": med[True]["p50 ms"] - med[False]["p50 ms"],
+            **{part: med[True][part] - med[False][part] for part in PARTS}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", type=int, default=5, help="pairs of fresh servers (default 5)")
+    p.add_argument("--rounds", type=int, default=6, help="turns of each server (default 6)")
+    p.add_argument("--seconds", type=int, default=5, help="each turn (default 5)")
+    opts = p.parse_args(argv)
+    setup_logging()
+    ensure_built(MODEL)
+    dirs = declared.resolve(MODEL, [])[1]
+    found = []
+    print("| pair | on/off | p50 ms | " + " | ".join(f"{p} us/rq" for p in PARTS) + " |")
+    print("|---:|---:|---:|" + "---:|" * len(PARTS))
+    with observability.otlp_sink() as sink, tempfile.TemporaryDirectory(
+            prefix="kiln-obs-pairs-") as root:
+        for i in range(opts.pairs):
+            found.append(pair(Path(root) / f"pair-{i}", dirs, sink, opts))
+            row = found[-1]
+            print(f"| {i + 1} | {row['x']:.3f} | {row['p50 ms']:+.2f} | "
+                  + " | ".join(f"{row[p]:+.1f}" for p in PARTS) + " |", flush=True)
+    med = {k: statistics.median(r[k] for r in found) for k in found[0]}
+    print(f"| median | {med['x']:.3f} | {med['p50 ms']:+.2f} | "
+          + " | ".join(f"{med[p]:+.1f}" for p in PARTS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
