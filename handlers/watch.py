@@ -6,9 +6,10 @@ observe() only queues them (about 1 us); the work is done for many batches at on
 FLUSH_ROWS rows are queued or the oldest is `delay` seconds old: by the batch that finds it so,
 or by the worker's watch thread once no batch comes. Per batch, a handful of numpy calls on 16
 rows and a few writes to the multiprocess files cost lenet's workers about 15 us a request
-under load (py-spy, w2 b16 d5, 32 clients); once for 256 rows, about 1.2 us a row. The metrics
-are that much later: DEFAULT_DELAY_MS, at most twice that, against Prometheus' scrape interval
-of seconds. A worker that stops loses what it had queued.
+under load (py-spy, w2 b16 d5, 32 clients); once for 256 rows, about 0.8 us a row, and 2.8 us
+a request measured inside handle(), where caches are cold (loadtests/studies/watch_cost.py).
+The metrics are that much later: DEFAULT_DELAY_MS, at most twice that, against Prometheus'
+scrape interval of seconds. A worker that stops loses what it had queued.
 
 - ANSWERS_METRIC counts answers by label (multiclass and binary: the answer's label;
   multilabel: each label at or over its threshold);
@@ -216,13 +217,13 @@ class Watch:
             # One increment per label answered, not per row: each is a write to the
             # multiprocess file under a lock.
             self._count(np.bincount(chosen, minlength=len(self._answers)))
-            observe_all(self._top, probabilities.tolist())
+            observe_all(self._top, probabilities)
         elif kind == "multilabel":
             threshold = self.output.get("threshold", DEFAULT_THRESHOLD)
             self._count((rows >= np.asarray(threshold)).sum(axis=0))
-            observe_all(self._top, rows.max(axis=1).tolist())
+            observe_all(self._top, rows.max(axis=1))
         elif kind == "regression":
-            for column, child in zip(rows.T.tolist(), self._values, strict=True):
+            for column, child in zip(rows.T, self._values, strict=True):
                 observe_all(child, column)
 
     def _count(self, counts):
@@ -244,11 +245,11 @@ class Watch:
 
 
 def observe_all(histogram, values):
-    """`histogram.observe(v)` of each of `values` (floats), with one write per bucket
-    reached and one to the sum, instead of two per value: each is a write to the worker's
-    multiprocess file under a lock (about 2 us an observe), and answers mostly fall into a
-    few buckets. prometheus-client has no batch observe: this adds to the child's bucket and
-    sum values as its observe() does (tests/unit/test_watch.py compares the two)."""
+    """`histogram.observe(v)` of each of `values` (floats: an array or a list), with one
+    write per bucket reached and one to the sum, instead of two per value: each is a write to
+    the worker's multiprocess file under a lock (about 2 us an observe), and answers mostly
+    fall into a few buckets. prometheus-client has no batch observe: this adds to the child's
+    bucket and sum values as its observe() does (tests/unit/test_watch.py compares the two)."""
     values = np.asarray(values, dtype=np.float64)
     # observe()'s bucket: the first upper bound at or over the value.
     reached = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"),
