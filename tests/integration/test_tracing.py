@@ -322,9 +322,10 @@ def exported(archives, receiver, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(tracing.SCHEDULE_DELAY_ENV, "200")
         srv = Server(ServerSettings(run_dir=tmp_path_factory.mktemp("exported"),
-                                model_store=Workspace.current().model_store,
-                                models=["lenet", "binary"], ports=Ports.free(),
-                                internal_ports=Ports.free(), otlp_endpoint=receiver.endpoint))
+                                    model_store=Workspace.current().model_store,
+                                    models=["lenet", "binary"], ports=Ports.free(),
+                                    internal_ports=Ports.free(),
+                                    otlp_endpoint=receiver.endpoint))
         with srv.running(timeout=180):
             yield srv
 

@@ -122,15 +122,16 @@ def test_answers_wait_in_the_queue_until_it_fills_or_the_delay_passes(features_m
     rows = raw_rows(spec, np.random.default_rng(4).normal(size=(watch.FLUSH_ROWS, 30)))
     bodies = [json.dumps(r.tolist()) for r in rows]
     count = "kiln_answer_top_probability_count"
-    # An hour's delay: only a full queue gets the thread going.
+    # An hour's delay: only a full queue is recorded, by the batch that fills it.
     handler, context, registry = serving(features_model_dir, tmp_path / "full", None,
                                          {watch.DELAY_ENV: "3600000"})
     send(handler, context, bodies[:8])
     assert samples(registry, count) == {(): 0.0}  # queued on the answer path, not recorded
-    for start in range(8, len(bodies), 8):
+    for start in range(8, len(bodies) - 8, 8):
         send(handler, context, bodies[start:start + 8])
-    wait_for(lambda: samples(registry, count) == {(): float(len(bodies))},
-             "record of a full queue")
+    assert samples(registry, count) == {(): 0.0}  # 8 rows short of FLUSH_ROWS
+    send(handler, context, bodies[-8:])
+    assert samples(registry, count) == {(): float(len(bodies))}
     send(handler, context, bodies[:3])
     handler.watch.record()  # what the thread would do an hour later
     assert samples(registry, count) == {(): len(bodies) + 3.0}
