@@ -184,14 +184,19 @@ def measure_server(server: Server, targets: list[Target], clients: list[int],
     return rows
 
 
+def observability_targets(name: str, payload: payloads.Payload) -> dict[bool, Target]:
+    """The pair's two rows, {on: Target}: the same model and body through the front."""
+    return {on: Target(observability.ON if on else observability.OFF, FRONT,
+                       config_name(COMPARISON), name, (payload.body, payload.content_type),
+                       payload.label)
+            for on in (False, True)}
+
+
 def observability_rows(name: str, payload: payloads.Payload, clients: int, seconds: int,
                        root: Path, models_dirs: list[Path]) -> tuple[list[Row], list[float]]:
     """The observability pair (observability.py), PAIRS times with fresh servers: the off and
     on rows (medians of every round of every pair) and each pair's throughput ratio."""
-    targets = {on: Target(observability.ON if on else observability.OFF, FRONT,
-                          config_name(COMPARISON), name,
-                          (payload.body, payload.content_type), payload.label)
-               for on in (False, True)}
+    targets = observability_targets(name, payload)
     runs = {on: [] for on in targets}
     ratios = []
     with observability.otlp_sink() as sink:
@@ -205,8 +210,15 @@ def observability_rows(name: str, payload: payloads.Payload, clients: int, secon
 
 
 def observability_pair(targets: dict[bool, Target], pair: int, clients: int, seconds: int,
-                       root: Path, models_dirs: list[Path], sink: str) -> dict[bool, list[Row]]:
-    """One pair of servers, off and on: both up and warm, then ROUNDS turns each."""
+                       root: Path, models_dirs: list[Path], sink: str,
+                       rounds: int = observability.ROUNDS, measure=None) -> dict[bool, list]:
+    """One pair of servers, off and on: both up and warm, then `rounds` turns each;
+    {on: what measure(target, server, clients, seconds) gave each turn}, by default a Row with
+    the server's CPU (loadtests/studies/observability_pairs.py splits it by process)."""
+    if measure is None:
+        def measure(target, server, clients, seconds):
+            return served_row(target, server, clients, seconds,
+                              observability.serving_cpu_seconds)
     runs = {on: [] for on in targets}
     with contextlib.ExitStack() as running:
         servers = {on: observability.server(root / f"pair-{pair}", targets[on].model,
@@ -216,14 +228,13 @@ def observability_pair(targets: dict[bool, Target], pair: int, clients: int, sec
             running.enter_context(server.running(timeout=240))
             check_answer(targets[on], server)
         for on, server in servers.items():  # both warm before either is measured
-            served_row(targets[on], server, clients, observability.WARM_UP_ROUNDS * seconds)
-        for turn in range(observability.ROUNDS):
+            measure(targets[on], server, clients, observability.WARM_UP_ROUNDS * seconds)
+        for turn in range(rounds):
             # Off then on, then on then off: neither always runs just after the other's load.
             for on, server in sorted(servers.items(), reverse=turn % 2 == 1):
                 log.info("%s: %d clients for %ds, pair %d, round %d", targets[on].name,
                          clients, seconds, pair + 1, turn + 1)
-                runs[on].append(served_row(targets[on], server, clients, seconds,
-                                           observability.serving_cpu_seconds))
+                runs[on].append(measure(targets[on], server, clients, seconds))
     return runs
 
 

@@ -79,21 +79,33 @@ def otlp_sink() -> Iterator[str]:
 def serving_cpu_seconds(server: Server) -> float:
     """CPU seconds so far of every process serving `server`: TorchServe and its workers,
     nginx, Kiln's metrics exporter and proxy spans."""
-    procs = list(server.front.processes())
-    for pid in (server.pid(), server.exporter.pid(), server.proxy_spans.process.pid()):
-        # None: not running (the off row has no proxy spans), and psutil.Process(None) would
-        # be this process, its wrk and the other row's helpers: 67 to 87 us a request more.
-        if pid is None:
-            continue
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            procs += [proc, *proc.children(recursive=True)]
+    procs = [*server.front.processes(), *with_children(server.pid()),
+             *helper_processes(server)]
     total = 0.0
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
             total += times.user + times.system
     return total
+
+
+def helper_processes(server: Server) -> list[psutil.Process]:
+    """Kiln's metrics exporter and proxy-spans process of `server`, where they run, with
+    their children."""
+    return [*with_children(server.exporter.pid()),
+            *with_children(server.proxy_spans.process.pid())]
+
+
+def with_children(pid: int | None) -> list[psutil.Process]:
+    """The process and its children; none for None, a process that does not run (the off row
+    has no proxy spans): psutil.Process(None) would be this process, with its wrk and the
+    other row's helpers, 67 to 87 us a request more."""
+    if pid is None:
+        return []
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    return []
 
 
 def server(root: Path, name: str, config: ModelServing, models_dirs: list[Path], on: bool,

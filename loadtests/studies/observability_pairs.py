@@ -18,17 +18,13 @@ pairs says how far any one is to be trusted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from kiln.console import setup_logging
 from kiln.deploy.server import Server
 from kiln.loadtests import bench, declared, observability, payloads, wrk
-from kiln.loadtests.bench_table import FRONT
 from kiln.loadtests.studies.handler_cost import cpu_seconds, processes
 from kiln.model_store.build import ensure_built
 
@@ -37,17 +33,13 @@ CLIENTS = 32
 PARTS = ("workers", "frontend", "nginx", "helpers")
 
 
-def measure(server: Server, target: bench.Target, seconds: int) -> dict[str, float]:
+def measure(target: bench.Target, server: Server, clients: int, seconds: int
+            ) -> dict[str, float]:
     procs = processes(server, nginx=True)
-    procs["helpers"] = []
-    for pid in (server.exporter.pid(), server.proxy_spans.process.pid()):
-        if pid is not None:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                procs["helpers"] += [proc, *proc.children(recursive=True)]
+    procs["helpers"] = observability.helper_processes(server)
     before = {k: cpu_seconds(v) for k, v in procs.items()}
     base, token = target.endpoint(server)
-    run = wrk.run(f"{base}/predictions/{MODEL}", *target.payload, token, CLIENTS, seconds)
+    run = wrk.run(f"{base}/predictions/{MODEL}", *target.payload, token, clients, seconds)
     if run.errors:
         raise RuntimeError(f"{target.name}: {run.errors} failed requests")
     requests = max(1, run.requests)
@@ -55,24 +47,13 @@ def measure(server: Server, target: bench.Target, seconds: int) -> dict[str, flo
             **{k: (cpu_seconds(v) - before[k]) * 1e6 / requests for k, v in procs.items()}}
 
 
-def pair(root: Path, dirs: list[Path], sink: str, opts: argparse.Namespace) -> dict[str, float]:
+def pair(index: int, root: Path, dirs: list[Path], sink: str, opts: argparse.Namespace
+         ) -> dict[str, float]:
     """One pair's medians: the ratio, the p50 difference and each part's CPU difference."""
-    first = payloads.first_payload(declared.resolve(MODEL, [])[0])
-    runs = {on: [] for on in (False, True)}
-    with contextlib.ExitStack() as running:
-        servers = {on: observability.server(root, MODEL, bench.COMPARISON, dirs, on, sink)
-                   for on in runs}
-        targets = {on: bench.Target("on" if on else "off", FRONT, "", MODEL,
-                                    (first.body, first.content_type), first.label)
-                   for on in runs}
-        for on, server in servers.items():
-            running.enter_context(server.running(timeout=240))
-            bench.check_answer(targets[on], server)
-        for on, server in servers.items():
-            measure(server, targets[on], observability.WARM_UP_ROUNDS * opts.seconds)
-        for turn in range(opts.rounds):
-            for on in (True, False) if turn % 2 else (False, True):
-                runs[on].append(measure(servers[on], targets[on], opts.seconds))
+    targets = bench.observability_targets(
+        MODEL, payloads.first_payload(declared.resolve(MODEL, [])[0]))
+    runs = bench.observability_pair(targets, index, CLIENTS, opts.seconds, root, dirs, sink,
+                                    rounds=opts.rounds, measure=measure)
     med = {on: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
            for on, rows in runs.items()}
     return {"x": med[True]["inputs/s"] / med[False]["inputs/s"],
@@ -95,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     with observability.otlp_sink() as sink, tempfile.TemporaryDirectory(
             prefix="kiln-obs-pairs-") as root:
         for i in range(opts.pairs):
-            found.append(pair(Path(root) / f"pair-{i}", dirs, sink, opts))
+            found.append(pair(i, Path(root), dirs, sink, opts))
             row = found[-1]
             print(f"| {i + 1} | {row['x']:.3f} | {row['p50 ms']:+.2f} | "
                   + " | ".join(f"{row[p]:+.1f}" for p in PARTS) + " |", flush=True)
