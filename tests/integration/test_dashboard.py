@@ -3,7 +3,6 @@ scrapes the test TorchServe after good and bad traffic to every model."""
 
 import json
 import math
-import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ import pytest
 import requests
 
 from kiln import declaration
+from kiln.loadtests.monitor import parse_metrics
 
 MODELS = declaration.default_set()
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,23 +78,25 @@ def scraped(server, client, prometheus):
     so that every counter has grown between two samples inside WINDOW."""
     expected = ([200] * GOOD + [400] * BAD) * len(BODIES)
     for _ in range(2):
-        before = {model: answered(server, model) for model in BODIES}
+        before = answered(server)
         assert send_round(server, client) == expected
         # The workers record answers in batches (handlers/watch.py): up to 0.5 s later.
         deadline = time.monotonic() + 30
-        while any(answered(server, m) < before[m] + GOOD for m in BODIES):
+        while any(now < before[m] + GOOD for m, now in answered(server).items()):
             assert time.monotonic() < deadline, "the workers never recorded the answers"
             time.sleep(0.05)
         end = prometheus.scrape_after(time.time() + SETTLE_S)
     return end
 
 
-def answered(server, model):
-    """The answers of `model` its workers have recorded, from Kiln's metrics port."""
-    page = requests.get(f"{server.url('metrics')}/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(
-        rf'^kiln_answer_top_probability_count\{{[^}}]*model_name="{model}"[^}}]*\}} (\S+)$',
-        page, re.M))
+def answered(server):
+    """{model: the answers its workers have recorded}, for each of BODIES' models, from one
+    read of Kiln's metrics port."""
+    page = parse_metrics(requests.get(f"{server.url('metrics')}/metrics", timeout=10).text)
+    return {model: sum(value for (name, labels), value in page.items()
+                       if name == "kiln_answer_top_probability_count"
+                       and ("model_name", model) in labels)
+            for model in BODIES}
 
 
 def test_shipped_prometheus_config_passes_promtool(promtool):
