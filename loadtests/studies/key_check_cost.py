@@ -72,7 +72,9 @@ def variant_conf(text: str, variant: str, keys: list[front.Key]) -> str:
 class Variant:
     """One more nginx in front of the server's TorchServe, with its own folder and ports."""
 
-    def __init__(self, server: Server, variant: str, folder: Path):
+    def __init__(self, server: Server, variant: str, folder: Path, conf=None):
+        """`conf(text)`: the variant's nginx.conf from the server's (by default
+        variant_conf's for `variant`)."""
         self.name = variant
         ports = Ports.free()
         self.settings = dataclasses.replace(
@@ -82,7 +84,8 @@ class Variant:
                     "oip-grpc": ports.oip_grpc, "metrics": ports.metrics})
         keys = front.read_keys(server.front.keys_file)
         front.prepare(self.settings, keys)
-        self.settings.conf.write_text(variant_conf(front.render(self.settings), variant, keys))
+        text = front.render(self.settings)
+        self.settings.conf.write_text(conf(text) if conf else variant_conf(text, variant, keys))
         self.proc = start_nginx(self.settings.nginx_dir, self.settings.public["http"])
 
     @property

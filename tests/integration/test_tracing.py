@@ -217,15 +217,21 @@ def test_a_bad_requests_answer_has_server_timing_too(traced):
 
 @pytest.mark.parametrize("send, route, model, version", [
     (rest, "/predictions/lenet", "lenet", "1.0"),
+    # The route is the path without the query; a pinned version's path names its model too.
+    (lambda server, rid: rest(server, rid, path="/predictions/lenet?seen=1"),
+     "/predictions/lenet", "lenet", "1.0"),
+    (lambda server, rid: rest(server, rid, path="/predictions/lenet/1.0"),
+     "/predictions/lenet/1.0", "lenet", "1.0"),
     (oip, "/v2/models/binary/infer", "binary", "1.0"),
-], ids=["rest", "oip"])
+], ids=["rest", "rest query", "rest pinned", "oip"])
 def test_the_access_log_line_of_a_request(traced, send, route, model, version):
-    r = send(traced, f"logged-{model}")
+    request_id = f"logged-{model}-{len(route)}-{uuid.uuid4().hex[:8]}"
+    r = send(traced, request_id)
     assert r.status_code == 200, r.text
-    line = access_line(traced, f"logged-{model}")
+    line = access_line(traced, request_id)
     assert {k: line[k] for k in ("request_id", "model", "version", "route", "status",
                                  "batch_size", "reason", "method")} == {
-        "request_id": f"logged-{model}", "model": model, "version": version, "route": route,
+        "request_id": request_id, "model": model, "version": version, "route": route,
         "status": 200, "batch_size": 1, "reason": "", "method": "POST"}
     assert line["bytes"] == len(r.content)
     assert line["latency_s"] >= 0

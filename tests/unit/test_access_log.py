@@ -1,5 +1,6 @@
 """Kiln's access log stays bounded: rotated past its size, nginx told to reopen it."""
 
+import json
 import signal
 import subprocess
 
@@ -112,17 +113,32 @@ def test_the_follower_reads_whole_lines_across_a_rotation(tmp_path):
     log = tmp_path / "kiln_access.jsonl"
     log.write_bytes(b"before\n")
     follower = proxy_spans.Follower(log)
-    assert follower.lines() == []  # it starts at the end
+    assert follower.read() == b""  # it starts at the end
     with log.open("ab") as f:
         f.write(b"one\ntw")
-    assert follower.lines() == [b"one"]
+    assert follower.read() == b"one\n"
     with log.open("ab") as f:
         f.write(b"o\n")
     access_log.rotate(log, files=1)
     log.write_bytes(b"three\n")
-    assert follower.lines() == [b"two"]
-    assert follower.lines() == []  # the old file is done: on to the new one
-    assert follower.lines() == [b"three"]
+    assert follower.read() == b"two\n"
+    assert follower.read() == b""  # the old file is done: on to the new one
+    assert follower.read() == b"three\n"
+
+
+def test_only_the_sampled_lines_are_split_out():
+    from kiln.deploy import proxy_spans
+
+    def line(flags, request_id="r"):
+        return json.dumps({**LINE, "trace_flags": flags, "request_id": request_id},
+                          separators=(",", ":")).encode()
+
+    # A client's text holding the flags' form is escaped by nginx (escape=json), so it does
+    # not match; a line matched twice is taken once; the last line may lack its newline.
+    lines = [line("00"), line("01"), line("00", '"trace_flags":"01"'), line("02"),
+             line("03") + b'"trace_flags":"01"', line("ff")]
+    assert proxy_spans.sampled_lines(b"\n".join(lines)) == [lines[1], lines[4], lines[5]]
+    assert proxy_spans.sampled_lines(b"") == []
 
 
 def test_nginx_writes_the_log_in_buffers_flushed_every_second(tmp_path):
