@@ -43,8 +43,10 @@ PAIRS = 2
 ROUNDS = 4
 # Each server's warm-up, in rounds' worth of load: the JVM compiles its hot paths for tens of
 # seconds. After 1 s, the first round's frontend CPU was 200 to 230 us a request against 75 to
-# 114 in later ones (lenet, 32 clients), and one round in four was an outlier either way.
-WARM_UP_ROUNDS = 2
+# 114 in later ones (lenet, 32 clients), and one round in four was an outlier either way; after
+# 2 rounds (10 s), the first two rounds' was still 90 to 106 against 76 to 91 in the four after
+# (three pairs of two "off" servers, 6 rounds each).
+WARM_UP_ROUNDS = 4
 TRACE_SAMPLE = 0.01
 PAYLOAD_LOG = 0.01
 

@@ -6,7 +6,7 @@ out.
 
 Each pair is two fresh servers as kiln bench's pair has them (loadtests/observability.py: lenet
 at the comparison configuration through Kiln's front, everything that watches off, and all of
-it on), both warmed up for two rounds' worth of load at 32 clients, then taking turns under
+it on), both warmed up for four rounds' worth of load at 32 clients, then taking turns under
 wrk, the order reversed every other round. Printed per pair: the throughput ratio (on to off,
 medians of the rounds), the p50 difference and the CPU microseconds a request each row's
 workers, TorchServe's frontend, nginx and Kiln's helpers (metrics exporter, proxy spans) spent,
