@@ -36,9 +36,9 @@ from kiln.workspace import Workspace
 
 OFF, ON = "kiln observability off", "kiln observability on"
 # Pairs of fresh servers, one after the other, each measured ROUNDS times a row: a server keeps
-# its speed for its life (its JVM's compiled code, its workers' memory), and two servers of
-# one configuration, side by side, differed by 4.6% of throughput (lenet, 32 clients, 6
-# rounds), more than the 3% this pair is to resolve.
+# its speed for its life (its JVM's compiled code, its workers' memory): two servers of one
+# configuration, side by side, differed by 4.6% of throughput on a busy machine (lenet, 32
+# clients, 6 rounds); on a quiet one, three such pairs gave 1.000, 1.001 and 1.010x.
 PAIRS = 2
 ROUNDS = 4
 # Each server's warm-up, in rounds' worth of load: the JVM compiles its hot paths for tens of

@@ -10,9 +10,10 @@ it on), both warmed up for four rounds' worth of load at 32 clients, then taking
 wrk, the order reversed every other round. Printed per pair: the throughput ratio (on to off,
 medians of the rounds), the p50 difference and the CPU microseconds a request each row's
 workers, TorchServe's frontend, nginx and Kiln's helpers (metrics exporter, proxy spans) spent,
-as differences; then the median of the pairs. Two servers of one configuration differ by a
-few percent for their whole life, so one pair cannot resolve a 3% target; the spread of the
-pairs says how far any one is to be trusted.
+as differences; then the median of the pairs. Two servers of one configuration differ for
+their whole life: by about 1% on a quiet machine (three pairs of two "off" servers: 1.000 to
+1.010x), by up to 4.6% on a busy one; the spread of the pairs says how far any one is to be
+trusted.
 """
 
 from __future__ import annotations
