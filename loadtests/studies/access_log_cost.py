@@ -29,7 +29,7 @@ import psutil
 
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.loadtests import declared, payloads, wrk
-from kiln.loadtests.studies.key_check_cost import Variant
+from kiln.loadtests.studies.key_check_cost import Variant, variants_of
 from kiln.model_store.build import ensure_built
 from kiln.workspace import Workspace
 
@@ -109,15 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                                        [MODEL], Ports.free(), internal_ports=Ports.free(),
                                        access_log=True))
         with server.running(timeout=240):
-            variants = []
-            try:
-                for name in VARIANTS:
-                    variants.append(Variant(server, name, Path(folder), conf_of(name)))
+            with variants_of(server, VARIANTS, Path(folder), conf_of) as variants:
                 print(json.dumps(measure(variants, server.keys()["inference"], opts.seconds,
                                          opts.rounds), indent=1), flush=True)
-            finally:
-                for v in variants:
-                    v.stop()
     return 0
 
 

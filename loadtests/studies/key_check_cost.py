@@ -17,12 +17,14 @@ ratios, and the CPU microseconds a check adds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -96,6 +98,20 @@ class Variant:
         stop_nginx(self.proc)
 
 
+@contextlib.contextmanager
+def variants_of(server: Server, names, folder: Path, conf=None) -> Iterator[list[Variant]]:
+    """A Variant of each name in front of the server's TorchServe, stopped on the way out;
+    `conf(name)`: the function that makes the name's nginx.conf (default: variant_conf)."""
+    made = []
+    try:
+        for name in names:
+            made.append(Variant(server, name, folder, conf(name) if conf else None))
+        yield made
+    finally:
+        for v in made:
+            v.stop()
+
+
 def run(variant: Variant, path: str, token: str, seconds: float) -> tuple[float, float]:
     """wrk on `path` through `variant`: (requests/s, CPU microseconds of nginx's worker per
     request). The CPU time is what the check costs nginx, whatever else shares the cores."""
@@ -147,15 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             # As after a rotation: the first key ends in an hour, the new one does not.
             keys = front.rotate(server.front.keys(), time.time(), overlap_s=3600)
             server.front.apply(keys)
-            variants = []
-            try:
-                for name in ("none", "map", "lua"):
-                    variants.append(Variant(server, name, Path(folder)))
+            with variants_of(server, ("none", "map", "lua"), Path(folder)) as variants:
                 print(json.dumps(measure(server, variants, opts.seconds, opts.rounds),
                                  indent=1), flush=True)
-            finally:
-                for v in variants:
-                    v.stop()
     return 0
 
 
