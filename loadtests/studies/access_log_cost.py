@@ -25,8 +25,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.loadtests import declared, payloads, wrk
 from kiln.loadtests.studies.key_check_cost import Variant, variants_of
@@ -71,13 +69,12 @@ def conf_of(variant: str):
 
 def run(variant: Variant, token: str, payload: payloads.Payload, seconds: float
         ) -> tuple[float, float]:
-    (worker,) = psutil.Process(variant.proc.pid).children()
-    before = sum(worker.cpu_times()[:2])
+    before = variant.worker_cpu_seconds()
     load = wrk.run(f"{variant.url}/predictions/{MODEL}", payload.body, payload.content_type,
                    token, CLIENTS, seconds)
     if load.errors:
         raise RuntimeError(f"{variant.name}: {load.errors} failed requests")
-    return load.throughput_rps, 1e6 * (sum(worker.cpu_times()[:2]) - before) / load.requests
+    return load.throughput_rps, 1e6 * (variant.worker_cpu_seconds() - before) / load.requests
 
 
 def measure(variants: list[Variant], token: str, seconds: float, rounds: int) -> dict:

@@ -94,6 +94,11 @@ class Variant:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.public['http']}"
 
+    def worker_cpu_seconds(self) -> float:
+        """CPU seconds so far of this nginx's one worker process."""
+        (worker,) = psutil.Process(self.proc.pid).children()
+        return sum(worker.cpu_times()[:2])
+
     def stop(self) -> None:
         stop_nginx(self.proc)
 
@@ -116,11 +121,10 @@ def run(variant: Variant, path: str, token: str, seconds: float) -> tuple[float,
     """wrk on `path` through `variant`: (requests/s, CPU microseconds of nginx's worker per
     request). The CPU time is what the check costs nginx, whatever else shares the cores."""
     payload = rest_payload(MODEL)
-    (worker,) = psutil.Process(variant.proc.pid).children()
-    before = sum(worker.cpu_times()[:2])
+    before = variant.worker_cpu_seconds()
     load = Mix(variant.url, [(path, payload.body, payload.content_type)], token, CLIENTS,
                seconds).finish()
-    cpu_s = sum(worker.cpu_times()[:2]) - before
+    cpu_s = variant.worker_cpu_seconds() - before
     if load.failed:
         raise RuntimeError(f"{variant.name} {path}: {load.failed} failed ({load.statuses})")
     return load.run.throughput_rps, 1e6 * cpu_s / load.run.requests
