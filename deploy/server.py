@@ -126,6 +126,7 @@ class Server:
         s = self.settings
         env[watch.OFF_ENV] = "on" if s.watch else "off"
         env[watch.DELAY_ENV] = str(s.watch_delay_ms)
+        env[watch.DRIFT_RATE_ENV] = str(s.drift_rows_per_s)
         env.update(payload_log.worker_env(s.payload_log, s.payload_dir(), s.payload_log_max_bytes,
                                           s.payload_log_files))
         # The handler's spans go where the proxy's do, or nowhere.

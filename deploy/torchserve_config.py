@@ -12,6 +12,7 @@ from kiln.deploy.serving import ModelServing, declared_serving
 from kiln.handlers import payload_log as payloads
 from kiln.handlers.cores import usable_cores
 from kiln.handlers.watch import DEFAULT_DELAY_MS as DEFAULT_WATCH_DELAY_MS
+from kiln.handlers.watch import DEFAULT_DRIFT_ROWS_PER_S
 from kiln.model_store import read_archive
 
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
@@ -114,6 +115,9 @@ class ServerSettings:
     # How long a worker may hold answers before it records them (handlers/watch.py); 0: each
     # batch as it is answered (loadtests/studies/drift.py reads a score after every answer).
     watch_delay_ms: int = DEFAULT_WATCH_DELAY_MS
+    # The most rows a second each worker computes drift statistics on (handlers/watch.py);
+    # 0: every row (loadtests/studies/drift.py counts the requests until an alert).
+    drift_rows_per_s: int = DEFAULT_DRIFT_ROWS_PER_S
     # False: TorchServe's own batching, which holds a lone request for the whole batch delay
     # (only to measure what greedy batching saves: loadtests/studies/edges.py).
     greedy_batching: bool = True

@@ -142,13 +142,17 @@ def table(results: list[Result]) -> str:
 def serve(run_dir: Path, models=MODELS) -> Server:
     """One worker per model, unbatched: the score is that worker's window. Each answer
     recorded as it leaves the worker (watch delay 0), so that the score read after it counts
-    it; `kiln serve` records up to DEFAULT_WATCH_DELAY_MS later, with the same rows and scores."""
+    it; `kiln serve` records up to DEFAULT_WATCH_DELAY_MS later, with the same rows and scores.
+    Every row goes to the drift sketches (drift rate 0), so that the requests until an alert
+    count every request; `kiln serve` takes up to DEFAULT_DRIFT_ROWS_PER_S rows a second a
+    worker, and leaves out the rest."""
     for model in models:
         ensure_built(model)
     one = ModelServing(workers=1, batch_size=1, max_batch_delay_ms=1)
     return Server(ServerSettings(run_dir, Workspace.current().model_store, list(models),
                                  Ports.free(), internal_ports=Ports.free(),
-                                 serving={model: one for model in models}, watch_delay_ms=0))
+                                 serving={model: one for model in models}, watch_delay_ms=0,
+                                 drift_rows_per_s=0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def samples(registry, name):
 def serving(model_dir, tmp_path, reference, environ=None):
     """A handler initialised from a copy of `model_dir` whose signature holds `reference`
     (none: an older export), recording into a registry of its own: each batch as it is
-    answered (the drift study's setting), or as `environ` says."""
+    answered, with every row's drift (the drift study's settings), or as `environ` says."""
     folder = shutil.copytree(model_dir, tmp_path / "tiny")
     signature = json.loads((folder / "signature.json").read_text())
     if reference is not None:
@@ -44,7 +44,8 @@ def serving(model_dir, tmp_path, reference, environ=None):
     handler.initialize(context)
     registry = CollectorRegistry()
     handler.watch = watch.watch_for(handler.signature, "tiny", "1.0",
-                                    environ or {watch.DELAY_ENV: "0"}, registry)
+                                    environ or {watch.DELAY_ENV: "0",
+                                                watch.DRIFT_RATE_ENV: "0"}, registry)
     return handler, context, registry
 
 
@@ -107,6 +108,52 @@ def test_drift_is_scored_per_feature_once_enough_rows_came(features_model_dir, t
     send(handler, context, [json.dumps(r.tolist()) for r in raw_rows(spec, shifted)])
     scores = samples(registry, "kiln_input_drift_score")
     assert {f for (f, _), s in scores.items() if s > drift.THRESHOLD} == {spec["names"][0]}
+
+
+def test_drift_takes_at_most_its_rate_of_rows_and_the_answers_every_row(features_model_dir,
+                                                                        tmp_path):
+    rng = np.random.default_rng(5)
+    spec = json.loads((features_model_dir / "signature.json").read_text())["inputs"][0]
+    # An hour's delay: the queue is recorded when a test says so.
+    handler, context, registry = serving(features_model_dir, tmp_path,
+                                         features_reference(spec, rng),
+                                         {watch.DELAY_ENV: "3600000",
+                                          watch.DRIFT_RATE_ENV: "100"})
+    rows = raw_rows(spec, rng.normal(size=(2 * drift.MIN_ROWS, 30)))  # under FLUSH_ROWS
+    send(handler, context, [json.dumps(r.tolist()) for r in rows[:100]])  # the bucket's all
+    # The next 100 find the bucket refilled by 100 rows a second for as long as the first
+    # batch took to answer (milliseconds): too few. Counted, but not kept for the sketches.
+    send(handler, context, [json.dumps(r.tolist()) for r in rows[100:]])
+    assert [inputs is not None for inputs, _ in handler.watch._queued] == [True, False]
+    handler.watch.record()
+    assert handler.watch._inputs[0][3].rows == 100
+    assert samples(registry, "kiln_answer_top_probability_count") == {(): 200.0}
+
+
+def test_the_drift_bucket_refills_at_its_rate_up_to_a_second_s_worth(features_model_dir,
+                                                                      tmp_path):
+    spec = json.loads((features_model_dir / "signature.json").read_text())["inputs"][0]
+    handler, _, _ = serving(features_model_dir, tmp_path,
+                            features_reference(spec, np.random.default_rng(6)),
+                            {watch.DELAY_ENV: "0", watch.DRIFT_RATE_ENV: "100"})
+    watched = handler.watch
+    start = watched._filled
+    assert watched._sampled(60, start)  # 100 tokens at the start: 40 left
+    assert not watched._sampled(50, start)  # a batch is taken whole or not at all
+    assert watched._sampled(40, start)
+    assert not watched._sampled(30, start + 0.25)  # 25 tokens a quarter second later
+    assert watched._sampled(30, start + 0.31)  # 31 at 0.31 s
+    assert not watched._sampled(101, start + 100.0)  # never more than a second's worth
+    assert watched._sampled(100, start + 100.0)
+
+
+def test_a_model_without_reference_statistics_holds_no_inputs(features_model_dir, tmp_path):
+    handler, context, _ = serving(features_model_dir, tmp_path, None,
+                                  {watch.DELAY_ENV: "3600000"})
+    spec = handler.signature["inputs"][0]
+    rows = raw_rows(spec, np.random.default_rng(7).normal(size=(4, 30)))
+    send(handler, context, [json.dumps(r.tolist()) for r in rows])
+    assert [inputs for inputs, _ in handler.watch._queued] == [None]
 
 
 def wait_for(condition, what, timeout=30.0):
@@ -259,6 +306,15 @@ def test_the_server_s_watch_setting_reaches_the_workers(tmp_path, setting, varia
 
     settings = ServerSettings(tmp_path, tmp_path, ["lenet"], Ports.free(), watch=setting)
     assert Server(settings)._env()[watch.OFF_ENV] == variable
+
+
+@pytest.mark.parametrize(("extra", "rate"), [({}, str(watch.DEFAULT_DRIFT_ROWS_PER_S)),
+                                             ({"drift_rows_per_s": 0}, "0")])
+def test_the_server_s_drift_rate_reaches_the_workers(tmp_path, extra, rate):
+    from kiln.deploy.server import Ports, Server, ServerSettings
+
+    settings = ServerSettings(tmp_path, tmp_path, ["lenet"], Ports.free(), **extra)
+    assert Server(settings)._env()[watch.DRIFT_RATE_ENV] == rate
 
 
 def test_observe_all_records_what_one_observe_per_value_records():
