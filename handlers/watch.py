@@ -4,12 +4,15 @@ metrics per model and version (recorded as metrics.py's are: multiprocess files 
 Once per batch the handler gives `Watch.observe` the rows it scored and the model's output.
 observe() only queues them (about 1 us); the work is done for many batches at once, when
 FLUSH_ROWS rows are queued or the oldest is `delay` seconds old: by the batch that finds it so,
-or by the worker's watch thread once no batch comes. Per batch, a handful of numpy calls on 16
-rows and a few writes to the multiprocess files cost lenet's workers about 15 us a request
-under load (py-spy, w2 b16 d5, 32 clients); once for 256 rows, about 0.8 us a row, and 2.8 us
-a request measured inside handle(), where caches are cold (loadtests/studies/watch_cost.py).
-The metrics are that much later: DEFAULT_DELAY_MS, at most twice that, against Prometheus'
-scrape interval of seconds. A worker that stops loses what it had queued.
+or by the worker's watch thread once no batch comes. Each recording has a fixed cost (numpy
+calls, a few writes to the multiprocess files): recorded batch by batch, lenet's workers spent
+about 15 us a request under load (py-spy, w2 b16 d5, 32 clients); once for 256 rows, 1.4 us
+(py-spy) with the drift rate cap below; in this process, 0.41 us a row for 256 rows and
+0.25 for 1,024 (a fifth of the batches sampled for drift; loadtests/studies/watch_cost.py
+measures handle() with the watch on and off). Under load the delay decides: DEFAULT_DELAY_MS
+gives lenet's workers about 2,600 rows a recording. The metrics are that much later,
+at most twice that, against Prometheus' scrape interval of 5 s (deploy/prometheus). A worker
+that stops loses what it had queued.
 
 - ANSWERS_METRIC counts answers by label (multiclass and binary: the answer's label;
   multilabel: each label at or over its threshold);
@@ -48,12 +51,12 @@ METRICS = (ANSWERS_METRIC, TOP_PROBABILITY_METRIC, VALUE_METRIC, REFERENCE_MIX_M
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # The batch that brings the queue to this many rows, or finds its oldest batch `delay` old,
 # records it; once traffic stops, the worker's watch thread does.
-FLUSH_ROWS = 256
+FLUSH_ROWS = 2048
 # The delay, in DELAY_ENV, set by the server (ServerSettings.watch_delay_ms); 0: each batch as
 # it is answered, so that metrics read after an answer include it (loadtests/studies/drift.py
 # reads a score after every request).
 DELAY_ENV = "KILN_WATCH_DELAY_MS"
-DEFAULT_DELAY_MS = 250
+DEFAULT_DELAY_MS = 1000
 # Set to "off" by the server (ServerSettings.watch False): no answer or drift metrics, for
 # `kiln bench`'s observability-off row.
 OFF_ENV = "KILN_WATCH"
@@ -61,10 +64,10 @@ OFF_ENV = "KILN_WATCH"
 # worker computes its drift statistics on at most this many rows a second (batches picked by a
 # token bucket that holds a second's worth; DRIFT_RATE_ENV, set by the server from
 # ServerSettings.drift_rows_per_s; 0: every row). Answers are counted for every row. At
-# WINDOW_ROWS rows a second the score covers the last second or more. Under load the batches
-# left out are not held until the queue is recorded: lenet's workers spent about 7 us a
-# request on watching with every row (kiln bench's observability pair), 1 us of it in
-# _record; the rest was the queued inputs pushing the next batches out of the caches.
+# WINDOW_ROWS rows a second the score covers the last second or more. The batches left out
+# are not held until the queue is recorded. A recording of 256 rows of lenet cost 0.93 us a
+# row with every row's drift, 0.41 with one batch in five's (in this process; an image's
+# statistics are the dearest part).
 DRIFT_RATE_ENV = "KILN_DRIFT_ROWS_PER_S"
 DEFAULT_DRIFT_ROWS_PER_S = drift.WINDOW_ROWS
 # Regression values without training deciles: orders of magnitude either side of 0.
