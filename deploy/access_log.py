@@ -1,12 +1,13 @@
 """Kiln's JSON access log, kept bounded.
 
 The front proxy writes it (deploy/nginx/nginx.conf, log format kiln_json): one line per
-request, owner-only in the run folder (nginx runs under umask 077). nginx cannot rotate a log
-itself, so whoever watches nginx (the front's supervisor under kiln serve, the entrypoint in a
-container) calls `Rotation.check` as it polls: past `max_bytes` the file becomes .1 (.1
-becomes .2, and so on; the oldest of `files` is dropped) and nginx's master reopens its logs
-on SIGUSR1. The log then holds at most (files + 1) x max_bytes, plus the lines written
-between two checks (CHECK_S apart).
+request, owner-only in the run folder (nginx runs under umask 077). The spans log
+(deploy/proxy_spans.py) has the same lines for the requests whose trace is sampled only, and
+is kept bounded the same way. nginx cannot rotate a log itself, so whoever watches nginx (the
+front's supervisor under kiln serve, the entrypoint in a container) calls `Rotation.check` as
+it polls: past `max_bytes` the file becomes .1 (.1 becomes .2, and so on; the oldest of
+`files` is dropped) and nginx's master reopens its logs on SIGUSR1. A log then holds at most
+(files + 1) x max_bytes, plus the lines written between two checks (CHECK_S apart).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ BUFFER = "64k"
 FLUSH_S = 1
 
 
-def nginx_directive(path: Path) -> str:
-    return f"access_log {path} kiln_json buffer={BUFFER} flush={FLUSH_S}s;"
+def nginx_directive(path: Path, sampled_only: bool = False) -> str:
+    """nginx's line for a log of every request, or of the sampled traces' only (the spans
+    log that deploy/proxy_spans.py reads; $kiln_trace_sampled is nginx.conf's)."""
+    condition = " if=$kiln_trace_sampled" if sampled_only else ""
+    return f"access_log {path} kiln_json buffer={BUFFER} flush={FLUSH_S}s{condition};"
 
 
 def rotated(path: Path, n: int) -> Path:

@@ -214,8 +214,8 @@ def front_settings(settings: Settings, server: ServerSettings, run_dir: Path) ->
                               - settings.stop_reserve_s())),
         run_as=front.run_as_line(),
         kiln_metrics_socket=metrics_exporter.Exporter(server.run_dir.resolve()).socket,
-        access_log=front.access_log_path(server.run_dir)
-        if server.access_log or server.otlp_endpoint else None)
+        access_log=front.access_log_path(server.run_dir) if server.access_log else None,
+        spans_log=front.spans_log_path(server.run_dir) if server.otlp_endpoint else None)
 
 
 def nginx_config(settings: Settings, server: ServerSettings, run_dir: Path) -> str:
@@ -260,8 +260,7 @@ class Entrypoint:
         self.frontend_pid: int | None = None
         self.exited: dict[int, int] = {}  # pid -> wait status, of the children reaped
         self.keys_text: str | None = None
-        self.rotation = (access_log.Rotation(self.front.access_log)
-                         if self.front.access_log is not None else None)
+        self.rotations = [access_log.Rotation(path) for path in front.written_logs(self.front)]
 
     def _on_signal(self, signum, _frame):
         if self.signalled is None:
@@ -374,8 +373,8 @@ class Entrypoint:
             died = self.died()
             if died:
                 return died
-            if self.rotation is not None:
-                self.rotation.check(self.nginx_pid)
+            for rotation in self.rotations:
+                rotation.check(self.nginx_pid)
             if time.monotonic() >= next_keys_check:
                 self.check_keys()
                 next_keys_check = time.monotonic() + KEYS_POLL_S

@@ -64,6 +64,13 @@ from kiln.keys import (  # noqa: F401 (what kiln-container and kiln serve use fr
 
 NGINX = supervise.NGINX
 ACCESS_LOG_FILE = "kiln_access.jsonl"
+SPANS_LOG_FILE = "kiln_spans.jsonl"
+
+
+def spans_log_path(run_dir: Path) -> Path:
+    """The spans log of a run folder: the access log's lines of sampled traces only, which
+    deploy/proxy_spans.py reads."""
+    return run_dir.resolve() / "logs" / SPANS_LOG_FILE
 
 
 def access_log_path(run_dir: Path) -> Path:
@@ -128,6 +135,9 @@ class FrontSettings:
     # Kiln's JSON access log (one line per request, written by nginx); None: none.
     access_log: Path | None = None
     access_log_max_bytes: int = access_log_rotation.MAX_BYTES  # then rotated (access_log.py)
+    # The same lines for sampled traces only (an OTLP endpoint's, deploy/proxy_spans.py reads
+    # them); None: none. The proxy-spans process follows this short log, not every request's.
+    spans_log: Path | None = None
     trace_sample: float = 1.0  # the share of fresh traces sampled (0 to 1)
     # The admin port and Kiln's admin service behind it (deploy/admin_service.py); None: no
     # admin port (the default, as TorchServe's model API is off unless asked for).
@@ -358,8 +368,7 @@ def render(s: FrontSettings) -> str:
         "ERROR_PAGES": error_pages(s.max_body).rstrip("\n").lstrip(),
         "KILN_METRICS": kiln_metrics(s.kiln_metrics_socket).rstrip("\n").lstrip(),
         "RECEIVED_HEADER": RECEIVED_HEADER, "TRACE_SAMPLE": trace_sample(s.trace_sample),
-        "ACCESS_LOG": access_log_rotation.nginx_directive(s.access_log) if s.access_log
-        else "access_log off;",
+        "ACCESS_LOG": access_logs(s),
         "ADMIN_SERVER": admin_server(s).rstrip("\n").lstrip(),
     }
     text = TEMPLATE.read_text()
@@ -369,6 +378,18 @@ def render(s: FrontSettings) -> str:
     if left:
         raise ValueError(f"{TEMPLATE}: no value for {', '.join(sorted(set(left)))}")
     return text
+
+
+def access_logs(s: FrontSettings) -> str:
+    """nginx's access_log lines: Kiln's access log, the spans log, both or neither."""
+    lines = [access_log_rotation.nginx_directive(path, sampled_only)
+             for path, sampled_only in ((s.access_log, False), (s.spans_log, True))
+             if path is not None]
+    return "\n    ".join(lines) or "access_log off;"
+
+
+def written_logs(s: FrontSettings) -> list[Path]:
+    return [path for path in (s.access_log, s.spans_log) if path is not None]
 
 
 def run_as_line() -> str:
@@ -395,9 +416,9 @@ def prepare(s: FrontSettings, keys: list[Key]) -> None:
         private_dir(s.nginx_dir / sub)
     write_private(s.keys_list_file, keys_list(keys))
     write_private(s.conf, render(s))
-    if s.access_log is not None:  # owner-only whatever nginx's umask (it appends to it)
-        s.access_log.parent.mkdir(parents=True, exist_ok=True)
-        access_log_rotation.create(s.access_log)
+    for path in written_logs(s):  # owner-only whatever nginx's umask (it appends to it)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        access_log_rotation.create(path)
     done = subprocess.run(nginx_command(s, "-t", "-q"), capture_output=True, text=True)
     if done.returncode != 0:
         raise ValueError(f"nginx refuses {s.conf}:\n{done.stderr}")
@@ -465,9 +486,10 @@ class Front:
             raise FrontError(str(err)) from None
         command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir",
                    str(self.nginx_dir), "--quit-timeout", str(settings.shutdown_s)]
-        if settings.access_log is not None:
-            command += ["--access-log", str(settings.access_log),
-                        "--access-log-max-bytes", str(settings.access_log_max_bytes)]
+        for path in written_logs(settings):
+            command += ["--access-log", str(path)]
+        if written_logs(settings):
+            command += ["--access-log-max-bytes", str(settings.access_log_max_bytes)]
         try:
             self.supervisor.start(command, timeout=timeout, ready=lambda: (
                 self.pid() is not None and accepts(settings.listen, settings.public["http"])))

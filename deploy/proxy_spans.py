@@ -2,8 +2,11 @@
 
     python -m kiln.deploy.proxy_spans --log PATH --endpoint URL
 
-nginx cannot export OTLP itself (Debian's nginx 1.22 has no OpenTelemetry module), but each of
-its access log lines (deploy/nginx/nginx.conf, log format kiln_json) names the request's
+nginx cannot export OTLP itself (Debian's nginx 1.22 has no OpenTelemetry module), but it writes
+the access log's line of each request whose trace is sampled to a spans log of its own
+(deploy/front.py's spans_log_path: at a 1% sample, a hundredth of the lines: following the
+whole access log cost this process 1.1 us a request of lenet at 5,000 a second). Each line
+(deploy/nginx/nginx.conf, log format kiln_json) names the request's
 trace, the proxy's span id (the parent it sent upstream in traceparent, which the worker's
 spans hang from, kiln.handlers.tracing) and the caller's span: this process follows the log
 and makes one `proxy` span of each line, from nginx's receipt to its last byte sent. It starts
@@ -30,9 +33,10 @@ from kiln.handlers import tracing
 log = logging.getLogger("kiln.proxy_spans")
 POLL_S = 0.1
 # A sampled line's flags as nginx writes them (log format kiln_json: lowercase hex, the sampled
-# bit the last digit's lowest). At a production sample rate nearly no line has them: each read
-# is searched for them as a whole, and only the lines found are split out and parsed (a loop
-# over every line cost this process 0.9 us a request of lenet at 4,500 a second, py-spy).
+# bit the last digit's lowest). Every line of the spans log has them; the whole access log,
+# which this process can follow too, has them on few: each read is searched for them as a
+# whole, and only the lines found are split out and parsed (a loop over every line of the
+# access log cost this process 0.9 us a request of lenet at 4,500 a second, py-spy).
 SAMPLED = re.compile(rb'"trace_flags":"[0-9a-f][13579bdf]"')
 
 
@@ -153,7 +157,8 @@ class ProxySpans:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--log", type=Path, required=True, help="Kiln's JSON access log")
+    p.add_argument("--log", type=Path, required=True,
+                   help="Kiln's spans log (the JSON access log's lines of sampled traces)")
     p.add_argument("--endpoint", required=True, help="the OTLP/HTTP endpoint (its base URL)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

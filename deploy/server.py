@@ -82,7 +82,8 @@ class Server:
         # The handlers' metrics, and the default versions versions.json records.
         self.exporter = metrics_exporter.Exporter(self.run_dir, settings.state_file())
         # The front proxy's spans (deploy/proxy_spans.py), with an OTLP endpoint.
-        self.proxy_spans = ProxySpans(self.run_dir, self.access_log, settings.otlp_endpoint or "")
+        self.proxy_spans = ProxySpans(self.run_dir, front.spans_log_path(self.run_dir),
+                                      settings.otlp_endpoint or "")
         self.admin = admin_service.AdminService(self.run_dir)
 
     # -- paths and environment -------------------------------------------------------------
@@ -281,8 +282,9 @@ class Server:
             upstream_token=upstream_token, run_as=front.run_as_line(),
             kiln_metrics_socket=self.exporter.socket, admin_port=self.settings.admin_port,
             admin_socket=self.admin.socket,
-            access_log=self.access_log if self.settings.access_log
-            or self.settings.otlp_endpoint else None, trace_sample=self.settings.trace_sample)
+            access_log=self.access_log if self.settings.access_log else None,
+            spans_log=front.spans_log_path(self.run_dir) if self.settings.otlp_endpoint
+            else None, trace_sample=self.settings.trace_sample)
 
     def start_admin(self) -> None:
         """With an admin port: Kiln's admin service, and an admin key when there is none

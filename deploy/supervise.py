@@ -62,9 +62,9 @@ def _pgid(proc: psutil.Process) -> int | None:
 
 class Supervisor:
     def __init__(self, nginx_dir: Path, quit_timeout: float,
-                 rotation: access_log.Rotation | None = None):
+                 rotations: list[access_log.Rotation] | None = None):
         self.nginx_dir = nginx_dir
-        self.rotation = rotation  # Kiln's access log, when nginx writes one
+        self.rotations = rotations or []  # Kiln's access and spans logs, those nginx writes
         self.quit_timeout = quit_timeout
         self.master: subprocess.Popen | None = None
         self.quit_by: float | None = None  # set by SIGTERM: when the graceful quit runs out
@@ -95,8 +95,9 @@ class Supervisor:
             if code is not None:
                 return code
             self.started = self.started or self.master_up()
-            if self.started and self.rotation is not None:
-                self.rotation.check(self.master.pid)
+            if self.started:
+                for rotation in self.rotations:
+                    rotation.check(self.master.pid)
             if self.quit_by is not None and time.monotonic() > self.quit_by:
                 return None
             time.sleep(POLL_S)
@@ -134,17 +135,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="nginx's folder: its configuration, keys list, pid and log")
     p.add_argument("--quit-timeout", type=float, default=10,
                    help="seconds a graceful quit may take before nginx is killed (default: 10)")
-    p.add_argument("--access-log", type=Path,
-                   help="Kiln's access log, which nginx writes: rotated here (default: none)")
+    p.add_argument("--access-log", type=Path, action="append", default=[],
+                   help="a log of Kiln's that nginx writes (the access log, the spans log): "
+                        "rotated here; repeated for each (default: none)")
     p.add_argument("--access-log-max-bytes", type=int, default=access_log.MAX_BYTES,
-                   help=f"its size before rotation (default: {access_log.MAX_BYTES})")
+                   help=f"each one's size before rotation (default: {access_log.MAX_BYTES})")
     args = p.parse_args(argv)
-    rotation = (access_log.Rotation(args.access_log, args.access_log_max_bytes)
-                if args.access_log else None)
+    rotations = [access_log.Rotation(path, args.access_log_max_bytes)
+                 for path in args.access_log]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s kiln-front-supervisor %(levelname)s %(message)s")
     try:  # its pid file is written by whoever started it (deploy/front.Front)
-        return Supervisor(args.nginx_dir.resolve(), args.quit_timeout, rotation).run()
+        return Supervisor(args.nginx_dir.resolve(), args.quit_timeout, rotations).run()
     finally:
         (args.nginx_dir / PID_FILE).unlink(missing_ok=True)
 

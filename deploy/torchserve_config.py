@@ -98,7 +98,8 @@ class ServerSettings:
     # The launcher's and TorchServe's output to this process's stdout, not to the run folder.
     console_logs: bool = False
     # Where the proxy's and the handler's spans go (OTLP/HTTP, its base URL; kiln.handlers.
-    # tracing); None: no spans. It turns on Kiln's access log, which the proxy's come from.
+    # tracing); None: no spans. nginx then writes the sampled traces' access log lines to a
+    # spans log (front.spans_log_path), which the proxy's spans come from.
     otlp_endpoint: str | None = None
     trace_sample: float = 1.0  # the share of fresh traces (no caller's traceparent) sampled
     # Usable cores (affinity, cgroup quota) that the serving defaults are derived from.

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import requests
 
+from kiln.deploy import front
 from kiln.deploy.server import Ports, Server, ServerSettings
 from kiln.grpc_client import load_stubs
 from kiln.handlers import tracing
@@ -370,6 +371,13 @@ def test_an_unsampled_trace_is_not_exported(exported, receiver):
     receiver.trace(sampled, ("proxy", *STAGES))
     with receiver.lock:
         assert [s.name for s in receiver.spans if s.trace_id.hex() == unsampled] == []
+    # The proxy span came from the spans log, which has the sampled traces' lines only (the
+    # unsampled request's would have been flushed with, or before, the sampled one's); with
+    # no access log asked for, nginx writes no other.
+    traces = [json.loads(line)["trace_id"]
+              for line in front.spans_log_path(exported.run_dir).read_text().splitlines()]
+    assert sampled in traces and unsampled not in traces
+    assert not exported.access_log.exists()
 
 
 def test_a_refused_key_flood_still_carries_the_request_id(traced):

@@ -60,9 +60,10 @@ def test_a_container_takes_them_from_its_environment(environ, access_log, otlp):
     settings = container.parse_args([], environ)
     assert (settings.access_log, settings.otlp_endpoint) == (access_log, otlp)
     server = container.server_settings(settings)
-    written = container.front_settings(settings, server, settings.run_dir).access_log
-    assert written == (settings.run_dir.resolve() / "torchserve" / "logs" / "kiln_access.jsonl"
-                       if access_log or otlp else None)
+    written = container.front_settings(settings, server, settings.run_dir)
+    logs = settings.run_dir.resolve() / "torchserve" / "logs"
+    assert written.access_log == (logs / "kiln_access.jsonl" if access_log else None)
+    assert written.spans_log == (logs / "kiln_spans.jsonl" if otlp else None)
 
 
 @pytest.mark.parametrize("fraction, lines", [
@@ -144,3 +145,25 @@ def test_only_the_sampled_lines_are_split_out():
 def test_nginx_writes_the_log_in_buffers_flushed_every_second(tmp_path):
     assert access_log.nginx_directive(tmp_path / "kiln_access.jsonl") == (
         f"access_log {tmp_path}/kiln_access.jsonl kiln_json buffer=64k flush=1s;")
+
+
+@pytest.mark.parametrize("logs, lines", [
+    ((), ["access_log off;"]),
+    (("access",), ["access_log {d}/a.jsonl kiln_json buffer=64k flush=1s;"]),
+    (("spans",), ["access_log {d}/s.jsonl kiln_json buffer=64k flush=1s if=$kiln_trace_sampled;"]),
+    (("access", "spans"), ["access_log {d}/a.jsonl kiln_json buffer=64k flush=1s;",
+                           "access_log {d}/s.jsonl kiln_json buffer=64k flush=1s "
+                           "if=$kiln_trace_sampled;"]),
+])
+def test_the_spans_log_holds_the_sampled_traces_lines_only(tmp_path, logs, lines):
+    from kiln.deploy import front
+
+    settings = front.FrontSettings(
+        nginx_dir=tmp_path, keys_file=tmp_path / "keys", listen="127.0.0.1", public={},
+        upstream={}, max_body=1024, ready_path="/ready", live_path="/live",
+        draining_flag=tmp_path / "draining", route_state=tmp_path / "versions.json",
+        access_log=tmp_path / "a.jsonl" if "access" in logs else None,
+        spans_log=tmp_path / "s.jsonl" if "spans" in logs else None)
+    assert front.access_logs(settings).split("\n    ") == [
+        line.format(d=tmp_path) for line in lines]
+    assert front.written_logs(settings) == [tmp_path / f"{name[0]}.jsonl" for name in logs]
