@@ -184,57 +184,61 @@ def measure_server(server: Server, targets: list[Target], clients: list[int],
     return rows
 
 
-def observability_targets(name: str, payload: payloads.Payload) -> dict[bool, Target]:
-    """The pair's two rows, {on: Target}: the same model and body through the front."""
-    return {on: Target(observability.ON if on else observability.OFF, FRONT,
-                       config_name(COMPARISON), name, (payload.body, payload.content_type),
-                       payload.label)
-            for on in (False, True)}
+def observability_targets(name: str, payload: payloads.Payload) -> dict[str, Target]:
+    """The pair's rows, {row: Target} (observability.ROWS): the same model and body through
+    the front."""
+    return {row: Target(row, FRONT, config_name(COMPARISON), name,
+                        (payload.body, payload.content_type), payload.label)
+            for row in observability.ROWS}
 
 
 def observability_rows(name: str, payload: payloads.Payload, clients: int, seconds: int,
-                       root: Path, models_dirs: list[Path]) -> tuple[list[Row], list[float]]:
+                       root: Path, models_dirs: list[Path]
+                       ) -> tuple[list[Row], dict[str, list[float]]]:
     """The observability pair (observability.py), PAIRS times with fresh servers: the off and
-    on rows (medians of every round of every pair) and each pair's throughput ratio."""
+    on rows (medians of every round of every pair) and, for each on row, each pair's
+    throughput ratio to the off row."""
     targets = observability_targets(name, payload)
-    runs = {on: [] for on in targets}
-    ratios = []
+    runs = {row: [] for row in targets}
+    ratios = {row: [] for row in targets if row != observability.OFF}
     with observability.otlp_sink() as sink:
         for pair in range(observability.PAIRS):
             found = observability_pair(targets, pair, clients, seconds, root, models_dirs, sink)
-            for on, rounds in found.items():
-                runs[on] += rounds
-            ratios.append(observability.median_row(found[True]).throughput
-                          / observability.median_row(found[False]).throughput)
+            for row, rounds in found.items():
+                runs[row] += rounds
+            off = observability.median_row(found[observability.OFF]).throughput
+            for row, pair_ratios in ratios.items():
+                pair_ratios.append(observability.median_row(found[row]).throughput / off)
     return [observability.median_row(r) for r in runs.values()], ratios
 
 
-def observability_pair(targets: dict[bool, Target], pair: int, clients: int, seconds: int,
+def observability_pair(targets: dict[str, Target], pair: int, clients: int, seconds: int,
                        root: Path, models_dirs: list[Path], sink: str,
                        rounds: int = observability.ROUNDS, measure=None) -> dict[bool, list]:
-    """One pair of servers, off and on: both up and warm, then `rounds` turns each;
-    {on: what measure(target, server, clients, seconds) gave each turn}, by default a Row with
+    """One pair of servers, off and on (one per row of `targets`): all up and warm, then
+    `rounds` turns each; {row: what measure(target, server, clients, seconds) gave each
+    turn}, by default a Row with
     the server's CPU (loadtests/studies/observability_pairs.py splits it by process)."""
     if measure is None:
         def measure(target, server, clients, seconds):
             return served_row(target, server, clients, seconds,
                               observability.serving_cpu_seconds)
-    runs = {on: [] for on in targets}
+    runs = {row: [] for row in targets}
     with contextlib.ExitStack() as running:
-        servers = {on: observability.server(root / f"pair-{pair}", targets[on].model,
-                                            COMPARISON, models_dirs, on, sink)
-                   for on in targets}
-        for on, server in servers.items():
+        servers = {row: observability.server(root / f"pair-{pair}", targets[row].model,
+                                             COMPARISON, models_dirs, row, sink)
+                   for row in targets}
+        for row, server in servers.items():
             running.enter_context(server.running(timeout=240))
-            check_answer(targets[on], server)
-        for on, server in servers.items():  # both warm before either is measured
-            measure(targets[on], server, clients, observability.WARM_UP_ROUNDS * seconds)
+            check_answer(targets[row], server)
+        for row, server in servers.items():  # all warm before any is measured
+            measure(targets[row], server, clients, observability.WARM_UP_ROUNDS * seconds)
         for turn in range(rounds):
-            # Off then on, then on then off: neither always runs just after the other's load.
-            for on, server in sorted(servers.items(), reverse=turn % 2 == 1):
-                log.info("%s: %d clients for %ds, pair %d, round %d", targets[on].name,
-                         clients, seconds, pair + 1, turn + 1)
-                runs[on].append(measure(targets[on], server, clients, seconds))
+            # In order, then in reverse: none always runs just after another's load.
+            for row, server in sorted(servers.items(), reverse=turn % 2 == 1):
+                log.info("%s: %d clients for %ds, pair %d, round %d", row, clients, seconds,
+                         pair + 1, turn + 1)
+                runs[row].append(measure(targets[row], server, clients, seconds))
     return runs
 
 
@@ -333,10 +337,10 @@ def kiln_serve_config(name: str, models_dirs: list[Path]) -> ModelServing:
 
 def bench(decl: declaration.Declaration, clients: list[int], seconds: int,
           models_dirs: list[Path]) -> tuple[list[Row], ModelServing, bench_gpu.Section,
-                                            list[float]]:
+                                            dict[str, list[float]]]:
     """The rows for the model `decl` declares, sent its first example, and its GPU section;
     `models_dirs` find it by its name. Also what `kiln serve NAME` serves it with, and the
-    observability pairs' throughput ratios, on to off, one a pair."""
+    observability pairs' throughput ratios, each on row to off, one a pair."""
     from kiln.model_store.build import ensure_built
 
     name = decl.name
@@ -414,11 +418,14 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
                            "(request id, traceparent and Server-Timing stay); server CPU: "
                            "TorchServe, its workers, nginx and Kiln's helper processes",
         observability.ON: f"the same with all of them on: the JSON access log, OTLP spans "
-                          f"of {observability.TRACE_SAMPLE:.0%} of the traces to a local sink, "
-                          f"answer and drift metrics, the payload log at "
-                          f"{observability.PAYLOAD_LOG:g}; medians of "
+                          f"of {observability.SAMPLES[observability.ON]:.0%} of the traces to "
+                          f"a local sink, answer and drift metrics, the payload log at "
+                          f"{observability.SAMPLES[observability.ON]:g}; medians of "
                           f"{observability.ROUNDS} rounds taking turns with the off row, in "
                           f"each of {observability.PAIRS} pairs of fresh servers",
+        observability.SPARSE: f"the same with traces and payloads sampled at "
+                              f"{observability.SAMPLES[observability.SPARSE]:.1%}, taking "
+                              f"turns with the two above",
         oip_bench.HTTP_ROW: f"the Open Inference Protocol over HTTP through nginx at "
                             f"{config_name(COMPARISON)}: the first example as one tensor, "
                             f"binary in and out (tritonclient's default); load from "
@@ -430,11 +437,12 @@ def descriptions(name: str, serve: ModelServing) -> dict[str, str]:
 
 
 def report(name: str, rows: list[Row], seconds: int, serve: ModelServing,
-           gpu: bench_gpu.Section, pair_ratios: list[float]) -> dict:
+           gpu: bench_gpu.Section, pair_ratios: dict[str, list[float]]) -> dict:
     return {"model": name, "seconds": seconds, "load_generator": wrk.NAME,
             "comparison": config_name(COMPARISON), "kiln_serve": config_name(serve),
             **descriptions(name, serve), "rows": [asdict(r) for r in rows],
-            "observability_pair_ratios": [round(r, 3) for r in pair_ratios],
+            "observability_pair_ratios": {row: [round(r, 3) for r in ratios]
+                                          for row, ratios in pair_ratios.items()},
             "gpu": {"notes": gpu.notes, "rows": [asdict(r) for r in gpu.rows]}}
 
 
@@ -458,9 +466,11 @@ def run(args: argparse.Namespace) -> int:
     for n in clients[1:]:
         print("\n".join(summary(rows, config_name(COMPARISON), n)))
     print("\n".join(as_served_summary(rows, AS_SERVED_ROUNDS)))
-    pair = {r.name: r for r in rows if r.name in (observability.OFF, observability.ON)}
-    print("\n".join(observability_summary(pair[observability.OFF], pair[observability.ON],
-                                           observability.ROUNDS, pair_ratios)))
+    pair = {r.name: r for r in rows if r.name in observability.ROWS}
+    for row, ratios in pair_ratios.items():
+        print("\n".join(observability_summary(pair[observability.OFF], pair[row],
+                                               observability.SAMPLES[row],
+                                               observability.ROUNDS, ratios)))
     print("\n".join(bench_gpu.lines(gpu)))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,18 +1,24 @@
 """`kiln bench`'s observability pair: Kiln through its front proxy at the comparison
 configuration with everything that watches requests and the model off, against all of it on
-as a production user would run it. Both servers are up together, warm up (WARM_UP_ROUNDS
-rounds' worth of load each) and take turns, ROUNDS times each (off first, then on first, and so
-on), so that a noisy neighbour weighs on both alike; then the same with a fresh pair, PAIRS
-pairs in all. Each figure is the median of every round of its row.
+as a production user would run it, at two sample rates of traces and payloads (SAMPLES): ON
+at 1%, SPARSE at 0.1%. The servers are up together, warm up (WARM_UP_ROUNDS rounds' worth of
+load each) and take turns, ROUNDS times each (off first, then off last, and so on), so that a
+noisy neighbour weighs on all alike; then the same with fresh servers, PAIRS times in all
+(a "pair": the off server and the on servers it is compared with). Each figure is the median
+of every round of its row.
 
 Always on in both (nothing turns them off): the request id, traceparent and Server-Timing.
 On in the "on" row only:
 - Kiln's JSON access log (deploy/access_log.py);
-- OTLP spans of TRACE_SAMPLE of the fresh traces, to a local OTLP/HTTP sink started here that
-  reads each export and drops it: a production setting, since exporting every trace cost
+- OTLP spans of the row's share of the fresh traces, to a local OTLP/HTTP sink started here
+  that reads each export and drops it: production settings, since exporting every trace cost
   0.75x of the throughput and 1% 0.98x (loadtests/studies/tracing_cost.py);
 - the answer and drift metrics (handlers/watch.py);
-- the payload log at PAYLOAD_LOG (handlers/payload_log.py).
+- the payload log at the row's share (handlers/payload_log.py).
+What is sampled costs by the sampled request (four stage spans built and exported by the
+worker through the OpenTelemetry SDK, a payload record written: a few hundred microseconds
+of a worker's CPU on 2 busy cores), the rest by every request (the access log line, the
+answers counted): the two rows tell them apart.
 Server CPU is that of every process serving the row: TorchServe and its workers, nginx, Kiln's
 metrics exporter and its proxy-spans sender.
 """
@@ -34,7 +40,11 @@ from kiln.loadtests import stock
 from kiln.loadtests.bench_table import Row
 from kiln.workspace import Workspace
 
-OFF, ON = "kiln observability off", "kiln observability on"
+OFF, ON, SPARSE = "kiln observability off", "kiln observability on", "kiln observability on 0.1%"
+ROWS = (OFF, ON, SPARSE)
+# Each on row's share of fresh traces sampled and of requests in the payload log.
+SAMPLES = {ON: 0.01, SPARSE: 0.001}
+FOLDERS = {OFF: "obs-off", ON: "obs-on", SPARSE: "obs-sparse"}
 # Pairs of fresh servers, one after the other, each measured ROUNDS times a row: a server keeps
 # its speed for its life (its JVM's compiled code, its workers' memory): two servers of one
 # configuration, side by side, differed by 4.6% of throughput on a busy machine (lenet, 32
@@ -47,8 +57,6 @@ ROUNDS = 4
 # 2 rounds (10 s), the first two rounds' was still 90 to 106 against 76 to 91 in the four after
 # (three pairs of two "off" servers, 6 rounds each).
 WARM_UP_ROUNDS = 4
-TRACE_SAMPLE = 0.01
-PAYLOAD_LOG = 0.01
 
 
 class _Sink(BaseHTTPRequestHandler):
@@ -110,13 +118,15 @@ def with_children(pid: int | None) -> list[psutil.Process]:
     return []
 
 
-def server(root: Path, name: str, config: ModelServing, models_dirs: list[Path], on: bool,
+def server(root: Path, name: str, config: ModelServing, models_dirs: list[Path], row: str,
            sink: str) -> Server:
-    """Kiln's server of `name` with all of the observability on, or all of it off."""
-    extra = dict(access_log=True, otlp_endpoint=sink, trace_sample=TRACE_SAMPLE,
-                 payload_log=PAYLOAD_LOG) if on else dict(watch=False)
+    """Kiln's server of `name` for one of ROWS: all of the observability off, or all of it
+    on at the row's SAMPLES."""
+    sample = SAMPLES.get(row)
+    extra = (dict(access_log=True, otlp_endpoint=sink, trace_sample=sample, payload_log=sample)
+             if sample is not None else dict(watch=False))
     return Server(stock.BenchSettings(
-        root / ("obs-on" if on else "obs-off"), Workspace.current().model_store, [name],
+        root / FOLDERS[row], Workspace.current().model_store, [name],
         Ports.free(), models_dirs=models_dirs, internal_ports=Ports.free(),
         serving={name: config}, **extra))
 

@@ -46,7 +46,8 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
         *((f"in-process {b} b{n}", "in-process", "", 0) for b in ("onnxruntime", "torchscript")
           for n in batches),
         *((*row, n) for row in served for n in (1, 2, 4)),
-        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4) for s in ("off", "on")),
+        *((f"kiln observability {s}", "nginx -> TorchServe", cmp, 4)
+          for s in ("off", "on", "on 0.1%")),
         *((f"kiln oip {p}", "nginx -> TorchServe", cmp, n) for p in ("http", "grpc")
           for n in (1, 2, 4))]
     for r in rows:
@@ -65,9 +66,13 @@ def test_bench_has_every_row_with_positive_figures(archives, tmp_path):
         ) else r["proxy_cpu_us"] is None, r
     assert done.stdout.count("Kiln as served (") == 3
     assert done.stdout.count("plain best itself behind a bare nginx (the floor of any proxy)") == 3
-    assert done.stdout.count("Observability all on against all off at ") == 1
+    for sample in ("1.0%", "0.1%"):
+        assert done.stdout.count(f"Observability all on (traces and payloads sampled at "
+                                 f"{sample}) against all off at ") == 1
     pairs = result["observability_pair_ratios"]
-    assert len(pairs) == observability.PAIRS and all(r > 0 for r in pairs), pairs
+    assert list(pairs) == [observability.ON, observability.SPARSE], pairs
+    assert all(len(r) == observability.PAIRS and all(x > 0 for x in r)
+               for r in pairs.values()), pairs
     if not torch.cuda.is_available():
         assert result["gpu"] == {"notes": [bench_gpu.SKIPPED], "rows": []}
         assert bench_gpu.SKIPPED in done.stdout.splitlines()

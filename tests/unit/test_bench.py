@@ -199,8 +199,9 @@ def test_observability_summary_gives_the_ratio_the_p50_and_the_cpu_per_request()
               config=CMP)
     on = Row(observability.ON, 16, 980.0, 8.1, 20.5, 1, server_cpu_us=1650.0, via=FRONT,
              config=CMP)
-    assert observability_summary(off, on, 3, [0.9712, 0.99]) == [
-        "Observability all on against all off at w2 b16 d5, 16 clients (medians of 3 rounds "
+    assert observability_summary(off, on, 0.001, 3, [0.9712, 0.99]) == [
+        "Observability all on (traces and payloads sampled at 0.1%) against all off at w2 b16 "
+        "d5, 16 clients (medians of 3 rounds "
         "taking turns, in each of 2 pairs of servers): throughput 0.98x (980 vs 1000 "
         "inputs/s; pair by pair 0.971x, 0.990x), p50 +0.10 ms, p99 +0.50 ms, server CPU 1650 "
         "vs 1600 us a request (1.03x)"]
@@ -208,17 +209,19 @@ def test_observability_summary_gives_the_ratio_the_p50_and_the_cpu_per_request()
 
 def test_observability_on_is_everything_a_production_user_turns_on_and_off_is_none_of_it(
         tmp_path):
-    settings = {on: observability.server(tmp_path, "lenet", bench.COMPARISON, [], on,
-                                         "http://127.0.0.1:4318").settings
-                for on in (False, True)}
+    settings = {row: observability.server(tmp_path, "lenet", bench.COMPARISON, [], row,
+                                          "http://127.0.0.1:4318").settings
+                for row in observability.ROWS}
     assert [(s.access_log, s.otlp_endpoint, s.trace_sample, s.watch, s.payload_log,
              s.serving["lenet"]) for s in settings.values()] == [
         (False, None, 1.0, False, 0.0, bench.COMPARISON),
-        (True, "http://127.0.0.1:4318", 0.01, True, 0.01, bench.COMPARISON)]
+        (True, "http://127.0.0.1:4318", 0.01, True, 0.01, bench.COMPARISON),
+        (True, "http://127.0.0.1:4318", 0.001, True, 0.001, bench.COMPARISON)]
+    assert len({s.run_dir for s in settings.values()}) == 3  # side by side in one pair
 
 
 def test_a_server_that_does_not_run_is_counted_no_cpu(tmp_path):
-    server = observability.server(tmp_path, "lenet", bench.COMPARISON, [], False,
+    server = observability.server(tmp_path, "lenet", bench.COMPARISON, [], observability.OFF,
                                   "http://127.0.0.1:4318")
     sum(range(10**6))  # this process has used some CPU, which is not the server's
     assert observability.serving_cpu_seconds(server) == 0.0
