@@ -9,9 +9,9 @@ calls, a few writes to the multiprocess files): recorded batch by batch, lenet's
 about 15 us a request under load (py-spy, w2 b16 d5, 32 clients); once for 256 rows, 1.4 us
 (py-spy) with the drift rate cap below; in this process, 0.41 us a row for 256 rows and
 0.25 for 1,024 (a fifth of the batches sampled for drift; loadtests/studies/watch_cost.py
-measures handle() with the watch on and off). Under load the delay decides: DEFAULT_DELAY_MS
-gives lenet's workers about 2,600 rows a recording. The metrics are that much later,
-at most twice that, against Prometheus' scrape interval of 5 s (deploy/prometheus). A worker
+measures handle() with the watch on and off). At lenet's peak (about 2,600 rows a second a
+worker) the queue fills first, every 0.8 s. The metrics are up to DEFAULT_DELAY_MS late, at
+most twice that, against Prometheus' scrape interval of 5 s (deploy/prometheus). A worker
 that stops loses what it had queued.
 
 - ANSWERS_METRIC counts answers by label (multiclass and binary: the answer's label;
@@ -197,7 +197,9 @@ class Watch:
         self._tokens = min(self.drift_rate,
                            self._tokens + (now - self._filled) * self.drift_rate)
         self._filled = now
-        if self._tokens < rows:
+        # A batch of more than a second's worth waits for a full bucket and leaves it owing
+        # (never sampled at all, a large batch job would have no drift score).
+        if self._tokens < min(rows, self.drift_rate):
             return False
         self._tokens -= rows
         return True

@@ -143,8 +143,10 @@ def test_the_drift_bucket_refills_at_its_rate_up_to_a_second_s_worth(features_mo
     assert watched._sampled(40, start)
     assert not watched._sampled(30, start + 0.25)  # 25 tokens a quarter second later
     assert watched._sampled(30, start + 0.31)  # 31 at 0.31 s
-    assert not watched._sampled(101, start + 100.0)  # never more than a second's worth
-    assert watched._sampled(100, start + 100.0)
+    # Never more than a second's worth: a batch over it waits for a full bucket, then owes.
+    assert watched._sampled(250, start + 100.0)
+    assert not watched._sampled(1, start + 101.0)  # 100 in, 150 owed
+    assert watched._sampled(1, start + 101.6)
 
 
 def test_a_model_without_reference_statistics_holds_no_inputs(features_model_dir, tmp_path):
