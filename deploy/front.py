@@ -392,6 +392,17 @@ def written_logs(s: FrontSettings) -> list[Path]:
     return [path for path in (s.access_log, s.spans_log) if path is not None]
 
 
+def supervisor_command(s: FrontSettings) -> list[str]:
+    """nginx's supervisor (deploy/supervise.py), which also rotates the logs nginx writes."""
+    command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir", str(s.nginx_dir),
+               "--quit-timeout", str(s.shutdown_s)]
+    for path in written_logs(s):
+        command += ["--access-log", str(path)]
+    if written_logs(s):
+        command += ["--access-log-max-bytes", str(s.access_log_max_bytes)]
+    return command
+
+
 def run_as_line() -> str:
     """nginx's `user` line: as root its workers would otherwise become nobody, who cannot read
     the run folder; as anyone else it needs none."""
@@ -484,14 +495,8 @@ class Front:
             prepare(settings, self.keys())
         except ValueError as err:  # KeysError included
             raise FrontError(str(err)) from None
-        command = [sys.executable, "-m", "kiln.deploy.supervise", "--nginx-dir",
-                   str(self.nginx_dir), "--quit-timeout", str(settings.shutdown_s)]
-        for path in written_logs(settings):
-            command += ["--access-log", str(path)]
-        if written_logs(settings):
-            command += ["--access-log-max-bytes", str(settings.access_log_max_bytes)]
         try:
-            self.supervisor.start(command, timeout=timeout, ready=lambda: (
+            self.supervisor.start(supervisor_command(settings), timeout=timeout, ready=lambda: (
                 self.pid() is not None and accepts(settings.listen, settings.public["http"])))
         except FrontError:
             self.stop()  # nginx processes its supervisor left

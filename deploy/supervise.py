@@ -129,7 +129,11 @@ class Supervisor:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def rotations_of(args: argparse.Namespace) -> list[access_log.Rotation]:
+    return [access_log.Rotation(path, args.access_log_max_bytes) for path in args.access_log]
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nginx-dir", type=Path, required=True,
                    help="nginx's folder: its configuration, keys list, pid and log")
@@ -140,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                         "rotated here; repeated for each (default: none)")
     p.add_argument("--access-log-max-bytes", type=int, default=access_log.MAX_BYTES,
                    help=f"each one's size before rotation (default: {access_log.MAX_BYTES})")
-    args = p.parse_args(argv)
-    rotations = [access_log.Rotation(path, args.access_log_max_bytes)
-                 for path in args.access_log]
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    rotations = rotations_of(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s kiln-front-supervisor %(levelname)s %(message)s")
     try:  # its pid file is written by whoever started it (deploy/front.Front)

@@ -147,6 +147,18 @@ def test_nginx_writes_the_log_in_buffers_flushed_every_second(tmp_path):
         f"access_log {tmp_path}/kiln_access.jsonl kiln_json buffer=64k flush=1s;")
 
 
+def front_settings(folder, logs, **extra):
+    """A front's settings writing a.jsonl ("access" in logs) and s.jsonl ("spans")."""
+    from kiln.deploy import front
+
+    return front.FrontSettings(
+        nginx_dir=folder, keys_file=folder / "keys", listen="127.0.0.1", public={},
+        upstream={}, max_body=1024, ready_path="/ready", live_path="/live",
+        draining_flag=folder / "draining", route_state=folder / "versions.json",
+        access_log=folder / "a.jsonl" if "access" in logs else None,
+        spans_log=folder / "s.jsonl" if "spans" in logs else None, **extra)
+
+
 @pytest.mark.parametrize("logs, lines", [
     ((), ["access_log off;"]),
     (("access",), ["access_log {d}/a.jsonl kiln_json buffer=64k flush=1s;"]),
@@ -158,12 +170,19 @@ def test_nginx_writes_the_log_in_buffers_flushed_every_second(tmp_path):
 def test_the_spans_log_holds_the_sampled_traces_lines_only(tmp_path, logs, lines):
     from kiln.deploy import front
 
-    settings = front.FrontSettings(
-        nginx_dir=tmp_path, keys_file=tmp_path / "keys", listen="127.0.0.1", public={},
-        upstream={}, max_body=1024, ready_path="/ready", live_path="/live",
-        draining_flag=tmp_path / "draining", route_state=tmp_path / "versions.json",
-        access_log=tmp_path / "a.jsonl" if "access" in logs else None,
-        spans_log=tmp_path / "s.jsonl" if "spans" in logs else None)
+    settings = front_settings(tmp_path, logs)
     assert front.access_logs(settings).split("\n    ") == [
         line.format(d=tmp_path) for line in lines]
     assert front.written_logs(settings) == [tmp_path / f"{name[0]}.jsonl" for name in logs]
+
+
+@pytest.mark.parametrize("logs", [(), ("access",), ("spans",), ("access", "spans")])
+def test_the_supervisor_is_told_to_rotate_every_log_nginx_writes(tmp_path, logs):
+    from kiln.deploy import front, supervise
+
+    settings = front_settings(tmp_path, logs, access_log_max_bytes=99)
+    command = front.supervisor_command(settings)
+    assert command[1:3] == ["-m", "kiln.deploy.supervise"]
+    rotations = supervise.rotations_of(supervise.parser().parse_args(command[3:]))
+    assert [(r.path, r.max_bytes) for r in rotations] == [
+        (tmp_path / f"{name[0]}.jsonl", 99) for name in logs]
