@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,6 +18,28 @@ INTERNAL_PORTS_FILE = "internal_ports.json"  # TorchServe's own, behind the fron
 
 # Every port Ports.free() has returned in this process.
 _HANDED_OUT: set[int] = set()
+# The kernel's range of ports for outgoing connections (Linux's default when it cannot be read).
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+EPHEMERAL_DEFAULT = (32768, 60999)
+LOWEST_FREE = 10000  # under it: the well-known and the usual services' ports
+
+
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(n) for n in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return EPHEMERAL_DEFAULT
+    return low, high
+
+
+def unclaimed_ports(ephemeral: tuple[int, int]) -> range:
+    """Where Ports.free() looks: outside the ephemeral range, which any process's connect()
+    draws from. A port the OS handed out for bind((host, 0)) is in it, and once released it
+    could be a client socket's before the server binds it: a README test's kiln serve once
+    found TorchServe's internal inference port taken so ("Address already in use")."""
+    low, high = ephemeral
+    below, above = range(LOWEST_FREE, low), range(high + 1, 65536)
+    return below if len(below) >= len(above) else above
 
 
 @dataclass(frozen=True)
@@ -48,23 +71,30 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Ports the OS says are free now (for tests and side-by-side servers), never one this
-        process handed out before: two sets asked for before either server binds its ports
-        must not share one."""
-        sockets, ports = [], []
+        """Ports that are free now (for tests and side-by-side servers), outside the kernel's
+        ephemeral range (unclaimed_ports), never one this process handed out before: two sets
+        asked for before either server binds its ports must not share one."""
+        candidates = unclaimed_ports(ephemeral_range())
+        ports = []
+        for port in random.sample(candidates, len(candidates)):
+            if len(ports) == len(fields(cls)):
+                break
+            if port not in _HANDED_OUT and bindable(port):
+                ports.append(port)
+        else:
+            raise OSError(f"fewer than {len(fields(cls))} free ports in {candidates}")
+        _HANDED_OUT.update(ports)
+        return cls(*ports)
+
+
+def bindable(port: int) -> bool:
+    """Whether nothing holds `port` on HOST now (a listener, a connection, one in TIME_WAIT)."""
+    with socket.socket() as s:
         try:
-            while len(ports) < len(fields(cls)):
-                s = socket.socket()
-                s.bind((HOST, 0))
-                sockets.append(s)
-                port = s.getsockname()[1]
-                if port not in _HANDED_OUT:
-                    ports.append(port)
-            _HANDED_OUT.update(ports)
-            return cls(*ports)
-        finally:
-            for s in sockets:
-                s.close()
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 # What a TorchServe frontend's command line has, and nothing else's.

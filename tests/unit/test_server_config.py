@@ -223,6 +223,37 @@ def test_free_ports_asked_for_twice_never_overlap():
     assert sum(len(s) for s in sets) == len(set().union(*sets)) == 50 * len(sets[0])
 
 
+def test_free_ports_are_outside_the_range_outgoing_connections_draw_from():
+    from dataclasses import astuple
+
+    from kiln.deploy import ports
+
+    low, high = ports.ephemeral_range()
+    assert all(not low <= port <= high for _ in range(20) for port in astuple(ports.Ports.free()))
+
+
+@pytest.mark.parametrize(("ephemeral", "expected"), [
+    ((32768, 60999), range(10000, 32768)),  # Linux's default: the larger side is below
+    ((15000, 30000), range(30001, 65536)),
+])
+def test_free_ports_are_looked_for_on_the_larger_side_of_the_ephemeral_range(ephemeral,
+                                                                             expected):
+    from kiln.deploy import ports
+
+    assert ports.unclaimed_ports(ephemeral) == expected
+
+
+def test_a_port_held_by_a_listener_is_not_bindable():
+    import socket
+
+    from kiln.deploy import ports
+
+    with socket.socket() as held:
+        held.bind((ports.HOST, 0))
+        held.listen()
+        assert not ports.bindable(held.getsockname()[1])
+
+
 @pytest.mark.parametrize(("heap", "start"), [("1g", 128 * 1024**2), ("2G", 128 * 1024**2),
                                              ("64m", 64 * 1024**2)])
 def test_the_frontend_heap_starts_at_a_fixed_size_never_above_its_maximum(tmp_path, heap,
