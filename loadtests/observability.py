@@ -7,8 +7,8 @@ noisy neighbour weighs on all alike; then the same with fresh servers, PAIRS tim
 (a "pair": the off server and the on servers it is compared with). Each figure is the median
 of every round of its row.
 
-Always on in both (nothing turns them off): the request id, traceparent and Server-Timing.
-On in the "on" row only:
+Always on in all rows (nothing turns them off): the request id, traceparent and
+Server-Timing. On in the on rows only:
 - Kiln's JSON access log (deploy/access_log.py);
 - OTLP spans of the row's share of the fresh traces, to a local OTLP/HTTP sink started here
   that reads each export and drops it: production settings, since exporting every trace cost
